@@ -1,0 +1,155 @@
+"""The embedded broker: amqtt 0.12.1 with the defects that touch fleetbus guarded.
+
+amqtt is pinned to 0.12.1 in pyproject.toml because the guards below reach into
+its internals. Upstream-style notes on each defect (FINDINGS.md has the figures):
+
+1. Retained messages leak to clients that never subscribed to them. On every
+   CONNECT, ``Broker._handle_client_session`` replays the retained messages of
+   *every* subscription filter in the broker to the new session. A node with no
+   subscriptions received all nodes' retained commands. Guard:
+   ``_publish_retained_messages_for_subscription`` sends retained messages only
+   for filters the session itself holds, at the QoS it was granted.
+2. Concurrent connects crash sessions: that same loop (and the broadcast loop)
+   iterate ``self._subscriptions`` across ``await`` points, so a SUBSCRIBE
+   arriving meanwhile raises ``RuntimeError: dictionary changed size during
+   iteration``; the client has its CONNACK but is never served again. Guard: the
+   subscription table is a dict whose iteration walks a snapshot.
+3. Keepalive is not enforced (``BrokerProtocolHandler.handle_read_timeout`` does
+   nothing), so a half-open connection never yields its last will. fleetbus
+   detects dead nodes from missed heartbeats on any broker (DESIGN 3.7).
+
+The guards are tested in tests/integration/test_embedded_broker.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import ItemsView, Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from amqtt.broker import Broker
+from amqtt.session import Session
+
+from bus.errors import ConfigError
+
+__all__ = ["BrokerThread", "FleetBroker", "default_config", "load_config"]
+
+_LOGGER = logging.getLogger(__name__)
+
+
+class _SnapshotDict(dict[str, Any]):
+    """A dict whose iteration walks a copy, so awaits inside a loop over it are safe."""
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(super().keys()))
+
+    def items(self) -> ItemsView[str, Any]:  # type: ignore[override]
+        return dict(super().items()).items()
+
+
+class FleetBroker(Broker):  # type: ignore[misc]
+    """amqtt's Broker with the retained-message leak and the connect race guarded."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._subscriptions = _SnapshotDict()
+
+    async def start(self) -> None:
+        """Start listening (amqtt's start clears the table, so re-install the guard)."""
+        await super().start()
+        self._subscriptions = _SnapshotDict(self._subscriptions)
+
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Session
+    ) -> None:
+        topic_filter = subscription[0]
+        granted = [
+            qos
+            for sub_session, qos in self._subscriptions.get(topic_filter, [])
+            if sub_session.client_id == session.client_id
+        ]
+        if not granted:
+            return  # defect 1: never replay retained messages the session did not ask for
+        await super()._publish_retained_messages_for_subscription(
+            (topic_filter, granted[0]), session
+        )
+
+
+def default_config() -> dict[str, Any]:
+    """broker_config/amqtt.yaml as shipped."""
+    text = resources.files("broker_config").joinpath("amqtt.yaml").read_text(encoding="utf-8")
+    return load_config_text(text)
+
+
+def load_config_text(text: str) -> dict[str, Any]:
+    """Parse an amqtt YAML config; ConfigError if it is not a mapping."""
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"invalid broker config: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ConfigError("invalid broker config: not a mapping")
+    return config
+
+
+def load_config(path: Path | None, host: str | None = None, port: int | None = None) -> dict[str, Any]:
+    """The broker config from ``path`` (or the default), with the bind address overridden."""
+    if path is None:
+        config = default_config()
+    else:
+        try:
+            config = load_config_text(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read broker config {path}: {exc}") from exc
+    listeners = config.setdefault("listeners", {})
+    default = listeners.setdefault("default", {"type": "tcp"})
+    bind = str(default.get("bind", "127.0.0.1:1883"))
+    old_host, _, old_port = bind.rpartition(":")
+    default["bind"] = f"{host or old_host or '127.0.0.1'}:{port if port is not None else old_port}"
+    return config
+
+
+class BrokerThread:
+    """A FleetBroker on its own event loop in a daemon thread (tests, demo).
+
+    Blocking start/stop: call from synchronous code or through asyncio.to_thread.
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self._config = config
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="fleet-broker", daemon=True)
+        self._broker: FleetBroker | None = None
+
+    def start(self, timeout: float = 15.0) -> None:
+        """Start the broker and wait until it listens."""
+        self._thread.start()
+        future = asyncio.run_coroutine_threadsafe(self._start(), self._loop)
+        future.result(timeout)
+
+    async def _start(self) -> None:
+        self._broker = FleetBroker(self._config, loop=self._loop)
+        await self._broker.start()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Shut the broker down and end its thread."""
+        if self._broker is not None:
+            future = asyncio.run_coroutine_threadsafe(self._broker.shutdown(), self._loop)
+            with contextlib.suppress(Exception):
+                future.result(timeout)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    @property
+    def broker(self) -> FleetBroker:
+        """The running broker (for tests that look inside)."""
+        assert self._broker is not None  # noqa: S101 - only after start()
+        return self._broker

@@ -1,0 +1,534 @@
+"""Every wire message of DESIGN section 2 as a pydantic v2 model.
+
+Messages that cross a trust boundary (``Command``, ``Request``, ``RolloutSpec``
+and the plan ``Step``s) forbid unknown fields and bound their sizes. Reports
+from agents and the hub are parsed leniently about extra fields, so a newer
+agent does not break an older hub. Every payload carries ``"v": 1``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from typing import Annotated, Any, Literal, TypeVar, Union
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from bus.errors import InvalidInput
+from bus.topics import NODE_ID_PATTERN
+
+__all__ = [
+    "MAX_PAYLOAD_BYTES",
+    "Command",
+    "ContainerStep",
+    "DownloadStep",
+    "Event",
+    "FailurePolicy",
+    "FileStep",
+    "HealthStep",
+    "Heartbeat",
+    "HubState",
+    "Inventory",
+    "JobRef",
+    "JobSnapshot",
+    "LogLine",
+    "ModuleStep",
+    "NodeState",
+    "NodeSummary",
+    "PackageStep",
+    "Reply",
+    "Request",
+    "RolloutCounts",
+    "RolloutSpec",
+    "RolloutSummary",
+    "ScriptStep",
+    "ServiceStep",
+    "Step",
+    "StepState",
+    "StepStatus",
+    "Strategy",
+    "TargetLabels",
+    "decode",
+    "encode",
+    "new_id",
+]
+
+#: Largest payload any fleetbus process parses; larger ones are refused unread.
+MAX_PAYLOAD_BYTES = 256 * 1024
+
+NodeId = Annotated[str, StringConstraints(pattern=f"^{NODE_ID_PATTERN}$")]
+#: A local name (downloaded file, script, service, unit): no path separators, no dot-dot.
+SafeName = Annotated[
+    str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@+-]{0,127}$")
+]
+Id = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
+ShortText = Annotated[str, StringConstraints(max_length=4096)]
+Label = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,62}$")]
+LabelValue = Annotated[str, StringConstraints(max_length=128)]
+Seconds = Annotated[float, Field(gt=0, le=7 * 86400)]
+
+
+def new_id() -> str:
+    """A fresh random id (uuid4, hex with dashes)."""
+    return str(uuid.uuid4())
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Report(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+# --------------------------------------------------------------------------- steps
+
+
+class _StepBase(_Strict):
+    timeout_s: Seconds | None = Field(
+        default=None, description="Step timeout; None means the rollout's step_timeout_s."
+    )
+
+
+class DownloadStep(_StepBase):
+    """Fetch ``url`` into the agent's cache as ``name`` and verify its sha256."""
+
+    type: Literal["download"] = "download"
+    url: Annotated[str, StringConstraints(pattern=r"^https?://[^\s]{1,2040}$")]
+    sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{64}$")]
+    name: SafeName
+    max_bytes: int | None = Field(default=None, gt=0, description="Refuse larger downloads.")
+
+
+class ServiceStep(_StepBase):
+    """Stop, start or restart a service through the node's service manager."""
+
+    type: Literal["service"] = "service"
+    action: Literal["stop", "start", "restart"]
+    name: SafeName
+
+
+class PackageStep(_StepBase):
+    """Install a package version from a downloaded file (``src``) or the repositories."""
+
+    type: Literal["package"] = "package"
+    manager: Literal["apt", "dnf", "yum", "dpkg"]
+    name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9+._-]{0,127}$")]
+    version: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9.+~:_-]{1,128}$")] | None = None
+    src: SafeName | None = None
+
+
+class ContainerStep(_StepBase):
+    """Recreate a Docker container with a new image."""
+
+    type: Literal["container"] = "container"
+    name: SafeName
+    image: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,255}$")]
+
+
+class FileStep(_StepBase):
+    """Atomically replace ``dest`` with a downloaded file; the old one is kept."""
+
+    type: Literal["file"] = "file"
+    src: SafeName
+    dest: Annotated[str, StringConstraints(pattern=r"^/[^\x00]{0,1023}$")]
+    mode: Annotated[str, StringConstraints(pattern=r"^0?[0-7]{3}$")] = "0644"
+
+    @field_validator("dest")
+    @classmethod
+    def _no_dot_dot(cls, value: str) -> str:
+        if any(part == ".." for part in value.split("/")):
+            raise ValueError("dest must not contain '..'")
+        return value
+
+
+class ScriptStep(_StepBase):
+    """Run a script from the agent's scripts directory; ``rollback`` undoes it."""
+
+    type: Literal["script"] = "script"
+    name: SafeName
+    args: list[Annotated[str, StringConstraints(max_length=1024)]] = Field(
+        default_factory=list, max_length=64
+    )
+    rollback: SafeName | None = None
+
+
+class ModuleStep(_StepBase):
+    """Load, unload or reload a kernel driver module."""
+
+    type: Literal["module"] = "module"
+    name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    action: Literal["reload", "load", "unload"] = "reload"
+
+
+class HealthStep(_StepBase):
+    """Check that the node is healthy after the change."""
+
+    type: Literal["health"] = "health"
+    check: Literal["command", "http", "tcp", "systemd"]
+    target: Annotated[str, StringConstraints(min_length=1, max_length=2048)]
+    expect: Annotated[str, StringConstraints(max_length=1024)] | None = None
+    retries: int = Field(default=3, ge=1, le=100)
+    interval_s: float = Field(default=1.0, ge=0, le=3600)
+
+
+Step = Annotated[
+    Union[  # noqa: UP007 - pydantic needs the Union spelled out for discriminators on 3.10
+        DownloadStep,
+        ServiceStep,
+        PackageStep,
+        ContainerStep,
+        FileStep,
+        ScriptStep,
+        ModuleStep,
+        HealthStep,
+    ],
+    Field(discriminator="type"),
+]
+Plan = Annotated[list[Step], Field(min_length=1, max_length=64)]
+STEP_ADAPTER: TypeAdapter[Step] = TypeAdapter(Step)
+
+# ------------------------------------------------------------------------ presence
+
+
+class Inventory(_Report):
+    """What a node runs: versions of what it manages, and its OS."""
+
+    services: dict[str, str] = Field(default_factory=dict)
+    packages: dict[str, str] = Field(default_factory=dict)
+    drivers: dict[str, str] = Field(default_factory=dict)
+    os: dict[str, str] = Field(default_factory=dict)
+
+
+class NodeState(_Report):
+    """Retained birth (online) or last will / shutdown (offline) of a node."""
+
+    v: Literal[1] = 1
+    node: NodeId
+    state: Literal["online", "offline"]
+    session: Id
+    reason: Literal["birth", "shutdown", "lost"]
+    agent_version: str = ""
+    started_at: float = 0.0
+    labels: dict[str, str] = Field(default_factory=dict)
+    inventory: Inventory = Field(default_factory=Inventory)
+
+
+class JobRef(_Report):
+    """The job a node is busy with, as carried in heartbeats."""
+
+    rollout: str
+    command: str = ""
+    step: int | None = None
+
+
+class Heartbeat(_Report):
+    """Periodic liveness and load report of a node."""
+
+    v: Literal[1] = 1
+    node: NodeId
+    session: Id
+    seq: int = Field(ge=0)
+    ts: float
+    uptime_s: float = 0.0
+    load1: float = 0.0
+    mem_used_pct: float = 0.0
+    disk_free_pct: float = 0.0
+    job: JobRef | None = None
+
+
+class HubState(_Report):
+    """Retained birth or will of the hub."""
+
+    v: Literal[1] = 1
+    state: Literal["online", "offline"]
+    session: Id
+    reason: Literal["birth", "shutdown", "lost"] = "birth"
+    version: str = ""
+    started_at: float = 0.0
+
+
+# ------------------------------------------------------------------------ commands
+
+
+class Command(_Strict):
+    """A signed instruction from the hub to one node (retained on its ``cmd`` topic)."""
+
+    v: Literal[1] = 1
+    id: Id
+    node: NodeId
+    rollout: Id
+    action: Literal["apply", "rollback", "abort"]
+    issued_at: float
+    expires_at: float
+    plan: list[Step] = Field(default_factory=list, max_length=64)
+    sig: Annotated[str, StringConstraints(max_length=256)] = ""
+
+    @model_validator(mode="after")
+    def _apply_has_plan(self) -> Command:
+        if self.action == "apply" and not self.plan:
+            raise ValueError("an apply command needs a non-empty plan")
+        if self.expires_at <= self.issued_at:
+            raise ValueError("expires_at must be later than issued_at")
+        return self
+
+
+StepStateName = Literal["running", "succeeded", "failed", "skipped", "rolled_back", "rejected"]
+JobPhase = Literal["applying", "succeeded", "failed", "rolling_back", "rolled_back", "rejected"]
+
+
+class StepStatus(_Report):
+    """One step transition on a node."""
+
+    v: Literal[1] = 1
+    node: NodeId
+    command: str
+    rollout: str
+    index: int = Field(ge=-1)
+    type: str
+    state: StepStateName
+    ts: float
+    detail: str = ""
+
+
+class StepState(_Report):
+    """A step's latest state inside a ``JobSnapshot``."""
+
+    index: int
+    type: str
+    state: StepStateName | Literal["pending"] = "pending"
+    detail: str = ""
+
+
+class JobSnapshot(_Report):
+    """The agent's retained view of its latest command."""
+
+    v: Literal[1] = 1
+    node: NodeId
+    id: str
+    rollout: str
+    action: Literal["apply", "rollback", "abort"]
+    phase: JobPhase
+    steps: list[StepState] = Field(default_factory=list)
+    issued_at: float = 0.0
+    updated_at: float = 0.0
+    detail: str = ""
+
+
+class LogLine(_Report):
+    """One line of a step's output."""
+
+    v: Literal[1] = 1
+    node: NodeId
+    command: str
+    rollout: str
+    index: int
+    stream: Literal["stdout", "stderr", "agent"] = "stdout"
+    line: str
+    ts: float
+
+
+# ------------------------------------------------------------------------ requests
+
+RequestOp = Literal[
+    "create_rollout", "abort", "rollback", "pause", "resume", "list", "show", "nodes"
+]
+
+
+class Request(_Strict):
+    """A request to the hub from the TUI, the CLI or any other tool."""
+
+    v: Literal[1] = 1
+    id: Id
+    op: RequestOp
+    reply_to: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    body: dict[str, Any] = Field(default_factory=dict)
+
+
+class Reply(_Report):
+    """The hub's answer to one ``Request``."""
+
+    v: Literal[1] = 1
+    request: str
+    ok: bool
+    error: str | None = None
+    body: Any = None
+
+
+class TargetLabels(_Strict):
+    """Target every node whose labels include all of these."""
+
+    labels: dict[Label, LabelValue] = Field(min_length=1, max_length=32)
+
+
+Percent = Annotated[str, StringConstraints(pattern=r"^(100|[1-9][0-9]?)(\.[0-9]+)?%$")]
+
+
+class Strategy(_Strict):
+    """How a rollout spreads over its targets."""
+
+    waves: list[Annotated[int, Field(ge=1)] | Percent] = Field(
+        default_factory=lambda: list[int | str](["100%"]),
+        min_length=1,
+        max_length=100,
+        description="Wave sizes: node counts or percents of the targets; the last repeats.",
+    )
+    max_parallel: int | None = Field(
+        default=None, ge=1, description="At most this many nodes busy at once."
+    )
+    soak_s: float = Field(
+        default=0.0, ge=0, le=86400, description="A wave succeeds after its nodes stay healthy this long."
+    )
+
+
+class FailurePolicy(_Strict):
+    """What a rollout does when nodes fail."""
+
+    max_failed: int = Field(default=0, ge=0, description="Failures tolerated before acting.")
+    on_failure: Literal["rollback", "halt"] = "rollback"
+
+
+class RolloutSpec(_Strict):
+    """What ``create_rollout`` and ``POST /api/updates`` take."""
+
+    name: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    targets: Annotated[list[NodeId], Field(min_length=1, max_length=10000)] | TargetLabels | Literal["all"]
+    plan: Plan
+    strategy: Strategy = Field(default_factory=Strategy)
+    failure: FailurePolicy = Field(default_factory=FailurePolicy)
+    require_online: bool = True
+    step_timeout_s: Seconds = 300.0
+    node_timeout_s: Seconds = 1800.0
+    expires_after_s: Seconds = 3600.0
+
+    @field_validator("targets")
+    @classmethod
+    def _unique_targets(cls, value: Any) -> Any:
+        if isinstance(value, list) and len(set(value)) != len(value):
+            raise ValueError("targets name a node more than once")
+        return value
+
+
+RolloutState = Literal[
+    "pending",
+    "running",
+    "paused",
+    "succeeded",
+    "halted",
+    "rolling_back",
+    "rolled_back",
+    "rollback_failed",
+    "aborting",
+    "aborted",
+]
+NodePhase = Literal[
+    "pending",
+    "applying",
+    "succeeded",
+    "failed",
+    "rolling_back",
+    "rolled_back",
+    "rejected",
+    "timed_out",
+    "offline",
+]
+
+
+class RolloutCounts(_Report):
+    """How many target nodes are in each group."""
+
+    pending: int = 0
+    running: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    rolled_back: int = 0
+
+
+class NodeSummary(_Report):
+    """One node's place in a rollout."""
+
+    phase: NodePhase
+    step: int | None = None
+    detail: str = ""
+
+
+class RolloutSummary(_Report):
+    """Retained snapshot of one rollout, published on every change."""
+
+    v: Literal[1] = 1
+    id: str
+    name: str
+    state: RolloutState
+    created_at: float
+    updated_at: float
+    counts: RolloutCounts = Field(default_factory=RolloutCounts)
+    nodes: dict[str, NodeSummary] = Field(default_factory=dict)
+    wave: int = 0
+    waves: int = 0
+    detail: str = ""
+
+
+class Event(_Report):
+    """One line of the fleet-wide feed for UIs."""
+
+    v: Literal[1] = 1
+    ts: float
+    kind: str
+    message: str
+    rollout: str | None = None
+    node: str | None = None
+
+
+# -------------------------------------------------------------------- encode/decode
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def encode(message: BaseModel) -> bytes:
+    """The message as compact UTF-8 JSON."""
+    return message.model_dump_json().encode("utf-8")
+
+
+def decode(model: type[M], payload: bytes | str) -> M:
+    """Parse and validate a payload; raise InvalidInput with a one-line reason."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise InvalidInput(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
+    try:
+        return model.model_validate_json(payload)
+    except ValidationError as exc:
+        raise InvalidInput(f"invalid {model.__name__}: {describe(exc)}") from exc
+
+
+def describe(exc: ValidationError, limit: int = 3) -> str:
+    """A short, one-line account of a validation error, naming the fields."""
+    parts = []
+    for err in exc.errors()[:limit]:
+        loc = ".".join(str(p) for p in err["loc"]) or "(body)"
+        parts.append(f"{loc}: {err['msg']}")
+    more = exc.error_count() - limit
+    if more > 0:
+        parts.append(f"(+{more} more)")
+    return re.sub(r"\s+", " ", "; ".join(parts))
+
+
+def loads_object(payload: bytes | str) -> dict[str, Any]:
+    """Parse a JSON object with the payload bound; raise InvalidInput otherwise."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise InvalidInput(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
+    try:
+        value = json.loads(payload)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidInput(f"malformed JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise InvalidInput("payload must be a JSON object")
+    return value

@@ -1,0 +1,140 @@
+"""Canonical JSON and Ed25519 signatures of commands (DESIGN section 2).
+
+``sig`` is Ed25519 over the canonical JSON (sorted keys, no spaces, UTF-8) of
+every other field of the command. Agents verify over the fields *as received*
+(before model validation) so hub and agent never disagree about defaults.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from bus.errors import ConfigError, SignatureError
+from bus.messages import Command
+
+__all__ = [
+    "canonical_json",
+    "generate_keypair",
+    "load_private_key",
+    "load_public_keys",
+    "sign_command",
+    "verify_fields",
+]
+
+
+def canonical_json(fields: Mapping[str, Any]) -> bytes:
+    """Sorted keys, no spaces, UTF-8: the bytes that get signed."""
+    return json.dumps(
+        fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+
+
+def _signed_part(fields: Mapping[str, Any]) -> bytes:
+    return canonical_json({k: v for k, v in fields.items() if k != "sig"})
+
+
+def sign_command(command: Command, key: Ed25519PrivateKey) -> Command:
+    """Return ``command`` with ``sig`` set."""
+    fields = command.model_dump(mode="json")
+    sig = key.sign(_signed_part(fields))
+    return command.model_copy(update={"sig": base64.b64encode(sig).decode("ascii")})
+
+
+def verify_fields(fields: Mapping[str, Any], keys: Iterable[Ed25519PublicKey]) -> None:
+    """Check the ``sig`` of a raw command object against any trusted key.
+
+    Raises:
+        SignatureError: no signature, a malformed one, or none of ``keys`` made it.
+    """
+    sig_text = fields.get("sig")
+    if not isinstance(sig_text, str) or not sig_text:
+        raise SignatureError("command is not signed")
+    try:
+        sig = base64.b64decode(sig_text, validate=True)
+    except ValueError as exc:
+        raise SignatureError("signature is not valid base64") from exc
+    try:
+        data = _signed_part(fields)
+    except (TypeError, ValueError) as exc:
+        raise SignatureError(f"command cannot be canonicalised: {exc}") from exc
+    for key in keys:
+        try:
+            key.verify(sig, data)
+        except InvalidSignature:
+            continue
+        return
+    raise SignatureError("signature does not verify against any trusted key")
+
+
+def generate_keypair(out_dir: Path) -> tuple[Path, Path]:
+    """Write ``hub.key`` (PEM, mode 600) and ``hub.pub`` into ``out_dir``.
+
+    Blocking; call through asyncio.to_thread from async code.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    key_path, pub_path = out_dir / "hub.key", out_dir / "hub.pub"
+    _write_atomic(key_path, private, 0o600)
+    _write_atomic(pub_path, public, 0o644)
+    return key_path, pub_path
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def load_private_key(path: Path) -> Ed25519PrivateKey:
+    """Read a PEM Ed25519 private key; ConfigError with the reason otherwise."""
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(f"cannot load signing key {path}: {exc}") from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ConfigError(f"signing key {path} is not an Ed25519 key")
+    return key
+
+
+def load_public_keys(path: Path) -> list[Ed25519PublicKey]:
+    """Read every PEM Ed25519 public key in a trust file (one or more blocks)."""
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read trust file {path}: {exc}") from exc
+    keys: list[Ed25519PublicKey] = []
+    marker = b"-----END PUBLIC KEY-----"
+    for block in text.split(marker):
+        if b"-----BEGIN PUBLIC KEY-----" not in block:
+            continue
+        try:
+            key = serialization.load_pem_public_key(block.strip() + b"\n" + marker + b"\n")
+        except ValueError as exc:
+            raise ConfigError(f"bad public key in {path}: {exc}") from exc
+        if not isinstance(key, Ed25519PublicKey):
+            raise ConfigError(f"public key in {path} is not Ed25519")
+        keys.append(key)
+    if not keys:
+        raise ConfigError(f"trust file {path} holds no public key")
+    return keys

@@ -1,0 +1,131 @@
+"""Topic names of DESIGN section 1: build them, parse them, validate node ids."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from bus.errors import InvalidInput, InvalidNodeId
+
+__all__ = [
+    "DEFAULT_PREFIX",
+    "NODE_ID_PATTERN",
+    "NodeTopic",
+    "Topics",
+    "check_node_id",
+    "is_node_id",
+]
+
+DEFAULT_PREFIX = "fleet/v1"
+NODE_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+_NODE_ID = re.compile(NODE_ID_PATTERN)
+_PREFIX = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*")
+_CLIENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+NodeChannel = Literal["state", "heartbeat", "cmd", "status", "job", "log"]
+NODE_CHANNELS: tuple[NodeChannel, ...] = ("state", "heartbeat", "cmd", "status", "job", "log")
+
+
+def is_node_id(value: str) -> bool:
+    """Tell whether ``value`` is a valid node id."""
+    return _NODE_ID.fullmatch(value) is not None
+
+
+def check_node_id(value: str) -> str:
+    """Return ``value`` if it is a valid node id, else raise InvalidNodeId."""
+    if not isinstance(value, str) or not is_node_id(value):
+        shown = repr(value)[:80]
+        raise InvalidNodeId(
+            f"invalid node id {shown}: must match {NODE_ID_PATTERN} "
+            "(letters, digits, '_', '.', '-'; at most 64 characters)"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class NodeTopic:
+    """A parsed ``{prefix}/node/{node}/{channel}`` topic."""
+
+    node: str
+    channel: NodeChannel
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Every topic of DESIGN section 1 under one prefix (``fleet/v1`` by default)."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        if not _PREFIX.fullmatch(self.prefix):
+            raise InvalidInput(f"invalid topic prefix {self.prefix!r}")
+
+    def node(self, node: str, channel: NodeChannel) -> str:
+        """Topic of one node's channel; refuses invalid node ids."""
+        return f"{self.prefix}/node/{check_node_id(node)}/{channel}"
+
+    def node_filter(self, channel: NodeChannel | Literal["+", "#"] = "#", node: str = "+") -> str:
+        """Subscription filter for a channel of every node (or of one node)."""
+        return f"{self.prefix}/node/{node}/{channel}"
+
+    def parse_node(self, topic: str) -> NodeTopic | None:
+        """Parse a node topic; None when it is not one (or names an invalid node)."""
+        head = f"{self.prefix}/node/"
+        if not topic.startswith(head):
+            return None
+        parts = topic[len(head) :].split("/")
+        if len(parts) != 2 or parts[1] not in NODE_CHANNELS or not is_node_id(parts[0]):
+            return None
+        channel: NodeChannel = parts[1]
+        return NodeTopic(node=parts[0], channel=channel)
+
+    @property
+    def hub_state(self) -> str:
+        """Retained hub birth/will topic."""
+        return f"{self.prefix}/hub/state"
+
+    @property
+    def hub_request(self) -> str:
+        """Topic that tools publish ``Request``s to."""
+        return f"{self.prefix}/hub/request"
+
+    def hub_reply(self, client: str) -> str:
+        """Reply topic of one requesting client."""
+        if not _CLIENT.fullmatch(client):
+            raise InvalidInput(f"invalid reply client id {client[:80]!r}")
+        return f"{self.prefix}/hub/reply/{client}"
+
+    def parse_reply_to(self, value: str) -> str:
+        """Turn a request's ``reply_to`` (a client id or a full reply topic) into the topic.
+
+        Only topics under ``{prefix}/hub/reply/`` are accepted, so a request can
+        never make the hub publish anywhere else (a node's ``cmd``, say).
+        """
+        head = f"{self.prefix}/hub/reply/"
+        client = value[len(head) :] if value.startswith(head) else value
+        return self.hub_reply(client)
+
+    def rollout(self, rollout: str) -> str:
+        """Retained summary topic of one rollout."""
+        if not _CLIENT.fullmatch(rollout):
+            raise InvalidInput(f"invalid rollout id {rollout[:80]!r}")
+        return f"{self.prefix}/rollout/{rollout}"
+
+    @property
+    def rollout_filter(self) -> str:
+        """Filter for every rollout summary."""
+        return f"{self.prefix}/rollout/+"
+
+    def parse_rollout(self, topic: str) -> str | None:
+        """Rollout id of a summary topic, or None."""
+        head = f"{self.prefix}/rollout/"
+        if not topic.startswith(head):
+            return None
+        rid = topic[len(head) :]
+        return rid if _CLIENT.fullmatch(rid) else None
+
+    @property
+    def events(self) -> str:
+        """Fleet-wide event feed."""
+        return f"{self.prefix}/events"

@@ -1,0 +1,76 @@
+"""What the agent's parts share: service definitions, local policy, executor settings.
+
+``edge_agent/config.py`` builds these from flags, environment and TOML; the
+executor and the steps only ever see these frozen objects.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["ExecutorSettings", "Policy", "ProcessService", "ServiceManager"]
+
+ServiceManager = Literal["process", "systemd", "docker"]
+
+
+class ProcessService(BaseModel):
+    """A service the agent itself supervises (the ``process`` service manager)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    command: list[str] = Field(min_length=1, description="argv of the service's main process")
+    cwd: str | None = Field(default=None, description="working directory (default: the state dir)")
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment variables")
+    version_command: list[str] | None = Field(
+        default=None, description="argv that prints the running version (for the inventory)"
+    )
+    version_file: str | None = Field(
+        default=None, description="file whose first line is the installed version (for the inventory)"
+    )
+
+
+class Policy(BaseModel):
+    """What any command may touch on this node (DESIGN section 7).
+
+    ``None`` for a list means "no limit beyond the defaults": scripts only from
+    the scripts dir and files only under the state dir.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    step_types: list[str] | None = Field(default=None, description="allowed step types")
+    packages: list[str] | None = Field(default=None, description="allowed package names (globs)")
+    services: list[str] | None = Field(default=None, description="allowed service names (globs)")
+    scripts: list[str] | None = Field(default=None, description="allowed script names (globs)")
+    paths: list[str] | None = Field(
+        default=None, description="allowed file destinations (globs); default: under the state dir"
+    )
+    modules: list[str] | None = Field(default=None, description="allowed kernel modules (globs)")
+    images: list[str] | None = Field(default=None, description="allowed container images (globs)")
+    download_hosts: list[str] | None = Field(default=None, description="allowed download hosts (globs)")
+
+    @staticmethod
+    def matches(patterns: list[str] | None, value: str) -> bool:
+        """True when ``patterns`` is None (no limit) or one glob matches ``value``."""
+        return patterns is None or any(fnmatch.fnmatchcase(value, p) for p in patterns)
+
+
+@dataclass(frozen=True)
+class ExecutorSettings:
+    """Everything the command runner needs to know about its node."""
+
+    node: str
+    state_dir: Path
+    scripts_dir: Path
+    trusted_keys: tuple[Ed25519PublicKey, ...] = ()
+    policy: Policy = field(default_factory=Policy)
+    service_manager: ServiceManager = "process"
+    services: dict[str, ProcessService] = field(default_factory=dict)
+    max_download_bytes: int = 2 * 1024**3
+    default_step_timeout_s: float = 300.0

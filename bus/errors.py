@@ -1,8 +1,10 @@
 """The one error tree of fleetbus.
 
     FleetError(reason)               anything fleetbus refuses or cannot do
-    ├── InvalidInput                 bad user or wire input: ids, specs, payloads, flags
+    ├── InvalidInput                 bad user or wire input: ids, specs, payloads, flags (HTTP 422)
     │   └── InvalidNodeId            a node id outside DESIGN section 1's pattern
+    ├── Conflict                     valid, but not now: offline or unknown targets, wrong state (HTTP 409)
+    ├── NotFound                     an unknown rollout or node id (HTTP 404)
     ├── SignatureError               a command whose signature does not verify
     ├── ConfigError                  a config file, flag or environment value that is wrong
     ├── BusError                     the MQTT connection failed or timed out
@@ -18,9 +20,11 @@ from __future__ import annotations
 __all__ = [
     "BusError",
     "ConfigError",
+    "Conflict",
     "FleetError",
     "InvalidInput",
     "InvalidNodeId",
+    "NotFound",
     "SignatureError",
     "StepError",
 ]
@@ -40,6 +44,18 @@ class InvalidInput(FleetError):
 
 class InvalidNodeId(InvalidInput):
     """A node id that does not match ``[A-Za-z0-9][A-Za-z0-9_.-]{0,63}``."""
+
+
+class Conflict(FleetError):
+    """A valid request that cannot be carried out now (offline targets, a final rollout)."""
+
+    def __init__(self, reason: str, nodes: list[str] | None = None) -> None:
+        super().__init__(reason)
+        self.nodes = nodes or []
+
+
+class NotFound(FleetError):
+    """An id that names nothing the hub knows."""
 
 
 class SignatureError(FleetError):

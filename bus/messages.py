@@ -222,6 +222,9 @@ class NodeState(_Report):
     started_at: float = 0.0
     labels: dict[str, str] = Field(default_factory=dict)
     inventory: Inventory = Field(default_factory=Inventory)
+    heartbeat_s: float | None = Field(
+        default=None, gt=0, description="The agent's heartbeat period; the hub expects one that often."
+    )
 
 
 class JobRef(_Report):

@@ -14,11 +14,20 @@ its internals. Upstream-style notes on each defect (FINDINGS.md has the figures)
    arriving meanwhile raises ``RuntimeError: dictionary changed size during
    iteration``; the client has its CONNACK but is never served again. Guard: the
    subscription table is a dict whose iteration walks a snapshot.
-3. Keepalive is not enforced (``BrokerProtocolHandler.handle_read_timeout`` does
-   nothing), so a half-open connection never yields its last will. fleetbus
-   detects dead nodes from missed heartbeats on any broker (DESIGN 3.7).
+   The inner per-filter lists are copied too, so a subscriber list that
+   changes during a broadcast neither skips nor repeats a subscriber.
+3. Keepalive is not enforced: the reader loop of ``ProtocolHandler`` waits
+   ``session.keep_alive`` seconds for the next packet and on timeout calls
+   ``handle_read_timeout``, which does nothing, so a half-open connection (a
+   frozen host, a pulled cable) never yields its last will. Guard, touching as
+   little as possible: the session's keepalive is stretched to 1.5 x the
+   client's (MQTT 3.1.1 section 3.1.2.10, as mosquitto does), and the handler
+   of each connection gets a ``handle_read_timeout`` that ends the session as
+   lost, exactly as an EOF would, so the broker publishes the will. fleetbus
+   also detects dead nodes from missed heartbeats on any broker (DESIGN 3.7).
 
-The guards are tested in tests/integration/test_embedded_broker.py.
+The guards are tested in tests/integration/test_embedded_broker.py, together
+with tests that fail once upstream fixes a defect (then drop its guard).
 """
 
 from __future__ import annotations
@@ -26,35 +35,77 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import threading
-from collections.abc import ItemsView, Iterator
+from collections.abc import ItemsView, Iterator, ValuesView
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
+from amqtt.adapters import ReaderAdapter, WriterAdapter
 from amqtt.broker import Broker
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
 
 from bus.errors import ConfigError
 
-__all__ = ["BrokerThread", "FleetBroker", "default_config", "load_config"]
+__all__ = ["KEEPALIVE_GRACE", "BrokerThread", "FleetBroker", "default_config", "load_config"]
 
 _LOGGER = logging.getLogger(__name__)
 
+#: A client silent for this many times its keepalive is lost (MQTT 3.1.1 section 3.1.2.10).
+KEEPALIVE_GRACE = 1.5
+
 
 class _SnapshotDict(dict[str, Any]):
-    """A dict whose iteration walks a copy, so awaits inside a loop over it are safe."""
+    """A dict whose iteration walks a copy, so awaits inside a loop over it are safe.
+
+    ``items()`` and ``values()`` also copy the list values (amqtt keeps one list
+    of ``(session, qos)`` per topic filter), so a loop that awaits while a
+    session subscribes or leaves sees one consistent snapshot.
+    """
 
     def __iter__(self) -> Iterator[str]:
         return iter(list(super().keys()))
 
     def items(self) -> ItemsView[str, Any]:  # type: ignore[override]
-        return dict(super().items()).items()
+        return {k: _copied(v) for k, v in super().items()}.items()
+
+    def values(self) -> ValuesView[Any]:  # type: ignore[override]
+        return {k: _copied(v) for k, v in super().items()}.values()
+
+
+def _copied(value: Any) -> Any:
+    return list(value) if isinstance(value, list) else value
+
+
+class _KeepaliveHandler(BrokerProtocolHandler):  # type: ignore[misc]
+    """amqtt's protocol handler, except that a read timeout ends the session as lost.
+
+    amqtt's reader loop calls ``handle_read_timeout`` once the client has been
+    silent for ``session.keep_alive`` seconds; this one does what the reader
+    loop does on EOF (``handle_connection_closed``), so the broker's client loop
+    sees an abnormal disconnect, publishes the will and stops the handler
+    (which cancels the reader loop and closes the socket).
+    """
+
+    _lost_task: asyncio.Task[None] | None = None
+
+    def handle_read_timeout(self) -> None:
+        if self._lost_task is not None:
+            return
+        session = self.session
+        _LOGGER.info(
+            "client %s silent for %s s: closing its connection as lost",
+            session.client_id if session is not None else "?",
+            session.keep_alive if session is not None else "?",
+        )
+        self._lost_task = asyncio.ensure_future(self.handle_connection_closed())
 
 
 class FleetBroker(Broker):  # type: ignore[misc]
-    """amqtt's Broker with the retained-message leak and the connect race guarded."""
+    """amqtt's Broker with the retained-message leak, the connect race and keepalive guarded."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -64,6 +115,23 @@ class FleetBroker(Broker):  # type: ignore[misc]
         """Start listening (amqtt's start clears the table, so re-install the guard)."""
         await super().start()
         self._subscriptions = _SnapshotDict(self._subscriptions)
+
+    async def _initialize_client_session(
+        self,
+        reader: ReaderAdapter,
+        writer: WriterAdapter,
+        remote_address: str,
+        remote_port: int,
+    ) -> tuple[BrokerProtocolHandler, Session]:
+        handler, session = await super()._initialize_client_session(
+            reader, writer, remote_address, remote_port
+        )
+        # defect 3: the session's keep_alive is what the reader loop waits for
+        # (amqtt sets it afresh from every CONNECT); 0 means no keepalive at all.
+        if session.keep_alive > 0:
+            session.keep_alive = math.ceil(session.keep_alive * KEEPALIVE_GRACE)
+        handler.__class__ = _KeepaliveHandler
+        return handler, session
 
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Session
@@ -119,13 +187,20 @@ class BrokerThread:
     """A FleetBroker on its own event loop in a daemon thread (tests, demo).
 
     Blocking start/stop: call from synchronous code or through asyncio.to_thread.
+    One instance runs once; to restart a broker on the same port, start a new one.
+
+    Args:
+        config: amqtt config (see ``load_config``).
+        broker_class: the broker to run; amqtt's plain ``Broker`` lets a test
+            show a defect that FleetBroker guards.
     """
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], broker_class: type[Broker] = FleetBroker) -> None:
         self._config = config
+        self._broker_class = broker_class
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fleet-broker", daemon=True)
-        self._broker: FleetBroker | None = None
+        self._broker: Broker | None = None
 
     def start(self, timeout: float = 15.0) -> None:
         """Start the broker and wait until it listens."""
@@ -134,7 +209,7 @@ class BrokerThread:
         future.result(timeout)
 
     async def _start(self) -> None:
-        self._broker = FleetBroker(self._config, loop=self._loop)
+        self._broker = self._broker_class(self._config, loop=self._loop)
         await self._broker.start()
 
     def stop(self, timeout: float = 15.0) -> None:
@@ -149,7 +224,7 @@ class BrokerThread:
             self._loop.close()
 
     @property
-    def broker(self) -> FleetBroker:
+    def broker(self) -> Broker:
         """The running broker (for tests that look inside)."""
         assert self._broker is not None  # noqa: S101 - only after start()
         return self._broker

@@ -137,11 +137,15 @@ class ContainerStep(_StepBase):
 
 
 class FileStep(_StepBase):
-    """Atomically replace ``dest`` with a downloaded file; the old one is kept."""
+    """Atomically replace ``dest`` with a downloaded file; the old one is kept.
+
+    A relative ``dest`` is relative to the agent's state dir (the same plan then
+    fits nodes whose state dirs differ).
+    """
 
     type: Literal["file"] = "file"
     src: SafeName
-    dest: Annotated[str, StringConstraints(pattern=r"^/[^\x00]{0,1023}$")]
+    dest: Annotated[str, StringConstraints(pattern=r"^[^\x00]{1,1024}$")]
     mode: Annotated[str, StringConstraints(pattern=r"^0?[0-7]{3}$")] = "0644"
 
     @field_validator("dest")

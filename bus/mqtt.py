@@ -12,7 +12,10 @@ What every client gets (DESIGN section 3.8, FINDINGS.md):
 - Reconnect with exponential backoff and jitter; subscriptions are renewed and
   ``on_connect`` hooks (births) run again after every reconnect.
 - A last will built fresh before every connect (each connection its own session).
-- ``mqtt://`` and ``mqtts://`` URLs with user, password and TLS.
+- ``mqtt://`` and ``mqtts://`` URLs with user, password and TLS; a broker that
+  refuses the credentials or a certificate that does not verify ends the first
+  connect at once with a BusError naming the reason (no retrying until timeout).
+- ``subscribe`` returns once the broker acknowledged it (BusError if refused).
 """
 
 from __future__ import annotations
@@ -108,11 +111,35 @@ class Will:
 
 ConnectHook = Callable[[], Awaitable[None]]
 
+#: CONNACK refusals that retrying cannot cure (paho's names for MQTT 3.1.1 codes 4 and 5).
+_AUTH_REFUSALS = frozenset({"Bad user name or password", "Not authorized"})
+
+
+class _ClosingSSLSocket(ssl.SSLSocket):
+    """An SSLSocket that closes itself when its handshake fails.
+
+    paho wraps the TCP socket and shakes hands inside ``connect``; when the
+    handshake fails (wrong CA, wrong host) it drops the socket unclosed.
+    """
+
+    def do_handshake(self, block: bool = False) -> None:
+        try:
+            super().do_handshake(block)
+        except BaseException:
+            self.close()
+            raise
+
 
 @dataclass
 class _Pending:
     future: asyncio.Future[None] | None
     released: bool = False
+
+
+@dataclass
+class _SubscribeRequest:
+    topic_filter: str
+    future: asyncio.Future[None] | None
 
 
 @dataclass
@@ -161,9 +188,14 @@ class MqttClient:
         self._window = asyncio.Semaphore(max_inflight)
         self._pending: dict[int, _Pending] = {}
         self._subscriptions: dict[str, int] = {}
+        self._acks: dict[int, _SubscribeRequest] = {}
         self._hooks: list[ConnectHook] = []
-        self._queue: asyncio.Queue[Message] = asyncio.Queue()
+        self._queue: asyncio.Queue[Message | None] = asyncio.Queue()
         self._connected = asyncio.Event()
+        self._settled = asyncio.Event()
+        self._fatal: BusError | None = None
+        self._fail_fast = False
+        self._ever_connected = False
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._misc_task: asyncio.Task[None] | None = None
@@ -183,12 +215,18 @@ class MqttClient:
         if self.url.username:
             self._paho.username_pw_set(self.url.username, self.url.password)
         if self.url.tls:
-            context = ssl.create_default_context(cafile=self.url.ca_file)
+            try:
+                context = ssl.create_default_context(cafile=self.url.ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"cannot load CA file {self.url.ca_file}: {exc}") from exc
+            context.sslsocket_class = _ClosingSSLSocket
             self._paho.tls_set_context(context)
         self._paho.on_connect = self._on_connect
         self._paho.on_disconnect = self._on_disconnect
         self._paho.on_message = self._on_message
         self._paho.on_publish = self._on_publish
+        self._paho.on_subscribe = self._on_subscribe
+        self._paho.on_unsubscribe = self._on_unsubscribe
         self._paho.on_socket_open = self._on_socket_open
         self._paho.on_socket_close = self._on_socket_close
         self._paho.on_socket_register_write = self._on_socket_register_write
@@ -212,21 +250,27 @@ class MqttClient:
         """Connect (retrying with backoff); with ``wait``, until the first CONNACK.
 
         Raises:
-            BusError: ``wait`` and no connection within ``connect_timeout``.
+            BusError: ``wait`` and no connection within ``connect_timeout``, or
+                the broker refused the credentials, or its TLS certificate did
+                not verify (both at once: retrying cannot help).
         """
         self._loop = asyncio.get_running_loop()
+        self._fail_fast = wait
         self._misc_task = asyncio.create_task(self._misc_loop(), name=f"mqtt-misc-{self.client_id}")
         self._reconnect_task = asyncio.create_task(
             self._connect_loop(), name=f"mqtt-connect-{self.client_id}"
         )
         if wait:
             try:
-                await asyncio.wait_for(self._connected.wait(), self._connect_timeout)
+                await asyncio.wait_for(self._settled.wait(), self._connect_timeout)
             except asyncio.TimeoutError as exc:
                 await self.close()
                 raise BusError(
                     f"no connection to {self.url.redacted()} within {self._connect_timeout:g} s"
                 ) from exc
+            if self._fatal is not None:
+                await self.close()
+                raise self._fatal
 
     async def close(self, publish_before: tuple[str, bytes, bool] | None = None) -> None:
         """Disconnect cleanly (no will); optionally publish one last message first."""
@@ -253,7 +297,27 @@ class MqttClient:
         for pending in self._pending.values():
             if pending.future is not None and not pending.future.done():
                 pending.future.set_exception(BusError("client closed"))
+            # Wakes a publisher blocked on the window; it sees _closing and raises.
+            self._window.release()
         self._pending.clear()
+        for request in self._acks.values():
+            if request.future is not None and not request.future.done():
+                request.future.set_exception(BusError("client closed"))
+        self._acks.clear()
+        self._queue.put_nowait(None)  # ends every messages() iterator
+
+    def abort(self) -> None:
+        """Drop the connection without DISCONNECT, as a crash or a pulled cable would.
+
+        The broker publishes the last will; the client reconnects as after any
+        loss. For fault tests and demos.
+        """
+        sock = self._sock
+        if sock is None:
+            return
+        with contextlib.suppress(OSError):
+            # The plain socket's shutdown (also under TLS): FIN now, no DISCONNECT.
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
     @property
     def is_connected(self) -> bool:
@@ -271,16 +335,43 @@ class MqttClient:
     # ------------------------------------------------------------------ pub/sub
 
     async def subscribe(self, topic_filter: str, qos: int = 1) -> None:
-        """Subscribe now and after every reconnect."""
+        """Subscribe now and after every reconnect.
+
+        While connected it returns once the broker acknowledged the subscription
+        (if the connection drops meanwhile: once it is renewed after the
+        reconnect); while disconnected it returns at once and the subscription
+        is made on connect.
+
+        Raises:
+            BusError: the broker refused the subscription (an ACL, say), or the
+                client closed meanwhile.
+        """
         self._subscriptions[topic_filter] = qos
-        if self.is_connected:
-            self._paho.subscribe(topic_filter, qos)
+        if not self.is_connected:
+            return
+        future = asyncio.get_running_loop().create_future()
+        self._send_subscribe(topic_filter, qos, future)
+        await future
 
     async def unsubscribe(self, topic_filter: str) -> None:
-        """Forget a subscription."""
+        """Forget a subscription; returns once the broker acknowledged it (if connected)."""
         self._subscriptions.pop(topic_filter, None)
-        if self.is_connected:
-            self._paho.unsubscribe(topic_filter)
+        if not self.is_connected:
+            return
+        future = asyncio.get_running_loop().create_future()
+        rc, mid = self._paho.unsubscribe(topic_filter)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            return  # not connected after all: nothing to undo on the broker
+        self._acks[mid] = _SubscribeRequest(topic_filter, future)
+        await future
+
+    def _send_subscribe(self, topic_filter: str, qos: int, future: asyncio.Future[None] | None) -> None:
+        rc, mid = self._paho.subscribe(topic_filter, qos)
+        if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+            self._acks[mid] = _SubscribeRequest(topic_filter, future)
+        elif future is not None:
+            # Lost the connection in between: renewed (and acknowledged) after reconnect.
+            self._acks[-id(future)] = _SubscribeRequest(topic_filter, future)
 
     async def publish(
         self,
@@ -305,6 +396,9 @@ class MqttClient:
                 self.stats.sent += 1
             return
         await self._window.acquire()
+        if self._is_closing():
+            self._window.release()  # pass the wake-up on to the next blocked publisher
+            raise BusError("client is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] | None = loop.create_future() if wait else None
         try:
@@ -328,16 +422,26 @@ class MqttClient:
     async def messages(self) -> AsyncIterator[Message]:
         """Every received message, in arrival order, until the client closes."""
         while True:
-            yield await self._queue.get()
+            message = await self._queue.get()
+            if message is None:
+                self._queue.put_nowait(None)  # for any other iterator
+                return
+            yield message
 
     def get_nowait(self) -> Message | None:
         """The next buffered message, or None."""
         try:
-            return self._queue.get_nowait()
+            message = self._queue.get_nowait()
         except asyncio.QueueEmpty:
             return None
+        if message is None:
+            self._queue.put_nowait(None)
+        return message
 
     # ------------------------------------------------------------------ internals
+
+    def _is_closing(self) -> bool:
+        return self._closing
 
     async def _connect_loop(self) -> None:
         delay = self._backoff[0]
@@ -355,6 +459,11 @@ class MqttClient:
                 # Blocking TCP (and TLS) connect: quick on a LAN or loopback, and
                 # the loop has nothing else to serve for this client until it is done.
                 rc = self._paho.connect(self.url.host, self.url.port, keepalive=self._keepalive)
+            except ssl.SSLCertVerificationError as exc:
+                self._refused(f"TLS certificate of {self.url.host} does not verify: {exc.verify_message}")
+                if self._fatal is not None:
+                    return
+                continue
             except (OSError, ssl.SSLError, ValueError) as exc:
                 _LOGGER.info("connect to %s failed: %s", self.url.redacted(), exc)
                 continue
@@ -367,6 +476,17 @@ class MqttClient:
             if self.is_connected:
                 return
             self._drop_socket()
+            if self._fatal is not None:
+                return
+
+    def _refused(self, reason: str) -> None:
+        """A refusal retrying cannot cure: fatal for the first connect of ``start(wait=True)``."""
+        message = f"{self.url.redacted()} refused the connection: {reason}"
+        if self._fail_fast and not self._ever_connected:
+            self._fatal = BusError(message)
+            self._settled.set()
+        else:
+            _LOGGER.warning("%s (retrying)", message)
 
     def _restart_connect_loop(self) -> None:
         if self._closing or self._loop is None:
@@ -428,16 +548,27 @@ class MqttClient:
         _properties: Any,
     ) -> None:
         if reason.is_failure:
-            _LOGGER.warning("broker %s refused connection: %s", self.url.redacted(), reason)
+            if str(reason) in _AUTH_REFUSALS:
+                self._refused(str(reason))
+            else:
+                _LOGGER.warning("broker %s refused connection: %s", self.url.redacted(), reason)
             self._finish_attempt()
             return
         sock = self._paho.socket()
         if isinstance(sock, socket.socket):  # ssl.SSLSocket is one too
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Requests of the lost connection are void; their waiters wait for the renewal.
+        waiting = {r.topic_filter: r.future for r in self._acks.values() if r.future is not None}
+        self._acks.clear()
         for topic_filter, qos in self._subscriptions.items():
-            self._paho.subscribe(topic_filter, qos)
+            self._send_subscribe(topic_filter, qos, waiting.pop(topic_filter, None))
+        for future in waiting.values():  # unsubscribed meanwhile: nothing to wait for
+            if not future.done():
+                future.set_result(None)
+        self._ever_connected = True
         self._connected.set()
+        self._settled.set()
         self._finish_attempt()
         _LOGGER.debug("connected to %s as %s", self.url.redacted(), self.client_id)
         for hook in self._hooks:
@@ -484,6 +615,33 @@ class MqttClient:
             self.stats.dropped += 1
             return
         self._queue.put_nowait(Message(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain)))
+
+    def _on_subscribe(
+        self, _client: paho.Client, _userdata: Any, mid: int, reasons: list[Any], _properties: Any
+    ) -> None:
+        request = self._acks.pop(mid, None)
+        if request is None:
+            return
+        refused = any(reason.is_failure for reason in reasons)
+        if refused:
+            # Not renewed on reconnect either: the broker's answer will not change.
+            self._subscriptions.pop(request.topic_filter, None)
+            _LOGGER.warning("broker %s refused subscription to %s", self.url.redacted(), request.topic_filter)
+        if request.future is None or request.future.done():
+            return
+        if refused:
+            request.future.set_exception(
+                BusError(f"{self.url.redacted()} refused subscription to {request.topic_filter}")
+            )
+        else:
+            request.future.set_result(None)
+
+    def _on_unsubscribe(
+        self, _client: paho.Client, _userdata: Any, mid: int, _reasons: Any, _properties: Any
+    ) -> None:
+        request = self._acks.pop(mid, None)
+        if request is not None and request.future is not None and not request.future.done():
+            request.future.set_result(None)
 
     def _on_publish(
         self, _client: paho.Client, _userdata: Any, mid: int, _reason: Any, _properties: Any

@@ -12,7 +12,7 @@ import logging
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
 from pydantic import ValidationError
 
@@ -71,7 +71,9 @@ class Cleared:
     key: str
 
 
-BusUpdate = NodeState | Heartbeat | StepStatus | JobSnapshot | LogLine | HubState | RolloutSummary | Event | Cleared
+BusUpdate: TypeAlias = (
+    NodeState | Heartbeat | StepStatus | JobSnapshot | LogLine | HubState | RolloutSummary | Event | Cleared
+)
 
 
 @dataclass

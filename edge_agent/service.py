@@ -1,0 +1,283 @@
+"""The agent process: presence on the bus, command intake, clean shutdown.
+
+``Agent.run`` connects with a last will of a fresh session on every connect,
+publishes a retained birth after every (re)connect, sends heartbeats every
+``heartbeat_s``, subscribes to its own ``cmd`` topic only, and hands each
+command message to the command runner (``edge_agent.runner.CommandRunner``).
+When ``stop`` is set (SIGTERM/SIGINT in ``fleet agent``) it publishes a
+retained offline state with reason ``shutdown`` in the same session, closes
+the runner and disconnects cleanly, so the broker sends no will.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from bus.messages import Inventory, JobRef, encode
+from bus.mqtt import MqttClient, Will
+from bus.topics import Topics
+from edge_agent.config import AgentConfig
+from edge_agent.inventory import collect_inventory
+from edge_agent.presence import Presence, sample_system
+from edge_agent.settings import ExecutorSettings
+
+__all__ = ["Agent", "CommandHandler", "RunnerFactory"]
+
+_LOGGER = logging.getLogger(__name__)
+
+Publish = Callable[..., Awaitable[None]]
+_SHUTDOWN_TIMEOUT_S = 5.0
+_RUNNER_CLOSE_TIMEOUT_S = 15.0
+
+
+class CommandHandler(Protocol):
+    """What the agent needs of its command runner (edge_agent/runner.py)."""
+
+    async def recover(self) -> None:
+        """Finish what an earlier run left (journal); called once after connecting."""
+
+    async def handle_command(self, topic: str, payload: bytes) -> None:
+        """Take one message from the node's ``cmd`` topic; returns quickly."""
+
+    def current_job(self) -> JobRef | None:
+        """The job in progress, for heartbeats."""
+
+    async def close(self) -> None:
+        """Stop work and release everything."""
+
+
+RunnerFactory = Callable[[ExecutorSettings, Topics, Publish], CommandHandler]
+
+
+class _NoRunner:
+    """Stands in when edge_agent.runner is not installed: presence only, commands logged."""
+
+    async def recover(self) -> None:
+        return None
+
+    async def handle_command(self, topic: str, payload: bytes) -> None:
+        _LOGGER.error(
+            "command on %s ignored (%d bytes): this agent has no command runner", topic, len(payload)
+        )
+
+    def current_job(self) -> JobRef | None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+def default_runner(settings: ExecutorSettings, topics: Topics, publish: Publish) -> CommandHandler:
+    """``edge_agent.runner.CommandRunner``, imported only when an agent starts."""
+    module: Any = None
+    try:
+        module = importlib.import_module("edge_agent.runner")
+    except ModuleNotFoundError as exc:
+        if exc.name != "edge_agent.runner":
+            raise
+    if module is None:
+        _LOGGER.error("edge_agent.runner is missing: this agent reports presence but runs no command")
+        return _NoRunner()
+    runner: CommandHandler = module.CommandRunner(settings, topics, publish)
+    return runner
+
+
+class Agent:
+    """One node's agent; ``await Agent(config).run(stop)`` until ``stop`` is set.
+
+    Args:
+        config: the agent's configuration.
+        runner_factory: builds the command runner (default: edge_agent.runner.CommandRunner).
+        clock: wall-clock time, for timestamps.
+    """
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        runner_factory: RunnerFactory | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.topics = config.topics
+        self._runner_factory = runner_factory or default_runner
+        self._clock = clock
+        self._started = time.monotonic()
+        self.presence = Presence(
+            config.node_id,
+            self.topics,
+            labels=dict(config.labels),
+            heartbeat_s=config.heartbeat_s,
+            started_at=clock(),
+        )
+        self._inventory = Inventory()
+        self._stopping = False
+        self._client: MqttClient | None = None
+        self._runner: CommandHandler | None = None
+        self._refresh_task: asyncio.Task[None] | None = None
+        self.ready = asyncio.Event()
+        """Set once connected, recovered and taking commands (for in-process tests)."""
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set, then shut down cleanly.
+
+        Raises:
+            ConfigError: a trust or policy file cannot be used.
+        """
+        settings = await asyncio.to_thread(self.config.to_executor_settings)
+        await asyncio.to_thread(settings.state_dir.mkdir, parents=True, exist_ok=True)
+        self._inventory = await self._collect_inventory()
+        client = MqttClient(
+            self.config.broker,
+            client_id=f"agent-{self.config.node_id}",
+            will=self._next_will,
+            keepalive=self.config.keepalive_s,
+        )
+        self._client = client
+        client.on_connect(self._publish_birth)
+        await client.subscribe(self.presence.cmd_topic, qos=1)
+        runner = self._runner = self._runner_factory(settings, self.topics, client.publish)
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            await client.start(wait=False)
+            if await _first(client.wait_connected(), stop.wait()) == 0:
+                await runner.recover()
+                tasks.append(asyncio.create_task(self._heartbeats(client, runner), name="heartbeats"))
+                tasks.append(asyncio.create_task(self._commands(client, runner), name="commands"))
+                self.ready.set()
+                _LOGGER.info("agent %s ready (session %s)", self.config.node_id, self.presence.session)
+                await stop.wait()
+        finally:
+            await self._shut_down(client, runner, tasks)
+
+    # ------------------------------------------------------------------ presence
+
+    def _next_will(self) -> Will:
+        """Called by the client before every connect attempt: a fresh session and its will."""
+        self.presence.new_session()
+        return Will(self.presence.state_topic, encode(self.presence.will()), qos=1, retain=True)
+
+    async def _publish_birth(self) -> None:
+        client = self._client
+        if self._stopping or client is None:
+            return
+        birth = self.presence.birth(self._inventory)
+        await client.publish(self.presence.state_topic, encode(birth), qos=1, retain=True)
+        _LOGGER.info("birth of %s published (session %s)", birth.node, birth.session)
+
+    async def _collect_inventory(self) -> Inventory:
+        config = self.config
+        try:
+            return await collect_inventory(
+                packages=config.packages,
+                drivers=config.drivers,
+                services=config.services,
+                state_dir=config.state_dir,
+            )
+        except Exception:  # the birth goes out without an inventory rather than not at all
+            _LOGGER.exception("inventory failed")
+            return Inventory()
+
+    async def _refresh_inventory(self) -> None:
+        """After a job ends, versions may have changed: re-collect and re-announce."""
+        self._inventory = await self._collect_inventory()
+        await self._publish_birth()
+
+    async def _heartbeats(self, client: MqttClient, runner: CommandHandler) -> None:
+        period = self.config.heartbeat_s
+        next_at = time.monotonic()
+        last_job: JobRef | None = None
+        while True:
+            job = _current_job(runner)
+            if last_job is not None and (job is None or job.command != last_job.command):
+                self._start_refresh()
+            last_job = job
+            if client.is_connected:
+                sample = await asyncio.to_thread(sample_system, self.config.state_dir)
+                beat = self.presence.heartbeat(
+                    now=self._clock(), uptime_s=time.monotonic() - self._started, sample=sample, job=job
+                )
+                await client.publish(self.presence.heartbeat_topic, encode(beat), qos=0)
+            next_at += period
+            delay = next_at - time.monotonic()
+            if delay < 0:  # fell behind (suspended, overloaded): do not burst to catch up
+                next_at = time.monotonic()
+                delay = 0
+            await asyncio.sleep(delay)
+
+    def _start_refresh(self) -> None:
+        if self._refresh_task is None or self._refresh_task.done():
+            self._refresh_task = asyncio.create_task(self._refresh_inventory(), name="inventory")
+
+    # ------------------------------------------------------------------ commands
+
+    async def _commands(self, client: MqttClient, runner: CommandHandler) -> None:
+        cmd_topic = self.presence.cmd_topic
+        async for message in client.messages():
+            if message.topic != cmd_topic:
+                # Only our own cmd topic is subscribed; anything else is a broker leak (FINDINGS 1).
+                _LOGGER.warning("ignored a message on %s: not this node's cmd topic", message.topic)
+                continue
+            try:
+                await runner.handle_command(message.topic, message.payload)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # bad input must never stop the agent (DESIGN section 7)
+                _LOGGER.exception("command runner failed on a message of %d bytes", len(message.payload))
+
+    # ------------------------------------------------------------------ shutdown
+
+    async def _shut_down(
+        self, client: MqttClient, runner: CommandHandler, tasks: list[asyncio.Task[None]]
+    ) -> None:
+        self._stopping = True
+        for task in (*tasks, self._refresh_task):
+            if task is not None:
+                task.cancel()
+        for task in (*tasks, self._refresh_task):
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        if client.is_connected:
+            payload = encode(self.presence.shutdown())
+            try:
+                await asyncio.wait_for(
+                    client.publish(self.presence.state_topic, payload, qos=1, retain=True, wait=True),
+                    _SHUTDOWN_TIMEOUT_S,
+                )
+            except Exception as exc:  # the will still covers us if this fails
+                _LOGGER.warning("could not publish the shutdown state: %s", exc)
+        try:
+            await asyncio.wait_for(runner.close(), _RUNNER_CLOSE_TIMEOUT_S)
+        except Exception:
+            _LOGGER.exception("command runner did not close cleanly")
+        await client.close()
+        _LOGGER.info("agent %s stopped", self.config.node_id)
+
+
+def _current_job(runner: CommandHandler) -> JobRef | None:
+    try:
+        return runner.current_job()
+    except Exception:
+        _LOGGER.exception("command runner failed to report its job")
+        return None
+
+
+async def _first(*awaitables: Awaitable[Any]) -> int:
+    """Index of the awaitable that finishes first; the others are cancelled."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        return next(i for i, t in enumerate(tasks) if t in done)
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task

@@ -1,0 +1,116 @@
+"""What a rollout spec would do, before it is sent: targets, offline ones, waves (pure).
+
+The hub has the last word (DESIGN section 3.1): this preview resolves targets
+against the nodes the TUI knows, so the operator sees offline or unknown targets
+and the wave split before confirming.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+from bus.errors import InvalidInput
+from bus.messages import RolloutSpec, TargetLabels, describe, loads_object
+from tui.model import NodeView
+
+__all__ = ["Preview", "compute_waves", "make_preview", "parse_spec", "resolve_targets"]
+
+
+def parse_spec(text: str) -> RolloutSpec:
+    """Parse a rollout spec from JSON text; InvalidInput with a one-line reason otherwise."""
+    data = loads_object(text.strip() or "null")
+    try:
+        return RolloutSpec.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidInput(f"invalid rollout spec: {describe(exc)}") from exc
+
+
+def resolve_targets(spec: RolloutSpec, nodes: Mapping[str, NodeView]) -> tuple[list[str], list[str]]:
+    """(targets, unknown): the nodes a spec names, and listed names no node answers to."""
+    if spec.targets == "all":
+        return sorted(nodes), []
+    if isinstance(spec.targets, TargetLabels):
+        wanted = spec.targets.labels.items()
+        found = [n for n, view in nodes.items() if all(view.labels.get(k) == v for k, v in wanted)]
+        return sorted(found), []
+    known = [n for n in spec.targets if n in nodes]
+    unknown = [n for n in spec.targets if n not in nodes]
+    return known, unknown
+
+
+def _wave_size(size: int | str, total: int) -> int:
+    if isinstance(size, int):
+        return size
+    return max(1, math.ceil(total * float(size.rstrip("%")) / 100))
+
+
+def compute_waves(targets: Sequence[str], waves: Sequence[int | str]) -> list[list[str]]:
+    """Split targets into waves: counts or percents of all targets; the last size repeats."""
+    result: list[list[str]] = []
+    total = len(targets)
+    start = 0
+    index = 0
+    while start < total and waves:
+        size = _wave_size(waves[min(index, len(waves) - 1)], total)
+        result.append(list(targets[start : start + size]))
+        start += size
+        index += 1
+    return result
+
+
+@dataclass(frozen=True)
+class Preview:
+    """A spec resolved against the known fleet."""
+
+    spec: RolloutSpec
+    targets: list[str]
+    unknown: list[str]
+    offline: list[str]
+    waves: list[list[str]]
+
+    @property
+    def problems(self) -> list[str]:
+        """Why the hub would refuse it as it stands (empty when it looks acceptable)."""
+        found: list[str] = []
+        if self.unknown:
+            found.append("unknown targets: " + ", ".join(self.unknown))
+        if not self.targets and not self.unknown:
+            found.append("no node matches the targets")
+        if self.offline and self.spec.require_online:
+            found.append("offline targets: " + ", ".join(self.offline))
+        return found
+
+    def lines(self, limit: int = 12) -> list[str]:
+        """The preview as short lines of text for the screen."""
+        spec = self.spec
+        out = [
+            f"name      {spec.name}",
+            f"targets   {len(self.targets)} node(s)"
+            + (f", {len(self.offline)} offline" if self.offline else "")
+            + (f", {len(self.unknown)} unknown" if self.unknown else ""),
+            f"plan      {len(spec.plan)} step(s): " + " > ".join(step.type for step in spec.plan),
+            f"failure   max_failed={spec.failure.max_failed} on_failure={spec.failure.on_failure}"
+            f" require_online={str(spec.require_online).lower()}",
+        ]
+        for number, wave in enumerate(self.waves[:limit], start=1):
+            shown = ", ".join(
+                f"{node} (offline)" if node in self.offline else node for node in wave[:8]
+            )
+            more = f" +{len(wave) - 8} more" if len(wave) > 8 else ""
+            out.append(f"wave {number:<4} {len(wave)}: {shown}{more}")
+        if len(self.waves) > limit:
+            out.append(f"... {len(self.waves) - limit} more wave(s)")
+        out.extend(f"! {problem}" for problem in self.problems)
+        return out
+
+
+def make_preview(spec: RolloutSpec, nodes: Mapping[str, NodeView], now: float) -> Preview:
+    """Resolve ``spec`` against the known nodes as of ``now``."""
+    targets, unknown = resolve_targets(spec, nodes)
+    offline = [n for n in targets if nodes[n].presence(now) == "offline"]
+    waves = compute_waves(targets, spec.strategy.waves)
+    return Preview(spec, targets, unknown, offline, waves)

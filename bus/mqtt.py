@@ -138,8 +138,19 @@ class _Pending:
 
 @dataclass
 class _SubscribeRequest:
+    """A SUBSCRIBE or UNSUBSCRIBE awaiting the broker's acknowledgement."""
+
     topic_filter: str
-    future: asyncio.Future[None] | None
+    futures: list[asyncio.Future[None]]
+
+    def settle(self, error: BusError | None = None) -> None:
+        for future in self.futures:
+            if future.done():
+                continue
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
 
 
 @dataclass
@@ -301,8 +312,7 @@ class MqttClient:
             self._window.release()
         self._pending.clear()
         for request in self._acks.values():
-            if request.future is not None and not request.future.done():
-                request.future.set_exception(BusError("client closed"))
+            request.settle(BusError("client closed"))
         self._acks.clear()
         self._queue.put_nowait(None)  # ends every messages() iterator
 
@@ -350,7 +360,7 @@ class MqttClient:
         if not self.is_connected:
             return
         future = asyncio.get_running_loop().create_future()
-        self._send_subscribe(topic_filter, qos, future)
+        self._send_subscribe(topic_filter, qos, [future])
         await future
 
     async def unsubscribe(self, topic_filter: str) -> None:
@@ -362,16 +372,16 @@ class MqttClient:
         rc, mid = self._paho.unsubscribe(topic_filter)
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
             return  # not connected after all: nothing to undo on the broker
-        self._acks[mid] = _SubscribeRequest(topic_filter, future)
+        self._acks[mid] = _SubscribeRequest(topic_filter, [future])
         await future
 
-    def _send_subscribe(self, topic_filter: str, qos: int, future: asyncio.Future[None] | None) -> None:
+    def _send_subscribe(self, topic_filter: str, qos: int, futures: list[asyncio.Future[None]]) -> None:
         rc, mid = self._paho.subscribe(topic_filter, qos)
         if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
-            self._acks[mid] = _SubscribeRequest(topic_filter, future)
-        elif future is not None:
+            self._acks[mid] = _SubscribeRequest(topic_filter, futures)
+        elif futures:
             # Lost the connection in between: renewed (and acknowledged) after reconnect.
-            self._acks[-id(future)] = _SubscribeRequest(topic_filter, future)
+            self._acks[-id(futures[0])] = _SubscribeRequest(topic_filter, futures)
 
     async def publish(
         self,
@@ -559,13 +569,14 @@ class MqttClient:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # Requests of the lost connection are void; their waiters wait for the renewal.
-        waiting = {r.topic_filter: r.future for r in self._acks.values() if r.future is not None}
+        waiting: dict[str, list[asyncio.Future[None]]] = {}
+        for request in self._acks.values():
+            waiting.setdefault(request.topic_filter, []).extend(request.futures)
         self._acks.clear()
         for topic_filter, qos in self._subscriptions.items():
-            self._send_subscribe(topic_filter, qos, waiting.pop(topic_filter, None))
-        for future in waiting.values():  # unsubscribed meanwhile: nothing to wait for
-            if not future.done():
-                future.set_result(None)
+            self._send_subscribe(topic_filter, qos, waiting.pop(topic_filter, []))
+        for futures in waiting.values():  # unsubscribed meanwhile: nothing to wait for
+            _SubscribeRequest("", futures).settle()
         self._ever_connected = True
         self._connected.set()
         self._settled.set()
@@ -623,25 +634,20 @@ class MqttClient:
         if request is None:
             return
         refused = any(reason.is_failure for reason in reasons)
-        if refused:
-            # Not renewed on reconnect either: the broker's answer will not change.
-            self._subscriptions.pop(request.topic_filter, None)
-            _LOGGER.warning("broker %s refused subscription to %s", self.url.redacted(), request.topic_filter)
-        if request.future is None or request.future.done():
+        if not refused:
+            request.settle()
             return
-        if refused:
-            request.future.set_exception(
-                BusError(f"{self.url.redacted()} refused subscription to {request.topic_filter}")
-            )
-        else:
-            request.future.set_result(None)
+        # Not renewed on reconnect either: the broker's answer will not change.
+        self._subscriptions.pop(request.topic_filter, None)
+        _LOGGER.warning("broker %s refused subscription to %s", self.url.redacted(), request.topic_filter)
+        request.settle(BusError(f"{self.url.redacted()} refused subscription to {request.topic_filter}"))
 
     def _on_unsubscribe(
         self, _client: paho.Client, _userdata: Any, mid: int, _reasons: Any, _properties: Any
     ) -> None:
         request = self._acks.pop(mid, None)
-        if request is not None and request.future is not None and not request.future.done():
-            request.future.set_result(None)
+        if request is not None:
+            request.settle()
 
     def _on_publish(
         self, _client: paho.Client, _userdata: Any, mid: int, _reason: Any, _properties: Any

@@ -136,7 +136,7 @@ class Agent:
         client = MqttClient(
             self.config.broker,
             client_id=f"agent-{self.config.node_id}",
-            will=self._next_will,
+            will=self.next_will,
             keepalive=self.config.keepalive_s,
         )
         self._client = client
@@ -158,7 +158,7 @@ class Agent:
 
     # ------------------------------------------------------------------ presence
 
-    def _next_will(self) -> Will:
+    def next_will(self) -> Will:
         """Called by the client before every connect attempt: a fresh session and its will."""
         self.presence.new_session()
         return Will(self.presence.state_topic, encode(self.presence.will()), qos=1, retain=True)

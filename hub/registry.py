@@ -166,7 +166,6 @@ class Registry:
             return None
         if heartbeat.session == info.session and info.session_ended:
             return None  # that connection's will was seen: it is gone
-        new_session = heartbeat.session != info.session
         self._nodes[heartbeat.node] = dataclasses.replace(
             info,
             online=True,
@@ -176,7 +175,6 @@ class Registry:
             last_seen=now,
             since=now,
             heartbeat=heartbeat,
-            heartbeat_s=None if new_session else info.heartbeat_s,
         )
         return Transition(heartbeat.node, True, "heartbeat")
 

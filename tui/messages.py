@@ -6,10 +6,10 @@ from typing import Any
 
 from textual.message import Message
 
-from bus.messages import Reply
+from bus.messages import Reply, RequestOp
 from tui.model import BusUpdate
 
-__all__ = ["FeedBatch", "FeedStatus", "RequestDone"]
+__all__ = ["FeedBatch", "FeedStatus", "HubRequest", "RequestDone"]
 
 
 class FeedBatch(Message):
@@ -29,12 +29,21 @@ class FeedStatus(Message):
         self.reason = reason
 
 
+class HubRequest(Message):
+    """A screen asks the app to send one hub request (DESIGN section 2 ``Request``)."""
+
+    def __init__(self, op: RequestOp, body: dict[str, Any]) -> None:
+        super().__init__()
+        self.op: RequestOp = op
+        self.body = body
+
+
 class RequestDone(Message):
     """A hub request finished; ``reply`` is None when it could not be sent or timed out."""
 
-    def __init__(self, op: str, body: dict[str, Any], reply: Reply | None) -> None:
+    def __init__(self, op: RequestOp, body: dict[str, Any], reply: Reply | None) -> None:
         super().__init__()
-        self.op = op
+        self.op: RequestOp = op
         self.body = body
         self.reply = reply
 

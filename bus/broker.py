@@ -110,11 +110,38 @@ class FleetBroker(Broker):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._subscriptions = _SnapshotDict()
+        self._streams: set[asyncio.StreamWriter] = set()
 
     async def start(self) -> None:
         """Start listening (amqtt's start clears the table, so re-install the guard)."""
         await super().start()
         self._subscriptions = _SnapshotDict(self._subscriptions)
+
+    async def shutdown(self) -> None:
+        """Stop accepting, end every session, then close any connection still open.
+
+        amqtt closes its listeners last, so a client reconnecting meanwhile got in
+        and its socket outlived the broker; and a connection still in its CONNECT
+        when the sessions were ended had nobody left to close it.
+        """
+        for server in self._servers.values():
+            if server.instance is not None:
+                server.instance.close()
+        await super().shutdown()
+        for writer in list(self._streams):
+            writer.transport.abort()
+
+    async def stream_connected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
+    ) -> None:
+        """Serve one TCP connection; whatever happens, its socket is closed at the end."""
+        self._streams.add(writer)
+        try:
+            await super().stream_connected(reader, writer, listener_name)
+        finally:
+            self._streams.discard(writer)
+            if not writer.is_closing():
+                writer.close()
 
     async def _initialize_client_session(
         self,
@@ -212,10 +239,24 @@ class BrokerThread:
         self._broker = self._broker_class(self._config, loop=self._loop)
         await self._broker.start()
 
+    async def _shutdown(self) -> None:
+        assert self._broker is not None  # noqa: S101 - only after start()
+        try:
+            await self._broker.shutdown()
+        finally:
+            # Whatever the broker left running (a connection in its CONNECT) ends
+            # now, while the loop still runs, so nothing is left to close later.
+            current = asyncio.current_task()
+            rest = [task for task in asyncio.all_tasks() if task is not current]
+            for task in rest:
+                task.cancel()
+            if rest:
+                await asyncio.wait(rest, timeout=5)
+
     def stop(self, timeout: float = 15.0) -> None:
         """Shut the broker down and end its thread."""
         if self._broker is not None:
-            future = asyncio.run_coroutine_threadsafe(self._broker.shutdown(), self._loop)
+            future = asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
             with contextlib.suppress(Exception):
                 future.result(timeout)
         self._loop.call_soon_threadsafe(self._loop.stop)

@@ -420,7 +420,8 @@ class MqttClient:
             self._window.release()
             raise BusError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
         self.stats.sent += 1
-        if info.is_published():
+        # (is_published() raises while disconnected: the message waits in paho's queue.)
+        if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS and info.is_published():
             self._window.release()
             if future is not None:
                 future.set_result(None)
@@ -453,9 +454,12 @@ class MqttClient:
     def _is_closing(self) -> bool:
         return self._closing
 
-    async def _connect_loop(self) -> None:
+    async def _connect_loop(self, wait_first: bool = False) -> None:
+        # After a loss the first attempt waits too (jittered), so a fleet does not
+        # reconnect in lockstep after a broker restart, and the broker has seen the
+        # old connection go (and published its will) before the new one arrives.
         delay = self._backoff[0]
-        first = True
+        first = not wait_first
         while not self._closing:
             if not first:
                 await asyncio.sleep(delay * (0.5 + random.random()))  # noqa: S311 - jitter
@@ -505,12 +509,16 @@ class MqttClient:
             return
         self.stats.reconnects += 1
         self._reconnect_task = self._loop.create_task(
-            self._connect_loop(), name=f"mqtt-connect-{self.client_id}"
+            self._connect_loop(wait_first=True), name=f"mqtt-connect-{self.client_id}"
         )
 
     async def _misc_loop(self) -> None:
+        # paho pings once ``keepalive`` has passed since the last packet, but only
+        # when loop_misc runs: run it often enough that the ping leaves well within
+        # the broker's 1.5 x keepalive (a 1 s period lost keepalive=1 clients).
+        period = min(1.0, max(0.05, self._keepalive / 4)) if self._keepalive > 0 else 1.0
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(period)
             if self._sock is not None:
                 self._paho.loop_misc()
 

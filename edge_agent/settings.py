@@ -63,7 +63,11 @@ class Policy(BaseModel):
 
 @dataclass(frozen=True)
 class ExecutorSettings:
-    """Everything the command runner needs to know about its node."""
+    """Everything the command runner needs to know about its node.
+
+    ``service_start_settle_s``: a started process service that exits sooner
+    failed to start. ``service_stop_grace_s``: SIGTERM, then SIGKILL after this.
+    """
 
     node: str
     state_dir: Path
@@ -74,3 +78,20 @@ class ExecutorSettings:
     services: dict[str, ProcessService] = field(default_factory=dict)
     max_download_bytes: int = 2 * 1024**3
     default_step_timeout_s: float = 300.0
+    service_start_settle_s: float = 0.5
+    service_stop_grace_s: float = 10.0
+
+    @property
+    def cache_dir(self) -> Path:
+        """Where download steps put verified files (``state_dir/cache``)."""
+        return self.state_dir / "cache"
+
+    @property
+    def backup_dir(self) -> Path:
+        """Where file steps keep the files they replace (``state_dir/backup``)."""
+        return self.state_dir / "backup"
+
+    @property
+    def journal_path(self) -> Path:
+        """The agent's journal (``state_dir/journal.json``)."""
+        return self.state_dir / "journal.json"

@@ -1,24 +1,59 @@
-"""The agent's only door to processes (and, with steps/, to HTTP): run commands safely.
+"""The agent's only door to processes and HTTP.
 
-Commands run with ``asyncio.create_subprocess_exec`` (an argument list, never a
-shell), a timeout, and their output streamed line by line to a callback (the
-``log`` topic). On timeout the whole process group is killed.
+- ``run``: commands run with ``asyncio.create_subprocess_exec`` (an argument
+  list, never a shell), a timeout, and their output streamed line by line to a
+  callback (the ``log`` topic). On timeout the whole process group is killed.
+- ``fetch``, ``http_get``, ``tcp_connect``: downloads (streamed, hashed and
+  size-bounded while they stream), health-check probes. urllib in a worker
+  thread: no extra dependency on the edge.
+- ``start_service``, ``stop_service``, ``service_pid``: the ``process``
+  service manager. A service runs detached (its own session, reparented away
+  from the agent, a pidfile holding its pid and start time), so it survives an
+  agent restart and the agent never leaves a zombie behind.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import http.client
+import json
 import logging
 import os
 import signal
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
+from urllib.parse import urlsplit, urlunsplit
 
 from bus.errors import StepError
+from edge_agent.journal import fsync_dir
+from edge_agent.settings import Policy
 
-__all__ = ["LineSink", "RunResult", "run"]
+__all__ = [
+    "HttpResponse",
+    "LineSink",
+    "RunResult",
+    "fetch",
+    "http_get",
+    "kill_process_group",
+    "process_start_time",
+    "redact_url",
+    "run",
+    "service_log",
+    "service_pid",
+    "start_service",
+    "stop_service",
+    "tcp_connect",
+]
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -56,8 +91,13 @@ async def run(
     env: Mapping[str, str] | None = None,
     on_line: LineSink | None = None,
     stdin: bytes | None = None,
+    on_start: Callable[[int], Awaitable[None]] | None = None,
 ) -> RunResult:
     """Run ``argv`` to completion.
+
+    ``on_start(pid)`` runs once the process exists (the pid is also its process
+    group id): a step journals it, so a restarted agent can kill what an
+    interrupted step left running.
 
     Raises:
         StepError: the program cannot be started, or it ran past ``timeout``
@@ -75,6 +115,14 @@ async def run(
         )
     except OSError as exc:
         raise StepError(f"cannot run {argv[0]}: {exc.strerror or exc}") from exc
+    if on_start is not None:
+        try:
+            await on_start(proc.pid)
+        except BaseException:
+            _kill_group(proc.pid)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(proc.wait(), 5)
+            raise
     kept: dict[str, list[str]] = {"stdout": [], "stderr": []}
 
     async def pump(stream: asyncio.StreamReader | None, name: str) -> None:
@@ -122,3 +170,420 @@ async def run(
 def _kill_group(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------- HTTP
+
+_USER_AGENT = "fleetbus-agent/1"
+_CHUNK = 64 * 1024
+#: Longest a single socket operation of a download may block.
+_SOCKET_TIMEOUT = 30.0
+
+
+def redact_url(url: str) -> str:
+    """``url`` without user and password, for messages and logs."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(invalid URL)"
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, ""))
+
+
+def _is_allowed(url: str, allowed_hosts: Sequence[str] | None) -> bool:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return False
+    return Policy.matches(None if allowed_hosts is None else list(allowed_hosts), parts.hostname)
+
+
+class _RedirectGuard(urllib.request.HTTPRedirectHandler):
+    """Follow redirects only to http(s) URLs on allowed hosts (the policy holds after a redirect)."""
+
+    def __init__(self, allowed_hosts: Sequence[str] | None) -> None:
+        super().__init__()
+        self._allowed = allowed_hosts
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: http.client.HTTPMessage,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        if not _is_allowed(newurl, self._allowed):
+            fp.close()
+            raise StepError(f"redirected to {redact_url(newurl)}, which this node's policy does not allow")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _opener(allowed_hosts: Sequence[str] | None) -> urllib.request.OpenerDirector:
+    return urllib.request.build_opener(_RedirectGuard(allowed_hosts))
+
+
+def _fetch_blocking(
+    url: str,
+    dest: Path,
+    sha256: str,
+    max_bytes: int,
+    timeout: float,
+    allowed_hosts: Sequence[str] | None,
+    cancel: threading.Event,
+) -> int:
+    deadline = time.monotonic() + timeout
+    shown = redact_url(url)
+    if not _is_allowed(url, allowed_hosts):
+        raise StepError(f"download from {shown} is not allowed by this node's policy")
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
+    request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})  # noqa: S310 - scheme checked
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with _opener(allowed_hosts).open(request, timeout=min(timeout, _SOCKET_TIMEOUT)) as response:
+            length = response.headers.get("Content-Length")
+            if length is not None and length.isdigit() and int(length) > max_bytes:
+                raise StepError(f"{shown} is {int(length)} bytes, more than the limit of {max_bytes}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            with os.fdopen(fd, "wb") as out:
+                while chunk := response.read(_CHUNK):
+                    if cancel.is_set():
+                        raise StepError("download cancelled")
+                    if time.monotonic() > deadline:
+                        raise StepError(f"download of {shown} timed out after {timeout:g} s")
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise StepError(f"{shown} is larger than the limit of {max_bytes} bytes")
+                    digest.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+        got = digest.hexdigest()
+        if got != sha256.lower():
+            raise StepError(f"sha256 mismatch for {shown}: expected {sha256.lower()}, got {got}")
+        os.replace(tmp, dest)
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        raise StepError(f"HTTP {exc.code} {exc.reason} from {shown}") from exc
+    except urllib.error.URLError as exc:
+        raise StepError(f"cannot fetch {shown}: {exc.reason}") from exc
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        raise StepError(f"cannot fetch {shown}: {exc}") from exc
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    fsync_dir(dest.parent)
+    return size
+
+
+async def fetch(
+    url: str,
+    dest: Path,
+    *,
+    sha256: str,
+    max_bytes: int,
+    timeout: float,
+    allowed_hosts: Sequence[str] | None = None,
+) -> int:
+    """Download ``url`` to ``dest`` if its sha256 matches; return its size in bytes.
+
+    The body streams to a temp file next to ``dest`` while it is hashed and
+    counted; it is renamed to ``dest`` only when complete and matching, so a
+    mismatch, an oversize body, a timeout or a cancel leave nothing behind.
+    Redirects are followed only to hosts ``allowed_hosts`` (globs) allows.
+
+    Raises:
+        StepError: HTTP error, unreachable host, too large, timeout, or checksum mismatch.
+    """
+    cancel = threading.Event()
+    future = asyncio.ensure_future(
+        asyncio.to_thread(_fetch_blocking, url, dest, sha256, max_bytes, timeout, allowed_hosts, cancel)
+    )
+    future.add_done_callback(_retrieve)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        # The thread stops at its next chunk (or socket timeout) and removes its temp file.
+        cancel.set()
+        await asyncio.wait({future}, timeout=_SOCKET_TIMEOUT)
+        raise
+
+
+def _retrieve(future: asyncio.Future[int]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+@dataclass(frozen=True)
+class HttpResponse:
+    """Status and (the start of) the body of one HTTP GET."""
+
+    status: int
+    body: str
+
+
+def _get_blocking(url: str, timeout: float, max_bytes: int) -> HttpResponse:
+    shown = redact_url(url)
+    if not _is_allowed(url, None):
+        raise StepError(f"not an http(s) URL: {shown}")
+    request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})  # noqa: S310 - scheme checked
+    try:
+        with _opener(None).open(request, timeout=timeout) as response:
+            return HttpResponse(response.status, response.read(max_bytes).decode("utf-8", "replace"))
+    except urllib.error.HTTPError as exc:
+        try:
+            body = exc.read(max_bytes).decode("utf-8", "replace")
+        except OSError:
+            body = ""
+        finally:
+            exc.close()
+        return HttpResponse(exc.code, body)
+    except urllib.error.URLError as exc:
+        raise StepError(f"GET {shown}: {exc.reason}") from exc
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        raise StepError(f"GET {shown}: {exc}") from exc
+
+
+async def http_get(url: str, *, timeout: float, max_bytes: int = 1024 * 1024) -> HttpResponse:
+    """GET ``url`` (following redirects); any status comes back, only transport errors raise.
+
+    Raises:
+        StepError: not an http(s) URL, no connection, or no answer within ``timeout``.
+    """
+    return await asyncio.to_thread(_get_blocking, url, timeout, max_bytes)
+
+
+async def tcp_connect(host: str, port: int, *, timeout: float) -> None:
+    """Open (and close) a TCP connection to ``host:port``.
+
+    Raises:
+        StepError: refused, unreachable, or no connection within ``timeout``.
+    """
+    try:
+        _reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except asyncio.TimeoutError as exc:
+        raise StepError(f"no TCP connection to {host}:{port} within {timeout:g} s") from exc
+    except (OSError, ValueError) as exc:
+        raise StepError(f"cannot connect to {host}:{port}: {getattr(exc, 'strerror', None) or exc}") from exc
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+
+
+# ----------------------------------------------------------- process services
+
+SERVICES_DIR = "services"
+
+# Runs in a short-lived child: starts the service in its own session, writes the
+# pidfile (pid and start time, so a recycled pid is never mistaken for the
+# service), prints the pid and exits without waiting. The service is then
+# reparented away from the agent: it outlives an agent restart and the agent
+# never has to reap it.
+_LAUNCHER = r"""
+import json, os, subprocess, sys
+spec = json.loads(sys.stdin.read())
+log = os.open(spec["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+try:
+    proc = subprocess.Popen(spec["argv"], cwd=spec["cwd"], env=spec["env"], stdin=subprocess.DEVNULL,
+                            stdout=log, stderr=log, start_new_session=True, close_fds=True)
+except OSError as exc:
+    sys.stderr.write("cannot start %s: %s\n" % (spec["argv"][0], exc.strerror or exc))
+    sys.stderr.flush()
+    os._exit(1)
+try:
+    with open("/proc/%d/stat" % proc.pid) as f:
+        stat = f.read()
+    started = stat[stat.rfind(")") + 2:].split()[19]
+except (OSError, IndexError):
+    started = "-"
+tmp = spec["pidfile"] + ".tmp"
+with open(tmp, "w") as f:
+    f.write("%d %s\n" % (proc.pid, started))
+    f.flush()
+    os.fsync(f.fileno())
+os.replace(tmp, spec["pidfile"])
+sys.stdout.write(str(proc.pid))
+sys.stdout.flush()
+os._exit(0)
+"""
+
+
+def _pidfile(state_dir: Path, name: str) -> Path:
+    return state_dir / SERVICES_DIR / f"{name}.pid"
+
+
+def service_log(state_dir: Path, name: str) -> Path:
+    """Where a process service's output is appended."""
+    return state_dir / SERVICES_DIR / f"{name}.log"
+
+
+def process_start_time(pid: int) -> str | None:
+    """The start time of a live process (``/proc/<pid>/stat`` field 22); None if gone or a zombie.
+
+    ``"-"`` when there is no procfs to ask. (pid, start time) names a process
+    for good: a recycled pid has another start time.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return "-"
+    fields = stat[stat.rfind(")") + 2 :].split()
+    if not fields or fields[0] in ("Z", "X") or len(fields) < 20:
+        return None
+    return fields[19]
+
+
+def _is_alive(pid: int, started: str) -> bool:
+    if not Path("/proc/self/stat").exists():  # no procfs: the best we have is kill(0)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    now = process_start_time(pid)
+    return now is not None and (started in ("-", now))
+
+
+def _read_pidfile(state_dir: Path, name: str) -> tuple[int, str] | None:
+    try:
+        pid_text, started = _pidfile(state_dir, name).read_text().split()
+        pid = int(pid_text)
+    except (OSError, ValueError):
+        return None
+    return (pid, started) if pid > 1 else None
+
+
+def service_pid(state_dir: Path, name: str) -> int | None:
+    """The pid of a running process service, or None (reads its pidfile and /proc: cheap)."""
+    entry = _read_pidfile(state_dir, name)
+    if entry is None or not _is_alive(*entry):
+        return None
+    return entry[0]
+
+
+def _log_tail(path: Path, lines: int = 3) -> str:
+    try:
+        with path.open("rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - 4096))
+            text = handle.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return " | ".join(text.strip().splitlines()[-lines:])
+
+
+async def start_service(
+    name: str,
+    *,
+    argv: Sequence[str],
+    cwd: Path,
+    env: Mapping[str, str],
+    state_dir: Path,
+    settle_s: float = 0.5,
+    timeout: float = 30.0,
+) -> int:
+    """Start a process service detached and return its pid (its pid if it already runs).
+
+    Its output is appended to ``state_dir/services/<name>.log``, its pid kept in
+    ``state_dir/services/<name>.pid``.
+
+    Raises:
+        StepError: it cannot be started, or it exits within ``settle_s``.
+    """
+    running = service_pid(state_dir, name)
+    if running is not None:
+        return running
+    directory = state_dir / SERVICES_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    log = service_log(state_dir, name)
+    spec = {
+        "argv": list(argv),
+        "cwd": str(cwd),
+        "env": dict(env),
+        "log": str(log),
+        "pidfile": str(_pidfile(state_dir, name)),
+    }
+    result = await run(
+        [sys.executable, "-I", "-c", _LAUNCHER], timeout=timeout, stdin=json.dumps(spec).encode()
+    )
+    if not result.ok:
+        raise StepError(f"cannot start service {name}: {result.tail()}")
+    try:
+        pid = int(result.stdout.strip())
+    except ValueError as exc:
+        raise StepError(f"cannot start service {name}: launcher said {result.stdout[:200]!r}") from exc
+    deadline = time.monotonic() + settle_s
+    while True:
+        if service_pid(state_dir, name) != pid:
+            with contextlib.suppress(OSError):
+                _pidfile(state_dir, name).unlink()
+            raise StepError(f"service {name} exited within {settle_s:g} s: {_log_tail(log)}".rstrip(": "))
+        if time.monotonic() >= deadline:
+            return pid
+        await asyncio.sleep(0.05)
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+    except PermissionError as exc:
+        raise StepError(f"not allowed to signal pid {pid}: {exc.strerror}") from exc
+
+
+async def kill_process_group(pid: int, started: str, *, timeout: float = 5.0) -> bool:
+    """SIGKILL the process group led by ``pid`` if that process (same start time) still runs.
+
+    Returns:
+        True if it was running (and is gone now).
+    """
+    if not _is_alive(pid, started):
+        return False
+    with contextlib.suppress(StepError):
+        _signal_group(pid, signal.SIGKILL)
+    await _wait_gone(pid, started, timeout)
+    return True
+
+
+async def _wait_gone(pid: int, started: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _is_alive(pid, started):
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+async def stop_service(name: str, *, state_dir: Path, grace_s: float = 10.0) -> bool:
+    """Stop a process service: SIGTERM to its process group, SIGKILL after ``grace_s``.
+
+    Returns:
+        True if it was running, False if it was already stopped.
+
+    Raises:
+        StepError: it cannot be signalled or survives SIGKILL.
+    """
+    entry = _read_pidfile(state_dir, name)
+    if entry is None or not _is_alive(*entry):
+        with contextlib.suppress(OSError):
+            _pidfile(state_dir, name).unlink()
+        return False
+    pid, started = entry
+    _signal_group(pid, signal.SIGTERM)
+    if not await _wait_gone(pid, started, grace_s):
+        _LOGGER.warning("service %s (pid %d) ignored SIGTERM for %g s: SIGKILL", name, pid, grace_s)
+        _signal_group(pid, signal.SIGKILL)
+        if not await _wait_gone(pid, started, 5.0):
+            raise StepError(f"service {name} (pid {pid}) survives SIGKILL")
+    with contextlib.suppress(OSError):
+        _pidfile(state_dir, name).unlink()
+    return True

@@ -99,9 +99,13 @@ class Registry:
         return self._death(info, state, now)
 
     def _birth(self, info: NodeInfo | None, state: NodeState, now: float) -> Transition | None:
-        if info is not None and state.session == info.session and not info.online:
-            if info.session_ended or info.offline_reason == "missed heartbeats":
-                return None  # a replayed birth of a connection that is over or silent
+        if (
+            info is not None
+            and state.session == info.session
+            and not info.online
+            and (info.session_ended or info.offline_reason == "missed heartbeats")
+        ):
+            return None  # a replayed birth of a connection that is over or silent
         was_online = info is not None and info.online
         self._nodes[state.node] = NodeInfo(
             node=state.node,

@@ -50,7 +50,7 @@ def _encode(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 
-class AtomicJSONStorage(Storage):  # type: ignore[misc]
+class AtomicJSONStorage(Storage):
     """A TinyDB storage that replaces the whole file atomically on every write.
 
     Blocking: every method does file I/O. Call through asyncio.to_thread.
@@ -159,7 +159,8 @@ class Store:
             self._unlock()
             raise
         self._tables = {
-            table: {str(key): _encode(doc) for key, doc in docs.items()} for table, docs in (data or {}).items()
+            table: {str(key): _encode(doc) for key, doc in docs.items()}
+            for table, docs in (data or {}).items()
         }
         self._counters = {table: self._last_number(docs) for table, docs in self._tables.items()}
         self._open = True
@@ -313,7 +314,7 @@ class Store:
                 await asyncio.to_thread(self._write_snapshot, snapshot)
             except OSError as exc:
                 self._error = exc
-                _LOGGER.error("cannot write hub database %s: %s (retrying)", self.path, exc)
+                _LOGGER.error("cannot write hub database %s: %s (retrying)", self.path, exc)  # noqa: TRY400
                 self._dirty.set()
                 self._committed_event.set()
                 await asyncio.sleep(_RETRY_S)

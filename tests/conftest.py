@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -101,8 +105,8 @@ def start_mosquitto(directory: Path, port: int, persistence: bool = False) -> su
     else:
         lines.append("persistence false")
     conf.write_text("\n".join(lines) + "\n")
-    log = (directory / "mosquitto.log").open("ab")
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=log)
+    with (directory / "mosquitto.log").open("ab") as log:  # the child keeps its own copy
+        proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=log)
     try:
         wait_port(port)
     except TimeoutError:
@@ -135,3 +139,111 @@ def broker(request: pytest.FixtureRequest) -> RunningBroker:
 def topics() -> Topics:
     """A topic prefix of this test's own, so retained messages never leak between tests."""
     return Topics(f"fleet-t-{uuid.uuid4().hex[:10]}/v1")
+
+
+class RestartableBroker(RunningBroker):
+    """A broker of this test's own on a fixed port that the test may stop and start again.
+
+    amqtt runs as a new BrokerThread on the same port (retained messages live
+    in memory, so they are gone after a restart); mosquitto as a child process
+    with persistence in its own directory (retained messages survive).
+    """
+
+    def __init__(self, kind: str, port: int, directory: Path) -> None:
+        super().__init__(kind, port)
+        self.directory = directory
+        self._thread: BrokerThread | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None or self._proc is not None
+
+    def start(self) -> None:
+        """Start (again) on the same port; blocking."""
+        if self.running:
+            return
+        if self.kind == "amqtt":
+            thread = BrokerThread(load_config(None, "127.0.0.1", self.port))
+            thread.start()
+            self._thread = thread
+        else:
+            self._proc = start_mosquitto(self.directory, self.port, persistence=True)
+
+    def stop(self) -> None:
+        """Stop; connected clients see their connection drop. Blocking."""
+        if self._thread is not None:
+            self._thread.stop()
+            self._thread = None
+        if self._proc is not None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(10)
+            self._proc = None
+
+
+@pytest.fixture(params=["amqtt", "mosquitto"])
+def restartable_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RestartableBroker]:
+    """A function-scoped broker (each kind in turn) that the test can stop and restart."""
+    broker = RestartableBroker(request.param, free_port(), tmp_path / f"{request.param}-broker")
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+class AgentProcess(subprocess.Popen[bytes]):
+    """A real ``fleet agent`` child process; its stdout and stderr go to ``log_path``."""
+
+    node: str
+    log_path: Path
+
+    def log(self) -> str:
+        """What the agent wrote so far."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+AgentStarter = Callable[..., AgentProcess]
+
+
+@pytest.fixture
+def start_agent(tmp_path: Path) -> Iterator[AgentStarter]:
+    """Start real agent processes: ``start_agent(broker_url, node, topics, heartbeat_s="0.5", label=[...])``.
+
+    Keyword flags become ``--flag-name value`` (a list repeats the flag; ``True``
+    passes the bare flag); ``env={...}`` adds environment variables. The topic
+    prefix goes in as FLEET_PREFIX, the state dir defaults to ``tmp_path/state-NODE``.
+    Every process still running at teardown is killed (SIGCONT first, in case a
+    test froze it).
+    """
+    started: list[AgentProcess] = []
+
+    def start(
+        broker_url: str, node: str, topics: Topics, *, env: dict[str, str] | None = None, **flags: Any
+    ) -> AgentProcess:
+        flags.setdefault("state_dir", str(tmp_path / f"state-{node}"))
+        argv = [sys.executable, "-m", "cli.main", "agent", "--broker", broker_url, "--node-id", node]
+        for name, value in flags.items():
+            option = "--" + name.replace("_", "-")
+            values = value if isinstance(value, (list, tuple)) else [value]
+            for item in values:
+                argv += [option] if item is True else [option, str(item)]
+        environ = {**os.environ, "FLEET_PREFIX": topics.prefix, "FLEET_LOG_LEVEL": "INFO", **(env or {})}
+        log_path = tmp_path / f"agent-{node}-{len(started)}.log"
+        with log_path.open("ab") as log:
+            proc = AgentProcess(argv, stdout=log, stderr=log, env=environ, cwd=tmp_path)
+        proc.node = node
+        proc.log_path = log_path
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGCONT)
+                proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)

@@ -17,10 +17,12 @@ __all__ = [
     "load_text",
     "pct_text",
     "phase_text",
+    "plain",
     "presence_text",
     "progress_text",
     "rollout_state_text",
     "step_text",
+    "time_text",
 ]
 
 _PRESENCE_STYLE = {"online": "green", "stale": "yellow", "offline": "bold red"}
@@ -60,6 +62,11 @@ _PHASE_STYLE = {
     "timed_out": "bold red",
     "offline": "bold red",
 }
+
+
+def plain(value: str) -> Text:
+    """Untrusted text as a cell: never parsed as markup (a label may hold ``[/]``)."""
+    return Text(value)
 
 
 def age_text(age: float | None) -> str:
@@ -139,3 +146,8 @@ def clock_text(ts: float, utc: bool = False) -> str:
     if not utc:
         moment = moment.astimezone()
     return moment.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def time_text(ts: float, utc: bool = False) -> str:
+    """A time of day: ``12:03:04`` (local time unless ``utc``)."""
+    return clock_text(ts, utc)[11:]

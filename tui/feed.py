@@ -38,7 +38,7 @@ from bus.messages import (
 )
 from bus.mqtt import MqttClient
 from bus.rpc import HubClient
-from bus.topics import Topics
+from bus.topics import NodeChannel, Topics
 from tui.messages import FeedBatch, FeedStatus
 from tui.model import BusUpdate, Cleared
 
@@ -56,6 +56,11 @@ _NODE_MODELS: dict[str, type[NodeState | Heartbeat | StepStatus | JobSnapshot | 
     "job": JobSnapshot,
     "log": LogLine,
 }
+
+
+_NODE_QOS: tuple[tuple[NodeChannel, int], ...] = (
+    ("state", 1), ("status", 1), ("job", 1), ("heartbeat", 0), ("log", 0),
+)
 
 
 def parse_message(topics: Topics, topic: str, payload: bytes) -> BusUpdate | None:
@@ -143,7 +148,7 @@ class Feed(abc.ABC):
         return batch
 
 
-Responder = Callable[[Request], "Reply | None | Awaitable[Reply | None]"]
+Responder = Callable[[Request], "Reply | Awaitable[Reply | None] | None"]
 
 
 def _ok(request: Request) -> Reply:
@@ -236,10 +241,8 @@ class MqttFeed(Feed):
         # Subscriptions made before connecting are sent with the CONNECT, and renewed
         # after every reconnect. Heartbeats, logs and events are QoS 0 on the wire.
         await hub.subscribe()
-        for channel in ("state", "status", "job"):
-            await client.subscribe(topics.node_filter(channel), qos=1)
-        for channel in ("heartbeat", "log"):
-            await client.subscribe(topics.node_filter(channel), qos=0)
+        for channel, qos in _NODE_QOS:
+            await client.subscribe(topics.node_filter(channel), qos=qos)
         await client.subscribe(topics.rollout_filter, qos=1)
         await client.subscribe(topics.hub_state, qos=1)
         await client.subscribe(topics.events, qos=0)

@@ -155,6 +155,7 @@ class NodeView:
     loads: deque[float] = field(default_factory=lambda: deque(maxlen=LOAD_SAMPLES))
     jobs: OrderedDict[str, JobView] = field(default_factory=OrderedDict)
     log: deque[LogLine] = field(default_factory=lambda: deque(maxlen=LOG_LINES))
+    log_total: int = 0
 
     def presence(self, now: float) -> Presence:
         """online, stale (missed heartbeats) or offline, as of ``now``."""
@@ -397,7 +398,9 @@ class FleetModel:
             return changes
         cell = StepCell(status.type, status.state, status.detail)
         _merge_cell(job.steps, status.index, cell)
-        if status.state == "rolled_back":
+        if status.state == "failed":
+            job.phase = "failed"
+        elif status.state == "rolled_back":
             job.phase = "rolling_back"
         rollout = self._rollout(status.rollout)
         if status.type:
@@ -429,6 +432,7 @@ class FleetModel:
         view = self._node(line.node, changes)
         changes.nodes.discard(line.node)  # a log line changes no table cell
         view.log.append(line)
+        view.log_total += 1
         changes.logs.add(line.node)
         return changes
 

@@ -7,7 +7,6 @@ and the wave split before confirming.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -15,6 +14,7 @@ from pydantic import ValidationError
 
 from bus.errors import InvalidInput
 from bus.messages import RolloutSpec, TargetLabels, describe, loads_object
+from hub.waves import plan_waves
 from tui.model import NodeView
 
 __all__ = ["Preview", "compute_waves", "make_preview", "parse_spec", "resolve_targets"]
@@ -42,24 +42,9 @@ def resolve_targets(spec: RolloutSpec, nodes: Mapping[str, NodeView]) -> tuple[l
     return known, unknown
 
 
-def _wave_size(size: int | str, total: int) -> int:
-    if isinstance(size, int):
-        return size
-    return max(1, math.ceil(total * float(size.rstrip("%")) / 100))
-
-
 def compute_waves(targets: Sequence[str], waves: Sequence[int | str]) -> list[list[str]]:
-    """Split targets into waves: counts or percents of all targets; the last size repeats."""
-    result: list[list[str]] = []
-    total = len(targets)
-    start = 0
-    index = 0
-    while start < total and waves:
-        size = _wave_size(waves[min(index, len(waves) - 1)], total)
-        result.append(list(targets[start : start + size]))
-        start += size
-        index += 1
-    return result
+    """Split targets into waves exactly as the hub will (``hub.waves.plan_waves``)."""
+    return plan_waves(targets, waves)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,193 @@
+"""``fleet nodes [--broker URL] [--json]``: the fleet table, from the hub's registry.
+
+Also home of ``hub_session``, the request/reply session ``fleet rollout`` uses too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bus.mqtt import Message, MqttClient
+    from bus.rpc import HubClient
+    from bus.topics import Topics
+    from hub.config import ClientConfig
+
+_PAGE = 200  # nodes per request: a reply stays far below the payload limit
+_MAX_PAGES = 500
+
+
+def add_client_arguments(parser: argparse.ArgumentParser, *, suppress: bool = False) -> None:
+    """--broker, --prefix, --config, --request-timeout (each also from FLEET_* and [client] TOML)."""
+    default = argparse.SUPPRESS if suppress else None
+    parser.add_argument("--broker", default=default, help="broker URL (FLEET_BROKER)")
+    parser.add_argument("--prefix", default=default, help="topic prefix, default fleet/v1 (FLEET_PREFIX)")
+    parser.add_argument("--config", type=Path, default=default,
+                        help="TOML config file with a [client] table (FLEET_CONFIG)")
+    parser.add_argument("--request-timeout", type=float, default=default, metavar="S",
+                        help="seconds to wait for the hub's reply, default 10 (FLEET_REQUEST_TIMEOUT)")
+
+
+def client_config(args: argparse.Namespace) -> ClientConfig:
+    """The tool's config from flags, environment and TOML."""
+    from hub.config import read_client_config
+
+    flags = {
+        "broker": getattr(args, "broker", None),
+        "prefix": getattr(args, "prefix", None),
+        "request_timeout_s": getattr(args, "request_timeout", None),
+    }
+    return read_client_config(flags, os.environ, getattr(args, "config", None))
+
+
+class HubSession:
+    """A connected client with request/reply to the hub and a queue of other messages."""
+
+    def __init__(self, client: MqttClient, hub: HubClient, topics: Topics, timeout: float) -> None:
+        self.client = client
+        self.hub = hub
+        self.topics = topics
+        self.timeout = timeout
+        self.other: asyncio.Queue[Message] = asyncio.Queue()
+
+    async def call(self, op: Any, body: dict[str, Any] | None = None) -> Any:
+        """Send one request; the ``Reply``. BusError when the hub does not answer."""
+        return await self.hub.call(op, body, timeout=self.timeout)
+
+    async def pump(self) -> None:
+        """Feed replies to the hub client, queue everything else."""
+        async for message in self.client.messages():
+            if not self.hub.feed(message.topic, message.payload):
+                self.other.put_nowait(message)
+
+
+@contextlib.asynccontextmanager
+async def hub_session(config: ClientConfig) -> AsyncIterator[HubSession]:
+    """Connect, subscribe to this client's reply topic and serve replies until the block ends."""
+    from bus.mqtt import MqttClient
+    from bus.rpc import HubClient
+    from bus.topics import Topics
+
+    topics = Topics(config.prefix)
+    async with MqttClient(config.broker, keepalive=30) as client:
+        hub = HubClient(client, topics)
+        await hub.subscribe()
+        session = HubSession(client, hub, topics, config.request_timeout_s)
+        pump = asyncio.create_task(session.pump(), name="cli-pump")
+        try:
+            yield session
+        finally:
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    """Add the subcommand's arguments."""
+    add_client_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print the JSON list (as GET /api/nodes)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Ask the hub for its node table and print it."""
+    config = client_config(args)
+    nodes, error = asyncio.run(fetch_nodes(config))
+    if error is not None:
+        print(f"fleet nodes: {error}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(nodes, indent=2))
+    else:
+        print(render_table(nodes, time.time()))
+    return 0
+
+
+async def fetch_nodes(config: ClientConfig) -> tuple[list[dict[str, Any]], str | None]:
+    """Every node the hub knows, page by page; (nodes, None) or ([], the hub's error)."""
+    nodes: list[dict[str, Any]] = []
+    async with hub_session(config) as session:
+        for page in range(_MAX_PAGES):
+            reply = await session.call("nodes", {"offset": page * _PAGE, "limit": _PAGE})
+            if not reply.ok:
+                return [], reply.error or "the hub refused"
+            batch = reply.body if isinstance(reply.body, list) else []
+            nodes.extend(item for item in batch if isinstance(item, dict))
+            if len(batch) < _PAGE:
+                break
+    return nodes, None
+
+
+# ---------------------------------------------------------------------- table
+
+
+def ago(then: float | None, now: float) -> str:
+    """``"2s ago"``, ``"5m ago"``, ``"3h ago"``, ``"2d ago"`` or ``"never"``."""
+    if not then:
+        return "never"
+    seconds = max(0.0, now - then)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit} ago"
+    return f"{int(seconds)}s ago"
+
+
+def _cut(text: str, width: int = 40) -> str:
+    return text if len(text) <= width else text[: width - 1] + "~"
+
+
+def _versions(node: Mapping[str, Any]) -> str:
+    parts = [f"agent {node['agent_version']}"] if node.get("agent_version") else []
+    inventory = node.get("inventory") or {}
+    for kind in ("services", "packages", "drivers"):
+        versions = inventory.get(kind) or {}
+        if isinstance(versions, dict):
+            parts.extend(f"{name} {version}" for name, version in sorted(versions.items()))
+    return ", ".join(parts) or "-"
+
+
+def _job(job: Any) -> str:
+    if not isinstance(job, dict) or not job.get("rollout"):
+        return "-"
+    step = job.get("step")
+    return f"{str(job['rollout'])[:8]}" + (f" step {step}" if step is not None else "")
+
+
+def _figure(beat: Any, key: str, fmt: str) -> str:
+    if not isinstance(beat, dict) or not isinstance(beat.get(key), int | float):
+        return "-"
+    return fmt.format(beat[key])
+
+
+def render_table(nodes: Sequence[Mapping[str, Any]], now: float) -> str:
+    """The human table of ``fleet nodes``."""
+    header = ("NODE", "STATE", "LAST SEEN", "LOAD", "MEM", "DISK", "LABELS", "JOB", "VERSIONS")
+    rows = [header]
+    for node in nodes:
+        beat = node.get("heartbeat")
+        labels = node.get("labels") or {}
+        rows.append((
+            _cut(str(node.get("node", "?")), 32),
+            "online" if node.get("online") else "offline",
+            ago(node.get("last_seen"), now),
+            _figure(beat, "load1", "{:.2f}"),
+            _figure(beat, "mem_used_pct", "{:.0f}%"),
+            _figure(beat, "disk_free_pct", "{:.0f}% free"),
+            _cut(",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "-"),
+            _cut(_job(node.get("job")), 24),
+            _cut(_versions(node), 60),
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+             for row in rows]
+    if not nodes:
+        lines.append("(no nodes known to the hub)")
+    return "\n".join(lines)

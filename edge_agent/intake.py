@@ -1,0 +1,212 @@
+"""Command intake (DESIGN sections 2 and 7): decide, before anything runs, whether to run a command.
+
+The checks, in order: an empty payload (the hub clearing its retained
+command) is ignored; the command must have arrived on this node's own ``cmd``
+topic and name this node (amqtt leaks retained messages, FINDINGS.md); its raw
+JSON object's signature must verify against a trusted key, *before* model
+validation; then it is validated; a command already run is ignored silently
+(the broker replays a retained command on every reconnect); it must not have
+expired and must be issued later than the last command run; and every step
+of an apply must be one this agent supports and its local policy allows.
+
+``check_command`` never raises: any input gives a ``Verdict``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Container, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from bus.errors import FleetError, SignatureError
+from bus.messages import (
+    Command,
+    ContainerStep,
+    ModuleStep,
+    PackageStep,
+    Step,
+    describe,
+    loads_object,
+)
+from bus.signing import verify_fields
+from bus.topics import Topics
+from edge_agent.settings import ExecutorSettings, Policy
+from edge_agent.steps.base import StepHandler
+
+__all__ = ["Accepted", "Ignored", "Rejected", "Verdict", "check_command", "check_plan"]
+
+_LOGGER = logging.getLogger(__name__)
+
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """Run this command."""
+
+    command: Command
+
+
+@dataclass(frozen=True)
+class Ignored:
+    """Do nothing and report nothing (an empty payload, a replay)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """Refuse the command and report why.
+
+    ``verified`` says the signature checked out: only then may the rejection
+    replace the node's retained job snapshot (a forgery must never overwrite
+    the snapshot of a real job).
+    """
+
+    reason: str
+    command_id: str = ""
+    rollout: str = ""
+    action: str = ""
+    issued_at: float = 0.0
+    verified: bool = False
+
+
+Verdict = Accepted | Ignored | Rejected
+
+
+def _text_id(raw: Mapping[str, Any], key: str) -> str:
+    value = raw.get(key)
+    return value if isinstance(value, str) and _ID.fullmatch(value) else ""
+
+
+def _rejected(reason: str, raw: Mapping[str, Any] | None = None, *, verified: bool = False) -> Rejected:
+    if raw is None:
+        return Rejected(reason)
+    issued = raw.get("issued_at")
+    action = raw.get("action")
+    return Rejected(
+        reason,
+        command_id=_text_id(raw, "id"),
+        rollout=_text_id(raw, "rollout"),
+        action=action if action in ("apply", "rollback", "abort") else "",
+        issued_at=float(issued) if isinstance(issued, (int, float)) and not isinstance(issued, bool) else 0.0,
+        verified=verified,
+    )
+
+
+def _policy_reason(step: Step, policy: Policy) -> str | None:
+    if not Policy.matches(policy.step_types, step.type):
+        return f"step type {step.type} is not allowed by this node's policy"
+    if isinstance(step, PackageStep) and not Policy.matches(policy.packages, step.name):
+        return f"package {step.name} is not allowed by this node's policy"
+    if isinstance(step, ModuleStep) and not Policy.matches(policy.modules, step.name):
+        return f"module {step.name} is not allowed by this node's policy"
+    if isinstance(step, ContainerStep) and not Policy.matches(policy.images, step.image):
+        return f"image {step.image} is not allowed by this node's policy"
+    return None
+
+
+def check_plan(
+    command: Command, settings: ExecutorSettings, handlers: Mapping[str, StepHandler]
+) -> str | None:
+    """The first reason this node refuses a step of the plan, or None.
+
+    Reads the scripts directory (scripts must exist); otherwise pure.
+    """
+    for index, step in enumerate(command.plan):
+        handler = handlers.get(step.type)
+        if handler is None:
+            return f"step {index}: step type {step.type} is not supported by this agent"
+        reason = _policy_reason(step, settings.policy) or handler.check(step, settings)
+        if reason is not None:
+            return f"step {index} ({step.type}): {reason}"
+    return None
+
+
+def check_command(
+    topic: str,
+    payload: bytes,
+    *,
+    settings: ExecutorSettings,
+    topics: Topics,
+    handlers: Mapping[str, StepHandler],
+    now: float,
+    seen: Container[str],
+    last_issued_at: float,
+) -> Verdict:
+    """Decide what to do with one message from the ``cmd`` topic.
+
+    Args:
+        topic: the topic it arrived on.
+        payload: its bytes, as received.
+        settings: this node's settings (node id, trusted keys, policy, dirs).
+        topics: the topic scheme (prefix) in use.
+        handlers: the registered step handlers.
+        now: the current time (epoch seconds).
+        seen: ids of commands this agent already took.
+        last_issued_at: ``issued_at`` of the last command it ran.
+
+    Returns:
+        ``Accepted``, ``Ignored`` or ``Rejected`` (never raises).
+    """
+    try:
+        return _check(topic, payload, settings, topics, handlers, now, seen, last_issued_at)
+    except Exception as exc:  # the last line of defence: bad input never crashes the agent
+        _LOGGER.exception("command check failed")
+        return Rejected(f"command could not be checked: {type(exc).__name__}")
+
+
+def _check(
+    topic: str,
+    payload: bytes,
+    settings: ExecutorSettings,
+    topics: Topics,
+    handlers: Mapping[str, StepHandler],
+    now: float,
+    seen: Container[str],
+    last_issued_at: float,
+) -> Verdict:
+    if not payload:
+        return Ignored("empty payload (retained command cleared)")
+    own = topics.node(settings.node, "cmd")
+    if topic != own:
+        # Not ours (a leaked retained message): no ids in the report, so it
+        # can never be taken for this node's answer to that command.
+        return Rejected(f"command arrived on {topic[:200]!r}, not on this node's topic {own}")
+    try:
+        raw = loads_object(payload)
+    except FleetError as exc:
+        return Rejected(exc.reason)
+    if raw.get("node") != settings.node:
+        shown = str(raw.get("node"))[:80]
+        return _rejected(f"command is for node {shown!r}, not for {settings.node}", raw)
+    if not settings.trusted_keys:
+        return _rejected("no trusted key configured", raw)
+    try:
+        verify_fields(raw, settings.trusted_keys)
+    except SignatureError as exc:
+        return _rejected(exc.reason, raw)
+    try:
+        command = Command.model_validate(raw)
+    except ValidationError as exc:
+        return _rejected(f"invalid command: {describe(exc)}", raw, verified=True)
+    if command.id in seen:
+        return Ignored(f"command {command.id} already taken")
+    if command.expires_at <= now:
+        return _rejected(f"command expired {now - command.expires_at:.0f} s ago", raw, verified=True)
+    if command.issued_at <= last_issued_at:
+        return _rejected(
+            f"command issued at {command.issued_at:.3f} is not later than the last command run "
+            f"(issued at {last_issued_at:.3f})",
+            raw,
+            verified=True,
+        )
+    if command.action == "apply":
+        reason = check_plan(command, settings, handlers)
+        if reason is not None:
+            return _rejected(reason, raw, verified=True)
+    return Accepted(command)

@@ -1,0 +1,614 @@
+"""The agent's command runner: intake, one job at a time, journal first, every transition reported.
+
+``CommandRunner`` is what the agent process feeds with the messages of its
+``cmd`` topic. It checks each command (``edge_agent.intake``), carries out
+apply, rollback and abort commands one at a time in a background task, writes
+its intent to the journal before each step (``edge_agent.journal``, atomic),
+and reports every transition: ``StepStatus`` on the ``status`` topic (QoS 1),
+the retained ``JobSnapshot`` on the ``job`` topic, step output as ``LogLine``
+on the ``log`` topic (QoS 0). The order of steps and undos and the journal's
+contents come from the pure ``edge_agent.executor``; the work of each step
+type from ``edge_agent.steps``.
+
+Protocol (DESIGN sections 2, 3.3, 3.6):
+
+- apply: steps in order; a failed step makes the agent restore the node by
+  itself: phase ``rolling_back``, undo the failed step's partial work and
+  every completed step in reverse (``rolled_back`` for each), then phase
+  ``rolled_back`` (the failed step stays ``failed``) or ``failed`` naming the
+  undo that failed.
+- rollback: undo what the latest apply of that rollout did (its undo records
+  stay in the journal after success); nothing recorded -> ``rolled_back``,
+  "nothing to roll back".
+- abort: cancel the running step of that rollout's apply (its process group
+  is killed), then undo as above; a finished apply is rolled back; nothing
+  ran -> ``rolled_back``, "nothing to undo".
+- A new apply while busy is rejected ("busy with rollout X"); abort and
+  rollback of the running rollout preempt it; of another rollout they wait.
+- ``recover()`` at start finishes a command the journal shows interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from bus.errors import FleetError
+from bus.messages import (
+    Command,
+    JobPhase,
+    JobRef,
+    JobSnapshot,
+    LogLine,
+    Step,
+    StepStateName,
+    StepStatus,
+    encode,
+)
+from bus.topics import Topics
+from edge_agent import executor
+from edge_agent.executor import ActiveJob, JournalState, Recovery
+from edge_agent.intake import Accepted, Ignored, Rejected, check_command
+from edge_agent.journal import Journal
+from edge_agent.settings import ExecutorSettings
+from edge_agent.steps import HANDLERS, StepContext, StepHandler
+from edge_agent.steps.base import Phase
+
+__all__ = ["CommandRunner", "Publish"]
+
+_LOGGER = logging.getLogger(__name__)
+
+Publish = Callable[..., Awaitable[None]]
+"""``publish(topic, payload, *, qos=1, retain=False)``, e.g. ``MqttClient.publish``."""
+
+_MAX_LINE = 4096
+_ACTIONS: dict[str, Literal["apply", "rollback", "abort"]] = {a: a for a in ("apply", "rollback", "abort")}
+_MAX_DETAIL = 2000
+
+
+@dataclass
+class _Outcome:
+    record: dict[str, Any] | None = None
+    error: str | None = None
+    cancelled: bool = False
+
+
+@dataclass(eq=False)
+class _Job:
+    """The job being carried out; ``ident`` is who it reports as (an adopted abort takes over)."""
+
+    ident: ActiveJob
+    index: int | None = None
+    step_task: asyncio.Task[Any] | None = None
+    preempted: bool = False
+    undoing: bool = False
+    final: bool = False
+
+
+@dataclass(eq=False)
+class _Recover:
+    recovery: Recovery
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class CommandRunner:
+    """Run the commands of one node; see the module docstring for the protocol.
+
+    Args:
+        settings: the node's executor settings (node id, dirs, keys, policy, services).
+        topics: the topic scheme (its prefix is configurable).
+        publish: ``publish(topic, payload, *, qos=1, retain=False)``, e.g. ``MqttClient.publish``.
+        clock: wall-clock time (epoch seconds) for expiry checks and report timestamps.
+        handlers: step handlers by type (default: ``edge_agent.steps.HANDLERS``).
+    """
+
+    def __init__(
+        self,
+        settings: ExecutorSettings,
+        topics: Topics,
+        publish: Publish,
+        *,
+        clock: Callable[[], float] = time.time,
+        handlers: Mapping[str, StepHandler] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._topics = topics
+        self._publish = publish
+        self._clock = clock
+        self._handlers: Mapping[str, StepHandler] = dict(HANDLERS if handlers is None else handlers)
+        self._journal = Journal(settings.journal_path)
+        self._state: JournalState | None = None
+        self._state_lock = asyncio.Lock()
+        self._intake_lock = asyncio.Lock()
+        self._queue: deque[Command | _Recover] = deque()
+        self._worker: asyncio.Task[None] | None = None
+        self._job: _Job | None = None
+        self._closed = False
+        self._status_topic = topics.node(settings.node, "status")
+        self._job_topic = topics.node(settings.node, "job")
+        self._log_topic = topics.node(settings.node, "log")
+
+    # ------------------------------------------------------------------ public API
+
+    async def recover(self) -> None:
+        """Finish a command the journal shows interrupted (the agent died mid-job).
+
+        The half-done step and every completed one are undone and the job ends
+        ``rolled_back`` (or ``failed`` if an undo fails), reported like any other.
+        Returns when that is done (at once when there is nothing to finish).
+        """
+        state = await self._load()
+        plan = executor.recovery(state)
+        if plan is None or self._closed:
+            return
+        _LOGGER.warning(
+            "recovering %s %s of rollout %s interrupted by a restart",
+            plan.job.action,
+            plan.job.command,
+            plan.job.rollout,
+        )
+        item = _Recover(plan)
+        self._queue.appendleft(item)
+        self._ensure_worker()
+        await item.done.wait()
+
+    async def handle_command(self, topic: str, payload: bytes) -> None:
+        """Take one message of the ``cmd`` topic; returns quickly, the work runs in the background.
+
+        Never raises on bad input: a refused command is reported as ``rejected``.
+        """
+        if self._closed:
+            return
+        try:
+            async with self._intake_lock:
+                await self._take(topic, payload)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            _LOGGER.exception("handling a command failed")
+
+    def current_job(self) -> JobRef | None:
+        """The job in progress (rollout, command, step index) for heartbeats, or None."""
+        job = self._job
+        if job is None:
+            return None
+        return JobRef(rollout=job.ident.rollout, command=job.ident.command, step=job.index)
+
+    async def close(self) -> None:
+        """Stop the work in progress (its step's processes are killed); the journal stays.
+
+        A runner started later on the same state dir recovers the interrupted job.
+        """
+        self._closed = True
+        worker = self._worker
+        if worker is not None and not worker.done():
+            worker.cancel()
+            await asyncio.wait({worker})
+        for item in self._queue:
+            if isinstance(item, _Recover):
+                item.done.set()
+        self._queue.clear()
+
+    # ------------------------------------------------------------------ journal
+
+    async def _load(self) -> JournalState:
+        async with self._state_lock:
+            if self._state is None:
+                self._state = await asyncio.to_thread(self._load_blocking)
+            return self._state
+
+    def _load_blocking(self) -> JournalState:
+        self._settings.state_dir.mkdir(parents=True, exist_ok=True)
+        return self._journal.load()
+
+    async def _change(self, transition: Callable[[JournalState], JournalState]) -> JournalState:
+        """Apply a pure transition to the journal state and write it (atomic, fsynced)."""
+        async with self._state_lock:
+            current = self._state if self._state is not None else await asyncio.to_thread(self._load_blocking)
+            new = transition(current)
+            self._state = new
+            await asyncio.to_thread(self._journal.save, new)
+            return new
+
+    async def _update(self, rollout: str, index: int, **changes: Any) -> None:
+        await self._change(lambda s: executor.update_step(s, rollout, index, **changes))
+
+    def _entry(self, rollout: str) -> executor.ApplyEntry | None:
+        return self._state.applies.get(rollout) if self._state is not None else None
+
+    # ------------------------------------------------------------------ reports
+
+    async def _send(self, topic: str, message: BaseModel, *, qos: int = 1, retain: bool = False) -> None:
+        try:
+            await self._publish(topic, encode(message), qos=qos, retain=retain)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            _LOGGER.warning("publish to %s failed", topic, exc_info=True)
+
+    async def _status(
+        self, job: ActiveJob, index: int, step_type: str, state: StepStateName, detail: str = ""
+    ) -> None:
+        await self._send(
+            self._status_topic,
+            StepStatus(
+                node=self._settings.node,
+                command=job.command,
+                rollout=job.rollout,
+                index=index,
+                type=step_type,
+                state=state,
+                ts=self._clock(),
+                detail=detail[:_MAX_DETAIL],
+            ),
+        )
+
+    async def _snapshot(self, job: ActiveJob, phase: JobPhase, detail: str = "") -> None:
+        snapshot = executor.snapshot(
+            job,
+            self._entry(job.rollout),
+            node=self._settings.node,
+            phase=phase,
+            now=self._clock(),
+            detail=detail[:_MAX_DETAIL],
+        )
+        await self._send(self._job_topic, snapshot, retain=True)
+
+    async def _log(self, job: ActiveJob, index: int, line: str, stream: str = "agent") -> None:
+        shown: Literal["stdout", "stderr", "agent"] = (
+            "stdout" if stream == "stdout" else "stderr" if stream == "stderr" else "agent"
+        )
+        await self._send(
+            self._log_topic,
+            LogLine(
+                node=self._settings.node,
+                command=job.command,
+                rollout=job.rollout,
+                index=index,
+                stream=shown,
+                line=line[:_MAX_LINE],
+                ts=self._clock(),
+            ),
+            qos=0,
+        )
+
+    async def _reject(self, verdict: Rejected) -> None:
+        shown = verdict.command_id or "(unidentified)"
+        _LOGGER.warning("command %s rejected: %s", shown, verdict.reason)
+        who = ActiveJob(
+            command=verdict.command_id,
+            action=_ACTIONS.get(verdict.action, "apply"),
+            rollout=verdict.rollout,
+            issued_at=verdict.issued_at,
+        )
+        await self._status(who, -1, "command", "rejected", verdict.reason)
+        await self._log(who, -1, f"command {shown} rejected: {verdict.reason}")
+        if verdict.verified and verdict.command_id and verdict.rollout and verdict.action:
+            # Only a verified command may replace the retained snapshot; remembering
+            # it keeps a replay of the same retained command silent.
+            await self._change(lambda s: executor.remember(s, verdict.command_id, None))
+            await self._send(
+                self._job_topic,
+                JobSnapshot(
+                    node=self._settings.node,
+                    id=verdict.command_id,
+                    rollout=verdict.rollout,
+                    action=who.action,
+                    phase="rejected",
+                    issued_at=verdict.issued_at,
+                    updated_at=self._clock(),
+                    detail=verdict.reason[:_MAX_DETAIL],
+                ),
+                retain=True,
+            )
+
+    # ------------------------------------------------------------------ intake
+
+    def _busy_with(self) -> str | None:
+        if self._job is not None:
+            return self._job.ident.rollout
+        for item in self._queue:
+            return item.recovery.job.rollout if isinstance(item, _Recover) else item.rollout
+        return None
+
+    async def _take(self, topic: str, payload: bytes) -> None:
+        state = await self._load()
+        verdict = check_command(
+            topic,
+            payload,
+            settings=self._settings,
+            topics=self._topics,
+            handlers=self._handlers,
+            now=self._clock(),
+            seen=set(state.seen),
+            last_issued_at=state.last_issued_at,
+        )
+        if isinstance(verdict, Ignored):
+            _LOGGER.debug("command ignored: %s", verdict.reason)
+            return
+        if isinstance(verdict, Rejected):
+            await self._reject(verdict)
+            return
+        assert isinstance(verdict, Accepted)  # noqa: S101 - the Verdict union is closed
+        command = verdict.command
+        if command.action == "apply":
+            busy = self._busy_with()
+            if busy is not None:
+                await self._reject(
+                    Rejected(
+                        f"busy with rollout {busy}",
+                        command_id=command.id,
+                        rollout=command.rollout,
+                        action=command.action,
+                        issued_at=command.issued_at,
+                        verified=True,
+                    )
+                )
+                return
+        await self._change(lambda s: executor.remember(s, command.id, command.issued_at))
+        job = self._job
+        if (
+            command.action != "apply"
+            and job is not None
+            and job.ident.rollout == command.rollout
+            and not job.final
+        ):
+            await self._adopt(job, command)
+            return
+        _LOGGER.info("command %s (%s of rollout %s) accepted", command.id, command.action, command.rollout)
+        self._queue.append(command)
+        self._ensure_worker()
+
+    async def _adopt(self, job: _Job, command: Command) -> None:
+        """An abort/rollback of the running rollout takes over the job (and cancels its step)."""
+        job.ident = executor.identity(command)
+        await self._change(lambda s: executor.adopt(s, command))
+        _LOGGER.info("%s %s takes over rollout %s", command.action, command.id, command.rollout)
+        if job.undoing:
+            return
+        job.preempted = True
+        task = job.step_task
+        if task is not None and not task.done():
+            await self._log(
+                job.ident, job.index if job.index is not None else -1, f"{command.action}: cancelling"
+            )
+            task.cancel()
+
+    # ------------------------------------------------------------------ the worker
+
+    def _ensure_worker(self) -> None:
+        if self._closed:
+            return
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._work(), name=f"fleet-runner-{self._settings.node}")
+
+    async def _work(self) -> None:
+        while self._queue and not self._closed:
+            item = self._queue.popleft()
+            if isinstance(item, _Recover):
+                job = _Job(ident=item.recovery.job)
+            else:
+                job = _Job(ident=executor.identity(item))
+            self._job = job
+            try:
+                if isinstance(item, _Recover):
+                    await self._run_recovery(job, item.recovery)
+                elif item.action == "apply":
+                    await self._run_apply(job, item)
+                else:
+                    await self._run_undo_command(job, item)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                _LOGGER.exception("job %s failed inside the agent", job.ident.command)
+                await self._snapshot(job.ident, "failed", f"agent error: {type(exc).__name__}: {exc}")
+            finally:
+                self._job = None
+                if isinstance(item, _Recover):
+                    item.done.set()
+            await self._prune_backups()
+
+    async def _prune_backups(self) -> None:
+        state = self._state
+        if state is None:
+            return
+        keep = {e.command for e in state.applies.values()}
+        directory = self._settings.backup_dir
+
+        def prune() -> None:
+            if not directory.is_dir():
+                return
+            for child in directory.iterdir():
+                if child.name not in keep:
+                    shutil.rmtree(child, ignore_errors=True)
+
+        try:
+            await asyncio.to_thread(prune)
+        except OSError:
+            _LOGGER.warning("pruning %s failed", directory, exc_info=True)
+
+    # ------------------------------------------------------------------ steps
+
+    def _context(
+        self, job: _Job, owner: str, rollout: str, index: int, phase: Phase, timeout: float
+    ) -> StepContext:
+        async def log(line: str) -> None:
+            await self._log(job.ident, index, line)
+
+        async def output(stream: str, line: str) -> None:
+            await self._log(job.ident, index, line, stream)
+
+        async def checkpoint(record: dict[str, Any]) -> None:
+            if phase == "apply":  # an undo never replaces the record it works from
+                await self._update(rollout, index, record=dict(record))
+
+        return StepContext(
+            node=self._settings.node,
+            rollout=rollout,
+            command=owner,
+            index=index,
+            phase=phase,
+            settings=self._settings,
+            timeout=timeout,
+            log=log,
+            output=output,
+            checkpoint=checkpoint,
+        )
+
+    def _timeout(self, step: Step) -> float:
+        return step.timeout_s or self._settings.default_step_timeout_s
+
+    async def _guarded(
+        self, work: Awaitable[Any], timeout: float, job: _Job, *, cancellable: bool
+    ) -> _Outcome:
+        """Run one apply or undo with its timeout; an abort may cancel it when ``cancellable``."""
+        task: asyncio.Task[Any] = asyncio.create_task(asyncio.wait_for(work, timeout))
+        if cancellable:
+            job.step_task = task
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:
+            task.cancel()
+            await asyncio.wait({task})
+            raise
+        finally:
+            job.step_task = None
+        if task.cancelled():
+            return _Outcome(cancelled=True)
+        exc = task.exception()
+        if exc is None:
+            result = task.result()
+            return _Outcome(record=result if isinstance(result, dict) else {})
+        if isinstance(exc, asyncio.TimeoutError):
+            return _Outcome(error=f"step timed out after {timeout:g} s")
+        if isinstance(exc, FleetError):
+            return _Outcome(error=exc.reason)
+        _LOGGER.error("step handler raised", exc_info=exc)
+        return _Outcome(error=f"{type(exc).__name__}: {exc}")
+
+    def _handler(self, step_type: str) -> StepHandler | None:
+        return self._handlers.get(step_type)
+
+    async def _run_apply(self, job: _Job, command: Command) -> None:
+        rollout = command.rollout
+        await self._change(lambda s: executor.begin(s, command))
+        await self._snapshot(job.ident, "applying")
+        failed = False
+        for index, step in enumerate(command.plan):
+            if job.preempted:
+                break
+            job.index = index
+            await self._update(rollout, index, state="running", detail="")
+            await self._status(job.ident, index, step.type, "running")
+            await self._snapshot(job.ident, "applying")
+            handler = self._handler(step.type)
+            timeout = self._timeout(step)
+            if handler is None:
+                outcome = _Outcome(error=f"step type {step.type} is not supported by this agent")
+            else:
+                ctx = self._context(job, command.id, rollout, index, "apply", timeout)
+                outcome = await self._guarded(handler.apply(step, ctx), timeout, job, cancellable=True)
+            if outcome.cancelled:
+                detail = f"cancelled by {job.ident.action} {job.ident.command}"
+                await self._update(rollout, index, state="cancelled", detail=detail)
+                break
+            if outcome.error is None:
+                await self._update(rollout, index, state="succeeded", record=outcome.record)
+                await self._status(job.ident, index, step.type, "succeeded")
+                await self._snapshot(job.ident, "applying")
+                continue
+            error = outcome.error
+            _LOGGER.warning("step %d (%s) of %s failed: %s", index, step.type, command.id, error)
+            await self._update(rollout, index, state="failed", detail=error)
+            await self._status(job.ident, index, step.type, "failed", error)
+            await self._snapshot(job.ident, "applying")
+            failed = True
+            break
+        job.index = None
+        if not failed and not job.preempted:
+            job.final = True
+            await self._change(lambda s: executor.finish(executor.set_phase(s, rollout, "succeeded")))
+            await self._snapshot(job.ident, "succeeded")
+            _LOGGER.info("apply %s of rollout %s succeeded", command.id, rollout)
+            return
+        await self._undo(job)
+
+    async def _undo(self, job: _Job) -> None:
+        """Undo, last first, every step of the rollout's entry that is not undone yet."""
+        rollout = job.ident.rollout
+        job.undoing = True
+        await self._change(lambda s: executor.set_phase(s, rollout, "rolling_back"))
+        await self._snapshot(job.ident, "rolling_back")
+        entry = self._entry(rollout)
+        assert entry is not None  # noqa: S101 - callers checked
+        for index in executor.undo_order(entry.steps):
+            job.index = index
+            step = entry.plan[index]
+            record = entry.steps[index].record
+            await self._update(rollout, index, undo="running")
+            handler = self._handler(step.type)
+            timeout = self._timeout(step)
+            if handler is None:
+                outcome = _Outcome(error=f"step type {step.type} is not supported by this agent")
+            else:
+                ctx = self._context(job, entry.command, rollout, index, "rollback", timeout)
+                outcome = await self._guarded(
+                    handler.undo(step, ctx, record), timeout, job, cancellable=False
+                )
+            error = "cancelled" if outcome.cancelled else outcome.error
+            if error is None:
+                await self._update(rollout, index, undo="done", undo_detail="")
+                await self._status(job.ident, index, step.type, "rolled_back")
+            else:
+                _LOGGER.error(
+                    "undo of step %d (%s) of rollout %s failed: %s", index, step.type, rollout, error
+                )
+                await self._update(rollout, index, undo="failed", undo_detail=error)
+                await self._status(job.ident, index, step.type, "failed", f"undo failed: {error}")
+            await self._snapshot(job.ident, "rolling_back")
+        job.index = None
+        job.final = True
+        done = self._entry(rollout)
+        assert done is not None  # noqa: S101
+        phase, detail = executor.undo_outcome(done)
+        await self._change(lambda s: executor.finish(executor.set_phase(s, rollout, phase, detail)))
+        await self._snapshot(job.ident, phase, detail)
+        _LOGGER.info("rollout %s on this node: %s %s", rollout, phase, detail)
+
+    async def _run_undo_command(self, job: _Job, command: Command) -> None:
+        await self._change(lambda s: executor.begin(s, command))
+        entry = self._entry(command.rollout)
+        if entry is None or not executor.undo_order(entry.steps):
+            detail = "nothing to undo" if command.action == "abort" else "nothing to roll back"
+            job.final = True
+            await self._change(executor.finish)
+            await self._status(job.ident, -1, "command", "rolled_back", detail)
+            await self._snapshot(job.ident, "rolled_back", detail)
+            return
+        await self._undo(job)
+
+    async def _run_recovery(self, job: _Job, plan: Recovery) -> None:
+        entry = plan.entry
+        if entry is None:
+            await self._change(executor.finish)
+            return
+        rollout = entry.rollout
+        if plan.interrupted is not None:
+            index = plan.interrupted
+            detail = "interrupted: the agent stopped during this step"
+            await self._update(rollout, index, state="interrupted", detail=detail)
+            await self._status(job.ident, index, entry.steps[index].type, "failed", detail)
+        if entry.phase in executor.FINAL_PHASES:
+            job.final = True
+            await self._change(executor.finish)
+            await self._snapshot(job.ident, entry.phase, entry.detail)
+            return
+        await self._undo(job)

@@ -1,0 +1,76 @@
+"""``download`` step: fetch a file into ``state_dir/cache`` and verify its sha256."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from bus.messages import DownloadStep
+from edge_agent import system
+from edge_agent.journal import fsync_dir
+from edge_agent.settings import ExecutorSettings, Policy
+from edge_agent.steps.base import StepContext, StepHandler
+
+__all__ = ["HANDLER", "apply", "check", "undo"]
+
+
+def check(step: DownloadStep, settings: ExecutorSettings) -> str | None:
+    """The URL's host must be one the policy allows."""
+    host = urlsplit(step.url).hostname or ""
+    if not Policy.matches(settings.policy.download_hosts, host):
+        return f"download host {host} is not allowed by this node's policy"
+    return None
+
+
+def _has_sha256(path: Path, sha256: str) -> bool:
+    """Tell whether ``path`` is a file with this sha256. Call through asyncio.to_thread."""
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as handle:
+            while chunk := handle.read(1024 * 1024):
+                digest.update(chunk)
+    except OSError:
+        return False
+    return digest.hexdigest() == sha256.lower()
+
+
+async def apply(step: DownloadStep, ctx: StepContext) -> dict[str, Any]:
+    """Download into the cache (streamed, hashed, size-bounded); a verified copy already there is kept."""
+    ctx.cache_dir.mkdir(parents=True, exist_ok=True)
+    dest = ctx.cache_dir / step.name
+    cached = await asyncio.to_thread(_has_sha256, dest, step.sha256)
+    await ctx.checkpoint({"cached_before": cached})
+    if cached:
+        await ctx.log(f"{step.name} is already in the cache with sha256 {step.sha256.lower()}")
+        return {"cached_before": True}
+    limit = min(step.max_bytes or ctx.settings.max_download_bytes, ctx.settings.max_download_bytes)
+    size = await system.fetch(
+        step.url,
+        dest,
+        sha256=step.sha256,
+        max_bytes=limit,
+        timeout=ctx.timeout,
+        allowed_hosts=ctx.settings.policy.download_hosts,
+    )
+    await ctx.log(f"downloaded {system.redact_url(step.url)} as {step.name}: {size} bytes, sha256 ok")
+    return {"cached_before": False, "size": size}
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    fsync_dir(path.parent)
+
+
+async def undo(step: DownloadStep, ctx: StepContext, record: dict[str, Any] | None) -> None:
+    """Remove the downloaded file (one that was cached before this step stays)."""
+    if record is not None and record.get("cached_before"):
+        return
+    await asyncio.to_thread(_remove, ctx.cache_dir / step.name)
+
+
+HANDLER = StepHandler(apply=apply, undo=undo, check=check)

@@ -1,0 +1,108 @@
+"""``health`` step: a command, HTTP or TCP check, retried; nothing to undo.
+
+``systemd`` checks belong to the systemd service manager and are refused at
+intake until one registers them (``SUPPORTED_CHECKS``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+from typing import Any
+from urllib.parse import urlsplit
+
+from bus.errors import StepError
+from bus.messages import HealthStep
+from edge_agent import system
+from edge_agent.settings import ExecutorSettings
+from edge_agent.steps.base import StepContext, StepHandler, check_script
+from edge_agent.steps.script import run_script
+
+__all__ = ["HANDLER", "SUPPORTED_CHECKS", "apply", "check", "parse_host_port", "undo"]
+
+SUPPORTED_CHECKS = ("command", "http", "tcp")
+#: Longest a single attempt may take (the step's own timeout bounds them all).
+_ATTEMPT_TIMEOUT = 30.0
+
+
+def parse_host_port(target: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` -> (host, port).
+
+    Raises:
+        StepError: not host:port with a port in 1..65535.
+    """
+    host, sep, port_text = target.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise StepError(f"tcp target {target[:80]!r} is not host:port")
+    return host, int(port_text)
+
+
+def _command(target: str) -> list[str]:
+    try:
+        words = shlex.split(target)
+    except ValueError as exc:
+        raise StepError(f"command target {target[:80]!r}: {exc}") from exc
+    if not words:
+        raise StepError("command target is empty")
+    return words
+
+
+def check(step: HealthStep, settings: ExecutorSettings) -> str | None:
+    """Refuse checks this agent cannot run and targets that are not well-formed."""
+    if step.check not in SUPPORTED_CHECKS:
+        return f"health check {step.check} is not supported by this agent"
+    try:
+        if step.check == "command":
+            return check_script(settings, _command(step.target)[0])
+        if step.check == "tcp":
+            parse_host_port(step.target)
+        elif urlsplit(step.target).scheme not in ("http", "https") or not urlsplit(step.target).hostname:
+            return f"http health target {step.target[:80]!r} is not an http(s) URL"
+    except (StepError, ValueError) as exc:
+        return exc.reason if isinstance(exc, StepError) else f"bad health target: {exc}"
+    return None
+
+
+async def _once(step: HealthStep, ctx: StepContext, timeout: float) -> None:
+    if step.check == "command":
+        words = _command(step.target)
+        result = await run_script(words[0], words[1:], ctx, "apply")
+        if step.expect is not None and step.expect not in result.stdout:
+            raise StepError(f"{words[0]} output lacks {step.expect!r}")
+    elif step.check == "http":
+        response = await system.http_get(step.target, timeout=timeout)
+        if not 200 <= response.status < 300:
+            raise StepError(f"HTTP {response.status} from {system.redact_url(step.target)}")
+        if step.expect is not None and step.expect not in response.body:
+            raise StepError(f"{step.expect!r} not in the response of {system.redact_url(step.target)}")
+    elif step.check == "tcp":
+        host, port = parse_host_port(step.target)
+        await system.tcp_connect(host, port, timeout=timeout)
+    else:
+        raise StepError(f"health check {step.check} is not supported by this agent")
+
+
+async def apply(step: HealthStep, ctx: StepContext) -> dict[str, Any]:
+    """Check up to ``retries`` times, ``interval_s`` apart; fail with the last reason."""
+    timeout = min(ctx.timeout, _ATTEMPT_TIMEOUT)
+    reason = ""
+    for attempt in range(1, step.retries + 1):
+        try:
+            await _once(step, ctx, timeout)
+        except StepError as exc:
+            reason = exc.reason
+            await ctx.log(f"health {step.check} attempt {attempt}/{step.retries}: {reason}")
+        else:
+            await ctx.log(f"health {step.check} {step.target}: ok (attempt {attempt})")
+            return {}
+        if attempt < step.retries:
+            await asyncio.sleep(step.interval_s)
+    raise StepError(f"health check failed after {step.retries} attempts: {reason}")
+
+
+async def undo(step: HealthStep, ctx: StepContext, record: dict[str, Any] | None) -> None:
+    """A check changes nothing: nothing to undo."""
+
+
+HANDLER = StepHandler(apply=apply, undo=undo, check=check)

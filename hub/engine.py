@@ -1,0 +1,1215 @@
+"""The hub's rollout state machine (DESIGN section 3): pure, events in, actions out.
+
+``RolloutEngine.handle(event, now)`` applies one event and returns what the
+runner (``hub.rollouts.RolloutManager``) must do, in order. Nothing here reads
+a clock, a socket or a file: ``now`` is an input, commands come out unsigned
+(the runner signs them), and persistence is a ``RolloutChanged`` marker that
+the runner answers with ``record(rollout)``.
+
+Rollout states (DESIGN 3): ``pending -> running -> succeeded``; ``running <->
+paused``; ``running -> rolling_back -> rolled_back | rollback_failed``;
+``running -> halted``; any non-final state ``-> aborting -> rolled_back |
+aborted``; ``succeeded``/``halted`` ``-> rolling_back`` on request.
+
+A node's part of a rollout (``_Node``) is tracked separately from the
+rollout's state: a halted rollout still follows the nodes that were running
+when it halted, and a node that failed restores itself (the agent does that,
+DESIGN 3.4) while the rollout goes on. A node is *open* while it has an apply
+in flight or a restore the hub waits for; a node open in any rollout, or a
+target of any non-final rollout, is busy and cannot be targeted again.
+
+Commands: ``issued_at`` strictly increases per node across every rollout
+(agents refuse a command not later than the last they ran); the retained
+command of a node is cleared only when the last command the hub sent to that
+node is the one being cleared (a newer rollout may have published since).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+from pydantic import ValidationError
+
+from bus.errors import Conflict, InvalidInput, NotFound
+from bus.messages import (
+    Command,
+    JobSnapshot,
+    NodeSummary,
+    RolloutCounts,
+    RolloutSpec,
+    RolloutSummary,
+    Step,
+    StepStatus,
+    describe,
+    new_id,
+)
+from hub.waves import dispatchable, plan_waves
+
+__all__ = [
+    "FINAL_STATES",
+    "AbortRequested",
+    "Action",
+    "Audit",
+    "ClearCommand",
+    "EngineEvent",
+    "PauseRequested",
+    "PresenceChanged",
+    "PublishCommand",
+    "ResumeRequested",
+    "RollbackRequested",
+    "RolloutChanged",
+    "RolloutCreated",
+    "RolloutEngine",
+    "RolloutsLoaded",
+    "SnapshotReported",
+    "StepReported",
+    "Tick",
+    "check_record",
+]
+
+#: States in which a rollout takes no decision of its own any more.
+FINAL_STATES = frozenset({"succeeded", "halted", "rolled_back", "rollback_failed", "aborted"})
+#: Smallest step between two ``issued_at`` of one node (floats of epoch seconds keep 1 ms exactly).
+ISSUE_STEP_S = 0.001
+RECORD_VERSION = 1
+
+Restore = Literal["waiting", "restored", "unrestored"]
+DeadlineKind = Literal["node", "expiry", "restore"]
+CommandAction = Literal["apply", "rollback", "abort"]
+
+# ---------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class RolloutCreated:
+    """A validated rollout: ``nodes`` are the resolved targets, ``online`` those online now."""
+
+    rollout: str
+    spec: RolloutSpec
+    nodes: tuple[str, ...]
+    online: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class RolloutsLoaded:
+    """Records read back from the store after a restart (every rollout, final ones too)."""
+
+    records: tuple[Mapping[str, Any], ...]
+
+
+@dataclass(frozen=True)
+class AbortRequested:
+    """An operator asked for a coordinated rollback of a non-final rollout."""
+
+    rollout: str
+
+
+@dataclass(frozen=True)
+class RollbackRequested:
+    """An operator asked to roll back a finished rollout."""
+
+    rollout: str
+
+
+@dataclass(frozen=True)
+class PauseRequested:
+    """No new commands until resumed; running nodes continue."""
+
+    rollout: str
+
+
+@dataclass(frozen=True)
+class ResumeRequested:
+    """Continue a paused rollout."""
+
+    rollout: str
+
+
+@dataclass(frozen=True)
+class StepReported:
+    """A ``StepStatus`` received on ``node``'s status topic."""
+
+    node: str
+    status: StepStatus
+
+
+@dataclass(frozen=True)
+class SnapshotReported:
+    """A (retained) ``JobSnapshot`` received on ``node``'s job topic."""
+
+    node: str
+    snapshot: JobSnapshot
+
+
+@dataclass(frozen=True)
+class PresenceChanged:
+    """The registry saw ``node`` come online or go offline (will, shutdown, missed heartbeats)."""
+
+    node: str
+    online: bool
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Time passed: check deadlines (node timeouts, expiry, soak)."""
+
+
+EngineEvent = Union[  # noqa: UP007 - a runtime alias; `X | Y` of classes needs 3.10's types.UnionType
+    RolloutCreated,
+    RolloutsLoaded,
+    AbortRequested,
+    RollbackRequested,
+    PauseRequested,
+    ResumeRequested,
+    StepReported,
+    SnapshotReported,
+    PresenceChanged,
+    Tick,
+]
+
+# --------------------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True)
+class PublishCommand:
+    """Sign ``command`` and publish it retained (QoS 1) on its node's ``cmd`` topic."""
+
+    node: str
+    command: Command
+
+
+@dataclass(frozen=True)
+class ClearCommand:
+    """Publish an empty retained payload on ``node``'s ``cmd`` topic (it held ``command``)."""
+
+    node: str
+    command: str
+
+
+@dataclass(frozen=True)
+class RolloutChanged:
+    """Persist ``record(rollout)`` and publish its summary (the runner coalesces both)."""
+
+    rollout: str
+
+
+@dataclass(frozen=True)
+class Audit:
+    """An automatic decision or an operator request, with its evidence (audit table + event feed)."""
+
+    rollout: str
+    kind: str
+    message: str
+    evidence: Mapping[str, Any] = field(default_factory=dict)
+    node: str | None = None
+
+
+Action = Union[PublishCommand, ClearCommand, RolloutChanged, Audit]  # noqa: UP007 - see EngineEvent
+
+# ----------------------------------------------------------------------------- state
+
+
+@dataclass
+class _Node:
+    """One target's part of a rollout (persisted field by field)."""
+
+    name: str
+    wave: int
+    phase: str = "pending"
+    step: int | None = None
+    detail: str = ""
+    touched: bool = False  # it may have changed something: it started, or got its apply while online
+    applied: bool = False  # its apply succeeded
+    failed: bool = False  # counts against failure.max_failed
+    restore: Restore | None = None
+    queued: bool = False  # its apply waits on the broker for an offline node
+    withdrawn: bool = False  # its queued apply was cleared before it started
+    cleared: bool = False  # the retained command is gone (or was replaced by another rollout)
+    apply_id: str | None = None
+    command_id: str | None = None
+    action: CommandAction | None = None
+    issued_at: float | None = None
+    expires_at: float | None = None
+    deadline: float | None = None
+    deadline_kind: DeadlineKind | None = None
+    done_at: float | None = None
+
+    @property
+    def is_open(self) -> bool:
+        """An apply in flight or a restore the hub waits for."""
+        return self.queued or self.phase == "applying" or self.restore == "waiting"
+
+
+@dataclass
+class _Rollout:
+    id: str
+    spec: RolloutSpec
+    plan: list[Step]
+    state: str
+    created_at: float
+    updated_at: float
+    waves: list[list[str]]
+    nodes: dict[str, _Node]
+    wave: int = 0
+    wave_done_at: float | None = None
+    detail: str = ""
+    failures: list[str] = field(default_factory=list)
+    hold_until: float = 0.0  # after a restart: no time-driven decision before this
+
+    @property
+    def is_final(self) -> bool:
+        return self.state in FINAL_STATES
+
+
+class _Out:
+    """Actions of one ``handle`` call, with the rollouts it changed."""
+
+    def __init__(self) -> None:
+        self.actions: list[Action] = []
+        self.changed: dict[str, None] = {}
+
+    def add(self, action: Action) -> None:
+        self.actions.append(action)
+
+    def touch(self, rollout: _Rollout, now: float) -> None:
+        rollout.updated_at = max(rollout.updated_at, now)
+        self.changed[rollout.id] = None
+
+    def finish(self) -> list[Action]:
+        return [*self.actions, *(RolloutChanged(rid) for rid in self.changed)]
+
+
+def _filled_plan(spec: RolloutSpec) -> list[Step]:
+    """The plan with every missing step timeout set to the rollout's ``step_timeout_s``."""
+    return [
+        step if step.timeout_s is not None else step.model_copy(update={"timeout_s": spec.step_timeout_s})
+        for step in spec.plan
+    ]
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g} s"
+
+
+def check_record(record: Mapping[str, Any]) -> str | None:
+    """Why a stored rollout record cannot be loaded, or None when it can."""
+    try:
+        RolloutEngine._parse_record(record)
+    except InvalidInput as exc:
+        return exc.reason
+    return None
+
+
+class RolloutEngine:
+    """Every rollout of one hub, driven by events (see the module docstring).
+
+    Args:
+        new_id: id factory for commands (uuid4 by default; tests pass a counter).
+        resume_grace_s: after ``RolloutsLoaded``, how long time-driven decisions
+            (timeouts, expiry, soak) wait so the retained job snapshots can
+            arrive first (DESIGN 3.6).
+    """
+
+    def __init__(self, *, new_id: Callable[[], str] = new_id, resume_grace_s: float = 5.0) -> None:
+        self._new_id = new_id
+        self._grace = resume_grace_s
+        self._rollouts: dict[str, _Rollout] = {}
+        self._by_node: dict[str, set[str]] = {}
+        self._issued: dict[str, float] = {}  # per node: the latest issued_at sent
+        self._last: dict[str, str] = {}  # per node: id of the latest command sent
+        self._online: dict[str, bool] = {}
+        self._active: set[str] = set()
+
+    # ------------------------------------------------------------------ queries
+
+    def has(self, rollout: str) -> bool:
+        """Whether the engine knows ``rollout``."""
+        return rollout in self._rollouts
+
+    def state(self, rollout: str) -> str:
+        """The state of ``rollout``; NotFound if unknown."""
+        return self._get(rollout).state
+
+    def rollout_ids(self) -> list[str]:
+        """Every known rollout id, oldest first."""
+        return [r.id for r in sorted(self._rollouts.values(), key=lambda r: (r.created_at, r.id))]
+
+    def busy(self, nodes: Iterable[str]) -> list[str]:
+        """Those of ``nodes`` that another rollout still holds."""
+        return [node for node in nodes if self._is_busy(node)]
+
+    def last_command(self, node: str) -> str | None:
+        """Id of the latest command sent to ``node``."""
+        return self._last.get(node)
+
+    def issued_high_water(self, node: str) -> float | None:
+        """The latest ``issued_at`` sent to ``node``."""
+        return self._issued.get(node)
+
+    def summary(self, rollout: str) -> RolloutSummary:
+        """The ``RolloutSummary`` of ``rollout``; NotFound if unknown."""
+        r = self._get(rollout)
+        counts = {"pending": 0, "running": 0, "succeeded": 0, "failed": 0, "rolled_back": 0}
+        nodes: dict[str, NodeSummary] = {}
+        for node in r.nodes.values():
+            counts[_COUNTED_AS[node.phase]] += 1
+            nodes[node.name] = NodeSummary.model_validate(
+                {"phase": node.phase, "step": node.step, "detail": node.detail}
+            )
+        return RolloutSummary.model_validate(
+            {
+                "id": r.id,
+                "name": r.spec.name,
+                "state": r.state,
+                "created_at": r.created_at,
+                "updated_at": r.updated_at,
+                "counts": RolloutCounts(**counts),
+                "nodes": nodes,
+                "wave": min(r.wave + 1, len(r.waves)),
+                "waves": len(r.waves),
+                "detail": r.detail,
+            }
+        )
+
+    def record(self, rollout: str) -> dict[str, Any]:
+        """The JSON-able record of ``rollout`` that the store keeps (``RolloutsLoaded`` reads it)."""
+        r = self._get(rollout)
+        return {
+            "v": RECORD_VERSION,
+            "id": r.id,
+            "spec": r.spec.model_dump(mode="json"),
+            "state": r.state,
+            "created_at": r.created_at,
+            "updated_at": r.updated_at,
+            "waves": [list(w) for w in r.waves],
+            "wave": r.wave,
+            "wave_done_at": r.wave_done_at,
+            "detail": r.detail,
+            "failures": list(r.failures),
+            "nodes": {name: dataclasses.asdict(node) for name, node in r.nodes.items()},
+        }
+
+    def next_deadline(self) -> float | None:
+        """The earliest time at which a ``Tick`` may change something, or None."""
+        best: float | None = None
+        for rid in self._active:
+            r = self._rollouts[rid]
+            times = [n.deadline for n in r.nodes.values() if n.is_open and n.deadline is not None]
+            if r.state == "running" and r.wave_done_at is not None:
+                times.append(r.wave_done_at + r.spec.strategy.soak_s)
+            if not times:
+                continue
+            when = max(min(times), r.hold_until)
+            best = when if best is None else min(best, when)
+        return best
+
+    # ------------------------------------------------------------------ events
+
+    def handle(self, event: EngineEvent, now: float) -> list[Action]:
+        """Apply one event; return what the runner must do, in order.
+
+        Raises:
+            NotFound: a request names an unknown rollout.
+            Conflict: a request that the rollout's state does not allow, or
+                targets that another rollout holds (``exc.nodes``).
+            InvalidInput: a loaded record that cannot be read.
+        """
+        out = _Out()
+        if isinstance(event, RolloutCreated):
+            self._create(event, now, out)
+        elif isinstance(event, RolloutsLoaded):
+            self._load(event.records, now, out)
+        elif isinstance(event, AbortRequested):
+            self._abort(self._get(event.rollout), now, out)
+        elif isinstance(event, RollbackRequested):
+            self._rollback(self._get(event.rollout), now, out)
+        elif isinstance(event, PauseRequested):
+            self._pause(self._get(event.rollout), now, out)
+        elif isinstance(event, ResumeRequested):
+            self._resume(self._get(event.rollout), now, out)
+        elif isinstance(event, StepReported):
+            self._on_status(event.node, event.status, now, out)
+        elif isinstance(event, SnapshotReported):
+            self._on_snapshot(event.node, event.snapshot, now, out)
+        elif isinstance(event, PresenceChanged):
+            self._on_presence(event.node, event.online, now, out)
+        else:
+            self._tick(now, out)
+        for rid in out.changed:
+            self._refresh_active(self._rollouts[rid])
+        return out.finish()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _get(self, rollout: str) -> _Rollout:
+        r = self._rollouts.get(rollout)
+        if r is None:
+            raise NotFound(f"unknown rollout {rollout[:80]!r}")
+        return r
+
+    def _is_busy(self, node: str) -> bool:
+        for rid in self._by_node.get(node, ()):
+            r = self._rollouts[rid]
+            if not r.is_final or r.nodes[node].is_open:
+                return True
+        return False
+
+    def _refresh_active(self, r: _Rollout) -> None:
+        if not r.is_final or any(n.is_open for n in r.nodes.values()):
+            self._active.add(r.id)
+        else:
+            self._active.discard(r.id)
+
+    def _audit(
+        self,
+        r: _Rollout,
+        kind: str,
+        message: str,
+        out: _Out,
+        node: str | None = None,
+        **evidence: Any,
+    ) -> None:
+        out.add(Audit(rollout=r.id, kind=kind, message=message, evidence=evidence, node=node))
+
+    # ------------------------------------------------------------------ creation and loading
+
+    def _create(self, event: RolloutCreated, now: float, out: _Out) -> None:
+        if event.rollout in self._rollouts:
+            raise Conflict(f"rollout {event.rollout} exists already")
+        nodes = list(event.nodes)
+        if not nodes:
+            raise Conflict("the targets match no node")
+        if len(set(nodes)) != len(nodes):
+            raise InvalidInput("targets name a node more than once")
+        busy = self.busy(nodes)
+        if busy:
+            raise Conflict(
+                f"busy in another rollout: {', '.join(busy[:20])}" + (" ..." if len(busy) > 20 else ""),
+                nodes=busy,
+            )
+        waves = plan_waves(nodes, event.spec.strategy.waves)
+        wave_of = {node: i for i, wave in enumerate(waves) for node in wave}
+        r = _Rollout(
+            id=event.rollout,
+            spec=event.spec,
+            plan=_filled_plan(event.spec),
+            state="pending",
+            created_at=now,
+            updated_at=now,
+            waves=waves,
+            nodes={node: _Node(name=node, wave=wave_of[node]) for node in nodes},
+        )
+        self._rollouts[r.id] = r
+        for node in nodes:
+            self._by_node.setdefault(node, set()).add(r.id)
+            self._online[node] = node in event.online
+        offline = [node for node in nodes if node not in event.online]
+        self._audit(
+            r,
+            "created",
+            f"rollout {event.spec.name!r} created: {len(nodes)} nodes in {len(waves)} waves"
+            + (f", {len(offline)} offline (queued)" if offline else ""),
+            out,
+            targets=len(nodes),
+            waves=[len(w) for w in waves],
+            offline=offline[:50],
+        )
+        r.state = "running"
+        self._audit(
+            r,
+            "wave_started",
+            f"wave 1 of {len(waves)} started ({len(waves[0])} nodes)",
+            out,
+            wave=1,
+            nodes=waves[0][:50],
+        )
+        out.touch(r, now)
+        self._progress(r, now, out)
+
+    def _load(self, records: Sequence[Mapping[str, Any]], now: float, out: _Out) -> None:
+        loaded = [self._parse_record(record) for record in records]
+        for r in loaded:
+            if r.id in self._rollouts:
+                raise Conflict(f"rollout {r.id} is loaded already")
+        for r in loaded:
+            self._rollouts[r.id] = r
+            for node in r.nodes.values():
+                self._by_node.setdefault(node.name, set()).add(r.id)
+                issued, command = node.issued_at, node.command_id
+                if issued is not None and command is not None and issued > self._issued.get(node.name, -1.0):
+                    self._issued[node.name] = issued
+                    self._last[node.name] = command
+        for r in loaded:
+            self._refresh_active(r)
+            if r.id not in self._active:
+                continue
+            r.hold_until = now + self._grace
+            # A command recorded (the store is flushed before every command is
+            # published) may have missed the broker when the hub died: publish the
+            # same command again. Agents ignore a replay of an id they ran.
+            for node in r.nodes.values():
+                in_flight = (
+                    node.queued or node.phase == "applying"
+                    if node.action == "apply"
+                    else node.restore == "waiting"
+                )
+                if (
+                    in_flight
+                    and not node.cleared
+                    and node.command_id is not None
+                    and self._last.get(node.name) == node.command_id
+                    and node.expires_at is not None
+                    and node.expires_at > now
+                ):
+                    out.add(PublishCommand(node.name, self._rebuild_command(r, node)))
+            self._audit(
+                r, "resumed_after_restart", f"hub restarted: resuming rollout in state {r.state}", out
+            )
+            out.touch(r, r.updated_at)
+            # Safe right away: a node with no recorded command never got one, and
+            # time-driven decisions wait for hold_until.
+            self._progress(r, now, out)
+
+    @staticmethod
+    def _parse_record(record: Mapping[str, Any]) -> _Rollout:
+        rid = str(record.get("id", "?"))[:80]
+        try:
+            if record.get("v") != RECORD_VERSION:
+                raise InvalidInput(f"rollout record {rid}: unsupported version {record.get('v')!r}")
+            spec = RolloutSpec.model_validate(record["spec"])
+            node_fields = {f.name for f in dataclasses.fields(_Node)}
+            nodes = {
+                str(name): _Node(**{k: v for k, v in doc.items() if k in node_fields})
+                for name, doc in dict(record["nodes"]).items()
+            }
+            waves = [[str(n) for n in wave] for wave in record["waves"]]
+            return _Rollout(
+                id=str(record["id"]),
+                spec=spec,
+                plan=_filled_plan(spec),
+                state=str(record["state"]),
+                created_at=float(record["created_at"]),
+                updated_at=float(record["updated_at"]),
+                waves=waves,
+                nodes=nodes,
+                wave=int(record["wave"]),
+                wave_done_at=record.get("wave_done_at"),
+                detail=str(record.get("detail", "")),
+                failures=[str(n) for n in record.get("failures", [])],
+            )
+        except ValidationError as exc:
+            raise InvalidInput(f"rollout record {rid}: {describe(exc)}") from exc
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise InvalidInput(f"rollout record {rid} is unreadable: {exc!r}") from exc
+
+    # ------------------------------------------------------------------ requests
+
+    def _abort(self, r: _Rollout, now: float, out: _Out) -> None:
+        if r.is_final:
+            raise Conflict(f"rollout {r.id} is {r.state} already; nothing to abort (rollback undoes it)")
+        if r.state in ("aborting", "rolling_back"):
+            return  # already on its way back: an abort is a no-op
+        self._start_restore(r, "aborting", "abort requested", now, out, retry=False)
+
+    def _rollback(self, r: _Rollout, now: float, out: _Out) -> None:
+        if r.state in ("aborting", "rolling_back"):
+            return
+        if r.state in ("succeeded", "halted"):
+            self._start_restore(r, "rolling_back", "rollback requested", now, out, retry=False)
+            return
+        if r.state in ("rollback_failed", "aborted"):
+            if not any(n.touched and n.restore == "unrestored" for n in r.nodes.values()):
+                raise Conflict(f"rollout {r.id} is {r.state}: no node is left to roll back")
+            self._start_restore(
+                r, "rolling_back", "rollback requested (retrying unrestored nodes)", now, out, retry=True
+            )
+            return
+        if r.state == "rolled_back":
+            raise Conflict(f"rollout {r.id} is rolled back already")
+        raise Conflict(f"rollout {r.id} is {r.state}: abort it to roll it back")
+
+    def _pause(self, r: _Rollout, now: float, out: _Out) -> None:
+        if r.state == "paused":
+            return
+        if r.state != "running":
+            raise Conflict(f"rollout {r.id} is {r.state}: only a running rollout can be paused")
+        r.state = "paused"
+        self._audit(r, "paused", "paused: no new commands until resumed", out)
+        out.touch(r, now)
+
+    def _resume(self, r: _Rollout, now: float, out: _Out) -> None:
+        if r.state == "running":
+            return
+        if r.state != "paused":
+            raise Conflict(f"rollout {r.id} is {r.state}: only a paused rollout can be resumed")
+        r.state = "running"
+        self._audit(r, "resumed", "resumed", out)
+        out.touch(r, now)
+        self._progress(r, now, out)
+
+    # ------------------------------------------------------------------ reports
+
+    def _node(self, rollout: str, node: str) -> tuple[_Rollout, _Node] | None:
+        r = self._rollouts.get(rollout)
+        if r is None:
+            return None
+        n = r.nodes.get(node)
+        return None if n is None else (r, n)
+
+    def _on_status(self, node: str, status: StepStatus, now: float, out: _Out) -> None:
+        found = self._node(status.rollout, node)
+        if found is None:
+            return
+        r, n = found
+        if n.withdrawn and status.command == n.apply_id:
+            if status.state != "rejected":
+                self._late_start(r, n, now, out)
+            return
+        if status.command != n.command_id:
+            return  # an older command of this rollout, or one this hub never sent
+        before = (n.phase, n.step, n.detail)
+        if n.action == "apply":
+            self._fold_apply_status(r, n, status, now, out)
+        elif status.state == "rejected":
+            if n.restore == "waiting":
+                self._unrestored(r, n, "failed", f"rejected the {n.action}: {status.detail}", now, out)
+        elif n.restore == "waiting":
+            n.step = status.index if status.index >= 0 else n.step
+        if (n.phase, n.step, n.detail) != before:
+            out.touch(r, now)
+        self._progress(r, now, out)
+
+    def _fold_apply_status(self, r: _Rollout, n: _Node, status: StepStatus, now: float, out: _Out) -> None:
+        index = status.index if status.index >= 0 else None
+        if status.state == "rejected":
+            if n.phase in ("pending", "applying") and n.step is None and not n.failed:
+                self._fail(
+                    r, n, "rejected", f"rejected the command: {status.detail}", now, out, restore="restored"
+                )
+                self._clear(n, out)
+            return
+        if n.failed:
+            if status.state == "rolled_back" and n.phase == "failed" and n.restore == "waiting":
+                n.phase = "rolling_back"
+            return
+        if n.applied:
+            return
+        if status.state == "failed":
+            reason = f"failed step {status.index} ({status.type})" + (
+                f": {status.detail}" if status.detail else ""
+            )
+            n.step = index
+            self._fail(r, n, "failed", reason, now, out, restore="waiting", step=status.index)
+            return
+        self._started(r, n, now)
+        if index is not None:
+            n.step = index
+
+    def _on_snapshot(self, node: str, snap: JobSnapshot, now: float, out: _Out) -> None:
+        found = self._node(snap.rollout, node)
+        if found is None:
+            return
+        r, n = found
+        if n.withdrawn and snap.id == n.apply_id:
+            if snap.phase != "rejected":
+                self._late_start(r, n, now, out)
+            return
+        if snap.id != n.command_id:
+            return  # older or unknown command: the latest one decides (DESIGN 3.6)
+        before = (n.phase, n.step, n.detail, n.restore)
+        if n.action == "apply":
+            self._fold_apply_snapshot(r, n, snap, now, out)
+        else:
+            self._fold_restore_snapshot(r, n, snap, now, out)
+        if (n.phase, n.step, n.detail, n.restore) != before:
+            out.touch(r, now)
+        self._progress(r, now, out)
+
+    def _fold_apply_snapshot(self, r: _Rollout, n: _Node, snap: JobSnapshot, now: float, out: _Out) -> None:
+        failed_step = next((s for s in snap.steps if s.state == "failed"), None)
+        reached = [s.index for s in snap.steps if s.state != "pending"]
+        step = max(reached) if reached else None
+        reason = (
+            f"failed step {failed_step.index} ({failed_step.type})"
+            + (f": {failed_step.detail}" if failed_step.detail else "")
+            if failed_step is not None
+            else (snap.detail or f"job {snap.phase}")
+        )
+        if snap.phase == "applying":
+            if not n.failed and not n.applied:
+                self._started(r, n, now)
+                n.step = step
+        elif snap.phase == "succeeded":
+            if not n.failed and not n.applied:
+                self._succeeded(r, n, now, out)
+        elif snap.phase == "rejected":
+            if n.phase in ("pending", "applying") and n.step is None and not n.failed:
+                self._fail(
+                    r, n, "rejected", f"rejected the command: {snap.detail}", now, out, restore="restored"
+                )
+                self._clear(n, out)
+        elif snap.phase == "rolling_back":
+            if not n.failed and not n.applied:
+                n.step = step
+                self._fail(r, n, "rolling_back", reason, now, out, restore="waiting", step=step)
+            elif n.restore == "waiting":
+                n.phase = "rolling_back"
+        elif snap.phase == "rolled_back":
+            if not n.failed and not n.applied:
+                n.step = step
+                self._fail(r, n, "rolled_back", reason, now, out, restore="restored", step=step)
+                self._clear(n, out)
+            elif n.restore in ("waiting", "unrestored"):
+                self._restored(r, n, now, out)
+        elif snap.phase == "failed":
+            if not n.failed and not n.applied:
+                n.step = step
+                self._fail(r, n, "failed", reason, now, out, restore="waiting", step=step)
+            if n.restore == "waiting":
+                self._unrestored(r, n, "failed", f"{n.detail}; could not restore: {snap.detail}", now, out)
+
+    def _fold_restore_snapshot(self, r: _Rollout, n: _Node, snap: JobSnapshot, now: float, out: _Out) -> None:
+        if n.restore == "unrestored" and snap.phase == "rolled_back":
+            # It came back after its restore deadline and ran the retained command.
+            self._audit(
+                r, "late_restore", f"{n.name} restored after all", out, node=n.name, command=n.command_id
+            )
+            self._restored(r, n, now, out)
+            return
+        if n.restore != "waiting":
+            return
+        if snap.phase in ("rolled_back", "succeeded"):
+            self._restored(r, n, now, out)
+        elif snap.phase == "failed":
+            failed_step = next((s for s in snap.steps if s.state == "failed"), None)
+            why = snap.detail or (
+                f"undo of step {failed_step.index} ({failed_step.type}) failed: {failed_step.detail}"
+                if failed_step is not None
+                else "the agent could not restore it"
+            )
+            self._unrestored(r, n, "failed", f"{n.action} failed: {why}", now, out)
+        elif snap.phase == "rejected":
+            self._unrestored(r, n, "failed", f"rejected the {n.action}: {snap.detail}", now, out)
+        else:
+            n.touched = True
+            reached = [s.index for s in snap.steps if s.state != "pending"]
+            if reached:
+                n.step = max(reached)
+
+    def _on_presence(self, node: str, online: bool, now: float, out: _Out) -> None:
+        self._online[node] = online
+        for rid in sorted(self._by_node.get(node, ())):
+            r = self._rollouts[rid]
+            n = r.nodes[node]
+            if online:
+                if n.queued:
+                    # Its retained apply reaches it now: the node timeout starts.
+                    n.queued = False
+                    n.touched = True
+                    n.phase = "applying"
+                    n.detail = ""
+                    n.deadline, n.deadline_kind = now + r.spec.node_timeout_s, "node"
+                    out.touch(r, now)
+                continue
+            if n.phase == "applying" and not n.failed:
+                self._fail(r, n, "offline", "went offline mid-job", now, out)
+                self._send_restore(r, n, "abort", now, out, phase="offline")
+            elif n.applied and not n.failed and r.state in ("running", "paused") and n.wave == r.wave:
+                soaking = r.wave_done_at is not None
+                self._fail(
+                    r,
+                    n,
+                    "offline",
+                    "went offline during soak" if soaking else "went offline before its wave finished",
+                    now,
+                    out,
+                )
+            else:
+                continue
+            self._progress(r, now, out)
+
+    def _tick(self, now: float, out: _Out) -> None:
+        for rid in sorted(self._active):
+            r = self._rollouts[rid]
+            if now < r.hold_until:
+                continue
+            for n in r.nodes.values():
+                if not n.is_open or n.deadline is None or n.deadline > now:
+                    continue
+                if n.deadline_kind == "expiry":
+                    n.queued = False
+                    self._fail(r, n, "timed_out", "did not start before its command expired", now, out)
+                    n.deadline = n.deadline_kind = None
+                    self._clear(n, out)
+                elif n.deadline_kind == "restore":
+                    self._unrestored(
+                        r,
+                        n,
+                        "timed_out",
+                        f"{n.detail + '; ' if n.detail else ''}not restored: no report within "
+                        f"{_seconds(r.spec.node_timeout_s)} of the {n.action}",
+                        now,
+                        out,
+                        keep_command=True,
+                    )
+                else:
+                    self._fail(
+                        r,
+                        n,
+                        "timed_out",
+                        f"timed out: no final report within {_seconds(r.spec.node_timeout_s)}",
+                        now,
+                        out,
+                    )
+                    self._send_restore(r, n, "abort", now, out, phase="timed_out")
+            self._progress(r, now, out)
+
+    # ------------------------------------------------------------------ node transitions
+
+    def _started(self, r: _Rollout, n: _Node, now: float) -> None:
+        if n.queued:
+            n.queued = False
+            n.deadline, n.deadline_kind = now + r.spec.node_timeout_s, "node"
+        n.touched = True
+        n.phase = "applying"
+        n.detail = ""
+
+    def _succeeded(self, r: _Rollout, n: _Node, now: float, out: _Out) -> None:
+        n.queued = False
+        n.touched = n.applied = True
+        n.phase, n.detail = "succeeded", ""
+        n.done_at = now
+        n.deadline = n.deadline_kind = None
+        self._clear(n, out)
+        out.touch(r, now)
+
+    def _fail(
+        self,
+        r: _Rollout,
+        n: _Node,
+        phase: str,
+        reason: str,
+        now: float,
+        out: _Out,
+        restore: Restore | None = None,
+        step: int | None = None,
+    ) -> None:
+        if n.failed:
+            return
+        n.failed = True
+        n.phase, n.detail = phase, reason
+        if phase != "timed_out" or n.deadline_kind != "expiry":
+            n.touched = True
+        n.queued = False
+        n.restore = restore
+        if restore == "waiting":
+            n.deadline, n.deadline_kind = now + r.spec.node_timeout_s, "restore"
+        else:
+            n.deadline = n.deadline_kind = None
+        r.failures.append(n.name)
+        self._audit(
+            r,
+            "node_failed",
+            f"{n.name} {reason}",
+            out,
+            node=n.name,
+            reason=reason,
+            phase=phase,
+            step=step,
+            command=n.command_id,
+            failed=len(r.failures),
+            max_failed=r.spec.failure.max_failed,
+        )
+        out.touch(r, now)
+
+    def _restored(self, r: _Rollout, n: _Node, now: float, out: _Out) -> None:
+        n.restore = "restored"
+        n.phase = "rolled_back"
+        n.deadline = n.deadline_kind = None
+        if not n.detail:
+            n.detail = "restored"
+        self._clear(n, out)
+        out.touch(r, now)
+
+    def _unrestored(
+        self,
+        r: _Rollout,
+        n: _Node,
+        phase: str,
+        reason: str,
+        now: float,
+        out: _Out,
+        keep_command: bool = False,
+    ) -> None:
+        n.restore = "unrestored"
+        n.phase, n.detail = phase, reason
+        n.deadline = n.deadline_kind = None
+        if not keep_command:
+            self._clear(n, out)
+        # else: an offline node keeps its retained rollback; it still restores when it returns.
+        self._audit(r, "node_not_restored", f"{n.name} {reason}", out, node=n.name, command=n.command_id)
+        out.touch(r, now)
+
+    def _late_start(self, r: _Rollout, n: _Node, now: float, out: _Out) -> None:
+        """A node started an apply that was withdrawn (cleared) before it could: undo it."""
+        n.withdrawn = False
+        n.touched = True
+        self._audit(
+            r,
+            "late_start",
+            f"{n.name} started its withdrawn apply: sending abort",
+            out,
+            node=n.name,
+            command=n.apply_id,
+        )
+        self._send_restore(r, n, "abort", now, out)
+        self._progress(r, now, out)
+
+    # ------------------------------------------------------------------ commands
+
+    def _next_issued(self, node: str, now: float) -> float:
+        last = self._issued.get(node)
+        issued = now if last is None or now > last else last + ISSUE_STEP_S
+        self._issued[node] = issued
+        return issued
+
+    def _command(self, r: _Rollout, n: _Node, action: CommandAction, now: float) -> Command:
+        issued = self._next_issued(n.name, now)
+        command = Command(
+            id=self._new_id(),
+            node=n.name,
+            rollout=r.id,
+            action=action,
+            issued_at=issued,
+            expires_at=issued + r.spec.expires_after_s,
+            plan=r.plan if action == "apply" else [],
+        )
+        n.command_id, n.action = command.id, action
+        n.issued_at, n.expires_at = command.issued_at, command.expires_at
+        n.cleared = False
+        self._last[n.name] = command.id
+        return command
+
+    def _rebuild_command(self, r: _Rollout, n: _Node) -> Command:
+        if n.command_id is None or n.action is None or n.issued_at is None or n.expires_at is None:
+            raise InvalidInput(f"rollout {r.id}: node {n.name} has no complete command to publish again")
+        return Command(
+            id=n.command_id,
+            node=n.name,
+            rollout=r.id,
+            action=n.action,
+            issued_at=n.issued_at,
+            expires_at=n.expires_at,
+            plan=r.plan if n.action == "apply" else [],
+        )
+
+    def _send_apply(self, r: _Rollout, n: _Node, now: float, out: _Out) -> None:
+        command = self._command(r, n, "apply", now)
+        n.apply_id = command.id
+        if self._online.get(n.name, True):
+            n.phase, n.detail, n.touched = "applying", "", True
+            n.deadline, n.deadline_kind = command.issued_at + r.spec.node_timeout_s, "node"
+        else:
+            # DESIGN 3.1: an offline target's retained command waits for it until it expires.
+            n.phase, n.detail, n.queued = "pending", "queued: node offline", True
+            n.deadline, n.deadline_kind = command.expires_at, "expiry"
+        out.add(PublishCommand(n.name, command))
+        out.touch(r, now)
+
+    def _send_restore(
+        self, r: _Rollout, n: _Node, action: CommandAction, now: float, out: _Out, phase: str = "rolling_back"
+    ) -> None:
+        command = self._command(r, n, action, now)
+        n.restore = "waiting"
+        # An offline node keeps its retained command; show why it does not answer.
+        n.phase = "offline" if phase == "rolling_back" and self._online.get(n.name) is False else phase
+        n.deadline, n.deadline_kind = command.issued_at + r.spec.node_timeout_s, "restore"
+        out.add(PublishCommand(n.name, command))
+        out.touch(r, now)
+
+    def _clear(self, n: _Node, out: _Out) -> None:
+        if n.cleared or n.command_id is None:
+            return
+        n.cleared = True
+        # Only the latest command this hub sent to the node may be cleared: a newer
+        # rollout's command must stay retained (DESIGN 3.2).
+        if self._last.get(n.name) == n.command_id:
+            out.add(ClearCommand(n.name, n.command_id))
+
+    def _withdraw(self, r: _Rollout, n: _Node, now: float, out: _Out) -> None:
+        """Clear the retained apply of a node that never started it."""
+        self._clear(n, out)
+        n.queued = False
+        n.withdrawn = True
+        n.phase, n.detail = "pending", "withdrawn before it started"
+        n.deadline = n.deadline_kind = None
+        out.touch(r, now)
+
+    # ------------------------------------------------------------------ rollout decisions
+
+    def _progress(self, r: _Rollout, now: float, out: _Out) -> None:
+        """Take every decision the rollout's current facts allow."""
+        if r.state in ("pending", "running", "paused"):
+            self._check_failures(r, now, out)
+        if r.state == "running":
+            self._advance(r, now, out)
+        if r.state in ("rolling_back", "aborting"):
+            self._finish_restore(r, now, out)
+
+    def _failure_text(self, r: _Rollout) -> str:
+        parts = [f"{name} {r.nodes[name].detail}" for name in r.failures[:5]]
+        more = len(r.failures) - 5
+        return "; ".join(parts) + (f"; +{more} more" if more > 0 else "")
+
+    def _check_failures(self, r: _Rollout, now: float, out: _Out) -> None:
+        policy = r.spec.failure
+        if len(r.failures) <= policy.max_failed:
+            return
+        count = f" ({len(r.failures)} failed, max_failed {policy.max_failed})" if policy.max_failed else ""
+        evidence = {name: r.nodes[name].detail for name in r.failures[:50]}
+        if policy.on_failure == "halt":
+            r.state = "halted"
+            r.detail = f"halted: {self._failure_text(r)}{count}"
+            for n in r.nodes.values():
+                if n.queued:
+                    self._withdraw(r, n, now, out)
+            self._audit(r, "halted", r.detail, out, failures=evidence)
+            out.touch(r, now)
+            return
+        self._start_restore(
+            r,
+            "rolling_back",
+            f"rollback started: {self._failure_text(r)}{count}",
+            now,
+            out,
+            retry=False,
+            evidence=evidence,
+        )
+
+    def _start_restore(
+        self,
+        r: _Rollout,
+        state: Literal["rolling_back", "aborting"],
+        reason: str,
+        now: float,
+        out: _Out,
+        *,
+        retry: bool,
+        evidence: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Coordinated rollback (DESIGN 3.4/3.5): abort the running, roll back the applied."""
+        r.state = state
+        r.detail = reason
+        kind = "rollback_started" if state == "rolling_back" else "abort_started"
+        self._audit(r, kind, reason, out, failures=dict(evidence or {}))
+        sent = {"abort": 0, "rollback": 0, "withdrawn": 0}
+        for n in r.nodes.values():
+            if n.queued:
+                self._withdraw(r, n, now, out)
+                sent["withdrawn"] += 1
+            elif n.phase == "applying" and not n.failed:
+                self._send_restore(r, n, "abort", now, out)
+                sent["abort"] += 1
+            elif n.restore in ("waiting", "restored"):
+                continue  # restoring itself (or done): wait for it
+            elif (n.applied and n.restore is None) or (retry and n.touched and n.restore == "unrestored"):
+                self._send_restore(r, n, "rollback", now, out)
+                sent["rollback"] += 1
+        if any(sent.values()):
+            self._audit(
+                r,
+                "commands_sent",
+                f"sent abort to {sent['abort']}, rollback to {sent['rollback']} nodes; "
+                f"withdrew {sent['withdrawn']} queued commands",
+                out,
+                abort=sent["abort"],
+                rollback=sent["rollback"],
+                withdrawn=sent["withdrawn"],
+            )
+        out.touch(r, now)
+        self._finish_restore(r, now, out)
+
+    def _finish_restore(self, r: _Rollout, now: float, out: _Out) -> None:
+        if any(n.restore == "waiting" for n in r.nodes.values()):
+            return
+        touched = [n for n in r.nodes.values() if n.touched]
+        unrestored = [n for n in touched if n.restore != "restored"]
+        if r.state == "aborting" and not touched:
+            r.state, r.detail = "aborted", "aborted before any node started"
+            self._audit(r, "aborted", r.detail, out)
+        elif not unrestored:
+            r.state = "rolled_back"
+            r.detail = f"rolled back: every touched node restored ({len(touched)})"
+            self._audit(r, "rolled_back", r.detail, out, restored=len(touched))
+        else:
+            r.state = "rollback_failed" if r.state == "rolling_back" else "aborted"
+            names = ", ".join(f"{n.name} ({n.detail})" for n in unrestored[:20])
+            more = f", +{len(unrestored) - 20} more" if len(unrestored) > 20 else ""
+            r.detail = f"not restored: {names}{more}"
+            self._audit(r, r.state, r.detail, out, not_restored={n.name: n.detail for n in unrestored[:100]})
+        out.touch(r, now)
+
+    def _advance(self, r: _Rollout, now: float, out: _Out) -> None:
+        """Dispatch within the current wave, and move on once it is done and soaked."""
+        soak = r.spec.strategy.soak_s
+        for _ in range(len(r.waves) + 1):
+            wave = [r.nodes[name] for name in r.waves[r.wave]]
+            waiting = [n.name for n in wave if n.command_id is None and not n.failed]
+            if waiting:
+                busy = sum(1 for n in r.nodes.values() if n.is_open)
+                for name in dispatchable(waiting, busy, r.spec.strategy.max_parallel):
+                    self._send_apply(r, r.nodes[name], now, out)
+            if not all((n.applied or n.failed) and not n.queued and n.phase != "applying" for n in wave):
+                return
+            if r.wave_done_at is None:
+                r.wave_done_at = now
+                out.touch(r, now)
+                if soak > 0:
+                    self._audit(
+                        r,
+                        "soak_started",
+                        f"wave {r.wave + 1} done; soaking {_seconds(soak)}",
+                        out,
+                        wave=r.wave + 1,
+                    )
+            if soak > 0 and now < max(r.wave_done_at + soak, r.hold_until):
+                return
+            if r.wave + 1 < len(r.waves):
+                r.wave += 1
+                r.wave_done_at = None
+                self._audit(
+                    r,
+                    "wave_started",
+                    f"wave {r.wave + 1} of {len(r.waves)} started ({len(r.waves[r.wave])} nodes)",
+                    out,
+                    wave=r.wave + 1,
+                    nodes=r.waves[r.wave][:50],
+                )
+                out.touch(r, now)
+                continue
+            r.state = "succeeded"
+            tolerated = len(r.failures)
+            r.detail = (
+                f"succeeded with {tolerated} failed nodes (max_failed {r.spec.failure.max_failed})"
+                if tolerated
+                else f"succeeded on {len(r.nodes)} nodes"
+            )
+            self._audit(r, "succeeded", r.detail, out, failed=r.failures[:50])
+            out.touch(r, now)
+            return
+
+
+_COUNTED_AS = {
+    "pending": "pending",
+    "applying": "running",
+    "rolling_back": "running",
+    "succeeded": "succeeded",
+    "failed": "failed",
+    "rejected": "failed",
+    "timed_out": "failed",
+    "offline": "failed",
+    "rolled_back": "rolled_back",
+}

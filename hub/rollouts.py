@@ -1,0 +1,407 @@
+"""The rollout manager: feeds ``hub.engine.RolloutEngine`` and carries out its actions.
+
+``hub.service`` hands it requests, node reports and presence transitions; it
+turns each into an engine event under one lock (so actions leave in the order
+the engine decided them), then:
+
+- ``PublishCommand``: the store is flushed first (durable before visible,
+  DESIGN 3.6: a restarted hub must know every command it ever sent, so it
+  never issues a second apply for the same rollout), then the command is
+  signed and published retained on the node's ``cmd`` topic.
+- ``ClearCommand``: an empty retained payload on the node's ``cmd`` topic.
+- ``Audit``: an entry in the store's ``audit`` table and an ``Event`` (QoS 0).
+- ``RolloutChanged``: the rollout's record is put in the store and its
+  retained ``RolloutSummary`` published, both coalesced: at most one of each
+  per rollout per ``summary_interval_s``, the latest state always last. The
+  job snapshots the agents keep retained cover what a crash loses in between.
+
+A timer task sleeps until the engine's next deadline (node timeouts, expiry,
+soak) and feeds it a ``Tick``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal, Protocol
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import ValidationError
+
+from bus.errors import BusError, Conflict, FleetError, InvalidInput
+from bus.messages import (
+    Event,
+    JobSnapshot,
+    RolloutSpec,
+    RolloutSummary,
+    StepStatus,
+    TargetLabels,
+    decode,
+    describe,
+    encode,
+    new_id,
+)
+from bus.signing import sign_command
+from bus.topics import Topics
+from hub.engine import (
+    FINAL_STATES,
+    AbortRequested,
+    Action,
+    Audit,
+    ClearCommand,
+    EngineEvent,
+    PauseRequested,
+    PresenceChanged,
+    PublishCommand,
+    ResumeRequested,
+    RollbackRequested,
+    RolloutChanged,
+    RolloutCreated,
+    RolloutEngine,
+    RolloutsLoaded,
+    SnapshotReported,
+    StepReported,
+    Tick,
+    check_record,
+)
+
+__all__ = ["FleetView", "RolloutManager", "RolloutStore"]
+
+_LOGGER = logging.getLogger(__name__)
+
+#: Longest nap of the timer: a wall-clock jump is noticed within this.
+_MAX_SLEEP_S = 30.0
+#: Pause after a tick, so a deadline that stays due cannot spin the loop.
+_TICK_FLOOR_S = 0.01
+_LISTED = 20
+
+
+class FleetView(Protocol):
+    """What the manager needs of ``hub.registry.Registry``."""
+
+    def is_online(self, node: str) -> bool:
+        """True when ``node`` is online."""
+
+    def resolve(self, targets: list[str] | TargetLabels | Literal["all"]) -> tuple[list[str], list[str]]:
+        """(known nodes, unknown names) of a rollout's targets."""
+
+
+class RolloutStore(Protocol):
+    """What the manager needs of ``hub.store.Store``."""
+
+    def put(self, table: str, key: str, doc: dict[str, Any]) -> None:
+        """Insert or replace one document (in memory; on disk at the next commit)."""
+
+    def all(self, table: str) -> list[dict[str, Any]]:
+        """Every document of ``table``."""
+
+    def append(self, table: str, doc: dict[str, Any]) -> Any:
+        """Add a document under a new key."""
+
+    async def flush(self) -> None:
+        """Return once everything put so far is on disk."""
+
+
+Publish = Callable[..., Awaitable[None]]
+
+
+def _listed(names: list[str]) -> str:
+    more = f" (+{len(names) - _LISTED} more)" if len(names) > _LISTED else ""
+    return ", ".join(names[:_LISTED]) + more
+
+
+class RolloutManager:
+    """Runs every rollout of the hub (see the module docstring).
+
+    Args:
+        topics: the topic prefix in use.
+        publish: ``bus.mqtt.MqttClient.publish`` (or the hub's wrapper of it).
+        store: the hub's store (tables ``rollouts`` and ``audit``).
+        registry: fleet presence, to resolve and check targets.
+        signing_key: the hub's Ed25519 key; every command is signed with it.
+        clock: wall-clock seconds; commands carry ``issued_at``/``expires_at`` from it.
+        new_id: id factory for rollouts and commands.
+        resume_grace_s: after a restart, how long timeouts wait for retained snapshots.
+        summary_interval_s: at most one summary publish (and record put) per rollout this often.
+    """
+
+    def __init__(
+        self,
+        *,
+        topics: Topics,
+        publish: Publish,
+        store: RolloutStore,
+        registry: FleetView,
+        signing_key: Ed25519PrivateKey,
+        clock: Callable[[], float] = time.time,
+        new_id: Callable[[], str] = new_id,
+        resume_grace_s: float = 5.0,
+        summary_interval_s: float = 0.075,
+    ) -> None:
+        self._topics = topics
+        self._publish = publish
+        self._store = store
+        self._registry = registry
+        self._key = signing_key
+        self._clock = clock
+        self._new_id = new_id
+        self._interval = summary_interval_s
+        self._engine = RolloutEngine(new_id=new_id, resume_grace_s=resume_grace_s)
+        self._lock = asyncio.Lock()
+        self._dirty: dict[str, None] = {}
+        self._dirty_event = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._running = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Reload every rollout from the store, resume the non-final ones, start the timers."""
+        if self._running:
+            return
+        records = []
+        for record in self._store.all("rollouts"):
+            problem = check_record(record)
+            if problem is not None:
+                _LOGGER.error("skipping stored rollout: %s", problem)
+                continue
+            records.append(record)
+        await self._run(RolloutsLoaded(tuple(records)))
+        self._running = True
+        for coro, name in (
+            (self._timer_loop(), "rollouts-timer"),
+            (self._summary_loop(), "rollouts-summaries"),
+        ):
+            task = asyncio.create_task(coro, name=name)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        resumed = [rid for rid in self._engine.rollout_ids() if self._engine.state(rid) not in FINAL_STATES]
+        _LOGGER.info("rollouts: %d loaded, %d resumed", len(records), len(resumed))
+
+    async def stop(self) -> None:
+        """Stop the timers; put and publish the latest state of every changed rollout."""
+        self._running = False
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._flush_summaries()
+
+    # ------------------------------------------------------------------ queries
+
+    def summaries(self) -> list[RolloutSummary]:
+        """Every rollout, oldest first."""
+        return [self._engine.summary(rid) for rid in self._engine.rollout_ids()]
+
+    def summary(self, rollout_id: str) -> RolloutSummary:
+        """One rollout's summary; NotFound if unknown."""
+        return self._engine.summary(rollout_id)
+
+    def audit(self, rollout_id: str) -> list[dict[str, Any]]:
+        """The audit entries of one rollout, oldest first; NotFound if unknown."""
+        self._engine.state(rollout_id)  # NotFound
+        return [entry for entry in self._store.all("audit") if entry.get("rollout") == rollout_id]
+
+    # ------------------------------------------------------------------ requests
+
+    async def request(self, op: str, body: dict[str, Any]) -> Any:
+        """Answer one rollout request.
+
+        Args:
+            op: ``create_rollout`` (body: a RolloutSpec), ``abort``, ``rollback``,
+                ``pause``, ``resume``, ``show`` (body: ``{"rollout": id}``) or ``list``.
+            body: the request's body.
+
+        Returns:
+            ``{"rollout": id}`` for create; ``{"rollout", "state"}`` for the
+            operations; a summary (``show``) or a list of them (``list``), as JSON values.
+
+        Raises:
+            InvalidInput: a bad spec or body (the message names the field).
+            Conflict: unknown, offline or busy targets (``exc.nodes``), or a
+                request the rollout's state does not allow.
+            NotFound: an unknown rollout id.
+        """
+        if op == "create_rollout":
+            return {"rollout": await self._create(body)}
+        if op == "list":
+            return [summary.model_dump(mode="json") for summary in self.summaries()]
+        if op not in _REQUESTS and op != "show":
+            raise InvalidInput(f"unknown rollout op {op[:40]!r}")
+        rollout = body.get("rollout") if isinstance(body, dict) else None
+        if not isinstance(rollout, str) or not rollout:
+            raise InvalidInput("rollout: a rollout id is required")
+        if op == "show":
+            return self.summary(rollout).model_dump(mode="json")
+        await self._run(_REQUESTS[op](rollout))
+        return {"rollout": rollout, "state": self._engine.state(rollout)}
+
+    async def _create(self, body: dict[str, Any]) -> str:
+        try:
+            spec = RolloutSpec.model_validate(body)
+        except ValidationError as exc:
+            raise InvalidInput(f"invalid rollout spec: {describe(exc)}") from exc
+        known, unknown = self._registry.resolve(spec.targets)
+        if unknown:
+            raise Conflict(f"unknown targets: {_listed(unknown)}", nodes=unknown)
+        if not known:
+            raise Conflict("the targets match no known node")
+        online = frozenset(node for node in known if self._registry.is_online(node))
+        if spec.require_online:
+            offline = [node for node in known if node not in online]
+            if offline:
+                raise Conflict(
+                    f"offline targets: {_listed(offline)} (set require_online false to queue them)",
+                    nodes=offline,
+                )
+        rollout = self._new_id()
+        await self._run(RolloutCreated(rollout, spec, tuple(known), online))
+        _LOGGER.info("rollout %s (%s) created on %d nodes", rollout, spec.name, len(known))
+        return rollout
+
+    # ------------------------------------------------------------------ bus input
+
+    async def on_node_message(self, node: str, channel: str, payload: Any) -> None:
+        """A node's ``StepStatus`` (channel "status") or retained ``JobSnapshot`` ("job").
+
+        ``payload`` is the raw bytes or the already decoded message. Malformed
+        payloads, and reports that name another node, cost a log line only.
+        """
+        if channel not in ("status", "job"):
+            return
+        if isinstance(payload, bytes | str) and not payload:
+            return  # a retained snapshot being cleared
+        report: StepStatus | JobSnapshot
+        try:
+            if channel == "status":
+                report = payload if isinstance(payload, StepStatus) else decode(StepStatus, payload)
+            else:
+                report = payload if isinstance(payload, JobSnapshot) else decode(JobSnapshot, payload)
+        except InvalidInput as exc:
+            _LOGGER.warning("malformed %s from %s ignored: %s", channel, node, exc.reason)
+            return
+        except TypeError:
+            _LOGGER.warning("unreadable %s from %s ignored: %r", channel, node, type(payload))
+            return
+        if report.node != node:
+            _LOGGER.warning("%s on %s's topic names node %r: ignored", channel, node, report.node)
+            return
+        if not self._engine.has(report.rollout):
+            return  # another hub's, or a rollout this hub no longer keeps
+        event: EngineEvent = (
+            StepReported(node, report) if isinstance(report, StepStatus) else SnapshotReported(node, report)
+        )
+        await self._run(event)
+
+    async def on_presence(self, node: str, online: bool) -> None:
+        """A registry transition: online (birth, heartbeat) or offline (will, shutdown, missed heartbeats)."""
+        await self._run(PresenceChanged(node, online))
+
+    # ------------------------------------------------------------------ running the engine
+
+    async def _run(self, event: EngineEvent) -> None:
+        async with self._lock:
+            actions = self._engine.handle(event, self._clock())
+            await self._execute(actions)
+        self._wake.set()
+
+    async def _execute(self, actions: list[Action]) -> None:
+        changed = [a.rollout for a in actions if isinstance(a, RolloutChanged)]
+        if any(isinstance(a, PublishCommand) for a in actions):
+            # Durable before visible: the record naming a command is on disk before
+            # the command is on the broker.
+            for rollout in changed:
+                self._store.put("rollouts", rollout, self._engine.record(rollout))
+            try:
+                await self._store.flush()
+            except FleetError as exc:
+                _LOGGER.error("rollout state not on disk before publishing commands: %s", exc.reason)  # noqa: TRY400
+        for action in actions:
+            try:
+                await self._carry_out(action)
+            except BusError as exc:
+                _LOGGER.warning("could not publish for %s: %s", getattr(action, "rollout", "?"), exc.reason)
+        for rollout in changed:
+            self._dirty[rollout] = None
+        if changed:
+            self._dirty_event.set()
+
+    async def _carry_out(self, action: Action) -> None:
+        if isinstance(action, PublishCommand):
+            signed = sign_command(action.command, self._key)
+            _LOGGER.debug("%s %s -> %s (%s)", action.command.action, signed.rollout, action.node, signed.id)
+            await self._publish(self._topics.node(action.node, "cmd"), encode(signed), qos=1, retain=True)
+        elif isinstance(action, ClearCommand):
+            await self._publish(self._topics.node(action.node, "cmd"), b"", qos=1, retain=True)
+        elif isinstance(action, Audit):
+            now = self._clock()
+            _LOGGER.info("rollout %s: %s", action.rollout, action.message)
+            self._store.append(
+                "audit",
+                {
+                    "rollout": action.rollout,
+                    "ts": now,
+                    "kind": action.kind,
+                    "message": action.message,
+                    "node": action.node,
+                    "evidence": dict(action.evidence),
+                },
+            )
+            event = Event(
+                ts=now, kind=action.kind, message=action.message, rollout=action.rollout, node=action.node
+            )
+            await self._publish(self._topics.events, encode(event), qos=0)
+
+    # ------------------------------------------------------------------ background tasks
+
+    async def _flush_summaries(self) -> None:
+        dirty = list(self._dirty)
+        self._dirty.clear()
+        for rollout in dirty:
+            self._store.put("rollouts", rollout, self._engine.record(rollout))
+            summary = self._engine.summary(rollout)
+            try:
+                await self._publish(self._topics.rollout(rollout), encode(summary), qos=1, retain=True)
+            except BusError as exc:
+                _LOGGER.warning("summary of %s not published: %s", rollout, exc.reason)
+
+    async def _summary_loop(self) -> None:
+        """Coalesce: publish what changed, then wait ``summary_interval_s`` before the next round."""
+        while True:
+            await self._dirty_event.wait()
+            self._dirty_event.clear()
+            await self._flush_summaries()
+            await asyncio.sleep(self._interval)
+
+    async def _timer_loop(self) -> None:
+        """Feed the engine a Tick at each deadline it reports."""
+        while True:
+            self._wake.clear()
+            deadline = self._engine.next_deadline()
+            if deadline is None:
+                await self._wake.wait()
+                continue
+            delay = deadline - self._clock()
+            if delay > 0:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), min(delay, _MAX_SLEEP_S))
+                continue  # woken by an event, or the nap is over: look again
+            try:
+                await self._run(Tick())
+            except FleetError:
+                _LOGGER.exception("rollout timer failed")
+            await asyncio.sleep(_TICK_FLOOR_S)
+
+
+_REQUESTS: dict[str, Callable[[str], EngineEvent]] = {
+    "abort": AbortRequested,
+    "rollback": RollbackRequested,
+    "pause": PauseRequested,
+    "resume": ResumeRequested,
+}

@@ -1,0 +1,504 @@
+"""Requests to the hub through a real broker: `fleet nodes`, `fleet rollout`, bad input of every kind."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bus.errors import Conflict, InvalidInput, NotFound
+from bus.messages import (
+    JobSnapshot,
+    NodeSummary,
+    Reply,
+    RolloutCounts,
+    RolloutSpec,
+    RolloutSummary,
+    StepStatus,
+    decode,
+    encode,
+    new_id,
+)
+from bus.mqtt import Message, MqttClient
+from bus.signing import generate_keypair
+from bus.topics import Topics
+from hub.config import NO_SIGNING_KEY
+from hub.registry import Registry
+from hub.service import HubService
+from tests.conftest import RunningBroker
+from tests.integration.test_registry import FakeAgent, hub_config, until
+
+pytestmark = pytest.mark.broker
+
+SPEC = {
+    "name": "app 2.0",
+    "targets": ["n1"],
+    "plan": [{"type": "script", "name": "install_update.sh", "args": ["2.0"], "rollback": "rollback.sh"}],
+}
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+async def fleet(*args: str, timeout: float = 60) -> tuple[int, str, str]:
+    """Run the real `fleet` command line; (exit code, stdout, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli.main", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def target(broker: RunningBroker, topics: Topics) -> list[str]:
+    return ["--broker", broker.url, "--prefix", topics.prefix]
+
+
+class Requester:
+    """Raw request/reply: publish any JSON to hub/request, collect replies."""
+
+    def __init__(self, client: MqttClient, topics: Topics) -> None:
+        self.client = client
+        self.topics = topics
+        self.reply_topic = topics.hub_reply(client.client_id)
+        self.replies: dict[str, Reply] = {}
+        self.seen: list[Message] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.client.subscribe(f"{self.topics.prefix}/#")
+        self._task = asyncio.create_task(self._pump())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await self._task
+
+    async def _pump(self) -> None:
+        async for message in self.client.messages():
+            self.seen.append(message)
+            if message.topic == self.reply_topic:
+                reply = decode(Reply, message.payload)
+                self.replies[reply.request] = reply
+
+    async def send(self, fields: dict[str, Any] | bytes) -> None:
+        payload = fields if isinstance(fields, bytes) else json.dumps(fields).encode()
+        await self.client.publish(self.topics.hub_request, payload, qos=1, wait=True)
+
+    async def ask(self, op: str, body: Any = None, **extra: Any) -> Reply:
+        request_id = new_id()
+        fields = {"v": 1, "id": request_id, "op": op, "reply_to": self.reply_topic, "body": body or {}}
+        fields.update(extra)
+        await self.send(fields)
+        await until(lambda: request_id in self.replies, f"the reply to {op}")
+        return self.replies[request_id]
+
+
+@pytest.fixture
+async def requester(broker: RunningBroker, topics: Topics) -> AsyncIterator[Requester]:
+    async with MqttClient(broker.url) as client:
+        req = Requester(client, topics)
+        await req.start()
+        try:
+            yield req
+        finally:
+            await req.stop()
+
+
+@pytest.fixture
+async def hub(broker: RunningBroker, topics: Topics, tmp_path: Path) -> AsyncIterator[HubService]:
+    service = HubService(hub_config(broker, topics, tmp_path))
+    await service.start()
+    try:
+        yield service
+    finally:
+        await service.stop()
+
+
+class FakeManager:
+    """Stands in for hub.rollouts.RolloutManager: answers requests, publishes retained summaries."""
+
+    def __init__(self, *, topics: Topics, publish: Callable[..., Any], store: Any, registry: Registry,
+                 signing_key: Any, clock: Callable[[], float]) -> None:
+        self.topics = topics
+        self.publish = publish
+        self.registry = registry
+        self.clock = clock
+        self.rollouts: dict[str, RolloutSummary] = {}
+        self.node_messages: list[tuple[str, str, Any]] = []
+        self.presence: list[tuple[str, bool]] = []
+        self.started = self.stopped = False
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+    async def set_state(self, rollout: str, state: str) -> None:
+        summary = self.rollouts[rollout].model_copy(update={"state": state, "updated_at": self.clock()})
+        self.rollouts[rollout] = summary
+        await self.publish(self.topics.rollout(rollout), encode(summary), qos=1, retain=True)
+
+    async def request(self, op: str, body: dict[str, Any]) -> Any:
+        if op == "create_rollout":
+            try:
+                spec = RolloutSpec.model_validate(body)
+            except ValueError as exc:
+                raise InvalidInput(f"invalid spec: {exc}") from exc
+            known, unknown = self.registry.resolve(spec.targets)
+            bad = unknown + [n for n in known if not self.registry.is_online(n)]
+            if bad:
+                raise Conflict(f"targets offline or unknown: {', '.join(bad)}", nodes=bad)
+            rid = new_id()
+            self.rollouts[rid] = RolloutSummary(
+                id=rid, name=spec.name, state="pending", created_at=self.clock(), updated_at=self.clock(),
+                counts=RolloutCounts(running=len(known)), waves=1, wave=1,
+                nodes={n: NodeSummary(phase="applying", step=0) for n in known},
+            )
+            await self.set_state(rid, "running")
+            return {"rollout": rid}
+        if op == "list":
+            return list(self.rollouts.values())
+        rollout = body.get("rollout")
+        if op == "show" and rollout == "explode":
+            raise RuntimeError("a bug in the manager")
+        if not isinstance(rollout, str) or rollout not in self.rollouts:
+            raise NotFound(f"no rollout {rollout!r}")
+        if op == "show":
+            audit = [{"ts": 1.0, "message": "made"}]
+            return {**self.rollouts[rollout].model_dump(mode="json"), "audit": audit}
+        await self.set_state(rollout, "aborting" if op == "abort" else self.rollouts[rollout].state)
+        return {"rollout": rollout, "state": self.rollouts[rollout].state}
+
+    async def on_node_message(self, node: str, channel: str, payload: Any) -> None:
+        self.node_messages.append((node, channel, payload))
+
+    async def on_presence(self, node: str, online: bool) -> None:
+        self.presence.append((node, online))
+
+
+@pytest.fixture
+async def managed_hub(broker: RunningBroker, topics: Topics, tmp_path: Path) -> AsyncIterator[HubService]:
+    key, _pub = generate_keypair(tmp_path / "keys")
+    service = HubService(hub_config(broker, topics, tmp_path, signing_key=key), manager_factory=FakeManager)
+    await service.start()
+    try:
+        yield service
+    finally:
+        await service.stop()
+
+
+def fake(service: HubService) -> FakeManager:
+    assert isinstance(service.manager, FakeManager)
+    return service.manager
+
+
+# ---------------------------------------------------------------------- fleet nodes
+
+
+async def test_fleet_nodes_json_and_table(hub: HubService, broker: RunningBroker, topics: Topics) -> None:
+    async with FakeAgent(broker, topics, "n1", labels={"role": "web"}) as one, \
+            FakeAgent(broker, topics, "n2", labels={"role": "db"}) as two:
+        await one.heartbeat()
+        await until(
+            lambda: hub.registry.is_online("n2") and hub.registry.to_api("n1")["heartbeat"] is not None,
+            "both nodes seen",
+        )
+        await two.publish_state("offline", "shutdown")
+        await until(lambda: not hub.registry.is_online("n2"), "n2 offline")
+
+        code, out, err = await fleet("nodes", *target(broker, topics), "--json")
+        assert code == 0, err
+        table = json.loads(out)
+        assert [n["node"] for n in table] == ["n1", "n2"]
+        assert table == hub.registry.all_api()
+        first = table[0]
+        assert list(first)[:6] == ["node", "online", "last_seen", "labels", "inventory", "job"]
+        assert first["online"] is True
+        assert first["labels"] == {"role": "web"}
+        assert table[1]["online"] is False
+
+        code, out, err = await fleet("nodes", *target(broker, topics))
+        assert code == 0, err
+        lines = out.splitlines()
+        assert lines[0].split()[:3] == ["NODE", "STATE", "LAST"]
+        assert lines[1].split()[:2] == ["n1", "online"]
+        assert "role=web" in lines[1]
+        assert "0.25" in lines[1]
+        assert lines[2].split()[:2] == ["n2", "offline"]
+
+
+async def test_fleet_nodes_without_a_hub_fails_in_one_line(broker: RunningBroker, topics: Topics) -> None:
+    code, out, err = await fleet("nodes", *target(broker, topics), "--request-timeout", "1")
+    assert code == 1
+    assert out == ""
+    assert len(err.strip().splitlines()) == 1
+    assert "no reply from the hub" in err
+
+
+async def test_nodes_can_be_paged(hub: HubService, requester: Requester, broker: RunningBroker,
+                                  topics: Topics) -> None:
+    async with FakeAgent(broker, topics, "a"), FakeAgent(broker, topics, "b"), FakeAgent(broker, topics, "c"):
+        await until(lambda: len(hub.registry.online()) == 3, "three nodes")
+        page = await requester.ask("nodes", {"offset": 1, "limit": 1})
+        assert page.ok
+        assert [n["node"] for n in page.body] == ["b"]
+        some = await requester.ask("nodes", {"nodes": ["c", "zz", "a"]})
+        assert [n["node"] for n in some.body] == ["c", "a"]
+
+
+# ---------------------------------------------------------------------- bad input
+
+
+GARBAGE: list[bytes] = [
+    os.urandom(300),
+    b"\xff\xfe\x00garbage",
+    b"null",
+    b"[]",
+    b"{}",
+    b'"a string"',
+    b"1e999999",
+    b'{"v": 1, "node": 5, "state": [], "session": {}, "seq": "x", "op": 7, "id": null}',
+    b'{"v": 2, "node": "n1", "state": "online", "session": "s", "reason": "birth"}',
+    b'{"v": 1, "node": "someone-else", "state": "online", "session": "s", "reason": "birth"}',
+    b'{"big": "' + b"x" * 300_000 + b'"}',
+    b"[" * 100_000 + b"]" * 100_000,
+    b'{"a":' * 5000 + b"1" + b"}" * 5000,
+    b'{"v": 1, "node": "n1", "seq": NaN}',
+]
+
+
+async def test_malformed_payloads_on_every_topic_crash_nothing(
+    hub: HubService, requester: Requester, broker: RunningBroker, topics: Topics
+) -> None:
+    async with FakeAgent(broker, topics, "n1", labels={"keep": "me"}) as agent:
+        await until(lambda: hub.registry.is_online("n1"), "n1 online")
+        channels = [topics.node("n1", c) for c in ("state", "heartbeat", "status", "job")]
+        for topic in [*channels, topics.hub_request]:
+            for payload in GARBAGE:
+                await agent.client.publish(topic, payload, qos=1)
+        # A topic naming no valid node, and an empty (retained-clearing) payload.
+        await agent.client.publish(f"{topics.prefix}/node/bad id!/state", b"{}", qos=1)
+        await agent.client.publish(topics.node("n1", "job"), b"", qos=1, wait=True)
+        expected = len(GARBAGE) * 5
+        await until(lambda: hub.malformed >= expected, f"{expected} malformed messages handled")
+        assert hub.malformed == expected
+        # Nothing changed, and the hub still answers.
+        assert hub.registry.is_online("n1")
+        assert hub.registry.to_api("n1")["labels"] == {"keep": "me"}
+        reply = await requester.ask("nodes")
+        assert reply.ok
+        assert [n["node"] for n in reply.body] == ["n1"]
+
+
+async def test_reply_to_outside_the_reply_space_is_never_used(
+    hub: HubService, requester: Requester, topics: Topics
+) -> None:
+    cmd = topics.node("n1", "cmd")
+    bad_targets = [
+        cmd,
+        "../../node/n1/cmd",
+        f"{topics.prefix}/hub/reply/../../node/n1/cmd",
+        f"{topics.prefix}/hub/reply/a/b",
+        "+",
+        "#",
+        "other/v1/hub/reply/x",
+        "x" * 200,
+    ]
+    for reply_to in bad_targets:
+        await requester.send({"v": 1, "id": new_id(), "op": "nodes", "reply_to": reply_to, "body": {}})
+        # A bad request too: refusing it must not use the bad reply_to either.
+        await requester.send({"v": 1, "id": new_id(), "op": "nope", "reply_to": reply_to})
+    good = await requester.ask("nodes")
+    assert good.ok
+    hub_published = [m for m in requester.seen if m.topic not in (topics.hub_request, topics.hub_state)]
+    assert [m.topic for m in hub_published] == [requester.reply_topic]
+    assert not any(m.topic == cmd for m in requester.seen)
+
+
+async def test_bad_requests_get_ok_false_with_a_reason(hub: HubService, requester: Requester) -> None:
+    request_id = new_id()
+    await requester.send({"v": 1, "id": request_id, "op": "explode", "reply_to": requester.reply_topic})
+    await until(lambda: request_id in requester.replies, "the reply to a bad op")
+    reply = requester.replies[request_id]
+    assert not reply.ok
+    assert reply.error is not None
+    assert "op" in reply.error
+
+    extra = await requester.ask("nodes", surprise=1)
+    assert not extra.ok
+    assert extra.error is not None
+    assert "surprise" in extra.error
+    assert extra.body == {"kind": "invalid_input"}
+
+    not_object = await requester.ask("nodes", body=[1, 2])
+    assert not not_object.ok
+    assert not_object.error is not None
+    assert "body" in not_object.error
+
+    offset = await requester.ask("nodes", {"offset": -1})
+    assert not offset.ok
+    assert offset.error == "offset must be a non-negative integer"
+
+    no_key = await requester.ask("list")
+    assert not no_key.ok
+    assert no_key.error == NO_SIGNING_KEY
+    assert no_key.body == {"kind": "config"}
+
+    # Through the in-process door (the HTTP bridge's path) too.
+    with pytest.raises(InvalidInput, match="unknown op"):
+        await hub.request("drop_tables", {})
+    assert (await requester.ask("nodes")).ok
+
+
+# ---------------------------------------------------------------------- the manager seam
+
+
+async def test_manager_gets_reports_presence_and_errors_map_to_replies(
+    managed_hub: HubService, requester: Requester, broker: RunningBroker, topics: Topics
+) -> None:
+    manager = fake(managed_hub)
+    assert manager.started
+    async with FakeAgent(broker, topics, "n1") as agent:
+        await until(lambda: ("n1", True) in manager.presence, "presence reported")
+        status = StepStatus(node="n1", command="c1", rollout="r1", index=0, type="script", state="running",
+                            ts=time.time())
+        job = JobSnapshot(node="n1", id="c1", rollout="r1", action="apply", phase="applying")
+        await agent.client.publish(topics.node("n1", "status"), encode(status), qos=1)
+        await agent.client.publish(topics.node("n1", "job"), encode(job), qos=1, retain=True)
+        await until(lambda: len(manager.node_messages) == 2, "reports forwarded")
+        assert manager.node_messages == [("n1", "status", status), ("n1", "job", job)]
+        await agent.publish_state("offline", "lost")
+        await until(lambda: ("n1", False) in manager.presence, "offline reported")
+
+    refused = await requester.ask("create_rollout", {**SPEC, "targets": ["n1", "ghost"]})
+    assert not refused.ok
+    assert refused.body == {"kind": "conflict", "nodes": ["ghost", "n1"]}
+    assert refused.error is not None
+    assert "ghost" in refused.error
+
+    missing = await requester.ask("show", {"rollout": "nope"})
+    assert not missing.ok
+    assert missing.body == {"kind": "not_found"}
+
+    crash = await requester.ask("show", {"rollout": "explode"})
+    assert not crash.ok
+    assert crash.error == "internal error"
+
+    listing = await requester.ask("list")
+    assert listing.ok
+    assert listing.body == []
+
+
+async def test_fleet_rollout_command_line(
+    managed_hub: HubService, broker: RunningBroker, topics: Topics, tmp_path: Path
+) -> None:
+    manager = fake(managed_hub)
+    where = target(broker, topics)
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(SPEC))
+    bad_file = tmp_path / "bad.json"
+    bad_file.write_text(json.dumps({**SPEC, "plan": [{"type": "script"}]}))
+    not_json = tmp_path / "not.json"
+    not_json.write_text("{targets: all")
+
+    # Bad input: exit 2, one line naming the problem; nothing reaches the hub.
+    code, out, err = await fleet("rollout", *where, "create", str(bad_file))
+    assert (code, out) == (2, "")
+    assert len(err.strip().splitlines()) == 1
+    assert "plan.0.script.name" in err
+    code, _out, err = await fleet("rollout", *where, "create", str(not_json))
+    assert code == 2
+    assert "not valid JSON" in err
+
+    # Refused: an offline target is named, exit 1.
+    code, out, err = await fleet("rollout", *where, "create", str(spec_file))
+    assert (code, out) == (1, "")
+    assert "n1" in err
+    assert len(err.strip().splitlines()) == 1
+    assert manager.rollouts == {}
+
+    async with FakeAgent(broker, topics, "n1"):
+        await until(lambda: managed_hub.registry.is_online("n1"), "n1 online")
+
+        # --wait: the id on stdout at once, progress on stderr, exit 0 only for succeeded.
+        for final, expected_code in (("succeeded", 0), ("rolled_back", 1)):
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "cli.main", "rollout", "create", str(spec_file), "--wait",
+                "--timeout", "60", *where,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )
+            try:
+                assert proc.stdout is not None
+                assert proc.stderr is not None
+                rid = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode().strip()
+                assert rid in manager.rollouts
+                first = (await asyncio.wait_for(proc.stderr.readline(), 30)).decode()
+                assert f"rollout {rid[:8]} running" in first
+                await manager.set_state(rid, final)
+                out_rest, err_rest = await asyncio.wait_for(proc.communicate(), 30)
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+            assert proc.returncode == expected_code, err_rest
+            assert out_rest == b""
+            assert f"rollout {rid[:8]} {final}" in err_rest.decode()
+
+        code, out, err = await fleet("rollout", *where, "list", "--json")
+        assert code == 0, err
+        assert sorted(s["id"] for s in json.loads(out)) == sorted(manager.rollouts)
+        code, out, err = await fleet("rollout", *where, "list")
+        assert code == 0
+        assert out.splitlines()[0].split()[:3] == ["ID", "NAME", "STATE"]
+        assert all(rid in out for rid in manager.rollouts)
+
+        rid = next(iter(manager.rollouts))
+        code, out, err = await fleet("rollout", *where, "show", rid)
+        assert code == 0, err
+        assert rid in out
+        assert "n1" in out
+        assert "made" in out
+        code, out, err = await fleet("rollout", *where, "show", rid, "--json")
+        assert code == 0
+        assert json.loads(out)["id"] == rid
+
+        code, out, err = await fleet("rollout", *where, "abort", rid)
+        assert code == 0, err
+        assert "abort accepted" in out
+        assert manager.rollouts[rid].state == "aborting"
+
+        code, out, err = await fleet("rollout", *where, "abort", "no-such-rollout")
+        assert code == 1
+        assert "no rollout" in err
+
+
+async def test_rollout_wait_times_out_with_exit_1(
+    managed_hub: HubService, broker: RunningBroker, topics: Topics, tmp_path: Path
+) -> None:
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(SPEC))
+    async with FakeAgent(broker, topics, "n1"):
+        await until(lambda: managed_hub.registry.is_online("n1"), "n1 online")
+        code, out, err = await fleet("rollout", *target(broker, topics), "create", str(spec_file),
+                                     "--wait", "--timeout", "1")
+    assert code == 1
+    assert out.strip() in fake(managed_hub).rollouts
+    assert "gave up after 1 s" in err
+    assert "running" in err
+

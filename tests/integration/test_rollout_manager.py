@@ -1,0 +1,409 @@
+"""The RolloutManager end to end on a real broker, a real Store file and fake agents.
+
+The fake agents below are protocol peers, not mocks of the hub: they verify
+each command's signature over the fields as received, check that it names
+their node, ignore replays, refuse a command not later than the last one they
+ran, and answer with ``StepStatus`` and a retained ``JobSnapshot`` exactly as
+the agent protocol says (a failed step: ``failed``, then ``rolling_back``,
+then ``rolled_back`` with the failed step still shown).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from bus.errors import Conflict, InvalidInput, NotFound, SignatureError
+from bus.messages import (
+    Command,
+    Event,
+    JobSnapshot,
+    NodeState,
+    RolloutSummary,
+    StepState,
+    StepStatus,
+    decode,
+    encode,
+    loads_object,
+)
+from bus.mqtt import MqttClient
+from bus.signing import verify_fields
+from bus.topics import Topics
+from hub.registry import Registry
+from hub.rollouts import RolloutManager
+from hub.store import Store
+from tests.conftest import RunningBroker
+
+pytestmark = pytest.mark.broker
+
+DEADLINE = 20.0  # generous: the machine is shared
+PLAN: list[dict[str, Any]] = [
+    {"type": "script", "name": "install_update.sh", "rollback": "rollback.sh"},
+    {"type": "health", "check": "command", "target": "health.sh"},
+]
+
+
+async def until(predicate: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
+    """Poll ``predicate`` against a deadline."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+class FakeAgent:
+    """A node that speaks the agent protocol and records what it was sent."""
+
+    def __init__(
+        self,
+        broker: RunningBroker,
+        topics: Topics,
+        node: str,
+        key: Ed25519PrivateKey,
+        *,
+        fail_step: int | None = None,
+        hold: asyncio.Event | None = None,
+    ) -> None:
+        self.node = node
+        self.topics = topics
+        self.trusted = [key.public_key()]
+        self.fail_step = fail_step
+        self.hold = hold
+        self.client = MqttClient(broker.url, client_id=f"fake-{node}-{uuid.uuid4().hex[:6]}")
+        self.cmd_topic = topics.node(node, "cmd")
+        self.commands: list[Command] = []  # commands run, in order
+        self.replays = 0
+        self.rejected: list[str] = []
+        self.clears = 0
+        self.finished: list[str] = []  # final phases reported
+        self._seen: set[str] = set()
+        self._last_issued = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> FakeAgent:
+        await self.client.start()
+        await self.client.subscribe(self.cmd_topic)
+        self._task = asyncio.create_task(self._serve())
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.client.close()
+
+    @property
+    def actions(self) -> list[str]:
+        return [c.action for c in self.commands]
+
+    async def _serve(self) -> None:
+        async for message in self.client.messages():
+            if message.topic != self.cmd_topic:
+                continue
+            if not message.payload:
+                self.clears += 1
+                continue
+            await self._take(message.payload)
+
+    async def _take(self, payload: bytes) -> None:
+        fields = loads_object(payload)
+        try:
+            verify_fields(fields, self.trusted)
+            command = Command.model_validate(fields)
+        except (SignatureError, ValueError) as exc:
+            self.rejected.append(str(exc))
+            return
+        if command.node != self.node:
+            self.rejected.append("not my node")
+            return
+        if command.id in self._seen:
+            self.replays += 1
+            return
+        self._seen.add(command.id)
+        if command.issued_at <= self._last_issued or command.expires_at <= time.time():
+            self.rejected.append(f"stale command {command.id}")
+            await self._status(command, -1, "command", "rejected", "not later than the last command")
+            await self._snapshot(command, "rejected", [])
+            return
+        self._last_issued = command.issued_at
+        self.commands.append(command)
+        if command.action == "apply":
+            await self._apply(command)
+        else:
+            await self._snapshot(command, "rolling_back", [])
+            await self._snapshot(command, "rolled_back", [])
+            self.finished.append("rolled_back")
+
+    async def _apply(self, command: Command) -> None:
+        steps = [StepState(index=i, type=step.type) for i, step in enumerate(command.plan)]
+        await self._snapshot(command, "applying", steps)
+        for i, step in enumerate(command.plan):
+            steps[i] = StepState(index=i, type=step.type, state="running")
+            await self._status(command, i, step.type, "running")
+            if self.hold is not None and i == 0:
+                await self.hold.wait()
+            if i == self.fail_step:
+                steps[i] = StepState(index=i, type=step.type, state="failed", detail="exit 1")
+                await self._status(command, i, step.type, "failed", "exit 1")
+                await self._snapshot(command, "rolling_back", steps)
+                for j in reversed(range(i)):
+                    steps[j] = StepState(index=j, type=command.plan[j].type, state="rolled_back")
+                    await self._status(command, j, command.plan[j].type, "rolled_back")
+                await self._snapshot(command, "rolled_back", steps)
+                self.finished.append("rolled_back")
+                return
+            steps[i] = StepState(index=i, type=step.type, state="succeeded")
+            await self._status(command, i, step.type, "succeeded")
+            await self._snapshot(command, "applying", steps)
+        await self._snapshot(command, "succeeded", steps)
+        self.finished.append("succeeded")
+
+    async def _status(self, command: Command, index: int, type_: str, state: str, detail: str = "") -> None:
+        status = StepStatus.model_validate(
+            {
+                "node": self.node,
+                "command": command.id,
+                "rollout": command.rollout,
+                "index": index,
+                "type": type_,
+                "state": state,
+                "ts": time.time(),
+                "detail": detail,
+            }
+        )
+        await self.client.publish(self.topics.node(self.node, "status"), encode(status), qos=1)
+
+    async def _snapshot(self, command: Command, phase: str, steps: list[StepState]) -> None:
+        snapshot = JobSnapshot.model_validate(
+            {
+                "node": self.node,
+                "id": command.id,
+                "rollout": command.rollout,
+                "action": command.action,
+                "phase": phase,
+                "steps": [s.model_dump() for s in steps],
+                "issued_at": command.issued_at,
+                "updated_at": time.time(),
+            }
+        )
+        await self.client.publish(self.topics.node(self.node, "job"), encode(snapshot), qos=1, retain=True)
+
+
+class Hub:
+    """The hub's side: a client, a real Store, a Registry, the manager, and the message pump."""
+
+    def __init__(self, broker: RunningBroker, topics: Topics, db: Path, key: Ed25519PrivateKey) -> None:
+        self.topics = topics
+        self.store = Store(db, commit_interval_s=0.02)
+        self.registry = Registry(5.0)
+        self.client = MqttClient(broker.url, client_id=f"hub-{uuid.uuid4().hex[:8]}")
+        self.manager = RolloutManager(
+            topics=topics,
+            publish=self.client.publish,
+            store=self.store,
+            registry=self.registry,
+            signing_key=key,
+            summary_interval_s=0.05,
+        )
+        self.summaries: dict[str, RolloutSummary] = {}
+        self.events: list[Event] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def online(self, *nodes: str, now: float | None = None) -> None:
+        for node in nodes:
+            birth = NodeState(node=node, state="online", session=f"s-{node}", reason="birth")
+            self.registry.on_state(birth, now or time.time())
+
+    async def __aenter__(self) -> Hub:
+        await self.store.open()
+        await self.client.start()
+        for channel in ("status", "job"):
+            await self.client.subscribe(self.topics.node_filter(channel))
+        await self.client.subscribe(self.topics.rollout_filter)
+        await self.client.subscribe(self.topics.events)
+        await self.manager.start()
+        self._task = asyncio.create_task(self._pump())
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.manager.stop()
+        await self.store.close()
+        await self.client.close()
+
+    async def _pump(self) -> None:
+        async for message in self.client.messages():
+            rollout = self.topics.parse_rollout(message.topic)
+            if rollout is not None and message.payload:
+                self.summaries[rollout] = decode(RolloutSummary, message.payload)
+            elif message.topic == self.topics.events:
+                self.events.append(decode(Event, message.payload))
+            elif (parsed := self.topics.parse_node(message.topic)) is not None:
+                await self.manager.on_node_message(parsed.node, parsed.channel, message.payload)
+
+    def state(self, rollout: str) -> str:
+        return self.manager.summary(rollout).state
+
+    async def create(self, nodes: list[str], **fields: Any) -> str:
+        reply = await self.manager.request(
+            "create_rollout", {"name": "update", "targets": nodes, "plan": PLAN, **fields}
+        )
+        rollout: str = reply["rollout"]
+        return rollout
+
+
+@pytest.fixture
+def key() -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.generate()
+
+
+async def test_a_rollout_succeeds_on_three_nodes(
+    broker: RunningBroker, topics: Topics, tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    db = tmp_path / "hub.json"
+    nodes = ["n1", "n2", "n3"]
+    async with Hub(broker, topics, db, key) as hub, contextlib.AsyncExitStack() as stack:
+        agents = {n: await stack.enter_async_context(FakeAgent(broker, topics, n, key)) for n in nodes}
+        hub.online(*nodes)
+        rid = await hub.create(nodes, strategy={"waves": [1, "100%"]}, step_timeout_s=77)
+        await until(lambda: hub.state(rid) == "succeeded", "the rollout to succeed")
+        for agent in agents.values():
+            assert agent.actions == ["apply"]
+            assert agent.rejected == []
+            assert [step.timeout_s for step in agent.commands[0].plan] == [77, 77]
+        # Wave 1 (n1) went out, and finished, before wave 2.
+        assert agents["n1"].commands[0].issued_at < agents["n2"].commands[0].issued_at
+        # Each node's retained command is cleared once its part is final.
+        await until(lambda: all(a.clears >= 1 for a in agents.values()), "every command to be cleared")
+        # The retained summary on the broker ends with the final state.
+        await until(
+            lambda: rid in hub.summaries and hub.summaries[rid].state == "succeeded", "the final summary"
+        )
+        assert hub.summaries[rid].counts.succeeded == 3
+        assert (hub.summaries[rid].wave, hub.summaries[rid].waves) == (2, 2)
+        await until(lambda: any(e.kind == "succeeded" and e.rollout == rid for e in hub.events), "the event")
+        kinds = [entry["kind"] for entry in hub.manager.audit(rid)]
+        assert kinds[0] == "created"
+        assert kinds[-1] == "succeeded"
+        assert "wave_started" in kinds
+        listed = await hub.manager.request("list", {})
+        assert [s["id"] for s in listed] == [rid]
+        shown = await hub.manager.request("show", {"rollout": rid})
+        assert shown["state"] == "succeeded"
+    # Everything is in the store file, through the store's atomic rewrites.
+    data = json.loads(db.read_text())
+    assert data["rollouts"][rid]["state"] == "succeeded"
+    assert any(entry["kind"] == "succeeded" for entry in data["audit"].values())
+
+
+async def test_a_failing_node_rolls_the_others_back(
+    broker: RunningBroker, topics: Topics, tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    nodes = ["n1", "n2", "n3"]
+    async with Hub(broker, topics, tmp_path / "hub.json", key) as hub, contextlib.AsyncExitStack() as stack:
+        agents = {
+            n: await stack.enter_async_context(
+                FakeAgent(broker, topics, n, key, fail_step=1 if n == "n3" else None)
+            )
+            for n in nodes
+        }
+        hub.online(*nodes)
+        rid = await hub.create(nodes)
+        await until(lambda: hub.state(rid) == "rolled_back", "the rollout to roll back")
+        # The failed node restored itself; the others got a rollback (if done) or abort (if not).
+        assert agents["n3"].actions == ["apply"]
+        for node in ("n1", "n2"):
+            assert agents[node].actions[0] == "apply"
+            assert agents[node].actions[1:] in (["rollback"], ["abort"])
+            assert agents[node].commands[1].issued_at > agents[node].commands[0].issued_at
+            assert agents[node].rejected == []
+        summary = hub.manager.summary(rid)
+        assert {n: s.phase for n, s in summary.nodes.items()} == dict.fromkeys(nodes, "rolled_back")
+        assert summary.counts.rolled_back == 3
+        started = [e for e in hub.manager.audit(rid) if e["kind"] == "rollback_started"]
+        assert started[0]["message"] == "rollback started: n3 failed step 1 (health): exit 1"
+        assert started[0]["evidence"]["failures"] == {"n3": "failed step 1 (health): exit 1"}
+        await until(
+            lambda: rid in hub.summaries and hub.summaries[rid].state == "rolled_back", "the final summary"
+        )
+        # A finished rollout cannot be aborted; a rolled-back one not rolled back again.
+        with pytest.raises(Conflict):
+            await hub.manager.request("abort", {"rollout": rid})
+        with pytest.raises(Conflict):
+            await hub.manager.request("rollback", {"rollout": rid})
+
+
+async def test_a_restarted_hub_resumes_the_rollout_and_finishes_it(
+    broker: RunningBroker, topics: Topics, tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    db = tmp_path / "hub.json"
+    nodes = ["n1", "n2", "n3"]
+    hold = asyncio.Event()
+    async with contextlib.AsyncExitStack() as stack:
+        agents = {
+            n: await stack.enter_async_context(
+                FakeAgent(broker, topics, n, key, hold=hold if n == "n2" else None)
+            )
+            for n in nodes
+        }
+        async with Hub(broker, topics, db, key) as hub:
+            hub.online(*nodes)
+            rid = await hub.create(nodes, strategy={"waves": [1]})
+            await until(lambda: agents["n2"].actions == ["apply"], "wave 2 to reach n2")
+            assert hub.manager.summary(rid).nodes["n2"].phase == "applying"
+        # The hub is gone. n2 finishes meanwhile; only its retained snapshot tells.
+        hold.set()
+        await until(lambda: agents["n2"].finished == ["succeeded"], "n2 to finish")
+        assert agents["n3"].commands == []
+        async with Hub(broker, topics, db, key) as hub:
+            hub.online(*nodes)
+            await until(lambda: hub.manager.summary(rid).state == "succeeded", "the resumed rollout")
+            for agent in agents.values():
+                assert agent.actions == ["apply"]  # n2 never got a second apply: at most a replay
+                assert agent.rejected == []
+            kinds = [entry["kind"] for entry in hub.manager.audit(rid)]
+            assert "resumed_after_restart" in kinds
+            assert kinds[-1] == "succeeded"
+
+
+async def test_bad_requests_are_refused_and_change_nothing(
+    broker: RunningBroker, topics: Topics, tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    async with Hub(broker, topics, tmp_path / "hub.json", key) as hub:
+        hub.online("n1", "n2")
+        hub.registry.on_state(NodeState(node="n2", state="offline", session="s-n2", reason="lost"), time.time())
+        with pytest.raises(InvalidInput, match="plan"):
+            await hub.manager.request("create_rollout", {"name": "x", "targets": ["n1"], "plan": []})
+        with pytest.raises(InvalidInput, match=r"strategy\.max_parallel"):
+            await hub.create(["n1"], strategy={"max_parallel": 0})
+        with pytest.raises(Conflict) as unknown:
+            await hub.create(["n1", "ghost"])
+        assert unknown.value.nodes == ["ghost"]
+        with pytest.raises(Conflict) as offline:
+            await hub.create(["n1", "n2"])
+        assert offline.value.nodes == ["n2"]
+        with pytest.raises(NotFound):
+            await hub.manager.request("show", {"rollout": "nope"})
+        with pytest.raises(InvalidInput, match="rollout"):
+            await hub.manager.request("abort", {})
+        assert hub.manager.summaries() == []
+        # require_online false queues the offline node instead.
+        rid = await hub.create(["n2"], require_online=False)
+        assert hub.manager.summary(rid).nodes["n2"].phase == "pending"
+        with pytest.raises(Conflict) as busy:
+            await hub.create(["n2"], require_online=False)
+        assert busy.value.nodes == ["n2"]

@@ -1,0 +1,850 @@
+"""CommandRunner end to end on one node: real scripts, a real HTTP server, a real process service.
+
+Most tests record what the runner publishes with a fake ``publish``; one runs
+over each real broker, fed from a real MQTT subscription.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import http.server
+import json
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from bus.messages import (
+    Command,
+    DownloadStep,
+    FileStep,
+    HealthStep,
+    JobSnapshot,
+    LogLine,
+    ScriptStep,
+    ServiceStep,
+    StepStatus,
+    encode,
+    new_id,
+)
+from bus.mqtt import MqttClient
+from bus.signing import sign_command
+from bus.topics import Topics
+from edge_agent import system
+from edge_agent.runner import CommandRunner
+from edge_agent.settings import ExecutorSettings, ProcessService
+from tests.conftest import RunningBroker, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "tests" / "fixtures" / "scripts"
+NODE = "node-1"
+FINAL = {"succeeded", "failed", "rolled_back", "rejected"}
+
+# ----------------------------------------------------------------------------- helpers
+
+
+class Web:
+    """A real HTTP server on 127.0.0.1 serving files from a dict (in a thread)."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        files = self.files
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = files.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                return
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def add(self, path: str, body: bytes) -> str:
+        self.files[path] = body
+        return f"http://127.0.0.1:{self.server.server_address[1]}{path}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
+
+
+@pytest.fixture
+def web() -> Iterator[Web]:
+    server = Web()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def key() -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.generate()
+
+
+@pytest.fixture
+def scripts(tmp_path: Path) -> Path:
+    directory = tmp_path / "scripts"
+    directory.mkdir()
+    for script in FIXTURES.glob("*.sh"):
+        shutil.copy(script, directory / script.name)
+        (directory / script.name).chmod(0o755)
+    return directory
+
+
+@dataclass
+class App:
+    """A real process service: serves the version it read at start from ``version``."""
+
+    name: str
+    port: int
+    version: Path
+    spec: ProcessService
+    state_dir: Path
+
+    def served(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/", timeout=5) as response:
+            return str(response.read().decode())
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> Iterator[App]:
+    state_dir = tmp_path / "state"
+    (state_dir / "app").mkdir(parents=True)
+    version = state_dir / "app" / "version"
+    version.write_text("1.0\n")
+    port = free_port()
+    spec = ProcessService(
+        command=[
+            sys.executable,
+            str(FIXTURES / "version_server.py"),
+            "--port",
+            str(port),
+            "--version-file",
+            str(version),
+        ]
+    )
+    yield App("app", port, version, spec, state_dir)
+    _kill_service(state_dir, "app")
+
+
+def _kill_service(state_dir: Path, name: str) -> None:
+    pidfile = state_dir / "services" / f"{name}.pid"
+    with contextlib.suppress(OSError, ValueError):
+        pid = int(pidfile.read_text().split()[0])
+        os.killpg(pid, signal.SIGKILL)
+
+
+def make_settings(tmp_path: Path, scripts: Path, key: Ed25519PrivateKey, **extra: Any) -> ExecutorSettings:
+    return ExecutorSettings(
+        node=NODE,
+        state_dir=tmp_path / "state",
+        scripts_dir=scripts,
+        trusted_keys=(key.public_key(),),
+        **extra,
+    )
+
+
+_last_issued = [0.0]
+
+
+def command(
+    key: Ed25519PrivateKey, plan: list[Any], *, rollout: str = "r1", action: str = "apply", **fields: Any
+) -> Command:
+    """A signed command, issued later than every command made before it."""
+    issued = max(time.time(), _last_issued[0] + 0.001)
+    _last_issued[0] = issued
+    cmd = Command.model_validate(
+        {
+            "id": new_id(),
+            "node": NODE,
+            "rollout": rollout,
+            "action": action,
+            "issued_at": issued,
+            "expires_at": issued + 600,
+            "plan": [p.model_dump() for p in plan],
+            **fields,
+        }
+    )
+    return sign_command(cmd, key)
+
+
+@dataclass
+class Recorder:
+    """A fake ``publish`` that records every message and wakes waiters."""
+
+    messages: list[tuple[str, bytes, int, bool]] = field(default_factory=list)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        self.messages.append((topic, payload, qos, retain))
+        self.changed.set()
+
+    def of(self, channel: str) -> list[tuple[str, bytes, int, bool]]:
+        return [m for m in self.messages if m[0].endswith(f"/{channel}")]
+
+    def statuses(self, command_id: str | None = None) -> list[StepStatus]:
+        found = [StepStatus.model_validate_json(m[1]) for m in self.of("status")]
+        return [s for s in found if command_id is None or s.command == command_id]
+
+    def snapshots(self) -> list[JobSnapshot]:
+        return [JobSnapshot.model_validate_json(m[1]) for m in self.of("job")]
+
+    def logs(self) -> list[LogLine]:
+        return [LogLine.model_validate_json(m[1]) for m in self.of("log")]
+
+    def final(self, command_id: str) -> JobSnapshot | None:
+        snaps = [s for s in self.snapshots() if s.id == command_id and s.phase in FINAL]
+        return snaps[-1] if snaps else None
+
+    async def wait(self, predicate: Callable[[], object], timeout: float = 60.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            self.changed.clear()
+            if predicate():
+                return
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise AssertionError(f"condition not met within {timeout} s; published: {self.summary()}")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), remaining)
+
+    async def final_of(self, command_id: str, timeout: float = 60.0) -> JobSnapshot:
+        await self.wait(lambda: self.final(command_id), timeout)
+        snap = self.final(command_id)
+        assert snap is not None
+        return snap
+
+    def summary(self) -> list[str]:
+        out = []
+        for s in self.statuses():
+            out.append(f"status {s.index} {s.type} {s.state} {s.detail[:120]}")
+        for j in self.snapshots():
+            out.append(f"job {j.action} {j.phase} {j.detail[:120]}")
+        return out
+
+
+@pytest.fixture
+async def recorder() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+async def runners() -> AsyncIterator[list[CommandRunner]]:
+    made: list[CommandRunner] = []
+    yield made
+    for runner in made:
+        await runner.close()
+
+
+def cmd_topic(topics: Topics) -> str:
+    return topics.node(NODE, "cmd")
+
+
+def pairs(statuses: list[StepStatus]) -> list[tuple[int, str]]:
+    return [(s.index, s.state) for s in statuses]
+
+
+def update_plan(
+    web: Web, app: App, *, new: bytes = b"2.0\n", expect: str = "2.0", sha: str | None = None
+) -> list[Any]:
+    """download -> stop -> file -> start -> http health, the update the issue describes."""
+    url = web.add("/app-2.0", new)
+    return [
+        DownloadStep(url=url, sha256=sha or hashlib.sha256(new).hexdigest(), name="app-2.0"),
+        ServiceStep(action="stop", name=app.name),
+        FileStep(src="app-2.0", dest=str(app.version), mode="0644"),
+        ServiceStep(action="start", name=app.name),
+        HealthStep(
+            check="http", target=f"http://127.0.0.1:{app.port}/", expect=expect, retries=20, interval_s=0.1
+        ),
+    ]
+
+
+async def start_app(app: App) -> None:
+    await system.start_service(
+        app.name, argv=app.spec.command, cwd=app.state_dir, env=dict(os.environ), state_dir=app.state_dir
+    )
+    await wait_served(app, "1.0")
+
+
+async def wait_served(app: App, version: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            last = await asyncio.to_thread(app.served)
+        except OSError as exc:
+            last = str(exc)
+        if last.strip() == version:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"service serves {last!r}, not {version!r}")
+
+
+def expected_success(steps: int) -> list[tuple[int, str]]:
+    return [(i, s) for i in range(steps) for s in ("running", "succeeded")]
+
+
+# ------------------------------------------------------------------------------ tests
+
+
+async def test_update_success_reports_every_transition_in_order(
+    tmp_path: Path,
+    scripts: Path,
+    key: Ed25519PrivateKey,
+    web: Web,
+    app: App,
+    recorder: Recorder,
+    topics: Topics,
+    runners: list[CommandRunner],
+) -> None:
+    settings = make_settings(tmp_path, scripts, key, services={"app": app.spec})
+    runner = CommandRunner(settings, topics, recorder.publish)
+    runners.append(runner)
+    await start_app(app)
+    cmd = command(key, update_plan(web, app))
+
+    await runner.handle_command(cmd_topic(topics), encode(cmd))
+    final = await recorder.final_of(cmd.id)
+
+    assert final.phase == "succeeded", recorder.summary()
+    assert pairs(recorder.statuses(cmd.id)) == expected_success(5)
+    assert [s.type for s in recorder.statuses(cmd.id)][::2] == [
+        "download",
+        "service",
+        "file",
+        "service",
+        "health",
+    ]
+    # Every transition updated the retained snapshot, in order.
+    snaps = [s for s in recorder.snapshots() if s.id == cmd.id]
+    assert [s.phase for s in snaps] == ["applying"] * 11 + ["succeeded"]
+    shown = [[st.state for st in s.steps] for s in snaps]
+    assert shown[0] == ["pending"] * 5
+    assert shown[1] == ["running"] + ["pending"] * 4
+    assert shown[2] == ["succeeded"] + ["pending"] * 4
+    assert shown[-1] == ["succeeded"] * 5
+    assert all(m[3] for m in recorder.of("job"))
+    assert all(m[2] == 1 for m in recorder.of("status"))
+    assert all(m[2] == 0 for m in recorder.of("log"))
+    await wait_served(app, "2.0")
+    assert app.version.read_text() == "2.0\n"
+    assert (settings.cache_dir / "app-2.0").read_bytes() == b"2.0\n"
+    assert runner.current_job() is None
+
+
+async def test_health_failure_restores_the_node_by_itself(
+    tmp_path: Path,
+    scripts: Path,
+    key: Ed25519PrivateKey,
+    web: Web,
+    app: App,
+    recorder: Recorder,
+    topics: Topics,
+    runners: list[CommandRunner],
+) -> None:
+    settings = make_settings(tmp_path, scripts, key, services={"app": app.spec})
+    runner = CommandRunner(settings, topics, recorder.publish)
+    runners.append(runner)
+    await start_app(app)
+    plan = update_plan(web, app, expect="3.0")
+    plan[-1] = plan[-1].model_copy(update={"retries": 2, "interval_s": 0.05})
+    cmd = command(key, plan)
+
+    await runner.handle_command(cmd_topic(topics), encode(cmd))
+    final = await recorder.final_of(cmd.id)
+
+    assert final.phase == "rolled_back", recorder.summary()
+    assert pairs(recorder.statuses(cmd.id)) == [
+        *expected_success(4),
+        (4, "running"),
+        (4, "failed"),
+        (4, "rolled_back"),
+        (3, "rolled_back"),
+        (2, "rolled_back"),
+        (1, "rolled_back"),
+        (0, "rolled_back"),
+    ]
+    failed = recorder.statuses(cmd.id)[9]
+    assert "'3.0' not in the response" in failed.detail
+    # The failure stays visible in the retained snapshot: phase rolled_back + a failed step.
+    assert [s.state for s in final.steps] == ["rolled_back"] * 4 + ["failed"]
+    assert "rolling_back" in [s.phase for s in recorder.snapshots()]
+    await wait_served(app, "1.0")  # the old file is back and the service runs it again
+    assert app.version.read_text() == "1.0\n"
+    assert not (settings.cache_dir / "app-2.0").exists()
+
+
+async def test_checksum_mismatch_leaves_nothing_in_the_cache(
+    tmp_path: Path,
+    scripts: Path,
+    key: Ed25519PrivateKey,
+    web: Web,
+    recorder: Recorder,
+    topics: Topics,
+    runners: list[CommandRunner],
+) -> None:
+    settings = make_settings(tmp_path, scripts, key)
+    runner = CommandRunner(settings, topics, recorder.publish)
+    runners.append(runner)
+    url = web.add("/blob", b"tampered")
+    cmd = command(key, [DownloadStep(url=url, sha256="0" * 64, name="blob")])
+
+    await runner.handle_command(cmd_topic(topics), encode(cmd))
+    final = await recorder.final_of(cmd.id)
+
+    assert final.phase == "rolled_back"
+    assert pairs(recorder.statuses(cmd.id)) == [(0, "running"), (0, "failed"), (0, "rolled_back")]
+    assert "sha256 mismatch" in recorder.statuses(cmd.id)[1].detail
+    assert final.steps[0].state == "failed"
+    assert list(settings.cache_dir.iterdir()) == []
+
+
+async def poll(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat[stat.rfind(")") + 2] in "ZX"
+
+
+async def _wait_gone(pid: int, timeout: float = 15.0) -> None:
+    await poll(lambda: _gone(pid), timeout)
+
+
+async def test_script_timeout_kills_its_process_group(
+    tmp_path: Path,
+    scripts: Path,
+    key: Ed25519PrivateKey,
+    recorder: Recorder,
+    topics: Topics,
+    runners: list[CommandRunner],
+) -> None:
+    settings = make_settings(tmp_path, scripts, key)
+    runner = CommandRunner(settings, topics, recorder.publish)
+    runners.append(runner)
+    cmd = command(key, [ScriptStep(name="sleepy.sh", args=["120"], timeout_s=1.0)])
+
+    await runner.handle_command(cmd_topic(topics), encode(cmd))
+    final = await recorder.final_of(cmd.id)
+
+    assert final.phase == "rolled_back"
+    failed = recorder.statuses(cmd.id)[1]
+    assert (failed.state, failed.index) == ("failed", 0)
+    assert "timed out after 1 s" in failed.detail
+    script_pid = int((settings.state_dir / "sleepy.pid").read_text())
+    child_pid = int((settings.state_dir / "sleepy.child").read_text())
+    await _wait_gone(script_pid)
+    await _wait_gone(child_pid)  # the script's child went with its process group
+    assert any(line.line == "sleeping" and line.stream == "stdout" for line in recorder.logs())
+
+
+async def test_abort_mid_step_cancels_it_and_rolls_back(
+    tmp_path: Path,
+    scripts: Path,
+    key: Ed25519PrivateKey,
+    recorder: Recorder,
+    topics: Topics,
+    runners: list[CommandRunner],
+) -> None:
+    settings = make_settings(tmp_path, scripts, key)
+    runner = CommandRunner(settings, topics, recorder.publish)
+    runners.append(runner)
+    apply = command(
+        key,
+        [
+            ScriptStep(name="record.sh", args=["one"], rollback="record.sh"),
+            ScriptStep(name="sleepy.sh", args=["120"], rollback="record.sh"),
+            ScriptStep(name="record.sh", args=["never"]),
+        ],
+    )
+    await runner.handle_command(cmd_topic(topics), encode(apply))
+    await recorder.wait(lambda: (1, "running") in pairs(recorder.statuses(apply.id)))
+    await poll(lambda: (settings.state_dir / "sleepy.child").exists())
+    job = runner.current_job()
+    assert job is not None
+    assert (job.rollout, job.command, job.step) == ("r1", apply.id, 1)
+
+    abort = command(key, [], action="abort")
+    await runner.handle_command(cmd_topic(topics), encode(abort))
+    final = await recorder.final_of(abort.id)
+
+    assert final.phase == "rolled_back", recorder.summary()
+    assert final.action == "abort"
+    assert final.rollout == "r1"
+    assert pairs(recorder.statuses(abort.id)) == [(1, "rolled_back"), (0, "rolled_back")]
+    assert [s.state for s in final.steps] == ["rolled_back", "rolled_back", "skipped"]
+    assert (settings.state_dir / "record.log").read_text().splitlines() == [
+        "apply record.sh one",
+        "rollback record.sh 120",
+        "rollback record.sh one",
+    ]
+    await _wait_gone(int((settings.state_dir / "sleepy.child").read_text()))
+    assert runner.current_job() is None
+
+
+async def test_rollback_after_success_restores_the_old_version(
+    tmp_path: Path,
+    scripts: Path,
+    key: Ed25519PrivateKey,
+    web: Web,
+    app: App,
+    recorder: Recorder,
+    topics: Topics,
+    runners: list[CommandRunner],
+) -> None:
+    settings = make_settings(tmp_path, scripts, key, services={"app": app.spec})
+    runner = CommandRunner(settings, topics, recorder.publish)
+    runners.append(runner)
+    await start_app(app)
+    apply = command(key, update_plan(web, app), rollout="r7")
+    await runner.handle_command(cmd_topic(topics), encode(apply))
+    assert (await recorder.final_of(apply.id)).phase == "succeeded"
+    await wait_served(app, "2.0")
+
+    rollback = command(key, [], rollout="r7", action="rollback")
+    await runner.handle_command(cmd_topic(topics), encode(rollback))
+    final = await recorder.final_of(rollback.id)
+
+    assert final.phase == "rolled_back", recorder.summary()
+    assert pairs(recorder.statuses(rollback.id)) == [(i, "rolled_back") for i in (4, 3, 2, 1, 0)]
+    assert [s.state for s in final.steps] == ["rolled_back"] * 5
+    await wait_served(app, "1.0")
+    assert app.version.read_text() == "1.0\n"
+
+    again = command(key, [], rollout="r7", action="rollback")
+    await runner.handle_command(cmd_topic(topics), encode(again))
+    final = await recorder.final_of(again.id)
+    assert (final.phase, final.detail) == ("rolled_back", "nothing to roll back")
+    assert pairs(recorder.statuses(again.id)) == [(-1, "rolled_back")]
+
+
+async def test_rollback_and_abort_of_unknown_rollouts_are_idempotent(
+    tmp_path: Path,
+    scripts: Path,
+    key: Ed25519PrivateKey,
+    recorder: Recorder,
+    topics: Topics,
+    runners: list[CommandRunner],
+) -> None:
+    runner = CommandRunner(make_settings(tmp_path, scripts, key), topics, recorder.publish)
+    runners.append(runner)
+    rollback = command(key, [], rollout="never-ran", action="rollback")
+    abort = command(key, [], rollout="never-ran-either", action="abort")
+    await runner.handle_command(cmd_topic(topics), encode(rollback))
+    await runner.handle_command(cmd_topic(topics), encode(abort))
+    assert (await recorder.final_of(rollback.id)).detail == "nothing to roll back"
+    final = await recorder.final_of(abort.id)
+    assert (final.phase, final.detail) == ("rolled_back", "nothing to undo")
+
+
+async def test_busy_agent_rejects_a_second_apply(
+    tmp_path: Path,
+    scripts: Path,
+    key: Ed25519PrivateKey,
+    recorder: Recorder,
+    topics: Topics,
+    runners: list[CommandRunner],
+) -> None:
+    runner = CommandRunner(make_settings(tmp_path, scripts, key), topics, recorder.publish)
+    runners.append(runner)
+    first = command(key, [ScriptStep(name="sleepy.sh", args=["120"])], rollout="first")
+    await runner.handle_command(cmd_topic(topics), encode(first))
+    await recorder.wait(lambda: (0, "running") in pairs(recorder.statuses(first.id)))
+
+    second = command(key, [ScriptStep(name="record.sh")], rollout="second")
+    await runner.handle_command(cmd_topic(topics), encode(second))
+
+    rejected = recorder.statuses(second.id)
+    assert [(s.index, s.state, s.detail) for s in rejected] == [(-1, "rejected", "busy with rollout first")]
+    assert recorder.snapshots()[-1].phase == "rejected"
+    abort = command(key, [], rollout="first", action="abort")
+    await runner.handle_command(cmd_topic(topics), encode(abort))
+    assert (await recorder.final_of(abort.id)).phase == "rolled_back"
+
+
+async def test_failed_undo_ends_in_phase_failed_naming_it(
+    tmp_path: Path,
+    scripts: Path,
+    key: Ed25519PrivateKey,
+    recorder: Recorder,
+    topics: Topics,
+    runners: list[CommandRunner],
+) -> None:
+    runner = CommandRunner(make_settings(tmp_path, scripts, key), topics, recorder.publish)
+    runners.append(runner)
+    cmd = command(
+        key,
+        [
+            ScriptStep(name="record.sh", args=["a"], rollback="fail.sh"),
+            ScriptStep(name="record.sh", args=["b"], rollback="record.sh"),
+            ScriptStep(name="fail.sh"),
+        ],
+    )
+    await runner.handle_command(cmd_topic(topics), encode(cmd))
+    final = await recorder.final_of(cmd.id)
+
+    assert final.phase == "failed", recorder.summary()
+    assert "undo of step 0 (script) failed: fail.sh exited with status 3: disk quota exceeded" in final.detail
+    states = pairs(recorder.statuses(cmd.id))
+    assert states[-3:] == [(2, "rolled_back"), (1, "rolled_back"), (0, "failed")]
+    assert [s.state for s in final.steps] == ["failed", "rolled_back", "failed"]
+    assert final.steps[0].detail.startswith("fail.sh exited with status 3")
+    # A later rollback retries only what is still not undone.
+    rollback = command(key, [], action="rollback")
+    await runner.handle_command(cmd_topic(topics), encode(rollback))
+    again = await recorder.final_of(rollback.id)
+    assert again.phase == "failed"
+    assert pairs(recorder.statuses(rollback.id)) == [(0, "failed")]
+
+
+async def test_replay_after_restart_is_ignored_and_older_commands_rejected(
+    tmp_path: Path,
+    scripts: Path,
+    key: Ed25519PrivateKey,
+    recorder: Recorder,
+    topics: Topics,
+    runners: list[CommandRunner],
+) -> None:
+    settings = make_settings(tmp_path, scripts, key)
+    older = command(key, [ScriptStep(name="record.sh", args=["old"])], rollout="r0")
+    cmd = command(key, [ScriptStep(name="record.sh", args=["x"])])
+    first = CommandRunner(settings, topics, recorder.publish)
+    runners.append(first)
+    await first.handle_command(cmd_topic(topics), encode(cmd))
+    assert (await recorder.final_of(cmd.id)).phase == "succeeded"
+    await first.close()
+
+    later = Recorder()
+    second = CommandRunner(settings, topics, later.publish)
+    runners.append(second)
+    await second.recover()
+    await second.handle_command(cmd_topic(topics), encode(cmd))
+    assert later.messages == []
+    assert second.current_job() is None
+
+    await second.handle_command(cmd_topic(topics), encode(older))
+    [status] = later.statuses()
+    assert status.state == "rejected"
+    assert "is not later than the last command run" in status.detail
+    assert (settings.state_dir / "record.log").read_text().splitlines() == ["apply record.sh x"]
+
+
+async def test_recover_after_a_crash_mid_step_restores_the_node(
+    tmp_path: Path,
+    scripts: Path,
+    key: Ed25519PrivateKey,
+    web: Web,
+    recorder: Recorder,
+    topics: Topics,
+    runners: list[CommandRunner],
+) -> None:
+    settings = make_settings(tmp_path, scripts, key)
+    dest = settings.state_dir / "config.txt"
+    settings.state_dir.mkdir(parents=True)
+    dest.write_text("old config\n")
+    new = b"new config\n"
+    cmd = command(
+        key,
+        [
+            DownloadStep(url=web.add("/config", new), sha256=hashlib.sha256(new).hexdigest(), name="config"),
+            FileStep(src="config", dest=str(dest)),
+            ScriptStep(name="sleepy.sh", args=["120"], rollback="record.sh"),
+        ],
+    )
+    pub = tmp_path / "hub.pub"
+    pub.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    (tmp_path / "cmd.json").write_bytes(encode(cmd))
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(FIXTURES / "run_runner.py"),
+        str(settings.state_dir),
+        str(scripts),
+        NODE,
+        topics.prefix,
+        str(pub),
+        str(tmp_path / "cmd.json"),
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        # Mid-step: the script runs and the journal knows its pid.
+        await poll(lambda: (settings.state_dir / "sleepy.child").exists() and _journal_has_pid(settings), 60)
+        assert dest.read_text() == "new config\n"
+        child.send_signal(signal.SIGKILL)  # the agent dies mid-step
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            child.kill()
+        await child.wait()
+    sleeper = int((settings.state_dir / "sleepy.pid").read_text())
+    sleeper_child = int((settings.state_dir / "sleepy.child").read_text())
+    try:
+        await _recover_and_check(
+            settings, scripts, key, recorder, topics, runners, cmd, sleeper, sleeper_child
+        )
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(sleeper, signal.SIGKILL)
+
+
+def _journal_has_pid(settings: ExecutorSettings) -> bool:
+    try:
+        steps = json.loads(settings.journal_path.read_text())["applies"]["r1"]["steps"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return "pid" in (steps[2]["record"] or {})
+
+
+async def _recover_and_check(
+    settings: ExecutorSettings,
+    scripts: Path,
+    key: Ed25519PrivateKey,
+    recorder: Recorder,
+    topics: Topics,
+    runners: list[CommandRunner],
+    cmd: Command,
+    sleeper: int,
+    sleeper_child: int,
+) -> None:
+    dest = settings.state_dir / "config.txt"
+    assert not _gone(sleeper)  # the script, in its own session, outlived the agent
+    journal = json.loads(settings.journal_path.read_text())
+    assert journal["active"]["command"] == cmd.id
+    assert [s["state"] for s in journal["applies"]["r1"]["steps"]] == ["succeeded", "succeeded", "running"]
+
+    runner = CommandRunner(settings, topics, recorder.publish)
+    runners.append(runner)
+    await runner.recover()
+
+    final = recorder.final(cmd.id)
+    assert final is not None
+    assert final.phase == "rolled_back", recorder.summary()
+    assert pairs(recorder.statuses(cmd.id)) == [
+        (2, "failed"),
+        (2, "rolled_back"),
+        (1, "rolled_back"),
+        (0, "rolled_back"),
+    ]
+    assert "interrupted" in recorder.statuses(cmd.id)[0].detail
+    assert [s.state for s in final.steps] == ["rolled_back", "rolled_back", "failed"]
+    assert dest.read_text() == "old config\n"
+    assert not (settings.cache_dir / "config").exists()
+    assert (settings.state_dir / "record.log").read_text().splitlines() == ["rollback record.sh 120"]
+    await _wait_gone(sleeper)  # recovery killed what the crashed agent left running
+    await _wait_gone(sleeper_child)
+    # After the restart the retained command is a replay: ignored.
+    before = len(recorder.messages)
+    await runner.handle_command(cmd_topic(topics), encode(cmd))
+    assert len(recorder.messages) == before
+    assert json.loads(settings.journal_path.read_text())["active"] is None
+
+
+@pytest.mark.broker
+async def test_signed_retained_command_over_a_real_broker(
+    broker: RunningBroker,
+    tmp_path: Path,
+    scripts: Path,
+    key: Ed25519PrivateKey,
+    web: Web,
+    app: App,
+    topics: Topics,
+) -> None:
+    settings = make_settings(tmp_path, scripts, key, services={"app": app.spec})
+    await start_app(app)
+    cmd = command(key, update_plan(web, app))
+    job_topic, status_topic = topics.node(NODE, "job"), topics.node(NODE, "status")
+
+    async with MqttClient(broker.url) as hub, MqttClient(broker.url) as watcher:
+        await watcher.subscribe(topics.node_filter("#", NODE))
+        await hub.publish(cmd_topic(topics), encode(cmd), qos=1, retain=True, wait=True)
+        seen: list[tuple[str, bytes]] = []
+
+        async def watch() -> JobSnapshot:
+            async for message in watcher.messages():
+                if message.topic in (job_topic, status_topic):
+                    seen.append((message.topic, message.payload))
+                if message.topic == job_topic:
+                    snap = JobSnapshot.model_validate_json(message.payload)
+                    if snap.id == cmd.id and snap.phase in FINAL:
+                        return snap
+            raise AssertionError("watcher closed")
+
+        watching = asyncio.create_task(watch())
+        async with MqttClient(broker.url, client_id=f"agent-{NODE}") as agent:
+            runner = CommandRunner(settings, topics, agent.publish)
+            await agent.subscribe(cmd_topic(topics))
+            feeding = asyncio.create_task(_feed(agent, runner))
+            try:
+                final = await asyncio.wait_for(watching, 60)
+            finally:
+                feeding.cancel()
+                await asyncio.wait({feeding})
+                await runner.close()
+
+        assert final.phase == "succeeded"
+        statuses = [StepStatus.model_validate_json(p) for t, p in seen if t == status_topic]
+        assert pairs(statuses) == expected_success(5)
+        snaps = [JobSnapshot.model_validate_json(p) for t, p in seen if t == job_topic]
+        assert [s.phase for s in snaps] == ["applying"] * 11 + ["succeeded"]
+        await wait_served(app, "2.0")
+
+        # A restarted agent gets the retained command again: a replay, ignored.
+        later = Recorder()
+        restarted = CommandRunner(settings, topics, later.publish)
+        async with MqttClient(broker.url, client_id=f"agent-{NODE}") as agent:
+            await agent.subscribe(cmd_topic(topics))
+            message = await asyncio.wait_for(_next_on(agent, cmd_topic(topics)), 30)
+            assert message.retain
+            assert message.payload == encode(cmd)
+            await restarted.recover()
+            await restarted.handle_command(message.topic, message.payload)
+        assert later.messages == []
+        assert restarted.current_job() is None
+        await restarted.close()
+        await hub.publish(cmd_topic(topics), b"", qos=1, retain=True, wait=True)
+
+
+async def _feed(client: MqttClient, runner: CommandRunner) -> None:
+    async for message in client.messages():
+        await runner.handle_command(message.topic, message.payload)
+
+
+async def _next_on(client: MqttClient, topic: str) -> Any:
+    async for message in client.messages():
+        if message.topic == topic:
+            return message
+    return None

@@ -1,0 +1,139 @@
+"""The fleet screen: every node, its presence, load, versions and current job."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.widgets import Footer, Header, Input, Static
+
+from tui.cells import time_text
+from tui.model import Changes, parse_filter
+from tui.screens.base import ModelScreen
+from tui.screens.node import NodeScreen
+from tui.widgets.node_table import NodeTable
+
+__all__ = ["FleetScreen"]
+
+
+class FleetScreen(ModelScreen):
+    """The first screen: the fleet table with a filter box and a summary line."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("slash", "filter", "Filter"),
+        Binding("s", "sort", "Sort"),
+        Binding("S", "reverse", "Reverse", show=False),
+        Binding("escape", "clear_filter", "Clear filter", show=False),
+    ]
+
+    def compose(self) -> ComposeResult:
+        """Header, summary, filter box (hidden until ``/``), table, last event, footer."""
+        yield Header()
+        yield Static(id="fleet-summary", markup=False)
+        yield Input(placeholder="filter: words, or label=value (Esc clears)", id="filter", classes="hidden")
+        yield NodeTable(self.ctx.model, id="nodes")
+        yield Static(id="last-event", markup=False)
+        yield Footer()
+
+    @property
+    def table(self) -> NodeTable:
+        """The node table."""
+        return self.query_one(NodeTable)
+
+    def on_mount(self) -> None:
+        """Title, first fill, focus the table."""
+        self.title = "fleet: nodes"
+        self.table.rebuild(self.ctx.clock())
+        self.table.focus()
+        self._summarize()
+        self._show_last_event()
+
+    def model_changed(self, changes: Changes) -> None:
+        """Update changed rows in place, the summary, the last event line."""
+        if not self.is_mounted:
+            return
+        if changes.nodes or changes.added_nodes or changes.removed_nodes:
+            self.table.sync(changes, self.ctx.clock())
+            self._summarize()
+        if changes.events:
+            self._show_last_event()
+
+    def _show_last_event(self) -> None:
+        if self.ctx.model.events:
+            event = self.ctx.model.events[-1]
+            self.query_one("#last-event", Static).update(
+                f"{time_text(event.ts, self.ctx.utc)} {event.kind}: {event.message}"
+            )
+
+    def tick(self) -> None:
+        """Ages move, nodes go stale."""
+        if self.is_mounted:
+            self.table.tick(self.ctx.clock())
+            self._summarize()
+
+    def _summarize(self) -> None:
+        now = self.ctx.clock()
+        counts = {"online": 0, "stale": 0, "offline": 0}
+        for view in self.ctx.model.nodes.values():
+            counts[view.presence(now)] += 1
+        total = len(self.ctx.model.nodes)
+        shown = self.table.row_count
+        text = (
+            f"{total} nodes: {counts['online']} online, {counts['stale']} stale, "
+            f"{counts['offline']} offline | sort: {self.table.sort_label}"
+        )
+        if self.table.filter:
+            text += f" | filter: {shown} shown"
+        self.query_one("#fleet-summary", Static).update(text)
+
+    # ------------------------------------------------------------------ actions
+
+    def action_filter(self) -> None:
+        """Show and focus the filter box."""
+        box = self.query_one("#filter", Input)
+        box.remove_class("hidden")
+        box.focus()
+
+    def action_clear_filter(self) -> None:
+        """Empty and hide the filter box."""
+        box = self.query_one("#filter", Input)
+        if not box.value and box.has_class("hidden"):
+            return
+        box.value = ""
+        box.add_class("hidden")
+        self.table.filter = parse_filter("")
+        self.table.rebuild(self.ctx.clock())
+        self.table.focus()
+        self._summarize()
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        """Filter as the operator types."""
+        if event.input.id != "filter":
+            return
+        wanted = parse_filter(event.value)
+        if wanted != self.table.filter:
+            self.table.filter = wanted
+            self.table.rebuild(self.ctx.clock())
+            self._summarize()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        """Enter keeps the filter and goes back to the table."""
+        if event.input.id == "filter":
+            if not event.value.strip():
+                event.input.add_class("hidden")
+            self.table.focus()
+
+    def action_sort(self) -> None:
+        """Cycle the sort column."""
+        self.table.cycle_sort()
+        self._summarize()
+
+    def action_reverse(self) -> None:
+        """Reverse the sort order."""
+        self.table.toggle_reverse()
+        self._summarize()
+
+    def on_node_table_opened(self, event: NodeTable.Opened) -> None:
+        """Open the node's detail screen."""
+        self.app.push_screen(NodeScreen(self.ctx, event.node))

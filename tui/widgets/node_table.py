@@ -1,0 +1,193 @@
+"""The fleet table: one row per node, cells updated in place as the bus reports."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.text import Text
+from textual.message import Message
+from textual.widgets import DataTable
+from textual.widgets.data_table import CellDoesNotExist, RowKey
+
+from tui.cells import load_text, pct_text, plain, presence_text
+from tui.model import SORT_COLUMNS, Changes, FleetModel, NodeFilter, NodeView, SortColumn, versions_text
+
+__all__ = ["NodeTable"]
+
+#: (key, header, width): the first six fit an 80-column terminal.
+COLUMNS: tuple[tuple[str, str, int], ...] = (
+    ("node", "Node", 14),
+    ("state", "State", 11),
+    ("load", "Load", 5),
+    ("mem", "Mem", 4),
+    ("disk", "Disk", 4),
+    ("job", "Job", 24),
+    ("labels", "Labels", 24),
+    ("versions", "Versions", 48),
+)
+_KEYS = tuple(key for key, _, _ in COLUMNS)
+
+
+class NodeTable(DataTable[Any]):
+    """Every node that passes the filter, sorted by a column; only changed cells are touched."""
+
+    class Opened(Message):
+        """The operator chose a node (Enter)."""
+
+        def __init__(self, node: str) -> None:
+            super().__init__()
+            self.node = node
+
+    def __init__(self, model: FleetModel, *, id: str | None = None) -> None:
+        super().__init__(id=id, cursor_type="row", zebra_stripes=False)
+        self._model = model
+        self._cells: dict[str, tuple[str | Text, ...]] = {}
+        self._now = 0.0
+        self.filter = NodeFilter()
+        self.sort_column: SortColumn = "node"
+        self.reverse = False
+        self._order_dirty = False
+
+    def on_mount(self) -> None:
+        """Create the columns."""
+        for key, header, width in COLUMNS:
+            self.add_column(header, key=key, width=width)
+
+    # ------------------------------------------------------------------ rendering
+
+    def _render_row(self, view: NodeView) -> tuple[str | Text, ...]:
+        labels = " ".join(f"{k}={v}" for k, v in sorted(view.labels.items()))
+        return (
+            view.node,
+            presence_text(view.presence(self._now), view.age(self._now)),
+            load_text(view.load1),
+            pct_text(view.mem_used_pct),
+            pct_text(view.disk_free_pct),
+            plain(self._model.job_label(view)),
+            plain(labels),
+            plain(versions_text(view.inventory)),
+        )
+
+    def _write_row(self, view: NodeView) -> None:
+        new = self._render_row(view)
+        old = self._cells.get(view.node)
+        self._cells[view.node] = new
+        if old is None:
+            self.add_row(*new, key=view.node)
+            self._order_dirty = True
+            return
+        for index, (before, after) in enumerate(zip(old, new, strict=True)):
+            if before != after:
+                self.update_cell(view.node, _KEYS[index], after)
+                if _KEYS[index] == self.sort_column or (
+                    self.sort_column == "seen" and _KEYS[index] == "state"
+                ):
+                    self._order_dirty = True
+
+    def _drop_row(self, node: str) -> None:
+        if self._cells.pop(node, None) is not None:
+            self.remove_row(node)
+
+    # ------------------------------------------------------------------ updates
+
+    def sync(self, changes: Changes, now: float) -> None:
+        """Bring the rows named by ``changes`` up to date."""
+        self._now = now
+        selected = self.selected_node if self._cells else None
+        for node in changes.removed_nodes:
+            self._drop_row(node)
+        for node in changes.nodes | changes.added_nodes:
+            view = self._model.nodes.get(node)
+            if view is None:
+                self._drop_row(node)
+            elif self._model.matches(view, self.filter):
+                self._write_row(view)
+            else:
+                self._drop_row(node)
+        if changes.added_nodes or changes.removed_nodes:
+            self.resort(keep=selected)
+
+    def tick(self, now: float) -> None:
+        """Refresh what time changes (ages, stale nodes), re-sort if the order moved."""
+        self._now = now
+        for node in list(self._cells):
+            view = self._model.nodes.get(node)
+            if view is not None:
+                self._write_row(view)
+        if self._order_dirty:
+            self.resort()
+
+    def rebuild(self, now: float) -> None:
+        """Rebuild every row (after the filter changed)."""
+        self._now = now
+        selected = self.selected_node if self._cells else None
+        self.clear()
+        self._cells.clear()
+        rows = []
+        for view in self._model.nodes.values():
+            if self._model.matches(view, self.filter):
+                cells = self._render_row(view)
+                self._cells[view.node] = cells
+                rows.append((view.node, cells))
+        for node, cells in rows:
+            self.add_row(*cells, key=node)
+        self.resort(keep=selected)
+
+    def resort(self, keep: str | None = None) -> None:
+        """Order rows by the sort column, keeping the cursor on ``keep`` (default: the selected node)."""
+        selected = keep if keep is not None else self.selected_node
+        model, column, now = self._model, self.sort_column, self._now
+        ranks = {
+            node: rank
+            for rank, node in enumerate(
+                sorted(
+                    self._cells,
+                    key=lambda n: model.sort_key(model.nodes[n], column, now),
+                    reverse=self.reverse,
+                )
+            )
+        }
+        self.sort("node", key=lambda cell: ranks.get(str(cell), len(ranks)))
+        self._order_dirty = False
+        if selected is not None and selected in self._cells:
+            self.move_cursor(row=self.get_row_index(selected), scroll=False)
+
+    def cycle_sort(self) -> SortColumn:
+        """Sort by the next column; return it."""
+        index = SORT_COLUMNS.index(self.sort_column)
+        self.sort_column = SORT_COLUMNS[(index + 1) % len(SORT_COLUMNS)]
+        self.resort()
+        return self.sort_column
+
+    def toggle_reverse(self) -> None:
+        """Reverse the sort order."""
+        self.reverse = not self.reverse
+        self.resort()
+
+    @property
+    def sort_label(self) -> str:
+        """The sort order in words, e.g. ``load (desc)``."""
+        name = "last seen" if self.sort_column == "seen" else self.sort_column
+        return f"{name}{' reversed' if self.reverse else ''}"
+
+    @property
+    def selected_node(self) -> str | None:
+        """The node under the cursor, if any."""
+        if not self.row_count:
+            return None
+        try:
+            key: RowKey = self.coordinate_to_cell_key(self.cursor_coordinate).row_key
+        except CellDoesNotExist:
+            return None
+        return key.value
+
+    @property
+    def visible_nodes(self) -> list[str]:
+        """Row keys in display order."""
+        return [str(row.key.value) for row in self.ordered_rows]
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        """Enter on a row opens that node."""
+        event.stop()
+        if event.row_key.value is not None:
+            self.post_message(self.Opened(event.row_key.value))

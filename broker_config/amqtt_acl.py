@@ -50,6 +50,7 @@ __all__ = ["Acl", "AclRule", "FleetAclPlugin"]
 _LOGGER = logging.getLogger(__name__)
 
 Access = Literal["read", "write", "readwrite", "deny"]
+_CACHE_LIMIT = 100_000
 _ACCESS: tuple[Access, ...] = ("read", "write", "readwrite", "deny")
 
 
@@ -117,6 +118,10 @@ class Acl:
     users: Mapping[str, tuple[AclRule, ...]] = field(default_factory=dict)
     anonymous: tuple[AclRule, ...] = ()
     patterns: tuple[AclRule, ...] = ()
+    #: (username, client id) -> its rules: every PUBLISH and every delivery is checked
+    _cache: dict[tuple[str | None, str | None], list[tuple[Access, list[str]]]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @classmethod
     def parse(cls, text: str) -> Acl:
@@ -157,6 +162,15 @@ class Acl:
 
     def rules_for(self, username: str | None, client_id: str | None) -> list[tuple[Access, list[str]]]:
         """The rules that apply to one client, patterns substituted, as (access, levels)."""
+        key = (username, client_id)
+        rules = self._cache.get(key)
+        if rules is None:
+            if len(self._cache) >= _CACHE_LIMIT:
+                self._cache.clear()  # client ids come and go; a bound, not an LRU
+            rules = self._cache[key] = self._rules_for(username, client_id)
+        return rules
+
+    def _rules_for(self, username: str | None, client_id: str | None) -> list[tuple[Access, list[str]]]:
         base = self.anonymous if username is None else self.users.get(username, ())
         rules = [(rule.access, _levels(rule.topic)) for rule in base]
         for rule in self.patterns:

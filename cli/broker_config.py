@@ -72,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     settings = result.settings
     scheme = "mqtts" if settings.tls else "mqtt"
     print(f"broker config for {len(settings.nodes)} node(s) in {result.directory}")
-    print(f"  listener   {scheme}://{settings.bind or settings.host}:{settings.port}, prefix {settings.prefix}")
+    listener = f"{scheme}://{settings.bind or settings.host}:{settings.port}"
+    print(f"  listener   {listener}, prefix {settings.prefix}")
     print(f"  mosquitto  mosquitto -c {result.directory / 'mosquitto.conf'}")
     print(f"  embedded   fleet broker --config {result.directory / 'amqtt.yaml'}")
     kept = [c for c in settings.clients if c not in result.created]

@@ -22,8 +22,8 @@ if TYPE_CHECKING:
     from bus.topics import Topics
     from hub.config import ClientConfig
 
-_PAGE = 200  # nodes per request: a reply stays far below the payload limit
-_MAX_PAGES = 500
+_PAGE = 200  # nodes per request (~90 KB with small inventories); smaller if the hub says too large
+_MAX_PAGES = 10_000
 
 
 def add_client_arguments(parser: argparse.ArgumentParser, *, suppress: bool = False) -> None:
@@ -114,14 +114,19 @@ def run(args: argparse.Namespace) -> int:
 async def fetch_nodes(config: ClientConfig) -> tuple[list[dict[str, Any]], str | None]:
     """Every node the hub knows, page by page; (nodes, None) or ([], the hub's error)."""
     nodes: list[dict[str, Any]] = []
+    size = _PAGE
     async with hub_session(config) as session:
-        for page in range(_MAX_PAGES):
-            reply = await session.call("nodes", {"offset": page * _PAGE, "limit": _PAGE})
+        for _ in range(_MAX_PAGES):
+            reply = await session.call("nodes", {"offset": len(nodes), "limit": size})
+            kind = reply.body.get("kind") if isinstance(reply.body, dict) else None
+            if not reply.ok and kind == "too_large" and size > 1:
+                size = max(1, size // 4)  # big inventories: ask for fewer nodes per reply
+                continue
             if not reply.ok:
                 return [], reply.error or "the hub refused"
             batch = reply.body if isinstance(reply.body, list) else []
             nodes.extend(item for item in batch if isinstance(item, dict))
-            if len(batch) < _PAGE:
+            if len(batch) < size:
                 break
     return nodes, None
 

@@ -15,6 +15,7 @@ of an apply must be one this agent supports and its local policy allows.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Container, Mapping
 from dataclasses import dataclass
@@ -93,9 +94,19 @@ def _rejected(reason: str, raw: Mapping[str, Any] | None = None, *, verified: bo
         command_id=_text_id(raw, "id"),
         rollout=_text_id(raw, "rollout"),
         action=action if action in ("apply", "rollback", "abort") else "",
-        issued_at=float(issued) if isinstance(issued, (int, float)) and not isinstance(issued, bool) else 0.0,
+        issued_at=_seconds(issued),
         verified=verified,
     )
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return 0.0
+    try:
+        seconds = float(value)
+    except OverflowError:
+        return 0.0
+    return seconds if math.isfinite(seconds) else 0.0
 
 
 def _policy_reason(step: Step, policy: Policy) -> str | None:

@@ -132,6 +132,9 @@ class CommandRunner:
         self._worker: asyncio.Task[None] | None = None
         self._job: _Job | None = None
         self._closed = False
+        self._recovery: _Recover | None = None
+        self._recovery_checked = False
+        self._recovery_lock = asyncio.Lock()
         self._status_topic = topics.node(settings.node, "status")
         self._job_topic = topics.node(settings.node, "job")
         self._log_topic = topics.node(settings.node, "log")
@@ -144,21 +147,32 @@ class CommandRunner:
         The half-done step and every completed one are undone and the job ends
         ``rolled_back`` (or ``failed`` if an undo fails), reported like any other.
         Returns when that is done (at once when there is nothing to finish).
+        A command handled before ``recover()`` was called schedules it first.
         """
-        state = await self._load()
-        plan = executor.recovery(state)
-        if plan is None or self._closed:
-            return
+        item = await self._schedule_recovery()
+        if item is not None:
+            await item.done.wait()
+
+    async def _schedule_recovery(self) -> _Recover | None:
+        # Only what the journal held at start-up is a leftover: checked once.
+        async with self._recovery_lock:
+            if self._recovery_checked:
+                return self._recovery
+            state = await self._load()
+            self._recovery_checked = True
+            plan = executor.recovery(state)
+            if plan is None or self._closed:
+                return None
+            item = self._recovery = _Recover(plan)
         _LOGGER.warning(
             "recovering %s %s of rollout %s interrupted by a restart",
             plan.job.action,
             plan.job.command,
             plan.job.rollout,
         )
-        item = _Recover(plan)
         self._queue.appendleft(item)
         self._ensure_worker()
-        await item.done.wait()
+        return item
 
     async def handle_command(self, topic: str, payload: bytes) -> None:
         """Take one message of the ``cmd`` topic; returns quickly, the work runs in the background.
@@ -320,6 +334,7 @@ class CommandRunner:
         return None
 
     async def _take(self, topic: str, payload: bytes) -> None:
+        await self._schedule_recovery()  # an interrupted job is finished before anything new
         state = await self._load()
         verdict = check_command(
             topic,

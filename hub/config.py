@@ -285,13 +285,13 @@ def config_file(flag: Path | str | None, environ: Mapping[str, str], *, cwd: Pat
 
     Discovery looks at ``cwd/fleet.toml``, ``$XDG_CONFIG_HOME/fleet/fleet.toml``
     (default ``home/.config``) and ``/etc/fleet/fleet.toml``; it is off when
-    ``FLEET_NO_CONFIG_DISCOVERY`` is set to anything but "" or "0".
+    ``FLEET_NO_CONFIG_DISCOVERY`` is set (to anything but "", as for the agent).
     """
     if flag:
         return Path(flag)
     if environ.get("FLEET_CONFIG"):
         return Path(environ["FLEET_CONFIG"])
-    if environ.get("FLEET_NO_CONFIG_DISCOVERY", "") not in ("", "0"):
+    if environ.get("FLEET_NO_CONFIG_DISCOVERY"):
         return None
     xdg = Path(environ["XDG_CONFIG_HOME"]) if environ.get("XDG_CONFIG_HOME") else home / ".config"
     for candidate in (cwd / "fleet.toml", xdg / "fleet" / "fleet.toml", Path("/etc/fleet/fleet.toml")):

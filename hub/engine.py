@@ -243,6 +243,9 @@ class _Node:
         return self.queued or self.phase == "applying" or self.restore == "waiting"
 
 
+_NODE_FIELDS = tuple(f.name for f in dataclasses.fields(_Node))
+
+
 @dataclass
 class _Rollout:
     id: str
@@ -389,7 +392,7 @@ class RolloutEngine:
             "wave_done_at": r.wave_done_at,
             "detail": r.detail,
             "failures": list(r.failures),
-            "nodes": {name: dataclasses.asdict(node) for name, node in r.nodes.items()},
+            "nodes": {name: {f: getattr(node, f) for f in _NODE_FIELDS} for name, node in r.nodes.items()},
         }
 
     def next_deadline(self) -> float | None:
@@ -580,9 +583,8 @@ class RolloutEngine:
             if record.get("v") != RECORD_VERSION:
                 raise InvalidInput(f"rollout record {rid}: unsupported version {record.get('v')!r}")
             spec = RolloutSpec.model_validate(record["spec"])
-            node_fields = {f.name for f in dataclasses.fields(_Node)}
             nodes = {
-                str(name): _Node(**{k: v for k, v in doc.items() if k in node_fields})
+                str(name): _Node(**{k: v for k, v in doc.items() if k in _NODE_FIELDS})
                 for name, doc in dict(record["nodes"]).items()
             }
             waves = [[str(n) for n in wave] for wave in record["waves"]]

@@ -76,6 +76,10 @@ _LOGGER = logging.getLogger(__name__)
 _MAX_SLEEP_S = 30.0
 #: Pause after a tick, so a deadline that stays due cannot spin the loop.
 _TICK_FLOOR_S = 0.01
+#: Events waiting for the engine before reports wait for room (back-pressure on the bus).
+_QUEUE_LIMIT = 10_000
+#: Events handled before their actions are carried out (one store flush per batch).
+_BATCH_LIMIT = 1000
 _LISTED = 20
 
 
@@ -150,7 +154,9 @@ class RolloutManager:
         self._new_id = new_id
         self._interval = summary_interval_s
         self._engine = RolloutEngine(new_id=new_id, resume_grace_s=resume_grace_s)
-        self._lock = asyncio.Lock()
+        self._queue: asyncio.Queue[tuple[EngineEvent, asyncio.Future[None] | None]] = asyncio.Queue(
+            _QUEUE_LIMIT
+        )
         self._dirty: dict[str, None] = {}
         self._dirty_event = asyncio.Event()
         self._wake = asyncio.Event()
@@ -170,9 +176,10 @@ class RolloutManager:
                 _LOGGER.error("skipping stored rollout: %s", problem)
                 continue
             records.append(record)
-        await self._run(RolloutsLoaded(tuple(records)))
+        await self._process([(RolloutsLoaded(tuple(records)), None)])
         self._running = True
         for coro, name in (
+            (self._event_loop(), "rollouts-events"),
             (self._timer_loop(), "rollouts-timer"),
             (self._summary_loop(), "rollouts-summaries"),
         ):
@@ -185,12 +192,22 @@ class RolloutManager:
     async def stop(self) -> None:
         """Stop the timers; put and publish the latest state of every changed rollout."""
         self._running = False
+        # Python < 3.12's wait_for may swallow a cancel that races with the event it
+        # waits for: the loops also stop on the flag, and the wake-up gets them there.
+        self._wake.set()
+        self._dirty_event.set()
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        # What was queued still counts (a report, a request waiting for its answer).
+        left = []
+        while not self._queue.empty():
+            left.append(self._queue.get_nowait())
+        if left:
+            await self._process(left)
         await self._flush_summaries()
 
     # ------------------------------------------------------------------ queries
@@ -297,19 +314,65 @@ class RolloutManager:
         event: EngineEvent = (
             StepReported(node, report) if isinstance(report, StepStatus) else SnapshotReported(node, report)
         )
-        await self._run(event)
+        await self._submit(event)
 
     async def on_presence(self, node: str, online: bool) -> None:
         """A registry transition: online (birth, heartbeat) or offline (will, shutdown, missed heartbeats)."""
-        await self._run(PresenceChanged(node, online))
+        await self._submit(PresenceChanged(node, online))
 
     # ------------------------------------------------------------------ running the engine
 
+    async def _submit(self, event: EngineEvent) -> None:
+        """Queue a report: handled in order, in the next batch (back-pressure when the queue is full)."""
+        if not self._running:
+            await self._process([(event, None)])
+            return
+        await self._queue.put((event, None))
+
     async def _run(self, event: EngineEvent) -> None:
-        async with self._lock:
-            actions = self._engine.handle(event, self._clock())
+        """Queue a request and wait until its actions are carried out (its error raised here)."""
+        if not self._running:
+            await self._process([(event, None)])
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        await self._queue.put((event, done))
+        await done
+
+    async def _event_loop(self) -> None:
+        """Handle every queued event in order, a batch at a time: one store flush per batch."""
+        while self._running:
+            batch = [await self._queue.get()]
+            while len(batch) < _BATCH_LIMIT and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            await self._process(batch)
+
+    async def _process(self, batch: list[tuple[EngineEvent, asyncio.Future[None] | None]]) -> None:
+        actions: list[Action] = []
+        outcomes: list[tuple[asyncio.Future[None] | None, BaseException | None]] = []
+        for event, done in batch:
+            try:
+                actions += self._engine.handle(event, self._clock())
+            except FleetError as exc:
+                outcomes.append((done, exc))
+                if done is None:
+                    _LOGGER.warning("%s refused: %s", type(event).__name__, exc.reason)
+                continue
+            except Exception as exc:
+                _LOGGER.exception("rollout engine failed on %s", type(event).__name__)
+                outcomes.append((done, exc))
+                continue
+            outcomes.append((done, None))
+        try:
             await self._execute(actions)
-        self._wake.set()
+        finally:
+            for done, error in outcomes:
+                if done is None or done.done():
+                    continue
+                if error is None:
+                    done.set_result(None)
+                else:
+                    done.set_exception(error)
+            self._wake.set()
 
     async def _execute(self, actions: list[Action]) -> None:
         changed = [a.rollout for a in actions if isinstance(a, RolloutChanged)]
@@ -373,7 +436,7 @@ class RolloutManager:
 
     async def _summary_loop(self) -> None:
         """Coalesce: publish what changed, then wait ``summary_interval_s`` before the next round."""
-        while True:
+        while self._running:
             await self._dirty_event.wait()
             self._dirty_event.clear()
             await self._flush_summaries()
@@ -381,7 +444,7 @@ class RolloutManager:
 
     async def _timer_loop(self) -> None:
         """Feed the engine a Tick at each deadline it reports."""
-        while True:
+        while self._running:
             self._wake.clear()
             deadline = self._engine.next_deadline()
             if deadline is None:

@@ -54,7 +54,7 @@ from hub.metrics import HubMetrics, MetricsSource
 from hub.registry import Registry, Transition
 from hub.store import Store
 
-__all__ = ["HubService", "ManagerFactory", "RolloutManagerLike"]
+__all__ = ["HubService", "ManagerFactory", "RolloutManagerLike", "steady_wall_clock"]
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -110,6 +110,16 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def steady_wall_clock() -> Callable[[], float]:
+    """Wall-clock seconds that never jump: the start's ``time.time()`` plus monotonic time since.
+
+    Presence deadlines use it, so an NTP step of the system clock cannot expire
+    (or revive) every node at once; ``last_seen`` stays close to wall time.
+    """
+    wall, mono = time.time(), time.monotonic()
+    return lambda: wall + (time.monotonic() - mono)
+
+
 def _shown(value: object, limit: int = 80) -> str:
     return re.sub(r"\s+", " ", repr(value))[:limit]
 
@@ -119,7 +129,8 @@ class HubService:
 
     Args:
         config: the hub's configuration.
-        clock: wall-clock time source (``last_seen`` and rollouts use it).
+        clock: wall-clock time source of the rollouts; presence uses a steady
+            version of it (``steady_wall_clock``) unless another clock is given.
         manager_factory: builds the rollout manager (default: ``hub.rollouts.RolloutManager``).
         expire_interval_s: how often silent nodes are looked for.
     """
@@ -140,6 +151,7 @@ class HubService:
         #: Why rollout requests are refused when there is no manager.
         self.manager_error: FleetError | None = None
         self._clock = clock
+        self._now = steady_wall_clock() if clock is time.time else clock
         self._manager_factory = manager_factory or _default_manager_factory
         self._expire_interval_s = expire_interval_s
         self._session = new_id()
@@ -181,7 +193,7 @@ class HubService:
         return self._client
 
     async def start(self) -> None:
-        """Open the store, start the manager, connect and subscribe.
+        """Open the store, connect and subscribe, start the manager, then read messages.
 
         Raises:
             ConfigError: the database or the signing key cannot be used.
@@ -197,7 +209,7 @@ class HubService:
                 raise ConfigError(f"{exc.reason} ({hint})") from exc
         await self.store.open()
         try:
-            restored = self.registry.restore(self.store.all("nodes"), self._clock())
+            restored = self.registry.restore(self.store.all("nodes"), self._now())
             _LOGGER.info("hub database %s: %d nodes known", self.config.db, restored)
             self._client = MqttClient(
                 self.config.broker,
@@ -294,7 +306,7 @@ class HubService:
 
     async def _on_connected(self) -> None:
         # The hub was blind while disconnected; the nodes were not silent.
-        self.registry.refresh(self._clock())
+        self.registry.refresh(self._now())
         state = HubState(
             state="online", session=self._session, reason="birth", version=_VERSION,
             started_at=self._started_at,
@@ -490,11 +502,11 @@ class HubService:
             if channel == "state":
                 state = self._decoded(NodeState, message.payload, node)
                 if state is not None:
-                    await self._presence(self.registry.on_state(state, self._clock()), state=state)
+                    await self._presence(self.registry.on_state(state, self._now()), state=state)
             elif channel == "heartbeat":
                 beat = self._decoded(Heartbeat, message.payload, node)
                 if beat is not None:
-                    await self._presence(self.registry.on_heartbeat(beat, self._clock()))
+                    await self._presence(self.registry.on_heartbeat(beat, self._now()))
             elif channel in ("status", "job"):
                 model = StepStatus if channel == "status" else JobSnapshot
                 report = self._decoded(model, message.payload, node)
@@ -537,7 +549,7 @@ class HubService:
             await asyncio.sleep(self._expire_interval_s)
             if not self.is_connected:
                 continue  # the hub is blind, not the nodes silent
-            for transition in self.registry.expire(self._clock()):
+            for transition in self.registry.expire(self._now()):
                 try:
                     await self._presence(transition)
                 except asyncio.CancelledError:

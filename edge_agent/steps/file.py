@@ -1,5 +1,7 @@
 """``file`` step: atomically replace a file with a downloaded one, keeping the old one.
 
+A relative ``dest`` is relative to the state dir (DESIGN section 2).
+
 The file it replaces is kept as ``state_dir/backup/<command>/<index>`` (or the
 marker ``<index>.absent`` when there was none) *before* ``dest`` is touched,
 each written atomically, so undo finds what to put back from the step's
@@ -23,10 +25,16 @@ from edge_agent.journal import fsync_dir, write_atomic
 from edge_agent.settings import ExecutorSettings, Policy
 from edge_agent.steps.base import StepContext, StepHandler
 
-__all__ = ["HANDLER", "RESERVED", "apply", "check", "undo"]
+__all__ = ["HANDLER", "RESERVED", "apply", "check", "destination", "undo"]
 
 #: Names in the state dir a file step must never overwrite: the agent's own state.
 RESERVED = ("journal.json", "cache", "backup", "services")
+
+
+def destination(step: FileStep, settings: ExecutorSettings) -> Path:
+    """The path ``dest`` names: absolute, or relative to the state dir."""
+    dest = Path(step.dest)
+    return dest if dest.is_absolute() else settings.state_dir / dest
 
 
 def check(step: FileStep, settings: ExecutorSettings) -> str | None:
@@ -35,7 +43,8 @@ def check(step: FileStep, settings: ExecutorSettings) -> str | None:
     The path is checked as written and with symlinks resolved, so a link cannot
     lead a write elsewhere; the agent's own state files are never a destination.
     """
-    real = os.path.realpath(step.dest)
+    dest = str(destination(step, settings))
+    real = os.path.realpath(dest)
     state = os.path.realpath(settings.state_dir)
     for name in RESERVED:
         own = os.path.join(state, name)
@@ -45,7 +54,7 @@ def check(step: FileStep, settings: ExecutorSettings) -> str | None:
         if not real.startswith(state + os.sep):
             return f"file destination {step.dest} is outside the agent's state dir"
         return None
-    if not (Policy.matches(settings.policy.paths, step.dest) and Policy.matches(settings.policy.paths, real)):
+    if not (Policy.matches(settings.policy.paths, dest) and Policy.matches(settings.policy.paths, real)):
         return f"file destination {step.dest} is not allowed by this node's policy"
     return None
 
@@ -103,7 +112,7 @@ def _install(step: FileStep, ctx: StepContext) -> dict[str, Any]:
     src = ctx.cache_dir / step.src
     if not src.is_file():
         raise StepError(f"{step.src} is not in the cache (download it first)")
-    dest = Path(step.dest)
+    dest = destination(step, ctx.settings)
     if not dest.parent.is_dir():
         raise StepError(f"directory {dest.parent} does not exist")
     backup, absent = _backup_paths(ctx)
@@ -121,12 +130,12 @@ async def apply(step: FileStep, ctx: StepContext) -> dict[str, Any]:
     backup, _absent = _backup_paths(ctx)
     await ctx.checkpoint({"backup": str(backup)})
     record = await asyncio.to_thread(_install, step, ctx)
-    await ctx.log(f"installed {step.src} as {step.dest} (mode {step.mode})")
+    await ctx.log(f"installed {step.src} as {destination(step, ctx.settings)} (mode {step.mode})")
     return record
 
 
 def _restore(step: FileStep, ctx: StepContext) -> str:
-    dest = Path(step.dest)
+    dest = destination(step, ctx.settings)
     backup, absent = _backup_paths(ctx)
     if backup.exists():
         info = backup.stat()

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from bus.messages import Heartbeat, HubState, NodeState, decode, encode, new_id
+from bus.messages import Heartbeat, HubState, Inventory, NodeState, decode, encode, new_id
 from bus.mqtt import MqttClient, Will
 from bus.topics import Topics
 from hub.config import HubConfig
@@ -55,17 +55,19 @@ class FakeAgent:
         heartbeat_s: float | None = None,
         labels: dict[str, str] | None = None,
         session: str | None = None,
+        inventory: Inventory | None = None,
     ) -> None:
         self.topics = topics
         self.node = node
         self.session = session or new_id()
         self.heartbeat_s = heartbeat_s
         self.labels = labels or {}
+        self.inventory = inventory or Inventory()
         self.seq = 0
         client_id = f"agent-{node}-{uuid.uuid4().hex[:6]}"
         self.client = MqttClient(broker.url, client_id=client_id, will=self._will)
 
-    def state(self, state: str, reason: str, session: str | None = None) -> bytes:
+    def state(self, state: str, reason: str, session: str | None = None, *, slim: bool = False) -> bytes:
         return encode(
             NodeState(
                 node=self.node,
@@ -73,13 +75,15 @@ class FakeAgent:
                 session=session or self.session,
                 reason=reason,
                 labels=self.labels,
+                inventory=Inventory() if slim else self.inventory,
                 agent_version="test",
                 heartbeat_s=self.heartbeat_s,
             )
         )
 
     def _will(self) -> Will:
-        return Will(self.topics.node(self.node, "state"), self.state("offline", "lost"))
+        # MQTT 3.1.1 caps a will at 65,535 bytes: it never carries the inventory.
+        return Will(self.topics.node(self.node, "state"), self.state("offline", "lost", slim=True))
 
     async def __aenter__(self) -> FakeAgent:
         await self.client.start()

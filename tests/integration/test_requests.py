@@ -5,16 +5,20 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from bus.errors import Conflict, InvalidInput, NotFound
 from bus.messages import (
+    HubState,
+    Inventory,
     JobSnapshot,
     NodeSummary,
     Reply,
@@ -32,7 +36,7 @@ from bus.topics import Topics
 from hub.config import NO_SIGNING_KEY
 from hub.registry import Registry
 from hub.service import HubService
-from tests.conftest import RunningBroker
+from tests.conftest import RunningBroker, free_port
 from tests.integration.test_registry import FakeAgent, hub_config, until
 
 pytestmark = pytest.mark.broker
@@ -260,6 +264,27 @@ async def test_nodes_can_be_paged(hub: HubService, requester: Requester, broker:
         assert [n["node"] for n in page.body] == ["b"]
         some = await requester.ask("nodes", {"nodes": ["c", "zz", "a"]})
         assert [n["node"] for n in some.body] == ["c", "a"]
+
+
+async def test_big_node_tables_come_in_smaller_pages(hub: HubService, requester: Requester,
+                                                     broker: RunningBroker, topics: Topics) -> None:
+    # ~100 KB of inventory per node: three of them exceed the 256 KB payload limit.
+    packages = {f"package-{i:05d}": f"1.2.{i}-1+deb12u1" for i in range(3000)}
+    big = Inventory(packages=packages)
+    async with FakeAgent(broker, topics, "a", inventory=big), \
+            FakeAgent(broker, topics, "b", inventory=big), \
+            FakeAgent(broker, topics, "c", inventory=big):
+        await until(lambda: len(hub.registry.online()) == 3, "three nodes")
+        whole = await requester.ask("nodes")
+        assert not whole.ok
+        assert whole.body == {"kind": "too_large"}
+        assert whole.error is not None
+        assert "offset/limit" in whole.error
+        code, out, err = await fleet("nodes", *target(broker, topics), "--json")
+        assert code == 0, err
+        table = json.loads(out)
+        assert [n["node"] for n in table] == ["a", "b", "c"]
+        assert table[2]["inventory"]["packages"] == packages
 
 
 # ---------------------------------------------------------------------- bad input
@@ -502,3 +527,64 @@ async def test_rollout_wait_times_out_with_exit_1(
     assert "gave up after 1 s" in err
     assert "running" in err
 
+
+
+# ---------------------------------------------------------------------- fleet hub
+
+
+async def test_fleet_hub_process_serves_until_sigterm(broker: RunningBroker, topics: Topics,
+                                                      tmp_path: Path) -> None:
+    key, _pub = generate_keypair(tmp_path / "keys")
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli.main", "hub", *target(broker, topics), "--db", str(tmp_path / "hub.json"),
+        "--signing-key", str(key), "--http", f"127.0.0.1:{port}", "--client-id", f"hub-{new_id()[:8]}",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        ready = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        assert ready.startswith("fleet hub: connected to")
+        assert f"127.0.0.1:{port}" in ready
+        code, out, err = await fleet("nodes", *target(broker, topics), "--json")
+        assert code == 0, err
+        assert json.loads(out) == []
+        async with httpx.AsyncClient() as http:
+            async def healthy() -> bool:
+                try:
+                    response = await http.get(f"http://127.0.0.1:{port}/api/health")
+                except httpx.TransportError:
+                    return False
+                return response.status_code == 200 and response.json()["ok"] is True
+
+            deadline = time.monotonic() + 30
+            while not await healthy():
+                assert time.monotonic() < deadline, "the HTTP bridge never answered"
+                await asyncio.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _out, err_rest = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, err_rest
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    async with MqttClient(broker.url) as spy:
+        await spy.subscribe(topics.hub_state)
+        state = decode(HubState, (await asyncio.wait_for(spy.messages().__anext__(), 10)).payload)
+    assert state.state == "offline"
+    assert state.reason == "shutdown"
+
+
+async def test_fleet_hub_usage_errors_exit_2_in_one_line(broker: RunningBroker, topics: Topics,
+                                                         tmp_path: Path) -> None:
+    db = ["--db", str(tmp_path / "hub.json")]
+    code, _out, err = await fleet("hub", *target(broker, topics), *db, "--http", "0.0.0.0:8080")
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1
+    assert "without a token" in err
+    no_key = str(tmp_path / "no.key")
+    code, _out, err = await fleet("hub", *target(broker, topics), *db, "--signing-key", no_key)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1
+    assert "fleet keys generate --out DIR" in err
+    assert not (tmp_path / "hub.json").exists()

@@ -272,7 +272,7 @@ async def test_file_that_did_not_exist_is_removed_on_undo(settings: ExecutorSett
     settings.cache_dir.mkdir()
     (settings.cache_dir / "new").write_bytes(b"n")
     dest = settings.state_dir / "fresh.txt"
-    step = FileStep(src="new", dest=str(dest))
+    step = FileStep(src="new", dest="fresh.txt")  # relative to the state dir
     ctx, _ = make_ctx(settings)
     record = await file.apply(step, ctx)
     assert record["existed"] is False
@@ -302,6 +302,8 @@ async def test_file_failures_touch_nothing(settings: ExecutorSettings) -> None:
 def test_file_destinations_follow_the_policy(settings: ExecutorSettings, tmp_path: Path) -> None:
     inside = str(settings.state_dir / "app" / "conf")
     assert file.check(FileStep(src="a", dest=inside), settings) is None
+    assert file.check(FileStep(src="a", dest="app/conf"), settings) is None
+    assert "part of the agent's state" in str(file.check(FileStep(src="a", dest="journal.json"), settings))
     assert "outside the agent's state dir" in str(file.check(FileStep(src="a", dest="/etc/passwd"), settings))
     for own in ("journal.json", "cache/x", "backup/c/0", "services/app.pid"):
         reason = file.check(FileStep(src="a", dest=str(settings.state_dir / own)), settings)
@@ -412,7 +414,7 @@ async def test_tcp_and_command_health_checks(settings: ExecutorSettings) -> None
             HealthStep(check="tcp", target=f"127.0.0.1:{free_port()}", retries=2, interval_s=0), ctx
         )
 
-    with pytest.raises(StepError, match="check.sh exited with status 1: not healthy yet"):
+    with pytest.raises(StepError, match=r"check\.sh exited with status 1: not healthy yet"):
         await health.apply(HealthStep(check="command", target="check.sh", retries=1), ctx)
     (settings.state_dir / "healthy").write_text("all good\n")
     await health.apply(HealthStep(check="command", target="check.sh", expect="good", retries=1), ctx)
@@ -474,7 +476,7 @@ async def test_process_service_runs_detached_and_stops(services: Services) -> No
     assert record == {"was_running": False}
     pid = system.service_pid(settings.state_dir, "app")
     assert pid is not None
-    ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    ppid = _parent_of(pid)
     assert ppid != os.getpid()  # not our child: it outlives an agent restart
     assert os.getpgid(pid) == pid
     log = settings.state_dir / "services" / "app.log"
@@ -522,7 +524,7 @@ async def test_service_that_dies_at_once_fails_to_start(services: Services) -> N
         bad=ProcessService(command=crash), missing=ProcessService(command=["/no/such"])
     )
     ctx, _ = make_ctx(settings)
-    with pytest.raises(StepError, match="service bad exited within 0.5 s: bad config"):
+    with pytest.raises(StepError, match=r"service bad exited within 0\.5 s: bad config"):
         await service.apply(ServiceStep(action="start", name="bad"), ctx)
     with pytest.raises(StepError, match="cannot start service missing: cannot start /no/such"):
         await service.apply(ServiceStep(action="start", name="missing"), ctx)
@@ -533,7 +535,8 @@ async def test_a_service_ignoring_sigterm_is_killed_after_the_grace(services: Se
     stubborn = [
         sys.executable,
         "-c",
-        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(600)",
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "print('up', flush=True); time.sleep(600)",
     ]
     settings = services.with_services(stubborn=ProcessService(command=stubborn))
     ctx, _ = make_ctx(settings)
@@ -556,6 +559,10 @@ def test_service_intake_checks(services: Services) -> None:
     assert service.check(ServiceStep(action="stop", name="app"), systemd) == (
         "service manager systemd is not supported by this agent"
     )
+
+
+def _parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 async def _until(predicate: Any, timeout: float = 15.0) -> None:

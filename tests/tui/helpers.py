@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from textual.message import Message
@@ -19,7 +19,7 @@ from tui.model import BusUpdate
 
 
 def demo_app(
-    updates: list[BusUpdate] | None = None,
+    updates: Sequence[BusUpdate] | None = None,
     responder: Responder | None = demo_responder,
     examples: Path = Path("no-examples-here"),
     batch_s: float = 0.0,

@@ -65,7 +65,9 @@ async def test_retained_state_appears_and_requests_reach_the_hub(
 ) -> None:
     url = amqtt_broker.url
     requests: list[Request] = []
-    async with MqttClient(url, client_id="test-agents") as agents, MqttClient(url, client_id="test-hub") as hub:
+    agents_client = MqttClient(url, client_id=f"test-agents-{topics.prefix[7:17]}")
+    hub_client = MqttClient(url, client_id=f"test-hub-{topics.prefix[7:17]}")
+    async with agents_client as agents, hub_client as hub:
         await hub.subscribe(topics.hub_request, qos=1)
         for i in (1, 2, 3):
             birth = NodeState(node=f"n-{i}", state="online", session=f"s{i}", reason="birth",
@@ -79,7 +81,7 @@ async def test_retained_state_appears_and_requests_reach_the_hub(
             async with app.run_test(size=(120, 40), message_hook=seen.append) as pilot:
                 table = app.screen.query_one(NodeTable)
                 await until(pilot, lambda: table.row_count == 3, "3 retained nodes", timeout=20)
-                await until(pilot, lambda: "r-broker" in app.model.rollouts, "the retained rollout", timeout=20)
+                await until(pilot, lambda: "r-broker" in app.model.rollouts, "the rollout", timeout=20)
                 assert str(table.get_cell("n-2", "state")) == "online 0s"
                 # Live, not retained: a heartbeat published now reaches the table.
                 beat = Heartbeat(node="n-2", session="s2", seq=1, ts=NOW, load1=3.25)

@@ -103,7 +103,8 @@ def test_broker_config_writes_every_file_with_private_secrets(tmp_path: Path) ->
         assert mode(path) == 0o600
         match = URL.fullmatch(path.read_text().strip())
         assert match is not None, path.read_text()
-        assert match["user"] == client and match["port"] == "1999"
+        assert match["user"] == client
+        assert match["port"] == "1999"
         assert verify_password(match["password"], hashes[client])
         assert parse_broker_url(path.read_text()).username == client
     conf = (out / "mosquitto.conf").read_text()
@@ -123,20 +124,25 @@ def test_tls_writes_a_ca_and_a_server_certificate_and_mqtts_urls(tmp_path: Path)
     out = tmp_path / "broker"
     assert run_cli("--out", str(out), "--nodes", "n1", "--tls", "--host", "broker.lan") == 0
     tls = out / "tls"
-    assert mode(tls / "ca.key") == 0o600 and mode(tls / "server.key") == 0o600
+    assert mode(tls / "ca.key") == 0o600
+    assert mode(tls / "server.key") == 0o600
     ca = x509.load_pem_x509_certificate((tls / "ca.pem").read_bytes())
     server = x509.load_pem_x509_certificate((tls / "server.pem").read_bytes())
     server.verify_directly_issued_by(ca)
     assert server_names((tls / "server.pem").read_bytes()) == {"broker.lan", "127.0.0.1", "localhost"}
     url = (out / "credentials" / "n1.url").read_text().strip()
     parts = urlsplit(url)
-    assert parts.scheme == "mqtts" and parts.hostname == "broker.lan" and parts.port == 8883
+    assert parts.scheme == "mqtts"
+    assert parts.hostname == "broker.lan"
+    assert parts.port == 8883
     assert unquote(parts.query) == f"ca={tls / 'ca.pem'}"
     conf = (out / "mosquitto.conf").read_text().splitlines()
-    assert f"certfile {tls / 'server.pem'}" in conf and f"keyfile {tls / 'server.key'}" in conf
+    assert f"certfile {tls / 'server.pem'}" in conf
+    assert f"keyfile {tls / 'server.key'}" in conf
     assert "listener 8883 broker.lan" in conf
     listener = yaml.safe_load((out / "amqtt.yaml").read_text())["listeners"]["default"]
-    assert listener["ssl"] is True and listener["certfile"] == str(tls / "server.pem")
+    assert listener["ssl"] is True
+    assert listener["certfile"] == str(tls / "server.pem")
 
 
 def test_add_keeps_every_existing_credential(tmp_path: Path) -> None:
@@ -150,7 +156,8 @@ def test_add_keeps_every_existing_credential(tmp_path: Path) -> None:
     assert {k: after[k] for k in before} == before
     assert set(after) == {*before, "n3.url"}
     new_hashes = parse_password_file((out / "passwords").read_text())
-    assert {k: new_hashes[k] for k in hashes} == hashes and "n3" in new_hashes
+    assert {k: new_hashes[k] for k in hashes} == hashes
+    assert "n3" in new_hashes
     assert {p.name: p.read_bytes() for p in (out / "tls").iterdir()} == tls_before
     assert after["n3.url"].startswith(b"mqtts://n3:")
     assert "nodes: n1, n2, n3." in (out / "mosquitto.conf").read_text()
@@ -185,7 +192,9 @@ def test_bad_input_is_one_line_and_exit_2(
     out = tmp_path / "broker"
     assert run_cli("--out", str(out), *args) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("fleet broker-config: ") and reason in err
+    assert err.count("\n") == 1
+    assert err.startswith("fleet broker-config: ")
+    assert reason in err
     assert not (out / "passwords").exists()
 
 
@@ -198,7 +207,8 @@ def test_an_existing_config_is_never_overwritten_by_accident(
     assert run_cli("--out", str(out), "--nodes", "n1") == 2
     assert run_cli("--out", str(out), "--nodes", "n2", "--add", "--port", "1884") == 2
     err = capsys.readouterr().err
-    assert "pass --add" in err and "--port 1884 differs" in err
+    assert "pass --add" in err
+    assert "--port 1884 differs" in err
     assert (out / "passwords").read_bytes() == before
 
 
@@ -274,7 +284,9 @@ def test_acl_rules(user: str | None, topic: str, publish: bool, receive: bool) -
         ("tui", f"{P}/+/+/+", True),
     ],
 )
-def test_subscriptions_only_where_every_match_is_readable(user: str, topic_filter: str, allowed: bool) -> None:
+def test_subscriptions_only_where_every_match_is_readable(
+    user: str, topic_filter: str, allowed: bool
+) -> None:
     assert Acl.parse(acl_text(P)).may_subscribe(user, "c", topic_filter) is allowed
 
 
@@ -288,12 +300,18 @@ def test_acl_parser_knows_mosquitto_syntax() -> None:
         "pattern readwrite dev/%c/#\n"
         "pattern write users/%u/in\n"
     )
-    assert acl.may_receive(None, "x", "public/news") and not acl.may_receive("alice", "x", "public/news")
-    assert acl.may_publish("alice", "x", "a/b") and acl.may_receive("alice", "x", "a/b")
-    assert not acl.may_publish("alice", "x", "a/secret/b") and not acl.may_receive("alice", "x", "a/secret/b")
-    assert acl.may_subscribe("alice", "x", "a/b/#") and not acl.may_subscribe("alice", "x", "a/#")
-    assert acl.may_publish("bob", "dev-9", "dev/dev-9/t") and not acl.may_publish("bob", "dev-9", "dev/dev-8/t")
-    assert acl.may_publish("bob", "c", "users/bob/in") and not acl.may_publish("bob", "c", "users/alice/in")
+    assert acl.may_receive(None, "x", "public/news")
+    assert not acl.may_receive("alice", "x", "public/news")
+    assert acl.may_publish("alice", "x", "a/b")
+    assert acl.may_receive("alice", "x", "a/b")
+    assert not acl.may_publish("alice", "x", "a/secret/b")
+    assert not acl.may_receive("alice", "x", "a/secret/b")
+    assert acl.may_subscribe("alice", "x", "a/b/#")
+    assert not acl.may_subscribe("alice", "x", "a/#")
+    assert acl.may_publish("bob", "dev-9", "dev/dev-9/t")
+    assert not acl.may_publish("bob", "dev-9", "dev/dev-8/t")
+    assert acl.may_publish("bob", "c", "users/bob/in")
+    assert not acl.may_publish("bob", "c", "users/alice/in")
     assert not acl.may_publish("a+b", "c", "users/a+b/in")  # a wildcard in a name never widens a pattern
     assert not acl.may_publish("alice", "x", "a/+")  # never a wildcard in a published topic
     assert not acl.may_receive("alice", "x", "$SYS/a")
@@ -379,18 +397,21 @@ def test_compose_file_structure() -> None:
     assert "hub-db" in volumes
     assert "FLEET_RUN_AS" not in services["hub"]["environment"]  # the hub drops root
     text = (REPO / "docker-compose.yml").read_text()
-    assert "--nodes node-1,node-2,node-3" in text and "--broker-dir /fleet/broker" in text
+    assert "--nodes node-1,node-2,node-3" in text
+    assert "--broker-dir /fleet/broker" in text
 
 
 def test_dockerfile_runs_the_entrypoint_that_drops_root() -> None:
     dockerfile = (REPO / "Dockerfile").read_text()
-    assert dockerfile.startswith("#") and "FROM python:3.11-slim" in dockerfile
+    assert dockerfile.startswith("#")
+    assert "FROM python:3.11-slim" in dockerfile
     assert 'ENTRYPOINT ["fleet-entrypoint"]' in dockerfile
     assert "COPY deploy/docker-entrypoint.sh /usr/local/bin/fleet-entrypoint" in dockerfile
     for package in ("bus", "hub", "edge_agent", "tui", "cli", "broker_config"):
         assert f"COPY {package} ./{package}" in dockerfile
     entrypoint = (REPO / "deploy" / "docker-entrypoint.sh").read_text()
-    assert "setpriv --reuid" in entrypoint and "--no-new-privs" in entrypoint
+    assert "setpriv --reuid" in entrypoint
+    assert "--no-new-privs" in entrypoint
 
 
 def _fake_fleet(tmp_path: Path) -> dict[str, str]:
@@ -415,9 +436,11 @@ def test_entrypoint_reads_secret_files_and_seeds_the_demo_agent(tmp_path: Path) 
     assert f"ARGS agent --config {state}/agent.toml -v" in done.stdout
     assert "BROKER mqtt://node-1:pw@mosquitto:1883" in done.stdout
     config = load_agent_config({}, {"FLEET_NODE_ID": "node-1"}, (state / "agent.toml").read_text())
-    assert config.state_dir == state and config.scripts_dir == state / "scripts"
+    assert config.state_dir == state
+    assert config.scripts_dir == state / "scripts"
     demo = config.services["demo-app"]
-    assert demo.env["DEMO_HW"] == "rev-a" and Path(demo.command[1]).is_file()
+    assert demo.env["DEMO_HW"] == "rev-a"
+    assert Path(demo.command[1]).is_file()
     assert (state / "app" / "version.json").is_file()
 
 
@@ -426,7 +449,8 @@ def test_systemd_units(tmp_path: Path) -> None:
     agent = (REPO / "deploy" / "fleet-agent.service").read_text()
     for unit in (hub, agent):
         lines = unit.splitlines()
-        assert "Restart=on-failure" in lines and "WantedBy=multi-user.target" in lines
+        assert "Restart=on-failure" in lines
+        assert "WantedBy=multi-user.target" in lines
     for line in ("NoNewPrivileges=yes", "ProtectSystem=strict", "DynamicUser=yes", "StateDirectory=fleet-hub",
                  "LoadCredential=hub.key:/etc/fleet/hub.key", "EnvironmentFile=/etc/fleet/hub.env"):
         assert line in hub.splitlines(), line
@@ -437,7 +461,8 @@ def test_systemd_units(tmp_path: Path) -> None:
     if analyze is None:
         return
     for name, text in (("fleet-hub.service", hub), ("fleet-agent.service", agent)):
-        (tmp_path / name).write_text(text.replace("/opt/fleetbus/bin/fleet", shutil.which("true") or "/bin/true"))
+        true = shutil.which("true") or "/bin/true"
+        (tmp_path / name).write_text(text.replace("/opt/fleetbus/bin/fleet", true))
     done = subprocess.run([analyze, "verify", str(tmp_path / "fleet-hub.service"),
                            str(tmp_path / "fleet-agent.service")], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -472,10 +497,13 @@ def test_setup_sh_installs_an_agent_into_a_root(tmp_path: Path) -> None:
     env_line = (etc / "agent.env").read_text().strip()
     assert env_line.startswith("FLEET_BROKER=mqtts://web-7:")
     url = parse_broker_url(env_line.split("=", 1)[1])
-    assert url.ca_file == "/etc/fleet/ca.pem" and url.username == "web-7"
+    assert url.ca_file == "/etc/fleet/ca.pem"
+    assert url.username == "web-7"
     assert (etc / "ca.pem").read_bytes() == (tmp_path / "broker" / "tls" / "ca.pem").read_bytes()
-    config = load_agent_config({}, {"FLEET_BROKER": env_line.split("=", 1)[1]}, (etc / "agent.toml").read_text())
-    assert config.node_id == "web-7" and config.service_manager == "systemd"
+    environ = {"FLEET_BROKER": env_line.split("=", 1)[1]}
+    config = load_agent_config({}, environ, (etc / "agent.toml").read_text())
+    assert config.node_id == "web-7"
+    assert config.service_manager == "systemd"
     assert config.labels == {"role": "web", "site": "lab 2"}
     assert config.trust == [Path("/etc/fleet/trust/hub.pub")]
     assert config.policy == Path("/etc/fleet/policy.toml")

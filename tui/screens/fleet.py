@@ -6,15 +6,20 @@ from typing import ClassVar
 
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
+from textual.timer import Timer
 from textual.widgets import Footer, Header, Input, Static
 
 from tui.cells import time_text
+from tui.context import Context
 from tui.model import Changes, parse_filter
 from tui.screens.base import ModelScreen
 from tui.screens.node import NodeScreen
 from tui.widgets.node_table import NodeTable
 
 __all__ = ["FleetScreen"]
+
+#: The filter applies once typing pauses this long (or on Enter).
+FILTER_DELAY_S = 0.25
 
 
 class FleetScreen(ModelScreen):
@@ -26,6 +31,10 @@ class FleetScreen(ModelScreen):
         Binding("S", "reverse", "Reverse", show=False),
         Binding("escape", "clear_filter", "Clear filter", show=False),
     ]
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        self._filter_timer: Timer | None = None
 
     def compose(self) -> ComposeResult:
         """Header, summary, filter box (hidden until ``/``), table, last event, footer."""
@@ -102,24 +111,36 @@ class FleetScreen(ModelScreen):
             return
         box.value = ""
         box.add_class("hidden")
+        if self._filter_timer is not None:
+            self._filter_timer.stop()
+            self._filter_timer = None
         self.table.filter = parse_filter("")
         self.table.rebuild(self.ctx.clock())
         self.table.focus()
         self._summarize()
 
     def on_input_changed(self, event: Input.Changed) -> None:
-        """Filter as the operator types."""
+        """Filter as the operator types, once typing pauses (a refilter of 1000 rows is not free)."""
         if event.input.id != "filter":
             return
-        wanted = parse_filter(event.value)
+        if self._filter_timer is not None:
+            self._filter_timer.stop()
+        self._filter_timer = self.set_timer(FILTER_DELAY_S, self._apply_filter)
+
+    def _apply_filter(self) -> None:
+        if self._filter_timer is not None:
+            self._filter_timer.stop()
+            self._filter_timer = None
+        wanted = parse_filter(self.query_one("#filter", Input).value)
         if wanted != self.table.filter:
             self.table.filter = wanted
             self.table.rebuild(self.ctx.clock())
             self._summarize()
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
-        """Enter keeps the filter and goes back to the table."""
+        """Enter applies the filter now and goes back to the table."""
         if event.input.id == "filter":
+            self._apply_filter()
             if not event.value.strip():
                 event.input.add_class("hidden")
             self.table.focus()

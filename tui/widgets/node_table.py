@@ -26,6 +26,8 @@ COLUMNS: tuple[tuple[str, str, int], ...] = (
     ("versions", "Versions", 48),
 )
 _KEYS = tuple(key for key, _, _ in COLUMNS)
+#: Beyond this many rows to drop, clearing the table and adding the rest back is cheaper.
+_MAX_REMOVALS = 50
 
 
 class NodeTable(DataTable[Any]):
@@ -42,6 +44,7 @@ class NodeTable(DataTable[Any]):
         super().__init__(id=id, cursor_type="row", zebra_stripes=False)
         self._model = model
         self._cells: dict[str, tuple[str | Text, ...]] = {}
+        self._texts: dict[str, tuple[object, object, Text, Text]] = {}
         self._now = 0.0
         self.filter = NodeFilter()
         self.sort_column: SortColumn = "node"
@@ -55,8 +58,18 @@ class NodeTable(DataTable[Any]):
 
     # ------------------------------------------------------------------ rendering
 
+    def _text_cells(self, view: NodeView) -> tuple[Text, Text]:
+        """Labels and versions, re-rendered only when the node sent a new birth."""
+        cached = self._texts.get(view.node)
+        if cached is not None and cached[0] is view.labels and cached[1] is view.inventory:
+            return cached[2], cached[3]
+        labels = plain(" ".join(f"{k}={v}" for k, v in sorted(view.labels.items())))
+        versions = plain(versions_text(view.inventory))
+        self._texts[view.node] = (view.labels, view.inventory, labels, versions)
+        return labels, versions
+
     def _render_row(self, view: NodeView) -> tuple[str | Text, ...]:
-        labels = " ".join(f"{k}={v}" for k, v in sorted(view.labels.items()))
+        labels, versions = self._text_cells(view)
         return (
             view.node,
             presence_text(view.presence(self._now), view.age(self._now)),
@@ -64,29 +77,36 @@ class NodeTable(DataTable[Any]):
             pct_text(view.mem_used_pct),
             pct_text(view.disk_free_pct),
             plain(self._model.job_label(view)),
-            plain(labels),
-            plain(versions_text(view.inventory)),
+            labels,
+            versions,
         )
 
-    def _write_row(self, view: NodeView) -> None:
+    def _write_row(self, view: NodeView) -> bool:
+        """Add the node's row or update its changed cells; True when a row was added."""
         new = self._render_row(view)
         old = self._cells.get(view.node)
         self._cells[view.node] = new
         if old is None:
             self.add_row(*new, key=view.node)
-            self._order_dirty = True
-            return
+            return True
         for index, (before, after) in enumerate(zip(old, new, strict=True)):
             if before != after:
                 self.update_cell(view.node, _KEYS[index], after)
-                if _KEYS[index] == self.sort_column or (
-                    self.sort_column == "seen" and _KEYS[index] == "state"
-                ):
+                if _KEYS[index] in self._sort_cells:
                     self._order_dirty = True
+        return False
 
-    def _drop_row(self, node: str) -> None:
-        if self._cells.pop(node, None) is not None:
-            self.remove_row(node)
+    @property
+    def _sort_cells(self) -> tuple[str, ...]:
+        """Columns whose change can move a row under the current sort."""
+        return ("state",) if self.sort_column == "seen" else (self.sort_column,)
+
+    def _drop_row(self, node: str) -> bool:
+        self._texts.pop(node, None)
+        if self._cells.pop(node, None) is None:
+            return False
+        self.remove_row(node)
+        return True
 
     # ------------------------------------------------------------------ updates
 
@@ -94,48 +114,59 @@ class NodeTable(DataTable[Any]):
         """Bring the rows named by ``changes`` up to date."""
         self._now = now
         selected = self.selected_node if self._cells else None
+        moved = False
         for node in changes.removed_nodes:
-            self._drop_row(node)
+            moved |= self._drop_row(node)
         for node in changes.nodes | changes.added_nodes:
             view = self._model.nodes.get(node)
-            if view is None:
-                self._drop_row(node)
-            elif self._model.matches(view, self.filter):
-                self._write_row(view)
+            if view is not None and self._model.matches(view, self.filter):
+                moved |= self._write_row(view)
             else:
-                self._drop_row(node)
-        if changes.added_nodes or changes.removed_nodes:
+                moved |= self._drop_row(node)
+        if moved:
             self.resort(keep=selected)
 
     def tick(self, now: float) -> None:
-        """Refresh what time changes (ages, stale nodes), re-sort if the order moved."""
+        """Refresh what time alone changes (the state cell: ages, stale nodes), re-sort if needed."""
         self._now = now
-        for node in list(self._cells):
-            view = self._model.nodes.get(node)
-            if view is not None:
-                self._write_row(view)
+        nodes = self._model.nodes
+        for node, cells in self._cells.items():
+            view = nodes.get(node)
+            if view is None:
+                continue
+            state = presence_text(view.presence(now), view.age(now))
+            if state != cells[1]:
+                self._cells[node] = (cells[0], state, *cells[2:])
+                self.update_cell(node, "state", state)
+                if "state" in self._sort_cells:
+                    self._order_dirty = True
         if self._order_dirty:
-            self.resort()
+            self.resort(self.selected_node)
 
     def rebuild(self, now: float) -> None:
-        """Rebuild every row (after the filter changed)."""
+        """Show exactly the nodes that pass the filter (after it changed).
+
+        Rows that still match stay as they are; new matches are added. Removing
+        a DataTable row costs O(rows), so many removals become one clear.
+        """
         self._now = now
         selected = self.selected_node if self._cells else None
-        self.clear()
-        self._cells.clear()
-        rows = []
-        for view in self._model.nodes.values():
-            if self._model.matches(view, self.filter):
-                cells = self._render_row(view)
-                self._cells[view.node] = cells
-                rows.append((view.node, cells))
-        for node, cells in rows:
-            self.add_row(*cells, key=node)
+        wanted = [v for v in self._model.nodes.values() if self._model.matches(v, self.filter)]
+        wanted_ids = {v.node for v in wanted}
+        gone = [node for node in self._cells if node not in wanted_ids]
+        if len(gone) > _MAX_REMOVALS:
+            self.clear()
+            self._cells.clear()
+        else:
+            for node in gone:
+                self._drop_row(node)
+        for view in wanted:
+            if view.node not in self._cells:
+                self._write_row(view)
         self.resort(keep=selected)
 
-    def resort(self, keep: str | None = None) -> None:
-        """Order rows by the sort column, keeping the cursor on ``keep`` (default: the selected node)."""
-        selected = keep if keep is not None else self.selected_node
+    def resort(self, keep: str | None) -> None:
+        """Order rows by the sort column, then put the cursor on ``keep`` (the top row if it is gone)."""
         model, column, now = self._model, self.sort_column, self._now
         ranks = {
             node: rank
@@ -149,20 +180,22 @@ class NodeTable(DataTable[Any]):
         }
         self.sort("node", key=lambda cell: ranks.get(str(cell), len(ranks)))
         self._order_dirty = False
-        if selected is not None and selected in self._cells:
-            self.move_cursor(row=self.get_row_index(selected), scroll=False)
+        if keep is not None and keep in self._cells:
+            self.move_cursor(row=self.get_row_index(keep), scroll=False)
+        elif self.row_count:
+            self.move_cursor(row=0, scroll=False)
 
     def cycle_sort(self) -> SortColumn:
         """Sort by the next column; return it."""
         index = SORT_COLUMNS.index(self.sort_column)
         self.sort_column = SORT_COLUMNS[(index + 1) % len(SORT_COLUMNS)]
-        self.resort()
+        self.resort(self.selected_node)
         return self.sort_column
 
     def toggle_reverse(self) -> None:
         """Reverse the sort order."""
         self.reverse = not self.reverse
-        self.resort()
+        self.resort(self.selected_node)
 
     @property
     def sort_label(self) -> str:

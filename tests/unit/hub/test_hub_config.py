@@ -140,7 +140,7 @@ def test_config_file_choice(tmp_path: Path) -> None:
     (cwd / "fleet.toml").write_text("")
     assert config_file(None, {}, cwd=cwd, home=home) == cwd / "fleet.toml"
     assert config_file(None, {"FLEET_NO_CONFIG_DISCOVERY": "1"}, cwd=cwd, home=home) is None
-    assert config_file(None, {"FLEET_NO_CONFIG_DISCOVERY": "0"}, cwd=cwd, home=home) == cwd / "fleet.toml"
+    assert config_file(None, {"FLEET_NO_CONFIG_DISCOVERY": ""}, cwd=cwd, home=home) == cwd / "fleet.toml"
     xdg = tmp_path / "xdg"
     (xdg / "fleet").mkdir(parents=True)
     (xdg / "fleet" / "fleet.toml").write_text("")

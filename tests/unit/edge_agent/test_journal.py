@@ -1,0 +1,88 @@
+"""The journal file: atomic writes, a torn temp file never replaces the journal."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from edge_agent import executor
+from edge_agent.executor import JournalState
+from edge_agent.journal import Journal, write_atomic
+
+
+def state(n: int) -> JournalState:
+    return executor.remember(JournalState(), f"command-{n}", float(n))
+
+
+def test_save_and_load_round_trip(tmp_path: Path) -> None:
+    store = Journal(tmp_path / "state" / "journal.json")
+    assert store.load() == JournalState()  # no journal yet: a fresh start
+    store.save(state(1))
+    assert store.load() == state(1)
+    assert sorted(p.name for p in store.path.parent.iterdir()) == ["journal.json"]  # no temp left behind
+    assert store.path.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_torn_temp_file_from_a_crash_never_replaces_the_journal(tmp_path: Path) -> None:
+    store = Journal(tmp_path / "journal.json")
+    store.save(state(1))
+    # A crash in the middle of the next write leaves a half-written temp file.
+    full = state(2).model_dump_json().encode()
+    (tmp_path / ".journal.json.tmp").write_bytes(full[: len(full) // 2])
+
+    assert store.load() == state(1)
+    store.save(state(3))  # the next write goes through the same temp name
+    assert store.load() == state(3)
+    assert not (tmp_path / ".journal.json.tmp").exists()
+
+
+@pytest.mark.parametrize("failing", ["write", "fsync", "replace"])
+def test_a_write_that_fails_half_way_leaves_the_old_journal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    store = Journal(tmp_path / "journal.json")
+    store.save(state(1))
+
+    def broken(*_args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, failing, broken)
+    with pytest.raises(OSError, match="No space left"):
+        store.save(state(2))
+    monkeypatch.undo()
+
+    assert store.load() == state(1)
+    if failing != "replace":
+        assert not (tmp_path / ".journal.json.tmp").exists()
+
+
+def test_write_atomic_syncs_the_data_before_the_rename_and_the_directory_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        calls.append("fsync-dir" if os.path.isdir(f"/proc/self/fd/{fd}") else "fsync-file")
+        real_fsync(fd)
+
+    def replace(src: str | Path, dst: str | Path) -> None:
+        calls.append("replace")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    write_atomic(tmp_path / "f", b"data")
+    assert calls == ["fsync-file", "replace", "fsync-dir"]
+    assert (tmp_path / "f").read_bytes() == b"data"
+
+
+def test_an_unreadable_journal_is_moved_aside_and_the_agent_starts_afresh(tmp_path: Path) -> None:
+    store = Journal(tmp_path / "journal.json")
+    store.path.write_text('{"v": 1, "seen": "not a list"}')
+    assert store.load() == JournalState()
+    aside = [p.name for p in tmp_path.iterdir() if p.name.startswith("journal.json.corrupt-")]
+    assert len(aside) == 1
+    assert not store.path.exists()

@@ -375,7 +375,7 @@ class RolloutManager:
             self._wake.set()
 
     async def _execute(self, actions: list[Action]) -> None:
-        changed = [a.rollout for a in actions if isinstance(a, RolloutChanged)]
+        changed = list(dict.fromkeys(a.rollout for a in actions if isinstance(a, RolloutChanged)))
         if any(isinstance(a, PublishCommand) for a in actions):
             # Durable before visible: the record naming a command is on disk before
             # the command is on the broker.

@@ -43,7 +43,9 @@ from bus.messages import (
 from bus.mqtt import MqttClient
 from bus.signing import sign_command
 from bus.topics import Topics
-from edge_agent import system
+from edge_agent import executor, system
+from edge_agent.executor import JournalState
+from edge_agent.journal import Journal
 from edge_agent.runner import CommandRunner
 from edge_agent.settings import ExecutorSettings, ProcessService
 from tests.conftest import RunningBroker, free_port
@@ -848,3 +850,48 @@ async def _next_on(client: MqttClient, topic: str) -> Any:
         if message.topic == topic:
             return message
     return None
+
+
+async def test_a_command_before_recover_finishes_the_interrupted_job_first(
+    tmp_path: Path,
+    scripts: Path,
+    key: Ed25519PrivateKey,
+    recorder: Recorder,
+    topics: Topics,
+    runners: list[CommandRunner],
+) -> None:
+    settings = make_settings(tmp_path, scripts, key)
+    interrupted = command(
+        key,
+        [
+            ScriptStep(name="record.sh", args=["one"], rollback="record.sh"),
+            ScriptStep(name="record.sh", args=["two"], rollback="record.sh"),
+            ScriptStep(name="record.sh", args=["three"], rollback="record.sh"),
+        ],
+    )
+    # The journal exactly as an agent killed during step 1 leaves it.
+    state = executor.begin(
+        executor.remember(JournalState(), interrupted.id, interrupted.issued_at), interrupted
+    )
+    state = executor.update_step(state, "r1", 0, state="succeeded", record={"started": True})
+    state = executor.update_step(state, "r1", 1, state="running", record={"started": True})
+    Journal(settings.journal_path).save(state)
+
+    runner = CommandRunner(settings, topics, recorder.publish)
+    runners.append(runner)
+    newer = command(key, [ScriptStep(name="record.sh", args=["new"])], rollout="r2")
+    await runner.handle_command(cmd_topic(topics), encode(newer))
+
+    assert [(s.index, s.state, s.detail) for s in recorder.statuses(newer.id)] == [
+        (-1, "rejected", "busy with rollout r1")
+    ]
+    final = await recorder.final_of(interrupted.id)
+    assert final.phase == "rolled_back"
+    assert pairs(recorder.statuses(interrupted.id)) == [(1, "failed"), (1, "rolled_back"), (0, "rolled_back")]
+    assert [s.state for s in final.steps] == ["rolled_back", "failed", "skipped"]
+    assert (settings.state_dir / "record.log").read_text().splitlines() == [
+        "rollback record.sh two",
+        "rollback record.sh one",
+    ]
+    await runner.recover()  # already done: returns at once
+    assert len(recorder.statuses(interrupted.id)) == 3

@@ -213,7 +213,7 @@ async def test_rollout_detail_grid_log_and_audit_from_show() -> None:
         assert [grid.cell_word("edge-001", i) for i in range(5)] == ["ok"] * 5
         assert [grid.cell_word("edge-004", i) for i in range(5)] == ["ok", "ok", "run", "wait", "wait"]
         assert [grid.cell_word("edge-006", i) for i in range(5)] == ["wait"] * 5
-        assert str(grid.columns[ColumnKey("step3")].label) == "4.service"
+        assert str(grid.columns[ColumnKey("step3")].label) == "4.svc"
         # The audit trail comes from the hub's `show` reply.
         await until(pilot, lambda: screen.query_one(AuditTable).entries is not None, "the audit trail")
         assert ops(feed)[0] == ("show", {"rollout": ROLLOUT_ID})

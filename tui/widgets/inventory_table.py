@@ -21,9 +21,9 @@ class InventoryTable(DataTable[Any]):
 
     def on_mount(self) -> None:
         """Create the columns."""
-        self.add_column("Kind", key="kind", width=8)
-        self.add_column("Name", key="name", width=18)
-        self.add_column("Version", key="version", width=16)
+        self.add_column("Kind", key="kind", width=7)
+        self.add_column("Name", key="name", width=14)
+        self.add_column("Version", key="version", width=14)
 
     def show(self, inventory: Inventory) -> None:
         """Show ``inventory``; does nothing when it did not change."""

@@ -25,10 +25,10 @@ class JobTable(DataTable[Any]):
     def on_mount(self) -> None:
         """Create the columns."""
         self.add_column("Updated", key="updated", width=8)
-        self.add_column("Rollout", key="rollout", width=16)
-        self.add_column("Action", key="action", width=8)
-        self.add_column("Phase", key="phase", width=12)
-        self.add_column("Steps", key="steps", width=40)
+        self.add_column("Rollout", key="rollout", width=14)
+        self.add_column("Action", key="action", width=6)
+        self.add_column("Phase", key="phase", width=10)
+        self.add_column("Steps", key="steps", width=32)
 
     def show(self, view: NodeView) -> None:
         """Rebuild from ``view``'s jobs when they changed (ten at most, so a rebuild is cheap)."""

@@ -15,6 +15,18 @@ from tui.model import RolloutView
 
 __all__ = ["StepGrid"]
 
+#: Short step-type names for the column headers, so five steps fit in 80 columns.
+_SHORT = {
+    "download": "fetch",
+    "service": "svc",
+    "package": "pkg",
+    "container": "ctr",
+    "file": "file",
+    "script": "script",
+    "module": "mod",
+    "health": "health",
+}
+
 
 class StepGrid(DataTable[Any]):
     """Rows are target nodes, columns the plan's steps; rebuilt only when its shape changes."""
@@ -34,7 +46,8 @@ class StepGrid(DataTable[Any]):
     @staticmethod
     def _headers(view: RolloutView) -> tuple[str, ...]:
         return tuple(
-            f"{index + 1}.{view.step_types.get(index, 'step')[:9]}" for index in range(view.step_count)
+            f"{index + 1}.{_SHORT.get(kind, kind[:6])}"
+            for index, kind in ((i, view.step_types.get(i, "step")) for i in range(view.step_count))
         )
 
     def _render_row(self, view: RolloutView, node: str) -> tuple[str | Text, ...]:
@@ -64,7 +77,7 @@ class StepGrid(DataTable[Any]):
         selected = self.selected_node
         self.clear(columns=True)
         self._cells.clear()
-        self.add_column("Node", key="node", width=16)
+        self.add_column("Node", key="node", width=14)
         self.add_column("Phase", key="phase", width=12)
         for index, header in enumerate(headers):
             self.add_column(header, key=f"step{index}", width=max(6, len(header)))

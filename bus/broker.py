@@ -26,6 +26,10 @@ its internals. Upstream-style notes on each defect (FINDINGS.md has the figures)
    lost, exactly as an EOF would, so the broker publishes the will. fleetbus
    also detects dead nodes from missed heartbeats on any broker (DESIGN 3.7).
 
+4. A refused client could still disturb a session: amqtt deletes or adopts the
+   session of the CONNECT's client id before it checks the password. Guard:
+   ``_read_connect`` authenticates first (see its docstring).
+
 The guards are tested in tests/integration/test_embedded_broker.py, together
 with tests that fail once upstream fixes a defect (then drop its guard).
 """
@@ -45,8 +49,10 @@ from typing import Any
 import yaml
 from amqtt.adapters import ReaderAdapter, WriterAdapter
 from amqtt.broker import Broker
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
+from amqtt.utils import gen_client_id
 
 from bus.errors import ConfigError
 
@@ -143,6 +149,59 @@ class FleetBroker(Broker):  # type: ignore[misc]
             if not writer.is_closing():
                 writer.close()
 
+    async def _read_connect(
+        self,
+        reader: ReaderAdapter,
+        writer: WriterAdapter,
+        remote_address: str,
+        remote_port: int,
+    ) -> tuple[BrokerProtocolHandler, Session]:
+        """Read the CONNECT like amqtt's ``_initialize_client_session``, but authenticate first.
+
+        Defect 4: amqtt deletes (clean session) or adopts (persistent session) the
+        existing session of the CONNECT's client id before it checks the password,
+        so an anonymous client that reuses the hub's client id silently wiped the
+        hub's subscriptions. Here a refused client gets its CONNACK refusal and
+        nothing else; so does a client that claims an id held by another user.
+        """
+        try:
+            handler, session = await BrokerProtocolHandler.init_from_connect(
+                reader, writer, self.plugins_manager
+            )
+        except (AMQTTError, NoDataError) as exc:
+            raise AMQTTError(exc) from exc
+        except MQTTError:
+            await writer.close()
+            raise
+        authorized = await self._authenticate(session, None)
+        held = self._sessions.get(session.client_id) if session.client_id else None
+        if authorized and held is not None and held[0].username != session.username:
+            _LOGGER.warning(
+                "refusing %s: client id %r belongs to another user", session.username, session.client_id
+            )
+            authorized = False
+        if not authorized:
+            handler.attach(session, reader, writer)
+            await handler.mqtt_connack_authorize(False)
+            await writer.close()
+            raise AMQTTError(f"client {session.client_id!r} refused before touching any session")
+        if session.clean_session:
+            if session.client_id:
+                await self._delete_session(session.client_id)
+            else:
+                session.client_id = gen_client_id()
+            session.parent = 0
+        elif session.client_id in self._sessions:
+            existing, _ = self._sessions[session.client_id]
+            for name in ("will_flag", "will_message", "will_topic", "will_qos", "keep_alive",
+                         "username", "password"):
+                setattr(existing, name, getattr(session, name))
+            session = existing
+            session.parent = 1
+        else:
+            session.parent = 0
+        return handler, session
+
     async def _initialize_client_session(
         self,
         reader: ReaderAdapter,
@@ -150,9 +209,7 @@ class FleetBroker(Broker):  # type: ignore[misc]
         remote_address: str,
         remote_port: int,
     ) -> tuple[BrokerProtocolHandler, Session]:
-        handler, session = await super()._initialize_client_session(
-            reader, writer, remote_address, remote_port
-        )
+        handler, session = await self._read_connect(reader, writer, remote_address, remote_port)
         # defect 3: the session's keep_alive is what the reader loop waits for
         # (amqtt sets it afresh from every CONNECT); 0 means no keepalive at all.
         if session.keep_alive > 0:

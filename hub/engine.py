@@ -37,6 +37,7 @@ from bus.errors import Conflict, InvalidInput, NotFound
 from bus.messages import (
     Command,
     JobSnapshot,
+    NodePhase,
     NodeSummary,
     RolloutCounts,
     RolloutSpec,
@@ -218,7 +219,7 @@ class _Node:
 
     name: str
     wave: int
-    phase: str = "pending"
+    phase: NodePhase = "pending"
     step: int | None = None
     detail: str = ""
     touched: bool = False  # it may have changed something: it started, or got its apply while online
@@ -339,6 +340,10 @@ class RolloutEngine:
     def rollout_ids(self) -> list[str]:
         """Every known rollout id, oldest first."""
         return [r.id for r in sorted(self._rollouts.values(), key=lambda r: (r.created_at, r.id))]
+
+    def plan(self, rollout: str) -> list[dict[str, Any]]:
+        """The plan the nodes of ``rollout`` get (step timeouts filled in), as JSON values."""
+        return [step.model_dump(mode="json") for step in self._get(rollout).plan]
 
     def busy(self, nodes: Iterable[str]) -> list[str]:
         """Those of ``nodes`` that another rollout still holds."""
@@ -893,7 +898,7 @@ class RolloutEngine:
         self,
         r: _Rollout,
         n: _Node,
-        phase: str,
+        phase: NodePhase,
         reason: str,
         now: float,
         out: _Out,
@@ -941,7 +946,7 @@ class RolloutEngine:
         self,
         r: _Rollout,
         n: _Node,
-        phase: str,
+        phase: NodePhase,
         reason: str,
         now: float,
         out: _Out,
@@ -1023,7 +1028,13 @@ class RolloutEngine:
         out.touch(r, now)
 
     def _send_restore(
-        self, r: _Rollout, n: _Node, action: CommandAction, now: float, out: _Out, phase: str = "rolling_back"
+        self,
+        r: _Rollout,
+        n: _Node,
+        action: CommandAction,
+        now: float,
+        out: _Out,
+        phase: NodePhase = "rolling_back",
     ) -> None:
         command = self._command(r, n, action, now)
         n.restore = "waiting"

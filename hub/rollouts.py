@@ -80,6 +80,8 @@ _TICK_FLOOR_S = 0.01
 _QUEUE_LIMIT = 10_000
 #: Events handled before their actions are carried out (one store flush per batch).
 _BATCH_LIMIT = 1000
+#: Audit entries a ``show`` reply carries (the latest ones; replies are size-bounded).
+_SHOWN_AUDIT = 200
 _LISTED = 20
 
 
@@ -213,8 +215,8 @@ class RolloutManager:
     # ------------------------------------------------------------------ queries
 
     def summaries(self) -> list[RolloutSummary]:
-        """Every rollout, oldest first."""
-        return [self._engine.summary(rid) for rid in self._engine.rollout_ids()]
+        """Every rollout, newest first."""
+        return [self._engine.summary(rid) for rid in reversed(self._engine.rollout_ids())]
 
     def summary(self, rollout_id: str) -> RolloutSummary:
         """One rollout's summary; NotFound if unknown."""
@@ -237,7 +239,8 @@ class RolloutManager:
 
         Returns:
             ``{"rollout": id}`` for create; ``{"rollout", "state"}`` for the
-            operations; a summary (``show``) or a list of them (``list``), as JSON values.
+            operations; for ``show`` the summary plus its ``plan`` and the latest
+            ``audit`` entries; for ``list`` every summary, newest first; as JSON values.
 
         Raises:
             InvalidInput: a bad spec or body (the message names the field).
@@ -255,7 +258,11 @@ class RolloutManager:
         if not isinstance(rollout, str) or not rollout:
             raise InvalidInput("rollout: a rollout id is required")
         if op == "show":
-            return self.summary(rollout).model_dump(mode="json")
+            return {
+                **self.summary(rollout).model_dump(mode="json"),
+                "plan": self._engine.plan(rollout),
+                "audit": self.audit(rollout)[-_SHOWN_AUDIT:],
+            }
         await self._run(_REQUESTS[op](rollout))
         return {"rollout": rollout, "state": self._engine.state(rollout)}
 

@@ -362,12 +362,6 @@ async def test_added_node_connects_and_old_credentials_still_work(fleet: Fleet) 
 async def test_refused_client_cannot_disturb_a_session_by_reusing_its_client_id(
     fleet: Fleet, request: pytest.FixtureRequest
 ) -> None:
-    if fleet.kind == "amqtt":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "amqtt 0.12.1 looks up and clean-session-deletes the session of a CONNECT's client id "
-            "before it authenticates (Broker._initialize_client_session): bus/broker.py must "
-            "authenticate first"
-        )))
     t = fleet.topics
     hub_url = fleet.url("hub")
     async with connected(hub_url, client_id="fleet-hub-acl") as hub, connected(fleet.url("tui")) as tui:

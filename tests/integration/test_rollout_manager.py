@@ -304,6 +304,8 @@ async def test_a_rollout_succeeds_on_three_nodes(
         assert [s["id"] for s in listed] == [rid]
         shown = await hub.manager.request("show", {"rollout": rid})
         assert shown["state"] == "succeeded"
+        assert [step["type"] for step in shown["plan"]] == ["script", "health"]
+        assert shown["audit"][-1]["message"] == "succeeded on 3 nodes"
     # Everything is in the store file, through the store's atomic rewrites.
     data = json.loads(db.read_text())
     assert data["rollouts"][rid]["state"] == "succeeded"
@@ -385,7 +387,9 @@ async def test_bad_requests_are_refused_and_change_nothing(
 ) -> None:
     async with Hub(broker, topics, tmp_path / "hub.json", key) as hub:
         hub.online("n1", "n2")
-        hub.registry.on_state(NodeState(node="n2", state="offline", session="s-n2", reason="lost"), time.time())
+        hub.registry.on_state(
+            NodeState(node="n2", state="offline", session="s-n2", reason="lost"), time.time()
+        )
         with pytest.raises(InvalidInput, match="plan"):
             await hub.manager.request("create_rollout", {"name": "x", "targets": ["n1"], "plan": []})
         with pytest.raises(InvalidInput, match=r"strategy\.max_parallel"):

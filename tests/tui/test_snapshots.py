@@ -13,6 +13,7 @@ import pytest
 from textual.pilot import Pilot
 
 from tests.tui.helpers import demo_app, until
+from tui.app import FleetApp
 from tui.screens.rollout import RolloutScreen
 from tui.widgets.audit_table import AuditTable
 
@@ -22,6 +23,7 @@ SnapCompare = Callable[..., bool]
 
 async def _loaded(pilot: Pilot[Any]) -> None:
     app = pilot.app
+    assert isinstance(app, FleetApp)
     await until(pilot, lambda: len(app.model.nodes) == 12 and len(app.model.rollouts) == 2, "demo data")
     await pilot.pause()
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -51,7 +51,7 @@ def test_a_bad_broker_url_or_prefix_is_a_one_line_usage_error(capsys: pytest.Cap
 
 
 class _FakeServer:
-    made: list[dict[str, Any]] = []
+    made: ClassVar[list[dict[str, Any]]] = []
 
     def __init__(self, command: str, host: str, port: int, title: str) -> None:
         self.made.append({"command": command, "host": host, "port": port, "title": title})

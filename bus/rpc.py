@@ -38,12 +38,27 @@ class HubClient:
             return False
         try:
             reply = decode(Reply, payload)
-        except InvalidInput:
+        except InvalidInput as exc:
+            # A reply we cannot read (too large, malformed) must not look like a
+            # hub that never answered: fail the call if only one is waiting, or
+            # the one whose id the payload names.
+            target = self._match_unreadable(payload)
+            if target is not None and not target.done():
+                target.set_exception(BusError(f"unreadable reply from the hub: {exc.reason}"))
             return True
         future = self._waiting.pop(reply.request, None)
         if future is not None and not future.done():
             future.set_result(reply)
         return True
+
+    def _match_unreadable(self, payload: bytes) -> asyncio.Future[Reply] | None:
+        head = payload[:4096].decode("utf-8", errors="replace")
+        for request_id in list(self._waiting):
+            if f'"request":"{request_id}"' in head.replace(" ", ""):
+                return self._waiting.pop(request_id)
+        if len(self._waiting) == 1:
+            return self._waiting.pop(next(iter(self._waiting)))
+        return None
 
     async def pump(self) -> None:
         """Read the client's messages forever, feeding replies (run as a task)."""

@@ -31,6 +31,7 @@ Protocol (DESIGN sections 2, 3.3, 3.6):
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import shutil
 import time
@@ -384,18 +385,19 @@ class CommandRunner:
 
     async def _adopt(self, job: _Job, command: Command) -> None:
         """An abort/rollback of the running rollout takes over the job (and cancels its step)."""
+        # Synchronously, before any await: the job must not finish an apply it was told to undo.
         job.ident = executor.identity(command)
-        await self._change(lambda s: executor.adopt(s, command))
-        _LOGGER.info("%s %s takes over rollout %s", command.action, command.id, command.rollout)
-        if job.undoing:
-            return
-        job.preempted = True
-        task = job.step_task
+        task = job.step_task if not job.undoing else None
+        if not job.undoing:
+            job.preempted = True
         if task is not None and not task.done():
-            await self._log(
-                job.ident, job.index if job.index is not None else -1, f"{command.action}: cancelling"
-            )
             task.cancel()
+        _LOGGER.info("%s %s takes over rollout %s", command.action, command.id, command.rollout)
+        await self._change(lambda s: executor.adopt(s, command))
+        if task is not None:
+            await self._log(
+                job.ident, job.index if job.index is not None else -1, f"{command.action}: step cancelled"
+            )
 
     # ------------------------------------------------------------------ the worker
 
@@ -486,6 +488,15 @@ class CommandRunner:
     ) -> _Outcome:
         """Run one apply or undo with its timeout; an abort may cancel it when ``cancellable``."""
         task: asyncio.Task[Any] = asyncio.create_task(asyncio.wait_for(work, timeout))
+        try:
+            return await self._outcome(task, timeout, job, cancellable)
+        finally:
+            if inspect.iscoroutine(work) and inspect.getcoroutinestate(work) == inspect.CORO_CREATED:
+                work.close()  # cancelled before it ever ran: nothing to clean up, no warning
+
+    async def _outcome(
+        self, task: asyncio.Task[Any], timeout: float, job: _Job, cancellable: bool
+    ) -> _Outcome:
         if cancellable:
             job.step_task = task
         try:

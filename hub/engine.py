@@ -73,6 +73,7 @@ __all__ = [
 
 #: States in which a rollout takes no decision of its own any more.
 FINAL_STATES = frozenset({"succeeded", "halted", "rolled_back", "rollback_failed", "aborted"})
+_STATES = FINAL_STATES | {"pending", "running", "paused", "rolling_back", "aborting"}
 #: Smallest step between two ``issued_at`` of one node (floats of epoch seconds keep 1 ms exactly).
 ISSUE_STEP_S = 0.001
 RECORD_VERSION = 1
@@ -594,11 +595,18 @@ class RolloutEngine:
                 for name, doc in dict(record["nodes"]).items()
             }
             waves = [[str(n) for n in wave] for wave in record["waves"]]
+            state = str(record["state"])
+            if state not in _STATES:
+                raise InvalidInput(f"rollout record {rid}: unknown state {state[:40]!r}")
+            if sorted(n for wave in waves for n in wave) != sorted(nodes) or not 0 <= int(
+                record["wave"]
+            ) < len(waves):
+                raise InvalidInput(f"rollout record {rid}: its waves do not match its nodes")
             return _Rollout(
                 id=str(record["id"]),
                 spec=spec,
                 plan=_filled_plan(spec),
-                state=str(record["state"]),
+                state=state,
                 created_at=float(record["created_at"]),
                 updated_at=float(record["updated_at"]),
                 waves=waves,

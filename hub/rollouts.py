@@ -369,16 +369,24 @@ class RolloutManager:
                 outcomes.append((done, exc))
                 continue
             outcomes.append((done, None))
+        failure: BaseException | None = None
         try:
             await self._execute(actions)
+        except asyncio.CancelledError:
+            failure = FleetError("the hub is stopping: request not carried out")
+            raise
+        except Exception:
+            # A bug, not an input: log it, fail the waiting requests, keep serving.
+            _LOGGER.exception("carrying out rollout actions failed")
+            failure = FleetError("internal error while carrying out the request")
         finally:
             for done, error in outcomes:
                 if done is None or done.done():
                     continue
-                if error is None:
+                if error is None and failure is None:
                     done.set_result(None)
                 else:
-                    done.set_exception(error)
+                    done.set_exception(error or failure or FleetError("failed"))
             self._wake.set()
 
     async def _execute(self, actions: list[Action]) -> None:

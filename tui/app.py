@@ -13,8 +13,9 @@ from textual.app import App, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.screen import Screen
 
-from bus.errors import FleetError
+from bus.errors import ConfigError, FleetError
 from bus.messages import Reply, RequestOp
+from bus.mqtt import parse_broker_url
 from tui.config import TuiConfig
 from tui.context import Clock, Context
 from tui.feed import Feed, pump
@@ -39,6 +40,14 @@ _DONE_WORDS = {
     "pause": "paused",
     "resume": "resumed",
 }
+
+
+def _redacted(url: str) -> str:
+    """The broker URL without its password (never on screen)."""
+    try:
+        return parse_broker_url(url).redacted()
+    except ConfigError:
+        return "the broker"
 
 
 class FleetApp(App[None]):
@@ -71,7 +80,7 @@ class FleetApp(App[None]):
 
     def on_mount(self) -> None:
         """Start the feed worker and the one-second tick."""
-        self.sub_title = f"{self.config.broker} {self.config.prefix}"
+        self.sub_title = f"{_redacted(self.config.broker)} {self.config.prefix}"
         self.run_worker(
             pump(self.feed, self.post_message, window=self.config.batch_s),
             name="feed",
@@ -111,6 +120,8 @@ class FleetApp(App[None]):
         self.connected = message.connected
         if not message.connected and message.reason != self._last_error:
             self.notify(message.reason, title="Broker", severity="error", timeout=10, markup=False)
+        elif message.connected and self._last_error:
+            self.notify(f"connected to {_redacted(self.config.broker)}", title="Broker", markup=False)
         self._last_error = message.reason
         self._set_subtitle()
 

@@ -246,7 +246,11 @@ class MqttFeed(Feed):
         await client.subscribe(topics.rollout_filter, qos=1)
         await client.subscribe(topics.hub_state, qos=1)
         await client.subscribe(topics.events, qos=0)
-        await client.start()  # raises BusError after connect_timeout
+        try:
+            await client.start()  # raises BusError (and closes itself) after connect_timeout
+        except asyncio.CancelledError:
+            await client.close()  # the app quit while we were still connecting
+            raise
         self._client, self._hub = client, hub
         self._reader = asyncio.create_task(self._read(client, hub), name="fleet-tui-feed")
 

@@ -411,3 +411,86 @@ async def test_bad_requests_are_refused_and_change_nothing(
         with pytest.raises(Conflict) as busy:
             await hub.create(["n2"], require_online=False)
         assert busy.value.nodes == ["n2"]
+
+
+class Recorder:
+    """A publish() that records what the manager sends and, for commands, what the store file held then."""
+
+    def __init__(self, db: Path) -> None:
+        self.db = db
+        self.sent: list[tuple[str, bytes, bool]] = []
+        self.on_disk_at_command: dict[str, bool] = {}
+
+    async def __call__(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        self.sent.append((topic, payload, retain))
+        if topic.endswith("/cmd") and payload:
+            command = decode(Command, payload)
+            text = await asyncio.to_thread(self.db.read_text)
+            self.on_disk_at_command[command.id] = command.id in text
+
+    def commands(self) -> list[Command]:
+        return [decode(Command, p) for t, p, _ in self.sent if t.endswith("/cmd") and p]
+
+    def summaries(self, topics: Topics, rollout: str) -> list[tuple[RolloutSummary, bool]]:
+        return [(decode(RolloutSummary, p), r) for t, p, r in self.sent if t == topics.rollout(rollout)]
+
+
+async def test_summaries_are_coalesced_and_commands_are_on_disk_before_they_are_sent(
+    topics: Topics, tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    db = tmp_path / "hub.json"
+    nodes = [f"n{i:03d}" for i in range(200)]
+    store = Store(db, commit_interval_s=0.02)
+    await store.open()
+    registry = Registry(5.0)
+    for node in nodes:
+        registry.on_state(NodeState(node=node, state="online", session="s", reason="birth"), time.time())
+    publish = Recorder(db)
+    manager = RolloutManager(
+        topics=topics,
+        publish=publish,
+        store=store,
+        registry=registry,
+        signing_key=key,
+        summary_interval_s=0.05,
+    )
+    await manager.start()
+    try:
+        rid = (
+            await manager.request(
+                "create_rollout",
+                {"name": "burst", "targets": nodes, "plan": PLAN, "strategy": {"max_parallel": 100}},
+            )
+        )["rollout"]
+        fed: set[str] = set()
+        reports = 0
+        deadline = time.monotonic() + DEADLINE
+        while manager.summary(rid).state == "running":
+            assert time.monotonic() < deadline, "the rollout did not finish"
+            for command in publish.commands():
+                if command.id in fed:
+                    continue
+                fed.add(command.id)
+                for phase in ("applying", "succeeded"):
+                    snapshot = JobSnapshot(
+                        node=command.node, id=command.id, rollout=rid, action="apply", phase=phase
+                    )
+                    await manager.on_node_message(command.node, "job", encode(snapshot))
+                    reports += 1
+            await asyncio.sleep(0.01)
+        assert manager.summary(rid).state == "succeeded"
+        # Durable before visible: every command's id was in the store file when it went out.
+        assert len(publish.on_disk_at_command) == 200
+        assert all(publish.on_disk_at_command.values())
+        # The latest state is always published last, retained...
+        await until(lambda: publish.summaries(topics, rid)[-1][0].state == "succeeded", "the final summary")
+        summaries = publish.summaries(topics, rid)
+        assert all(retained for _, retained in summaries)
+        assert summaries[-1][0].counts.succeeded == 200
+        # ...and far fewer summaries go out than reports came in.
+        assert reports == 400
+        assert len(summaries) < reports / 10
+    finally:
+        await manager.stop()
+        await store.close()
+    assert json.loads(db.read_text())["rollouts"][rid]["state"] == "succeeded"

@@ -21,7 +21,7 @@ from bus.messages import (
 )
 from bus.mqtt import MqttClient
 from bus.topics import Topics
-from tests.conftest import RunningBroker
+from tests.conftest import RunningBroker, free_port
 from tests.tui.helpers import notifications, until
 from tui.app import make_app
 from tui.config import TuiConfig
@@ -114,9 +114,7 @@ async def test_retained_state_appears_and_requests_reach_the_hub(
 
 
 async def test_an_unreachable_broker_is_a_notification_not_a_crash() -> None:
-    from tests.conftest import free_port
-
-    url = f"mqtt://127.0.0.1:{free_port()}"
+    url = f"mqtt://fleet:secret@127.0.0.1:{free_port()}"
     feed = MqttFeed(url, Topics("fleet-t-nobroker/v1"), connect_timeout=0.5)
     app = make_app(TuiConfig(broker=url), feed)
     seen: list[Message] = []
@@ -124,6 +122,19 @@ async def test_an_unreachable_broker_is_a_notification_not_a_crash() -> None:
         await until(pilot, lambda: notifications(seen), "a broker notification", timeout=20)
         severity, text = notifications(seen)[0]
         assert severity == "error"
-        assert "no connection" in text
+        assert "no connection to mqtt://fleet:***@127.0.0.1" in text
         assert "NOT CONNECTED" in app.sub_title
         await pilot.press("q")
+    assert "secret" not in repr(notifications(seen))
+
+
+async def test_quitting_while_still_connecting_leaves_no_client_behind() -> None:
+    url = f"mqtt://127.0.0.1:{free_port()}"
+    feed = MqttFeed(url, Topics("fleet-t-nobroker/v1"), connect_timeout=30)
+    app = make_app(TuiConfig(broker=url), feed)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause(0.2)  # the feed worker is inside MqttClient.start, retrying
+        await pilot.press("q")
+    await asyncio.sleep(0)
+    left = [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("mqtt-")]
+    assert left == []

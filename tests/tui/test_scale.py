@@ -11,15 +11,28 @@ import statistics
 import time
 from collections.abc import Callable
 
-from bus.messages import Heartbeat, Inventory, NodeState
+from bus.messages import (
+    Heartbeat,
+    Inventory,
+    JobSnapshot,
+    NodeState,
+    NodeSummary,
+    RolloutCounts,
+    RolloutSummary,
+    StepState,
+    StepStatus,
+)
 from tests.tui.helpers import demo_app, until
 from tui.demo import DEMO_NOW
+from tui.screens.rollout import RolloutScreen
 from tui.widgets.node_table import NodeTable
+from tui.widgets.step_grid import StepGrid
 
 _LOGGER = logging.getLogger(__name__)
 
 NODES = 1000
 ROUNDS = 5
+PLAN = ("download", "service", "package")
 
 
 def _births() -> list[NodeState]:
@@ -99,3 +112,34 @@ async def test_a_thousand_nodes_update_in_place_and_stay_responsive(
         record_property(name, value)
     _LOGGER.info("1000-node figures: %s", figures)
     assert max(key_seconds) < 30  # a hang guard, not a performance check
+
+
+async def test_a_thousand_node_rollout_grid_updates_in_place(
+    record_property: Callable[[str, object], None],
+) -> None:
+    nodes = [f"node-{i:04d}" for i in range(NODES)]
+    summary = RolloutSummary(
+        id="r-big", name="big", state="running", created_at=DEMO_NOW, updated_at=DEMO_NOW,
+        counts=RolloutCounts(running=NODES), nodes={n: NodeSummary(phase="applying", step=0) for n in nodes},
+    )
+    snapshots = [
+        JobSnapshot(node=n, id=f"c-{n}", rollout="r-big", action="apply", phase="applying",
+                    steps=[StepState(index=i, type=t) for i, t in enumerate(PLAN)])
+        for n in nodes
+    ]
+    app, feed = demo_app([*_births(), summary, *snapshots], batch_s=0.05)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, lambda: len(app.model.nodes) == NODES and "r-big" in app.model.rollouts, "data",
+                    timeout=60)
+        await app.push_screen(RolloutScreen(app.ctx, "r-big"))
+        grid = app.screen.query_one(StepGrid)
+        await until(pilot, lambda: grid.row_count == NODES, "1000 grid rows", timeout=60)
+        app.batch_seconds.clear()
+        feed.push(*(StepStatus(node=n, command=f"c-{n}", rollout="r-big", index=1, type="service",
+                               state="running", ts=DEMO_NOW) for n in nodes))
+        await until(pilot, lambda: grid.cell_word("node-0999", 1) == "run", "the running steps", timeout=60)
+        assert grid.cell_word("node-0000", 1) == "run"
+        assert grid.cell_word("node-0000", 2) == "wait"
+    grid_ms = round(max(app.batch_seconds) * 1000, 1)
+    record_property("grid_batch_ms_max", grid_ms)
+    _LOGGER.info("1000-node rollout grid: a batch of 1000 step reports took %s ms at most", grid_ms)

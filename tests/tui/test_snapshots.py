@@ -17,6 +17,8 @@ from tui.app import FleetApp
 from tui.screens.rollout import RolloutScreen
 from tui.widgets.audit_table import AuditTable
 
+pytest.importorskip("pytest_textual_snapshot", reason="needs the pytest-textual-snapshot plugin (test extra)")
+
 SIZES = [(80, 24), (120, 40)]
 SnapCompare = Callable[..., bool]
 

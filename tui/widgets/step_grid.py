@@ -44,27 +44,28 @@ class StepGrid(DataTable[Any]):
         self._cells: dict[str, tuple[str | Text, ...]] = {}
 
     @staticmethod
-    def _headers(view: RolloutView) -> tuple[str, ...]:
+    def _headers(view: RolloutView, steps: int) -> tuple[str, ...]:
         return tuple(
             f"{index + 1}.{_SHORT.get(kind, kind[:6])}"
-            for index, kind in ((i, view.step_types.get(i, "step")) for i in range(view.step_count))
+            for index, kind in ((i, view.step_types.get(i, "step")) for i in range(steps))
         )
 
-    def _render_row(self, view: RolloutView, node: str) -> tuple[str | Text, ...]:
+    @staticmethod
+    def _render_row(view: RolloutView, node: str, steps: int) -> tuple[str | Text, ...]:
         summary = view.summary.nodes.get(node) if view.summary else None
         phase = phase_text(summary.phase) if summary else Text("-")
-        steps = tuple(step_text(view.cell(node, index).state) for index in range(view.step_count))
-        return (node, phase, *steps)
+        return (node, phase, *(step_text(view.cell(node, index).state) for index in range(steps)))
 
     def show(self, view: RolloutView) -> None:
         """Bring the grid up to date with ``view``: in place when the shape is unchanged."""
-        headers = self._headers(view)
+        steps = view.step_count
+        headers = self._headers(view, steps)
         nodes = tuple(view.node_ids)
         if (headers, nodes) != self._shape:
             self._rebuild(view, headers, nodes)
             return
         for node in nodes:
-            new = self._render_row(view, node)
+            new = self._render_row(view, node, steps)
             old = self._cells.get(node)
             self._cells[node] = new
             if old is None:
@@ -82,7 +83,7 @@ class StepGrid(DataTable[Any]):
         for index, header in enumerate(headers):
             self.add_column(header, key=f"step{index}", width=max(6, len(header)))
         for node in nodes:
-            cells = self._render_row(view, node)
+            cells = self._render_row(view, node, len(headers))
             self._cells[node] = cells
             self.add_row(*cells, key=node)
         self._shape = (headers, nodes)

@@ -27,6 +27,7 @@ from hub.engine import (
     SnapshotReported,
     StepReported,
     Tick,
+    check_record,
 )
 
 T0 = 1_700_000_000.0
@@ -726,6 +727,17 @@ def test_unreadable_records_are_refused() -> None:
         engine.handle(RolloutsLoaded(({"v": 1, "id": "r1", "spec": {"name": "x"}},)), T0)
     with pytest.raises(InvalidInput, match="unsupported version"):
         engine.handle(RolloutsLoaded(({"v": 99, "id": "r1"},)), T0)
+    assert not engine.has("r1")
+    fleet = Fleet()
+    fleet.create(["n1", "n2"])
+    record = fleet.engine.record("r1")
+    del record["nodes"]["n2"]
+    with pytest.raises(InvalidInput, match="waves do not match its nodes"):
+        engine.handle(RolloutsLoaded((record,)), T0)
+    with pytest.raises(InvalidInput, match="unknown state"):
+        engine.handle(RolloutsLoaded(({**fleet.engine.record("r1"), "state": "weird"},)), T0)
+    assert check_record(fleet.engine.record("r1")) is None
+    assert check_record(record) is not None
     assert not engine.has("r1")
 
 

@@ -1,8 +1,17 @@
 """The hub's HTTP bridge (DESIGN section 5): FastAPI on the hub's own event loop.
 
-Every endpoint goes through ``HubService.request`` — the same code path as the
-MQTT ``hub/request`` topic — so HTTP and MQTT can never disagree. Errors map in
-one place: InvalidInput -> 422, Conflict -> 409 (with the nodes), NotFound -> 404.
+Every endpoint goes through ``HubService.request``, the same code path as the
+MQTT ``hub/request`` topic, so HTTP and MQTT can never disagree. Errors map in
+one place (``_status_of``): InvalidInput -> 422, Conflict -> 409 (with the
+``nodes``), NotFound -> 404, anything else the hub refuses -> 503. Every 4xx
+body is JSON with a ``detail`` that names the offending field or nodes.
+
+``POST /api/updates`` reads its body itself rather than through a FastAPI body
+parameter: the size is bounded before anything is read (413), malformed JSON is
+a 400 on any content type (curl's ``--data`` sends form encoding by default),
+and schema errors name the field path as the user wrote it (``plan.0.sha256``,
+without pydantic's union tags). The OpenAPI document still describes the body
+as a ``RolloutSpec``, with ready examples, so Postman imports working requests.
 """
 
 from __future__ import annotations
@@ -10,28 +19,56 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import ipaddress
 import json
 import logging
-from collections.abc import Iterator
+import socket
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 import uvicorn
-from fastapi import Body, Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bus.errors import ConfigError, Conflict, FleetError, InvalidInput, NotFound
 from bus.messages import RolloutSpec, RolloutSummary
+from hub.config import is_loopback
 
-__all__ = ["HubApi", "is_loopback", "make_app", "serve_http"]
+__all__ = ["MAX_BODY_BYTES", "HubApi", "make_app", "serve_http"]
 
 _LOGGER = logging.getLogger(__name__)
 
-_EXAMPLE_SPEC: dict[str, Any] = {
-    "name": "nginx 1.24.0",
+#: Largest request body the bridge reads; a larger one is refused with 413, unread.
+MAX_BODY_BYTES = 1024 * 1024
+#: How long one call waits for the hub's answer before 504.
+_REQUEST_TIMEOUT_S = 60.0
+#: Validation errors named in a 422's ``detail`` (all of them, up to 50, in ``errors``).
+_SHOWN_ERRORS = 5
+_LISTED_ERRORS = 50
+
+# The first example is what Postman puts in the request it imports: it works as is
+# against `fleet demo` (every demo node has label role=web and these two scripts).
+_EXAMPLE_SCRIPT_SPEC: dict[str, Any] = {
+    "name": "hotfix 2.0.1 via script",
     "targets": {"labels": {"role": "web"}},
+    "plan": [
+        {
+            "type": "script",
+            "name": "install_update.sh",
+            "args": ["2.0.1"],
+            "rollback": "rollback.sh",
+            "timeout_s": 120,
+        }
+    ],
+    "strategy": {"waves": [1, "100%"]},
+    "failure": {"max_failed": 0, "on_failure": "rollback"},
+}
+_EXAMPLE_PACKAGE_SPEC: dict[str, Any] = {
+    "name": "nginx 1.24.0",
+    "targets": ["web-1", "web-2", "web-3"],
     "plan": [
         {
             "type": "download",
@@ -53,10 +90,11 @@ _EXAMPLE_SPEC: dict[str, Any] = {
     "strategy": {"waves": [1, "25%", "100%"], "soak_s": 30},
     "failure": {"max_failed": 0, "on_failure": "rollback"},
 }
-_EXAMPLE_SCRIPT_SPEC: dict[str, Any] = {
-    "name": "driver hotfix",
-    "targets": ["node-1", "node-2"],
-    "plan": [{"type": "script", "name": "install_update.sh", "args": ["1.2.3"], "rollback": "rollback.sh"}],
+#: name -> (summary, value); every value must validate as a RolloutSpec (a test checks).
+SPEC_EXAMPLES: dict[str, tuple[str, dict[str, Any]]] = {
+    "script": ("a script with its rollback, on every node labelled role=web", _EXAMPLE_SCRIPT_SPEC),
+    "package": ("nginx .deb in waves with an HTTP health check (put your URL and sha256 in)",
+                _EXAMPLE_PACKAGE_SPEC),
 }
 
 
@@ -74,136 +112,345 @@ class HubApi(Protocol):
         """The Prometheus exposition of the hub's metrics."""
 
 
-def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and localhost."""
-    if host == "localhost":
-        return True
+# ---------------------------------------------------------------------- documented bodies
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx/5xx answer."""
+
+    model_config = ConfigDict(extra="allow")
+
+    detail: str = Field(description="One line naming the offending field, node or id.")
+    nodes: list[str] | None = Field(default=None, description="409: the offline or unknown targets.")
+    errors: list[dict[str, str]] | None = Field(
+        default=None, description="422: every invalid field, as {field, message}."
+    )
+
+
+class Created(BaseModel):
+    """``POST /api/updates`` accepted the rollout."""
+
+    rollout: str = Field(description="The new rollout's id.")
+
+
+class Accepted(BaseModel):
+    """An abort, rollback, pause or resume was accepted."""
+
+    rollout: str
+    state: str = Field(description="The rollout's state right after the request.")
+
+
+class Health(BaseModel):
+    """``GET /api/health``."""
+
+    ok: bool
+    broker: str = Field(description='"connected" or "disconnected".')
+
+
+class _Refused(Exception):
+    """An HTTP error answer: status, ``detail`` and extra JSON fields."""
+
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None, **extra: Any) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.headers = headers
+        self.extra = extra
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": text}
+    for code, text in (
+        (401, "Missing or wrong bearer token."),
+        (503, "The hub cannot do it now (no broker connection, no signing key)."),
+    )
+}
+
+
+def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    texts = {
+        400: "Malformed JSON or an empty body.",
+        404: "Unknown rollout id.",
+        409: "Offline or unknown targets (named in `nodes`), or a state that does not allow this.",
+        413: f"Body larger than {MAX_BODY_BYTES} bytes.",
+        422: "Invalid input: `detail` names the field path, `errors` lists every invalid field.",
+    }
+    return {**_ERRORS, **{code: {"model": ErrorBody, "description": texts[code]} for code in codes}}
+
+
+# ---------------------------------------------------------------------- errors and bodies
+
+
+def _status_of(exc: FleetError) -> int:
+    """The one mapping of the error tree to HTTP status codes."""
+    if isinstance(exc, Conflict):
+        return 409
+    if isinstance(exc, NotFound):
+        return 404
+    if isinstance(exc, InvalidInput):
+        return 422
+    return 503
+
+
+def _field_path(error: Any, data: Any) -> tuple[str, bool]:
+    """The dotted path of a pydantic error in the user's terms, and whether it ends at a union.
+
+    pydantic puts the branch of a union in ``loc`` (``plan.0.download.sha256``,
+    ``targets.list[constrained-str]``); the user wrote no such key, so a segment
+    that is not in the input is dropped, unless it names a missing field.
+    """
+    loc: Sequence[Any] = error.get("loc", ())
+    parts: list[str] = []
+    current = data
+    at_union = False
+    for i, segment in enumerate(loc):
+        last = i == len(loc) - 1
+        if isinstance(current, dict) and not last and current.get("type") == segment:
+            continue  # a discriminated union's tag (the step type)
+        in_dict = isinstance(current, dict) and segment in current
+        in_list = isinstance(current, list) and isinstance(segment, int) and 0 <= segment < len(current)
+        if in_dict or in_list:
+            parts.append(str(segment))
+            current = current[segment]
+        elif last and error.get("type") == "missing":
+            parts.append(str(segment))
+        else:
+            # A union branch's name: the error is about the value at this path.
+            at_union = at_union or last
+    return ".".join(parts) or "(body)", at_union
+
+
+def _explain(exc: ValidationError, data: Any) -> list[dict[str, str]]:
+    """Every validation error as ``{"field", "message"}``, union noise folded.
+
+    Errors of union branches whose value did not even have the branch's shape
+    are dropped when another branch got deeper (``targets.0: ...`` beats
+    ``targets: Input should be 'all'``); the rest at one path are joined.
+    """
+    found = [(*_field_path(err, data), str(err.get("msg", "invalid"))) for err in exc.errors()]
+    paths = [path for path, _union, _msg in found]
+    kept: dict[str, list[str]] = {}
+    for path, at_union, message in found:
+        deeper = any(other.startswith(path + ".") for other in paths) if path != "(body)" else False
+        if at_union and deeper:
+            continue
+        messages = kept.setdefault(path, [])
+        if message not in messages:
+            messages.append(message)
+    return [
+        {"field": path, "message": " | ".join(messages) if len(messages) < 2 else
+         "matches none of the accepted forms: " + " | ".join(messages)}
+        for path, messages in list(kept.items())[:_LISTED_ERRORS]
+    ]
+
+
+def _one_line(errors: list[dict[str, str]]) -> str:
+    shown = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:_SHOWN_ERRORS])
+    more = f" (+{len(errors) - _SHOWN_ERRORS} more)" if len(errors) > _SHOWN_ERRORS else ""
+    return " ".join((shown + more).split())
+
+
+async def _read_json_object(request: Request, limit: int) -> dict[str, Any]:
+    """The request body as a JSON object: 413 past ``limit`` (unread), 400 if not JSON, 422 if no object."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            length = int(declared)
+        except ValueError:
+            raise _Refused(400, f"Content-Length {declared[:40]!r} is not a number") from None
+        if length > limit:
+            raise _Refused(413, f"body of {length} bytes exceeds the {limit}-byte limit")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _Refused(413, f"body exceeds the {limit}-byte limit")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    content_type = request.headers.get("content-type", "")
+    hint = "" if not content_type or "json" in content_type else f" (sent as {content_type[:60]}; send JSON)"
+    if not raw.strip():
+        raise _Refused(400, "empty body: expected a RolloutSpec JSON object")
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+        value = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise _Refused(400, f"malformed JSON body: {' '.join(str(exc).split())[:200]}{hint}") from None
+    if not isinstance(value, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+            type(value), "a number"
+        )
+        raise _Refused(422, f"(body): expected a RolloutSpec JSON object, got {kind}")
+    return value
 
 
-def _error(status: int, reason: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"detail": reason, **extra}, status_code=status)
+def _openapi_components() -> dict[str, Any]:
+    """RolloutSpec's JSON Schema and its definitions, as OpenAPI components."""
+    schema = RolloutSpec.model_json_schema(ref_template="#/components/schemas/{model}")
+    definitions: dict[str, Any] = schema.pop("$defs", {})
+    return {**definitions, "RolloutSpec": schema}
 
 
-def make_app(service: HubApi, token: str | None) -> FastAPI:
-    """The FastAPI app of one hub; ``token`` turns bearer auth on."""
+_CREATE_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": f"A RolloutSpec (DESIGN section 2), at most {MAX_BODY_BYTES} bytes.",
+        "content": {
+            "application/json": {
+                "schema": {"$ref": "#/components/schemas/RolloutSpec"},
+                "examples": {
+                    name: {"summary": summary, "value": value}
+                    for name, (summary, value) in SPEC_EXAMPLES.items()
+                },
+            }
+        },
+    }
+}
+
+
+# ---------------------------------------------------------------------- the app
+
+
+def make_app(service: HubApi, token: str | None, *, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """The FastAPI app of one hub.
+
+    Args:
+        service: the hub (``hub.service.HubService``) or anything with its request API.
+        token: the bearer token every call but health and docs needs; None turns auth off.
+        max_body_bytes: larger request bodies are refused (413) before they are read.
+
+    Returns:
+        The app; serve it with ``serve_http`` (or any ASGI server).
+    """
     app = FastAPI(
         title="fleetbus hub",
         version="1",
         description=(
-            "Start, follow, abort and roll back fleet rollouts. Every call except /api/health, "
-            "/docs and /openapi.json needs `Authorization: Bearer <token>` when the hub runs "
-            "with --http-token."
+            "Start, follow, abort and roll back fleet rollouts (the same requests as the MQTT "
+            "`hub/request` topic). Every call except /api/health, /docs and /openapi.json needs "
+            "`Authorization: Bearer <token>` when the hub runs with --http-token."
         ),
     )
-    bearer = HTTPBearer(auto_error=False)
+    bearer = HTTPBearer(auto_error=False, description="The hub's --http-token.")
+    expected = token.encode() if token else None
 
     def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
-        if token is None:
+        if expected is None:
             return
-        given = credentials.credentials if credentials is not None else ""
-        if not hmac.compare_digest(given.encode(), token.encode()):
-            raise _Unauthorized
+        given = credentials.credentials.encode() if credentials is not None else b""
+        # Constant time: the comparison does not reveal how much of the token matched.
+        if not hmac.compare_digest(given, expected):
+            reason = "missing bearer token" if credentials is None else "wrong bearer token"
+            raise _Refused(401, reason, headers={"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(_Refused)
+    async def _refused(_request: Request, exc: _Refused) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail, **exc.extra}, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        if any(err.get("type") == "json_invalid" for err in errors):
-            return _error(400, "malformed JSON body")
-        parts = []
-        for err in errors[:5]:
-            loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "(body)"
-            parts.append(f"{loc}: {err.get('msg', 'invalid')}")
-        return _error(422, "; ".join(parts), errors=json.loads(json.dumps(errors[:20], default=str)))
+        # Only path parameters are left to FastAPI; name them like the body's fields.
+        errors = [
+            {
+                "field": ".".join(str(p) for p in err.get("loc", ())) or "(request)",
+                "message": str(err.get("msg")),
+            }
+            for err in exc.errors()[:_LISTED_ERRORS]
+        ]
+        return JSONResponse({"detail": _one_line(errors), "errors": errors}, status_code=422)
 
-    @app.exception_handler(_Unauthorized)
-    async def _unauthorized(_request: Request, _exc: _Unauthorized) -> JSONResponse:
-        return JSONResponse(
-            {"detail": "missing or wrong bearer token"},
-            status_code=401,
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-
-    @app.exception_handler(FleetError)
-    async def _fleet_error(_request: Request, exc: FleetError) -> JSONResponse:
-        if isinstance(exc, Conflict):
-            return _error(409, exc.reason, nodes=exc.nodes)
-        if isinstance(exc, NotFound):
-            return _error(404, exc.reason)
-        if isinstance(exc, InvalidInput):
-            return _error(422, exc.reason)
-        return _error(503, exc.reason)
+    async def ask(op: str, body: dict[str, Any]) -> Any:
+        """One request through the hub's common path; its refusal as an HTTP error."""
+        try:
+            return await asyncio.wait_for(service.request(op, body), _REQUEST_TIMEOUT_S)
+        except Conflict as exc:
+            raise _Refused(409, exc.reason, nodes=list(exc.nodes)) from exc
+        except FleetError as exc:
+            raise _Refused(_status_of(exc), exc.reason) from exc
+        except asyncio.TimeoutError:
+            raise _Refused(504, f"the hub did not answer {op} within {_REQUEST_TIMEOUT_S:g} s") from None
 
     auth = [Depends(authorize)]
 
-    @app.post("/api/updates", status_code=202, dependencies=auth, tags=["rollouts"])
-    async def create_update(
-        spec: RolloutSpec = Body(  # noqa: B008
-            openapi_examples={
-                "package": {"summary": "nginx 1.24.0 in waves with a health check", "value": _EXAMPLE_SPEC},
-                "script": {"summary": "a script with its rollback", "value": _EXAMPLE_SCRIPT_SPEC},
-            }
-        ),
-    ) -> dict[str, str]:
-        """Start a rollout: 202 with its id; 409 names offline or unknown targets."""
-        result: dict[str, str] = await service.request("create_rollout", spec.model_dump(mode="json"))
-        return result
+    @app.post(
+        "/api/updates", status_code=202, dependencies=auth, tags=["rollouts"], summary="Start a rollout",
+        openapi_extra=_CREATE_BODY, responses=_responses(400, 409, 413, 422),
+    )
+    async def create_update(request: Request) -> Created:
+        """Start a rollout from a RolloutSpec: 202 with its id; 409 names offline or unknown targets."""
+        data = await _read_json_object(request, max_body_bytes)
+        try:
+            spec = RolloutSpec.model_validate(data)
+        except ValidationError as exc:
+            errors = _explain(exc, data)
+            raise _Refused(422, _one_line(errors), errors=errors) from None
+        result = await ask("create_rollout", spec.model_dump(mode="json"))
+        return Created.model_validate(result)
 
-    @app.get("/api/rollouts", dependencies=auth, tags=["rollouts"])
+    @app.get("/api/rollouts", dependencies=auth, tags=["rollouts"], summary="List rollouts",
+             responses=_ERRORS)
     async def list_rollouts() -> list[RolloutSummary]:
         """Every rollout the hub knows, newest first."""
-        return [RolloutSummary.model_validate(item) for item in await service.request("list", {})]
+        return [RolloutSummary.model_validate(item) for item in await ask("list", {})]
 
-    @app.get("/api/rollouts/{rollout}", dependencies=auth, tags=["rollouts"])
+    @app.get("/api/rollouts/{rollout}", dependencies=auth, tags=["rollouts"], summary="Show a rollout",
+             responses=_responses(404, 422))
     async def show_rollout(rollout: str) -> dict[str, Any]:
-        """One rollout's summary (and its audit trail); 404 if unknown."""
-        result: dict[str, Any] = await service.request("show", {"rollout": rollout})
+        """One rollout's RolloutSummary, plus its ``plan`` and latest ``audit`` entries; 404 if unknown."""
+        result: dict[str, Any] = await ask("show", {"rollout": rollout})
         return result
 
-    @app.post("/api/rollouts/{rollout}/abort", status_code=202, dependencies=auth, tags=["rollouts"])
-    async def abort_rollout(rollout: str) -> Any:
-        """Abort: coordinated rollback of every touched node."""
-        return await service.request("abort", {"rollout": rollout})
+    def operation(op: str, summary: str, doc: str) -> None:
+        async def endpoint(rollout: str) -> Accepted:
+            return Accepted.model_validate(await ask(op, {"rollout": rollout}))
 
-    @app.post("/api/rollouts/{rollout}/rollback", status_code=202, dependencies=auth, tags=["rollouts"])
-    async def rollback_rollout(rollout: str) -> Any:
-        """Roll back a finished rollout on every node that applied it."""
-        return await service.request("rollback", {"rollout": rollout})
+        endpoint.__doc__ = doc
+        endpoint.__name__ = f"{op}_rollout"
+        app.post(
+            f"/api/rollouts/{{rollout}}/{op}", status_code=202, dependencies=auth, tags=["rollouts"],
+            summary=summary, responses=_responses(404, 409, 422),
+        )(endpoint)
 
-    @app.post("/api/rollouts/{rollout}/pause", status_code=202, dependencies=auth, tags=["rollouts"])
-    async def pause_rollout(rollout: str) -> Any:
-        """Pause: no new commands; running nodes finish their step."""
-        return await service.request("pause", {"rollout": rollout})
+    operation("abort", "Abort a rollout", "Abort: coordinated rollback of every node it touched.")
+    operation("rollback", "Roll back a rollout", "Roll back a finished rollout wherever it was applied.")
+    operation("pause", "Pause a rollout", "Pause: no new waves; running nodes finish.")
+    operation("resume", "Resume a rollout", "Resume a paused rollout.")
 
-    @app.post("/api/rollouts/{rollout}/resume", status_code=202, dependencies=auth, tags=["rollouts"])
-    async def resume_rollout(rollout: str) -> Any:
-        """Resume a paused rollout."""
-        return await service.request("resume", {"rollout": rollout})
-
-    @app.get("/api/nodes", dependencies=auth, tags=["fleet"])
+    @app.get("/api/nodes", dependencies=auth, tags=["fleet"], summary="List nodes", responses=_ERRORS)
     async def list_nodes() -> list[dict[str, Any]]:
         """Every known node: {node, online, last_seen, labels, inventory, job}."""
-        result: list[dict[str, Any]] = await service.request("nodes", {})
+        result: list[dict[str, Any]] = await ask("nodes", {})
         return result
 
-    @app.get("/api/health", tags=["fleet"])
+    @app.get("/api/health", tags=["fleet"], summary="Health (no token needed)",
+             responses={503: {"model": Health, "description": "No broker connection."}})
     async def health() -> JSONResponse:
-        """Liveness of the hub and its broker connection (no token needed)."""
+        """Liveness of the hub and its broker connection; reveals nothing about the fleet."""
         connected = service.is_connected
-        return JSONResponse(
-            {"ok": connected, "broker": "connected" if connected else "disconnected"},
-            status_code=200 if connected else 503,
-        )
+        body = Health(ok=connected, broker="connected" if connected else "disconnected")
+        return JSONResponse(body.model_dump(), status_code=200 if connected else 503)
 
-    @app.get("/metrics", dependencies=auth, tags=["fleet"], response_class=Response)
+    @app.get("/metrics", dependencies=auth, tags=["fleet"], summary="Prometheus metrics",
+             response_class=Response, responses=_ERRORS)
     async def metrics() -> Response:
-        """Prometheus text format."""
-        return Response(service.metrics_text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        """The hub's metrics in the Prometheus text format."""
+        return Response(service.metrics_text(), media_type=CONTENT_TYPE_LATEST)
 
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = default_openapi()
+            schemas = document.setdefault("components", {}).setdefault("schemas", {})
+            for name, schema in _openapi_components().items():
+                schemas.setdefault(name, schema)
+        return app.openapi_schema or {}
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+# ---------------------------------------------------------------------- serving
 
 
 class _QuietServer(uvicorn.Server):
@@ -215,29 +462,55 @@ class _QuietServer(uvicorn.Server):
         yield
 
 
-class _Unauthorized(Exception):
-    """Raised by the auth dependency; mapped to 401."""
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port; ConfigError naming the address if it cannot be had."""
+    try:
+        family, kind, proto, _name, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise ConfigError(f"cannot serve HTTP on {host}:{port}: {exc.strerror or exc}") from exc
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot serve HTTP on {host}:{port}: {exc.strerror or exc}") from exc
+    sock.setblocking(False)
+    return sock
 
 
 async def serve_http(service: HubApi, host: str, port: int, token: str | None) -> None:
     """Serve the bridge on the running loop until cancelled.
 
+    The socket is bound before this returns control to the loop, so a client
+    may connect as soon as the task has started (its connection waits in the
+    backlog until uvicorn accepts it).
+
     Raises:
-        ConfigError: a non-loopback address without a token.
+        ConfigError: a non-loopback address without a token, or an address that
+            cannot be bound (in use, not local).
     """
-    if token is None and not is_loopback(host):
+    if not token and not is_loopback(host):
         raise ConfigError(
-            f"refusing to serve HTTP on {host} without --http-token (only loopback may go without)"
+            f"refusing to serve HTTP on non-loopback {host} without a token (pass --http-token)"
         )
+    sock = _listen(host, port)
     config = uvicorn.Config(
-        make_app(service, token), host=host, port=port, log_level="warning", lifespan="off", access_log=False
+        make_app(service, token or None), host=host, port=port, log_level="warning", lifespan="off",
+        access_log=False,
     )
     server = _QuietServer(config)
-    task = asyncio.create_task(server.serve(), name="fleet-http")
+    task = asyncio.create_task(server.serve(sockets=[sock]), name="fleet-http")
     try:
         await asyncio.shield(task)
     except asyncio.CancelledError:
         server.should_exit = True
-        with contextlib.suppress(asyncio.CancelledError, Exception):
+        with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError, Exception):
             await asyncio.wait_for(task, 5)
         raise
+    finally:
+        sock.close()
+    _LOGGER.warning("the HTTP bridge on %s:%d stopped", host, port)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import get_args
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
-from bus.messages import StepStatus
+from bus.messages import RolloutState, StepStatus
 
 __all__ = ["HubMetrics", "MetricsSource"]
 
@@ -47,7 +48,10 @@ class _StateCollector(Collector):
         nodes.add_metric(["offline"], offline)
         yield nodes
         rollouts = GaugeMetricFamily("fleet_rollouts", "Rollouts by state.", labels=["state"])
-        for state, count in sorted(self._source.rollouts_by_state().items()):
+        # Every state, zeros included: a dashboard's series exist before the first rollout.
+        counts = {state: 0 for state in get_args(RolloutState)}
+        counts.update(self._source.rollouts_by_state())
+        for state, count in sorted(counts.items()):
             rollouts.add_metric([state], count)
         yield rollouts
         received, sent = self._source.messages()

@@ -71,7 +71,17 @@ class DemoFleet:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._broker: Any = None
         self._artifacts: http.server.ThreadingHTTPServer | None = None
-        self.broker_url = f"mqtt://127.0.0.1:{self.broker_port}"
+        self._urls: dict[str, str] = {}
+
+    @property
+    def broker_url(self) -> str:
+        """The URL (with the tools' credentials) that the CLI and TUI use."""
+        return self._urls["tui"]
+
+    @property
+    def tools_url_file(self) -> Path:
+        """The file holding the tools' broker URL (credentials included)."""
+        return self.root / "broker" / "credentials" / "tui.url"
 
     # ------------------------------------------------------------------ start
 
@@ -93,9 +103,14 @@ class DemoFleet:
         self._wait_fleet_online()
 
     def _start_broker(self) -> None:
+        """The embedded broker, locked down: passwords and the fleet's ACL (DESIGN section 7)."""
+        from broker_config.generate import write_broker_config
         from bus.broker import BrokerThread, load_config
 
-        self._broker = BrokerThread(load_config(None, "127.0.0.1", self.broker_port))
+        generated = write_broker_config(self.root / "broker", self.node_ids, port=self.broker_port)
+        self._urls = {client: generated.url(client) for client in generated.credentials}
+        config = load_config(self.root / "broker" / "amqtt.yaml", "127.0.0.1", self.broker_port)
+        self._broker = BrokerThread(config)
         self._broker.start()
 
     def _start_artifacts(self) -> None:
@@ -149,7 +164,7 @@ class DemoFleet:
 
     def _start_hub(self) -> None:
         self._spawn("hub", self._fleet(
-            "hub", "--broker", self.broker_url, "--db", str(self.root / "hub.json"),
+            "hub", "--broker", self._urls["hub"], "--db", str(self.root / "hub.json"),
             "--signing-key", str(self.key), "--http", f"{self.http_host}:{self.http_port}",
             "--http-token", self.token,
         ))
@@ -168,14 +183,24 @@ class DemoFleet:
         app_port = _free_port()
         (state / "app" / "port").write_text(f"{app_port}\n")
         hw = "rev-a" if index == 3 or (len(self.node_ids) < 3 and index == len(self.node_ids)) else "rev-b"
+        policy = base / "policy.toml"
+        policy.write_text(
+            "# What any command may touch on this node, signed or not (DESIGN section 7).\n"
+            'step_types = ["download", "service", "file", "script", "health"]\n'
+            'services = ["demo-app"]\n'
+            'scripts = ["check_app.sh", "install_update.sh", "rollback.sh"]\n'
+            f'paths = ["{state}/app/*"]\n'
+            'download_hosts = ["127.0.0.1"]\n'
+        )
         config = base / "agent.toml"
         config.write_text(
             "[agent]\n"
-            f'broker = "{self.broker_url}"\n'
+            f'broker = "{self._urls[node]}"\n'
             f'node_id = "{node}"\n'
             f'state_dir = "{state}"\n'
             f'scripts_dir = "{scripts}"\n'
             f'trust = "{self.pub}"\n'
+            f'policy = "{policy}"\n'
             "heartbeat_s = 2\n"
             "keepalive_s = 5\n"
             f'labels = {{ role = "web", hw = "{hw}", site = "lab-{1 + (index - 1) % 2}" }}\n'
@@ -183,8 +208,25 @@ class DemoFleet:
             f'command = ["{sys.executable}", "{scripts / "demo_service.py"}"]\n'
             f'version_file = "{state / "app" / "version.json"}"\n'
             f'env = {{ DEMO_PORT = "{app_port}", DEMO_HW = "{hw}", FLEET_STATE_DIR = "{state}" }}\n'
+
         )
+        service_env = {"DEMO_PORT": str(app_port), "DEMO_HW": hw, "FLEET_STATE_DIR": str(state)}
+        self._start_demo_app(state, scripts, service_env)
         self._spawn(f"agent-{node}", self._fleet("agent", "--config", str(config)))
+
+    def _start_demo_app(self, state: Path, scripts: Path, env: dict[str, str]) -> None:
+        """Start demo-app 1.0 the way the agent's process manager does (it adopts it by pidfile)."""
+        import asyncio
+
+        from edge_agent import system
+
+        asyncio.run(system.start_service(
+            "demo-app",
+            argv=[sys.executable, str(scripts / "demo_service.py")],
+            cwd=state,
+            env={"PATH": os.environ.get("PATH", os.defpath), **env},
+            state_dir=state,
+        ))
 
     def _wait_fleet_online(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -220,12 +262,14 @@ class DemoFleet:
         http = f"http://{self.http_host}:{self.http_port}"
         print(
             f"""
-fleet demo: {len(self.node_ids)} nodes, broker {self.broker_url}, files in {self.root}
+fleet demo: {len(self.node_ids)} nodes, broker 127.0.0.1:{self.broker_port}, files in {self.root}
   HTTP bridge  {http}/docs   (token: {self.token})
+  the broker is locked down (passwords + ACL); tools use the credentials in {self.tools_url_file}
   try, in another terminal:
-    fleet rollout --broker {self.broker_url} create {good} --wait     # demo-app 1.0 -> 2.0
-    fleet rollout --broker {self.broker_url} create {bad} --wait      # 2.1 fails on node-3: all restored
-    fleet nodes --broker {self.broker_url}
+    export FLEET_BROKER=$(cat {self.tools_url_file})
+    fleet rollout create {good} --wait     # demo-app 1.0 -> 2.0, in waves
+    fleet rollout create {bad} --wait      # 2.1 fails on node-3: every node restored
+    fleet nodes
     curl -s -X POST -H 'Authorization: Bearer {self.token}' -H 'Content-Type: application/json' \\
          --data @{good} {http}/api/updates
 """,

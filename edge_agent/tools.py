@@ -33,7 +33,7 @@ class SystemTools:
     """Binaries and options of the system tools, with the live system as default.
 
     Attributes:
-        dpkg, dpkg_query, dpkg_deb, dpkg_repack, apt_get: Debian tools (names on PATH or paths).
+        dpkg, dpkg_query, dpkg_deb, dpkg_repack, apt_get, apt_cache: Debian tools (names on PATH or paths).
         dnf, yum, rpm: RPM tools.
         systemctl, docker, modprobe, modinfo: service managers and kernel modules.
         dpkg_root: ``dpkg --root`` (admin dir ``ROOT/var/lib/dpkg``, files under ROOT);
@@ -53,6 +53,7 @@ class SystemTools:
     dpkg_deb: str = "dpkg-deb"
     dpkg_repack: str = "dpkg-repack"
     apt_get: str = "apt-get"
+    apt_cache: str = "apt-cache"
     dnf: str = "dnf"
     yum: str = "yum"
     rpm: str = "rpm"
@@ -100,7 +101,10 @@ class SystemTools:
         return self.dpkg_instdir or self.dpkg_root or Path("/")
 
     def apt_args(self) -> list[str]:
-        """``-o`` options that make apt use the same dpkg database and options as ``dpkg_args``."""
+        """``-o`` options that make apt use the same dpkg database and options as ``dpkg_args``.
+
+        ``apt_options`` come last, so they win.
+        """
         args: list[str] = []
         if self.dpkg_root is not None or self.dpkg_admindir is not None:
             args += ["-o", f"Dir::State::status={self.admindir / 'status'}"]

@@ -292,6 +292,8 @@ def _openapi_components() -> dict[str, Any]:
 
 
 _CREATE_BODY: dict[str, Any] = {
+    # hub.postman: the generated request stores the new id in the collection's {{rollout}}.
+    "x-fleet-saves": {"rollout": "rollout"},
     "requestBody": {
         "required": True,
         "description": f"A RolloutSpec (DESIGN section 2), at most {MAX_BODY_BYTES} bytes.",

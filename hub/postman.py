@@ -1,8 +1,12 @@
 """A Postman (v2.1) collection made from the bridge's OpenAPI document.
 
 ``python -m hub.postman > docs/fleetbus.postman_collection.json`` regenerates the
-committed collection; a test keeps it current. Requests use two collection
-variables, ``baseUrl`` and ``token``, and carry the OpenAPI examples as bodies.
+committed collection; a test keeps it current. Requests use three collection
+variables: ``baseUrl``, ``token`` (the hub's ``--http-token``) and ``rollout``,
+which a request marked ``x-fleet-saves`` in the OpenAPI document (starting a
+rollout) sets from its answer, so "show", "abort" and "rollback" work next.
+Operations without a ``security`` requirement (health) send no token. Request
+bodies are the OpenAPI examples, one request per example.
 """
 
 from __future__ import annotations
@@ -15,19 +19,28 @@ from typing import Any
 __all__ = ["collection_from_openapi", "main"]
 
 _SCHEMA = "https://schema.getpostman.com/json/collection/v2.1.0/collection.json"
+_VARIABLES = {"baseUrl": "http://127.0.0.1:8080", "token": "", "rollout": ""}
 
 
-def _body_examples(operation: dict[str, Any]) -> list[tuple[str, Any]]:
+def _body_examples(operation: dict[str, Any]) -> list[tuple[str, str, Any]]:
+    """(name, summary, value) of every JSON body example of an operation."""
     content = operation.get("requestBody", {}).get("content", {}).get("application/json", {})
     examples = content.get("examples") or {}
-    return [(ex.get("summary", name), ex.get("value")) for name, ex in examples.items()]
+    found = [(name, ex.get("summary", ""), ex.get("value")) for name, ex in examples.items()]
+    if not found and "example" in content:
+        found = [("example", "", content["example"])]
+    return found
 
 
 def _request(method: str, path: str, operation: dict[str, Any], body: Any | None) -> dict[str, Any]:
     postman_path = re.sub(r"\{([^}]+)\}", r":\1", path)
     segments = [s for s in postman_path.split("/") if s]
     variables = [
-        {"key": p["name"], "value": "", "description": p.get("description", "")}
+        {
+            "key": p["name"],
+            "value": "{{" + p["name"] + "}}" if p["name"] in _VARIABLES else "",
+            "description": p.get("description", ""),
+        }
         for p in operation.get("parameters", [])
         if p.get("in") == "path"
     ]
@@ -42,6 +55,8 @@ def _request(method: str, path: str, operation: dict[str, Any], body: Any | None
         },
         "description": operation.get("description") or operation.get("summary", ""),
     }
+    if not operation.get("security"):
+        request["auth"] = {"type": "noauth"}
     if body is not None:
         request["body"] = {
             "mode": "raw",
@@ -51,6 +66,20 @@ def _request(method: str, path: str, operation: dict[str, Any], body: Any | None
     return request
 
 
+def _save_script(operation: dict[str, Any]) -> list[dict[str, Any]]:
+    """A test script that stores the answer's fields named by ``x-fleet-saves`` as variables."""
+    saves = operation.get("x-fleet-saves") or {}
+    if not saves:
+        return []
+    lines = ["if (pm.response.code < 300) {", "  const body = pm.response.json();"]
+    lines += [
+        f"  pm.collectionVariables.set({json.dumps(variable)}, body[{json.dumps(field)}]);"
+        for variable, field in sorted(saves.items())
+    ]
+    lines.append("}")
+    return [{"listen": "test", "script": {"type": "text/javascript", "exec": lines}}]
+
+
 def collection_from_openapi(openapi: dict[str, Any]) -> dict[str, Any]:
     """Turn an OpenAPI 3 document into a Postman v2.1 collection (deterministic)."""
     folders: dict[str, list[dict[str, Any]]] = {}
@@ -58,15 +87,15 @@ def collection_from_openapi(openapi: dict[str, Any]) -> dict[str, Any]:
         for method, operation in sorted(methods.items()):
             tag = (operation.get("tags") or ["general"])[0]
             name = operation.get("summary") or f"{method.upper()} {path}"
+            events = _save_script(operation)
             examples = _body_examples(operation)
-            if examples:
-                for summary, value in examples:
-                    folders.setdefault(tag, []).append(
-                        {"name": f"{name} ({summary})", "request": _request(method, path, operation, value)}
-                    )
-            else:
-                request = _request(method, path, operation, None)
-                folders.setdefault(tag, []).append({"name": name, "request": request})
+            items = [
+                {"name": f"{name}: {example}", "request": _request(method, path, operation, value)}
+                | ({"description": summary} if summary else {})
+                for example, summary, value in examples
+            ] or [{"name": name, "request": _request(method, path, operation, None)}]
+            for item in items:
+                folders.setdefault(tag, []).append(item | ({"event": events} if events else {}))
     info = openapi.get("info", {})
     return {
         "info": {
@@ -75,10 +104,7 @@ def collection_from_openapi(openapi: dict[str, Any]) -> dict[str, Any]:
             "schema": _SCHEMA,
         },
         "auth": {"type": "bearer", "bearer": [{"key": "token", "value": "{{token}}", "type": "string"}]},
-        "variable": [
-            {"key": "baseUrl", "value": "http://127.0.0.1:8080"},
-            {"key": "token", "value": ""},
-        ],
+        "variable": [{"key": key, "value": value} for key, value in _VARIABLES.items()],
         "item": [{"name": tag, "item": items} for tag, items in sorted(folders.items())],
     }
 

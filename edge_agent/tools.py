@@ -90,7 +90,7 @@ class SystemTools:
 
     @property
     def admindir(self) -> Path:
-        """dpkg's database directory."""
+        """The directory of dpkg's database."""
         if self.dpkg_admindir is not None:
             return self.dpkg_admindir
         return (self.dpkg_root or Path("/")) / "var/lib/dpkg"

@@ -136,7 +136,9 @@ async def rpm_package(name: str, tools: SystemTools, *, timeout: float = 30.0) -
     Raises:
         StepError: rpm failed for another reason than "not installed".
     """
-    result = await call([tools.rpm, "-q", "--qf", _RPM_FORMAT, "--", name], tools=tools, timeout=timeout, check=False)
+    result = await call(
+        [tools.rpm, "-q", "--qf", _RPM_FORMAT, "--", name], tools=tools, timeout=timeout, check=False
+    )
     if not result.ok and "is not installed" not in result.stdout + result.stderr:
         raise StepError(f"rpm -q failed (exit {result.returncode}): {tool_message(result)}")
     version = parse_rpm_versions(result.stdout).get(name)
@@ -172,8 +174,14 @@ async def package_versions(
             timeout=timeout,
             check=False,
         )
-        return {name: state.version for name, state in parse_dpkg_status(result.stdout).items() if state.is_installed}
-    result = await call([tools.rpm, "-q", "--qf", _RPM_FORMAT, "--", *names], tools=tools, timeout=timeout, check=False)
+        return {
+            name: state.version
+            for name, state in parse_dpkg_status(result.stdout).items()
+            if state.is_installed
+        }
+    result = await call(
+        [tools.rpm, "-q", "--qf", _RPM_FORMAT, "--", *names], tools=tools, timeout=timeout, check=False
+    )
     return parse_rpm_versions(result.stdout)
 
 
@@ -232,7 +240,9 @@ async def module_file_version(name: str, tools: SystemTools, *, timeout: float =
     Raises:
         StepError: modinfo does not know the module.
     """
-    result = await call([tools.modinfo, "-F", "version", name], tools=tools, timeout=timeout, what=f"modinfo {name}")
+    result = await call(
+        [tools.modinfo, "-F", "version", name], tools=tools, timeout=timeout, what=f"modinfo {name}"
+    )
     return result.stdout.strip().splitlines()[0][:_MAX_VERSION] if result.stdout.strip() else None
 
 

@@ -93,8 +93,10 @@ _EXAMPLE_PACKAGE_SPEC: dict[str, Any] = {
 #: name -> (summary, value); every value must validate as a RolloutSpec (a test checks).
 SPEC_EXAMPLES: dict[str, tuple[str, dict[str, Any]]] = {
     "script": ("a script with its rollback, on every node labelled role=web", _EXAMPLE_SCRIPT_SPEC),
-    "package": ("nginx .deb in waves with an HTTP health check (put your URL and sha256 in)",
-                _EXAMPLE_PACKAGE_SPEC),
+    "package": (
+        "nginx .deb in waves with an HTTP health check (put your URL and sha256 in)",
+        _EXAMPLE_PACKAGE_SPEC,
+    ),
 }
 
 
@@ -238,8 +240,12 @@ def _explain(exc: ValidationError, data: Any) -> list[dict[str, str]]:
         if message not in messages:
             messages.append(message)
     return [
-        {"field": path, "message": " | ".join(messages) if len(messages) < 2 else
-         "matches none of the accepted forms: " + " | ".join(messages)}
+        {
+            "field": path,
+            "message": " | ".join(messages)
+            if len(messages) < 2
+            else "matches none of the accepted forms: " + " | ".join(messages),
+        }
         for path, messages in list(kept.items())[:_LISTED_ERRORS]
     ]
 
@@ -306,7 +312,7 @@ _CREATE_BODY: dict[str, Any] = {
                 },
             }
         },
-    }
+    },
 }
 
 
@@ -375,8 +381,13 @@ def make_app(service: HubApi, token: str | None, *, max_body_bytes: int = MAX_BO
     auth = [Depends(authorize)]
 
     @app.post(
-        "/api/updates", status_code=202, dependencies=auth, tags=["rollouts"], summary="Start a rollout",
-        openapi_extra=_CREATE_BODY, responses=_responses(400, 409, 413, 422),
+        "/api/updates",
+        status_code=202,
+        dependencies=auth,
+        tags=["rollouts"],
+        summary="Start a rollout",
+        openapi_extra=_CREATE_BODY,
+        responses=_responses(400, 409, 413, 422),
     )
     async def create_update(request: Request) -> Created:
         """Start a rollout from a RolloutSpec: 202 with its id; 409 names offline or unknown targets."""
@@ -389,14 +400,20 @@ def make_app(service: HubApi, token: str | None, *, max_body_bytes: int = MAX_BO
         result = await ask("create_rollout", spec.model_dump(mode="json"))
         return Created.model_validate(result)
 
-    @app.get("/api/rollouts", dependencies=auth, tags=["rollouts"], summary="List rollouts",
-             responses=_ERRORS)
+    @app.get(
+        "/api/rollouts", dependencies=auth, tags=["rollouts"], summary="List rollouts", responses=_ERRORS
+    )
     async def list_rollouts() -> list[RolloutSummary]:
         """Every rollout the hub knows, newest first."""
         return [RolloutSummary.model_validate(item) for item in await ask("list", {})]
 
-    @app.get("/api/rollouts/{rollout}", dependencies=auth, tags=["rollouts"], summary="Show a rollout",
-             responses=_responses(404, 422))
+    @app.get(
+        "/api/rollouts/{rollout}",
+        dependencies=auth,
+        tags=["rollouts"],
+        summary="Show a rollout",
+        responses=_responses(404, 422),
+    )
     async def show_rollout(rollout: str) -> dict[str, Any]:
         """One rollout's RolloutSummary, plus its ``plan`` and latest ``audit`` entries; 404 if unknown."""
         result: dict[str, Any] = await ask("show", {"rollout": rollout})
@@ -409,8 +426,12 @@ def make_app(service: HubApi, token: str | None, *, max_body_bytes: int = MAX_BO
         endpoint.__doc__ = doc
         endpoint.__name__ = f"{op}_rollout"
         app.post(
-            f"/api/rollouts/{{rollout}}/{op}", status_code=202, dependencies=auth, tags=["rollouts"],
-            summary=summary, responses=_responses(404, 409, 422),
+            f"/api/rollouts/{{rollout}}/{op}",
+            status_code=202,
+            dependencies=auth,
+            tags=["rollouts"],
+            summary=summary,
+            responses=_responses(404, 409, 422),
         )(endpoint)
 
     operation("abort", "Abort a rollout", "Abort: coordinated rollback of every node it touched.")
@@ -424,16 +445,26 @@ def make_app(service: HubApi, token: str | None, *, max_body_bytes: int = MAX_BO
         result: list[dict[str, Any]] = await ask("nodes", {})
         return result
 
-    @app.get("/api/health", tags=["fleet"], summary="Health (no token needed)",
-             responses={503: {"model": Health, "description": "No broker connection."}})
+    @app.get(
+        "/api/health",
+        tags=["fleet"],
+        summary="Health (no token needed)",
+        responses={503: {"model": Health, "description": "No broker connection."}},
+    )
     async def health() -> JSONResponse:
         """Liveness of the hub and its broker connection; reveals nothing about the fleet."""
         connected = service.is_connected
         body = Health(ok=connected, broker="connected" if connected else "disconnected")
         return JSONResponse(body.model_dump(), status_code=200 if connected else 503)
 
-    @app.get("/metrics", dependencies=auth, tags=["fleet"], summary="Prometheus metrics",
-             response_class=Response, responses=_ERRORS)
+    @app.get(
+        "/metrics",
+        dependencies=auth,
+        tags=["fleet"],
+        summary="Prometheus metrics",
+        response_class=Response,
+        responses=_ERRORS,
+    )
     async def metrics() -> Response:
         """The hub's metrics in the Prometheus text format."""
         return Response(service.metrics_text(), media_type=CONTENT_TYPE_LATEST)
@@ -501,7 +532,11 @@ async def serve_http(service: HubApi, host: str, port: int, token: str | None) -
         )
     sock = _listen(host, port)
     config = uvicorn.Config(
-        make_app(service, token or None), host=host, port=port, log_level="warning", lifespan="off",
+        make_app(service, token or None),
+        host=host,
+        port=port,
+        log_level="warning",
+        lifespan="off",
         access_log=False,
     )
     server = _QuietServer(config)

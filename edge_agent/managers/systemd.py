@@ -87,11 +87,15 @@ class SystemdManager:
         reason = check_unit_name(unit)
         if reason is not None:
             raise StepError(reason)
-        result = await call([self._tools.systemctl, "is-active", unit], tools=self._tools, timeout=timeout, check=False)
+        result = await call(
+            [self._tools.systemctl, "is-active", unit], tools=self._tools, timeout=timeout, check=False
+        )
         words = result.stdout.split()
         # is-active exits 0 when active and 3 (LSB "not running") otherwise, printing the state either way.
         if result.returncode not in (0, 3) or not words:
-            raise StepError(f"systemctl is-active {unit} failed (exit {result.returncode}): {tool_message(result)}")
+            raise StepError(
+                f"systemctl is-active {unit} failed (exit {result.returncode}): {tool_message(result)}"
+            )
         return words[0]
 
     async def is_active(self, unit: str, *, timeout: float) -> bool:
@@ -107,7 +111,9 @@ class SystemdManager:
 async def check_systemd(target: str, ctx: StepContext) -> str | None:
     """Health check ``systemd``: None when unit ``target`` is active, else why not."""
     try:
-        state = await SystemdManager(tools_of(ctx.settings)).state(target, timeout=min(ctx.timeout, _PROBE_TIMEOUT))
+        state = await SystemdManager(tools_of(ctx.settings)).state(
+            target, timeout=min(ctx.timeout, _PROBE_TIMEOUT)
+        )
     except StepError as exc:
         return exc.reason
     return None if state == "active" else f"unit {target} is {state}"

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from bus.errors import StepError
 from bus.messages import ContainerStep
 from edge_agent.managers.docker import DockerManager
 from edge_agent.settings import ExecutorSettings, Policy
@@ -174,7 +173,10 @@ async def undo(step: ContainerStep, ctx: StepContext, record: dict[str, Any] | N
         else:
             await ctx.log(f"old image {old['image_id']} is gone: recreating from {image}")
     await docker.create(
-        run_args(step.name, image, old), start=bool(old.get("running")), timeout=ctx.timeout, on_line=ctx.output
+        run_args(step.name, image, old),
+        start=bool(old.get("running")),
+        timeout=ctx.timeout,
+        on_line=ctx.output,
     )
     if old.get("running"):
         await docker.expect_running(step.name, timeout=ctx.timeout)

@@ -56,7 +56,9 @@ async def load(name: str, ctx: StepContext) -> None:
         StepError: modprobe's own message (no such module, bad parameters, init failed).
     """
     tools = tools_of(ctx.settings)
-    await call([tools.modprobe, name], tools=tools, timeout=ctx.timeout, on_line=ctx.output, what=f"modprobe {name}")
+    await call(
+        [tools.modprobe, name], tools=tools, timeout=ctx.timeout, on_line=ctx.output, what=f"modprobe {name}"
+    )
     await ctx.log(f"module {name} loaded ({await versions.module_version(name, tools) or 'no version'})")
 
 
@@ -67,7 +69,9 @@ async def unload(name: str, ctx: StepContext) -> None:
         StepError: "reboot required" when the module is in use or built in; else modprobe's message.
     """
     tools = tools_of(ctx.settings)
-    result = await call([tools.modprobe, "-r", name], tools=tools, timeout=ctx.timeout, on_line=ctx.output, check=False)
+    result = await call(
+        [tools.modprobe, "-r", name], tools=tools, timeout=ctx.timeout, on_line=ctx.output, check=False
+    )
     if not result.ok:
         message = tool_message(result)
         if any(word in message for word in _STUCK):

@@ -64,7 +64,9 @@ KEPT_DIR = "packages"
 _LOCKED = re.compile(r"lock was locked by another process|database is locked by another process")
 _LOCK_POLL_S = 0.5
 #: apt's words for a version or package its lists do not know (then: apt-get update, once).
-_APT_UNKNOWN = re.compile(r"Version '.*' for '.*' was not found|Unable to locate package|has no installation candidate")
+_APT_UNKNOWN = re.compile(
+    r"Version '.*' for '.*' was not found|Unable to locate package|has no installation candidate"
+)
 #: Bound of the quick queries (dpkg-query, rpm -q, dpkg-deb -f).
 _QUERY_TIMEOUT = 60.0
 #: Control fields that describe the installation, not the package (left out of a rebuilt package).
@@ -148,7 +150,7 @@ def _file_name(name: str, version: str, family: Family) -> str:
 
 
 def _link_or_copy(src: Path, dest: Path) -> None:
-    """Put a copy of ``src`` at ``dest`` atomically (a hard link when possible). Call through asyncio.to_thread."""
+    """Copy ``src`` to ``dest`` atomically (a hard link if possible). Call through asyncio.to_thread."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp")
     with contextlib.suppress(FileNotFoundError):
@@ -186,7 +188,7 @@ def _build_tree(
     """
     missing: list[str] = []
     tree.mkdir(mode=0o755)
-    os.chmod(tree, 0o755)  # the tree's root becomes the package's "./": never a 0700 "/"
+    os.chmod(tree, 0o755)  # noqa: S103 - the tree's root becomes the package's "./": never a 0700 "/"
     conffiles: list[str] = []
     for path in paths:
         source = instdir / path.lstrip("/")
@@ -225,7 +227,7 @@ def _build_tree(
             continue
         shutil.copy2(source, debian / kind)
         if kind in ("preinst", "postinst", "prerm", "postrm", "config"):
-            os.chmod(debian / kind, 0o755)
+            os.chmod(debian / kind, 0o755)  # noqa: S103 - dpkg-deb wants maintainer scripts 0755
         else:
             os.chmod(debian / kind, 0o644)
     return missing
@@ -258,10 +260,14 @@ class _Job:
         return min(self.ctx.timeout, bound) if bound else self.ctx.timeout
 
     async def query(self, argv: list[str], *, check: bool = True, what: str | None = None) -> RunResult:
-        return await call(argv, tools=self.tools, timeout=self.timeout(_QUERY_TIMEOUT), check=check, what=what)
+        return await call(
+            argv, tools=self.tools, timeout=self.timeout(_QUERY_TIMEOUT), check=check, what=what
+        )
 
     async def state(self) -> PackageState | None:
-        return await versions.package_state(self.step.name, self.step.manager, self.tools, timeout=self.timeout())
+        return await versions.package_state(
+            self.step.name, self.step.manager, self.tools, timeout=self.timeout()
+        )
 
     async def identity(self, path: Path) -> tuple[str, str]:
         """(name, version) of a package file."""
@@ -270,26 +276,35 @@ class _Job:
         else:
             argv = [self.tools.rpm, "-qp", "--qf", "%{NAME}\t%{VERSION}-%{RELEASE}\n", str(path)]
         result = await self.query(argv, what=f"reading {path.name}")
-        name, _, version = result.stdout.strip().splitlines()[-1].partition("\t") if result.stdout.strip() else ("", "", "")
+        name, _, version = (
+            result.stdout.strip().splitlines()[-1].partition("\t") if result.stdout.strip() else ("", "", "")
+        )
         if not name or not version:
             raise StepError(f"{path.name} is not a readable {self.family} package")
         return name, version
 
     async def dpkg(self, args: list[str], what: str) -> None:
-        """dpkg with the root options and --force-confold, waiting for a lock held by someone else."""
+        """Run dpkg with the root options and --force-confold, waiting for a lock held by someone else."""
         deadline = time.monotonic() + self.tools.lock_wait_s
         argv = [self.tools.dpkg, *self.tools.dpkg_args(), "--force-confold", *args]
         waiting = False
         while True:
             result = await call(
-                argv, tools=self.tools, timeout=self.timeout(), on_line=self.ctx.output, check=False, env=_NONINTERACTIVE
+                argv,
+                tools=self.tools,
+                timeout=self.timeout(),
+                on_line=self.ctx.output,
+                check=False,
+                env=_NONINTERACTIVE,
             )
             if result.ok:
                 return
             locked = _LOCKED.search(result.stderr)
             if locked and time.monotonic() < deadline:
                 if not waiting:
-                    await self.ctx.log(f"dpkg is locked by another process: waiting up to {self.tools.lock_wait_s:g} s")
+                    await self.ctx.log(
+                        f"dpkg is locked by another process: waiting up to {self.tools.lock_wait_s:g} s"
+                    )
                     waiting = True
                 await asyncio.sleep(_LOCK_POLL_S)
                 continue
@@ -302,12 +317,19 @@ class _Job:
         argv = [self.tools.apt_get, *self.tools.apt_args(), *lock, *args]
         for attempt in range(2):
             result = await call(
-                argv, tools=self.tools, timeout=self.timeout(), on_line=self.ctx.output, check=False, env=_NONINTERACTIVE
+                argv,
+                tools=self.tools,
+                timeout=self.timeout(),
+                on_line=self.ctx.output,
+                check=False,
+                env=_NONINTERACTIVE,
             )
             if result.ok:
                 return
             if attempt == 0 and refresh and _APT_UNKNOWN.search(result.stderr):
-                await self.ctx.log("apt does not know that version: refreshing the package lists (apt-get update)")
+                await self.ctx.log(
+                    "apt does not know that version: refreshing the package lists (apt-get update)"
+                )
                 await call(
                     [self.tools.apt_get, *self.tools.apt_args(), *lock, "update"],
                     tools=self.tools,
@@ -322,13 +344,25 @@ class _Job:
 
     async def rpm_tool(self, args: list[str], what: str) -> None:
         binary = self.tools.dnf if self.step.manager == "dnf" else self.tools.yum
-        await call([binary, "-y", *args], tools=self.tools, timeout=self.timeout(), on_line=self.ctx.output, what=what)
+        await call(
+            [binary, "-y", *args],
+            tools=self.tools,
+            timeout=self.timeout(),
+            on_line=self.ctx.output,
+            what=what,
+        )
 
     # ---------------------------------------------------------------- install
 
     async def install_file(self, path: Path) -> None:
         what = f"installing {path.name}"
-        if self.family == "deb":
+        if self.step.manager == "apt":
+            await self.apt(
+                ["install", "-y", "--allow-downgrades", "-o", "Dpkg::Options::=--force-confold", str(path)],
+                what,
+                refresh=False,
+            )
+        elif self.family == "deb":
             await self.dpkg(["-i", str(path)], what)
         else:
             await self.rpm_tool(["install", str(path)], what)
@@ -352,7 +386,11 @@ class _Job:
         else:
             await self.install_version(version)
         state = await self.state()
-        if self.family == "rpm" and version and (state is None or not _same_version("rpm", state.version, version)):
+        if (
+            self.family == "rpm"
+            and version
+            and (state is None or not _same_version("rpm", state.version, version))
+        ):
             # yum (and dnf for a local file) "installs" an older version by doing nothing: downgrade.
             spec = str(path) if path is not None else f"{self.step.name}-{version}"
             await self.ctx.log(f"{self.step.manager} did not install {spec}: downgrading")
@@ -362,7 +400,9 @@ class _Job:
             shown = "not installed" if state is None else f"{state.version} ({state.status})"
             raise StepError(f"{self.step.manager} finished but {self.step.name} is {shown}")
         if version and not _same_version(self.family, state.version, version):
-            raise StepError(f"{self.step.manager} finished but {self.step.name} is at {state.version}, not {version}")
+            raise StepError(
+                f"{self.step.manager} finished but {self.step.name} is at {state.version}, not {version}"
+            )
         return state
 
     async def remove(self) -> None:
@@ -400,7 +440,7 @@ class _Job:
         return path if found == (self.step.name, version) else None
 
     async def repack(self, version: str) -> Path | None:
-        """``dpkg-repack`` of the installed package into the backup dir; None if it is not installed or fails."""
+        """``dpkg-repack`` the installed package into the backup dir; None if it is missing or fails."""
         if self.family != "deb" or not self.tools.has(self.tools.dpkg_repack):
             return None
         work = self.backup_dir / "repack"
@@ -452,7 +492,9 @@ class _Job:
                 _build_tree, work / "tree", self.tools.instdir, control, paths, scripts
             )
             if missing:
-                await self.ctx.log(f"rebuilding {name} {version}: {len(missing)} file(s) gone from disk: {missing[:5]}")
+                await self.ctx.log(
+                    f"rebuilding {name} {version}: {len(missing)} file(s) gone from disk: {missing[:5]}"
+                )
             out = self.backup_dir / _file_name(name, version, "deb")
             await call(
                 [self.tools.dpkg_deb, "--build", str(work / "tree"), str(out)],
@@ -552,17 +594,17 @@ async def apply(step: PackageStep, ctx: StepContext) -> dict[str, Any]:
 
 
 async def undo(step: PackageStep, ctx: StepContext, record: dict[str, Any] | None) -> None:
-    """Reinstall exactly the recorded old version (or purge a package that was not there), reload its modules."""
+    """Reinstall exactly the recorded old version (or purge a new package), then reload its modules."""
     if record is None or record.get("unchanged"):
         await ctx.log(f"{step.name} was not changed: nothing to undo")
+        return
+    if record.get("via") == "pending":
+        # Stopped while keeping the way back: nothing was installed yet.
+        await ctx.log(f"{step.name} was not changed (stopped before installing): nothing to undo")
         return
     job = _Job(step, ctx, tools_of(ctx.settings))
     old_version = record.get("old_version")
     current = await job.state()
-    if record.get("via") == "pending" and old_version is not None:
-        # Interrupted before the way back was kept: nothing was installed yet.
-        await ctx.log(f"{step.name} was not changed (the agent stopped before installing): nothing to undo")
-        return
     if old_version is None:
         if current is None:
             await ctx.log(f"{step.name} is not installed, as before")
@@ -572,7 +614,11 @@ async def undo(step: PackageStep, ctx: StepContext, record: dict[str, Any] | Non
             await ctx.log(f"{step.name} {current.version} removed (it was not installed before)")
         return
     old_version = str(old_version)
-    if current is not None and current.is_installed and _same_version(job.family, current.version, old_version):
+    if (
+        current is not None
+        and current.is_installed
+        and _same_version(job.family, current.version, old_version)
+    ):
         await ctx.log(f"{step.name} is at {old_version}, as before")
         return
     old_file = record.get("old_file")

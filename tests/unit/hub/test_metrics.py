@@ -43,7 +43,9 @@ def value(samples: list[tuple[str, dict[str, str], float]], name: str, **labels:
     return found[0]
 
 
-def status(state: str, ts: float, *, index: int = 0, kind: str = "script", node: str = "n1", **extra: Any) -> StepStatus:
+def status(
+    state: str, ts: float, *, index: int = 0, kind: str = "script", node: str = "n1", **extra: Any
+) -> StepStatus:
     return StepStatus(
         node=node, command="c1", rollout="r1", index=index, type=kind, state=state, ts=ts, **extra
     )

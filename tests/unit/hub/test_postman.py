@@ -41,7 +41,9 @@ def requests_of(collection: dict[str, Any]) -> list[dict[str, Any]]:
     return [item for folder in collection["item"] for item in folder["item"]]
 
 
-def test_committed_collection_is_current(capsys: pytest.CaptureFixture[str], collection: dict[str, Any]) -> None:
+def test_committed_collection_is_current(
+    capsys: pytest.CaptureFixture[str], collection: dict[str, Any]
+) -> None:
     assert postman.main() == 0
     printed = capsys.readouterr().out
     committed = COMMITTED.read_text()
@@ -72,9 +74,13 @@ def test_every_operation_is_a_request_with_method_and_url(
     assert seen == operations
 
 
-def test_create_requests_carry_valid_rollout_specs(openapi: dict[str, Any], collection: dict[str, Any]) -> None:
+def test_create_requests_carry_valid_rollout_specs(
+    openapi: dict[str, Any], collection: dict[str, Any]
+) -> None:
     creates = [i for i in requests_of(collection) if i["request"]["url"]["raw"] == "{{baseUrl}}/api/updates"]
-    examples = openapi["paths"]["/api/updates"]["post"]["requestBody"]["content"]["application/json"]["examples"]
+    examples = openapi["paths"]["/api/updates"]["post"]["requestBody"]["content"]["application/json"][
+        "examples"
+    ]
     assert len(creates) == len(examples) >= 2
     for item in creates:
         request = item["request"]
@@ -102,8 +108,9 @@ def test_conversion_of_a_small_document() -> None:
     document = {
         "info": {"title": "t", "description": "d"},
         "paths": {
-            "/b/{id}": {"get": {"summary": "B", "security": [{"x": []}],
-                                "parameters": [{"name": "id", "in": "path"}]}},
+            "/b/{id}": {
+                "get": {"summary": "B", "security": [{"x": []}], "parameters": [{"name": "id", "in": "path"}]}
+            },
             "/a": {"post": {"requestBody": {"content": {"application/json": {"example": {"k": 1}}}}}},
         },
     }

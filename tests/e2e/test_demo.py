@@ -60,7 +60,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
             text = out.read_text()
         url_file = re.search(r"export FLEET_BROKER=\$\(cat (\S+)\)", text)
         http = re.search(r"HTTP bridge\s+(http://\S+)/docs\s+\(token: (\S+)\)", text)
-        assert url_file and http, text
+        assert url_file, text
+        assert http, text
         env = {**env, "FLEET_BROKER": Path(url_file.group(1)).read_text().strip()}
         yield Demo(root, env, http.group(1), http.group(2))
     finally:

@@ -18,7 +18,6 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
-    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
@@ -84,11 +83,11 @@ def new_id() -> str:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 class _Report(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, defer_build=True)
 
 
 # --------------------------------------------------------------------------- steps
@@ -200,7 +199,6 @@ Step = Annotated[
     Field(discriminator="type"),
 ]
 Plan = Annotated[list[Step], Field(min_length=1, max_length=64)]
-STEP_ADAPTER: TypeAdapter[Step] = TypeAdapter(Step)
 
 # ------------------------------------------------------------------------ presence
 

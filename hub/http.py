@@ -242,8 +242,8 @@ def _explain(exc: ValidationError, data: Any) -> list[dict[str, str]]:
     return [
         {
             "field": path,
-            "message": " | ".join(messages)
-            if len(messages) < 2
+            "message": messages[0]
+            if len(messages) == 1
             else "matches none of the accepted forms: " + " | ".join(messages),
         }
         for path, messages in list(kept.items())[:_LISTED_ERRORS]

@@ -144,6 +144,13 @@ async def apply(step: ContainerStep, ctx: StepContext) -> dict[str, Any]:
     return record
 
 
+def _is_old(current: dict[str, Any], old: dict[str, Any], record: dict[str, Any]) -> bool:
+    """Whether ``current`` is the old container or one recreated from it (not the new one)."""
+    if current.get("Id") == old.get("id"):
+        return True
+    return current.get("Image") == old.get("image_id") and current.get("Id") != record.get("new_id")
+
+
 async def undo(step: ContainerStep, ctx: StepContext, record: dict[str, Any] | None) -> None:
     """Remove the new container and recreate the old one (its image and configuration, its run state)."""
     if record is None or record.get("unchanged"):
@@ -152,8 +159,8 @@ async def undo(step: ContainerStep, ctx: StepContext, record: dict[str, Any] | N
     docker = DockerManager(tools_of(ctx.settings))
     old = record.get("old")
     current = await docker.inspect_container(step.name, timeout=ctx.timeout)
-    if current is not None and isinstance(old, dict) and current.get("Id") == old.get("id"):
-        # Apply stopped before removing the old container: it only needs its run state back.
+    if current is not None and isinstance(old, dict) and _is_old(current, old, record):
+        # Apply stopped before removing the old container, or an earlier undo recreated it.
         running = bool((current.get("State") or {}).get("Running"))
         if old.get("running") and not running:
             await docker.start(step.name, timeout=ctx.timeout, on_line=ctx.output)

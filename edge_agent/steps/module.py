@@ -2,8 +2,8 @@
 
 The record keeps whether the module was loaded and its version, so undo puts
 back that state: undo of ``load`` unloads (if it was not loaded), of
-``unload`` loads (if it was), of ``reload`` reloads (unloads, if it was not
-loaded before).
+``unload`` loads (if it was), of ``reload`` reloads (unless the version it
+recorded is still loaded; unloads if it was not loaded before).
 
 A module that cannot be unloaded (in use, or built into the kernel) fails the
 step with "reboot required: ..." rather than pretending: the running kernel
@@ -129,8 +129,16 @@ async def undo(step: ModuleStep, ctx: StepContext, record: dict[str, Any] | None
     tools = tools_of(ctx.settings)
     was_loaded = bool(record.get("was_loaded"))
     loaded = await _is_loaded(step.name, tools)
+    version = record.get("version")
     if step.action == "reload" and was_loaded:
-        await reload(step.name, ctx)
+        if (
+            loaded
+            and version not in (None, "loaded")
+            and await versions.module_version(step.name, tools) == version
+        ):
+            await ctx.log(f"module {step.name} {version} is loaded, as before")
+        else:
+            await reload(step.name, ctx)
     elif was_loaded and not loaded:
         await load(step.name, ctx)
     elif not was_loaded and loaded:

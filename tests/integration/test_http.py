@@ -15,6 +15,7 @@ the log; the assertions keep generous deadlines.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -25,6 +26,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -48,7 +50,9 @@ GONE = "gone-1"
 DOUBTER = "doubter-1"
 
 SCRIPTS = {
-    "record.sh": '#!/bin/sh\necho "$FLEET_PHASE $(basename "$0") $*" >> "$FLEET_STATE_DIR/record.log"\necho "did $*"\n',
+    "record.sh": (
+        '#!/bin/sh\necho "$FLEET_PHASE $(basename "$0") $*" >> "$FLEET_STATE_DIR/record.log"\necho "did $*"\n'
+    ),
     "slow.sh": (
         "#!/bin/sh\n"
         'echo "$FLEET_PHASE $(basename "$0") $*" >> "$FLEET_STATE_DIR/record.log"\n'
@@ -124,11 +128,28 @@ class Fleet:
         for name, text in SCRIPTS.items():
             (self.scripts / name).write_text(text)
             (self.scripts / name).chmod(0o755)
-        self._spawn("hub", fleet_argv(
-            "hub", "--broker", self.broker.url, "--prefix", self.prefix, "--db", str(self.root / "hub.json"),
-            "--signing-key", str(self.key), "--http", f"127.0.0.1:{self.port}", "--http-token", TOKEN,
-            "--client-id", f"hub-{uuid.uuid4().hex[:8]}", "--heartbeat-s", "1",
-        ))  # fmt: skip
+        self._spawn(
+            "hub",
+            fleet_argv(
+                "hub",
+                "--broker",
+                self.broker.url,
+                "--prefix",
+                self.prefix,
+                "--db",
+                str(self.root / "hub.json"),
+                "--signing-key",
+                str(self.key),
+                "--http",
+                f"127.0.0.1:{self.port}",
+                "--http-token",
+                TOKEN,
+                "--client-id",
+                f"hub-{uuid.uuid4().hex[:8]}",
+                "--heartbeat-s",
+                "1",
+            ),
+        )
         with httpx.Client(base_url=self.base, timeout=5) as http:
 
             def healthy() -> bool | None:
@@ -140,11 +161,24 @@ class Fleet:
 
             poll(healthy, "the hub's HTTP bridge")
 
-    def start_agent(self, node: str, *, trust: bool = True, labels: tuple[str, ...] = ("group=live",)) -> None:
+    def start_agent(
+        self, node: str, *, trust: bool = True, labels: tuple[str, ...] = ("group=live",)
+    ) -> None:
         argv = fleet_argv(
-            "agent", "--broker", self.broker.url, "--prefix", self.prefix, "--node-id", node,
-            "--state-dir", str(self.state(node)), "--scripts-dir", str(self.scripts), "--heartbeat-s", "1",
-        )  # fmt: skip
+            "agent",
+            "--broker",
+            self.broker.url,
+            "--prefix",
+            self.prefix,
+            "--node-id",
+            node,
+            "--state-dir",
+            str(self.state(node)),
+            "--scripts-dir",
+            str(self.scripts),
+            "--heartbeat-s",
+            "1",
+        )
         if trust:
             argv += ["--trust", str(self.pub)]
         for label in labels:
@@ -213,7 +247,7 @@ def http(fleet: Fleet) -> Iterator[httpx.Client]:
 
 
 def spec(title: str, targets: Any = None, **step: Any) -> dict[str, Any]:
-    """A one-step rollout: ``record.sh TITLE`` with ``record.sh`` as its rollback (step fields overridable)."""
+    """One step: ``record.sh TITLE``, undone by ``record.sh`` (step fields overridable)."""
     plan_step = {"type": "script", "name": "record.sh", "args": [title], "rollback": "record.sh", **step}
     return {"name": title, "targets": LIVE if targets is None else targets, "plan": [plan_step]}
 
@@ -225,7 +259,9 @@ def create(http: httpx.Client, body: dict[str, Any]) -> str:
     return rollout
 
 
-def follow(http: httpx.Client, rollout: str, until: Callable[[dict[str, Any]], bool], what: str) -> dict[str, Any]:
+def follow(
+    http: httpx.Client, rollout: str, until: Callable[[dict[str, Any]], bool], what: str
+) -> dict[str, Any]:
     """GET the rollout until ``until`` holds for it."""
 
     def look() -> dict[str, Any] | None:
@@ -246,9 +282,15 @@ def final(http: httpx.Client, rollout: str) -> dict[str, Any]:
 
 def test_auth_health_docs_and_openapi(fleet: Fleet) -> None:
     with httpx.Client(base_url=fleet.base, timeout=10) as anonymous:
-        for method, path in (("GET", "/api/nodes"), ("GET", "/api/rollouts"), ("GET", "/api/rollouts/x"),
-                             ("POST", "/api/updates"), ("POST", "/api/rollouts/x/abort"),
-                             ("POST", "/api/rollouts/x/rollback"), ("GET", "/metrics")):  # fmt: skip
+        for method, path in (
+            ("GET", "/api/nodes"),
+            ("GET", "/api/rollouts"),
+            ("GET", "/api/rollouts/x"),
+            ("POST", "/api/updates"),
+            ("POST", "/api/rollouts/x/abort"),
+            ("POST", "/api/rollouts/x/rollback"),
+            ("GET", "/metrics"),
+        ):
             for headers, reason in (({}, "missing"), ({"Authorization": "Bearer nope"}, "wrong")):
                 response = anonymous.request(method, path, headers=headers, json=spec("never"))
                 assert response.status_code == 401, (method, path, response.text)
@@ -265,7 +307,9 @@ def test_auth_health_docs_and_openapi(fleet: Fleet) -> None:
 
 
 def test_bad_input_status_codes(http: httpx.Client) -> None:
-    response = http.post("/api/updates", content=b'{"name": "x",', headers={"Content-Type": "application/json"})
+    response = http.post(
+        "/api/updates", content=b'{"name": "x",', headers={"Content-Type": "application/json"}
+    )
     assert response.status_code == 400
     assert response.json()["detail"].startswith("malformed JSON body")
     response = http.post("/api/updates", json=["web-1"])
@@ -275,12 +319,15 @@ def test_bad_input_status_codes(http: httpx.Client) -> None:
     response = http.post("/api/updates", json={**spec("bad"), "plan": [bad_hash]})
     assert response.status_code == 422
     assert response.json()["detail"].startswith("plan.0.sha256: String should match pattern")
-    assert response.json()["errors"] == [{"field": "plan.0.sha256", "message": response.json()["errors"][0]["message"]}]
-    response = http.post("/api/updates", content=b"{" + b" " * (2 << 20) + b"}",
-                         headers={"Content-Type": "application/json"})  # fmt: skip
+    assert response.json()["errors"] == [
+        {"field": "plan.0.sha256", "message": response.json()["errors"][0]["message"]}
+    ]
+    response = http.post(
+        "/api/updates", content=b"{" + b" " * (2 << 20) + b"}", headers={"Content-Type": "application/json"}
+    )
     assert response.status_code == 413
-    for method, path in (("GET", "/api/rollouts/no-such-rollout"), ("POST", "/api/rollouts/no-such-rollout/abort"),
-                         ("POST", "/api/rollouts/no-such-rollout/rollback")):  # fmt: skip
+    unknown = "/api/rollouts/no-such-rollout"
+    for method, path in (("GET", unknown), ("POST", f"{unknown}/abort"), ("POST", f"{unknown}/rollback")):
         response = http.request(method, path)
         assert response.status_code == 404, (method, path, response.text)
         assert "no-such-rollout" in response.json()["detail"]
@@ -298,14 +345,18 @@ def test_offline_and_unknown_targets_are_named_in_409(http: httpx.Client) -> Non
     assert "nobody-7" in response.json()["detail"]
     assert http.get("/api/rollouts").json() == []
     nodes = {n["node"]: n for n in http.get("/api/nodes").json()}
+    assert {"node", "online", "last_seen", "labels", "inventory", "job"} <= set(nodes[GONE])
     assert nodes[GONE]["online"] is False
+    assert nodes["web-1"]["labels"] == {"group": "live"}
     assert all(nodes[n]["online"] for n in LIVE)
 
 
 # ---------------------------------------------------------------------- rollouts
 
 
-def test_full_rollout_over_http(fleet: Fleet, http: httpx.Client, record_property: Callable[..., None]) -> None:
+def test_full_rollout_over_http(
+    fleet: Fleet, http: httpx.Client, record_property: Callable[..., None]
+) -> None:
     started = time.monotonic()
     rollout = create(http, spec("full", {"labels": {"group": "live"}}))
     shown = final(http, rollout)
@@ -322,6 +373,20 @@ def test_full_rollout_over_http(fleet: Fleet, http: httpx.Client, record_propert
     listed = http.get("/api/rollouts").json()
     assert [r["id"] for r in listed] == [rollout]
     assert listed[0]["state"] == "succeeded"
+    # One engine behind both doors: the MQTT request path shows the same rollout.
+    over_mqtt = subprocess.run(
+        fleet_argv(
+            "rollout", "--broker", fleet.broker.url, "--prefix", fleet.prefix, "show", rollout, "--json"
+        ),
+        capture_output=True,
+        env=clean_env(),
+        timeout=60,
+        check=False,
+    )
+    assert over_mqtt.returncode == 0, over_mqtt.stderr
+    mqtt_view = json.loads(over_mqtt.stdout)
+    for key in ("id", "name", "state", "counts", "nodes", "plan"):
+        assert mqtt_view[key] == shown[key], key
 
 
 def test_rollback_of_a_succeeded_rollout_over_http(fleet: Fleet, http: httpx.Client) -> None:
@@ -343,8 +408,7 @@ def test_abort_of_a_running_rollout_over_http(fleet: Fleet, http: httpx.Client) 
         (fleet.state(node) / "slow.child").unlink(missing_ok=True)
     rollout = create(http, spec("stuck", name="slow.sh", args=["120"]))
     children = {
-        node: poll(lambda n=node: _read_pid(fleet.state(n) / "slow.child"), f"slow.sh running on {node}")
-        for node in LIVE
+        node: poll(partial(_read_pid, fleet.state(node) / "slow.child"), f"{node} busy") for node in LIVE
     }
     assert http.get(f"/api/rollouts/{rollout}").json()["state"] == "running"
     response = http.post(f"/api/rollouts/{rollout}/abort")
@@ -352,7 +416,7 @@ def test_abort_of_a_running_rollout_over_http(fleet: Fleet, http: httpx.Client) 
     shown = final(http, rollout)
     assert shown["state"] == "rolled_back", shown
     for node, pid in children.items():
-        poll(lambda p=pid: not _alive(p) or None, f"the sleep of {node} killed")
+        poll(partial(_dead, pid), f"the sleep of {node} killed")
         assert fleet.records(node)[-2:] == ["apply slow.sh 120", "rollback record.sh 120"]
 
 
@@ -366,12 +430,20 @@ def test_a_rejected_command_and_the_metrics_families(fleet: Fleet, http: httpx.C
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     families = {f.name: f for f in text_string_to_metric_families(response.text)}
-    wanted = {"fleet_nodes", "fleet_rollouts", "fleet_step_duration_seconds", "fleet_hub_messages",
-              "fleet_commands_rejected", "fleet_store_commit_seconds"}  # fmt: skip
+    wanted = {
+        "fleet_nodes",
+        "fleet_rollouts",
+        "fleet_step_duration_seconds",
+        "fleet_hub_messages",
+        "fleet_commands_rejected",
+        "fleet_store_commit_seconds",
+    }
     assert wanted <= set(families), wanted - set(families)
 
     def sample(name: str, family: str, **labels: str) -> float:
-        (value,) = [s.value for s in families[family].samples if s.name == name and labels.items() <= s.labels.items()]
+        (value,) = [
+            s.value for s in families[family].samples if s.name == name and labels.items() <= s.labels.items()
+        ]
         return value
 
     assert sample("fleet_nodes", "fleet_nodes", state="online") == len(LIVE) + 1
@@ -397,24 +469,36 @@ def _read_pid(path: Path) -> int | None:
         return None
 
 
-def _alive(pid: int) -> bool:
+def _dead(pid: int) -> bool | None:
+    """True once ``pid`` is gone (a zombie waiting for a reaper that may never come counts), else None."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] == "Z" or None
 
 
 # ---------------------------------------------------------------------- the hub process
 
 
 def test_public_bind_without_token_and_a_busy_port(amqtt_broker: RunningBroker, tmp_path: Path) -> None:
-    common = ["--broker", amqtt_broker.url, "--prefix", f"fleet-t-{uuid.uuid4().hex[:10]}/v1",
-              "--db", str(tmp_path / "hub.json"), "--client-id", f"hub-{uuid.uuid4().hex[:8]}"]  # fmt: skip
+    common = [
+        "--broker",
+        amqtt_broker.url,
+        "--prefix",
+        f"fleet-t-{uuid.uuid4().hex[:10]}/v1",
+        "--db",
+        str(tmp_path / "hub.json"),
+        "--client-id",
+        f"hub-{uuid.uuid4().hex[:8]}",
+    ]
     public = subprocess.run(
-        fleet_argv("hub", *common, "--http", f"0.0.0.0:{free_port()}"),  # noqa: S104 - refused before binding
-        capture_output=True, env=clean_env(), timeout=60, check=False,
-    )  # fmt: skip
+        fleet_argv("hub", *common, "--http", f"0.0.0.0:{free_port()}"),  # refused before binding
+        capture_output=True,
+        env=clean_env(),
+        timeout=60,
+        check=False,
+    )
     assert public.returncode == 2
     lines = public.stderr.decode().strip().splitlines()
     assert len(lines) == 1, lines
@@ -426,8 +510,11 @@ def test_public_bind_without_token_and_a_busy_port(amqtt_broker: RunningBroker, 
         port = taken.getsockname()[1]
         busy = subprocess.run(
             fleet_argv("hub", *common, "--http", f"127.0.0.1:{port}", "--http-token", TOKEN),
-            capture_output=True, env=clean_env(), timeout=60, check=False,
-        )  # fmt: skip
+            capture_output=True,
+            env=clean_env(),
+            timeout=60,
+            check=False,
+        )
     assert busy.returncode != 0
     assert f"cannot serve HTTP on 127.0.0.1:{port}" in busy.stderr.decode()
 

@@ -1,0 +1,130 @@
+"""Rollout latency: create_rollout -> succeeded on N simulated nodes, beside the raw MQTT limit.
+
+One wave, two steps, every step reported (each node publishes running and
+succeeded for both steps and its retained job snapshot after each change).
+The raw limit is measured first in the same run on the same broker: a bare
+paho fan-out/fan-in (one retained message to each of N clients, one reply
+from each; bench/_raw.py).
+
+    python bench/rollout_latency.py --broker mosquitto --nodes 1000
+
+Prints one JSON object: seconds (median rollout), raw_seconds (median raw
+round), ratio, and per run: messages/s through the hub, CPU seconds of hub,
+simulator and broker, summary publishes and bytes, store rewrites.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from _common import PLAN, Bench, Observer, arguments, cpu_window, emit, median, rounded
+from _raw import raw_fanout
+
+
+async def measure(bench: Bench, nodes: int, repeat: int, heartbeat_s: float) -> dict[str, Any]:
+    assert bench.hub is not None
+    sim = next(c for c in bench.children if c.name == "simulate")
+    assert bench.broker is not None
+    runs: list[dict[str, Any]] = []
+    async with Observer(bench.url, bench.topics) as obs:
+        targets = await obs.wait_online(nodes, 300, prefix="sim-")
+        for index in range(repeat):
+            if index:
+                # The agents re-announce their inventory after a job: let that pass.
+                await asyncio.sleep(heartbeat_s + 1)
+            before = bench.metrics()
+            spec = {"name": f"bench {index}", "targets": targets, "plan": PLAN}
+            with cpu_window(bench.hub, sim, bench.broker.child) as cpu:
+                started = time.perf_counter()
+                body = await obs.call("create_rollout", spec)
+                rollout = body["rollout"]
+                replied = time.perf_counter()
+                at, state = await obs.until(lambda r=rollout: obs.final(r), "final state", 600)
+            seconds = at - started
+            expected = nodes * len(PLAN) * 2
+            try:
+                await obs.until(
+                    lambda r=rollout: sum(1 for _, s in obs.statuses if s.rollout == r) >= expected,
+                    "every step report",
+                    30,
+                )
+            except TimeoutError:
+                pass
+            after = bench.metrics()
+            reports = {(s.node, s.index, s.state) for _, s in obs.statuses if s.rollout == rollout}
+            times = sorted(t for t, s in obs.statuses if s.rollout == rollout)
+            complete = all(
+                (node, step, phase) in reports
+                for node in targets
+                for step in range(len(PLAN))
+                for phase in ("running", "succeeded")
+            )
+            summaries = obs.summaries.get(rollout, [])
+            messages = sum(
+                after.get(f'fleet_hub_messages_total{{direction="{d}"}}', 0)
+                - before.get(f'fleet_hub_messages_total{{direction="{d}"}}', 0)
+                for d in ("in", "out")
+            )
+            rewrites = after.get("fleet_store_rewrites_total", 0) - before.get("fleet_store_rewrites_total", 0)
+            runs.append(
+                {
+                    "rollout": rollout,
+                    "state": state,
+                    "seconds": rounded(seconds),
+                    "reply_seconds": rounded(replied - started),
+                    "first_report_s": rounded(times[0] - started) if times else None,
+                    "last_report_s": rounded(times[-1] - started) if times else None,
+                    "every_step_reported": complete,
+                    "step_reports": len(reports),
+                    "hub_messages": int(messages),
+                    "messages_per_s": round(messages / seconds) if seconds else None,
+                    "summary_publishes": len(summaries),
+                    "summary_bytes": sum(size for _, size, _ in summaries),
+                    "store_rewrites": int(rewrites),
+                    "cpu_s": {k: rounded(v) for k, v in cpu.items()},
+                }
+            )
+    return {
+        "runs": runs,
+        "hub_rss_mib": bench.hub.rss_mib(),
+        "sim_rss_mib": sim.rss_mib(),
+        "broker_rss_mib": bench.broker.child.rss_mib(),
+    }
+
+
+def main() -> None:
+    parser = arguments(__doc__ or "", nodes=100)
+    parser.add_argument("--repeat", type=int, default=3, help="rollouts to time")
+    parser.add_argument("--raw-repeat", type=int, default=5, help="raw fan-out/fan-in rounds")
+    parser.add_argument("--step-ms", type=float, default=0, help="simulated duration of each step")
+    parser.add_argument("--heartbeat-s", type=float, default=5)
+    args = parser.parse_args()
+    with Bench(args.broker, keep=args.keep) as bench:
+        raw = raw_fanout(bench.url, args.nodes, args.raw_repeat)
+        bench.start_hub()
+        bench.start_simulator(args.nodes, step_ms=args.step_ms, heartbeat_s=args.heartbeat_s)
+        figures = asyncio.run(measure(bench, args.nodes, args.repeat, args.heartbeat_s))
+    seconds = median([r["seconds"] for r in figures["runs"]])
+    raw_seconds = median(raw)
+    emit(
+        {
+            "bench": "rollout_latency",
+            "broker": args.broker,
+            "nodes": args.nodes,
+            "steps": len(PLAN),
+            "step_ms": args.step_ms,
+            "seconds": rounded(seconds),
+            "raw_seconds": rounded(raw_seconds),
+            "raw_rounds": [rounded(r, 4) for r in raw],
+            "ratio": round(seconds / raw_seconds, 2) if raw_seconds else None,
+            "ok": all(r["state"] == "succeeded" and r["every_step_reported"] for r in figures["runs"]),
+            **figures,
+        },
+        args.out,
+    )
+
+
+if __name__ == "__main__":
+    main()

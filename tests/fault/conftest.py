@@ -1,0 +1,553 @@
+"""The fault-injection suite's harness: real hub and agent processes, a freezable proxy, trials, seeds.
+
+- ``fault`` marker: every test under ``tests/fault`` carries it (``-m fault`` runs
+  the suite alone, ``-m "not fault"`` leaves it out).
+- ``FLEET_FAULT_TRIALS=N``: every trial-based scenario runs N trials instead of
+  its small default (a long run: 50 for the hub kills, 100 for the torn-file
+  test); hypothesis examples scale with it too.
+- ``FLEET_FAULT_SEED=S``: the random moments of a run come from one seed, printed
+  with every failure ("rerun with FLEET_FAULT_SEED=S") so it can be replayed.
+
+``Fleet`` starts real ``fleet hub`` and ``fleet agent`` processes (pid tracked,
+killed with SIGKILL by pid, never by name) under a topic prefix of the test's
+own; ``Observer`` follows every message under that prefix and asks the hub
+through ``hub/request``; ``FreezableProxy`` is a loopback TCP proxy that can
+stop forwarding without closing anything (a half-open partition) and heal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from bus.errors import BusError, InvalidInput
+from bus.messages import HubState, JobSnapshot, NodeState, Reply, RequestOp, RolloutSummary, StepStatus, decode
+from bus.mqtt import MqttClient
+from bus.rpc import HubClient
+from bus.signing import generate_keypair
+from bus.topics import Topics
+
+# Read at import: the autouse fixture of tests/conftest.py clears FLEET_* for every test.
+_TRIALS = os.environ.get("FLEET_FAULT_TRIALS", "").strip()
+_SEED = os.environ.get("FLEET_FAULT_SEED", "").strip()
+BASE_SEED = int(_SEED) if _SEED else random.SystemRandom().randrange(1, 2**31)
+
+DEADLINE = 60.0  # generous: 2 shared cores; figures are measured apart from assertions
+FINAL_ROLLOUT = frozenset({"succeeded", "halted", "rolled_back", "rollback_failed", "aborted"})
+
+T = TypeVar("T")
+
+
+def trials(default: int) -> int:
+    """How many trials a scenario runs: ``FLEET_FAULT_TRIALS`` when set, else ``default``."""
+    return max(1, int(_TRIALS)) if _TRIALS else default
+
+
+def is_long_run() -> bool:
+    """True when ``FLEET_FAULT_TRIALS`` asks for a long run."""
+    return bool(_TRIALS)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "fault: fault-injection and fuzz suite (FLEET_FAULT_TRIALS=N for a long run)"
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.fault)
+
+
+_SEED_KEY = pytest.StashKey[int]()
+
+
+@pytest.fixture
+def rng(request: pytest.FixtureRequest) -> random.Random:
+    """This test's seeded RNG (the seed is printed if the test fails)."""
+    request.node.stash[_SEED_KEY] = BASE_SEED
+    return random.Random(f"{BASE_SEED}:{request.node.nodeid}")  # noqa: S311 - fault moments, not secrets
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    seed = item.stash.get(_SEED_KEY, None)
+    if seed is not None and report.failed:
+        report.sections.append(("fault seed", f"rerun with FLEET_FAULT_SEED={seed}"))
+    return report
+
+
+# ------------------------------------------------------------------ processes
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment of a child: no FLEET_* of the developer's, no config discovery."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    return {**environ, "FLEET_NO_CONFIG_DISCOVERY": "1", "FLEET_LOG_LEVEL": "INFO", **extra}
+
+
+class Proc:
+    """One child process of the test; its output goes to ``log_path``."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path, cwd: Path, env: dict[str, str]) -> None:
+        self.name = name
+        self.log_path = log_path
+        with log_path.open("ab") as log:
+            self.popen = subprocess.Popen(argv, stdout=log, stderr=log, env=env, cwd=cwd)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL by pid (SIGCONT first, in case the test froze it) and reap it."""
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGCONT)
+                os.kill(self.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(30)
+
+    def terminate(self, timeout: float = 30) -> int | None:
+        """SIGTERM, wait, SIGKILL if it does not go."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.popen.returncode
+
+    def log(self, tail: int = 4000) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return text[-tail:]
+
+
+# Scripts the fleet's nodes run: each node's "version" is made of parts that steps
+# change one by one, so a node left between versions (mixed) shows.
+SCRIPTS = {
+    "part.sh": (
+        "#!/bin/sh\n"
+        "# part.sh PART VERSION [SECONDS]: apply sets parts/PART to VERSION (the old value is kept\n"
+        "# per command first); rollback puts the kept value back. Every run is recorded.\n"
+        "set -e\n"
+        'part=$1; version=$2; pause=${3:-0}\n'
+        'dir="$FLEET_STATE_DIR/parts"; mkdir -p "$dir"\n'
+        'keep="$dir/.$part.before-$FLEET_COMMAND"\n'
+        'echo "$FLEET_PHASE $FLEET_ROLLOUT $part $version" >> "$FLEET_STATE_DIR/record.log"\n'
+        'if [ "$FLEET_PHASE" = apply ]; then\n'
+        '  if [ ! -e "$keep" ]; then cp "$dir/$part" "$keep.tmp" && mv "$keep.tmp" "$keep"; fi\n'
+        '  sleep "$pause"\n'
+        '  echo "$version" > "$dir/$part.tmp" && mv "$dir/$part.tmp" "$dir/$part"\n'
+        "else\n"
+        '  sleep "$pause"\n'
+        '  if [ -e "$keep" ]; then cp "$keep" "$dir/$part.tmp" && mv "$dir/$part.tmp" "$dir/$part"; fi\n'
+        "fi\n"
+    ),
+    "gate.sh": (
+        "#!/bin/sh\n"
+        "# gate.sh [SECONDS]: fails when $FLEET_STATE_DIR/broken exists (a node the update breaks).\n"
+        'sleep "${1:-0}"\n'
+        'if [ -e "$FLEET_STATE_DIR/broken" ]; then echo "broken on purpose" >&2; exit 1; fi\n'
+        "echo ok\n"
+    ),
+    "slow.sh": (
+        "#!/bin/sh\n"
+        "# slow.sh SECONDS: sleeps (a long step to be interrupted); recorded like part.sh.\n"
+        'echo "$FLEET_PHASE $FLEET_ROLLOUT slow $1" >> "$FLEET_STATE_DIR/record.log"\n'
+        'if [ "$FLEET_PHASE" = apply ]; then sleep "$1"; fi\n'
+    ),
+}
+
+
+class Fleet:
+    """Real ``fleet hub`` and ``fleet agent`` processes of one test (see the module docstring)."""
+
+    def __init__(self, broker_url: str, root: Path, topics: Topics) -> None:
+        self.broker_url = broker_url
+        self.root = root
+        self.topics = topics
+        self.prefix = topics.prefix
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "logs").mkdir(exist_ok=True)
+        self.key, self.pub = generate_keypair(root / "keys")
+        self.scripts = root / "scripts"
+        self.scripts.mkdir(exist_ok=True)
+        for name, text in SCRIPTS.items():
+            (self.scripts / name).write_text(text)
+            (self.scripts / name).chmod(0o755)
+        self.db = root / "hub.json"
+        self.hub_id = f"hub-{uuid.uuid4().hex[:8]}"
+        self.procs: list[Proc] = []
+        self.hub: Proc | None = None
+        self.agents: dict[str, Proc] = {}
+
+    # -------------------------------------------------------------- starting
+
+    def _spawn(self, name: str, argv: list[str], **env: str) -> Proc:
+        count = sum(1 for p in self.procs if p.name == name)
+        log = self.root / "logs" / f"{name}-{count}.log"
+        proc = Proc(name, [sys.executable, "-m", "cli.main", *argv], log, self.root, clean_env(**env))
+        self.procs.append(proc)
+        return proc
+
+    def start_hub(self, *extra: str, broker_url: str | None = None) -> Proc:
+        """Start (or restart) the hub on the same database."""
+        self.hub = self._spawn(
+            "hub",
+            [
+                "hub", "--broker", broker_url or self.broker_url, "--prefix", self.prefix,
+                "--db", str(self.db), "--signing-key", str(self.key), "--client-id", self.hub_id,
+                "--heartbeat-s", "1", *extra,
+            ],
+        )  # fmt: skip
+        return self.hub
+
+    def state_dir(self, node: str) -> Path:
+        return self.root / "nodes" / node
+
+    def prepare_node(self, node: str, parts: dict[str, str] | None = None) -> Path:
+        """The node's state dir with its initial parts (version ``v0``)."""
+        state = self.state_dir(node)
+        (state / "parts").mkdir(parents=True, exist_ok=True)
+        for part, value in (parts or {"a": "v0", "b": "v0"}).items():
+            path = state / "parts" / part
+            if not path.exists():
+                path.write_text(value + "\n")
+        return state
+
+    def start_agent(
+        self,
+        node: str,
+        *extra: str,
+        broker_url: str | None = None,
+        heartbeat_s: float = 0.5,
+        keepalive_s: int = 5,
+        wrapper: list[str] | None = None,
+    ) -> Proc:
+        """Start (or restart) a node's agent on its state dir."""
+        state = self.prepare_node(node)
+        argv = [
+            "agent", "--broker", broker_url or self.broker_url, "--prefix", self.prefix, "--node-id", node,
+            "--state-dir", str(state), "--scripts-dir", str(self.scripts), "--trust", str(self.pub),
+            "--heartbeat-s", str(heartbeat_s), "--keepalive-s", str(keepalive_s), *extra,
+        ]  # fmt: skip
+        if wrapper:
+            count = sum(1 for p in self.procs if p.name == node)
+            log = self.root / "logs" / f"{node}-{count}.log"
+            proc = Proc(node, [*wrapper, sys.executable, "-m", "cli.main", *argv], log, self.root, clean_env())
+            self.procs.append(proc)
+        else:
+            proc = self._spawn(node, argv)
+        self.agents[node] = proc
+        return proc
+
+    # -------------------------------------------------------------- looking
+
+    def records(self, node: str, rollout: str | None = None) -> list[tuple[str, ...]]:
+        """The node's record.log as (phase, rollout, part, version) rows."""
+        path = self.state_dir(node) / "record.log"
+        rows = [tuple(line.split()) for line in path.read_text().splitlines()] if path.exists() else []
+        return [row for row in rows if rollout is None or (len(row) > 1 and row[1] == rollout)]
+
+    def parts(self, node: str) -> dict[str, str]:
+        directory = self.state_dir(node) / "parts"
+        return {p.name: p.read_text().strip() for p in sorted(directory.iterdir()) if not p.name.startswith(".")}
+
+    def logs(self, tail: int = 3000) -> str:
+        """The tails of every process's log (for failure messages)."""
+        return "\n".join(f"--- {p.name} (pid {p.pid}) ---\n{p.log(tail)}" for p in self.procs[-12:])
+
+    # -------------------------------------------------------------- stopping
+
+    def close(self) -> None:
+        """Kill every process this fleet started, and the services and scripts they left."""
+        for proc in self.procs:
+            proc.kill()
+        for node in self.agents:
+            state = self.state_dir(node)
+            for pidfile in [*(state / "services").glob("*.pid"), state / "sleepy.pid"]:
+                with contextlib.suppress(OSError, ValueError):
+                    os.killpg(int(pidfile.read_text().split()[0]), signal.SIGKILL)
+
+
+@pytest.fixture
+def make_fleet(tmp_path: Path) -> Iterator[Callable[..., Fleet]]:
+    """``make_fleet(broker_url, topics)``: a Fleet rooted in tmp_path, torn down after the test."""
+    made: list[Fleet] = []
+
+    def make(broker_url: str, topics: Topics, name: str = "fleet") -> Fleet:
+        fleet = Fleet(broker_url, tmp_path / name, topics)
+        made.append(fleet)
+        return fleet
+
+    yield make
+    for fleet in made:
+        fleet.close()
+
+
+# ------------------------------------------------------------------ watching
+
+
+class Observer:
+    """Every message under the fleet's prefix, the latest of each retained kind, and requests to the hub."""
+
+    def __init__(self, broker_url: str, topics: Topics) -> None:
+        self.topics = topics
+        self.client = MqttClient(broker_url, client_id=f"watch-{uuid.uuid4().hex[:8]}", keepalive=5)
+        self.rpc = HubClient(self.client, topics)
+        self.summaries: dict[str, RolloutSummary] = {}
+        self.jobs: dict[str, JobSnapshot] = {}
+        self.states: dict[str, NodeState] = {}
+        self.cmds: dict[str, bytes] = {}
+        self.statuses: list[StepStatus] = []
+        self.hub_state: HubState | None = None
+        self.hub_births = 0
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Observer:
+        await self.client.start()
+        await self.client.subscribe(f"{self.topics.prefix}/#", qos=1)
+        self._task = asyncio.create_task(self._pump(), name="observer")
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.client.close()
+
+    async def _pump(self) -> None:
+        async for message in self.client.messages():
+            if self.rpc.feed(message.topic, message.payload):
+                continue
+            with contextlib.suppress(InvalidInput):
+                self._take(message.topic, message.payload)
+            self._changed.set()
+
+    def _take(self, topic: str, payload: bytes) -> None:
+        rollout = self.topics.parse_rollout(topic)
+        if rollout is not None:
+            if payload:
+                self.summaries[rollout] = decode(RolloutSummary, payload)
+            return
+        if topic == self.topics.hub_state:
+            if payload:
+                self.hub_state = decode(HubState, payload)
+                self.hub_births += self.hub_state.state == "online"
+            return
+        parsed = self.topics.parse_node(topic)
+        if parsed is None:
+            return
+        node, channel = parsed.node, parsed.channel
+        if channel == "cmd":
+            self.cmds[node] = payload
+        elif not payload:
+            return
+        elif channel == "job":
+            self.jobs[node] = decode(JobSnapshot, payload)
+        elif channel == "state":
+            self.states[node] = decode(NodeState, payload)
+        elif channel == "status":
+            self.statuses.append(decode(StepStatus, payload))
+
+    async def wait(self, get: Callable[[], T | None], what: str, timeout: float = DEADLINE) -> T:
+        """Until ``get()`` returns something other than None (checked on every message and every 0.2 s)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._changed.clear()
+            value = get()
+            if value is not None:
+                return value
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), min(remaining, 0.2))
+
+    async def call(self, op: RequestOp, body: dict[str, Any] | None = None, timeout: float = DEADLINE) -> Reply:
+        """A request to the hub, asked again while no hub answers (it may be restarting)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return await self.rpc.call(op, body, timeout=min(5.0, max(0.5, deadline - time.monotonic())))
+            except BusError:
+                if time.monotonic() > deadline:
+                    raise
+
+    async def ok(self, op: RequestOp, body: dict[str, Any] | None = None, timeout: float = DEADLINE) -> Any:
+        reply = await self.call(op, body, timeout)
+        assert reply.ok, f"{op} refused: {reply.error}"
+        return reply.body
+
+    async def hub_ready(self, births_before: int, timeout: float = DEADLINE) -> None:
+        """A hub birth newer than ``births_before`` was seen (a restarted hub is up)."""
+        await self.wait(
+            lambda: self.hub_births > births_before and self.hub_state is not None
+            and self.hub_state.state == "online" or None,
+            "the hub's birth",
+            timeout,
+        )
+
+    async def online(self, nodes: list[str], timeout: float = DEADLINE) -> None:
+        """The hub's registry has every one of ``nodes`` online."""
+        deadline = time.monotonic() + timeout
+        while True:
+            table = await self.ok("nodes", {"nodes": nodes}, timeout=max(1.0, deadline - time.monotonic()))
+            up = {row["node"] for row in table if row.get("online")}
+            if up >= set(nodes):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"nodes not online at the hub: {sorted(set(nodes) - up)}")
+            await asyncio.sleep(0.2)
+
+    async def final(self, rollout: str, timeout: float = DEADLINE) -> RolloutSummary:
+        """The rollout's retained summary once it is in a final state with no node still open."""
+
+        def done() -> RolloutSummary | None:
+            summary = self.summaries.get(rollout)
+            if summary is None or summary.state not in FINAL_ROLLOUT:
+                return None
+            if any(n.phase in ("applying", "rolling_back") for n in summary.nodes.values()):
+                return None
+            return summary
+
+        return await self.wait(done, f"rollout {rollout} to end", timeout)
+
+
+@contextlib.asynccontextmanager
+async def observing(broker_url: str, topics: Topics) -> AsyncIterator[Observer]:
+    async with Observer(broker_url, topics) as observer:
+        yield observer
+
+
+# ------------------------------------------------------------------ partition
+
+
+class FreezableProxy:
+    """A loopback TCP proxy to ``127.0.0.1:target``; ``freeze()`` stops all forwarding without
+    closing anything (no FIN, no RST: a half-open partition), ``heal()`` resumes it.
+
+    While frozen, new connections are accepted by the kernel but never forwarded
+    (like SYNs into a black hole that a middlebox answers).
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self._open = asyncio.Event()
+        self._open.set()
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+        self.connections = 0
+
+    @property
+    def frozen(self) -> bool:
+        return not self._open.is_set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def freeze(self) -> None:
+        self._open.clear()
+
+    def heal(self) -> None:
+        self._open.set()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for writer in list(self._writers):
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    def _keep(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)  # type: ignore[arg-type]
+        try:
+            await self._open.wait()
+            try:
+                up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+            except OSError:
+                writer.close()
+                return
+            self._writers.add(up_writer)
+            self.connections += 1
+            self._keep(self._pump(reader, up_writer))
+            self._keep(self._pump(up_reader, writer))
+        finally:
+            if task is not None:
+                self._tasks.discard(task)  # type: ignore[arg-type]
+
+    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                await self._open.wait()
+                data = await source.read(65536)
+                if not data:
+                    break
+                await self._open.wait()  # data read just before a freeze is held, not sent
+                sink.write(data)
+                await sink.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            sink.close()
+            self._writers.discard(sink)
+
+
+@pytest.fixture
+async def proxy_factory() -> AsyncIterator[Callable[[int], Any]]:
+    made: list[FreezableProxy] = []
+
+    async def make(target_port: int) -> FreezableProxy:
+        proxy = FreezableProxy(target_port)
+        await proxy.start()
+        made.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in made:
+        proxy.heal()
+        await proxy.close()

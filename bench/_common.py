@@ -121,8 +121,14 @@ def spawn(name: str, argv: list[str], workdir: Path, env: dict[str, str] | None 
 
 
 def fleet(name: str, workdir: Path, *args: str, env: dict[str, str] | None = None) -> Child:
-    """Start ``fleet ARGS`` (this checkout's) as a child process."""
-    return spawn(name, [sys.executable, "-m", "cli.main", *args], workdir, env)
+    """Start ``fleet ARGS`` (this checkout's) as a child process.
+
+    With BENCH_PROFILE=DIR in the environment, hub and simulator run under
+    cProfile and leave DIR/NAME.prof when they stop.
+    """
+    profile = os.environ.get("BENCH_PROFILE")
+    wrap = ["-m", "cProfile", "-o", f"{profile}/{name}.prof"] if profile and name in ("hub", "simulate") else []
+    return spawn(name, [sys.executable, *wrap, "-m", "cli.main", *args], workdir, env)
 
 
 def wait_log(child: Child, text: str, timeout: float) -> str:

@@ -514,13 +514,21 @@ def decode(model: type[M], payload: bytes | str) -> M:
         raise InvalidInput(f"invalid {model.__name__}: {describe(exc)}") from exc
 
 
-def describe(exc: ValidationError, limit: int = 3) -> str:
-    """A short, one-line account of a validation error, naming the fields."""
+def describe(exc: ValidationError, data: Any = None) -> str:
+    """A short, one-line account of a validation error, naming the fields.
+
+    With the validated ``data`` the field paths are those the user wrote (union
+    branch names folded away, see ``bus.validation``).
+    """
+    from bus.validation import explain, one_line
+
+    if data is not None:
+        return one_line(explain(exc, data))
     parts = []
-    for err in exc.errors()[:limit]:
+    for err in exc.errors()[:3]:
         loc = ".".join(str(p) for p in err["loc"]) or "(body)"
         parts.append(f"{loc}: {err['msg']}")
-    more = exc.error_count() - limit
+    more = exc.error_count() - 3
     if more > 0:
         parts.append(f"(+{more} more)")
     return re.sub(r"\s+", " ", "; ".join(parts))

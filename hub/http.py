@@ -22,7 +22,7 @@ import hmac
 import json
 import logging
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import uvicorn
@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bus.errors import ConfigError, Conflict, FleetError, InvalidInput, NotFound
 from bus.messages import RolloutSpec, RolloutSummary
+from bus.validation import LISTED, explain, one_line
 from hub.config import is_loopback
 
 __all__ = ["MAX_BODY_BYTES", "HubApi", "make_app", "serve_http"]
@@ -45,9 +46,6 @@ _LOGGER = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1024 * 1024
 #: How long one call waits for the hub's answer before 504.
 _REQUEST_TIMEOUT_S = 60.0
-#: Validation errors named in a 422's ``detail`` (all of them, up to 50, in ``errors``).
-_SHOWN_ERRORS = 5
-_LISTED_ERRORS = 50
 
 # The first example is what Postman puts in the request it imports: it works as is
 # against `fleet demo` (every demo node has label role=web and these two scripts).
@@ -194,68 +192,6 @@ def _status_of(exc: FleetError) -> int:
     return 503
 
 
-def _field_path(error: Any, data: Any) -> tuple[str, bool]:
-    """The dotted path of a pydantic error in the user's terms, and whether it ends at a union.
-
-    pydantic puts the branch of a union in ``loc`` (``plan.0.download.sha256``,
-    ``targets.list[constrained-str]``); the user wrote no such key, so a segment
-    that is not in the input is dropped, unless it names a missing field.
-    """
-    loc: Sequence[Any] = error.get("loc", ())
-    parts: list[str] = []
-    current = data
-    at_union = False
-    for i, segment in enumerate(loc):
-        last = i == len(loc) - 1
-        if isinstance(current, dict) and not last and current.get("type") == segment:
-            continue  # a discriminated union's tag (the step type)
-        in_dict = isinstance(current, dict) and segment in current
-        in_list = isinstance(current, list) and isinstance(segment, int) and 0 <= segment < len(current)
-        if in_dict or in_list:
-            parts.append(str(segment))
-            current = current[segment]
-        elif last and error.get("type") == "missing":
-            parts.append(str(segment))
-        else:
-            # A union branch's name: the error is about the value at this path.
-            at_union = at_union or last
-    return ".".join(parts) or "(body)", at_union
-
-
-def _explain(exc: ValidationError, data: Any) -> list[dict[str, str]]:
-    """Every validation error as ``{"field", "message"}``, union noise folded.
-
-    Errors of union branches whose value did not even have the branch's shape
-    are dropped when another branch got deeper (``targets.0: ...`` beats
-    ``targets: Input should be 'all'``); the rest at one path are joined.
-    """
-    found = [(*_field_path(err, data), str(err.get("msg", "invalid"))) for err in exc.errors()]
-    paths = [path for path, _union, _msg in found]
-    kept: dict[str, list[str]] = {}
-    for path, at_union, message in found:
-        deeper = any(other.startswith(path + ".") for other in paths) if path != "(body)" else False
-        if at_union and deeper:
-            continue
-        messages = kept.setdefault(path, [])
-        if message not in messages:
-            messages.append(message)
-    return [
-        {
-            "field": path,
-            "message": messages[0]
-            if len(messages) == 1
-            else "matches none of the accepted forms: " + " | ".join(messages),
-        }
-        for path, messages in list(kept.items())[:_LISTED_ERRORS]
-    ]
-
-
-def _one_line(errors: list[dict[str, str]]) -> str:
-    shown = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:_SHOWN_ERRORS])
-    more = f" (+{len(errors) - _SHOWN_ERRORS} more)" if len(errors) > _SHOWN_ERRORS else ""
-    return " ".join((shown + more).split())
-
-
 async def _read_json_object(request: Request, limit: int) -> dict[str, Any]:
     """The request body as a JSON object: 413 past ``limit`` (unread), 400 if not JSON, 422 if no object."""
     declared = request.headers.get("content-length")
@@ -363,9 +299,9 @@ def make_app(service: HubApi, token: str | None, *, max_body_bytes: int = MAX_BO
                 "field": ".".join(str(p) for p in err.get("loc", ())) or "(request)",
                 "message": str(err.get("msg")),
             }
-            for err in exc.errors()[:_LISTED_ERRORS]
+            for err in exc.errors()[:LISTED]
         ]
-        return JSONResponse({"detail": _one_line(errors), "errors": errors}, status_code=422)
+        return JSONResponse({"detail": one_line(errors), "errors": errors}, status_code=422)
 
     async def ask(op: str, body: dict[str, Any]) -> Any:
         """One request through the hub's common path; its refusal as an HTTP error."""
@@ -395,8 +331,8 @@ def make_app(service: HubApi, token: str | None, *, max_body_bytes: int = MAX_BO
         try:
             spec = RolloutSpec.model_validate(data)
         except ValidationError as exc:
-            errors = _explain(exc, data)
-            raise _Refused(422, _one_line(errors), errors=errors) from None
+            errors = explain(exc, data)
+            raise _Refused(422, one_line(errors), errors=errors) from None
         result = await ask("create_rollout", spec.model_dump(mode="json"))
         return Created.model_validate(result)
 

@@ -270,7 +270,7 @@ class RolloutManager:
         try:
             spec = RolloutSpec.model_validate(body)
         except ValidationError as exc:
-            raise InvalidInput(f"invalid rollout spec: {describe(exc)}") from exc
+            raise InvalidInput(f"invalid rollout spec: {describe(exc, body)}") from exc
         known, unknown = self._registry.resolve(spec.targets)
         if unknown:
             raise Conflict(f"unknown targets: {_listed(unknown)}", nodes=unknown)

@@ -26,7 +26,7 @@ def parse_spec(text: str) -> RolloutSpec:
     try:
         return RolloutSpec.model_validate(data)
     except ValidationError as exc:
-        raise InvalidInput(f"invalid rollout spec: {describe(exc)}") from exc
+        raise InvalidInput(f"invalid rollout spec: {describe(exc, data)}") from exc
 
 
 def resolve_targets(spec: RolloutSpec, nodes: Mapping[str, NodeView]) -> tuple[list[str], list[str]]:

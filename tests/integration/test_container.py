@@ -166,7 +166,9 @@ async def test_pull_failure_changes_nothing(fake: FakeSystem, tmp_path: Path) ->
     assert [c[0] for c in fake.calls("docker")[setup:] if c[0] not in ("container", "image")] == ["pull"]
 
 
-async def test_port_conflict_leaves_a_created_container_that_undo_replaces(fake: FakeSystem, tmp_path: Path) -> None:
+async def test_port_conflict_leaves_a_created_container_that_undo_replaces(
+    fake: FakeSystem, tmp_path: Path
+) -> None:
     docker = DockerManager(fake.tools())
     await docker.create(OLD_RUN, start=True, timeout=10)
     ctx, calls = make_ctx(fake.settings(tmp_path))
@@ -229,4 +231,12 @@ def test_config_and_run_args_are_pure() -> None:
         "restart": "",
         "network": "",
     }
-    assert container.run_args("web", "web:2", config) == ["--name", "web", "-e", "A=1", "-p", "80/tcp", "web:2"]
+    assert container.run_args("web", "web:2", config) == [
+        "--name",
+        "web",
+        "-e",
+        "A=1",
+        "-p",
+        "80/tcp",
+        "web:2",
+    ]

@@ -101,7 +101,12 @@ class FakeSystem:
         )
 
     def settings(
-        self, tmp_path: Path, *, manager: ServiceManager = "process", policy: Policy | None = None, **tools: Any
+        self,
+        tmp_path: Path,
+        *,
+        manager: ServiceManager = "process",
+        policy: Policy | None = None,
+        **tools: Any,
     ) -> ToolSettings:
         state = tmp_path / "agent-state"
         state.mkdir(exist_ok=True)
@@ -161,7 +166,11 @@ async def test_systemd_manager_drives_systemctl(fake: FakeSystem) -> None:
     assert await manager.state("app", timeout=10) == "inactive"
     await manager.restart("idle", timeout=10)
     assert _units(fake) == {"app.service": "inactive", "idle.service": "active", "broken.service": "inactive"}
-    assert fake.calls("systemctl")[:3] == [["is-active", "app"], ["is-active", "idle.service"], ["stop", "app"]]
+    assert fake.calls("systemctl")[:3] == [
+        ["is-active", "app"],
+        ["is-active", "idle.service"],
+        ["stop", "app"],
+    ]
 
 
 async def test_systemd_errors_carry_systemctls_message(fake: FakeSystem) -> None:
@@ -181,7 +190,8 @@ async def test_systemd_state_fails_without_a_running_systemd(fake: FakeSystem, t
     # What the real systemctl says in a container without systemd as PID 1.
     script = tmp_path / "systemctl"
     script.write_text(
-        "#!/bin/sh\necho 'System has not been booted with systemd as init system (PID 1). Can'\"'\"'t operate.' >&2\n"
+        "#!/bin/sh\n"
+        "echo 'System has not been booted with systemd as init system (PID 1). Can'\"'\"'t operate.' >&2\n"
         "echo 'Failed to connect to bus: Host is down' >&2\nexit 1\n"
     )
     script.chmod(0o755)

@@ -511,7 +511,11 @@ def decode(model: type[M], payload: bytes | str) -> M:
     try:
         return model.model_validate_json(payload)
     except ValidationError as exc:
-        raise InvalidInput(f"invalid {model.__name__}: {describe(exc)}") from exc
+        try:
+            data = json.loads(payload)
+        except (ValueError, RecursionError):
+            data = None
+        raise InvalidInput(f"invalid {model.__name__}: {describe(exc, data)}") from exc
 
 
 def describe(exc: ValidationError, data: Any = None) -> str:

@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
 async def _serve(config: HubConfig) -> int:
     import signal
 
+    from bus.errors import FleetError
     from bus.mqtt import parse_broker_url
     from hub.service import HubService
 
@@ -79,6 +80,13 @@ async def _serve(config: HubConfig) -> int:
                 http_task = asyncio.create_task(
                     serve_http(service, address[0], address[1], config.http_token), name="hub-http"
                 )
+                # serve_http binds before its first await: one turn of the loop tells.
+                await asyncio.sleep(0)
+                if http_task.done() and not http_task.cancelled():
+                    error = http_task.exception()
+                    if isinstance(error, FleetError):
+                        print(f"fleet hub: {error.reason}", file=sys.stderr)
+                        return 2
         http_text = f", http {address[0]}:{address[1]}" if http_task is not None and address else ""
         print(
             f"fleet hub: connected to {parse_broker_url(config.broker).redacted()}, "

@@ -463,7 +463,8 @@ class _Job:
         result = await self.query(
             [self.tools.apt_cache, *self.tools.apt_args(), "show", f"{self.step.name}={version}"], check=False
         )
-        return result.ok and bool(result.stdout.strip())
+        # A version known only from dpkg's status file (installed, not downloadable) has no Filename.
+        return result.ok and any(line.startswith("Filename:") for line in result.stdout.splitlines())
 
     async def rebuild(self, version: str) -> Path:
         """A .deb of the installed package rebuilt from dpkg's records and the files on disk.

@@ -46,6 +46,8 @@ def register(parser: argparse.ArgumentParser) -> None:
         help="parent of the nodes' state dirs [FLEET_STATE_DIR; default a temp dir in /dev/shm]")
     add("--start-batch", type=int, default=env_default("FLEET_START_BATCH", "100"),
         help="nodes connecting at once while the fleet starts [FLEET_START_BATCH; default 100]")
+    add("--threaded-io", action="store_true", default=bool(env_default("FLEET_THREADED_IO")),
+        help="file I/O through a thread pool even on a RAM-backed state dir [FLEET_THREADED_IO]")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
 
     from bus.errors import ConfigError
     from bus.messages import describe
-    from edge_agent.simulator import SimulationConfig, Simulator, parse_fail
+    from edge_agent.simulator import InlineExecutor, SimulationConfig, Simulator, parse_fail
 
     if args.nodes is None:
         raise ConfigError("--nodes is required (or FLEET_NODES)")
@@ -94,6 +96,10 @@ def run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        if config.is_ram_backed() and not args.threaded_io:
+            # Journal writes to RAM take microseconds: no thread hand-off for them
+            # (edge_agent/simulator.py explains why).
+            loop.set_default_executor(InlineExecutor())
         simulator = Simulator(config)
         starting = asyncio.ensure_future(simulator.start())
         stopping = asyncio.ensure_future(stop.wait())

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -55,37 +54,11 @@ class CommandHandler(Protocol):
 RunnerFactory = Callable[[ExecutorSettings, Topics, Publish], CommandHandler]
 
 
-class _NoRunner:
-    """Stands in when edge_agent.runner is not installed: presence only, commands logged."""
-
-    async def recover(self) -> None:
-        return None
-
-    async def handle_command(self, topic: str, payload: bytes) -> None:
-        _LOGGER.error(
-            "command on %s ignored (%d bytes): this agent has no command runner", topic, len(payload)
-        )
-
-    def current_job(self) -> JobRef | None:
-        return None
-
-    async def close(self) -> None:
-        return None
-
-
 def default_runner(settings: ExecutorSettings, topics: Topics, publish: Publish) -> CommandHandler:
     """``edge_agent.runner.CommandRunner``, imported only when an agent starts."""
-    module: Any = None
-    try:
-        module = importlib.import_module("edge_agent.runner")
-    except ModuleNotFoundError as exc:
-        if exc.name != "edge_agent.runner":
-            raise
-    if module is None:
-        _LOGGER.error("edge_agent.runner is missing: this agent reports presence but runs no command")
-        return _NoRunner()
-    runner: CommandHandler = module.CommandRunner(settings, topics, publish)
-    return runner
+    from edge_agent.runner import CommandRunner
+
+    return CommandRunner(settings, topics, publish)
 
 
 class Agent:
@@ -119,10 +92,9 @@ class Agent:
         self._inventory = Inventory()
         self._stopping = False
         self._client: MqttClient | None = None
-        self._runner: CommandHandler | None = None
         self._refresh_task: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
-        """Set once connected, recovered and taking commands (for in-process tests)."""
+        """Set once connected, recovered and taking commands (the simulator and tests wait on it)."""
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, then shut down cleanly.
@@ -142,7 +114,7 @@ class Agent:
         self._client = client
         client.on_connect(self._publish_birth)
         await client.subscribe(self.presence.cmd_topic, qos=1)
-        runner = self._runner = self._runner_factory(settings, self.topics, client.publish)
+        runner = self._runner_factory(settings, self.topics, client.publish)
         tasks: list[asyncio.Task[None]] = []
         try:
             await client.start(wait=False)
@@ -187,7 +159,10 @@ class Agent:
     async def _refresh_inventory(self) -> None:
         """After a job ends, versions may have changed: re-collect and re-announce."""
         self._inventory = await self._collect_inventory()
-        await self._publish_birth()
+        try:
+            await self._publish_birth()
+        except Exception as exc:  # the next (re)connect publishes it anyway
+            _LOGGER.warning("could not re-publish the birth: %s", exc)
 
     async def _heartbeats(self, client: MqttClient, runner: CommandHandler) -> None:
         period = self.config.heartbeat_s

@@ -16,10 +16,12 @@ import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bus.errors import StepError
-from edge_agent import system
+
+if TYPE_CHECKING:
+    from edge_agent.system import LineSink, RunResult
 
 __all__ = ["SystemTools", "call", "tool_message", "tools_of"]
 
@@ -126,7 +128,7 @@ def tools_of(settings: Any) -> SystemTools:
     return tools if isinstance(tools, SystemTools) else SystemTools()
 
 
-def tool_message(result: system.RunResult) -> str:
+def tool_message(result: RunResult) -> str:
     """The tool's own words about a failure: the last lines of stderr (else stdout)."""
     text = result.stderr.strip() or result.stdout.strip()
     lines = [line.strip() for line in text.splitlines() if line.strip()]
@@ -139,12 +141,12 @@ async def call(
     *,
     tools: SystemTools,
     timeout: float,
-    on_line: system.LineSink | None = None,
+    on_line: LineSink | None = None,
     check: bool = True,
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
     what: str | None = None,
-) -> system.RunResult:
+) -> RunResult:
     """Run one tool with the tools' environment (plus ``env``); output goes to ``on_line``.
 
     ``what`` names the operation in an error (default: the tool's name).
@@ -153,6 +155,9 @@ async def call(
         StepError: the tool cannot be started, it timed out, or (with ``check``)
             it exited non-zero: the error quotes its last lines of output.
     """
+    # Imported here, so that edge_agent.settings may import this module (edge_agent.system imports settings).
+    from edge_agent import system
+
     result = await system.run(
         list(argv), timeout=timeout, env=tools.environ(**(env or {})), on_line=on_line, cwd=cwd
     )

@@ -263,10 +263,48 @@ class _Rollout:
     detail: str = ""
     failures: list[str] = field(default_factory=list)
     hold_until: float = 0.0  # after a restart: no time-driven decision before this
+    # Not persisted; they only spare the hot path from rescanning every node per event.
+    names: list[str] = field(init=False, repr=False)  # the nodes, in order
+    dispatched: int = -1  # every node of this wave has its command (or failed): nothing to send
+    cursors: dict[str, int] = field(default_factory=dict, repr=False)  # see _all_nodes
+
+    def __post_init__(self) -> None:
+        self.names = list(self.nodes)
 
     @property
     def is_final(self) -> bool:
         return self.state in FINAL_STATES
+
+
+def _all_nodes(r: _Rollout, key: str, names: Sequence[str], holds: Callable[[_Node], bool]) -> bool:
+    """Whether ``holds`` is true of every node in ``names``, in amortised O(1) per call.
+
+    A cursor per ``key`` remembers how far ``holds`` was true, so while the
+    nodes of a rollout turn done one report at a time each call only looks
+    at the nodes not yet seen done. The answer "all" is only given after a
+    full check, so a node that stops holding (a retried restore) is never
+    missed; the cursor then starts over.
+    """
+    nodes = r.nodes
+    index = r.cursors.get(key, 0)
+    while index < len(names) and holds(nodes[names[index]]):
+        index += 1
+    if index < len(names):
+        r.cursors[key] = index
+        return False
+    if all(holds(nodes[name]) for name in names):
+        r.cursors[key] = index
+        return True
+    r.cursors[key] = 0
+    return False
+
+
+def _wave_done(n: _Node) -> bool:
+    return (n.applied or n.failed) and not n.queued and n.phase != "applying"
+
+
+def _not_waiting(n: _Node) -> bool:
+    return n.restore != "waiting"
 
 
 class _Out:
@@ -1125,6 +1163,7 @@ class RolloutEngine:
         """Coordinated rollback (DESIGN 3.4/3.5): abort the running, roll back the applied."""
         r.state = state
         r.detail = reason
+        r.cursors.pop("restore", None)
         kind = "rollback_started" if state == "rolling_back" else "abort_started"
         self._audit(r, kind, reason, out, failures=dict(evidence or {}))
         sent = {"abort": 0, "rollback": 0, "withdrawn": 0}
@@ -1155,7 +1194,7 @@ class RolloutEngine:
         self._finish_restore(r, now, out)
 
     def _finish_restore(self, r: _Rollout, now: float, out: _Out) -> None:
-        if any(n.restore == "waiting" for n in r.nodes.values()):
+        if not _all_nodes(r, "restore", r.names, _not_waiting):
             return
         touched = [n for n in r.nodes.values() if n.touched]
         unrestored = [n for n in touched if n.restore != "restored"]
@@ -1178,13 +1217,20 @@ class RolloutEngine:
         """Dispatch within the current wave, and move on once it is done and soaked."""
         soak = r.spec.strategy.soak_s
         for _ in range(len(r.waves) + 1):
-            wave = [r.nodes[name] for name in r.waves[r.wave]]
-            waiting = [n.name for n in wave if n.command_id is None and not n.failed]
-            if waiting:
-                busy = sum(1 for n in r.nodes.values() if n.is_open)
-                for name in dispatchable(waiting, busy, r.spec.strategy.max_parallel):
-                    self._send_apply(r, r.nodes[name], now, out)
-            if not all((n.applied or n.failed) and not n.queued and n.phase != "applying" for n in wave):
+            names = r.waves[r.wave]
+            if r.dispatched != r.wave:
+                # (A node never loses its command nor its failure: once none waits, none will.)
+                nodes = r.nodes
+                waiting = [n for n in names if nodes[n].command_id is None and not nodes[n].failed]
+                sent = 0
+                if waiting:
+                    busy = sum(1 for n in r.nodes.values() if n.is_open)
+                    for name in dispatchable(waiting, busy, r.spec.strategy.max_parallel):
+                        self._send_apply(r, r.nodes[name], now, out)
+                        sent += 1
+                if sent == len(waiting):
+                    r.dispatched = r.wave
+            if not _all_nodes(r, f"wave{r.wave}", names, _wave_done):
                 return
             if r.wave_done_at is None:
                 r.wave_done_at = now

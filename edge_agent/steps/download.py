@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,11 @@ async def apply(step: DownloadStep, ctx: StepContext) -> dict[str, Any]:
 def _remove(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
+    # An agent killed mid-download never ran system.fetch's cleanup: its temp
+    # file (".NAME.<random>.part" next to NAME) is still there.
+    for partial in path.parent.glob(f".{glob.escape(path.name)}.*.part"):
+        with contextlib.suppress(FileNotFoundError):
+            partial.unlink()
     fsync_dir(path.parent)
 
 

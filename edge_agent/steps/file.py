@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import os
 import shutil
 import stat
@@ -134,9 +135,19 @@ async def apply(step: FileStep, ctx: StepContext) -> dict[str, Any]:
     return record
 
 
+def _remove_temp_copies(path: Path) -> None:
+    """Remove what a ``_copy_into_place`` to ``path`` cut short by a crash left behind."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.fleet-*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
 def _restore(step: FileStep, ctx: StepContext) -> str:
     dest = destination(step, ctx.settings)
     backup, absent = _backup_paths(ctx)
+    # An agent killed mid-copy skipped the copy's own cleanup (DESIGN 3.6: nothing half-written).
+    _remove_temp_copies(dest)
+    _remove_temp_copies(backup)
     if backup.exists():
         info = backup.stat()
         _copy_into_place(backup, dest, stat.S_IMODE(info.st_mode), (info.st_uid, info.st_gid))

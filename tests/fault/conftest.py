@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import http.server
 import os
 import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -33,7 +36,16 @@ from typing import Any, TypeVar
 import pytest
 
 from bus.errors import BusError, InvalidInput
-from bus.messages import HubState, JobSnapshot, NodeState, Reply, RequestOp, RolloutSummary, StepStatus, decode
+from bus.messages import (
+    HubState,
+    JobSnapshot,
+    NodeState,
+    Reply,
+    RequestOp,
+    RolloutSummary,
+    StepStatus,
+    decode,
+)
 from bus.mqtt import MqttClient
 from bus.rpc import HubClient
 from bus.signing import generate_keypair
@@ -50,9 +62,12 @@ FINAL_ROLLOUT = frozenset({"succeeded", "halted", "rolled_back", "rollback_faile
 T = TypeVar("T")
 
 
-def trials(default: int) -> int:
-    """How many trials a scenario runs: ``FLEET_FAULT_TRIALS`` when set, else ``default``."""
-    return max(1, int(_TRIALS)) if _TRIALS else default
+def trials(default: int, cap: int | None = None) -> int:
+    """How many trials a scenario runs: ``FLEET_FAULT_TRIALS`` (at most ``cap``), else ``default``."""
+    if not _TRIALS:
+        return default
+    wanted = max(1, int(_TRIALS))
+    return wanted if cap is None else max(default, min(wanted, cap))
 
 
 def is_long_run() -> bool:
@@ -149,7 +164,7 @@ SCRIPTS = {
         "# part.sh PART VERSION [SECONDS]: apply sets parts/PART to VERSION (the old value is kept\n"
         "# per command first); rollback puts the kept value back. Every run is recorded.\n"
         "set -e\n"
-        'part=$1; version=$2; pause=${3:-0}\n'
+        "part=$1; version=$2; pause=${3:-0}\n"
         'dir="$FLEET_STATE_DIR/parts"; mkdir -p "$dir"\n'
         'keep="$dir/.$part.before-$FLEET_COMMAND"\n'
         'echo "$FLEET_PHASE $FLEET_ROLLOUT $part $version" >> "$FLEET_STATE_DIR/record.log"\n'
@@ -253,7 +268,9 @@ class Fleet:
         if wrapper:
             count = sum(1 for p in self.procs if p.name == node)
             log = self.root / "logs" / f"{node}-{count}.log"
-            proc = Proc(node, [*wrapper, sys.executable, "-m", "cli.main", *argv], log, self.root, clean_env())
+            proc = Proc(
+                node, [*wrapper, sys.executable, "-m", "cli.main", *argv], log, self.root, clean_env()
+            )
             self.procs.append(proc)
         else:
             proc = self._spawn(node, argv)
@@ -270,7 +287,9 @@ class Fleet:
 
     def parts(self, node: str) -> dict[str, str]:
         directory = self.state_dir(node) / "parts"
-        return {p.name: p.read_text().strip() for p in sorted(directory.iterdir()) if not p.name.startswith(".")}
+        return {
+            p.name: p.read_text().strip() for p in sorted(directory.iterdir()) if not p.name.startswith(".")
+        }
 
     def logs(self, tail: int = 3000) -> str:
         """The tails of every process's log (for failure messages)."""
@@ -385,7 +404,22 @@ class Observer:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), min(remaining, 0.2))
 
-    async def call(self, op: RequestOp, body: dict[str, Any] | None = None, timeout: float = DEADLINE) -> Reply:
+    async def status(
+        self, rollout: str, state: str, *, index: int | None = None, after: int = 0, timeout: float = DEADLINE
+    ) -> StepStatus:
+        """The first ``StepStatus`` (from the ``after``-th on) of ``rollout`` in ``state`` (at ``index``)."""
+
+        def find() -> StepStatus | None:
+            for status in self.statuses[after:]:
+                if status.rollout == rollout and status.state == state and index in (None, status.index):
+                    return status
+            return None
+
+        return await self.wait(find, f"a {state} status of {rollout} (step {index})", timeout)
+
+    async def call(
+        self, op: RequestOp, body: dict[str, Any] | None = None, timeout: float = DEADLINE
+    ) -> Reply:
         """A request to the hub, asked again while no hub answers (it may be restarting)."""
         deadline = time.monotonic() + timeout
         while True:
@@ -403,8 +437,14 @@ class Observer:
     async def hub_ready(self, births_before: int, timeout: float = DEADLINE) -> None:
         """A hub birth newer than ``births_before`` was seen (a restarted hub is up)."""
         await self.wait(
-            lambda: self.hub_births > births_before and self.hub_state is not None
-            and self.hub_state.state == "online" or None,
+            lambda: (
+                (
+                    self.hub_births > births_before
+                    and self.hub_state is not None
+                    and self.hub_state.state == "online"
+                )
+                or None
+            ),
             "the hub's birth",
             timeout,
         )
@@ -432,7 +472,94 @@ class Observer:
                 return None
             return summary
 
-        return await self.wait(done, f"rollout {rollout} to end", timeout)
+        # The retained summary, and the hub's own answer every few seconds (a restarted
+        # embedded broker has no retained summary to give).
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(AssertionError):
+                return await self.wait(done, f"rollout {rollout} to end", min(3.0, timeout))
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"rollout {rollout} did not end within {timeout:g} s: {self.summaries.get(rollout)}"
+                )
+            with contextlib.suppress(BusError):
+                reply = await self.rpc.call("show", {"rollout": rollout}, timeout=3.0)
+                if reply.ok:
+                    self.summaries[rollout] = RolloutSummary.model_validate(reply.body)
+
+
+# ------------------------------------------------------------------ the promise
+
+
+def parts_spec(name: str, version: str, nodes: list[str], pause: str = "0.3", **extra: Any) -> dict[str, Any]:
+    """A rollout that moves parts ``a`` then ``b`` of every node to ``version``, then checks the node."""
+    return {
+        "name": name,
+        "targets": nodes,
+        "plan": [
+            {"type": "script", "name": "part.sh", "args": ["a", version, pause], "rollback": "part.sh"},
+            {"type": "script", "name": "part.sh", "args": ["b", version, pause], "rollback": "part.sh"},
+            {"type": "script", "name": "gate.sh", "args": ["0.1"]},
+        ],
+        "strategy": {"waves": [1, "100%"]},
+        "node_timeout_s": 120,
+        **extra,
+    }
+
+
+async def start_fleet(fleet: Fleet, observer: Observer, nodes: list[str], **agent: Any) -> None:
+    """Start the hub and an agent per node; return once the hub has them all online."""
+    births = observer.hub_births
+    fleet.start_hub()
+    for node in nodes:
+        fleet.start_agent(node, **agent)
+    await observer.hub_ready(births)
+    await observer.online(nodes)
+
+
+async def check_outcome(
+    fleet: Fleet,
+    observer: Observer,
+    rollout: str,
+    nodes: list[str],
+    expected: frozenset[str],
+    old: str,
+    new: str,
+    timeout: float = DEADLINE,
+) -> str:
+    """The promise: a final state among ``expected``, known to the hub; every node wholly on the
+    old or the new version as that state says; no step run twice; no command left retained.
+
+    Returns:
+        The final state.
+    """
+    summary = await observer.final(rollout, timeout)
+    context = f"rollout {rollout}: {summary}\n{fleet.logs()}"
+    shown = await observer.ok("show", {"rollout": rollout})
+    assert summary.state in expected, context
+    assert shown["state"] == summary.state, context
+    succeeded = summary.state == "succeeded"
+    version = new if succeeded else old
+    for node in nodes:
+        phase = shown["nodes"][node]["phase"]
+        # A node the rollout never reached stays pending, on the old version.
+        untouched = not succeeded and phase == "pending" and not fleet.records(node, rollout)
+        assert untouched or phase == ("succeeded" if succeeded else "rolled_back"), f"{node}: {phase}; {context}"
+        assert fleet.parts(node) == {"a": version, "b": version}, f"{node} is mixed; {context}"
+        runs: dict[tuple[str, str], int] = {}
+        for row in fleet.records(node, rollout):
+            runs[(row[0], row[2])] = runs.get((row[0], row[2]), 0) + 1
+        assert all(count == 1 for count in runs.values()), f"{node} ran a step twice: {runs}; {context}"
+        applied = {part for phase, part in runs if phase == "apply"}
+        undone = {part for phase, part in runs if phase == "rollback"}
+        assert applied == ({"a", "b"} if succeeded else undone), f"{node}: {runs}; {context}"
+        assert fleet.agents[node].alive(), fleet.agents[node].log()
+    # Nothing stale waits on the broker (DESIGN 3.2).
+    await observer.wait(
+        lambda: all(observer.cmds.get(node) == b"" for node in nodes) or None,
+        f"every retained command of {rollout} cleared; {context}",
+    )
+    return summary.state
 
 
 @contextlib.asynccontextmanager
@@ -504,7 +631,7 @@ class FreezableProxy:
         self._writers.add(writer)
         task = asyncio.current_task()
         if task is not None:
-            self._tasks.add(task)  # type: ignore[arg-type]
+            self._tasks.add(task)
         try:
             await self._open.wait()
             try:
@@ -518,7 +645,7 @@ class FreezableProxy:
             self._keep(self._pump(up_reader, writer))
         finally:
             if task is not None:
-                self._tasks.discard(task)  # type: ignore[arg-type]
+                self._tasks.discard(task)
 
     async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
         try:
@@ -551,3 +678,56 @@ async def proxy_factory() -> AsyncIterator[Callable[[int], Any]]:
     for proxy in made:
         proxy.heal()
         await proxy.close()
+
+
+# ------------------------------------------------------------------ artifacts
+
+
+class SlowWeb:
+    """A loopback HTTP server (in a thread) serving bodies in chunks, ``delay_s`` between chunks."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, tuple[bytes, float]] = {}
+        files = self.files
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                found = files.get(self.path)
+                if found is None:
+                    self.send_error(404)
+                    return
+                body, delay = found
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                with contextlib.suppress(OSError):
+                    for start in range(0, len(body), 64 * 1024):
+                        self.wfile.write(body[start : start + 64 * 1024])
+                        self.wfile.flush()
+                        time.sleep(delay)
+
+            def log_message(self, format: str, *args: object) -> None:
+                return
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def add(self, path: str, body: bytes, delay_s: float = 0.0) -> tuple[str, str]:
+        """Serve ``body`` at ``path``; return (url, sha256)."""
+        self.files[path] = (body, delay_s)
+        url = f"http://127.0.0.1:{self.server.server_address[1]}{path}"
+        return url, hashlib.sha256(body).hexdigest()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
+
+
+@pytest.fixture
+def slow_web() -> Iterator[SlowWeb]:
+    server = SlowWeb()
+    yield server
+    server.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -304,3 +305,48 @@ async def test_service_step_on_docker_restores_the_run_state(fake: FakeSystem, t
     assert await docker.is_active("web", timeout=10)
     with pytest.raises(StepError, match="No such container: gone"):
         await managers.apply(ServiceStep(action="start", name="gone"), ctx)
+
+
+# ------------------------------------------------------------------- the fakes
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "message"),
+    [
+        (["systemctl", "frobnicate", "app"], 1, "Unknown command verb frobnicate."),
+        (["systemctl", "start"], 1, "Too few arguments."),
+        (["systemctl", "--bogus", "start", "app"], 1, "systemctl: unrecognized option '--bogus'"),
+        (["docker", "run", "-d", "--bogus", "web:1"], 125, "unknown flag: --bogus"),
+        (["docker", "run", "-d", "--name", "x", "-p", "http:80", "web:1"], 125, "invalid containerPort"),
+        (["docker", "rm", "nosuch"], 1, "Error response from daemon: No such container: nosuch"),
+        (["docker", "inspect", "nosuch"], 1, "Error: No such object: nosuch"),
+        (["docker", "frob"], 1, "docker: 'frob' is not a docker command."),
+        (["dnf", "install", "fleet-app"], 1, "Operation aborted."),
+        (["dnf", "frob"], 1, "No such command: frob."),
+        (["rpm", "-q", "fleet-app"], 1, "package fleet-app is not installed"),
+        (["modprobe"], 1, "modprobe: ERROR: missing parameters. See -h."),
+        (["modinfo", "-F", "version", "nosuch"], 1, "modinfo: ERROR: Module nosuch not found."),
+    ],
+)
+def test_fakes_reject_bad_arguments_like_the_real_tools(
+    fake: FakeSystem, argv: list[str], code: int, message: str
+) -> None:
+    fake.write("rpm.json", {"repo": {"fleet-app": ["1.0-1"]}, "installed": {}})
+    result = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=30)
+    assert result.returncode == code
+    assert message in result.stdout + result.stderr
+    assert fake.calls(argv[0])[-1] == argv[1:]
+
+
+def test_fake_docker_keeps_a_running_container_from_removal(fake: FakeSystem) -> None:
+    def docker(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["docker", *args], capture_output=True, text=True, check=False, timeout=30)
+
+    assert docker("run", "-d", "--name", "web", "web:1").returncode == 0
+    refused = docker("rm", "web")
+    assert refused.returncode == 1
+    assert "container is running: stop the container before removing or force remove" in refused.stderr
+    assert docker("inspect", "-f", "{{.State.Running}} {{json .Config.Env}}", "web").stdout == (
+        'true ["PATH=/bin", "MODE=prod"]\n'
+    )
+    assert docker("rm", "-f", "web").returncode == 0

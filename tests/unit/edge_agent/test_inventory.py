@@ -129,7 +129,9 @@ async def test_probe_services_from_version_file_and_command(
         "from-command": ProcessService(
             command=["x"], version_command=[sys.executable, "-c", "print('  1.2.3  ')"]
         ),
-        "failing": ProcessService(command=["x"], version_command=[sys.executable, "-c", "raise SystemExit(3)"]),
+        "failing": ProcessService(
+            command=["x"], version_command=[sys.executable, "-c", "raise SystemExit(3)"]
+        ),
         "missing-program": ProcessService(command=["x"], version_command=["/nonexistent/fleet-version"]),
         "missing-file": ProcessService(command=["x"], version_file="NOPE"),
         "no-version": ProcessService(command=["x"]),
@@ -145,7 +147,9 @@ async def test_probe_services_from_version_file_and_command(
 async def test_a_hanging_probe_does_not_sink_the_inventory(tmp_path: Path) -> None:
     root = _fake_root(tmp_path)
     services = {
-        "slow": ProcessService(command=["x"], version_command=[sys.executable, "-c", "import time; time.sleep(30)"])
+        "slow": ProcessService(
+            command=["x"], version_command=[sys.executable, "-c", "import time; time.sleep(30)"]
+        )
     }
     started = time.monotonic()
     inventory = await collect_inventory(

@@ -122,7 +122,8 @@ def test_agent_will_callable_starts_a_new_session_each_connect(tmp_path: Path) -
     agent = Agent(config)
     first, second = agent.next_will(), agent.next_will()
     assert first.topic == second.topic == "t/v1/node/n1/state"
-    assert first.retain and first.qos == 1
+    assert first.retain
+    assert first.qos == 1
     old, new = decode(NodeState, first.payload), decode(NodeState, second.payload)
     assert old.session != new.session
     assert new.session == agent.presence.session

@@ -1,0 +1,286 @@
+"""``package`` step from repositories: the real apt-get (local file repository, throwaway dpkg
+root), and dnf/yum through the fakes of tests/fakes/bin (no rpm system here).
+
+The host's apt configuration is never read or touched: APT_CONFIG names a file
+that turns off /etc/apt/apt.conf.d, the sources list, lists and cache live in
+tmp_path (``-o Dir::Etc::sourcelist=... -o Dir::Etc::sourceparts=-
+-o APT::Get::List-Cleanup=0``), and apt's dpkg runs with ``--root``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from bus.errors import StepError
+from bus.messages import PackageStep
+from edge_agent.steps import package
+from edge_agent.tools import SystemTools
+from tests.integration.test_managers import FakeSystem, install_fakes, make_ctx
+from tests.integration.test_package_dpkg import DebWorld, deb_settings, make_world
+
+needs_apt = pytest.mark.skipif(
+    any(shutil.which(tool) is None for tool in ("apt-get", "apt-cache", "dpkg", "dpkg-deb")),
+    reason="needs apt-get and dpkg",
+)
+
+
+def packages_index(repo: Path) -> str:
+    """The Packages file of the .debs in ``repo``: dpkg-scanpackages if installed, else built here."""
+    if shutil.which("dpkg-scanpackages"):
+        return subprocess.run(
+            ["dpkg-scanpackages", "--multiversion", ".", "/dev/null"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    stanzas = []
+    for deb in sorted(repo.glob("*.deb")):
+        control = subprocess.run(
+            ["dpkg-deb", "-f", str(deb)], capture_output=True, text=True, check=True
+        ).stdout
+        body = deb.read_bytes()
+        extra = (
+            f"Filename: ./{deb.name}\nSize: {len(body)}\n"
+            f"MD5sum: {hashlib.md5(body).hexdigest()}\n"  # noqa: S324 - the index format asks for it
+            f"SHA256: {hashlib.sha256(body).hexdigest()}\n"
+        )
+        stanzas.append(control.rstrip("\n") + "\n" + extra)
+    return "\n".join(stanzas)
+
+
+def apt_world(tmp_path: Path, versions: list[str]) -> tuple[DebWorld, Path]:
+    """A throwaway dpkg root and a file repository holding ``versions`` of the world's package."""
+    world = make_world(tmp_path)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for version in versions:
+        shutil.copy(world.deb(version), repo)
+    (repo / "Packages").write_text(packages_index(repo))
+    apt = tmp_path / "apt"
+    for sub in ("lists/partial", "cache/archives/partial", "empty-parts"):
+        (apt / sub).mkdir(parents=True)
+    (apt / "sources.list").write_text(f"deb [trusted=yes] file:{repo} ./\n")
+    # Read before anything else: no /etc/apt/apt.conf.d (host hooks), no /etc/apt/apt.conf.
+    (apt / "apt.conf").write_text(f'Dir::Etc::parts "{apt / "empty-parts"}";\nDir::Etc::main "/dev/null";\n')
+    options = (
+        f"Dir::Etc::sourcelist={apt / 'sources.list'}",
+        "Dir::Etc::sourceparts=-",
+        "APT::Get::List-Cleanup=0",
+        f"Dir::State::Lists={apt / 'lists'}",
+        f"Dir::Cache={apt / 'cache'}",
+        "APT::Sandbox::User=root",
+    )
+    world.tools = replace(
+        world.tools,
+        apt_options=tuple(word for option in options for word in ("-o", option)),
+        env={"APT_CONFIG": str(apt / "apt.conf")},
+    )
+    return world, repo
+
+
+@needs_apt
+async def test_install_pinned_version_and_roll_back_to_the_repository_version(tmp_path: Path) -> None:
+    world, _ = apt_world(tmp_path, ["1.0", "2.0", "3.0"])
+    settings = deb_settings(tmp_path, world.tools)
+    ctx, calls = make_ctx(settings)
+    one = PackageStep(manager="apt", name=world.name, version="1.0")
+    first = await package.apply(one, ctx)
+    assert first == {"old_version": None, "via": "absent", "new_version": "1.0"}
+    # The lists were empty: apt did not know the version, so they were refreshed once.
+    assert any("apt-get update" in line for line in calls.logs)
+    assert world.state() == ("1.0", "installed")
+
+    two = PackageStep(manager="apt", name=world.name, version="2.0")
+    ctx2, _ = make_ctx(settings, command="cmd-2")
+    record = await package.apply(two, ctx2)
+    assert record == {
+        "old_version": "1.0",
+        "old_status": "installed",
+        "via": "repository",
+        "new_version": "2.0",
+    }
+    assert world.state() == ("2.0", "installed")
+    assert world.version_file.read_text() == "2.0\n"
+
+    await package.undo(two, ctx2, record)
+    assert world.state() == ("1.0", "installed")
+    assert world.version_file.read_text() == "1.0\n"
+    await package.undo(one, ctx, first)
+    assert world.state() is None
+
+
+@needs_apt
+async def test_rollback_without_the_old_version_in_the_repository_uses_a_rebuilt_package(
+    tmp_path: Path,
+) -> None:
+    world, _ = apt_world(tmp_path, ["2.0"])
+    world.install_by_hand("1.0")
+    settings = deb_settings(tmp_path, world.tools)
+    ctx, _ = make_ctx(settings)
+    step = PackageStep(manager="apt", name=world.name, version="2.0")
+
+    record = await package.apply(step, ctx)
+
+    assert record["via"] == "rebuilt"
+    assert world.state() == ("2.0", "installed")
+    await package.undo(step, ctx, record)
+    assert world.state() == ("1.0", "installed")
+    assert world.version_file.read_text() == "1.0\n"
+    assert world.postinst_ran.read_text() == "1.0\n"
+
+
+@needs_apt
+async def test_apt_installs_a_downloaded_file_and_purges_it_on_undo(tmp_path: Path) -> None:
+    world, _ = apt_world(tmp_path, ["1.0"])
+    settings = deb_settings(tmp_path, world.tools)
+    shutil.copy(world.deb("1.0"), settings.cache_dir)
+    ctx, _ = make_ctx(settings)
+    step = PackageStep(manager="apt", name=world.name, src=world.deb("1.0").name)
+    record = await package.apply(step, ctx)
+    assert record == {"old_version": None, "via": "absent", "new_version": "1.0"}
+    assert world.state() == ("1.0", "installed")
+    await package.undo(step, ctx, record)
+    assert world.state() is None
+    assert not world.conffile.exists()
+
+
+@needs_apt
+async def test_unknown_version_fails_with_apts_message_and_changes_nothing(tmp_path: Path) -> None:
+    world, _ = apt_world(tmp_path, ["1.0"])
+    world.install_by_hand("1.0")
+    settings = deb_settings(tmp_path, world.tools)
+    ctx, calls = make_ctx(settings)
+    step = PackageStep(manager="apt", name=world.name, version="9.9")
+    with pytest.raises(StepError, match=rf"E: Version '9\.9' for '{world.name}' was not found"):
+        await package.apply(step, ctx)
+    assert world.state() == ("1.0", "installed")
+    await package.undo(step, ctx, calls.checkpoints[-1])
+    assert world.state() == ("1.0", "installed")
+
+
+@needs_apt
+async def test_apt_waits_for_the_dpkg_lock_within_the_bound(tmp_path: Path) -> None:
+    world, _ = apt_world(tmp_path, ["1.0"])
+    world.tools = replace(world.tools, lock_wait_s=1.0)
+    settings = deb_settings(tmp_path, world.tools)
+    ctx, _ = make_ctx(settings)
+    step = PackageStep(manager="apt", name=world.name, version="1.0")
+    fd = os.open(world.root / "var/lib/dpkg/lock-frontend", os.O_RDWR | os.O_CREAT, 0o640)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        started = time.monotonic()
+        with pytest.raises(StepError, match=r"E: .*dpkg frontend lock .*lock-frontend"):
+            await package.apply(step, ctx)
+        waited = time.monotonic() - started
+    finally:
+        os.close(fd)
+    assert waited >= 1.0
+    assert world.state() is None
+
+
+def test_apt_options_point_apt_at_the_same_dpkg_root(tmp_path: Path) -> None:
+    tools = SystemTools(dpkg_root=tmp_path, dpkg_force=("script-chrootless",), apt_options=("-o", "A=b"))
+    assert tools.apt_args() == [
+        "-o",
+        f"Dir::State::status={tmp_path}/var/lib/dpkg/status",
+        "-o",
+        f"DPkg::Options::=--root={tmp_path}",
+        "-o",
+        "DPkg::Options::=--force-script-chrootless",
+        "-o",
+        "A=b",
+    ]
+
+
+# ------------------------------------------------------------------ dnf and yum (fakes)
+
+
+@pytest.fixture
+def rpm_fake(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> FakeSystem:
+    system = install_fakes(monkeypatch, tmp_path)
+    system.write("rpm.json", {"repo": {"fleet-app": ["1.0-1", "2.0-1"]}, "installed": {"fleet-app": "1.0-1"}})
+    return system
+
+
+def _installed(fake: FakeSystem) -> dict[str, str]:
+    return dict(fake.read("rpm.json")["installed"])
+
+
+@pytest.mark.parametrize("manager", ["dnf", "yum"])
+async def test_rpm_upgrade_and_rollback_to_the_pinned_version(
+    rpm_fake: FakeSystem, tmp_path: Path, manager: str
+) -> None:
+    settings = rpm_fake.settings(tmp_path)
+    step = PackageStep(manager=manager, name="fleet-app", version="2.0")
+    assert package.check(step, settings) is None
+    ctx, _ = make_ctx(settings)
+
+    record = await package.apply(step, ctx)
+
+    assert record == {
+        "old_version": "1.0-1",
+        "old_status": "installed",
+        "via": "repository",
+        "new_version": "2.0-1",
+    }
+    assert _installed(rpm_fake) == {"fleet-app": "2.0-1"}
+    await package.undo(step, ctx, record)
+    assert _installed(rpm_fake) == {"fleet-app": "1.0-1"}
+    calls = rpm_fake.calls(manager)
+    if manager == "yum":
+        # yum "installs" an older version by doing nothing and exiting 0: the step notices and downgrades.
+        assert calls[-2:] == [["-y", "install", "fleet-app-1.0-1"], ["-y", "downgrade", "fleet-app-1.0-1"]]
+    else:
+        assert calls[-1] == ["-y", "install", "fleet-app-1.0-1"]
+
+
+async def test_rpm_fresh_install_is_removed_on_undo_and_errors_carry_dnfs_words(
+    rpm_fake: FakeSystem, tmp_path: Path
+) -> None:
+    rpm_fake.write("rpm.json", {"repo": {"fleet-app": ["1.0-1"]}, "installed": {}})
+    ctx, _ = make_ctx(rpm_fake.settings(tmp_path))
+    step = PackageStep(manager="dnf", name="fleet-app")
+    record = await package.apply(step, ctx)
+    assert record["via"] == "absent"
+    assert _installed(rpm_fake) == {"fleet-app": "1.0-1"}
+    await package.undo(step, ctx, record)
+    assert _installed(rpm_fake) == {}
+    with pytest.raises(StepError, match=r"Error: Unable to find a match: fleet-app-7\.0"):
+        await package.apply(PackageStep(manager="dnf", name="fleet-app", version="7.0"), ctx)
+    assert _installed(rpm_fake) == {}
+
+
+async def test_rpm_from_a_downloaded_file_is_kept_for_the_next_rollback(
+    rpm_fake: FakeSystem, tmp_path: Path
+) -> None:
+    settings = rpm_fake.settings(tmp_path)
+    settings.cache_dir.mkdir(parents=True)
+    for version in ("1.5", "3.0"):
+        (settings.cache_dir / f"fleet-app-{version}.rpm").write_text(
+            json.dumps({"name": "fleet-app", "version": version, "release": "1"})
+        )
+    ctx, _ = make_ctx(settings)
+    first = PackageStep(manager="dnf", name="fleet-app", src="fleet-app-1.5.rpm")
+    await package.apply(first, ctx)
+    assert _installed(rpm_fake) == {"fleet-app": "1.5-1"}
+
+    ctx2, _ = make_ctx(settings, command="cmd-2")
+    second = PackageStep(manager="dnf", name="fleet-app", version="3.0", src="fleet-app-3.0.rpm")
+    record = await package.apply(second, ctx2)
+    assert record["via"] == "cache"
+    assert record["old_version"] == "1.5-1"
+    assert _installed(rpm_fake) == {"fleet-app": "3.0-1"}
+    (settings.cache_dir / "fleet-app-1.5.rpm").unlink()  # the cache may be pruned: the backup copy is used
+    await package.undo(second, ctx2, record)
+    assert _installed(rpm_fake) == {"fleet-app": "1.5-1"}

@@ -225,6 +225,7 @@ class Bench:
     broker: Broker | None = None
     hub: Child | None = None
     http_port: int | None = None
+    journal: str = "file"
 
     def __enter__(self) -> Bench:
         self.key, self.pub = generate_keypair(self.workdir / "keys")
@@ -265,7 +266,7 @@ class Bench:
         args = [
             "simulate", "--broker", self.url, "--prefix", self.prefix, "--nodes", str(nodes),
             "--trust", str(self.pub), "--step-ms", str(step_ms), "--heartbeat-s", str(heartbeat_s),
-            "--node-prefix", node_prefix,
+            "--node-prefix", node_prefix, "--journal", self.journal,
         ]
         for item in fail:
             args += ["--fail", item]
@@ -422,6 +423,8 @@ def arguments(description: str, **defaults: Any) -> argparse.ArgumentParser:
     parser.add_argument("--nodes", type=int, default=defaults.get("nodes", 100))
     parser.add_argument("--out", type=Path, help="also write the JSON object to this file")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    parser.add_argument("--journal", choices=["file", "memory"], default="file",
+                        help="the simulated nodes' journal (fleet simulate --journal)")
     return parser
 
 

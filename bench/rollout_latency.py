@@ -101,7 +101,7 @@ def main() -> None:
     parser.add_argument("--step-ms", type=float, default=0, help="simulated duration of each step")
     parser.add_argument("--heartbeat-s", type=float, default=5)
     args = parser.parse_args()
-    with Bench(args.broker, keep=args.keep) as bench:
+    with Bench(args.broker, keep=args.keep, journal=args.journal) as bench:
         raw = raw_fanout(bench.url, args.nodes, args.raw_repeat)
         bench.start_hub()
         bench.start_simulator(args.nodes, step_ms=args.step_ms, heartbeat_s=args.heartbeat_s)
@@ -115,6 +115,7 @@ def main() -> None:
             "nodes": args.nodes,
             "steps": len(PLAN),
             "step_ms": args.step_ms,
+            "journal": args.journal,
             "seconds": rounded(seconds),
             "raw_seconds": rounded(raw_seconds),
             "raw_rounds": [rounded(r, 4) for r in raw],

@@ -46,6 +46,9 @@ def register(parser: argparse.ArgumentParser) -> None:
         help="parent of the nodes' state dirs [FLEET_STATE_DIR; default a temp dir in /dev/shm]")
     add("--start-batch", type=int, default=env_default("FLEET_START_BATCH", "100"),
         help="nodes connecting at once while the fleet starts [FLEET_START_BATCH; default 100]")
+    add("--journal", choices=["file", "memory"], default=env_default("FLEET_JOURNAL", "file"),
+        help="file: each node keeps journal.json like a real agent; memory: no journal file "
+        "[FLEET_JOURNAL; default file]")
     add("--threaded-io", action="store_true", default=bool(env_default("FLEET_THREADED_IO")),
         help="file I/O through a thread pool even on a RAM-backed state dir [FLEET_THREADED_IO]")
 
@@ -85,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
             fail=parse_fail(args.fail or _split(os.environ.get("FLEET_FAIL"))),
             state_root=args.state_dir,
             start_batch=args.start_batch,
+            journal=args.journal,
         )
     except ValidationError as exc:
         raise ConfigError(f"invalid simulation: {describe(exc)}") from exc

@@ -14,6 +14,8 @@ from typing import Literal
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field
 
+from edge_agent.tools import SystemTools
+
 __all__ = ["ExecutorSettings", "Policy", "ProcessService", "ServiceManager"]
 
 ServiceManager = Literal["process", "systemd", "docker"]
@@ -80,6 +82,7 @@ class ExecutorSettings:
     default_step_timeout_s: float = 300.0
     service_start_settle_s: float = 0.5
     service_stop_grace_s: float = 10.0
+    tools: SystemTools = field(default_factory=SystemTools)
 
     @property
     def cache_dir(self) -> Path:

@@ -40,7 +40,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar, get_args
+from typing import Any, Literal, ParamSpec, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -48,7 +48,9 @@ from bus.errors import BusError, ConfigError, FleetError, StepError
 from bus.messages import Inventory, Label, LabelValue, Step
 from bus.topics import DEFAULT_PREFIX, Topics, check_node_id
 from edge_agent.config import AgentConfig
+from edge_agent.executor import JournalState
 from edge_agent.inventory import probe_os
+from edge_agent.journal import Journal
 from edge_agent.runner import CommandRunner, Publish
 from edge_agent.service import Agent, CommandHandler
 from edge_agent.settings import ExecutorSettings
@@ -199,6 +201,11 @@ class SimulationConfig(BaseModel):
     start_timeout_s: float = Field(
         default=120.0, gt=0, description="How long the whole fleet may take to come online."
     )
+    journal: Literal["file", "memory"] = Field(
+        default="file",
+        description="file: each node's journal.json, as a real agent keeps it; memory: the same "
+        "journal state kept in memory only (no file writes; for the largest simulations).",
+    )
 
     @field_validator("fail")
     @classmethod
@@ -255,6 +262,32 @@ class SimulatedWork:
         """A handler for every step type of the protocol."""
         handler = StepHandler(apply=self.apply, undo=self.undo)
         return dict.fromkeys(STEP_TYPES, handler)
+
+
+class _MemoryJournal(Journal):
+    """The journal state kept in memory only (``journal="memory"``): no file is written."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self._state = JournalState()
+
+    def load(self) -> JournalState:
+        return self._state
+
+    def save(self, state: JournalState) -> None:
+        self._state = state
+
+
+class _MemoryJournalRunner(CommandRunner):
+    """The real command runner whose journal lives in memory.
+
+    It replaces the runner's journal object right after construction; the
+    runner offers no parameter for it (yet).
+    """
+
+    def __init__(self, settings: ExecutorSettings, topics: Topics, publish: Publish, **kwargs: Any) -> None:
+        super().__init__(settings, topics, publish, **kwargs)
+        self._journal = _MemoryJournal(settings.journal_path)
 
 
 class _SimulatedAgent(Agent):
@@ -348,8 +381,10 @@ class Simulator:
         inventory = Inventory(os=await probe_os(), services={"simulated": "1"})
         labels = {"sim": "1", **config.labels}
 
+        runner_class = _MemoryJournalRunner if config.journal == "memory" else CommandRunner
+
         def runner(settings: ExecutorSettings, topics: Topics, publish: Publish) -> CommandHandler:
-            return CommandRunner(settings, topics, publish, clock=self._clock, handlers=self.work.handlers())
+            return runner_class(settings, topics, publish, clock=self._clock, handlers=self.work.handlers())
 
         started = time.monotonic()
         deadline = started + config.start_timeout_s

@@ -1,8 +1,4 @@
-"""``health`` step: a command, HTTP or TCP check, retried; nothing to undo.
-
-``systemd`` checks belong to the systemd service manager and are refused at
-intake until one registers them (``SUPPORTED_CHECKS``).
-"""
+"""``health`` step: a command, HTTP, TCP or systemd-unit check, retried; nothing to undo."""
 
 from __future__ import annotations
 
@@ -14,13 +10,14 @@ from urllib.parse import urlsplit
 from bus.errors import StepError
 from bus.messages import HealthStep
 from edge_agent import system
+from edge_agent.managers import check_systemd, check_unit_name
 from edge_agent.settings import ExecutorSettings
 from edge_agent.steps.base import StepContext, StepHandler, check_script
 from edge_agent.steps.script import run_script
 
 __all__ = ["HANDLER", "SUPPORTED_CHECKS", "apply", "check", "parse_host_port", "undo"]
 
-SUPPORTED_CHECKS = ("command", "http", "tcp")
+SUPPORTED_CHECKS = ("command", "http", "tcp", "systemd")
 #: Longest a single attempt may take (the step's own timeout bounds them all).
 _ATTEMPT_TIMEOUT = 30.0
 
@@ -52,6 +49,8 @@ def check(step: HealthStep, settings: ExecutorSettings) -> str | None:
     """Refuse checks this agent cannot run and targets that are not well-formed."""
     if step.check not in SUPPORTED_CHECKS:
         return f"health check {step.check} is not supported by this agent"
+    if step.check == "systemd":
+        return check_unit_name(step.target)
     try:
         if step.check == "command":
             return check_script(settings, _command(step.target)[0])
@@ -79,6 +78,10 @@ async def _once(step: HealthStep, ctx: StepContext, timeout: float) -> None:
     elif step.check == "tcp":
         host, port = parse_host_port(step.target)
         await system.tcp_connect(host, port, timeout=timeout)
+    elif step.check == "systemd":
+        reason = await check_systemd(step.target, ctx)
+        if reason is not None:
+            raise StepError(reason)
     else:
         raise StepError(f"health check {step.check} is not supported by this agent")
 

@@ -1,9 +1,9 @@
-"""``service`` step with the ``process`` service manager (services declared in the agent config).
+"""``service`` step: the ``process`` manager here, ``systemd`` and ``docker`` in ``edge_agent.managers``.
 
 The record says whether the service was running before, so undo restores
 exactly that: undo of ``stop`` starts it again (if it ran), of ``start`` stops
 it (if it did not run), of ``restart`` restarts it (or stops it, if it did not
-run). Other managers (systemd, docker) plug in through ``MANAGERS``.
+run). The process manager supervises services declared in the agent config.
 """
 
 from __future__ import annotations
@@ -13,20 +13,22 @@ from typing import Any
 
 from bus.errors import StepError
 from bus.messages import ServiceStep
-from edge_agent import system
+from edge_agent import managers, system
 from edge_agent.settings import ExecutorSettings, Policy
 from edge_agent.steps.base import StepContext, StepHandler
 
 __all__ = ["HANDLER", "MANAGERS", "apply", "check", "undo"]
 
 #: Service managers this handler drives.
-MANAGERS = ("process",)
+MANAGERS = ("process", *managers.MANAGERS)
 
 
 def check(step: ServiceStep, settings: ExecutorSettings) -> str | None:
     """The service must be allowed by the policy and defined for the process manager."""
     if settings.service_manager not in MANAGERS:
         return f"service manager {settings.service_manager} is not supported by this agent"
+    if settings.service_manager in managers.MANAGERS:
+        return managers.check(step, settings)
     if not Policy.matches(settings.policy.services, step.name):
         return f"service {step.name} is not allowed by this node's policy"
     if step.name not in settings.services:
@@ -58,6 +60,8 @@ async def _stop(name: str, ctx: StepContext) -> None:
 
 async def apply(step: ServiceStep, ctx: StepContext) -> dict[str, Any]:
     """Stop, start or restart the service; the record keeps whether it was running."""
+    if ctx.settings.service_manager in managers.MANAGERS:
+        return await managers.apply(step, ctx)
     was_running = system.service_pid(ctx.state_dir, step.name) is not None
     await ctx.checkpoint({"was_running": was_running})
     if step.action in ("stop", "restart"):
@@ -69,6 +73,9 @@ async def apply(step: ServiceStep, ctx: StepContext) -> dict[str, Any]:
 
 async def undo(step: ServiceStep, ctx: StepContext, record: dict[str, Any] | None) -> None:
     """Bring the service back to its running/stopped state from before the step."""
+    if ctx.settings.service_manager in managers.MANAGERS:
+        await managers.undo(step, ctx, record)
+        return
     if record is None:
         await ctx.log(f"service {step.name} was not touched: nothing to undo")
         return

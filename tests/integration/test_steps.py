@@ -141,7 +141,9 @@ def make_ctx(
 
 
 def test_every_handler_is_registered() -> None:
-    assert set(HANDLERS) == {"download", "file", "script", "health", "service"}
+    assert set(HANDLERS) == {
+        "download", "file", "script", "health", "service", "package", "container", "module"
+    }
 
 
 # ----------------------------------------------------------------------------- download
@@ -426,9 +428,8 @@ def test_health_intake_checks(settings: ExecutorSettings) -> None:
     def reason(**fields: Any) -> str | None:
         return health.check(HealthStep.model_validate(fields), settings)
 
-    assert (
-        reason(check="systemd", target="app.service") == "health check systemd is not supported by this agent"
-    )
+    assert reason(check="systemd", target="app.service") is None
+    assert reason(check="systemd", target="../app") == "'../app' is not a systemd unit name"
     assert reason(check="tcp", target="nohost") == "tcp target 'nohost' is not host:port"
     assert reason(check="tcp", target="[::1]:8080") is None
     assert reason(check="http", target="ftp://x/") == "http health target 'ftp://x/' is not an http(s) URL"
@@ -556,8 +557,16 @@ def test_service_intake_checks(services: Services) -> None:
     systemd = ExecutorSettings(
         node="n", state_dir=settings.state_dir, scripts_dir=settings.scripts_dir, service_manager="systemd"
     )
-    assert service.check(ServiceStep(action="stop", name="app"), systemd) == (
-        "service manager systemd is not supported by this agent"
+    # systemd units need no declaration in the agent config, only the policy's consent
+    assert service.check(ServiceStep(action="stop", name="app"), systemd) is None
+    upstart = ExecutorSettings(
+        node="n",
+        state_dir=settings.state_dir,
+        scripts_dir=settings.scripts_dir,
+        service_manager="upstart",  # type: ignore[arg-type]
+    )
+    assert service.check(ServiceStep(action="stop", name="app"), upstart) == (
+        "service manager upstart is not supported by this agent"
     )
 
 

@@ -201,7 +201,8 @@ def test_a_command_issued_no_later_than_the_last_one_run_is_refused(node: Execut
 
 def test_a_step_type_without_a_handler_is_refused(node: ExecutorSettings) -> None:
     plan = [{"type": "package", "manager": "apt", "name": "nginx"}]
-    verdict = rejected(check(node, payload(sign(fields(plan=plan)))))
+    without_package = {kind: h for kind, h in HANDLERS.items() if kind != "package"}
+    verdict = rejected(check(node, payload(sign(fields(plan=plan))), handlers=without_package))
     assert verdict.reason == "step 0: step type package is not supported by this agent"
 
 
@@ -253,8 +254,8 @@ POLICY_CASES: list[tuple[dict[str, Any], dict[str, Any], str]] = [
     ),
     (
         {},
-        {"type": "health", "check": "systemd", "target": "app.service"},
-        "health check systemd is not supported",
+        {"type": "health", "check": "systemd", "target": "app/../x.service"},
+        "is not a systemd unit name",
     ),
 ]
 

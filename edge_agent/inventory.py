@@ -9,25 +9,24 @@ through ``edge_agent.system.run`` with a timeout.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import os
 import platform
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from bus.errors import FleetError
 from bus.messages import Inventory
-from edge_agent import system
+from edge_agent import system, versions
 from edge_agent.settings import ProcessService
+from edge_agent.tools import SystemTools
 
 __all__ = [
     "MAX_DRIVERS",
     "collect_inventory",
-    "parse_dpkg_query",
     "parse_os_release",
-    "parse_proc_modules",
-    "parse_rpm_query",
     "probe_drivers",
     "probe_os",
     "probe_packages",
@@ -61,29 +60,15 @@ def parse_os_release(text: str) -> dict[str, str]:
     return values
 
 
-def parse_proc_modules(text: str) -> list[str]:
-    """Names of the loaded modules in /proc/modules text, in file order."""
-    return [line.split(maxsplit=1)[0] for line in text.splitlines() if line.strip()]
-
-
-def parse_dpkg_query(text: str) -> dict[str, str]:
-    r"""Installed versions from ``dpkg-query -W -f '${Package}\t${Version}\t${db:Status-Status}\n'``."""
-    versions: dict[str, str] = {}
-    for line in text.splitlines():
-        parts = line.split("\t")
-        if len(parts) == 3 and parts[2].strip() == "installed" and parts[1]:
-            versions[parts[0].split(":")[0]] = parts[1]
-    return versions
-
-
-def parse_rpm_query(text: str) -> dict[str, str]:
-    r"""Versions from ``rpm -q --qf '%{NAME}\t%{VERSION}-%{RELEASE}\n'`` (misses are skipped)."""
-    versions: dict[str, str] = {}
-    for line in text.splitlines():
-        parts = line.split("\t")
-        if len(parts) == 2 and parts[0] and parts[1]:
-            versions[parts[0]] = parts[1]
-    return versions
+def _version_of_file(text: str) -> str:
+    """A version file's version: its ``version`` if it is a JSON object, else its first line."""
+    if text.lstrip().startswith("{"):
+        with contextlib.suppress(ValueError):
+            value = json.loads(text)
+            version = value.get("version") if isinstance(value, dict) else None
+            if isinstance(version, str):
+                return version[:_MAX_VERSION]
+    return _first_line(text)
 
 
 def _first_line(text: str) -> str:
@@ -112,27 +97,10 @@ async def probe_os(root: Path = Path("/")) -> dict[str, str]:
 
 
 async def probe_packages(
-    names: Sequence[str], *, timeout: float = 10.0, manager: str | None = None
+    names: Sequence[str], tools: SystemTools, *, timeout: float = 10.0
 ) -> dict[str, str]:
-    """Installed versions of ``names`` from dpkg or rpm (whichever this node has).
-
-    Packages that are not installed are left out. ``manager`` ("dpkg" or "rpm")
-    skips the detection.
-    """
-    if not names:
-        return {}
-    manager = manager or ("dpkg" if shutil.which("dpkg-query") else "rpm" if shutil.which("rpm") else None)
-    if manager is None:
-        _LOGGER.warning("inventory: neither dpkg-query nor rpm found; package versions not reported")
-        return {}
-    if manager == "dpkg":
-        fmt = "${Package}\t${Version}\t${db:Status-Status}\n"
-        result = await system.run(["dpkg-query", "-W", f"-f={fmt}", "--", *names], timeout=timeout)
-        return parse_dpkg_query(result.stdout)
-    result = await system.run(
-        ["rpm", "-q", "--qf", "%{NAME}\t%{VERSION}-%{RELEASE}\n", "--", *names], timeout=timeout
-    )
-    return parse_rpm_query(result.stdout)
+    """Installed versions of ``names`` from dpkg or rpm (whichever this node has); missing ones left out."""
+    return await versions.package_versions(names, tools, timeout=timeout)
 
 
 async def probe_services(
@@ -164,43 +132,23 @@ async def _service_version(service: ProcessService, state_dir: Path, timeout: fl
     if service.version_file:
         path = cwd / service.version_file
         text = await asyncio.to_thread(path.read_text, encoding="utf-8")
-        return _first_line(text)
+        return _version_of_file(text)
     return ""
 
 
-async def probe_drivers(names: Sequence[str], root: Path = Path("/")) -> dict[str, str]:
+async def probe_drivers(names: Sequence[str], tools: SystemTools) -> dict[str, str]:
     """Versions of the named kernel modules (every loaded one, capped, when none are named).
 
     A loaded module without a version file is reported as ``loaded``; one built
-    into the kernel (in /sys/module but not /proc/modules) as ``builtin``;
-    a named module that is neither is left out.
+    into the kernel as ``builtin``; a named module that is neither is left out.
     """
-    try:
-        text = await asyncio.to_thread((root / "proc/modules").read_text, encoding="utf-8", errors="replace")
-    except FileNotFoundError:  # a kernel without loadable modules: only built-ins are left
-        _LOGGER.debug("inventory: no %s", root / "proc/modules")
-        text = ""
-    loaded = parse_proc_modules(text)
-    # modprobe treats '-' and '_' alike; the kernel lists '_'.
-    wanted = [n.replace("-", "_") for n in names] if names else loaded[:MAX_DRIVERS]
-    return await asyncio.to_thread(_driver_versions, wanted, set(loaded), root / "sys/module")
-
-
-def _driver_versions(wanted: Sequence[str], loaded: set[str], sys_module: Path) -> dict[str, str]:
-    versions: dict[str, str] = {}
+    wanted = list(names) if names else sorted(await versions.loaded_modules(tools))[:MAX_DRIVERS]
+    found: dict[str, str] = {}
     for name in wanted:
-        base = sys_module / name
-        try:
-            version = _first_line((base / "version").read_text(encoding="utf-8", errors="replace"))
-        except OSError:
-            version = ""
-        if version:
-            versions[name] = version
-        elif name in loaded:
-            versions[name] = "loaded"
-        elif base.is_dir():
-            versions[name] = "builtin"
-    return versions
+        version = await versions.module_version(name, tools)
+        if version is not None:
+            found[name.replace("-", "_")] = version
+    return found
 
 
 async def collect_inventory(
@@ -210,6 +158,7 @@ async def collect_inventory(
     services: Mapping[str, ProcessService] | None = None,
     state_dir: Path = Path("."),
     root: Path = Path("/"),
+    tools: SystemTools | None = None,
     timeout: float = 10.0,
 ) -> Inventory:
     """Run every probe concurrently; a failing one is logged and leaves its part empty.
@@ -219,14 +168,15 @@ async def collect_inventory(
         drivers: kernel modules to report; empty means every loaded one (capped).
         services: supervised services whose versions to report.
         state_dir: working directory for version commands without their own ``cwd``.
-        root: file system root for /etc, /proc and /sys (tests point it elsewhere).
+        root: file system root for /etc/os-release (tests point it elsewhere).
+        tools: the node's package and module tools (dpkg root, /proc and /sys paths).
         timeout: bound of each probe, in seconds.
     """
     probes = {
         "os": probe_os(root),
-        "packages": probe_packages(packages, timeout=timeout),
+        "packages": probe_packages(packages, tools or SystemTools(), timeout=timeout),
         "services": probe_services(services or {}, state_dir, timeout=timeout),
-        "drivers": probe_drivers(drivers, root),
+        "drivers": probe_drivers(drivers, tools or SystemTools()),
     }
     results = await asyncio.gather(
         *(asyncio.wait_for(probe, timeout + 1) for probe in probes.values()), return_exceptions=True

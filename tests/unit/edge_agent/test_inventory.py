@@ -14,16 +14,14 @@ import pytest
 from edge_agent.inventory import (
     MAX_DRIVERS,
     collect_inventory,
-    parse_dpkg_query,
     parse_os_release,
-    parse_proc_modules,
-    parse_rpm_query,
     probe_drivers,
     probe_os,
     probe_packages,
     probe_services,
 )
 from edge_agent.settings import ProcessService
+from edge_agent.tools import SystemTools
 
 OS_RELEASE = """# comment
 PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"
@@ -53,6 +51,10 @@ def _fake_root(tmp_path: Path) -> Path:
     return root
 
 
+def _tools(root: Path) -> SystemTools:
+    return SystemTools(sys_module=root / "sys/module", proc_modules=root / "proc/modules")
+
+
 def test_parse_os_release() -> None:
     values = parse_os_release(OS_RELEASE)
     assert values["PRETTY_NAME"] == "Debian GNU/Linux 12 (bookworm)"
@@ -60,21 +62,6 @@ def test_parse_os_release() -> None:
     assert values["VERSION_CODENAME"] == "bookworm"
     assert values["HOME_URL"] == "https://www.debian.org/"
     assert "broken line" not in values
-
-
-def test_parse_proc_modules() -> None:
-    assert parse_proc_modules(PROC_MODULES) == ["e1000e", "nvidia", "snd_hda_intel"]
-    assert parse_proc_modules("\n") == []
-
-
-def test_parse_dpkg_query_keeps_installed_packages_only() -> None:
-    text = "openssl\t3.0.11-1~deb12u2\tinstalled\nnginx\t1.22.1-9\tconfig-files\nbad line\n"
-    assert parse_dpkg_query(text) == {"openssl": "3.0.11-1~deb12u2"}
-
-
-def test_parse_rpm_query_skips_misses() -> None:
-    text = "openssl\t3.0.7-24.el9\npackage nginx is not installed\n"
-    assert parse_rpm_query(text) == {"openssl": "3.0.7-24.el9"}
 
 
 async def test_probe_os_on_a_fake_root(tmp_path: Path) -> None:
@@ -93,31 +80,31 @@ async def test_probe_os_without_os_release_still_reports_kernel(tmp_path: Path) 
 
 async def test_probe_drivers_named_loaded_builtin_and_missing(tmp_path: Path) -> None:
     root = _fake_root(tmp_path)
-    found = await probe_drivers(["e1000e", "nvidia", "builtin-x", "not_there"], root)
+    found = await probe_drivers(["e1000e", "nvidia", "builtin-x", "not_there"], _tools(root))
     assert found == {"e1000e": "3.2.6-k", "nvidia": "loaded", "builtin_x": "builtin"}
 
 
 async def test_probe_drivers_reports_every_loaded_module_capped(tmp_path: Path) -> None:
     root = _fake_root(tmp_path)
-    assert set(await probe_drivers([], root)) == {"e1000e", "nvidia", "snd_hda_intel"}
+    assert set(await probe_drivers([], _tools(root))) == {"e1000e", "nvidia", "snd_hda_intel"}
     many = "".join(f"mod{i} 1 0 - Live 0x0\n" for i in range(MAX_DRIVERS + 50))
     (root / "proc/modules").write_text(many)
-    assert len(await probe_drivers([], root)) == MAX_DRIVERS
+    assert len(await probe_drivers([], _tools(root))) == MAX_DRIVERS
 
 
 async def test_probe_drivers_without_proc_modules(tmp_path: Path) -> None:
     root = _fake_root(tmp_path)
     (root / "proc/modules").unlink()
-    assert await probe_drivers([], root) == {}
-    assert await probe_drivers(["builtin_x"], root) == {"builtin_x": "builtin"}
+    assert await probe_drivers([], _tools(root)) == {}
+    assert await probe_drivers(["builtin_x"], _tools(root)) == {"builtin_x": "builtin"}
 
 
 @pytest.mark.skipif(shutil.which("dpkg-query") is None, reason="needs dpkg")
 async def test_probe_packages_with_real_dpkg() -> None:
-    found = await probe_packages(["dpkg", "no-such-package-fleetbus"])
+    found = await probe_packages(["dpkg", "no-such-package-fleetbus"], SystemTools())
     assert set(found) == {"dpkg"}
     assert found["dpkg"][0].isdigit()
-    assert await probe_packages([]) == {}
+    assert await probe_packages([], SystemTools()) == {}
 
 
 async def test_probe_services_from_version_file_and_command(
@@ -153,7 +140,13 @@ async def test_a_hanging_probe_does_not_sink_the_inventory(tmp_path: Path) -> No
     }
     started = time.monotonic()
     inventory = await collect_inventory(
-        packages=["dpkg"], drivers=["e1000e"], services=services, state_dir=tmp_path, root=root, timeout=1.0
+        packages=["dpkg"],
+        drivers=["e1000e"],
+        services=services,
+        state_dir=tmp_path,
+        root=root,
+        tools=_tools(root),
+        timeout=1.0,
     )
     assert time.monotonic() - started < 20  # bounded by the probe timeout, not the 30 s sleep
     assert inventory.services == {}
@@ -168,3 +161,13 @@ async def test_collect_inventory_of_this_machine(tmp_path: Path) -> None:
     assert inventory.os["kernel"]
     assert inventory.packages == {}
     assert inventory.services == {}
+
+
+async def test_a_json_version_file_reports_its_version(tmp_path: Path) -> None:
+    (tmp_path / "version.json").write_text('{"version": "2.0", "requires_hw": "rev-b"}\n')
+    (tmp_path / "VERSION").write_text("1.4.2\nbuilt today\n")
+    services = {
+        "json": ProcessService(command=["true"], version_file="version.json"),
+        "plain": ProcessService(command=["true"], version_file="VERSION"),
+    }
+    assert await probe_services(services, tmp_path) == {"json": "2.0", "plain": "1.4.2"}

@@ -404,6 +404,30 @@ class Observer:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), min(remaining, 0.2))
 
+    async def retained_cmds(self) -> dict[str, bytes]:
+        """The commands a client subscribing now finds retained on the broker, by node.
+
+        A fresh client subscribes to every ``cmd`` topic, then sends itself a probe
+        (the broker hands out retained messages before it handles the probe).
+        """
+        found: dict[str, bytes] = {}
+        probe = f"{self.topics.prefix}/probe/{uuid.uuid4().hex[:8]}"
+        async with MqttClient(self.client.url, keepalive=5) as client:
+            await client.subscribe(self.topics.node_filter("cmd"), qos=1)
+            await client.subscribe(probe, qos=1)
+            await client.publish(probe, b"probe", qos=1)
+
+            async def read() -> None:
+                async for message in client.messages():
+                    if message.topic == probe:
+                        return
+                    parsed = self.topics.parse_node(message.topic)
+                    if parsed is not None and message.payload:
+                        found[parsed.node] = message.payload
+
+            await asyncio.wait_for(read(), DEADLINE)
+        return found
+
     async def status(
         self, rollout: str, state: str, *, index: int | None = None, after: int = 0, timeout: float = DEADLINE
     ) -> StepStatus:
@@ -555,10 +579,10 @@ async def check_outcome(
         assert applied == ({"a", "b"} if succeeded else undone), f"{node}: {runs}; {context}"
         assert fleet.agents[node].alive(), fleet.agents[node].log()
     # Nothing stale waits on the broker (DESIGN 3.2).
-    await observer.wait(
-        lambda: all(observer.cmds.get(node) == b"" for node in nodes) or None,
-        f"every retained command of {rollout} cleared; {context}",
-    )
+    deadline = time.monotonic() + DEADLINE
+    while left := await observer.retained_cmds():
+        assert time.monotonic() < deadline, f"commands left retained for {sorted(left)}; {context}"
+        await asyncio.sleep(0.5)
     return summary.state
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bus.messages import Event, Reply, RolloutSummary, StepStatus, decode
+from bus.messages import Event, Reply, RequestOp, RolloutSummary, StepStatus, decode
 from bus.mqtt import MqttClient
 from bus.rpc import HubClient
 from bus.signing import generate_keypair
@@ -127,7 +127,8 @@ def fleet(name: str, workdir: Path, *args: str, env: dict[str, str] | None = Non
     cProfile and leave DIR/NAME.prof when they stop.
     """
     profile = os.environ.get("BENCH_PROFILE")
-    wrap = ["-m", "cProfile", "-o", f"{profile}/{name}.prof"] if profile and name in ("hub", "simulate") else []
+    profiled = profile and name in ("hub", "simulate")
+    wrap = ["-m", "cProfile", "-o", f"{profile}/{name}.prof"] if profiled else []
     return spawn(name, [sys.executable, *wrap, "-m", "cli.main", *args], workdir, env)
 
 
@@ -241,8 +242,28 @@ class Bench:
 
     @property
     def url(self) -> str:
-        assert self.broker is not None
+        if self.broker is None:
+            raise RuntimeError("no broker started")
         return self.broker.url
+
+    def child(self, name: str) -> Child:
+        """The child process started under ``name`` (hub, simulate, broker, mosquitto...)."""
+        for child in self.children:
+            if child.name == name:
+                return child
+        raise RuntimeError(f"no {name} process started")
+
+    @property
+    def broker_port(self) -> int:
+        if self.broker is None:
+            raise RuntimeError("no broker started")
+        return self.broker.port
+
+    @property
+    def broker_child(self) -> Child:
+        if self.broker is None:
+            raise RuntimeError("no broker started")
+        return self.broker.child
 
     @property
     def topics(self) -> Topics:
@@ -260,7 +281,7 @@ class Bench:
         return self.hub
 
     def start_simulator(
-        self, nodes: int, *, step_ms: float = 0, heartbeat_s: float = 5, fail: list[str] = (),  # type: ignore[assignment]
+        self, nodes: int, *, step_ms: float = 0, heartbeat_s: float = 5, fail: tuple[str, ...] = (),
         name: str = "simulate", node_prefix: str = "sim-", timeout: float = 300,
     ) -> Child:
         args = [
@@ -364,8 +385,8 @@ class Observer:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), min(0.05, remaining))
 
-    async def call(self, op: str, body: dict[str, Any] | None = None, timeout: float = 60) -> Any:
-        reply: Reply = await self.hub.call(op, body, timeout=timeout)  # type: ignore[arg-type]
+    async def call(self, op: RequestOp, body: dict[str, Any] | None = None, timeout: float = 60) -> Any:
+        reply: Reply = await self.hub.call(op, body, timeout=timeout)
         if not reply.ok:
             raise RuntimeError(f"{op} refused: {reply.error}")
         return reply.body
@@ -401,7 +422,7 @@ class Observer:
         return None
 
     def final(self, rollout: str) -> tuple[float, str] | None:
-        """(when, state) of the rollout's first final state: its event or its summary, whichever came first."""
+        """(when, state) of the rollout's first final state: its event or its summary, whichever first."""
         found: list[tuple[float, str]] = []
         for at, event in self.events:
             if event.rollout == rollout and event.kind in FINAL_STATES:

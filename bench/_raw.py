@@ -10,6 +10,8 @@ TCP_NODELAY, as fleetbus's clients do.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import selectors
 import socket
@@ -40,19 +42,15 @@ class SelectorLoop:
             self.selector.register(sock, selectors.EVENT_READ, c)
 
         def closed(_c: paho.Client, _u: Any, sock: Any) -> None:
-            try:
+            with contextlib.suppress(KeyError, ValueError):
                 self.selector.unregister(sock)
-            except (KeyError, ValueError):
-                pass
 
         def want_write(c: paho.Client, _u: Any, sock: Any) -> None:
             self.selector.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, c)
 
         def wrote(c: paho.Client, _u: Any, sock: Any) -> None:
-            try:
+            with contextlib.suppress(KeyError, ValueError):
                 self.selector.modify(sock, selectors.EVENT_READ, c)
-            except (KeyError, ValueError):
-                pass
 
         client.on_socket_open = opened
         client.on_socket_close = closed
@@ -94,6 +92,10 @@ def _client(client_id: str) -> paho.Client:
     return client
 
 
+def _more_than(items: set[int], count: int) -> bool:
+    return len(items) > count
+
+
 def _nodelay(client: paho.Client) -> None:
     sock = client.socket()
     if isinstance(sock, socket.socket):
@@ -102,12 +104,17 @@ def _nodelay(client: paho.Client) -> None:
 
 def _connect(loop: SelectorLoop, clients: list[paho.Client], host: str, port: int, timeout: float) -> None:
     connected: set[int] = set()
+
+    def on_connect(c: paho.Client, _u: Any, _f: Any, _r: Any, _p: Any) -> None:
+        connected.add(id(c))
+        _nodelay(c)
+
     for index, client in enumerate(clients):
-        client.on_connect = lambda c, _u, _f, _r, _p, i=index: (connected.add(i), _nodelay(c))
+        client.on_connect = on_connect
         loop.add(client)
         client.connect(host, port, keepalive=60)
         if index % 50 == 49:  # a gentle ramp: amqtt drops sessions in connect storms (FINDINGS.md)
-            loop.run_until(lambda i=index: len(connected) > i - 25, timeout)
+            loop.run_until(functools.partial(_more_than, connected, index - 25), timeout)
     loop.run_until(lambda: len(connected) == len(clients), timeout)
 
 
@@ -153,8 +160,7 @@ def raw_fanout(url: str, count: int, repeats: int = 3, timeout: float = 120.0) -
     )
     loop = SelectorLoop()
     try:
-        assert child.stdout is not None
-        line = child.stdout.readline()
+        line = child.stdout.readline() if child.stdout is not None else b""
         if line.strip() != b"ready":
             raise RuntimeError(f"raw responders did not start: {line!r}")
         publisher = _client(f"raw-p-{prefix}")

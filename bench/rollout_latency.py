@@ -16,6 +16,8 @@ simulator and broker, summary publishes and bytes, store rewrites.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import time
 from typing import Any
 
@@ -23,10 +25,12 @@ from _common import PLAN, Bench, Observer, arguments, cpu_window, emit, median, 
 from _raw import raw_fanout
 
 
+def _reported(obs: Observer, rollout: str, expected: int) -> bool:
+    return sum(1 for _, s in obs.statuses if s.rollout == rollout) >= expected
+
+
 async def measure(bench: Bench, nodes: int, repeat: int, heartbeat_s: float) -> dict[str, Any]:
-    assert bench.hub is not None
-    sim = next(c for c in bench.children if c.name == "simulate")
-    assert bench.broker is not None
+    sim = bench.child("simulate")
     runs: list[dict[str, Any]] = []
     async with Observer(bench.url, bench.topics) as obs:
         targets = await obs.wait_online(nodes, 300, prefix="sim-")
@@ -36,22 +40,16 @@ async def measure(bench: Bench, nodes: int, repeat: int, heartbeat_s: float) -> 
                 await asyncio.sleep(heartbeat_s + 1)
             before = bench.metrics()
             spec = {"name": f"bench {index}", "targets": targets, "plan": PLAN}
-            with cpu_window(bench.hub, sim, bench.broker.child) as cpu:
+            with cpu_window(bench.child("hub"), sim, bench.broker_child) as cpu:
                 started = time.perf_counter()
                 body = await obs.call("create_rollout", spec)
                 rollout = body["rollout"]
                 replied = time.perf_counter()
-                at, state = await obs.until(lambda r=rollout: obs.final(r), "final state", 600)
+                at, state = await obs.until(functools.partial(obs.final, rollout), "final state", 600)
             seconds = at - started
             expected = nodes * len(PLAN) * 2
-            try:
-                await obs.until(
-                    lambda r=rollout: sum(1 for _, s in obs.statuses if s.rollout == r) >= expected,
-                    "every step report",
-                    30,
-                )
-            except TimeoutError:
-                pass
+            with contextlib.suppress(TimeoutError):
+                await obs.until(functools.partial(_reported, obs, rollout, expected), "every step report", 30)
             after = bench.metrics()
             reports = {(s.node, s.index, s.state) for _, s in obs.statuses if s.rollout == rollout}
             times = sorted(t for t, s in obs.statuses if s.rollout == rollout)
@@ -67,7 +65,8 @@ async def measure(bench: Bench, nodes: int, repeat: int, heartbeat_s: float) -> 
                 - before.get(f'fleet_hub_messages_total{{direction="{d}"}}', 0)
                 for d in ("in", "out")
             )
-            rewrites = after.get("fleet_store_rewrites_total", 0) - before.get("fleet_store_rewrites_total", 0)
+            key = "fleet_store_rewrites_total"
+            rewrites = after.get(key, 0) - before.get(key, 0)
             runs.append(
                 {
                     "rollout": rollout,
@@ -88,9 +87,9 @@ async def measure(bench: Bench, nodes: int, repeat: int, heartbeat_s: float) -> 
             )
     return {
         "runs": runs,
-        "hub_rss_mib": bench.hub.rss_mib(),
+        "hub_rss_mib": bench.child("hub").rss_mib(),
         "sim_rss_mib": sim.rss_mib(),
-        "broker_rss_mib": bench.broker.child.rss_mib(),
+        "broker_rss_mib": bench.broker_child.rss_mib(),
     }
 
 

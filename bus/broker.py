@@ -60,6 +60,9 @@ __all__ = ["KEEPALIVE_GRACE", "BrokerThread", "FleetBroker", "default_config", "
 
 _LOGGER = logging.getLogger(__name__)
 
+#: How long amqtt's own shutdown may take before every connection is closed anyway.
+_SHUTDOWN_TIMEOUT_S = 5.0
+
 #: A client silent for this many times its keepalive is lost (MQTT 3.1.1 section 3.1.2.10).
 KEEPALIVE_GRACE = 1.5
 
@@ -133,9 +136,18 @@ class FleetBroker(Broker):  # type: ignore[misc]
         for server in self._servers.values():
             if server.instance is not None:
                 server.instance.close()
-        await super().shutdown()
-        for writer in list(self._streams):
-            writer.transport.abort()
+        try:
+            # amqtt's shutdown can hang (a session it cannot clean up): bounded, so
+            # that every connection is closed below whatever happens, and clients
+            # never stay connected to a broker that is gone.
+            await asyncio.wait_for(super().shutdown(), _SHUTDOWN_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            _LOGGER.warning(
+                "broker shutdown unfinished after %g s: closing every connection", _SHUTDOWN_TIMEOUT_S
+            )
+        finally:
+            for writer in list(self._streams):
+                writer.transport.abort()
 
     async def stream_connected(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -61,12 +62,19 @@ def parse_meminfo(text: str) -> float:
     return max(0.0, min(100.0, 100.0 * (total - available) / total))
 
 
-def sample_system(state_dir: Path, proc: Path = Path("/proc")) -> SystemSample:
-    """Load average, memory use and free space of the state dir's file system.
+#: Load and memory are the machine's, not the agent's: read them at most this often
+#: per process (a thousand simulated agents in one process, ``fleet simulate``,
+#: would otherwise parse /proc/meminfo a thousand times a second).
+_MACHINE_TTL_S = 0.25
+_machine_cache: dict[Path, tuple[float, float, float]] = {}
 
-    Blocking (statvfs can hang on a network file system); call through
-    asyncio.to_thread. A figure that cannot be read is reported as 0.
-    """
+
+def _machine_sample(proc: Path) -> tuple[float, float]:
+    """(load1, mem_used_pct), at most ``_MACHINE_TTL_S`` old."""
+    now = time.monotonic()
+    cached = _machine_cache.get(proc)
+    if cached is not None and now - cached[0] < _MACHINE_TTL_S:
+        return cached[1], cached[2]
     try:
         load1 = os.getloadavg()[0]
     except OSError:
@@ -75,6 +83,17 @@ def sample_system(state_dir: Path, proc: Path = Path("/proc")) -> SystemSample:
         mem = parse_meminfo((proc / "meminfo").read_text(encoding="ascii", errors="replace"))
     except OSError:
         mem = 0.0
+    _machine_cache[proc] = (now, load1, mem)
+    return load1, mem
+
+
+def sample_system(state_dir: Path, proc: Path = Path("/proc")) -> SystemSample:
+    """Load average, memory use and free space of the state dir's file system.
+
+    Blocking (statvfs can hang on a network file system); call through
+    asyncio.to_thread. A figure that cannot be read is reported as 0.
+    """
+    load1, mem = _machine_sample(proc)
     disk = 0.0
     path = state_dir
     # The state dir may not exist yet: measure the nearest existing parent.

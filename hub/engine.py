@@ -214,7 +214,7 @@ Action = Union[PublishCommand, ClearCommand, RolloutChanged, Audit]  # noqa: UP0
 # ----------------------------------------------------------------------------- state
 
 
-@dataclass
+@dataclass(slots=True)  # a thousand per rollout, every rollout kept: no __dict__ each
 class _Node:
     """One target's part of a rollout (persisted field by field)."""
 
@@ -599,19 +599,7 @@ class RolloutEngine:
             # published) may have missed the broker when the hub died: publish the
             # same command again. Agents ignore a replay of an id they ran.
             for node in r.nodes.values():
-                in_flight = (
-                    node.queued or node.phase == "applying"
-                    if node.action == "apply"
-                    else node.restore == "waiting"
-                )
-                if (
-                    in_flight
-                    and not node.cleared
-                    and node.command_id is not None
-                    and self._last.get(node.name) == node.command_id
-                    and node.expires_at is not None
-                    and node.expires_at > now
-                ):
+                if self._is_resendable(node, now):
                     out.add(PublishCommand(node.name, self._rebuild_command(r, node)))
             self._audit(
                 r, "resumed_after_restart", f"hub restarted: resuming rollout in state {r.state}", out
@@ -620,6 +608,18 @@ class RolloutEngine:
             # Safe right away: a node with no recorded command never got one, and
             # time-driven decisions wait for hold_until.
             self._progress(r, now, out)
+
+    def _is_resendable(self, n: _Node, now: float) -> bool:
+        """Its latest command is still awaited, retained and unexpired: publishing it again is safe."""
+        in_flight = n.queued or n.phase == "applying" if n.action == "apply" else n.restore == "waiting"
+        return (
+            in_flight
+            and not n.cleared
+            and n.command_id is not None
+            and self._last.get(n.name) == n.command_id
+            and n.expires_at is not None
+            and n.expires_at > now
+        )
 
     @staticmethod
     def _parse_record(record: Mapping[str, Any]) -> _Rollout:
@@ -867,6 +867,10 @@ class RolloutEngine:
                     n.detail = ""
                     n.deadline, n.deadline_kind = now + r.spec.node_timeout_s, "node"
                     out.touch(r, now)
+                elif self._is_resendable(n, now):
+                    # A new connection of the node: a broker restarted without persistence
+                    # may have lost the retained command it waits for. A replay is ignored.
+                    out.add(PublishCommand(n.name, self._rebuild_command(r, n)))
                 continue
             if n.phase == "applying" and not n.failed:
                 self._fail(r, n, "offline", "went offline mid-job", now, out)

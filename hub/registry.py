@@ -50,7 +50,7 @@ class Transition(NamedTuple):
     reason: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per node, replaced on every heartbeat
 class NodeInfo:
     """What the hub knows about one node."""
 

@@ -87,6 +87,8 @@ _SUMMARY_SHARE = 0.05
 _QUEUE_LIMIT = 10_000
 #: Events handled before their actions are carried out (one store flush per batch).
 _BATCH_LIMIT = 1000
+#: Actions carried out between two yields to the event loop (a wave of 1000 commands).
+_YIELD_EVERY = 50
 #: Audit entries a ``show`` reply carries (the latest ones; replies are size-bounded).
 _SHOWN_AUDIT = 200
 _LISTED = 20
@@ -410,11 +412,16 @@ class RolloutManager:
                 await self._store.flush()
             except FleetError as exc:
                 _LOGGER.error("rollout state not on disk before publishing commands: %s", exc.reason)  # noqa: TRY400
-        for action in actions:
+        for index, action in enumerate(actions, 1):
             try:
                 await self._carry_out(action)
             except BusError as exc:
                 _LOGGER.warning("could not publish for %s: %s", getattr(action, "rollout", "?"), exc.reason)
+            if index % _YIELD_EVERY == 0:
+                # Let what is signed leave now (the nodes start while the rest is signed)
+                # and the bus be read meanwhile; batches are still carried out one at a
+                # time, in order, by the one event task.
+                await asyncio.sleep(0)
         for rollout in changed:
             self._dirty[rollout] = None
             if self._published_states.get(rollout) != self._engine.state(rollout):

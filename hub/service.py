@@ -502,7 +502,21 @@ class HubService:
             if channel == "state":
                 state = self._decoded(NodeState, message.payload, node)
                 if state is not None:
-                    await self._presence(self.registry.on_state(state, self._now()), state=state)
+                    before = self.registry.get(state.node)
+                    transition = self.registry.on_state(state, self._now())
+                    await self._presence(transition, state=state)
+                    if (
+                        transition is None
+                        and state.state == "online"
+                        and before is not None
+                        and before.online
+                        and before.session != state.session
+                        and self.manager is not None
+                    ):
+                        # A node online all along reconnected: what the broker retained for
+                        # it may be lost (a restart without persistence): its open command
+                        # goes out again (DESIGN 3.6).
+                        await self.manager.on_presence(state.node, True)
             elif channel == "heartbeat":
                 beat = self._decoded(Heartbeat, message.payload, node)
                 if beat is not None:

@@ -446,7 +446,7 @@ async def test_fleet_rollout_command_line(
     code, out, err = await fleet("rollout", *where, "create", str(bad_file))
     assert (code, out) == (2, "")
     assert len(err.strip().splitlines()) == 1
-    assert "plan.0.script.name" in err
+    assert "plan.0.name: Field required" in err
     code, _out, err = await fleet("rollout", *where, "create", str(not_json))
     assert code == 2
     assert "not valid JSON" in err

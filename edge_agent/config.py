@@ -26,6 +26,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from bus import config as bus_config
 from bus.errors import ConfigError, FleetError
 from bus.messages import Label, LabelValue, describe
 from bus.topics import DEFAULT_PREFIX, Topics, check_node_id
@@ -49,7 +50,7 @@ __all__ = [
 _LOGGER = logging.getLogger(__name__)
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
-CONFIG_FILE_NAME = "fleet.toml"
+CONFIG_FILE_NAME = bus_config.CONFIG_FILE_NAME
 
 #: Fields whose values are lists, given comma-separated in the environment.
 _LIST_FIELDS = ("trust", "labels", "packages", "drivers")
@@ -223,17 +224,8 @@ def load_agent_config(
 
 
 def find_config_file(explicit: str | Path | None, environ: Mapping[str, str], cwd: Path) -> Path | None:
-    """The TOML file to read: ``--config``, else FLEET_CONFIG, else ./fleet.toml if present.
-
-    Discovery of ./fleet.toml is off when FLEET_NO_CONFIG_DISCOVERY is set (tests).
-    """
-    named = explicit if explicit is not None else environ.get("FLEET_CONFIG") or None
-    if named is not None:
-        return cwd / Path(named)
-    if environ.get("FLEET_NO_CONFIG_DISCOVERY"):
-        return None
-    candidate = cwd / CONFIG_FILE_NAME
-    return candidate if candidate.is_file() else None
+    """The TOML file to read, found as for every fleet command (``bus.config.find_config_file``)."""
+    return bus_config.find_config_file(explicit, environ, cwd=cwd, home=Path.home())
 
 
 def read_agent_config(flags: Mapping[str, Any], environ: Mapping[str, str], cwd: Path) -> AgentConfig:
@@ -246,12 +238,7 @@ def read_agent_config(flags: Mapping[str, Any], environ: Mapping[str, str], cwd:
         ConfigError: the named file cannot be read, or a value is missing or wrong.
     """
     path = find_config_file(flags.get("config"), environ, cwd)
-    text = None
-    if path is not None:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    text = bus_config.read_config_text(path) if path is not None else None
     return load_agent_config(flags, environ, text, config_dir=path.parent if path else None, source=str(path))
 
 
@@ -282,13 +269,7 @@ def load_policy(path: Path) -> Policy:
 def _from_toml(text: str | None, config_dir: Path | None, source: str) -> dict[str, Any]:
     if not text:
         return {}
-    try:
-        document = tomllib.loads(text)
-    except ValueError as exc:
-        raise ConfigError(f"cannot parse {source}: {exc}") from exc
-    table = document.get("agent", {})
-    if not isinstance(table, dict):
-        raise ConfigError(f"{source}: [agent] must be a table")
+    table = bus_config.toml_table(text, "agent", source)
     values = {key.replace("-", "_"): _normalise(key.replace("-", "_"), v) for key, v in table.items()}
     if config_dir is not None:
         for key in _PATH_FIELDS:

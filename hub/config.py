@@ -31,14 +31,15 @@ from pydantic import (
     model_validator,
 )
 
+from bus.config import find_config_file, read_config_text, toml_table
 from bus.errors import ConfigError, InvalidInput
 from bus.mqtt import parse_broker_url
 from bus.topics import DEFAULT_PREFIX, Topics
 
 if sys.version_info >= (3, 11):
-    import tomllib
+    pass
 else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
+    pass  # type: ignore[import-not-found, unused-ignore]
 
 __all__ = [
     "NO_SIGNING_KEY",
@@ -203,14 +204,7 @@ def _load(
     origin: dict[str, str] = {}
     where = str(toml_path) if toml_path is not None else "config"
     if toml_text is not None:
-        try:
-            document = tomllib.loads(toml_text)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{where}: invalid TOML: {exc}") from exc
-        table = document.get(table_name, {})
-        if not isinstance(table, dict):
-            raise ConfigError(f"{where}: [{table_name}] must be a table")
-        for key, value in table.items():
+        for key, value in toml_table(toml_text, table_name, where).items():
             if key not in sources:
                 raise ConfigError(f"{where}: unknown key {key!r} in [{table_name}]")
             if key in _PATH_FIELDS and isinstance(value, str) and toml_path is not None:
@@ -281,33 +275,15 @@ def load_client_config(
 
 
 def config_file(flag: Path | str | None, environ: Mapping[str, str], *, cwd: Path, home: Path) -> Path | None:
-    """Which TOML file to read: ``--config``, ``FLEET_CONFIG``, else the first one discovered.
-
-    Discovery looks at ``cwd/fleet.toml``, ``$XDG_CONFIG_HOME/fleet/fleet.toml``
-    (default ``home/.config``) and ``/etc/fleet/fleet.toml``; it is off when
-    ``FLEET_NO_CONFIG_DISCOVERY`` is set (to anything but "", as for the agent).
-    """
-    if flag:
-        return Path(flag)
-    if environ.get("FLEET_CONFIG"):
-        return Path(environ["FLEET_CONFIG"])
-    if environ.get("FLEET_NO_CONFIG_DISCOVERY"):
-        return None
-    xdg = Path(environ["XDG_CONFIG_HOME"]) if environ.get("XDG_CONFIG_HOME") else home / ".config"
-    for candidate in (cwd / "fleet.toml", xdg / "fleet" / "fleet.toml", Path("/etc/fleet/fleet.toml")):
-        if candidate.is_file():
-            return candidate
-    return None
+    """Which TOML file to read (``bus.config.find_config_file``)."""
+    return find_config_file(flag, environ, cwd=cwd, home=home)
 
 
 def _read(flag: Path | str | None, environ: Mapping[str, str]) -> tuple[str | None, Path | None]:
-    path = config_file(flag, environ, cwd=Path.cwd(), home=Path.home())
+    path = find_config_file(flag, environ, cwd=Path.cwd(), home=Path.home())
     if path is None:
         return None, None
-    try:
-        return path.read_text(encoding="utf-8"), path
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    return read_config_text(path), path
 
 
 def read_hub_config(

@@ -568,7 +568,8 @@ async def check_outcome(
         phase = shown["nodes"][node]["phase"]
         # A node the rollout never reached stays pending, on the old version.
         untouched = not succeeded and phase == "pending" and not fleet.records(node, rollout)
-        assert untouched or phase == ("succeeded" if succeeded else "rolled_back"), f"{node}: {phase}; {context}"
+        wanted = "succeeded" if succeeded else "rolled_back"
+        assert untouched or phase == wanted, f"{node}: {phase}; {context}"
         assert fleet.parts(node) == {"a": version, "b": version}, f"{node} is mixed; {context}"
         runs: dict[tuple[str, str], int] = {}
         for row in fleet.records(node, rollout):

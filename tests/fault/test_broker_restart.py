@@ -27,7 +27,10 @@ _LOGGER = logging.getLogger(__name__)
 
 NODES = ["b1", "b2", "b3"]
 OUTCOMES = frozenset({"succeeded", "rolled_back"})
+TRIALS = trials(1, cap=10)
 
+
+@pytest.mark.timeout(90 + 120 * TRIALS)
 
 async def test_broker_restarted_mid_rollout(
     restartable_broker: RestartableBroker, topics: Topics, make_fleet: Any, rng: random.Random
@@ -38,7 +41,7 @@ async def test_broker_restarted_mid_rollout(
     async with observing(broker.url, topics) as observer:
         await start_fleet(fleet, observer, NODES)
         version = "v0"
-        for trial in range(trials(1, cap=10)):
+        for trial in range(TRIALS):
             await observer.online(NODES)  # after a restart, every node is back before the next rollout
             new = f"v{trial + 1}"
             # A short node timeout: what an amqtt restart loses (retained commands) ends as a

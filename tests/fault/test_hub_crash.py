@@ -26,6 +26,7 @@ from tests.fault.conftest import Fleet, Observer, check_outcome, observing, part
 _LOGGER = logging.getLogger(__name__)
 
 NODES = ["n1", "n2", "n3"]
+TRIALS = trials(3)
 
 
 async def crash_and_restart(fleet: Fleet, observer: Observer) -> None:
@@ -36,6 +37,7 @@ async def crash_and_restart(fleet: Fleet, observer: Observer) -> None:
     await observer.hub_ready(births)
 
 
+@pytest.mark.timeout(60 + 60 * TRIALS)
 async def test_hub_killed_at_random_moments_of_a_rollout(
     amqtt_broker: RunningBroker, topics: Topics, make_fleet: Any, rng: random.Random
 ) -> None:
@@ -44,7 +46,7 @@ async def test_hub_killed_at_random_moments_of_a_rollout(
         await start_fleet(fleet, observer, NODES)
         version = "v0"
         mid_flight = 0
-        for trial in range(trials(3)):
+        for trial in range(TRIALS):
             new = f"v{trial + 1}"
             body = await observer.ok("create_rollout", parts_spec(f"update {new}", new, NODES))
             rollout = body["rollout"]
@@ -56,9 +58,10 @@ async def test_hub_killed_at_random_moments_of_a_rollout(
             await check_outcome(fleet, observer, rollout, NODES, frozenset({"succeeded"}), version, new)
             _LOGGER.info("trial %d: recovered in %.1f s", trial, time.monotonic() - started)
             version = new
-        _LOGGER.info("hub kills mid-rollout: %d of %d trials", mid_flight, trials(3))
+        _LOGGER.info("hub kills mid-rollout: %d of %d trials", mid_flight, TRIALS)
 
 
+@pytest.mark.timeout(60 + 60 * TRIALS)
 async def test_hub_killed_at_random_moments_of_a_coordinated_rollback(
     mosquitto_broker: RunningBroker, topics: Topics, make_fleet: Any, rng: random.Random
 ) -> None:
@@ -66,7 +69,7 @@ async def test_hub_killed_at_random_moments_of_a_coordinated_rollback(
     async with observing(mosquitto_broker.url, topics) as observer:
         await start_fleet(fleet, observer, NODES)
         mid_flight = 0
-        for trial in range(trials(3)):
+        for trial in range(TRIALS):
             # The broken node is in the last wave: the first wave's node is rolled back by the hub.
             marker = fleet.state_dir(NODES[-1]) / "broken"
             marker.write_text("")
@@ -81,7 +84,7 @@ async def test_hub_killed_at_random_moments_of_a_coordinated_rollback(
             await crash_and_restart(fleet, observer)
             await check_outcome(fleet, observer, rollout, NODES, frozenset({"rolled_back"}), "v0", new)
             marker.unlink()
-        _LOGGER.info("hub kills mid-rollback: %d of %d trials", mid_flight, trials(3))
+        _LOGGER.info("hub kills mid-rollback: %d of %d trials", mid_flight, TRIALS)
 
 
 @pytest.fixture(autouse=True)

@@ -132,8 +132,9 @@ def test_config_file_choice(tmp_path: Path) -> None:
     home, cwd = tmp_path / "home", tmp_path / "cwd"
     (home / ".config" / "fleet").mkdir(parents=True)
     cwd.mkdir()
-    assert config_file("given.toml", {}, cwd=cwd, home=home) == Path("given.toml")
-    assert config_file(None, {"FLEET_CONFIG": "env.toml"}, cwd=cwd, home=home) == Path("env.toml")
+    assert config_file("given.toml", {}, cwd=cwd, home=home) == cwd / "given.toml"
+    assert config_file(None, {"FLEET_CONFIG": "env.toml"}, cwd=cwd, home=home) == cwd / "env.toml"
+    assert config_file("/etc/x.toml", {"FLEET_CONFIG": "env.toml"}, cwd=cwd, home=home) == Path("/etc/x.toml")
     user = home / ".config" / "fleet" / "fleet.toml"
     user.write_text("")
     assert config_file(None, {}, cwd=cwd, home=home) == user

@@ -452,7 +452,7 @@ def arguments(description: str, **defaults: Any) -> argparse.ArgumentParser:
 def emit(result: dict[str, Any], out: Path | None) -> None:
     """Print the one JSON object of this run (and write it to ``out``)."""
     result = {**result, "python": sys.version.split()[0], "cpus": os.cpu_count(),
-              "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+              "load1_after": round(os.getloadavg()[0], 2), "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     text = json.dumps(result, sort_keys=True)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

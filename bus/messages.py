@@ -75,6 +75,8 @@ ShortText = Annotated[str, StringConstraints(max_length=4096)]
 Label = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,62}$")]
 LabelValue = Annotated[str, StringConstraints(max_length=128)]
 Seconds = Annotated[float, Field(gt=0, le=7 * 86400)]
+#: Printable ASCII without spaces (a UUID, a CI job id, "deploy-2024-06-01-web").
+IdempotencyKey = Annotated[str, StringConstraints(pattern=r"^[!-~]{1,128}$")]
 
 
 def new_id() -> str:
@@ -273,7 +275,10 @@ class Command(_Strict):
     id: Id
     node: NodeId
     rollout: Id
-    action: Literal["apply", "rollback", "abort"]
+    action: Literal["apply", "rollback", "abort", "preflight"] = Field(
+        description="preflight (an extension): check the plan on the node without changing anything; "
+        "sent unretained, answered on the status topic."
+    )
     issued_at: float
     expires_at: float
     plan: list[Step] = Field(default_factory=list, max_length=64)
@@ -281,8 +286,8 @@ class Command(_Strict):
 
     @model_validator(mode="after")
     def _apply_has_plan(self) -> Command:
-        if self.action == "apply" and not self.plan:
-            raise ValueError("an apply command needs a non-empty plan")
+        if self.action in ("apply", "preflight") and not self.plan:
+            raise ValueError(f"an {self.action} command needs a non-empty plan")
         if self.expires_at <= self.issued_at:
             raise ValueError("expires_at must be later than issued_at")
         return self
@@ -346,7 +351,7 @@ class LogLine(_Report):
 # ------------------------------------------------------------------------ requests
 
 RequestOp = Literal[
-    "create_rollout", "abort", "rollback", "pause", "resume", "list", "show", "nodes"
+    "create_rollout", "abort", "rollback", "pause", "resume", "list", "show", "nodes", "plan"
 ]
 
 
@@ -415,6 +420,11 @@ class RolloutSpec(_Strict):
     step_timeout_s: Seconds = 300.0
     node_timeout_s: Seconds = 1800.0
     expires_after_s: Seconds = 3600.0
+    idempotency_key: IdempotencyKey | None = Field(
+        default=None,
+        description="Creating a rollout again with the same key returns the first rollout instead "
+        "of starting a second one (HTTP: the Idempotency-Key header).",
+    )
 
     @field_validator("targets")
     @classmethod

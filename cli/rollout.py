@@ -47,6 +47,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     # argparse converts a string default with `type`, so a bad FLEET_TIMEOUT is a usage error.
     create.add_argument("--timeout", type=float, default=env_default("FLEET_TIMEOUT", "86400"), metavar="S",
                         help="with --wait: give up after S seconds, exit 1 (FLEET_TIMEOUT; default 1 day)")
+    create.add_argument("--idempotency-key", default=env_default("FLEET_IDEMPOTENCY_KEY"), metavar="KEY",
+                        help="the same key again returns the same rollout instead of starting a second one "
+                        "(FLEET_IDEMPOTENCY_KEY; overrides the file's idempotency_key)")
     add_client_arguments(create, suppress=True)
     listing = sub.add_parser("list", help="every rollout the hub knows")
     listing.add_argument("--json", action="store_true", help="print the JSON list (as GET /api/rollouts)")
@@ -64,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
     config = client_config(args)
     if args.rollout_command == "create":
         spec = read_spec(args.file)
+        if args.idempotency_key:
+            spec = with_key(spec, args.idempotency_key)
         return asyncio.run(_create(config, spec, wait=args.wait, timeout=args.timeout))
     if args.rollout_command == "list":
         return asyncio.run(_list(config, as_json=args.json))
@@ -90,6 +95,20 @@ def read_spec(file: str) -> RolloutSpec:
         raise InvalidInput(f"{file}: {exc.reason}") from exc
 
 
+def with_key(spec: RolloutSpec, key: str) -> RolloutSpec:
+    """The spec with ``idempotency_key`` set; InvalidInput (exit 2) for a key the hub would refuse."""
+    from pydantic import ValidationError
+
+    from bus.errors import InvalidInput
+    from bus.messages import RolloutSpec, describe
+
+    data = {**spec.model_dump(mode="json", exclude_unset=True), "idempotency_key": key}
+    try:
+        return RolloutSpec.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidInput(f"--idempotency-key: {describe(exc, data)}") from exc
+
+
 def _failed(reply: Reply) -> int:
     """Report a refused request in one line; 2 for bad input, 1 otherwise."""
     body = reply.body if isinstance(reply.body, Mapping) else {}
@@ -112,6 +131,9 @@ async def _create(config: Any, spec: RolloutSpec, *, wait: bool, timeout: float)
             print(f"fleet rollout: no rollout id in the hub's reply: {reply.body!r:.200}", file=sys.stderr)
             return 1
         print(rollout, flush=True)
+        if body.get("existing"):
+            print(f"fleet rollout: {rollout} was started earlier with this idempotency key: "
+                  "nothing new started", file=sys.stderr, flush=True)
         if not wait:
             return 0
         return await _wait(session, rollout, timeout)

@@ -38,7 +38,7 @@ from bus.topics import Topics
 from edge_agent.settings import ExecutorSettings, Policy
 from edge_agent.steps.base import StepHandler
 
-__all__ = ["Accepted", "Ignored", "Rejected", "Verdict", "check_command", "check_plan"]
+__all__ = ["Accepted", "Ignored", "Rejected", "Verdict", "check_command", "check_plan", "check_step"]
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -121,6 +121,17 @@ def _policy_reason(step: Step, policy: Policy) -> str | None:
     return None
 
 
+def check_step(step: Step, settings: ExecutorSettings, handlers: Mapping[str, StepHandler]) -> str | None:
+    """Why this node refuses one step (unsupported type, local policy, the handler's check), or None.
+
+    Reads the scripts directory (scripts must exist); otherwise pure.
+    """
+    handler = handlers.get(step.type)
+    if handler is None:
+        return f"step type {step.type} is not supported by this agent"
+    return _policy_reason(step, settings.policy) or handler.check(step, settings)
+
+
 def check_plan(
     command: Command, settings: ExecutorSettings, handlers: Mapping[str, StepHandler]
 ) -> str | None:
@@ -129,10 +140,9 @@ def check_plan(
     Reads the scripts directory (scripts must exist); otherwise pure.
     """
     for index, step in enumerate(command.plan):
-        handler = handlers.get(step.type)
-        if handler is None:
+        if step.type not in handlers:
             return f"step {index}: step type {step.type} is not supported by this agent"
-        reason = _policy_reason(step, settings.policy) or handler.check(step, settings)
+        reason = check_step(step, settings, handlers)
         if reason is not None:
             return f"step {index} ({step.type}): {reason}"
     return None
@@ -209,6 +219,10 @@ def _check(
         return Ignored(f"command {command.id} already taken")
     if command.expires_at <= now:
         return _rejected(f"command expired {now - command.expires_at:.0f} s ago", raw, verified=True)
+    if command.action == "preflight":
+        # Read-only and never journalled: it neither raises the issued_at floor nor is
+        # held to it, and its plan is checked step by step by edge_agent.preflight.
+        return Accepted(command)
     if command.issued_at <= last_issued_at:
         return _rejected(
             f"command issued at {command.issued_at:.3f} is not later than the last command run "

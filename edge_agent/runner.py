@@ -55,7 +55,7 @@ from bus.messages import (
     encode,
 )
 from bus.topics import Topics
-from edge_agent import executor
+from edge_agent import executor, preflight
 from edge_agent.executor import ActiveJob, JournalState, Recovery
 from edge_agent.intake import Accepted, Ignored, Rejected, check_command
 from edge_agent.journal import Journal
@@ -73,6 +73,10 @@ Publish = Callable[..., Awaitable[None]]
 _MAX_LINE = 4096
 _ACTIONS: dict[str, Literal["apply", "rollback", "abort"]] = {a: a for a in ("apply", "rollback", "abort")}
 _MAX_DETAIL = 2000
+#: Pre-flight command ids remembered (a QoS 1 duplicate is not checked twice) and run at once.
+_PREFLIGHTS_REMEMBERED = 64
+_PREFLIGHTS_AT_ONCE = 4
+_PREFLIGHT_MAX_S = 120.0
 
 
 @dataclass
@@ -136,6 +140,8 @@ class CommandRunner:
         self._recovery: _Recover | None = None
         self._recovery_checked = False
         self._recovery_lock = asyncio.Lock()
+        self._preflights: set[asyncio.Task[None]] = set()
+        self._preflight_ids: deque[str] = deque(maxlen=_PREFLIGHTS_REMEMBERED)
         self._status_topic = topics.node(settings.node, "status")
         self._job_topic = topics.node(settings.node, "job")
         self._log_topic = topics.node(settings.node, "log")
@@ -203,6 +209,10 @@ class CommandRunner:
         A runner started later on the same state dir recovers the interrupted job.
         """
         self._closed = True
+        for task in list(self._preflights):
+            task.cancel()
+        if self._preflights:
+            await asyncio.wait(self._preflights)
         worker = self._worker
         if worker is not None and not worker.done():
             worker.cancel()
@@ -224,17 +234,34 @@ class CommandRunner:
         self._settings.state_dir.mkdir(parents=True, exist_ok=True)
         return self._journal.load()
 
-    async def _change(self, transition: Callable[[JournalState], JournalState]) -> JournalState:
-        """Apply a pure transition to the journal state and write it (atomic, fsynced)."""
+    async def _change(
+        self, transition: Callable[[JournalState], JournalState], *, durable: bool = True
+    ) -> JournalState:
+        """Apply a pure transition to the journal state and write it (atomic, fsynced).
+
+        A write that fails (a full or read-only disk) raises OSError when ``durable``:
+        what must be on disk before it happens (a command taken, a step started) does
+        not happen. Otherwise (undoing, reporting an outcome) the work goes on from
+        memory and the journal catches up at the next write that succeeds; undo is
+        idempotent, so a crash meanwhile only makes the restart undo again.
+        """
         async with self._state_lock:
             current = self._state if self._state is not None else await asyncio.to_thread(self._load_blocking)
             new = transition(current)
+            try:
+                await asyncio.to_thread(self._journal.save, new)
+            except OSError as exc:
+                if durable:
+                    raise
+                _LOGGER.warning("%s; going on from memory", self._unjournalled(exc))
             self._state = new
-            await asyncio.to_thread(self._journal.save, new)
             return new
 
-    async def _update(self, rollout: str, index: int, **changes: Any) -> None:
-        await self._change(lambda s: executor.update_step(s, rollout, index, **changes))
+    async def _update(self, rollout: str, index: int, *, durable: bool = True, **changes: Any) -> None:
+        await self._change(lambda s: executor.update_step(s, rollout, index, **changes), durable=durable)
+
+    def _unjournalled(self, exc: OSError) -> str:
+        return f"cannot write the journal {self._journal.path}: {exc.strerror or exc}"
 
     def _entry(self, rollout: str) -> executor.ApplyEntry | None:
         return self._state.applies.get(rollout) if self._state is not None else None
@@ -309,7 +336,10 @@ class CommandRunner:
         if verdict.verified and verdict.command_id and verdict.rollout and verdict.action:
             # Only a verified command may replace the retained snapshot; remembering
             # it keeps a replay of the same retained command silent.
-            await self._change(lambda s: executor.remember(s, verdict.command_id, None))
+            try:
+                await self._change(lambda s: executor.remember(s, verdict.command_id, None))
+            except OSError as exc:  # the refusal is still reported; only its memory is lost
+                _LOGGER.warning("journal not written: %s", exc)
             await self._send(
                 self._job_topic,
                 JobSnapshot(
@@ -355,6 +385,9 @@ class CommandRunner:
             return
         assert isinstance(verdict, Accepted)  # noqa: S101 - the Verdict union is closed
         command = verdict.command
+        if command.action == "preflight":
+            self._start_preflight(command)  # read-only, beside any job; never journalled
+            return
         if command.action == "apply":
             busy = self._busy_with()
             if busy is not None:
@@ -369,7 +402,22 @@ class CommandRunner:
                     )
                 )
                 return
-        await self._change(lambda s: executor.remember(s, command.id, command.issued_at))
+        try:
+            await self._change(lambda s: executor.remember(s, command.id, command.issued_at))
+        except OSError as exc:
+            # Nothing may run before the journal knows (DESIGN 3.3): a state dir that is
+            # full or read-only refuses the command, with the cause.
+            await self._reject(
+                Rejected(
+                    self._unjournalled(exc),
+                    command_id=command.id,
+                    rollout=command.rollout,
+                    action=command.action,
+                    issued_at=command.issued_at,
+                    verified=True,
+                )
+            )
+            return
         job = self._job
         if (
             command.action != "apply"
@@ -393,11 +441,47 @@ class CommandRunner:
         if task is not None and not task.done():
             task.cancel()
         _LOGGER.info("%s %s takes over rollout %s", command.action, command.id, command.rollout)
-        await self._change(lambda s: executor.adopt(s, command))
+        await self._change(lambda s: executor.adopt(s, command), durable=False)
         if task is not None:
             await self._log(
                 job.ident, job.index if job.index is not None else -1, f"{command.action}: step cancelled"
             )
+
+    # ------------------------------------------------------------------ pre-flight
+
+    def _start_preflight(self, command: Command) -> None:
+        if command.id in self._preflight_ids or len(self._preflights) >= _PREFLIGHTS_AT_ONCE:
+            return  # a duplicate delivery (QoS 1), or a flood: the hub counts it as unanswered
+        self._preflight_ids.append(command.id)
+        task = asyncio.create_task(self._run_preflight(command), name=f"preflight-{command.id}")
+        self._preflights.add(task)
+        task.add_done_callback(self._preflights.discard)
+
+    async def _run_preflight(self, command: Command) -> None:
+        """Check the plan without changing anything; one status per check, then the verdict (index -1)."""
+        who = ActiveJob(
+            command=command.id, action="apply", rollout=command.rollout, issued_at=command.issued_at
+        )
+        busy = self._busy_with()
+        try:
+            checks = await preflight.run_preflight(
+                command.plan,
+                self._settings,
+                self._handlers,
+                busy_with=busy if busy != command.rollout else None,
+                timeout=max(1.0, min(command.expires_at - self._clock(), _PREFLIGHT_MAX_S)),
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            _LOGGER.exception("pre-flight %s failed inside the agent", command.id)
+            await self._status(who, -1, "preflight", "failed", f"agent error: {type(exc).__name__}: {exc}")
+            return
+        for check in checks:
+            await self._status(who, check.index, check.type, check.state, check.detail)
+        state, summary = preflight.summarize(checks)
+        await self._status(who, -1, "preflight", state, summary)
+        _LOGGER.info("pre-flight %s for rollout plan %s: %s", command.id, command.rollout, summary)
 
     # ------------------------------------------------------------------ the worker
 
@@ -525,14 +609,34 @@ class CommandRunner:
 
     async def _run_apply(self, job: _Job, command: Command) -> None:
         rollout = command.rollout
-        await self._change(lambda s: executor.begin(s, command))
+        try:
+            await self._change(lambda s: executor.begin(s, command))
+        except OSError as exc:
+            await self._reject(
+                Rejected(
+                    self._unjournalled(exc),
+                    command_id=command.id,
+                    rollout=command.rollout,
+                    action=command.action,
+                    issued_at=command.issued_at,
+                    verified=True,
+                )
+            )
+            return
         await self._snapshot(job.ident, "applying")
         failed = False
         for index, step in enumerate(command.plan):
             if job.preempted:
                 break
             job.index = index
-            await self._update(rollout, index, state="running", detail="")
+            try:
+                await self._update(rollout, index, state="running", detail="")
+            except OSError as exc:  # no step starts unless the journal knows (DESIGN 3.3)
+                error = self._unjournalled(exc)
+                _LOGGER.error("step %d (%s) of %s not started: %s", index, step.type, command.id, error)  # noqa: TRY400
+                await self._status(job.ident, index, step.type, "failed", error)
+                failed = True
+                break
             await self._status(job.ident, index, step.type, "running")
             await self._snapshot(job.ident, "applying")
             handler = self._handler(step.type)
@@ -544,34 +648,43 @@ class CommandRunner:
                 outcome = await self._guarded(handler.apply(step, ctx), timeout, job, cancellable=True)
             if outcome.cancelled:
                 detail = f"cancelled by {job.ident.action} {job.ident.command}"
-                await self._update(rollout, index, state="cancelled", detail=detail)
+                await self._update(rollout, index, durable=False, state="cancelled", detail=detail)
                 break
             if outcome.error is None:
-                await self._update(rollout, index, state="succeeded", record=outcome.record)
+                await self._update(rollout, index, durable=False, state="succeeded", record=outcome.record)
                 await self._status(job.ident, index, step.type, "succeeded")
                 await self._snapshot(job.ident, "applying")
                 continue
             error = outcome.error
             _LOGGER.warning("step %d (%s) of %s failed: %s", index, step.type, command.id, error)
-            await self._update(rollout, index, state="failed", detail=error)
+            await self._update(rollout, index, durable=False, state="failed", detail=error)
             await self._status(job.ident, index, step.type, "failed", error)
             await self._snapshot(job.ident, "applying")
             failed = True
             break
         job.index = None
         if not failed and not job.preempted:
-            job.final = True
-            await self._change(lambda s: executor.finish(executor.set_phase(s, rollout, "succeeded")))
-            await self._snapshot(job.ident, "succeeded")
-            _LOGGER.info("apply %s of rollout %s succeeded", command.id, rollout)
-            return
+            try:
+                await self._change(lambda s: executor.finish(executor.set_phase(s, rollout, "succeeded")))
+            except OSError as exc:
+                # A success the journal does not hold would be undone by the next restart's
+                # recovery behind the hub's back: undo it now, and say why.
+                error = self._unjournalled(exc)
+                last = len(command.plan) - 1
+                _LOGGER.error("apply %s of rollout %s not recorded: %s", command.id, rollout, error)  # noqa: TRY400
+                await self._status(job.ident, last, command.plan[last].type, "failed", error)
+            else:
+                job.final = True
+                await self._snapshot(job.ident, "succeeded")
+                _LOGGER.info("apply %s of rollout %s succeeded", command.id, rollout)
+                return
         await self._undo(job)
 
     async def _undo(self, job: _Job) -> None:
         """Undo, last first, every step of the rollout's entry that is not undone yet."""
         rollout = job.ident.rollout
         job.undoing = True
-        await self._change(lambda s: executor.set_phase(s, rollout, "rolling_back"))
+        await self._change(lambda s: executor.set_phase(s, rollout, "rolling_back"), durable=False)
         await self._snapshot(job.ident, "rolling_back")
         entry = self._entry(rollout)
         assert entry is not None  # noqa: S101 - callers checked
@@ -579,7 +692,7 @@ class CommandRunner:
             job.index = index
             step = entry.plan[index]
             record = entry.steps[index].record
-            await self._update(rollout, index, undo="running")
+            await self._update(rollout, index, durable=False, undo="running")
             handler = self._handler(step.type)
             timeout = self._timeout(step)
             if handler is None:
@@ -591,13 +704,13 @@ class CommandRunner:
                 )
             error = "cancelled" if outcome.cancelled else outcome.error
             if error is None:
-                await self._update(rollout, index, undo="done", undo_detail="")
+                await self._update(rollout, index, durable=False, undo="done", undo_detail="")
                 await self._status(job.ident, index, step.type, "rolled_back")
             else:
                 _LOGGER.error(
                     "undo of step %d (%s) of rollout %s failed: %s", index, step.type, rollout, error
                 )
-                await self._update(rollout, index, undo="failed", undo_detail=error)
+                await self._update(rollout, index, durable=False, undo="failed", undo_detail=error)
                 await self._status(job.ident, index, step.type, "failed", f"undo failed: {error}")
             await self._snapshot(job.ident, "rolling_back")
         job.index = None
@@ -605,17 +718,19 @@ class CommandRunner:
         done = self._entry(rollout)
         assert done is not None  # noqa: S101
         phase, detail = executor.undo_outcome(done)
-        await self._change(lambda s: executor.finish(executor.set_phase(s, rollout, phase, detail)))
+        await self._change(
+            lambda s: executor.finish(executor.set_phase(s, rollout, phase, detail)), durable=False
+        )
         await self._snapshot(job.ident, phase, detail)
         _LOGGER.info("rollout %s on this node: %s %s", rollout, phase, detail)
 
     async def _run_undo_command(self, job: _Job, command: Command) -> None:
-        await self._change(lambda s: executor.begin(s, command))
+        await self._change(lambda s: executor.begin(s, command), durable=False)
         entry = self._entry(command.rollout)
         if entry is None or not executor.undo_order(entry.steps):
             detail = "nothing to undo" if command.action == "abort" else "nothing to roll back"
             job.final = True
-            await self._change(executor.finish)
+            await self._change(executor.finish, durable=False)
             await self._status(job.ident, -1, "command", "rolled_back", detail)
             await self._snapshot(job.ident, "rolled_back", detail)
             return
@@ -624,17 +739,17 @@ class CommandRunner:
     async def _run_recovery(self, job: _Job, plan: Recovery) -> None:
         entry = plan.entry
         if entry is None:
-            await self._change(executor.finish)
+            await self._change(executor.finish, durable=False)
             return
         rollout = entry.rollout
         if plan.interrupted is not None:
             index = plan.interrupted
             detail = "interrupted: the agent stopped during this step"
-            await self._update(rollout, index, state="interrupted", detail=detail)
+            await self._update(rollout, index, durable=False, state="interrupted", detail=detail)
             await self._status(job.ident, index, entry.steps[index].type, "failed", detail)
         if entry.phase in executor.FINAL_PHASES:
             job.final = True
-            await self._change(executor.finish)
+            await self._change(executor.finish, durable=False)
             await self._snapshot(job.ident, entry.phase, entry.detail)
             return
         await self._undo(job)

@@ -23,10 +23,10 @@ import json
 import logging
 import socket
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 import uvicorn
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -131,6 +131,11 @@ class Created(BaseModel):
     """``POST /api/updates`` accepted the rollout."""
 
     rollout: str = Field(description="The new rollout's id.")
+    existing: bool = Field(
+        default=False,
+        description="Present (true) only when the idempotency key named a rollout started earlier: "
+        "nothing new started.",
+    )
 
 
 class Accepted(BaseModel):
@@ -323,16 +328,48 @@ def make_app(service: HubApi, token: str | None, *, max_body_bytes: int = MAX_BO
         tags=["rollouts"],
         summary="Start a rollout",
         openapi_extra=_CREATE_BODY,
-        responses=_responses(400, 409, 413, 422),
+        responses={
+            **_responses(400, 409, 413, 422),
+            200: {"description": "dry_run=true: the plan (`kind: plan`); nothing was started."},
+        },
+        response_model=Created,
+        response_model_exclude_unset=True,  # "existing" only when true: DESIGN 5's {"rollout": id}
     )
-    async def create_update(request: Request) -> Created:
-        """Start a rollout from a RolloutSpec: 202 with its id; 409 names offline or unknown targets."""
+    async def create_update(
+        request: Request,
+        dry_run: Annotated[
+            bool,
+            Query(
+                description="true: start nothing; answer 200 with the plan (targets, waves, timing and "
+                "every online target's pre-flight), as `fleet rollout plan` and the `plan` request op."
+            ),
+        ] = False,
+        idempotency_key: Annotated[
+            str | None,
+            Header(
+                alias="Idempotency-Key",
+                description="The spec's idempotency_key: a retry with the same key returns the same "
+                "rollout (existing: true) instead of starting a second one.",
+            ),
+        ] = None,
+    ) -> Any:
+        """Start a rollout from a RolloutSpec: 202 with its id; 409 names offline or unknown targets.
+
+        With ``dry_run=true`` nothing starts: 200 with the plan (``"kind": "plan"``).
+        """
         data = await _read_json_object(request, max_body_bytes)
+        if idempotency_key is not None:
+            given = data.get("idempotency_key")
+            if given is not None and given != idempotency_key:
+                raise _Refused(422, "the Idempotency-Key header and the body's idempotency_key differ")
+            data = {**data, "idempotency_key": idempotency_key}
         try:
             spec = RolloutSpec.model_validate(data)
         except ValidationError as exc:
             errors = explain(exc, data)
             raise _Refused(422, one_line(errors), errors=errors) from None
+        if dry_run:
+            return JSONResponse(await ask("plan", spec.model_dump(mode="json")), status_code=200)
         result = await ask("create_rollout", spec.model_dump(mode="json"))
         return Created.model_validate(result)
 

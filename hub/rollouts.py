@@ -67,6 +67,8 @@ from hub.engine import (
     Tick,
     check_record,
 )
+from hub.idempotency import IdempotencyIndex
+from hub.plan import Planner
 
 __all__ = ["FleetView", "RolloutManager", "RolloutStore"]
 
@@ -83,6 +85,8 @@ _RECHECK_S = 0.02
 #: their summary less often (its bytes grow with the nodes; fixed-rate publishing
 #: would make the bytes of one rollout grow with the square of its size).
 _SUMMARY_SHARE = 0.05
+#: ... and publish at most about this many summary bytes a second.
+_SUMMARY_BYTES_PER_S = 200_000
 #: Events waiting for the engine before reports wait for room (back-pressure on the bus).
 _QUEUE_LIMIT = 10_000
 #: Events handled before their actions are carried out (one store flush per batch).
@@ -165,6 +169,17 @@ class RolloutManager:
         self._new_id = new_id
         self._interval = summary_interval_s
         self._engine = RolloutEngine(new_id=new_id, resume_grace_s=resume_grace_s)
+        self._idempotent = IdempotencyIndex()
+        self._planner = Planner(
+            topics=topics,
+            publish=publish,
+            resolve=registry.resolve,
+            is_online=registry.is_online,
+            busy=self._engine.busy,
+            signing_key=signing_key,
+            clock=clock,
+            new_id=new_id,
+        )
         self._queue: asyncio.Queue[tuple[EngineEvent, asyncio.Future[None] | None]] = asyncio.Queue(
             _QUEUE_LIMIT
         )
@@ -190,6 +205,7 @@ class RolloutManager:
                 continue
             records.append(record)
         await self._process([(RolloutsLoaded(tuple(records)), None)])
+        self._idempotent.load(records)
         self._running = True
         for coro, name in (
             (self._event_loop(), "rollouts-events"),
@@ -245,14 +261,17 @@ class RolloutManager:
         """Answer one rollout request.
 
         Args:
-            op: ``create_rollout`` (body: a RolloutSpec), ``abort``, ``rollback``,
-                ``pause``, ``resume``, ``show`` (body: ``{"rollout": id}``) or ``list``.
+            op: ``create_rollout`` or ``plan`` (body: a RolloutSpec; see ``hub.plan``),
+                ``abort``, ``rollback``, ``pause``, ``resume``, ``show`` (body:
+                ``{"rollout": id}``) or ``list``.
             body: the request's body.
 
         Returns:
-            ``{"rollout": id}`` for create; ``{"rollout", "state"}`` for the
+            ``{"rollout": id}`` for create (plus ``"existing": true`` when its
+            ``idempotency_key`` named an earlier rollout); ``{"rollout", "state"}`` for the
             operations; for ``show`` the summary plus its ``plan`` and the latest
-            ``audit`` entries; for ``list`` every summary, newest first; as JSON values.
+            ``audit`` entries; for ``list`` every summary, newest first; for ``plan``
+            the plan with every node's pre-flight (nothing started); as JSON values.
 
         Raises:
             InvalidInput: a bad spec or body (the message names the field).
@@ -261,7 +280,9 @@ class RolloutManager:
             NotFound: an unknown rollout id.
         """
         if op == "create_rollout":
-            return {"rollout": await self._create(body)}
+            return await self._idempotent.create(body, self._create)
+        if op == "plan":
+            return await self._planner.plan(body)
         if op == "list":
             return [summary.model_dump(mode="json") for summary in self.summaries()]
         if op not in _REQUESTS and op != "show":
@@ -328,6 +349,8 @@ class RolloutManager:
         if report.node != node:
             _LOGGER.warning("%s on %s's topic names node %r: ignored", channel, node, report.node)
             return
+        if isinstance(report, StepStatus) and self._planner.take(node, report):
+            return  # a pre-flight's answer (hub.plan)
         if not self._engine.has(report.rollout):
             return  # another hub's, or a rollout this hub no longer keeps
         event: EngineEvent = (
@@ -457,32 +480,42 @@ class RolloutManager:
 
     # ------------------------------------------------------------------ background tasks
 
-    async def _flush_summaries(self) -> None:
+    async def _flush_summaries(self) -> int:
+        """Put and publish every changed rollout; return the bytes published."""
         dirty = list(self._dirty)
         self._dirty.clear()
+        published = 0
         for rollout in dirty:
             self._store.put("rollouts", rollout, self._engine.record(rollout))
             summary = self._engine.summary(rollout)
             self._published_states[rollout] = summary.state
+            payload = encode(summary)
             try:
-                await self._publish(self._topics.rollout(rollout), encode(summary), qos=1, retain=True)
+                await self._publish(self._topics.rollout(rollout), payload, qos=1, retain=True)
             except BusError as exc:
                 _LOGGER.warning("summary of %s not published: %s", rollout, exc.reason)
+            published += len(payload)
+        return published
 
     async def _summary_loop(self) -> None:
         """Coalesce: publish what changed, then wait before the next round.
 
         The wait is ``summary_interval_s``, or longer when a round takes more than
-        ``_SUMMARY_SHARE`` of the time (a 1000-node rollout: about 4 rounds a
-        second); a change of a rollout's state ends the wait at once.
+        ``_SUMMARY_SHARE`` of the time or publishes more than
+        ``_SUMMARY_BYTES_PER_S`` (a 1000-node rollout: about 4 rounds a second);
+        a change of a rollout's state ends the wait at once.
         """
         while self._running:
             await self._dirty_event.wait()
             self._dirty_event.clear()
             self._urgent.clear()
             started = time.monotonic()
-            await self._flush_summaries()
-            pause = max(self._interval, (time.monotonic() - started) / _SUMMARY_SHARE)
+            published = await self._flush_summaries()
+            pause = max(
+                self._interval,
+                (time.monotonic() - started) / _SUMMARY_SHARE,
+                published / _SUMMARY_BYTES_PER_S,
+            )
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._urgent.wait(), pause)
 

@@ -20,8 +20,11 @@ __all__ = ["HANDLER", "apply", "check", "undo"]
 
 
 def check(step: DownloadStep, settings: ExecutorSettings) -> str | None:
-    """The URL's host must be one the policy allows."""
-    host = urlsplit(step.url).hostname or ""
+    """The URL must parse and its host be one the policy allows."""
+    try:
+        host = urlsplit(step.url).hostname or ""
+    except ValueError as exc:  # e.g. "http://[::1": the refusal names it, not a traceback
+        return f"invalid download URL {step.url[:200]!r}: {exc}"
     if not Policy.matches(settings.policy.download_hosts, host):
         return f"download host {host} is not allowed by this node's policy"
     return None

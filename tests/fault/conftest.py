@@ -37,6 +37,7 @@ import pytest
 
 from bus.errors import BusError, InvalidInput
 from bus.messages import (
+    Event,
     HubState,
     JobSnapshot,
     NodeState,
@@ -183,6 +184,13 @@ SCRIPTS = {
         'sleep "${1:-0}"\n'
         'if [ -e "$FLEET_STATE_DIR/broken" ]; then echo "broken on purpose" >&2; exit 1; fi\n'
         "echo ok\n"
+    ),
+    "fill.sh": (
+        "#!/bin/sh\n"
+        "# fill.sh: apply writes $FLEET_STATE_DIR/blob until the disk is full (and fails);\n"
+        "# rollback removes it.\n"
+        'if [ "$FLEET_PHASE" = apply ]; then exec dd if=/dev/zero of="$FLEET_STATE_DIR/blob" bs=64k; fi\n'
+        'rm -f "$FLEET_STATE_DIR/blob"\n'
     ),
     "slow.sh": (
         "#!/bin/sh\n"
@@ -338,6 +346,7 @@ class Observer:
         self.states: dict[str, NodeState] = {}
         self.cmds: dict[str, bytes] = {}
         self.statuses: list[StepStatus] = []
+        self.events: list[tuple[float, Event]] = []
         self.hub_state: HubState | None = None
         self.hub_births = 0
         self._changed = asyncio.Event()
@@ -369,6 +378,9 @@ class Observer:
         if rollout is not None:
             if payload:
                 self.summaries[rollout] = decode(RolloutSummary, payload)
+            return
+        if topic == self.topics.events:
+            self.events.append((time.monotonic(), decode(Event, payload)))
             return
         if topic == self.topics.hub_state:
             if payload:

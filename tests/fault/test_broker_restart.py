@@ -31,7 +31,6 @@ TRIALS = trials(1, cap=10)
 
 
 @pytest.mark.timeout(90 + 120 * TRIALS)
-
 async def test_broker_restarted_mid_rollout(
     restartable_broker: RestartableBroker, topics: Topics, make_fleet: Any, rng: random.Random
 ) -> None:

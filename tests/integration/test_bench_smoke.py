@@ -42,7 +42,7 @@ def run_bench(script: str, *args: str, timeout: float = 100) -> dict[str, Any]:
     lines = proc.stdout.decode().strip().splitlines()
     assert len(lines) == 1, lines  # exactly one JSON object, nothing else on stdout
     result: dict[str, Any] = json.loads(lines[0])
-    assert COMMON <= set(result), set(result)
+    assert set(result) >= COMMON, set(result)
     return result
 
 

@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -35,7 +36,16 @@ from bus.messages import (
 from bus.mqtt import Message, MqttClient
 from bus.signing import generate_keypair, load_private_key, sign_command
 from bus.topics import Topics
-from edge_agent.simulator import STEP_TYPES, SimulationConfig, Simulator, node_ids, parse_fail, ram_dir
+from edge_agent.simulator import (
+    STEP_TYPES,
+    InlineExecutor,
+    SimulationConfig,
+    Simulator,
+    is_ram_backed,
+    node_ids,
+    parse_fail,
+    ram_dir,
+)
 from hub.config import HubConfig
 from hub.service import HubService
 from tests.conftest import RunningBroker
@@ -179,6 +189,32 @@ def test_every_protocol_step_type_is_simulated() -> None:
     }
 
 
+def test_ram_backed_paths_are_told_by_their_mount() -> None:
+    mounts = "\n".join(
+        [
+            "/dev/vda / ext4 rw 0 0",
+            "tmpfs /dev/shm tmpfs rw,nosuid 0 0",
+            "tmpfs /data tmpfs rw 0 0",
+            "/dev/vdb /data/disk ext4 rw 0 0",
+            "short line",
+        ]
+    )
+    assert is_ram_backed(Path("/dev/shm/fleet-sim-1/node"), mounts)
+    assert is_ram_backed(Path("/data/x"), mounts)
+    assert not is_ram_backed(Path("/data/disk/x"), mounts)  # the deepest mount decides
+    assert not is_ram_backed(Path("/tmp/x"), mounts)
+    assert not is_ram_backed(Path("/dev/shmem"), mounts)
+
+
+async def test_inline_executor_runs_calls_at_once_in_the_loop_thread() -> None:
+    loop = asyncio.get_running_loop()
+    executor = InlineExecutor()
+    assert await loop.run_in_executor(executor, threading.get_ident) == threading.get_ident()
+    with pytest.raises(ZeroDivisionError):
+        await loop.run_in_executor(executor, divmod, 1, 0)
+    executor.shutdown()
+
+
 def test_fail_must_name_a_simulated_node(topics: Topics) -> None:
     config = SimulationConfig(broker="mqtt://127.0.0.1:9", nodes=2, prefix=topics.prefix, fail={"other-1": 0})
     with pytest.raises(ConfigError, match="not simulated: other-1"):
@@ -260,6 +296,38 @@ async def test_a_failing_node_makes_the_hub_roll_the_simulated_fleet_back(
         assert failing in restored
 
 
+async def test_a_burst_of_reports_costs_few_summaries_and_store_rewrites(
+    broker: RunningBroker,
+    topics: Topics,
+    keys: tuple[Path, Path],
+    hub: HubService,
+    recorder: Recorder,
+) -> None:
+    config = sim_config(broker, topics, keys, nodes=60, step_ms=0, start_batch=30, heartbeat_s=5)
+    async with Simulator(config) as sim:
+        nodes = sim.node_ids
+        await until(lambda: all(hub.registry.is_online(n) for n in nodes), "every node online at the hub")
+        rewrites = hub.store.rewrites
+        reply = await hub.request("create_rollout", {"name": "burst", "targets": nodes, "plan": PLAN})
+        summary = await rollout_final(hub, reply["rollout"])
+        assert summary.state == "succeeded", summary.detail
+        topic = topics.rollout(reply["rollout"])
+        await until(
+            lambda: any(m.topic == topic and b'"succeeded"' in m.payload for m in recorder.seen),
+            "the final summary",
+        )
+
+        def reports() -> list[Message]:
+            return [m for m in recorder.seen if m.topic.endswith(("/status", "/job")) and m.payload]
+
+        # 60 nodes x (4 step reports + 6 snapshots) ...
+        await until(lambda: len(reports()) >= 60 * 10, "every report")
+    summaries = [m for m in recorder.seen if m.topic == topic]
+    # ... coalesced into a few summaries and a few store commits.
+    assert len(summaries) <= len(reports()) // 20
+    assert hub.store.rewrites - rewrites <= len(reports()) // 20
+
+
 async def test_simulated_nodes_refuse_forged_and_misaddressed_commands(
     broker: RunningBroker,
     topics: Topics,
@@ -297,6 +365,36 @@ async def test_simulated_nodes_refuse_forged_and_misaddressed_commands(
             assert any(f"for node '{second}'" in s.detail for s in rejected)
             await pub.publish(topics.node(first, "cmd"), b"", qos=1, retain=True, wait=True)
         assert sim.work.applied == 0
+
+
+async def test_a_memory_journal_writes_no_file_and_still_ignores_replays(
+    mosquitto_broker: RunningBroker,
+    topics: Topics,
+    keys: tuple[Path, Path],
+    recorder: Recorder,
+    tmp_path: Path,
+) -> None:
+    config = sim_config(mosquitto_broker, topics, keys, nodes=2, journal="memory", state_root=tmp_path / "s")
+    hub_key = load_private_key(keys[0])
+    async with Simulator(config) as sim:
+        node = sim.node_ids[0]
+        now = time.time()
+        command = Command(
+            id=new_id(), node=node, rollout="r-1", action="apply",
+            issued_at=now, expires_at=now + 600, plan=PLAN,
+        )
+        payload = encode(sign_command(command, hub_key))
+        topic = topics.node(node, "cmd")
+        async with MqttClient(mosquitto_broker.url, client_id=f"pub-{uuid.uuid4().hex[:8]}") as pub:
+            await pub.publish(topic, payload, qos=1, wait=True)
+            await until(lambda: succeeded(recorder, node), "the job to succeed")
+            await pub.publish(topic, payload, qos=1, wait=True)  # a replay: ignored, silently
+            await pub.publish(topic, b"{}", qos=1, wait=True)  # taken after it: rejected, loudly
+            await until(lambda: any(s.state == "rejected" for s in recorder.statuses()), "the rejection")
+        assert not list((tmp_path / "s").rglob("journal.json"))
+        # The replay was known (the journal state lives on in memory): nothing ran again.
+        assert sim.work.applied == len(PLAN)
+        assert len([s for s in recorder.statuses() if s.state == "rejected"]) == 1
 
 
 async def test_hundreds_of_nodes_share_one_process_and_one_loop(

@@ -17,9 +17,11 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     StringConstraints,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -282,7 +284,19 @@ class Command(_Strict):
     issued_at: float
     expires_at: float
     plan: list[Step] = Field(default_factory=list, max_length=64)
+    defer_until: float | None = Field(
+        default=None,
+        description="An extension (edge_agent.deferral): an apply may wait for the node's update lock "
+        "until then; absent: no waiting. Left out of the JSON when absent, so older agents read it.",
+    )
     sig: Annotated[str, StringConstraints(max_length=256)] = ""
+
+    @model_serializer(mode="wrap")
+    def _without_absent_extensions(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        if isinstance(data, dict) and data.get("defer_until") is None:
+            data.pop("defer_until", None)
+        return data
 
     @model_validator(mode="after")
     def _apply_has_plan(self) -> Command:
@@ -293,8 +307,11 @@ class Command(_Strict):
         return self
 
 
-StepStateName = Literal["running", "succeeded", "failed", "skipped", "rolled_back", "rejected"]
-JobPhase = Literal["applying", "succeeded", "failed", "rolling_back", "rolled_back", "rejected"]
+StepStateName = Literal["running", "succeeded", "failed", "skipped", "rolled_back", "rejected", "deferred"]
+#: "deferred" (waiting for the node's update lock) and "not_started" (gave up waiting) are extensions.
+JobPhase = Literal[
+    "applying", "succeeded", "failed", "rolling_back", "rolled_back", "rejected", "deferred", "not_started"
+]
 
 
 class StepStatus(_Report):
@@ -384,6 +401,26 @@ class TargetLabels(_Strict):
 Percent = Annotated[str, StringConstraints(pattern=r"^(100|[1-9][0-9]?)(\.[0-9]+)?%$")]
 
 
+class AdaptivePace(_Strict):
+    """Adaptive waves: grow after clean waves, shrink or hold when failures appear (``hub.adaptive``)."""
+
+    start: Annotated[int, Field(ge=1)] | Percent = Field(
+        default=1, description="Nodes (or percent of the targets) in the first wave."
+    )
+    max: Annotated[int, Field(ge=1)] | Percent | None = Field(
+        default=None, description="Largest wave, a count or percent; none: no cap."
+    )
+    grow_factor: float = Field(
+        default=2.0, gt=1, le=10, description="Next wave = size x this after a clean wave."
+    )
+    on_failures: Literal["shrink", "hold"] = Field(
+        default="shrink", description="After a wave with (tolerated) failures: shrink or hold the size."
+    )
+    shrink_factor: float = Field(
+        default=0.5, gt=0, lt=1, description="Next wave = size x this when shrinking."
+    )
+
+
 class Strategy(_Strict):
     """How a rollout spreads over its targets."""
 
@@ -399,6 +436,17 @@ class Strategy(_Strict):
     soak_s: float = Field(
         default=0.0, ge=0, le=86400, description="A wave succeeds after its nodes stay healthy this long."
     )
+    adaptive: AdaptivePace | None = Field(
+        default=None,
+        description="Instead of fixed waves: grow after clean waves, shrink or hold on failures.",
+    )
+
+    @model_validator(mode="after")
+    def _waves_or_adaptive(self) -> Strategy:
+        # (The default ["100%"] may stand beside adaptive: a dumped spec carries it.)
+        if self.adaptive is not None and list(self.waves) != ["100%"]:
+            raise ValueError("give either waves or adaptive, not both")
+        return self
 
 
 class FailurePolicy(_Strict):
@@ -420,6 +468,13 @@ class RolloutSpec(_Strict):
     step_timeout_s: Seconds = 300.0
     node_timeout_s: Seconds = 1800.0
     expires_after_s: Seconds = 3600.0
+    max_defer_s: float = Field(
+        default=0.0,
+        ge=0,
+        le=7 * 86400,
+        description="How long a node whose update lock is held may hold back its apply; past it the "
+        "node is reported not_started (not failed). 0: a locked node does not wait.",
+    )
     idempotency_key: IdempotencyKey | None = Field(
         default=None,
         description="Creating a rollout again with the same key returns the first rollout instead "
@@ -456,6 +511,8 @@ NodePhase = Literal[
     "rejected",
     "timed_out",
     "offline",
+    "deferred",
+    "not_started",
 ]
 
 
@@ -467,6 +524,8 @@ class RolloutCounts(_Report):
     succeeded: int = 0
     failed: int = 0
     rolled_back: int = 0
+    deferred: int = 0
+    not_started: int = 0
 
 
 class NodeSummary(_Report):

@@ -1,9 +1,11 @@
-"""``fleet rollout [--broker URL] create FILE.json [--wait] | list | show ID | abort ID | rollback ID | ...``.
+"""``fleet rollout [--broker URL] create FILE.json [--wait] | plan FILE.json | list | show ID | ...``.
 
 Every action is one ``Request`` on the ``hub/request`` topic. ``create`` prints
 only the new rollout id on stdout; with ``--wait`` it follows the retained
 ``rollout/{id}`` summary, prints progress to stderr and exits 0 only for
-``succeeded``. Exit codes: 0 ok, 1 refused or failed, 2 bad input.
+``succeeded``. ``plan`` is a dry run (``hub.plan``): it prints the plan and every
+online target's pre-flight, starts nothing, and exits 0 only when the plan looks
+good. Exit codes: 0 ok, 1 refused or failed, 2 bad input.
 """
 
 from __future__ import annotations
@@ -51,6 +53,15 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="the same key again returns the same rollout instead of starting a second one "
                         "(FLEET_IDEMPOTENCY_KEY; overrides the file's idempotency_key)")
     add_client_arguments(create, suppress=True)
+    planning = sub.add_parser(
+        "plan", help="dry run: targets, waves, timing and every online target's pre-flight; starts nothing"
+    )
+    planning.add_argument("file", help="RolloutSpec JSON file, or - for stdin")
+    planning.add_argument("--json", action="store_true", help="print the plan as JSON (as the plan op)")
+    planning.add_argument("--preflight-timeout", type=float, default=10.0, metavar="S",
+                          help="wait at most S seconds for the nodes' pre-flight answers (default 10)")
+    planning.add_argument("--no-preflight", action="store_true", help="do not ask the nodes")
+    add_client_arguments(planning, suppress=True)
     listing = sub.add_parser("list", help="every rollout the hub knows")
     listing.add_argument("--json", action="store_true", help="print the JSON list (as GET /api/rollouts)")
     add_client_arguments(listing, suppress=True)
@@ -70,6 +81,11 @@ def run(args: argparse.Namespace) -> int:
         if args.idempotency_key:
             spec = with_key(spec, args.idempotency_key)
         return asyncio.run(_create(config, spec, wait=args.wait, timeout=args.timeout))
+    if args.rollout_command == "plan":
+        spec = read_spec(args.file)
+        return asyncio.run(
+            _plan(config, spec, timeout=args.preflight_timeout, ask=not args.no_preflight, as_json=args.json)
+        )
     if args.rollout_command == "list":
         return asyncio.run(_list(config, as_json=args.json))
     as_json = getattr(args, "json", False)
@@ -137,6 +153,31 @@ async def _create(config: Any, spec: RolloutSpec, *, wait: bool, timeout: float)
         if not wait:
             return 0
         return await _wait(session, rollout, timeout)
+
+
+async def _plan(config: Any, spec: RolloutSpec, *, timeout: float, ask: bool, as_json: bool) -> int:
+    """Print the hub's plan; exit 0 when it looks good, 1 when it would fail."""
+    from bus.errors import InvalidInput
+    from hub.plan import MAX_PREFLIGHT_TIMEOUT_S, plan_lines
+
+    if not 0 < timeout <= MAX_PREFLIGHT_TIMEOUT_S:
+        raise InvalidInput(f"--preflight-timeout must be above 0 and at most {MAX_PREFLIGHT_TIMEOUT_S:g}")
+    body = {
+        "spec": spec.model_dump(mode="json", exclude_unset=True),
+        "preflight_timeout_s": timeout,
+        "preflight": ask,
+    }
+    async with hub_session(config) as session:
+        session.timeout = max(session.timeout, timeout + 10.0)
+        reply = await session.call("plan", body)
+    if not reply.ok:
+        return _failed(reply)
+    plan = reply.body if isinstance(reply.body, Mapping) else {}
+    if as_json:
+        print(json.dumps(plan, indent=2))
+    else:
+        print("\n".join(plan_lines(plan)))
+    return 0 if plan.get("ok") else 1
 
 
 async def _wait(session: HubSession, rollout: str, timeout: float) -> int:

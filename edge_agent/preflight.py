@@ -180,12 +180,12 @@ async def _download(
 ) -> Check:
     if await asyncio.to_thread(_has_sha256, settings.cache_dir / step.name, step.sha256):
         return Check(index, step.type, "succeeded", f"{step.name} is already in the cache (sha256 ok)")
+    size = step.max_bytes
+    sizes.append(size)  # needed space, whether or not the URL answers now
     shown = system.redact_url(step.url)
     response = await system.http_get(step.url, timeout=timeout, max_bytes=1)
     if response.status >= 400:
         return Check(index, step.type, "failed", f"HTTP {response.status} from {shown}")
-    size = step.max_bytes
-    sizes.append(size)
     note = f"; at most {size / _MIB:.1f} MiB" if size is not None else "; size unknown (no max_bytes)"
     return Check(index, step.type, "succeeded", f"{shown} answers HTTP {response.status}{note}")
 

@@ -55,7 +55,7 @@ from bus.messages import (
     encode,
 )
 from bus.topics import Topics
-from edge_agent import executor, preflight
+from edge_agent import deferral, executor, preflight
 from edge_agent.executor import ActiveJob, JournalState, Recovery
 from edge_agent.intake import Accepted, Ignored, Rejected, check_command
 from edge_agent.journal import Journal
@@ -77,6 +77,8 @@ _MAX_DETAIL = 2000
 _PREFLIGHTS_REMEMBERED = 64
 _PREFLIGHTS_AT_ONCE = 4
 _PREFLIGHT_MAX_S = 120.0
+#: How often a deferred apply looks at the update lock again.
+_DEFER_POLL_S = 0.5
 
 
 @dataclass
@@ -469,6 +471,7 @@ class CommandRunner:
                 self._settings,
                 self._handlers,
                 busy_with=busy if busy != command.rollout else None,
+                lock=lambda: deferral.busy_reason(self._settings),
                 timeout=max(1.0, min(command.expires_at - self._clock(), _PREFLIGHT_MAX_S)),
             )
         except asyncio.CancelledError:
@@ -607,7 +610,65 @@ class CommandRunner:
     def _handler(self, step_type: str) -> StepHandler | None:
         return self._handlers.get(step_type)
 
+    async def _defer(self, job: _Job, command: Command) -> bool:
+        """Hold the apply back while the node's update lock is held (``edge_agent.deferral``).
+
+        Returns True when the apply may go on; False when it ended here: the lock
+        outlasted ``defer_until`` (job ``not_started``), or an abort or rollback of
+        the rollout took the job over while it waited (nothing ran: ``rolled_back``).
+        """
+        env = {
+            "FLEET_ROLLOUT": command.rollout,
+            "FLEET_COMMAND": command.id,
+            "FLEET_STATE_DIR": str(self._settings.state_dir),
+        }
+        waited = False
+
+        async def busy(reason: str) -> None:
+            nonlocal waited
+            waited = True
+            _LOGGER.info("apply %s of rollout %s deferred: %s", command.id, command.rollout, reason)
+            await self._status(job.ident, -1, "command", "deferred", reason)
+            await self._snapshot(job.ident, "deferred", reason)
+
+        until = command.defer_until if command.defer_until is not None else self._clock()
+        task = asyncio.create_task(
+            deferral.wait_until_free(
+                self._settings, until, clock=self._clock, poll_s=_DEFER_POLL_S, on_busy=busy, env=env
+            )
+        )
+        job.step_task = task
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:
+            task.cancel()
+            await asyncio.wait({task})
+            raise
+        finally:
+            job.step_task = None
+        if job.preempted or task.cancelled():
+            detail = "nothing to undo: the apply never started (it was deferred)"
+            job.final = True
+            await self._change(executor.finish, durable=False)
+            await self._status(job.ident, -1, "command", "rolled_back", detail)
+            await self._snapshot(job.ident, "rolled_back", detail)
+            return False
+        still = task.result()
+        if still is None:
+            if waited:
+                await self._log(job.ident, -1, "the node is free again: applying")
+            return True
+        allowed = max(0.0, until - command.issued_at)
+        detail = f"not started: {still} (the rollout allows waiting {allowed:g} s)"
+        job.final = True
+        _LOGGER.warning("apply %s of rollout %s %s", command.id, command.rollout, detail)
+        await self._status(job.ident, -1, "command", "skipped", detail)
+        await self._snapshot(job.ident, "not_started", detail)
+        return False
+
     async def _run_apply(self, job: _Job, command: Command) -> None:
+        if not await self._defer(job, command):
+            return
         rollout = command.rollout
         try:
             await self._change(lambda s: executor.begin(s, command))

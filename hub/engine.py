@@ -47,7 +47,8 @@ from bus.messages import (
     describe,
     new_id,
 )
-from hub.waves import dispatchable, plan_waves
+from hub.adaptive import initial_waves, next_pace, resplit
+from hub.waves import dispatchable
 
 __all__ = [
     "FINAL_STATES",
@@ -76,10 +77,12 @@ FINAL_STATES = frozenset({"succeeded", "halted", "rolled_back", "rollback_failed
 _STATES = FINAL_STATES | {"pending", "running", "paused", "rolling_back", "aborting"}
 #: Smallest step between two ``issued_at`` of one node (floats of epoch seconds keep 1 ms exactly).
 ISSUE_STEP_S = 0.001
+#: A deferring node that has not started this long after its ``defer_until`` is not_started.
+DEFER_GRACE_S = 15.0
 RECORD_VERSION = 1
 
 Restore = Literal["waiting", "restored", "unrestored"]
-DeadlineKind = Literal["node", "expiry", "restore"]
+DeadlineKind = Literal["node", "expiry", "restore", "defer"]
 CommandAction = Literal["apply", "rollback", "abort"]
 
 # ---------------------------------------------------------------------------- events
@@ -242,7 +245,7 @@ class _Node:
     @property
     def is_open(self) -> bool:
         """An apply in flight or a restore the hub waits for."""
-        return self.queued or self.phase == "applying" or self.restore == "waiting"
+        return self.queued or self.phase in ("applying", "deferred") or self.restore == "waiting"
 
 
 _NODE_FIELDS = tuple(f.name for f in dataclasses.fields(_Node))
@@ -300,7 +303,7 @@ def _all_nodes(r: _Rollout, key: str, names: Sequence[str], holds: Callable[[_No
 
 
 def _wave_done(n: _Node) -> bool:
-    return (n.applied or n.failed) and not n.queued and n.phase != "applying"
+    return (n.applied or n.failed or n.phase == "not_started") and not n.queued and n.phase != "applying"
 
 
 def _not_waiting(n: _Node) -> bool:
@@ -399,7 +402,10 @@ class RolloutEngine:
     def summary(self, rollout: str) -> RolloutSummary:
         """The ``RolloutSummary`` of ``rollout``; NotFound if unknown."""
         r = self._get(rollout)
-        counts = {"pending": 0, "running": 0, "succeeded": 0, "failed": 0, "rolled_back": 0}
+        counts = {
+            "pending": 0, "running": 0, "succeeded": 0, "failed": 0, "rolled_back": 0, "deferred": 0,
+            "not_started": 0,
+        }
         nodes: dict[str, NodeSummary] = {}
         for node in r.nodes.values():
             counts[_COUNTED_AS[node.phase]] += 1
@@ -538,7 +544,7 @@ class RolloutEngine:
                 f"busy in another rollout: {', '.join(busy[:20])}" + (" ..." if len(busy) > 20 else ""),
                 nodes=busy,
             )
-        waves = plan_waves(nodes, event.spec.strategy.waves)
+        waves = initial_waves(nodes, event.spec.strategy)
         wave_of = {node: i for i, wave in enumerate(waves) for node in wave}
         r = _Rollout(
             id=event.rollout,
@@ -611,7 +617,10 @@ class RolloutEngine:
 
     def _is_resendable(self, n: _Node, now: float) -> bool:
         """Its latest command is still awaited, retained and unexpired: publishing it again is safe."""
-        in_flight = n.queued or n.phase == "applying" if n.action == "apply" else n.restore == "waiting"
+        if n.action == "apply":
+            in_flight = n.queued or n.phase in ("applying", "deferred")
+        else:
+            in_flight = n.restore == "waiting"
         return (
             in_flight
             and not n.cleared
@@ -719,7 +728,7 @@ class RolloutEngine:
             return
         r, n = found
         if n.withdrawn and status.command == n.apply_id:
-            if status.state != "rejected":
+            if status.state not in ("rejected", "deferred", "skipped"):
                 self._late_start(r, n, now, out)
             return
         if status.command != n.command_id:
@@ -737,6 +746,13 @@ class RolloutEngine:
         self._progress(r, now, out)
 
     def _fold_apply_status(self, r: _Rollout, n: _Node, status: StepStatus, now: float, out: _Out) -> None:
+        if status.index < 0 and status.state in ("deferred", "skipped"):
+            # edge_agent.deferral: waiting for the node's update lock, or gave up waiting.
+            if status.state == "deferred":
+                self._deferred(r, n, status.detail, now, out)
+            else:
+                self._not_started(r, n, status.detail or "not started: gave up waiting", now, out)
+            return
         index = status.index if status.index >= 0 else None
         if status.state == "rejected":
             if n.phase in ("pending", "applying") and n.step is None and not n.failed:
@@ -768,7 +784,7 @@ class RolloutEngine:
             return
         r, n = found
         if n.withdrawn and snap.id == n.apply_id:
-            if snap.phase != "rejected":
+            if snap.phase not in ("rejected", "deferred", "not_started"):
                 self._late_start(r, n, now, out)
             return
         if snap.id != n.command_id:
@@ -792,7 +808,11 @@ class RolloutEngine:
             if failed_step is not None
             else (snap.detail or f"job {snap.phase}")
         )
-        if snap.phase == "applying":
+        if snap.phase == "deferred":
+            self._deferred(r, n, snap.detail, now, out)
+        elif snap.phase == "not_started":
+            self._not_started(r, n, snap.detail or "not started: gave up waiting", now, out)
+        elif snap.phase == "applying":
             if not n.failed and not n.applied:
                 self._started(r, n, now)
                 n.step = step
@@ -902,6 +922,9 @@ class RolloutEngine:
                     self._fail(r, n, "timed_out", "did not start before its command expired", now, out)
                     n.deadline = n.deadline_kind = None
                     self._clear(n, out)
+                elif n.deadline_kind == "defer":
+                    waited = f"still deferred after {_seconds(r.spec.max_defer_s)}"
+                    self._not_started(r, n, f"not started: {waited} ({n.detail})", now, out)
                 elif n.deadline_kind == "restore":
                     self._unrestored(
                         r,
@@ -928,7 +951,7 @@ class RolloutEngine:
     # ------------------------------------------------------------------ node transitions
 
     def _started(self, r: _Rollout, n: _Node, now: float) -> None:
-        if n.queued:
+        if n.queued or n.phase == "deferred":
             n.queued = False
             n.deadline, n.deadline_kind = now + r.spec.node_timeout_s, "node"
         n.touched = True
@@ -1011,6 +1034,33 @@ class RolloutEngine:
         self._audit(r, "node_not_restored", f"{n.name} {reason}", out, node=n.name, command=n.command_id)
         out.touch(r, now)
 
+    def _deferred(self, r: _Rollout, n: _Node, reason: str, now: float, out: _Out) -> None:
+        """The node's update lock holds its apply back (``edge_agent.deferral``): waiting, not failing."""
+        if n.failed or n.applied or n.phase in ("not_started", "deferred"):
+            if n.phase == "deferred" and reason:
+                n.detail = reason
+            return
+        n.queued = False
+        n.phase, n.detail = "deferred", reason or "deferred"
+        until = (n.issued_at if n.issued_at is not None else now) + r.spec.max_defer_s
+        n.deadline, n.deadline_kind = until + DEFER_GRACE_S, "defer"
+        self._audit(r, "node_deferred", f"{n.name} {n.detail}", out, node=n.name, until=until)
+        out.touch(r, now)
+
+    def _not_started(self, r: _Rollout, n: _Node, reason: str, now: float, out: _Out) -> None:
+        """The node never started its apply (gave up deferring): final, not a failure; its command goes."""
+        if n.failed or n.applied or n.phase == "not_started":
+            return
+        n.queued = False
+        n.touched = False  # it changed nothing: nothing to restore
+        n.withdrawn = True  # should it start after all, it gets an abort (see _late_start)
+        n.phase, n.detail = "not_started", reason
+        n.deadline = n.deadline_kind = None
+        n.done_at = now
+        self._clear(n, out)
+        self._audit(r, "node_not_started", f"{n.name} {reason}", out, node=n.name, command=n.command_id)
+        out.touch(r, now)
+
     def _late_start(self, r: _Rollout, n: _Node, now: float, out: _Out) -> None:
         """A node started an apply that was withdrawn (cleared) before it could: undo it."""
         n.withdrawn = False
@@ -1044,6 +1094,7 @@ class RolloutEngine:
             issued_at=issued,
             expires_at=issued + r.spec.expires_after_s,
             plan=r.plan if action == "apply" else [],
+            defer_until=issued + r.spec.max_defer_s if action == "apply" and r.spec.max_defer_s else None,
         )
         n.command_id, n.action = command.id, action
         n.issued_at, n.expires_at = command.issued_at, command.expires_at
@@ -1062,6 +1113,9 @@ class RolloutEngine:
             issued_at=n.issued_at,
             expires_at=n.expires_at,
             plan=r.plan if n.action == "apply" else [],
+            defer_until=(
+                n.issued_at + r.spec.max_defer_s if n.action == "apply" and r.spec.max_defer_s else None
+            ),
         )
 
     def _send_apply(self, r: _Rollout, n: _Node, now: float, out: _Out) -> None:
@@ -1175,7 +1229,7 @@ class RolloutEngine:
             if n.queued:
                 self._withdraw(r, n, now, out)
                 sent["withdrawn"] += 1
-            elif n.phase == "applying" and not n.failed:
+            elif n.phase in ("applying", "deferred") and not n.failed:
                 self._send_restore(r, n, "abort", now, out)
                 sent["abort"] += 1
             elif n.restore in ("waiting", "restored"):
@@ -1217,6 +1271,25 @@ class RolloutEngine:
             self._audit(r, r.state, r.detail, out, not_restored={n.name: n.detail for n in unrestored[:100]})
         out.touch(r, now)
 
+    def _repace(self, r: _Rollout, out: _Out) -> None:
+        """Adaptive pace (``hub.adaptive``): size the waves left from how this one went; audit why."""
+        adaptive = r.spec.strategy.adaptive
+        assert adaptive is not None  # noqa: S101 - the caller checked
+        names = r.waves[r.wave]
+        failed = sum(1 for name in names if r.nodes[name].failed)
+        done = sum(1 for name in names if r.nodes[name].applied and not r.nodes[name].failed)
+        pace = next_pace(adaptive, len(r.nodes), len(names), r.wave + 1, done, failed)
+        left = resplit([name for wave in r.waves[r.wave + 1 :] for name in wave], pace.size)
+        r.waves[r.wave + 1 :] = left
+        for number, wave in enumerate(left, r.wave + 1):
+            for name in wave:
+                r.nodes[name].wave = number
+        kind = "pace_changed" if pace.change in ("grow", "shrink") else "pace_held"
+        self._audit(
+            r, kind, pace.reason, out,
+            wave=r.wave + 1, change=pace.change, next_size=pace.size, failed=failed, waves_left=len(left),
+        )
+
     def _advance(self, r: _Rollout, now: float, out: _Out) -> None:
         """Dispatch within the current wave, and move on once it is done and soaked."""
         soak = r.spec.strategy.soak_s
@@ -1249,6 +1322,8 @@ class RolloutEngine:
                     )
             if soak > 0 and now < max(r.wave_done_at + soak, r.hold_until):
                 return
+            if r.spec.strategy.adaptive is not None and r.wave + 1 < len(r.waves):
+                self._repace(r, out)
             if r.wave + 1 < len(r.waves):
                 r.wave += 1
                 r.wave_done_at = None
@@ -1269,6 +1344,9 @@ class RolloutEngine:
                 if tolerated
                 else f"succeeded on {len(r.nodes)} nodes"
             )
+            idle = sum(1 for n in r.nodes.values() if n.phase == "not_started")
+            if idle:
+                r.detail += f"; {idle} not started (deferred or offline: not failures)"
             self._audit(r, "succeeded", r.detail, out, failed=r.failures[:50])
             out.touch(r, now)
             return
@@ -1283,5 +1361,7 @@ _COUNTED_AS = {
     "rejected": "failed",
     "timed_out": "failed",
     "offline": "failed",
+    "deferred": "deferred",
+    "not_started": "not_started",
     "rolled_back": "rolled_back",
 }

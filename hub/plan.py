@@ -47,6 +47,7 @@ from bus.errors import BusError, InvalidInput
 from bus.messages import Command, RolloutSpec, StepStatus, describe, encode, new_id
 from bus.signing import sign_command
 from bus.topics import Topics
+from hub.adaptive import projected_waves
 from hub.waves import plan_waves
 
 __all__ = [
@@ -103,7 +104,13 @@ def build_draft(
 ) -> Draft:
     """Resolve targets and waves as ``create_rollout`` and the engine will."""
     targets = list(known)
-    waves = plan_waves(targets, spec.strategy.waves) if targets else []
+    adaptive = spec.strategy.adaptive
+    if not targets:
+        waves: list[list[str]] = []
+    elif adaptive is not None:
+        waves = projected_waves(targets, adaptive)  # the fastest it can go: every wave clean
+    else:
+        waves = plan_waves(targets, spec.strategy.waves)
     return Draft(
         spec=spec,
         targets=targets,
@@ -416,6 +423,11 @@ class Planner:
                 warnings.append(f"offline targets get their command when they return: {queued}")
         if draft.busy:
             problems.append(f"busy in another rollout: {_listed(draft.busy)}")
+        if spec.strategy.adaptive is not None:
+            warnings.append(
+                "adaptive pace: the waves shown are the fastest case (every wave clean); failures "
+                "shrink or hold the next wave"
+            )
         nodes = result["preflight"].get("nodes", {})
         bad = {n: i for n, i in nodes.items() if i["state"] != "passed"}
         for node, info in list(bad.items())[:_LISTED]:

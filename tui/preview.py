@@ -9,15 +9,26 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import ValidationError
 
 from bus.errors import InvalidInput
 from bus.messages import RolloutSpec, TargetLabels, describe, loads_object
+from hub.adaptive import projected_waves
+from hub.plan import DEFAULT_PREFLIGHT_TIMEOUT_S, plan_lines
 from hub.waves import plan_waves
 from tui.model import NodeView
 
-__all__ = ["Preview", "compute_waves", "make_preview", "parse_spec", "resolve_targets"]
+__all__ = [
+    "Preview",
+    "compute_waves",
+    "hub_plan_lines",
+    "make_preview",
+    "parse_spec",
+    "plan_request",
+    "resolve_targets",
+]
 
 
 def parse_spec(text: str) -> RolloutSpec:
@@ -97,5 +108,22 @@ def make_preview(spec: RolloutSpec, nodes: Mapping[str, NodeView], now: float) -
     """Resolve ``spec`` against the known nodes as of ``now``."""
     targets, unknown = resolve_targets(spec, nodes)
     offline = [n for n in targets if nodes[n].presence(now) == "offline"]
-    waves = compute_waves(targets, spec.strategy.waves)
+    adaptive = spec.strategy.adaptive
+    waves = projected_waves(targets, adaptive) if adaptive else compute_waves(targets, spec.strategy.waves)
     return Preview(spec, targets, unknown, offline, waves)
+
+
+def plan_request(spec_body: Mapping[str, Any], request_timeout_s: float) -> dict[str, Any]:
+    """The body of the hub's ``plan`` request for a spec (when connected, the hub's plan is the preview).
+
+    The nodes' pre-flight answers are awaited for at most the default (10 s) and
+    always some seconds less than the TUI waits for a reply, so a slow node shows
+    as "did not answer" rather than the whole request timing out.
+    """
+    wait = max(1.0, min(DEFAULT_PREFLIGHT_TIMEOUT_S, request_timeout_s - 3.0))
+    return {"spec": dict(spec_body), "preflight_timeout_s": wait}
+
+
+def hub_plan_lines(plan: Mapping[str, Any], limit: int = 12) -> list[str]:
+    """The hub's plan (targets, waves, timing, each node's pre-flight) as lines; labelled a plan."""
+    return plan_lines(plan, limit)

@@ -80,6 +80,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "fault: fault-injection and fuzz suite (FLEET_FAULT_TRIALS=N for a long run)"
     )
+    # hypothesis's report of a falsifying example touches mypy_extensions.TypedDict, whose
+    # deprecation warning (an error here) would hide the example behind an INTERNALERROR.
+    config.addinivalue_line(
+        "filterwarnings", "ignore:mypy_extensions.TypedDict is deprecated:DeprecationWarning"
+    )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -265,6 +270,7 @@ class Fleet:
         heartbeat_s: float = 0.5,
         keepalive_s: int = 5,
         wrapper: list[str] | None = None,
+        env: dict[str, str] | None = None,
     ) -> Proc:
         """Start (or restart) a node's agent on its state dir."""
         state = self.prepare_node(node)
@@ -277,11 +283,15 @@ class Fleet:
             count = sum(1 for p in self.procs if p.name == node)
             log = self.root / "logs" / f"{node}-{count}.log"
             proc = Proc(
-                node, [*wrapper, sys.executable, "-m", "cli.main", *argv], log, self.root, clean_env()
+                node,
+                [*wrapper, sys.executable, "-m", "cli.main", *argv],
+                log,
+                self.root,
+                clean_env(**(env or {})),
             )
             self.procs.append(proc)
         else:
-            proc = self._spawn(node, argv)
+            proc = self._spawn(node, argv, **(env or {}))
         self.agents[node] = proc
         return proc
 

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import random
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -31,7 +32,7 @@ from bus.topics import Topics
 from edge_agent import system
 from edge_agent.steps import HANDLERS
 from tests.conftest import RunningBroker, free_port
-from tests.fault.conftest import Fleet, SlowWeb, observing
+from tests.fault.conftest import Fleet, Proc, SlowWeb, observing
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class Scenario:
     kill_within_s: float = 0.3  # the kill lands this long (at most) after the step's "running"
     #: Or, for a quick step: the kill lands as soon as this sees the step's work in progress.
     caught: Callable[[Path], bool] | None = None
+    env: dict[str, str] | None = None  # of the agent (fakes of system tools)
 
 
 def _no_temp_files(directory: Path, *names: str) -> None:
@@ -129,7 +131,80 @@ def service_scenario(fleet: Fleet, web: SlowWeb) -> Scenario:
     return Scenario([{"type": "service", "action": "stop", "name": "stubborn"}], check, config=config)
 
 
+ROOT = Path(__file__).resolve().parents[2]
+FAKE_BIN = ROOT / "tests" / "fakes" / "bin"
+
+
+def _fakes(fleet: Fleet, slow: dict[str, str]) -> dict[str, str]:
+    """The environment that puts tests/fakes first on PATH, behind wrappers that make one
+    subcommand of a tool slow *after* it did its work (the agent dies before it can record it).
+    """
+    slowbin = fleet.root / "slowbin"
+    slowbin.mkdir(exist_ok=True)
+    for tool, verb in slow.items():
+        wrapper = slowbin / tool
+        wrapper.write_text(
+            "#!/bin/sh\n"
+            f'"{FAKE_BIN / tool}" "$@"; code=$?\n'
+            f'case " $* " in *" {verb} "*) sleep 3;; esac\n'
+            "exit $code\n"
+        )
+        wrapper.chmod(0o755)
+    state = fleet.root / "fake-state"
+    state.mkdir(exist_ok=True)
+    path = [str(slowbin), str(FAKE_BIN), str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)]
+    return {"PATH": os.pathsep.join(path), "FLEET_FAKE_STATE": str(state)}
+
+
+def _tool(env: dict[str, str], *argv: str) -> str:
+    result = subprocess.run(
+        argv, env={**os.environ, **env}, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, (argv, result.stdout, result.stderr)
+    return result.stdout.strip()
+
+
+def _called(state: Path, tool: str, verb: str) -> bool:
+    log = state / "calls.log"
+    calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    return any(call[0] == tool and verb in call[1:] for call in calls)
+
+
+def container_scenario(fleet: Fleet, web: SlowWeb) -> Scenario:
+    env = _fakes(fleet, {"docker": "run"})
+    state = Path(env["FLEET_FAKE_STATE"])
+    (state / "docker.json").write_text(json.dumps({"registry": {"web:1": {}, "web:2": {}}}))
+    _tool(env, "docker", "run", "-d", "--name", "web", "-e", "MODE=prod", "web:1")
+    old_id = _tool(env, "docker", "image", "inspect", "-f", "{{.Id}}", "web:1")
+
+    def check(_state: Path) -> None:
+        assert _tool(env, "docker", "inspect", "-f", "{{.Image}}", "web") == old_id
+        assert _tool(env, "docker", "inspect", "-f", "{{.State.Running}}", "web") == "true"
+        assert "MODE=prod" in _tool(env, "docker", "inspect", "-f", "{{json .Config.Env}}", "web")
+
+    step = {"type": "container", "name": "web", "image": "web:2"}
+    # Killed once the new container runs, before the agent could record it.
+    return Scenario([step], check, env=env, caught=lambda _state: _called(state, "docker", "run"))
+
+
+def package_scenario(fleet: Fleet, web: SlowWeb) -> Scenario:
+    env = _fakes(fleet, {"dnf": "install"})
+    state = Path(env["FLEET_FAKE_STATE"])
+    (state / "rpm.json").write_text(
+        json.dumps({"repo": {"app": ["1.0-1", "2.0-1"]}, "installed": {"app": "1.0-1"}})
+    )
+
+    def check(_state: Path) -> None:
+        assert _tool(env, "rpm", "-q", "--qf", "%{VERSION}-%{RELEASE}", "app") == "1.0-1"
+
+    step = {"type": "package", "manager": "dnf", "name": "app", "version": "2.0-1"}
+    # Killed once dnf installed 2.0-1, before the agent could record it.
+    return Scenario([step], check, env=env, caught=lambda _state: _called(state, "dnf", "install"))
+
+
 SCENARIOS: dict[str, Callable[[Fleet, SlowWeb], Scenario]] = {
+    "container": container_scenario,
+    "package": package_scenario,
     "script": script_scenario,
     "download": download_scenario,
     "file": file_scenario,
@@ -150,7 +225,7 @@ def _step_record(state: Path, index: int) -> dict[str, Any]:
 
 
 def test_every_registered_step_type_has_a_crash_scenario() -> None:
-    missing = sorted(set(HANDLERS) - set(SCENARIOS))
+    missing = sorted(set(HANDLERS) - set(SCENARIOS) - {"module"})  # module: the test below
     assert not missing, f"step types without an agent-crash scenario in {__name__}: {missing}"
 
 
@@ -188,7 +263,7 @@ async def test_agent_killed_mid_step_is_restored_and_accounted_for(
     ]
     async with observing(amqtt_broker.url, topics) as observer:
         fleet.start_hub()
-        fleet.start_agent(NODE, *extra)
+        fleet.start_agent(NODE, *extra, env=scenario.env)
         await observer.hub_ready(0)
         await observer.online([NODE])
         body = await observer.ok(
@@ -197,7 +272,7 @@ async def test_agent_killed_mid_step_is_restored_and_accounted_for(
         rollout = body["rollout"]
         await observer.status(rollout, "running", index=index)
         if scenario.caught is not None:
-            await _poll(lambda: scenario.caught(state), 0.001, 30.0)  # type: ignore[misc]
+            await _poll(lambda: scenario.caught(state), 0.005, 30.0)  # type: ignore[misc]
         else:
             await asyncio.sleep(rng.uniform(0.0, scenario.kill_within_s))
         fleet.agents[NODE].kill()
@@ -205,7 +280,7 @@ async def test_agent_killed_mid_step_is_restored_and_accounted_for(
         in_step = steps[index] == "running"
         _LOGGER.info("%s: killed with the journal at %s", step_type, steps)
         assert in_step, f"the kill missed the {step_type} step: {steps}"
-        fleet.start_agent(NODE, *extra)
+        fleet.start_agent(NODE, *extra, env=scenario.env)
         summary = await observer.final(rollout)
         context = f"{summary}\n{fleet.logs()}"
         assert summary.state == "rolled_back", context
@@ -238,3 +313,67 @@ async def _poll(check: Callable[[], bool], period: float, timeout: float) -> Non
 @pytest.fixture(autouse=True)
 def _log_figures(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger=__name__)
+
+
+async def test_runner_killed_mid_module_step_is_restored(
+    tmp_path: Path, topics: Topics, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ``module`` step: ``fleet agent`` reads the live kernel's module list, which a test cannot
+    load modules into, so a runner process of its own reads the fakes' (the hub's side of a node
+    killed mid-job is the same for every step type: see the test above).
+    """
+    from bus.messages import Command, encode
+    from bus.signing import load_private_key, sign_command
+    from edge_agent import executor, versions
+    from edge_agent.runner import CommandRunner
+    from tests.fault.runner_child import PREFIX, settings_for
+    from tests.integration.test_module import ko
+
+    fleet = Fleet("mqtt://127.0.0.1:1", tmp_path / "fleet", topics)
+    env = _fakes(fleet, {"modprobe": "fleet-drv"})
+    fake_state = Path(env["FLEET_FAKE_STATE"])
+    (fake_state / "modules").mkdir()
+    (fake_state / "modules" / "fleet_drv.ko").write_bytes(ko("1.0"))
+    state = fleet.prepare_node(NODE)
+    key = load_private_key(fleet.key)
+    issued = time.time()
+    command = sign_command(
+        Command(
+            id="c-module", node=NODE, rollout="r-module", action="apply", issued_at=issued,
+            expires_at=issued + 600, plan=[{"type": "module", "name": "fleet-drv", "action": "load"}],
+        ),
+        key,
+    )  # fmt: skip
+    (tmp_path / "cmd.json").write_bytes(encode(command))
+    argv = [str(state), str(fleet.scripts), NODE, str(fleet.pub), str(fake_state), str(tmp_path / "cmd.json")]
+    child = Proc(
+        "runner", [sys.executable, "-m", "tests.fault.runner_child", *argv], tmp_path / "child.log", ROOT,
+        {**os.environ, **env},
+    )  # fmt: skip
+    try:
+        await _poll(lambda: _called(fake_state, "modprobe", "fleet-drv"), 0.005, 60.0)
+    finally:
+        child.kill()  # modprobe loaded it; the runner dies before it could record so
+    tools = settings_for(state, fleet.scripts, NODE, fleet.pub, fake_state).tools
+    steps = [s["state"] for s in next(iter(_journal(state)["applies"].values()))["steps"]]
+    assert steps == ["running"], (steps, child.log())
+
+    for name, value in env.items():  # the recovering runner calls the fakes too
+        monkeypatch.setenv(name, value)
+    reports: list[bytes] = []
+
+    async def publish(topic: str, payload: bytes, **_kwargs: Any) -> None:
+        reports.append(payload)
+
+    settings = settings_for(state, fleet.scripts, NODE, fleet.pub, fake_state)
+    runner = CommandRunner(settings, Topics(PREFIX), publish)
+    await runner.recover()
+    await runner.close()
+    assert await versions.module_version("fleet_drv", tools) is None, "the module is still loaded"
+    journal = _journal(state)
+    assert journal["active"] is None
+    (entry,) = journal["applies"].values()
+    assert entry["phase"] == "rolled_back", entry
+    assert executor.undo_order(executor.JournalState.model_validate(journal).applies["r-module"].steps) == []
+    final = json.loads(reports[-1])
+    assert final["phase"] == "rolled_back", final

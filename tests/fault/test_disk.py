@@ -107,8 +107,8 @@ async def rollout(observer: Observer, plan: list[dict[str, Any]], name: str) -> 
     return rid
 
 
-PART_A = {"type": "script", "name": "part.sh", "args": ["a", "v1"], "rollback": "part.sh"}
-PART_B = {"type": "script", "name": "part.sh", "args": ["b", "v1"], "rollback": "part.sh"}
+PART_A: dict[str, Any] = {"type": "script", "name": "part.sh", "args": ["a", "v1"], "rollback": "part.sh"}
+PART_B: dict[str, Any] = {"type": "script", "name": "part.sh", "args": ["b", "v1"], "rollback": "part.sh"}
 
 
 @pytest.mark.parametrize("how", [pytest.param("tmpfs", marks=needs_namespaces), "fsize-limit"])

@@ -123,7 +123,7 @@ def examples(default: int) -> int:
     return default * max(1, trials(1) // 5) if is_long_run() else default
 
 
-def fuzz_settings(default: int) -> Any:
+def fuzz_settings(default: int) -> settings:
     return settings(
         max_examples=examples(default),
         deadline=None,

@@ -208,18 +208,18 @@ class LiveFleet:
         **fields: Any,
     ) -> LiveAgent:
         """Start a real agent and wait until the hub sees it online."""
-        state_dir = self.root / f"state-{node}"
-        config = AgentConfig(
-            broker=self.broker.url,
-            node_id=node,
-            prefix=self.topics.prefix,
-            state_dir=state_dir,
-            scripts_dir=scripts_dir or self.scripts,
-            trust=[self.pub],
-            labels=dict(labels or {}),
-            heartbeat_s=0.5,
+        values: dict[str, Any] = {
+            "broker": self.broker.url,
+            "node_id": node,
+            "prefix": self.topics.prefix,
+            "state_dir": self.root / f"state-{node}",
+            "scripts_dir": scripts_dir or self.scripts,
+            "trust": [self.pub],
+            "labels": dict(labels or {}),
+            "heartbeat_s": 0.5,
             **fields,
-        )
+        }
+        config = AgentConfig(**values)
         agent = LiveAgent(config)
         self.agents[node] = agent
         if start:

@@ -456,6 +456,15 @@ class FailurePolicy(_Strict):
     on_failure: Literal["rollback", "halt"] = "rollback"
 
 
+class MaintenanceWindow(_Strict):
+    """A maintenance window (``hub.windows``): opens when ``cron`` matches, in each node's zone."""
+
+    cron: Annotated[str, StringConstraints(min_length=9, max_length=200)] = Field(
+        description="minute hour day-of-month month day-of-week: when the window opens (node's zone)."
+    )
+    duration_s: Seconds = Field(description="How long the window stays open.")
+
+
 class RolloutSpec(_Strict):
     """What ``create_rollout`` and ``POST /api/updates`` take."""
 
@@ -474,6 +483,25 @@ class RolloutSpec(_Strict):
         le=7 * 86400,
         description="How long a node whose update lock is held may hold back its apply; past it the "
         "node is reported not_started (not failed). 0: a locked node does not wait.",
+    )
+    windows: list[MaintenanceWindow] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Maintenance windows: a node gets its apply only inside one (in its own zone: its "
+        "tz label, else window_tz, else UTC). None: any time.",
+    )
+    window_tz: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = Field(
+        default=None,
+        description="Zone of the windows for nodes without a tz label (IANA, e.g. Europe/Berlin).",
+    )
+    on_window_end: Literal["finish", "pause"] = Field(
+        default="finish",
+        description="When a window ends: finish the wave in progress, or pause it until the next window.",
+    )
+    start_deadline_s: Seconds | None = Field(
+        default=None,
+        description="A node that has not started this long after its command was sent (offline, "
+        "deferred) is not_started, not failed, and its command is withdrawn.",
     )
     idempotency_key: IdempotencyKey | None = Field(
         default=None,

@@ -49,6 +49,7 @@ from bus.messages import (
 )
 from hub.adaptive import initial_waves, next_pace, resplit
 from hub.waves import dispatchable
+from hub.windows import Schedule, schedule_of
 
 __all__ = [
     "FINAL_STATES",
@@ -82,7 +83,7 @@ DEFER_GRACE_S = 15.0
 RECORD_VERSION = 1
 
 Restore = Literal["waiting", "restored", "unrestored"]
-DeadlineKind = Literal["node", "expiry", "restore", "defer"]
+DeadlineKind = Literal["node", "expiry", "restore", "defer", "start"]
 CommandAction = Literal["apply", "rollback", "abort"]
 
 # ---------------------------------------------------------------------------- events
@@ -96,6 +97,7 @@ class RolloutCreated:
     spec: RolloutSpec
     nodes: tuple[str, ...]
     online: frozenset[str] = frozenset()
+    zones: Mapping[str, str] = field(default_factory=dict)  # node -> its tz label (maintenance windows)
 
 
 @dataclass(frozen=True)
@@ -241,6 +243,8 @@ class _Node:
     deadline: float | None = None
     deadline_kind: DeadlineKind | None = None
     done_at: float | None = None
+    tz: str | None = None  # its time zone for maintenance windows (the tz label when created)
+    window_seen: bool = False  # its window was open while its wave waited to send it (finish mode)
 
     @property
     def is_open(self) -> bool:
@@ -270,6 +274,9 @@ class _Rollout:
     names: list[str] = field(init=False, repr=False)  # the nodes, in order
     dispatched: int = -1  # every node of this wave has its command (or failed): nothing to send
     cursors: dict[str, int] = field(default_factory=dict, repr=False)  # see _all_nodes
+    schedule: Schedule | None = field(default=None, repr=False)  # compiled spec.windows
+    window_at: float | None = None  # when a window opens for a node that waits for one
+    window_note: str = ""  # the last window audit (said once)
 
     def __post_init__(self) -> None:
         self.names = list(self.nodes)
@@ -334,6 +341,13 @@ def _filled_plan(spec: RolloutSpec) -> list[Step]:
         step if step.timeout_s is not None else step.model_copy(update={"timeout_s": spec.step_timeout_s})
         for step in spec.plan
     ]
+
+
+def _defer_window(spec: RolloutSpec) -> float:
+    """How long after its command a node may wait for its update lock (within start_deadline_s)."""
+    if spec.start_deadline_s is None:
+        return spec.max_defer_s
+    return min(spec.max_defer_s, spec.start_deadline_s)
 
 
 def _seconds(value: float) -> str:
@@ -454,6 +468,8 @@ class RolloutEngine:
             times = [n.deadline for n in r.nodes.values() if n.is_open and n.deadline is not None]
             if r.state == "running" and r.wave_done_at is not None:
                 times.append(r.wave_done_at + r.spec.strategy.soak_s)
+            if r.state == "running" and r.window_at is not None:
+                times.append(r.window_at)
             if not times:
                 continue
             when = max(min(times), r.hold_until)
@@ -554,7 +570,8 @@ class RolloutEngine:
             created_at=now,
             updated_at=now,
             waves=waves,
-            nodes={node: _Node(name=node, wave=wave_of[node]) for node in nodes},
+            nodes={node: _Node(name=node, wave=wave_of[node], tz=event.zones.get(node)) for node in nodes},
+            schedule=schedule_of(event.spec),
         )
         self._rollouts[r.id] = r
         for node in nodes:
@@ -922,6 +939,9 @@ class RolloutEngine:
                     self._fail(r, n, "timed_out", "did not start before its command expired", now, out)
                     n.deadline = n.deadline_kind = None
                     self._clear(n, out)
+                elif n.deadline_kind == "start":
+                    within = f"within start_deadline_s ({_seconds(r.spec.start_deadline_s or 0)})"
+                    self._not_started(r, n, f"not started {within}: {n.detail or 'node offline'}", now, out)
                 elif n.deadline_kind == "defer":
                     waited = f"still deferred after {_seconds(r.spec.max_defer_s)}"
                     self._not_started(r, n, f"not started: {waited} ({n.detail})", now, out)
@@ -1042,7 +1062,7 @@ class RolloutEngine:
             return
         n.queued = False
         n.phase, n.detail = "deferred", reason or "deferred"
-        until = (n.issued_at if n.issued_at is not None else now) + r.spec.max_defer_s
+        until = (n.issued_at if n.issued_at is not None else now) + _defer_window(r.spec)
         n.deadline, n.deadline_kind = until + DEFER_GRACE_S, "defer"
         self._audit(r, "node_deferred", f"{n.name} {n.detail}", out, node=n.name, until=until)
         out.touch(r, now)
@@ -1094,7 +1114,7 @@ class RolloutEngine:
             issued_at=issued,
             expires_at=issued + r.spec.expires_after_s,
             plan=r.plan if action == "apply" else [],
-            defer_until=issued + r.spec.max_defer_s if action == "apply" and r.spec.max_defer_s else None,
+            defer_until=issued + _defer_window(r.spec) if action == "apply" and r.spec.max_defer_s else None,
         )
         n.command_id, n.action = command.id, action
         n.issued_at, n.expires_at = command.issued_at, command.expires_at
@@ -1114,7 +1134,7 @@ class RolloutEngine:
             expires_at=n.expires_at,
             plan=r.plan if n.action == "apply" else [],
             defer_until=(
-                n.issued_at + r.spec.max_defer_s if n.action == "apply" and r.spec.max_defer_s else None
+                n.issued_at + _defer_window(r.spec) if n.action == "apply" and r.spec.max_defer_s else None
             ),
         )
 
@@ -1128,6 +1148,9 @@ class RolloutEngine:
             # DESIGN 3.1: an offline target's retained command waits for it until it expires.
             n.phase, n.detail, n.queued = "pending", "queued: node offline", True
             n.deadline, n.deadline_kind = command.expires_at, "expiry"
+            if r.spec.start_deadline_s is not None:
+                start_by = command.issued_at + r.spec.start_deadline_s
+                n.deadline, n.deadline_kind = min(command.expires_at, start_by), "start"
         out.add(PublishCommand(n.name, command))
         out.touch(r, now)
 
@@ -1290,6 +1313,56 @@ class RolloutEngine:
             wave=r.wave + 1, change=pace.change, next_size=pace.size, failed=failed, waves_left=len(left),
         )
 
+    def _window_ready(
+        self, r: _Rollout, names: Sequence[str], waiting: list[str], now: float, out: _Out
+    ) -> list[str]:
+        """Maintenance windows (``hub.windows``): those of ``waiting`` that may start now, each in its zone.
+
+        A node starts only inside its own window. When the window closes before
+        its turn came (``max_parallel``), ``on_window_end: finish`` still sends it
+        (the wave finishes) and ``pause`` holds it for its next window. A node
+        whose window has not opened yet always waits. ``window_at`` is when the
+        next one opens (the timer wakes the rollout then).
+        """
+        schedule = r.schedule if r.schedule is not None else schedule_of(r.spec)
+        r.schedule = schedule
+        if schedule is None:
+            return waiting
+        started = len(waiting) < len(names)  # a node of the wave has its command (or failed with it)
+        finish = r.spec.on_window_end == "finish"
+        ready: list[str] = []
+        soonest: tuple[float, str | None] | None = None
+        for name in waiting:
+            n = r.nodes[name]
+            is_open, when = schedule.state(n.tz, now)
+            if is_open:
+                if not n.window_seen:
+                    n.window_seen = True
+                    out.touch(r, now)
+                ready.append(name)
+            elif finish and n.window_seen:
+                ready.append(name)
+            elif when is not None and (soonest is None or when < soonest[0]):
+                soonest = (when, n.tz)
+        r.window_at = soonest[0] if soonest is not None else None
+        if ready:
+            if r.window_note and r.detail == r.window_note:
+                r.detail = ""
+            r.window_note = ""
+            return ready
+        opens = "no window opens"
+        if soonest is not None:
+            opens = f"the next opens {schedule.describe(soonest[1], soonest[0])}"
+        if started:
+            note = f"window closed: wave {r.wave + 1} paused with {len(waiting)} node(s) not started; {opens}"
+        else:
+            note = f"wave {r.wave + 1} waits for a maintenance window ({len(waiting)} node(s)); {opens}"
+        if note != r.window_note:
+            r.window_note = r.detail = note
+            self._audit(r, "window_wait", note, out, wave=r.wave + 1, opens_at=r.window_at)
+            out.touch(r, now)
+        return ready
+
     def _advance(self, r: _Rollout, now: float, out: _Out) -> None:
         """Dispatch within the current wave, and move on once it is done and soaked."""
         soak = r.spec.strategy.soak_s
@@ -1302,11 +1375,13 @@ class RolloutEngine:
                 sent = 0
                 if waiting:
                     busy = sum(1 for n in r.nodes.values() if n.is_open)
-                    for name in dispatchable(waiting, busy, r.spec.strategy.max_parallel):
+                    ready = self._window_ready(r, names, waiting, now, out) if r.spec.windows else waiting
+                    for name in dispatchable(ready, busy, r.spec.strategy.max_parallel):
                         self._send_apply(r, r.nodes[name], now, out)
                         sent += 1
                 if sent == len(waiting):
                     r.dispatched = r.wave
+                    r.window_at = None
             if not _all_nodes(r, f"wave{r.wave}", names, _wave_done):
                 return
             if r.wave_done_at is None:

@@ -49,6 +49,7 @@ from bus.signing import sign_command
 from bus.topics import Topics
 from hub.adaptive import projected_waves
 from hub.waves import plan_waves
+from hub.windows import schedule_of
 
 __all__ = [
     "DEFAULT_PREFLIGHT_TIMEOUT_S",
@@ -247,7 +248,7 @@ class Planner:
         busy: the engine's ``busy``: those of some nodes another rollout holds.
         signing_key: the hub's key; pre-flight commands are signed like every command.
         clock: wall-clock seconds.
-        extend: called with (spec, draft, plan body) to add sections (adaptive waves, windows).
+        labels: a node's labels (its ``tz`` label places its maintenance windows).
     """
 
     def __init__(
@@ -261,7 +262,7 @@ class Planner:
         signing_key: Ed25519PrivateKey,
         clock: Callable[[], float],
         new_id: Callable[[], str] = new_id,
-        extend: Callable[[RolloutSpec, Draft, dict[str, Any]], None] | None = None,
+        labels: Callable[[str], Mapping[str, str]] | None = None,
     ) -> None:
         self._topics = topics
         self._publish = publish
@@ -271,7 +272,7 @@ class Planner:
         self._key = signing_key
         self._clock = clock
         self._new_id = new_id
-        self._extend = extend
+        self._labels = labels or (lambda _node: {})
         self._rounds: dict[str, _Round] = {}
 
     # ------------------------------------------------------------------ answers from nodes
@@ -318,8 +319,7 @@ class Planner:
         known, unknown = self._resolve(spec.targets)
         draft = build_draft(spec, known, unknown, self._is_online, self._busy(known))
         result = self._skeleton(draft)
-        if self._extend is not None:
-            self._extend(spec, draft, result)
+        self._timing(draft, result)
         if ask and draft.asked:
             result["preflight"] = await self._preflight(draft, timeout)
         else:
@@ -348,6 +348,56 @@ class Planner:
             "estimate": estimate(spec, [len(w) for w in draft.waves]),
             "spec": spec.model_dump(mode="json"),
         }
+
+    def _timing(self, draft: Draft, result: dict[str, Any]) -> None:
+        """Maintenance windows per zone, deferral and start deadline: when the nodes may start."""
+        spec = draft.spec
+        lines: list[str] = []
+        schedule = schedule_of(spec)  # InvalidInput names a bad cron or zone
+        if schedule is not None:
+            now = self._clock()
+            zones: dict[str, dict[str, Any]] = {}
+            for node in draft.targets:
+                tz = self._labels(node).get("tz")
+                zone = schedule.zone(tz).key
+                entry = zones.get(zone)
+                if entry is None:
+                    is_open, when = schedule.state(tz, now)
+                    entry = zones[zone] = {
+                        "nodes": 0,
+                        "open_now": is_open,
+                        "next_open": when,
+                        "next_open_local": schedule.describe(tz, when) if when is not None else None,
+                    }
+                entry["nodes"] += 1
+            result["schedule"] = {
+                "windows": [w.model_dump(mode="json") for w in spec.windows],
+                "on_window_end": spec.on_window_end,
+                "zones": zones,
+            }
+            starts = [z["next_open"] for z in zones.values() if z["next_open"] is not None]
+            if starts:
+                result["estimate"]["earliest_start"] = min(starts)
+                result["estimate"]["starts_in_s"] = max(0.0, min(starts) - now)
+            for zone, entry in sorted(zones.items()):
+                if entry["open_now"]:
+                    said = "open now"
+                elif entry["next_open"] is not None:
+                    said = f"opens {entry['next_open_local']} (in {_duration(entry['next_open'] - now)})"
+                else:
+                    said = "never opens"
+                count = entry["nodes"]
+                lines.append(f"window    {zone}: {said} for {count} node(s); {spec.on_window_end} at its end")
+            if not starts:
+                result["problems"].append("no maintenance window ever opens for these targets")
+        if spec.max_defer_s:
+            lines.append(f"defer     a node whose update lock is held may wait {_duration(spec.max_defer_s)}")
+        if spec.start_deadline_s is not None:
+            lines.append(
+                f"deadline  a node not started {_duration(spec.start_deadline_s)} after its command is "
+                "not_started (not failed)"
+            )
+        result["schedule_lines"] = lines
 
     async def _preflight(self, draft: Draft, timeout: float) -> dict[str, Any]:
         plan_id = f"{PLAN_PREFIX}{self._new_id()}"

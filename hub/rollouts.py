@@ -68,7 +68,7 @@ from hub.engine import (
     check_record,
 )
 from hub.idempotency import IdempotencyIndex
-from hub.plan import Planner
+from hub.plan import Planner, labels_from
 
 __all__ = ["FleetView", "RolloutManager", "RolloutStore"]
 
@@ -179,6 +179,7 @@ class RolloutManager:
             signing_key=signing_key,
             clock=clock,
             new_id=new_id,
+            labels=labels_from(registry),
         )
         self._queue: asyncio.Queue[tuple[EngineEvent, asyncio.Future[None] | None]] = asyncio.Queue(
             _QUEUE_LIMIT
@@ -318,7 +319,11 @@ class RolloutManager:
                     nodes=offline,
                 )
         rollout = self._new_id()
-        await self._run(RolloutCreated(rollout, spec, tuple(known), online))
+        zones: dict[str, str] = {}
+        if spec.windows:  # each node's windows are in its own zone: its tz label (hub.windows)
+            labels = labels_from(self._registry)
+            zones = {node: tz for node in known if (tz := labels(node).get("tz"))}
+        await self._run(RolloutCreated(rollout, spec, tuple(known), online, zones))
         _LOGGER.info("rollout %s (%s) created on %d nodes", rollout, spec.name, len(known))
         return rollout
 

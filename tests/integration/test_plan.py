@@ -66,7 +66,7 @@ async def test_plan_checks_every_node_and_starts_nothing(
         pre = plan["preflight"]
         assert (pre["asked"], pre["passed"], pre["failed"], pre["unanswered"]) == (2, 1, 1, 0)
         assert set(pre["nodes"]) == {"n1", "n2"}
-        assert [c["type"] for c in pre["nodes"]["n1"]["checks"]] == ["script", "disk"]
+        assert [c["type"] for c in pre["nodes"]["n1"]["checks"]] == ["script", "disk", "lock"]
         failed = pre["nodes"]["n2"]
         assert failed["state"] == "failed"
         assert failed["checks"][0]["state"] == "failed"
@@ -127,7 +127,7 @@ async def test_download_urls_are_probed_from_the_node(
         plan = await fleet.ask("plan", {"name": "fetch", "targets": ["n1"], "plan": steps})
         checks = plan["preflight"]["nodes"]["n1"]["checks"]
         states = [(c["index"], c["state"]) for c in checks]
-        assert states == [(0, "succeeded"), (1, "failed"), (-1, "succeeded")]
+        assert states == [(0, "succeeded"), (1, "failed"), (-1, "succeeded"), (-1, "succeeded")]
         assert "answers HTTP 200; at most 0.0 MiB" in checks[0]["detail"]
         assert checks[1]["detail"] == f"HTTP 404 from {missing}"
         assert "(+1 of unknown size)" in checks[2]["detail"]

@@ -246,11 +246,14 @@ async def test_simulated_fleet_runs_a_rollout_reporting_every_step(
         assert summary.state == "succeeded", summary.detail
         assert summary.counts.succeeded == len(nodes)
         # Every step of every node reported running and succeeded, by the real runner.
-        seen = {(s.node, s.index, s.state) for s in recorder.statuses() if s.rollout == reply["rollout"]}
+        expected = {(n, i, state) for n in nodes for i in range(len(PLAN)) for state in ("running", "succeeded")}
+
+        def seen() -> set[tuple[str, int, str]]:
+            return {(s.node, s.index, s.state) for s in recorder.statuses() if s.rollout == reply["rollout"]}
+
+        await until(lambda: expected <= seen(), "every step report")
+        assert seen() == expected
         for node in nodes:
-            for index in range(len(PLAN)):
-                assert (node, index, "running") in seen
-                assert (node, index, "succeeded") in seen
             await until(functools.partial(succeeded, recorder, node), f"{node}'s retained snapshot")
             journal = json.loads((sim.state_root / node / "journal.json").read_text())
             assert reply["rollout"] in json.dumps(journal)
@@ -368,13 +371,13 @@ async def test_simulated_nodes_refuse_forged_and_misaddressed_commands(
 
 
 async def test_a_memory_journal_writes_no_file_and_still_ignores_replays(
-    mosquitto_broker: RunningBroker,
+    broker: RunningBroker,
     topics: Topics,
     keys: tuple[Path, Path],
     recorder: Recorder,
     tmp_path: Path,
 ) -> None:
-    config = sim_config(mosquitto_broker, topics, keys, nodes=2, journal="memory", state_root=tmp_path / "s")
+    config = sim_config(broker, topics, keys, nodes=2, journal="memory", state_root=tmp_path / "s")
     hub_key = load_private_key(keys[0])
     async with Simulator(config) as sim:
         node = sim.node_ids[0]
@@ -385,7 +388,7 @@ async def test_a_memory_journal_writes_no_file_and_still_ignores_replays(
         )
         payload = encode(sign_command(command, hub_key))
         topic = topics.node(node, "cmd")
-        async with MqttClient(mosquitto_broker.url, client_id=f"pub-{uuid.uuid4().hex[:8]}") as pub:
+        async with MqttClient(broker.url, client_id=f"pub-{uuid.uuid4().hex[:8]}") as pub:
             await pub.publish(topic, payload, qos=1, wait=True)
             await until(lambda: succeeded(recorder, node), "the job to succeed")
             await pub.publish(topic, payload, qos=1, wait=True)  # a replay: ignored, silently

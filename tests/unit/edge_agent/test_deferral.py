@@ -79,6 +79,7 @@ async def test_wait_gives_up_at_its_deadline_with_the_reason(tmp_path: Path) -> 
     lock = settings.state_dir / "locks" / "app.lock"
     lock.parent.mkdir(parents=True)
     lock.touch()
-    assert await wait_until_free(settings, time.time() + 0.2, poll_s=0.05) == "update lock held: locks/app.lock"
+    held = "update lock held: locks/app.lock"
+    assert await wait_until_free(settings, time.time() + 0.2, poll_s=0.05) == held
     # A deadline already passed: one look, no waiting.
     assert await wait_until_free(settings, 0.0) == "update lock held: locks/app.lock"

@@ -71,6 +71,8 @@ MAX_PREFLIGHT_TIMEOUT_S = 120.0
 #: Nodes listed with every check (beyond this, only the nodes with findings are detailed).
 _DETAILED_NODES = 20
 _CHECKS_PER_NODE = 70
+#: Beyond this many asked nodes, nodes that passed every check are counted, not listed.
+_PASSED_LISTED = 200
 _LISTED = 50
 NOTICE = "PLAN ONLY (dry run): nothing was started, nothing on any node was changed"
 
@@ -445,14 +447,17 @@ class Planner:
             )
             key = "passed" if state == "passed" else "failed" if state == "failed" else "unanswered"
             counts[key] += 1
-            entry: dict[str, Any] = {"state": state, "detail": detail}
             findings = [c for c in answer.checks if c["state"] != "succeeded"]
+            if state == "passed" and not findings and asked > _PASSED_LISTED:
+                continue  # a big fleet: clean nodes are counted, not listed (replies are size-bounded)
+            entry: dict[str, Any] = {"state": state, "detail": detail}
             if detailed:
                 entry["checks"] = answer.checks
             elif findings:
                 entry["checks"] = findings
             nodes[node] = entry
-        return {"timeout_s": timeout, "asked": asked, **counts, "nodes": nodes}
+        listed = "every node" if asked <= _PASSED_LISTED else "nodes with findings (clean ones are counted)"
+        return {"timeout_s": timeout, "asked": asked, **counts, "listed": listed, "nodes": nodes}
 
     @staticmethod
     def _judge(draft: Draft, result: dict[str, Any]) -> None:

@@ -53,7 +53,8 @@ async def test_each_node_starts_inside_its_own_window(
         assert summary["nodes"]["tokyo-1"]["phase"] == "pending"
         assert tokyo.records() == []
         waits = [e["message"] for e in fleet.audit(rollout) if e["kind"] == "window_wait"]
-        assert waits and "Asia/Tokyo" in waits[-1]
+        assert waits
+        assert "Asia/Tokyo" in waits[-1]
         await fleet.ask("abort", {"rollout": rollout})
         done = await fleet.wait_state(rollout)
         assert done["state"] == "rolled_back"

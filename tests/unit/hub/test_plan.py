@@ -209,3 +209,19 @@ def test_the_tui_asks_for_the_hubs_plan_within_its_request_timeout() -> None:
     assert plan_request(SPEC, 8.0)["preflight_timeout_s"] == 5.0
     assert plan_request(SPEC, 2.0)["preflight_timeout_s"] == 1.0
     assert hub_plan_lines({"name": "x", "ok": True})[0] == "PLAN (dry run) of x: nothing was started"
+
+
+async def test_a_big_fleet_counts_clean_nodes_and_lists_only_findings() -> None:
+    key = Ed25519PrivateKey.generate()
+    names = [f"n{i:03d}" for i in range(250)]
+    answers: dict[str, Sequence[tuple[int, str, str, str]]] = {
+        n: [(-1, "preflight", "succeeded", "ok")] for n in names
+    }
+    answers["n007"] = [(0, "script", "failed", "gone"), (-1, "preflight", "failed", "gone")]
+    nodes = Nodes(key, answers)
+    body = {"spec": {**SPEC, "targets": names}, "preflight_timeout_s": 10}
+    result = await planner(nodes, set(names), names).plan(body)
+    pre = result["preflight"]
+    assert (pre["asked"], pre["passed"], pre["failed"]) == (250, 249, 1)
+    assert list(pre["nodes"]) == ["n007"]
+    assert pre["listed"] == "nodes with findings (clean ones are counted)"

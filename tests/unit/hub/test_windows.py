@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from zoneinfo import ZoneInfo
 
 import pytest
 
 from bus.errors import InvalidInput
-from hub.engine import Audit, PresenceChanged, RolloutCreated, Tick
+from hub.engine import Audit, ClearCommand, PresenceChanged, RolloutCreated, Tick
 from hub.windows import Schedule, next_start, parse_cron
 from tests.unit.hub.test_engine import Fleet, make_spec, published
 
@@ -16,8 +17,8 @@ BERLIN = ZoneInfo("Europe/Berlin")
 NEW_YORK = ZoneInfo("America/New_York")
 
 
-def at(zone: ZoneInfo, *parts: int) -> float:
-    return dt.datetime(*parts, tzinfo=zone).timestamp()  # type: ignore[misc]
+def at(zone: ZoneInfo, year: int, month: int, day: int, hour: int, minute: int) -> float:
+    return dt.datetime(year, month, day, hour, minute, tzinfo=zone).timestamp()
 
 
 def test_cron_fields_lists_ranges_steps_and_names() -> None:
@@ -61,7 +62,8 @@ def test_next_start_in_the_nodes_zone() -> None:
     assert next_start(nightly, BERLIN, at(BERLIN, 2024, 6, 4, 2, 0)) == at(BERLIN, 2024, 6, 4, 2, 0)
     # Day-of-month and day-of-week both restricted: either matches (cron's rule).
     either = parse_cron("0 0 13 * 5")
-    assert next_start(either, BERLIN, at(BERLIN, 2024, 9, 1, 0, 0)) == at(BERLIN, 2024, 9, 6, 0, 0)  # a Friday
+    friday = at(BERLIN, 2024, 9, 6, 0, 0)
+    assert next_start(either, BERLIN, at(BERLIN, 2024, 9, 1, 0, 0)) == friday
     leap = parse_cron("0 0 29 2 *")
     assert next_start(leap, BERLIN, at(BERLIN, 2025, 1, 1, 0, 0)) == at(BERLIN, 2028, 2, 29, 0, 0)
 
@@ -95,7 +97,7 @@ def test_schedule_open_closed_per_zone_and_across_midnight() -> None:
 NIGHTLY = {"windows": [{"cron": "0 2 * * *", "duration_s": 7200}]}
 
 
-def window_audits(actions: list[object]) -> list[str]:
+def window_audits(actions: Sequence[object]) -> list[str]:
     return [a.message for a in actions if isinstance(a, Audit) and a.kind == "window_wait"]
 
 
@@ -158,7 +160,7 @@ def test_start_deadline_makes_an_offline_node_not_started_not_failed() -> None:
     assert fleet.phases()["down"] == "pending"
     assert fleet.engine.next_deadline() == t0 + 600
     actions = fleet.do(Tick(), at=t0 + 601)
-    assert [a.node for a in actions if type(a).__name__ == "ClearCommand"] == ["down"]
+    assert [a.node for a in actions if isinstance(a, ClearCommand)] == ["down"]
     summary = fleet.summary()
     assert summary.nodes["down"].phase == "not_started"
     assert summary.nodes["down"].detail == "not started within start_deadline_s (600 s): queued: node offline"

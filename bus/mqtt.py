@@ -216,6 +216,7 @@ class MqttClient:
         self._sock: Any = None
         self._flush_scheduled = False
         self._writer_on = False
+        self._renewed: list[asyncio.Future[None]] = []
         self._attempt_done = asyncio.Event()
         self.stats = _Stats()
         self._paho = paho.Client(
@@ -265,6 +266,9 @@ class MqttClient:
     async def start(self, wait: bool = True) -> None:
         """Connect (retrying with backoff); with ``wait``, until the first CONNACK.
 
+        Subscriptions made before ``start`` are acknowledged by the broker by the
+        time it returns, so a message published right after is not missed.
+
         Raises:
             BusError: ``wait`` and no connection within ``connect_timeout``, or
                 the broker refused the credentials, or its TLS certificate did
@@ -287,6 +291,14 @@ class MqttClient:
             if self._fatal is not None:
                 await self.close()
                 raise self._fatal
+            renewed, self._renewed = self._renewed, []
+            if renewed:
+                try:
+                    await asyncio.wait_for(asyncio.gather(*renewed), self._connect_timeout)
+                except (BusError, asyncio.TimeoutError) as exc:
+                    await self.close()
+                    reason = exc.reason if isinstance(exc, BusError) else "no acknowledgement in time"
+                    raise BusError(f"subscribing at {self.url.redacted()} failed: {reason}") from exc
 
     async def close(self, publish_before: tuple[str, bytes, bool] | None = None) -> None:
         """Disconnect cleanly (no will); optionally publish one last message first."""
@@ -610,7 +622,12 @@ class MqttClient:
             waiting.setdefault(request.topic_filter, []).extend(request.futures)
         self._acks.clear()
         for topic_filter, qos in self._subscriptions.items():
-            self._send_subscribe(topic_filter, qos, waiting.pop(topic_filter, []))
+            futures = waiting.pop(topic_filter, [])
+            if self._loop is not None and self._fail_fast and not self._ever_connected:
+                renewed = self._loop.create_future()  # awaited by start()
+                futures.append(renewed)
+                self._renewed.append(renewed)
+            self._send_subscribe(topic_filter, qos, futures)
         for futures in waiting.values():  # unsubscribed meanwhile: nothing to wait for
             _SubscribeRequest("", futures).settle()
         self._ever_connected = True

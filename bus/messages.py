@@ -30,6 +30,8 @@ from bus.topics import NODE_ID_PATTERN
 
 __all__ = [
     "MAX_PAYLOAD_BYTES",
+    "PLAN_PREFIX",
+    "AdaptivePace",
     "Command",
     "ContainerStep",
     "DownloadStep",
@@ -43,6 +45,7 @@ __all__ = [
     "JobRef",
     "JobSnapshot",
     "LogLine",
+    "MaintenanceWindow",
     "ModuleStep",
     "NodeState",
     "NodeSummary",
@@ -63,6 +66,10 @@ __all__ = [
     "encode",
     "new_id",
 ]
+
+#: Rollout ids of plans (dry runs) start with this: their pre-flight reports are
+#: no rollout's, and UIs and metrics leave them out.
+PLAN_PREFIX = "plan-"
 
 #: Largest payload any fleetbus process parses; larger ones are refused unread.
 MAX_PAYLOAD_BYTES = 256 * 1024

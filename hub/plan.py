@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
 from bus.errors import BusError, InvalidInput
-from bus.messages import Command, RolloutSpec, StepStatus, describe, encode, new_id
+from bus.messages import PLAN_PREFIX, Command, RolloutSpec, StepStatus, describe, encode, new_id
 from bus.signing import sign_command
 from bus.topics import Topics
 from hub.adaptive import projected_waves
@@ -64,8 +64,6 @@ __all__ = [
 
 _LOGGER = logging.getLogger(__name__)
 
-#: Pre-flight commands name their plan in ``rollout`` with this prefix.
-PLAN_PREFIX = "plan-"
 DEFAULT_PREFLIGHT_TIMEOUT_S = 10.0
 MAX_PREFLIGHT_TIMEOUT_S = 120.0
 #: Nodes listed with every check (beyond this, only the nodes with findings are detailed).

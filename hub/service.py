@@ -32,6 +32,7 @@ from pydantic import BaseModel
 from bus.errors import BusError, ConfigError, Conflict, FleetError, InvalidInput, NotFound
 from bus.messages import (
     MAX_PAYLOAD_BYTES,
+    PLAN_PREFIX,
     Event,
     Heartbeat,
     HubState,
@@ -524,7 +525,7 @@ class HubService:
             elif channel in ("status", "job"):
                 model = StepStatus if channel == "status" else JobSnapshot
                 report = self._decoded(model, message.payload, node)
-                if isinstance(report, StepStatus):
+                if isinstance(report, StepStatus) and not report.rollout.startswith(PLAN_PREFIX):
                     self.metrics.observe_status(report)
                 if report is not None and self.manager is not None:
                     await self.manager.on_node_message(node, channel, report)

@@ -17,6 +17,7 @@ from typing import Any, Literal, TypeAlias
 from pydantic import ValidationError
 
 from bus.messages import (
+    PLAN_PREFIX,
     Event,
     Heartbeat,
     HubState,
@@ -388,6 +389,8 @@ class FleetModel:
 
     def _step_status(self, status: StepStatus) -> Changes:
         changes = Changes()
+        if status.rollout.startswith(PLAN_PREFIX):
+            return changes  # a plan's pre-flight report: no rollout, no job
         view = self._node(status.node, changes)
         job = self._job(view, status.command, status.rollout, "apply", "applying", status.ts)
         job.updated_at = max(job.updated_at, status.ts)

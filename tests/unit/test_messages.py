@@ -14,6 +14,7 @@ import bus.messages as messages
 from bus.errors import InvalidInput
 from bus.messages import (
     MAX_PAYLOAD_BYTES,
+    AdaptivePace,
     Command,
     ContainerStep,
     DownloadStep,
@@ -27,6 +28,7 @@ from bus.messages import (
     JobRef,
     JobSnapshot,
     LogLine,
+    MaintenanceWindow,
     ModuleStep,
     NodeState,
     NodeSummary,
@@ -146,6 +148,16 @@ EXAMPLES: list[BaseModel] = [
         expires_after_s=7200,
     ),
     RolloutSpec(name="all", targets="all", plan=[ServiceStep(action="restart", name="app")]),
+    AdaptivePace(start=1, max="25%", grow_factor=2, on_failures="hold"),
+    MaintenanceWindow(cron="0 2 * * 1-5", duration_s=7200),
+    RolloutSpec(
+        name="paced",
+        targets="all",
+        plan=[ServiceStep(action="restart", name="app")],
+        strategy=Strategy(adaptive=AdaptivePace(start=2)),
+        windows=[MaintenanceWindow(cron="30 1 * * *", duration_s=3600)],
+        idempotency_key="ci-1001",
+    ),
     RolloutSpec(name="two", targets=["n1", "n2"], plan=[ServiceStep(action="restart", name="app")]),
     RolloutCounts(pending=1, running=2, succeeded=3, failed=4, rolled_back=5),
     NodeSummary(phase="timed_out", step=3, detail="no report for 600 s"),

@@ -76,16 +76,6 @@ def is_long_run() -> bool:
     return bool(_TRIALS)
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "fault: fault-injection and fuzz suite (FLEET_FAULT_TRIALS=N for a long run)"
-    )
-    # hypothesis's report of a falsifying example touches mypy_extensions.TypedDict, whose
-    # deprecation warning (an error here) would hide the example behind an INTERNALERROR.
-    config.addinivalue_line(
-        "filterwarnings", "ignore:mypy_extensions.TypedDict is deprecated:DeprecationWarning"
-    )
-
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     here = Path(__file__).parent

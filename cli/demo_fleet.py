@@ -159,15 +159,19 @@ class DemoFleet:
         )
         log.close()
 
+    def _tool_env(self) -> dict[str, str]:
+        """The environment of the demo's own tool runs (nodes, TUI): the tools' credentials."""
+        return {**os.environ, "FLEET_NO_CONFIG_DISCOVERY": "1", "FLEET_BROKER": self.broker_url}
+
     def _fleet(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "cli.main", *args]
 
     def _start_hub(self) -> None:
+        # Secrets go through the environment, not argv (which `ps` shows to every user).
         self._spawn("hub", self._fleet(
-            "hub", "--broker", self._urls["hub"], "--db", str(self.root / "hub.json"),
+            "hub", "--db", str(self.root / "hub.json"),
             "--signing-key", str(self.key), "--http", f"{self.http_host}:{self.http_port}",
-            "--http-token", self.token,
-        ))
+        ), env={"FLEET_BROKER": self._urls["hub"], "FLEET_HTTP_TOKEN": self.token})
 
     def _start_agent(self, index: int, node: str) -> None:
         base = self.root / "nodes" / node
@@ -244,9 +248,8 @@ class DemoFleet:
     def nodes(self) -> list[dict[str, Any]] | None:
         """The hub's node table, or None when it does not answer yet."""
         result = subprocess.run(
-            self._fleet("nodes", "--broker", self.broker_url, "--json"),
-            capture_output=True, timeout=20, check=False,
-            env={**os.environ, "FLEET_NO_CONFIG_DISCOVERY": "1"},
+            self._fleet("nodes", "--json"), capture_output=True, timeout=20, check=False,
+            env=self._tool_env(),
         )
         if result.returncode != 0:
             return None
@@ -281,9 +284,8 @@ fleet demo: {len(self.node_ids)} nodes, broker 127.0.0.1:{self.broker_port}, fil
         deadline = None if duration is None else time.monotonic() + duration
         while deadline is None or time.monotonic() < deadline:
             table = subprocess.run(
-                self._fleet("nodes", "--broker", self.broker_url),
-                capture_output=True, text=True, timeout=20, check=False,
-                env={**os.environ, "FLEET_NO_CONFIG_DISCOVERY": "1"},
+                self._fleet("nodes"), capture_output=True, text=True, timeout=20, check=False,
+                env=self._tool_env(),
             )
             print(time.strftime("%H:%M:%S"), "\n" + (table.stdout or table.stderr), flush=True)
             pause = 5.0 if deadline is None else max(0.0, min(5.0, deadline - time.monotonic()))
@@ -292,12 +294,8 @@ fleet demo: {len(self.node_ids)} nodes, broker 127.0.0.1:{self.broker_port}, fil
     def run_tui(self) -> None:
         """Open the terminal UI in the foreground."""
         subprocess.run(
-            self._fleet("tui", "--broker", self.broker_url), check=False,
-            env={
-                **os.environ,
-                "FLEET_NO_CONFIG_DISCOVERY": "1",
-                "FLEET_EXAMPLES_DIR": str(self.root / "rollouts"),
-            },
+            self._fleet("tui"), check=False,
+            env={**self._tool_env(), "FLEET_EXAMPLES": str(self.root / "rollouts")},
         )
 
     # ------------------------------------------------------------------ stop

@@ -298,6 +298,23 @@ def test_a_failed_step_starts_a_coordinated_rollback() -> None:
     assert (counts.rolled_back, counts.pending, counts.running) == (3, 1, 0)
 
 
+def test_a_reconnecting_node_gets_its_open_command_again_with_the_same_id() -> None:
+    # A broker restarted without persistence may have lost the retained command the
+    # node waits for; the node's new session is the hub's cue to publish it again.
+    fleet = Fleet()
+    fleet.create(["n1", "n2"])
+    fleet.succeed("n1")
+    fleet.step("n2", 0, "failed", "exit 1", type_="script")
+    rollback = fleet.last("n1")
+    assert rollback.action == "rollback"
+    actions = fleet.do(PresenceChanged("n1", True))
+    again = [a.command for a in actions if isinstance(a, PublishCommand)]
+    assert [(c.id, c.action) for c in again] == [(rollback.id, "rollback")]
+    fleet.snap("n1", "rolled_back")
+    # Once the node is done, a reconnect re-sends nothing.
+    assert not [a for a in fleet.do(PresenceChanged("n1", True)) if isinstance(a, PublishCommand)]
+
+
 def test_a_node_that_cannot_be_restored_ends_in_rollback_failed_naming_it() -> None:
     fleet = Fleet()
     fleet.create(["n1", "n2", "n3"])

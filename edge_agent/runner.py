@@ -324,6 +324,19 @@ class CommandRunner:
             qos=0,
         )
 
+    async def _reject_signed(self, command: Command, reason: str) -> None:
+        """Reject a command whose signature verified (so its snapshot may say so)."""
+        await self._reject(
+            Rejected(
+                reason,
+                command_id=command.id,
+                rollout=command.rollout,
+                action=command.action,
+                issued_at=command.issued_at,
+                verified=True,
+            )
+        )
+
     async def _reject(self, verdict: Rejected) -> None:
         shown = verdict.command_id or "(unidentified)"
         _LOGGER.warning("command %s rejected: %s", shown, verdict.reason)
@@ -393,32 +406,14 @@ class CommandRunner:
         if command.action == "apply":
             busy = self._busy_with()
             if busy is not None:
-                await self._reject(
-                    Rejected(
-                        f"busy with rollout {busy}",
-                        command_id=command.id,
-                        rollout=command.rollout,
-                        action=command.action,
-                        issued_at=command.issued_at,
-                        verified=True,
-                    )
-                )
+                await self._reject_signed(command, f"busy with rollout {busy}")
                 return
         try:
             await self._change(lambda s: executor.remember(s, command.id, command.issued_at))
         except OSError as exc:
             # Nothing may run before the journal knows (DESIGN 3.3): a state dir that is
             # full or read-only refuses the command, with the cause.
-            await self._reject(
-                Rejected(
-                    self._unjournalled(exc),
-                    command_id=command.id,
-                    rollout=command.rollout,
-                    action=command.action,
-                    issued_at=command.issued_at,
-                    verified=True,
-                )
-            )
+            await self._reject_signed(command, self._unjournalled(exc))
             return
         job = self._job
         if (
@@ -673,16 +668,7 @@ class CommandRunner:
         try:
             await self._change(lambda s: executor.begin(s, command))
         except OSError as exc:
-            await self._reject(
-                Rejected(
-                    self._unjournalled(exc),
-                    command_id=command.id,
-                    rollout=command.rollout,
-                    action=command.action,
-                    issued_at=command.issued_at,
-                    verified=True,
-                )
-            )
+            await self._reject_signed(command, self._unjournalled(exc))
             return
         await self._snapshot(job.ident, "applying")
         failed = False

@@ -14,32 +14,16 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from cli.ports import free_port, wait_port
+
 SCRIPT = "#!/bin/sh\necho \"updating $FLEET_NODE to $1\"\necho \"$1\" > \"$FLEET_STATE_DIR/version\"\n"
 ROLLBACK = "#!/bin/sh\nrm -f \"$FLEET_STATE_DIR/version\"\n"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def wait_port(port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {port}")
 
 
 def fleet(*args: str) -> list[str]:

@@ -11,7 +11,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,31 +19,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from cli.ports import free_port
+
 __all__ = ["DemoFleet"]
 
 _ASSETS = ("demo_service.py", "check_app.sh", "install_update.sh", "rollback.sh")
 _PREFIX = "fleet/v1"
-
-
-def _free_port(preferred: int = 0) -> int:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", preferred))
-        except OSError:
-            sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _wait_port(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            sock.settimeout(0.2)
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
 
 
 def _sha256(path: Path) -> str:
@@ -63,10 +43,10 @@ class DemoFleet:
         self.root = root
         self.node_ids = [f"node-{i}" for i in range(1, nodes + 1)]
         self.verbose = verbose
-        self.broker_port = _free_port(broker_port or 1883)
+        self.broker_port = free_port(broker_port or 1883)
         host, _, port = http_addr.rpartition(":")
         self.http_host = host or "127.0.0.1"
-        self.http_port = _free_port(int(port or 0))
+        self.http_port = free_port(int(port or 0))
         self.token = secrets.token_urlsafe(24)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._broker: Any = None
@@ -184,7 +164,7 @@ class DemoFleet:
             target.write_bytes(assets.joinpath(asset).read_bytes())
             target.chmod(0o755)
         (state / "app" / "version.json").write_text(json.dumps({"version": "1.0"}) + "\n")
-        app_port = _free_port()
+        app_port = free_port()
         (state / "app" / "port").write_text(f"{app_port}\n")
         hw = "rev-a" if index == 3 or (len(self.node_ids) < 3 and index == len(self.node_ids)) else "rev-b"
         policy = base / "policy.toml"

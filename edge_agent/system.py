@@ -510,9 +510,18 @@ async def start_service(
         "log": str(log),
         "pidfile": str(_pidfile(state_dir, name)),
     }
-    result = await run(
-        [sys.executable, "-I", "-c", _LAUNCHER], timeout=timeout, stdin=json.dumps(spec).encode()
+    launch = asyncio.ensure_future(
+        run([sys.executable, "-I", "-c", _LAUNCHER], timeout=timeout, stdin=json.dumps(spec).encode())
     )
+    try:
+        result = await asyncio.shield(launch)
+    except asyncio.CancelledError:
+        # An abort during the launch: let the launcher finish (it takes milliseconds),
+        # so the service it spawned is in the pidfile and the step's undo can stop it.
+        # Killing the launcher instead could leave a detached service nobody knows of.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(launch, timeout)
+        raise
     if not result.ok:
         raise StepError(f"cannot start service {name}: {result.tail()}")
     try:

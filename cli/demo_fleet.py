@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from cli.ports import free_port
+from cli.ports import free_port, service_port
 
 __all__ = ["DemoFleet"]
 
@@ -164,7 +164,7 @@ class DemoFleet:
             target.write_bytes(assets.joinpath(asset).read_bytes())
             target.chmod(0o755)
         (state / "app" / "version.json").write_text(json.dumps({"version": "1.0"}) + "\n")
-        app_port = free_port()
+        app_port = service_port()
         (state / "app" / "port").write_text(f"{app_port}\n")
         hw = "rev-a" if index == 3 or (len(self.node_ids) < 3 and index == len(self.node_ids)) else "rev-b"
         policy = base / "policy.toml"

@@ -579,16 +579,7 @@ class CommandRunner:
     async def _outcome(
         self, task: asyncio.Task[Any], timeout: float, job: _Job, cancellable: bool
     ) -> _Outcome:
-        if cancellable:
-            job.step_task = task
-        try:
-            await asyncio.wait({task})
-        except asyncio.CancelledError:
-            task.cancel()
-            await asyncio.wait({task})
-            raise
-        finally:
-            job.step_task = None
+        await _finish(task, job, cancellable=cancellable)
         if task.cancelled():
             return _Outcome(cancelled=True)
         exc = task.exception()
@@ -632,15 +623,7 @@ class CommandRunner:
                 self._settings, until, clock=self._clock, poll_s=_DEFER_POLL_S, on_busy=busy, env=env
             )
         )
-        job.step_task = task
-        try:
-            await asyncio.wait({task})
-        except asyncio.CancelledError:
-            task.cancel()
-            await asyncio.wait({task})
-            raise
-        finally:
-            job.step_task = None
+        await _finish(task, job, cancellable=True)
         if job.preempted or task.cancelled():
             detail = "nothing to undo: the apply never started (it was deferred)"
             job.final = True
@@ -800,3 +783,20 @@ class CommandRunner:
             await self._snapshot(job.ident, entry.phase, entry.detail)
             return
         await self._undo(job)
+
+
+async def _finish(task: asyncio.Task[Any], job: _Job, *, cancellable: bool) -> None:
+    """Wait for ``task``; if ``cancellable``, an abort may cancel it through ``job.step_task``.
+
+    If this wait itself is cancelled, the task is cancelled and awaited first.
+    """
+    if cancellable:
+        job.step_task = task
+    try:
+        await asyncio.wait({task})
+    except asyncio.CancelledError:
+        task.cancel()
+        await asyncio.wait({task})
+        raise
+    finally:
+        job.step_task = None

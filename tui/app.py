@@ -21,6 +21,7 @@ from tui.context import Clock, Context
 from tui.feed import Feed, pump
 from tui.messages import FeedBatch, FeedStatus, HubRequest, RequestDone
 from tui.model import Changes, FleetModel
+from tui.preview import plan_request
 from tui.screens.base import ModelScreen
 from tui.screens.fleet import FleetScreen
 from tui.screens.new_rollout import NewRolloutScreen
@@ -33,7 +34,7 @@ _LOGGER = logging.getLogger(__name__)
 
 #: Requests that only read: they run in their own worker group, so a refresh
 #: never cancels an abort in flight (and the reverse).
-_QUERIES = ("show", "list", "nodes")
+_QUERIES = ("show", "list", "nodes", "plan")
 _DONE_WORDS = {
     "abort": "abort requested",
     "rollback": "rollback requested",
@@ -141,7 +142,9 @@ class FleetApp(App[None]):
 
     def on_hub_request(self, message: HubRequest) -> None:
         """Send a screen's request in the background."""
-        if message.op in _QUERIES:
+        if message.op == "plan":  # the hub's plan, with every online node's pre-flight
+            self.query_hub("plan", plan_request(message.body, self.config.request_timeout_s))
+        elif message.op in _QUERIES:
             self.query_hub(message.op, message.body)
         else:
             self.act(message.op, message.body)
@@ -174,7 +177,10 @@ class FleetApp(App[None]):
         if reply is None or not reply.ok:
             return
         rollout = message.body.get("rollout")
-        if message.op == "show" and isinstance(rollout, str) and isinstance(reply.body, dict):
+        screen = self.screen
+        if message.op == "plan" and isinstance(screen, NewRolloutScreen) and isinstance(reply.body, dict):
+            screen.show_plan(reply.body)
+        elif message.op == "show" and isinstance(rollout, str) and isinstance(reply.body, dict):
             self._dispatch(self.model.set_detail(rollout, reply.body))
         elif message.op == "create_rollout":
             created = reply.body.get("rollout") if isinstance(reply.body, dict) else None

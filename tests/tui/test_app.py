@@ -12,10 +12,10 @@ from textual.screen import Screen
 from textual.widgets import Input, OptionList, Sparkline, Static, TextArea
 from textual.widgets.data_table import ColumnKey
 
-from bus.messages import Heartbeat, Inventory, JobRef, LogLine, NodeState, StepStatus
+from bus.messages import Heartbeat, Inventory, JobRef, LogLine, NodeState, Reply, Request, StepStatus
 from tests.tui.helpers import demo_app, notifications, ops, refuse, until
 from tui.app import FleetApp
-from tui.demo import DEMO_NOW, FAILED_ID, ROLLOUT_ID, demo_updates, node_id
+from tui.demo import DEMO_NOW, FAILED_ID, ROLLOUT_ID, demo_responder, demo_updates, node_id
 from tui.messages import FeedBatch, RequestDone
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.fleet import FleetScreen
@@ -335,6 +335,42 @@ async def test_new_rollout_from_a_file_previews_then_creates(tmp_path: Path) -> 
         assert create == [json.loads(spec_file.read_text())]
         assert app.screen.rollout == "r-new"  # type: ignore[attr-defined]
         assert ("information", "rollout r-new created") in notifications(seen)
+
+
+async def test_new_rollout_asks_the_hub_for_its_plan(tmp_path: Path) -> None:
+    spec_file = _write_spec(tmp_path / "spec.json")
+    plan = {
+        "kind": "plan", "dry_run": True, "name": "collector-1.6", "ok": False,
+        "targets": ["edge-001", "edge-007"], "offline": ["edge-007"], "waves": [["edge-001", "edge-007"]],
+        "problems": ["edge-007 is offline"], "warnings": [],
+        "preflight": {"asked": 1, "passed": 1, "failed": 0, "unanswered": 0, "nodes": {}},
+    }
+
+    def responder(request: Request) -> Reply:
+        if request.op == "plan":
+            return Reply(request=request.id, ok=True, body=plan)
+        return demo_responder(request)
+
+    app, feed = demo_app(responder=responder)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: len(app.model.nodes) == 12, "nodes")
+        await pilot.press("n")
+        await until(pilot, lambda: isinstance(screen_of(app), NewRolloutScreen), "the new-rollout screen")
+        screen = app.screen
+        assert isinstance(screen, NewRolloutScreen)
+        screen.query_one("#spec-path", Input).value = str(spec_file)
+        await pilot.press("enter")
+        await until(pilot, lambda: screen.preview is not None, "a preview")
+        await pilot.press("ctrl+t")
+        preview = screen.query_one("#preview", Static)
+        await until(pilot, lambda: "would" in str(preview.render()), "the hub's plan")
+        sent = [b for o, b in ops(feed) if o == "plan"]
+        assert len(sent) == 1
+        assert sent[0]["spec"] == json.loads(spec_file.read_text())
+        text = str(preview.render())
+        assert text.startswith("PLAN (dry run)")
+        assert "edge-007" in text
+        assert not [o for o, _ in ops(feed) if o == "create_rollout"]
 
 
 async def test_new_rollout_from_examples_and_pasted_json_and_hub_refusal(tmp_path: Path) -> None:

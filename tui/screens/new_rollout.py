@@ -16,7 +16,7 @@ from bus.messages import MAX_PAYLOAD_BYTES, loads_object
 from tui.context import Context
 from tui.messages import HubRequest
 from tui.model import Changes
-from tui.preview import Preview, make_preview, parse_spec
+from tui.preview import Preview, hub_plan_lines, make_preview, parse_spec
 from tui.screens.base import ModelScreen
 from tui.screens.confirm import ConfirmScreen
 
@@ -45,6 +45,7 @@ class NewRolloutScreen(ModelScreen):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "app.pop_screen", "Back"),
         Binding("ctrl+s", "create", "Create rollout"),
+        Binding("ctrl+t", "plan", "Plan (dry run)"),
     ]
 
     def __init__(self, ctx: Context) -> None:
@@ -132,6 +133,21 @@ class NewRolloutScreen(ModelScreen):
         """Targets may have come online or gone offline: re-preview."""
         if self.is_mounted and self.preview is not None and (changes.nodes or changes.removed_nodes):
             self._update_preview(self.query_one("#spec-json", TextArea).text)
+
+    def action_plan(self) -> None:
+        """Ask the hub for its plan of this spec: nothing starts, every online node pre-flights it."""
+        if self._body is None:
+            reason = self.error or "No rollout spec to plan."
+            self.notify(reason, severity="error", title="Plan", markup=False)
+            return
+        self.query_one("#preview", Static).update(
+            "PLAN (dry run): asking the hub; every online target checks the plan without changing anything..."
+        )
+        self.post_message(HubRequest("plan", self._body))
+
+    def show_plan(self, plan: dict[str, Any]) -> None:
+        """Show the hub's plan in place of the local preview (it is labelled a plan)."""
+        self.query_one("#preview", Static).update("\n".join(hub_plan_lines(plan)))
 
     def action_create(self) -> None:
         """Confirm, then send ``create_rollout``; the hub's answer comes back as a notification."""

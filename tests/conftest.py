@@ -19,6 +19,7 @@ from bus.broker import BrokerThread, load_config
 from bus.topics import Topics
 from cli.ports import free_port as free_port  # re-exported for the tests
 from cli.ports import wait_port as wait_port
+from tests.webfiles import Web
 
 
 @pytest.fixture(autouse=True)
@@ -227,3 +228,12 @@ def start_agent(tmp_path: Path) -> Iterator[AgentStarter]:
                 proc.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(10)
+
+
+@pytest.fixture
+def web() -> Iterator[Web]:
+    """A real HTTP server on 127.0.0.1 serving the test's files (downloads, health checks)."""
+    server = Web()
+    yield server
+    server.close()
+

@@ -12,14 +12,11 @@ import asyncio
 import contextlib
 import fcntl
 import hashlib
-import http.server
 import os
 import shutil
 import subprocess
-import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +43,7 @@ from edge_agent.settings import Policy
 from edge_agent.steps import HANDLERS, package
 from edge_agent.tools import SystemTools
 from tests.integration.test_managers import ToolSettings, make_ctx
+from tests.webfiles import Web
 
 pytestmark = pytest.mark.skipif(
     shutil.which("dpkg") is None or shutil.which("dpkg-deb") is None, reason="needs dpkg and dpkg-deb"
@@ -195,42 +193,6 @@ def cache(settings: ToolSettings, deb: Path) -> str:
     return deb.name
 
 
-class Web:
-    """A real HTTP server on 127.0.0.1 serving files from a dict."""
-
-    def __init__(self) -> None:
-        files: dict[str, bytes] = {}
-        self.files = files
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                body = files.get(self.path)
-                if body is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: object) -> None:
-                return
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def add(self, path: str, body: bytes) -> str:
-        self.files[path] = body
-        return f"http://127.0.0.1:{self.server.server_address[1]}{path}"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(10)
-
-
 @dataclass
 class Recorder:
     """A fake ``publish`` for the runner that keeps what it publishes."""
@@ -311,13 +273,6 @@ def write_check_script(settings: ToolSettings, healthy: bool) -> None:
 @pytest.fixture
 def world(tmp_path: Path) -> DebWorld:
     return make_world(tmp_path)
-
-
-@pytest.fixture
-def web() -> Iterator[Web]:
-    server = Web()
-    yield server
-    server.close()
 
 
 def _upgrade_plan(web: Web, deb: Path, name: str, *, sha256: str | None = None) -> list[Any]:

@@ -13,7 +13,6 @@ import json
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from bus.topics import Topics
 from edge_agent.preflight import run_preflight
 from tests.conftest import RunningBroker
 from tests.integration.live_fleet import RECORD_PLAN, LiveFleet, until
-from tests.integration.test_runner import Web
+from tests.webfiles import Web
 
 pytestmark = pytest.mark.broker
 
@@ -33,13 +32,6 @@ SLOW = """#!/bin/sh
 echo "$FLEET_PHASE slow.sh" >> "$FLEET_STATE_DIR/record.log"
 while [ ! -e "$FLEET_STATE_DIR/go" ]; do sleep 0.05; done
 """
-
-
-@pytest.fixture
-def web() -> Iterator[Web]:
-    server = Web()
-    yield server
-    server.close()
 
 
 def spec(targets: list[str], **changes: Any) -> dict[str, Any]:

@@ -9,13 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import http.server
 import json
 import os
 import shutil
 import signal
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -49,6 +47,7 @@ from edge_agent.journal import Journal
 from edge_agent.runner import CommandRunner
 from edge_agent.settings import ExecutorSettings, ProcessService
 from tests.conftest import RunningBroker, free_port
+from tests.webfiles import Web
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "scripts"
@@ -56,49 +55,6 @@ NODE = "node-1"
 FINAL = {"succeeded", "failed", "rolled_back", "rejected"}
 
 # ----------------------------------------------------------------------------- helpers
-
-
-class Web:
-    """A real HTTP server on 127.0.0.1 serving files from a dict (in a thread)."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-        files = self.files
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                body = files.get(self.path)
-                if body is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: object) -> None:
-                return
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-
-    def add(self, path: str, body: bytes) -> str:
-        self.files[path] = body
-        return f"http://127.0.0.1:{self.server.server_address[1]}{path}"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(10)
-
-
-@pytest.fixture
-def web() -> Iterator[Web]:
-    server = Web()
-    yield server
-    server.close()
 
 
 @pytest.fixture

@@ -76,16 +76,14 @@ MAX_PAYLOAD_BYTES = 256 * 1024
 
 NodeId = Annotated[str, StringConstraints(pattern=f"^{NODE_ID_PATTERN}$")]
 #: A local name (downloaded file, script, service, unit): no path separators, no dot-dot.
-SafeName = Annotated[
-    str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@+-]{0,127}$")
-]
-Id = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
+SafeName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@+-]*$", max_length=128)]
+Id = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=128)]
 ShortText = Annotated[str, StringConstraints(max_length=4096)]
-Label = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,62}$")]
+Label = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_./-]*$", max_length=63)]
 LabelValue = Annotated[str, StringConstraints(max_length=128)]
 Seconds = Annotated[float, Field(gt=0, le=7 * 86400)]
 #: Printable ASCII without spaces (a UUID, a CI job id, "deploy-2024-06-01-web").
-IdempotencyKey = Annotated[str, StringConstraints(pattern=r"^[!-~]{1,128}$")]
+IdempotencyKey = Annotated[str, StringConstraints(pattern=r"^[!-~]+$", max_length=128)]
 
 
 def new_id() -> str:
@@ -114,7 +112,7 @@ class DownloadStep(_StepBase):
     """Fetch ``url`` into the agent's cache as ``name`` and verify its sha256."""
 
     type: Literal["download"] = "download"
-    url: Annotated[str, StringConstraints(pattern=r"^https?://[^\s]{1,2040}$")]
+    url: Annotated[str, StringConstraints(pattern=r"^https?://[^\s]+$", max_length=2048)]
     sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{64}$")]
     name: SafeName
     max_bytes: int | None = Field(default=None, gt=0, description="Refuse larger downloads.")
@@ -133,8 +131,8 @@ class PackageStep(_StepBase):
 
     type: Literal["package"] = "package"
     manager: Literal["apt", "dnf", "yum", "dpkg"]
-    name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9+._-]{0,127}$")]
-    version: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9.+~:_-]{1,128}$")] | None = None
+    name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9+._-]*$", max_length=128)]
+    version: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9.+~:_-]+$", max_length=128)] | None = None
     src: SafeName | None = None
 
 
@@ -143,7 +141,7 @@ class ContainerStep(_StepBase):
 
     type: Literal["container"] = "container"
     name: SafeName
-    image: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,255}$")]
+    image: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$", max_length=256)]
 
 
 class FileStep(_StepBase):
@@ -155,7 +153,7 @@ class FileStep(_StepBase):
 
     type: Literal["file"] = "file"
     src: SafeName
-    dest: Annotated[str, StringConstraints(pattern=r"^[^\x00]{1,1024}$")]
+    dest: Annotated[str, StringConstraints(pattern=r"^[^\x00]+$", max_length=1024)]
     mode: Annotated[str, StringConstraints(pattern=r"^0?[0-7]{3}$")] = "0644"
 
     @field_validator("dest")
@@ -181,7 +179,7 @@ class ModuleStep(_StepBase):
     """Load, unload or reload a kernel driver module."""
 
     type: Literal["module"] = "module"
-    name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]+$", max_length=64)]
     action: Literal["reload", "load", "unload"] = "reload"
 
 
@@ -374,9 +372,7 @@ class LogLine(_Report):
 
 # ------------------------------------------------------------------------ requests
 
-RequestOp = Literal[
-    "create_rollout", "abort", "rollback", "pause", "resume", "list", "show", "nodes", "plan"
-]
+RequestOp = Literal["create_rollout", "abort", "rollback", "pause", "resume", "list", "show", "nodes", "plan"]
 
 
 class Request(_Strict):
@@ -437,9 +433,7 @@ class Strategy(_Strict):
         max_length=100,
         description="Wave sizes: node counts or percents of the targets; the last repeats.",
     )
-    max_parallel: int | None = Field(
-        default=None, ge=1, description="At most this many nodes busy at once."
-    )
+    max_parallel: int | None = Field(default=None, ge=1, description="At most this many nodes busy at once.")
     soak_s: float = Field(
         default=0.0, ge=0, le=86400, description="A wave succeeds after its nodes stay healthy this long."
     )

@@ -711,4 +711,3 @@ class MqttClient:
         self._window.release()
         if pending.future is not None and not pending.future.done():
             pending.future.set_result(None)
-

@@ -12,20 +12,21 @@ import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-
+from bus.ed25519 import PublicKey, public_key_from_pem
 from bus.errors import ConfigError, SignatureError
 from bus.messages import Command
+
+if TYPE_CHECKING:  # the hub's side; agents only verify and never load ``cryptography``
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 __all__ = [
     "canonical_json",
     "generate_keypair",
     "load_private_key",
     "load_public_keys",
+    "public_key_of",
     "sign_command",
     "verify_fields",
 ]
@@ -49,7 +50,7 @@ def sign_command(command: Command, key: Ed25519PrivateKey) -> Command:
     return command.model_copy(update={"sig": base64.b64encode(sig).decode("ascii")})
 
 
-def verify_fields(fields: Mapping[str, Any], keys: Iterable[Ed25519PublicKey]) -> None:
+def verify_fields(fields: Mapping[str, Any], keys: Iterable[PublicKey]) -> None:
     """Check the ``sig`` of a raw command object against any trusted key.
 
     Raises:
@@ -66,13 +67,8 @@ def verify_fields(fields: Mapping[str, Any], keys: Iterable[Ed25519PublicKey]) -
         data = _signed_part(fields)
     except (TypeError, ValueError) as exc:
         raise SignatureError(f"command cannot be canonicalised: {exc}") from exc
-    for key in keys:
-        try:
-            key.verify(sig, data)
-        except InvalidSignature:
-            continue
-        return
-    raise SignatureError("signature does not verify against any trusted key")
+    if not any(key.verify(sig, data) for key in keys):
+        raise SignatureError("signature does not verify against any trusted key")
 
 
 def generate_keypair(out_dir: Path) -> tuple[Path, Path]:
@@ -80,6 +76,9 @@ def generate_keypair(out_dir: Path) -> tuple[Path, Path]:
 
     Blocking; call through asyncio.to_thread from async code.
     """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     out_dir.mkdir(parents=True, exist_ok=True)
     key = Ed25519PrivateKey.generate()
     private = key.private_bytes(
@@ -108,6 +107,9 @@ def _write_atomic(path: Path, data: bytes, mode: int) -> None:
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
     """Read a PEM Ed25519 private key; ConfigError with the reason otherwise."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (OSError, ValueError, TypeError) as exc:
@@ -117,24 +119,30 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
     return key
 
 
-def load_public_keys(path: Path) -> list[Ed25519PublicKey]:
+def public_key_of(key: Ed25519PrivateKey) -> PublicKey:
+    """The verifying half of a signing key, as agents hold it."""
+    from cryptography.hazmat.primitives import serialization
+
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return PublicKey(raw)
+
+
+def load_public_keys(path: Path) -> list[PublicKey]:
     """Read every PEM Ed25519 public key in a trust file (one or more blocks)."""
     try:
         text = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read trust file {path}: {exc}") from exc
-    keys: list[Ed25519PublicKey] = []
+    keys: list[PublicKey] = []
     marker = b"-----END PUBLIC KEY-----"
     for block in text.split(marker):
         if b"-----BEGIN PUBLIC KEY-----" not in block:
             continue
+        begin = block.index(b"-----BEGIN PUBLIC KEY-----")
         try:
-            key = serialization.load_pem_public_key(block.strip() + b"\n" + marker + b"\n")
+            keys.append(public_key_from_pem(block[begin:] + marker))
         except ValueError as exc:
             raise ConfigError(f"bad public key in {path}: {exc}") from exc
-        if not isinstance(key, Ed25519PublicKey):
-            raise ConfigError(f"public key in {path} is not Ed25519")
-        keys.append(key)
     if not keys:
         raise ConfigError(f"trust file {path} holds no public key")
     return keys

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field
 
+from bus.ed25519 import PublicKey
 from edge_agent.tools import SystemTools
 
 __all__ = ["ExecutorSettings", "Policy", "ProcessService", "ServiceManager"]
@@ -74,7 +74,7 @@ class ExecutorSettings:
     node: str
     state_dir: Path
     scripts_dir: Path
-    trusted_keys: tuple[Ed25519PublicKey, ...] = ()
+    trusted_keys: tuple[PublicKey, ...] = ()
     policy: Policy = field(default_factory=Policy)
     service_manager: ServiceManager = "process"
     services: dict[str, ProcessService] = field(default_factory=dict)

@@ -36,7 +36,7 @@ import bus.messages as messages
 from bus.errors import InvalidInput
 from bus.messages import MAX_PAYLOAD_BYTES, Command, NodeState, Reply, RequestOp, decode, encode
 from bus.mqtt import Message
-from bus.signing import generate_keypair, load_private_key, sign_command
+from bus.signing import generate_keypair, load_private_key, public_key_of, sign_command
 from bus.topics import Topics, check_node_id
 from edge_agent.executor import JournalState
 from edge_agent.runner import CommandRunner
@@ -422,7 +422,7 @@ async def agent(tmp_path: Path) -> AsyncIterator[Agent]:
     scripts = tmp_path / "scripts"
     scripts.mkdir()
     settings = ExecutorSettings(
-        node=NODE, state_dir=tmp_path / "state", scripts_dir=scripts, trusted_keys=(key.public_key(),)
+        node=NODE, state_dir=tmp_path / "state", scripts_dir=scripts, trusted_keys=(public_key_of(key),)
     )
     topics = Topics("fleet-fuzz/v1")
     sent: list[tuple[str, bytes]] = []

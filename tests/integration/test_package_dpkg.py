@@ -35,7 +35,7 @@ from bus.messages import (
     encode,
     new_id,
 )
-from bus.signing import sign_command
+from bus.signing import public_key_of, sign_command
 from bus.topics import Topics
 from edge_agent import versions
 from edge_agent.runner import CommandRunner
@@ -229,7 +229,7 @@ _issued = [0.0]
 async def run_plan(settings: ToolSettings, plan: list[Any]) -> tuple[JobSnapshot, Recorder]:
     """Run one signed apply command through the real CommandRunner (with the package handler)."""
     key = Ed25519PrivateKey.generate()
-    settings = ToolSettings(**{**settings.__dict__, "trusted_keys": (key.public_key(),)})
+    settings = ToolSettings(**{**settings.__dict__, "trusted_keys": (public_key_of(key),)})
     issued = max(time.time(), _issued[0] + 0.001)
     _issued[0] = issued
     command = sign_command(

@@ -350,6 +350,7 @@ async def test_reconnect_is_a_new_session_and_the_old_will_carries_the_old_one(
         mark = len(watch.seen)
         proxy.cut()  # the broker sees the connection die (will), the agent reconnects (birth)
         _, _, will_msg = await watch.wait_for(is_state(topics, "n1", "offline"), after=mark)
+
         # The birth of the NEW connection (a late re-announcement of the old session's
         # inventory may come first on a loaded machine; it is not what this waits for).
         def is_new_birth(message: Message) -> bool:

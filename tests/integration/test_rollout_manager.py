@@ -36,7 +36,7 @@ from bus.messages import (
     loads_object,
 )
 from bus.mqtt import MqttClient
-from bus.signing import verify_fields
+from bus.signing import public_key_of, verify_fields
 from bus.topics import Topics
 from hub.registry import Registry
 from hub.rollouts import RolloutManager
@@ -76,7 +76,7 @@ class FakeAgent:
     ) -> None:
         self.node = node
         self.topics = topics
-        self.trusted = [key.public_key()]
+        self.trusted = [public_key_of(key)]
         self.fail_step = fail_step
         self.hold = hold
         self.client = MqttClient(broker.url, client_id=f"fake-{node}-{uuid.uuid4().hex[:6]}")

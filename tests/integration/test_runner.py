@@ -39,7 +39,7 @@ from bus.messages import (
     new_id,
 )
 from bus.mqtt import MqttClient
-from bus.signing import sign_command
+from bus.signing import public_key_of, sign_command
 from bus.topics import Topics
 from edge_agent import executor, system
 from edge_agent.executor import JournalState
@@ -120,7 +120,7 @@ def make_settings(tmp_path: Path, scripts: Path, key: Ed25519PrivateKey, **extra
         node=NODE,
         state_dir=tmp_path / "state",
         scripts_dir=scripts,
-        trusted_keys=(key.public_key(),),
+        trusted_keys=(public_key_of(key),),
         **extra,
     )
 

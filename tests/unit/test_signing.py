@@ -21,6 +21,7 @@ from bus.signing import (
     generate_keypair,
     load_private_key,
     load_public_keys,
+    public_key_of,
     sign_command,
     verify_fields,
 )
@@ -51,7 +52,7 @@ def test_canonical_json_matches_the_golden_bytes(golden: dict[str, Any]) -> None
 
 
 def test_golden_signature_verifies_and_is_reproduced(golden: dict[str, Any]) -> None:
-    verify_fields(golden, [GOLDEN_KEY.public_key()])
+    verify_fields(golden, [public_key_of(GOLDEN_KEY)])
     # The hub's path (model -> sign) makes exactly the golden fields, signature included.
     command = Command.model_validate(unsigned(golden))
     assert sign_command(command, GOLDEN_KEY).model_dump(mode="json") == golden
@@ -92,7 +93,7 @@ def test_sign_and_verify_round_trip_through_the_wire() -> None:
     assert signed.sig
     # The agent verifies the raw received object, before any model validation.
     received = loads_object(encode(signed))
-    verify_fields(received, [Ed25519PrivateKey.generate().public_key(), key.public_key()])
+    verify_fields(received, [public_key_of(Ed25519PrivateKey.generate()), public_key_of(key)])
     assert decode(Command, encode(signed)) == signed
 
 
@@ -111,7 +112,7 @@ def test_tampered_field_fails(field: str, value: Any) -> None:
     fields = sign_command(make_command(), key).model_dump(mode="json")
     fields[field] = value
     with pytest.raises(SignatureError, match="does not verify"):
-        verify_fields(fields, [key.public_key()])
+        verify_fields(fields, [public_key_of(key)])
 
 
 def test_dropped_field_fails() -> None:
@@ -119,12 +120,12 @@ def test_dropped_field_fails() -> None:
     fields = sign_command(make_command(), key).model_dump(mode="json")
     del fields["expires_at"]
     with pytest.raises(SignatureError):
-        verify_fields(fields, [key.public_key()])
+        verify_fields(fields, [public_key_of(key)])
 
 
 def test_key_not_trusted_fails(golden: dict[str, Any]) -> None:
     with pytest.raises(SignatureError, match="any trusted key"):
-        verify_fields(golden, [Ed25519PrivateKey.generate().public_key()])
+        verify_fields(golden, [public_key_of(Ed25519PrivateKey.generate())])
     with pytest.raises(SignatureError):
         verify_fields(golden, [])
 
@@ -146,7 +147,7 @@ def test_missing_or_malformed_signature_fails(golden: dict[str, Any], sig: Any, 
     else:
         fields["sig"] = sig
     with pytest.raises(SignatureError, match=reason):
-        verify_fields(fields, [GOLDEN_KEY.public_key()])
+        verify_fields(fields, [public_key_of(GOLDEN_KEY)])
 
 
 def test_key_files_round_trip(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from bus.messages import MAX_PAYLOAD_BYTES, JobSnapshot, StepStatus
-from bus.signing import canonical_json
+from bus.signing import canonical_json, public_key_of
 from bus.topics import Topics
 from edge_agent.intake import Accepted, Ignored, Rejected, Verdict, check_command
 from edge_agent.runner import CommandRunner
@@ -47,7 +47,7 @@ def make_settings(tmp_path: Path, **extra: Any) -> ExecutorSettings:
         "node": NODE,
         "state_dir": tmp_path / "state",
         "scripts_dir": scripts,
-        "trusted_keys": (KEY.public_key(),),
+        "trusted_keys": (public_key_of(KEY),),
         "services": {"app": ProcessService(command=["/bin/true"])},
     }
     fields.update(extra)

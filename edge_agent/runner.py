@@ -130,7 +130,7 @@ class CommandRunner:
         self._topics = topics
         self._publish = publish
         self._clock = clock
-        self._handlers: Mapping[str, StepHandler] = dict(HANDLERS if handlers is None else handlers)
+        self._handlers: Mapping[str, StepHandler] = HANDLERS if handlers is None else dict(handlers)
         self._journal = Journal(settings.journal_path)
         self._state: JournalState | None = None
         self._state_lock = asyncio.Lock()

@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+from bus import memory
 from bus.messages import Inventory, JobRef, encode
 from bus.mqtt import MqttClient, Will
 from bus.topics import Topics
@@ -123,6 +124,7 @@ class Agent:
                 tasks.append(asyncio.create_task(self._heartbeats(client, runner), name="heartbeats"))
                 tasks.append(asyncio.create_task(self._commands(client, runner), name="commands"))
                 self.ready.set()
+                memory.release_soon()  # what start-up built and dropped (imports, schemas, inventory)
                 _LOGGER.info("agent %s ready (session %s)", self.config.node_id, self.presence.session)
                 await stop.wait()
         finally:
@@ -163,6 +165,7 @@ class Agent:
             await self._publish_birth()
         except Exception as exc:  # the next (re)connect publishes it anyway
             _LOGGER.warning("could not re-publish the birth: %s", exc)
+        memory.release_soon()  # what the job and the scan freed
 
     async def _heartbeats(self, client: MqttClient, runner: CommandHandler) -> None:
         period = self.config.heartbeat_s

@@ -1,0 +1,60 @@
+"""Hand freed heap back to the operating system after bursts of work.
+
+glibc keeps memory that Python and pydantic-core freed (start-up, a job, an
+inventory scan) in its arenas, where it still counts as the process's RSS.
+``malloc_trim(0)`` returns the free pages. It costs about a millisecond, so
+:func:`release_soon` coalesces requests: one trim per process at most once
+per ``delay_s``, however many agents (the simulator holds a thousand) ask.
+On a C library without ``malloc_trim`` (musl) it does nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+from collections.abc import Callable
+
+__all__ = ["release_now", "release_soon"]
+
+_LOGGER = logging.getLogger(__name__)
+
+
+def _load_trim() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim  # type: ignore[no-any-return]
+
+
+_TRIM = _load_trim()
+#: The loop with a trim pending on it; a loop closed before its trim ran does not count.
+_pending_on: asyncio.AbstractEventLoop | None = None
+
+
+def release_now() -> bool:
+    """Trim the heap now; True when the C library has ``malloc_trim``."""
+    if _TRIM is None:
+        return False
+    _TRIM(0)
+    return True
+
+
+def release_soon(delay_s: float = 1.0) -> None:
+    """Trim once, ``delay_s`` from now, on the running loop (requests meanwhile are merged)."""
+    global _pending_on
+    loop = asyncio.get_running_loop()
+    if _TRIM is None or _pending_on is loop:
+        return
+
+    def run() -> None:
+        global _pending_on
+        _pending_on = None
+        release_now()
+
+    _pending_on = loop
+    loop.call_later(delay_s, run)

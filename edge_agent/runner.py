@@ -55,7 +55,7 @@ from bus.messages import (
     encode,
 )
 from bus.topics import Topics
-from edge_agent import deferral, executor, preflight
+from edge_agent import deferral, executor
 from edge_agent.executor import ActiveJob, JournalState, Recovery
 from edge_agent.intake import Accepted, Ignored, Rejected, check_command
 from edge_agent.journal import Journal
@@ -456,6 +456,8 @@ class CommandRunner:
 
     async def _run_preflight(self, command: Command) -> None:
         """Check the plan without changing anything; one status per check, then the verdict (index -1)."""
+        from edge_agent import preflight  # only agents asked for a plan pay for its checks
+
         who = ActiveJob(
             command=command.id, action="apply", rollout=command.rollout, issued_at=command.issued_at
         )

@@ -147,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
             state_root=args.state_dir,
             start_batch=args.start_batch,
             journal=args.journal,
+            threaded_io=args.threaded_io,
         )
     except ValidationError as exc:
         raise ConfigError(f"invalid simulation: {describe(exc)}") from exc
@@ -158,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        if config.is_ram_backed() and not args.threaded_io:
+        if config.inline_io():
             # Journal writes to RAM take microseconds: no thread hand-off for them
             # (edge_agent/simulator.py explains why).
             loop.set_default_executor(InlineExecutor())

@@ -9,6 +9,7 @@ journal, never a torn one. What the journal holds and how it changes is
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -27,7 +28,7 @@ _LOGGER = logging.getLogger(__name__)
 JOURNAL_NAME = "journal.json"
 
 
-def fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: str | Path) -> None:
     """Make a rename or unlink inside ``directory`` durable. Call through asyncio.to_thread."""
     with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
@@ -37,12 +38,13 @@ def fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+def write_atomic(path: str | Path, data: bytes, mode: int = 0o600) -> None:
     """Replace ``path`` with ``data``: temp file, fsync, ``os.replace``, fsync of the directory.
 
     Call through asyncio.to_thread.
     """
-    tmp = path.with_name(f".{path.name}.tmp")
+    directory, name = os.path.split(os.fspath(path))
+    tmp = os.path.join(directory, f".{name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         view = memoryview(data)
@@ -53,11 +55,11 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     except BaseException:
         os.close(fd)
         with contextlib.suppress(OSError):
-            tmp.unlink()
+            os.unlink(tmp)
         raise
     os.close(fd)
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    fsync_dir(directory or ".")
 
 
 class Journal:
@@ -65,10 +67,13 @@ class Journal:
 
     Args:
         path: the journal file (``state_dir/journal.json``).
+        inline: write from the event loop itself instead of a worker thread; only
+            for a RAM-backed directory (``fleet simulate``), where a write never waits.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, inline: bool = False) -> None:
         self.path = path
+        self.inline = inline
 
     def load(self) -> JournalState:
         """The stored state; an empty one when there is no journal yet.
@@ -91,5 +96,16 @@ class Journal:
 
     def save(self, state: JournalState) -> None:
         """Write ``state`` atomically. Call through asyncio.to_thread."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.path, state.model_dump_json().encode("utf-8"))
+        data = state.model_dump_json().encode("utf-8")
+        try:
+            write_atomic(self.path, data)
+        except FileNotFoundError:  # the first write, or the state dir was removed meanwhile
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.path, data)
+
+    async def write(self, state: JournalState) -> None:
+        """``save`` from async code: in a worker thread, or inline when ``inline``."""
+        if self.inline:
+            self.save(state)
+        else:
+            await asyncio.to_thread(self.save, state)

@@ -31,6 +31,7 @@ Protocol (DESIGN sections 2, 3.3, 3.6):
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import shutil
@@ -115,6 +116,7 @@ class CommandRunner:
         publish: ``publish(topic, payload, *, qos=1, retain=False)``, e.g. ``MqttClient.publish``.
         clock: wall-clock time (epoch seconds) for expiry checks and report timestamps.
         handlers: step handlers by type (default: ``edge_agent.steps.HANDLERS``).
+        journal: where the job state is kept (default: ``Journal(settings.journal_path)``).
     """
 
     def __init__(
@@ -125,13 +127,14 @@ class CommandRunner:
         *,
         clock: Callable[[], float] = time.time,
         handlers: Mapping[str, StepHandler] | None = None,
+        journal: Journal | None = None,
     ) -> None:
         self._settings = settings
         self._topics = topics
         self._publish = publish
         self._clock = clock
         self._handlers: Mapping[str, StepHandler] = HANDLERS if handlers is None else dict(handlers)
-        self._journal = Journal(settings.journal_path)
+        self._journal = journal if journal is not None else Journal(settings.journal_path)
         self._state: JournalState | None = None
         self._state_lock = asyncio.Lock()
         self._intake_lock = asyncio.Lock()
@@ -251,13 +254,24 @@ class CommandRunner:
             current = self._state if self._state is not None else await asyncio.to_thread(self._load_blocking)
             new = transition(current)
             try:
-                await asyncio.to_thread(self._journal.save, new)
+                await self._journal.write(new)
             except OSError as exc:
                 if durable:
                     raise
                 _LOGGER.warning("%s; going on from memory", self._unjournalled(exc))
             self._state = new
             return new
+
+    async def _note(self, transition: Callable[[JournalState], JournalState]) -> None:
+        """Apply a transition in memory only: the next journal write carries it.
+
+        For outcomes whose loss in a crash changes nothing: a step that succeeded
+        but is still marked running on disk is undone by the restart's recovery
+        like any interrupted step (the whole apply is rolled back either way).
+        """
+        async with self._state_lock:
+            current = self._state if self._state is not None else await asyncio.to_thread(self._load_blocking)
+            self._state = transition(current)
 
     async def _update(self, rollout: str, index: int, *, durable: bool = True, **changes: Any) -> None:
         await self._change(lambda s: executor.update_step(s, rollout, index, **changes), durable=durable)
@@ -650,8 +664,14 @@ class CommandRunner:
         if not await self._defer(job, command):
             return
         rollout = command.rollout
+        last = len(command.plan) - 1
         try:
-            await self._change(lambda s: executor.begin(s, command))
+            # One write holds the job and the intent of its first step.
+            await self._change(
+                lambda s: executor.update_step(
+                    executor.begin(s, command), rollout, 0, state="running", detail=""
+                )
+            )
         except OSError as exc:
             await self._reject_signed(command, self._unjournalled(exc))
             return
@@ -662,7 +682,8 @@ class CommandRunner:
                 break
             job.index = index
             try:
-                await self._update(rollout, index, state="running", detail="")
+                if index:  # the intent of step 0 went with the job's own record
+                    await self._update(rollout, index, state="running", detail="")
             except OSError as exc:  # no step starts unless the journal knows (DESIGN 3.3)
                 error = self._unjournalled(exc)
                 _LOGGER.error("step %d (%s) of %s not started: %s", index, step.type, command.id, error)  # noqa: TRY400
@@ -670,7 +691,6 @@ class CommandRunner:
                 failed = True
                 break
             await self._status(job.ident, index, step.type, "running")
-            await self._snapshot(job.ident, "applying")
             handler = self._handler(step.type)
             timeout = self._timeout(step)
             if handler is None:
@@ -683,16 +703,25 @@ class CommandRunner:
                 await self._update(rollout, index, durable=False, state="cancelled", detail=detail)
                 break
             if outcome.error is None:
-                await self._update(rollout, index, durable=False, state="succeeded", record=outcome.record)
+                # Written with the next step's intent, or with the job's end.
+                await self._note(
+                    functools.partial(
+                        executor.update_step,
+                        rollout=rollout,
+                        index=index,
+                        state="succeeded",
+                        record=outcome.record,
+                    )
+                )
                 await self._status(job.ident, index, step.type, "succeeded")
-                await self._snapshot(job.ident, "applying")
+                if index < last:  # after the last step, the job's end is the next snapshot
+                    await self._snapshot(job.ident, "applying")
                 continue
             error = outcome.error
             _LOGGER.warning("step %d (%s) of %s failed: %s", index, step.type, command.id, error)
             await self._update(rollout, index, durable=False, state="failed", detail=error)
             await self._status(job.ident, index, step.type, "failed", error)
-            await self._snapshot(job.ident, "applying")
-            failed = True
+            failed = True  # the undo's snapshot follows at once
             break
         job.index = None
         if not failed and not job.preempted:
@@ -702,7 +731,6 @@ class CommandRunner:
                 # A success the journal does not hold would be undone by the next restart's
                 # recovery behind the hub's back: undo it now, and say why.
                 error = self._unjournalled(exc)
-                last = len(command.plan) - 1
                 _LOGGER.error("apply %s of rollout %s not recorded: %s", command.id, rollout, error)  # noqa: TRY400
                 await self._status(job.ident, last, command.plan[last].type, "failed", error)
             else:

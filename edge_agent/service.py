@@ -69,6 +69,8 @@ class Agent:
         config: the agent's configuration.
         runner_factory: builds the command runner (default: edge_agent.runner.CommandRunner).
         clock: wall-clock time, for timestamps.
+        inventory: collects what the node runs, at start and after each job (default:
+            probe the machine for the configured packages, drivers and services).
     """
 
     def __init__(
@@ -77,10 +79,12 @@ class Agent:
         *,
         runner_factory: RunnerFactory | None = None,
         clock: Callable[[], float] = time.time,
+        inventory: Callable[[], Awaitable[Inventory]] | None = None,
     ) -> None:
         self.config = config
         self.topics = config.topics
         self._runner_factory = runner_factory or default_runner
+        self._inventory_source = inventory or self._probe_inventory
         self._clock = clock
         self._started = time.monotonic()
         self.presence = Presence(
@@ -145,22 +149,28 @@ class Agent:
         await client.publish(self.presence.state_topic, encode(birth), qos=1, retain=True)
         _LOGGER.info("birth of %s published (session %s)", birth.node, birth.session)
 
-    async def _collect_inventory(self) -> Inventory:
+    async def _probe_inventory(self) -> Inventory:
         config = self.config
+        return await collect_inventory(
+            packages=config.packages,
+            drivers=config.drivers,
+            services=config.services,
+            state_dir=config.state_dir,
+        )
+
+    async def _collect_inventory(self) -> Inventory:
         try:
-            return await collect_inventory(
-                packages=config.packages,
-                drivers=config.drivers,
-                services=config.services,
-                state_dir=config.state_dir,
-            )
+            return await self._inventory_source()
         except Exception:  # the birth goes out without an inventory rather than not at all
             _LOGGER.exception("inventory failed")
             return Inventory()
 
     async def _refresh_inventory(self) -> None:
-        """After a job ends, versions may have changed: re-collect and re-announce."""
-        self._inventory = await self._collect_inventory()
+        """After a job ends, versions may have changed: re-collect, and re-announce if they did."""
+        inventory = await self._collect_inventory()
+        if inventory == self._inventory:
+            return  # the retained birth still tells the truth
+        self._inventory = inventory
         try:
             await self._publish_birth()
         except Exception as exc:  # the next (re)connect publishes it anyway

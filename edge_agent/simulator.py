@@ -207,6 +207,10 @@ class SimulationConfig(BaseModel):
     start_timeout_s: float = Field(
         default=120.0, gt=0, description="How long the whole fleet may take to come online."
     )
+    threaded_io: bool = Field(
+        default=False,
+        description="File I/O (journal writes) through worker threads even on a RAM-backed state dir.",
+    )
     journal: Literal["file", "memory"] = Field(
         default="file",
         description="file: each node's journal.json, as a real agent keeps it; memory: the same "
@@ -232,6 +236,10 @@ class SimulationConfig(BaseModel):
         if self.state_root is None:
             return ram_dir() is not None
         return is_ram_backed(self.state_root)
+
+    def inline_io(self) -> bool:
+        """Whether file I/O runs on the loop itself: RAM-backed state dirs, ``threaded_io`` off."""
+        return not self.threaded_io and self.is_ram_backed()
 
 
 class SimulatedWork:
@@ -274,7 +282,7 @@ class _MemoryJournal(Journal):
     """The journal state kept in memory only (``journal="memory"``): no file is written."""
 
     def __init__(self, path: Path) -> None:
-        super().__init__(path)
+        super().__init__(path, inline=True)
         self._state = JournalState()
 
     def load(self) -> JournalState:
@@ -282,35 +290,6 @@ class _MemoryJournal(Journal):
 
     def save(self, state: JournalState) -> None:
         self._state = state
-
-
-class _MemoryJournalRunner(CommandRunner):
-    """The real command runner whose journal lives in memory.
-
-    It replaces the runner's journal object right after construction; the
-    runner offers no parameter for it (yet).
-    """
-
-    def __init__(self, settings: ExecutorSettings, topics: Topics, publish: Publish, **kwargs: Any) -> None:
-        super().__init__(settings, topics, publish, **kwargs)
-        self._journal = _MemoryJournal(settings.journal_path)
-
-
-class _SimulatedAgent(Agent):
-    """The real agent with a fixed inventory (probing the machine once per node is pointless)."""
-
-    def __init__(
-        self,
-        config: AgentConfig,
-        inventory: Inventory,
-        runner_factory: Callable[[ExecutorSettings, Topics, Publish], CommandHandler],
-        clock: Callable[[], float],
-    ) -> None:
-        super().__init__(config, runner_factory=runner_factory, clock=clock)
-        self._fixed_inventory = inventory
-
-    async def _collect_inventory(self) -> Inventory:
-        return self._fixed_inventory
 
 
 class _Once(logging.Filter):
@@ -385,12 +364,23 @@ class Simulator:
         self._quiet_logs(True)
         self.state_root = await asyncio.to_thread(self._make_root)
         inventory = Inventory(os=await probe_os(), services={"simulated": "1"})
+
+        async def fixed_inventory() -> Inventory:  # probing the machine once per node is pointless
+            return inventory
+
         labels = {"sim": "1", **config.labels}
 
-        runner_class = _MemoryJournalRunner if config.journal == "memory" else CommandRunner
+        inline = config.inline_io()
 
         def runner(settings: ExecutorSettings, topics: Topics, publish: Publish) -> CommandHandler:
-            return runner_class(settings, topics, publish, clock=self._clock, handlers=self.work.handlers())
+            journal = (
+                _MemoryJournal(settings.journal_path)
+                if config.journal == "memory"
+                else Journal(settings.journal_path, inline=inline)
+            )
+            return CommandRunner(
+                settings, topics, publish, clock=self._clock, handlers=self.work.handlers(), journal=journal
+            )
 
         started = time.monotonic()
         deadline = started + config.start_timeout_s
@@ -410,7 +400,9 @@ class Simulator:
                         heartbeat_s=config.heartbeat_s,
                         keepalive_s=config.keepalive_s,
                     )
-                    agent = _SimulatedAgent(agent_config, inventory, runner, self._clock)
+                    agent = Agent(
+                        agent_config, runner_factory=runner, clock=self._clock, inventory=fixed_inventory
+                    )
                     self.agents[node] = agent
                     self._tasks[node] = asyncio.create_task(agent.run(self._stop), name=f"sim-{node}")
                 await self._wait_ready(batch, deadline)

@@ -533,12 +533,17 @@ async def test_agent_hands_own_commands_to_the_runner_after_recovery(
         runners.append(RecordingRunner(settings, t, publish))
         return runners[-1]
 
+    inventories = [Inventory(), Inventory(), Inventory(packages={"demo-app": "2.0"})]
+
+    async def inventory() -> Inventory:  # start, after the first job, after the second
+        return inventories.pop(0) if len(inventories) > 1 else inventories[0]
+
     cmd = topics.node("n1", "cmd")
     stop = asyncio.Event()
     async with watching(broker, topics, "n1") as watch:
         await watch.client.publish(cmd, b"retained-before-start", qos=1, retain=True, wait=True)
         await watch.client.publish(topics.node("n2", "cmd"), b"not-mine", qos=1, retain=True, wait=True)
-        agent = Agent(config, runner_factory=factory)
+        agent = Agent(config, runner_factory=factory, inventory=inventory)
         task = asyncio.create_task(agent.run(stop))
         try:
             await asyncio.wait_for(agent.ready.wait(), DEADLINE)
@@ -556,13 +561,26 @@ async def test_agent_hands_own_commands_to_the_runner_after_recovery(
                 await asyncio.sleep(0.02)
             assert all(call[1][0] == cmd for call in runner.calls if call[0] == "command")
             birth = decode(NodeState, (await watch.wait_for(is_state(topics, "n1", "online")))[2].payload)
-            # The runner's job shows in heartbeats; when it ends, the birth is re-published.
+            # The runner's job shows in heartbeats. When it ends the inventory is taken
+            # again; unchanged, the retained birth stays as it is ...
             runner.job = JobRef(rollout="r1", command="c1", step=0)
             await watch.wait_for(lambda m: is_heartbeat(topics, "n1")(m) and b'"rollout":"r1"' in m.payload)
             mark = len(watch.seen)
             runner.job = None
+            await watch.wait_for(
+                lambda m: is_heartbeat(topics, "n1")(m) and b'"job":null' in m.payload, after=mark
+            )
+            await watch.wait_for(is_heartbeat(topics, "n1"), after=len(watch.seen))
+            assert not [m for _, m in watch.seen[mark:] if is_state(topics, "n1", "online")(m)]
+            # ... and when a job changed a version, the birth is re-published with it.
+            runner.job = JobRef(rollout="r2", command="c2", step=0)
+            await watch.wait_for(lambda m: is_heartbeat(topics, "n1")(m) and b'"rollout":"r2"' in m.payload)
+            mark = len(watch.seen)
+            runner.job = None
             _, _, again = await watch.wait_for(is_state(topics, "n1", "online"), after=mark)
-            assert decode(NodeState, again.payload).session == birth.session
+            republished = decode(NodeState, again.payload)
+            assert republished.session == birth.session
+            assert republished.inventory.packages == {"demo-app": "2.0"}
         finally:
             stop.set()
             await asyncio.wait_for(task, DEADLINE)

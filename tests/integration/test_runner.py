@@ -298,13 +298,14 @@ async def test_update_success_reports_every_transition_in_order(
         "service",
         "health",
     ]
-    # Every transition updated the retained snapshot, in order.
+    # The retained snapshot follows the job: taken (its first step running), after
+    # each step but the last, and at the end.
     snaps = [s for s in recorder.snapshots() if s.id == cmd.id]
-    assert [s.phase for s in snaps] == ["applying"] * 11 + ["succeeded"]
+    assert [s.phase for s in snaps] == ["applying"] * 5 + ["succeeded"]
     shown = [[st.state for st in s.steps] for s in snaps]
-    assert shown[0] == ["pending"] * 5
-    assert shown[1] == ["running"] + ["pending"] * 4
-    assert shown[2] == ["succeeded"] + ["pending"] * 4
+    assert shown[0] == ["running"] + ["pending"] * 4
+    assert shown[1] == ["succeeded"] + ["pending"] * 4
+    assert shown[4] == ["succeeded"] * 4 + ["pending"]
     assert shown[-1] == ["succeeded"] * 5
     assert all(m[3] for m in recorder.of("job"))
     assert all(m[2] == 1 for m in recorder.of("status"))
@@ -777,7 +778,7 @@ async def test_signed_retained_command_over_a_real_broker(
         statuses = [StepStatus.model_validate_json(p) for t, p in seen if t == status_topic]
         assert pairs(statuses) == expected_success(5)
         snaps = [JobSnapshot.model_validate_json(p) for t, p in seen if t == job_topic]
-        assert [s.phase for s in snaps] == ["applying"] * 11 + ["succeeded"]
+        assert [s.phase for s in snaps] == ["applying"] * 5 + ["succeeded"]
         await wait_served(app, "2.0")
 
         # A restarted agent gets the retained command again: a replay, ignored.

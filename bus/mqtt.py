@@ -21,6 +21,7 @@ What every client gets (DESIGN section 3.8, FINDINGS.md):
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
@@ -584,6 +585,7 @@ class MqttClient:
         sock = self._sock
         if sock is None or self._loop is None:
             return  # no connection: paho sends what is queued after the next connect
+        _coalesce(self._paho._out_packet)
         self._paho.loop_write()
         # paho still believes the socket registered for writing while bytes are left
         # (the kernel buffer is full): wait for writability then.
@@ -595,6 +597,7 @@ class MqttClient:
         self._paho.loop_read(max_packets=100)
 
     def _write(self) -> None:
+        _coalesce(self._paho._out_packet)
         self._paho.loop_write()
 
     def _on_connect(
@@ -711,3 +714,68 @@ class MqttClient:
         self._window.release()
         if pending.future is not None and not pending.future.done():
             pending.future.set_result(None)
+
+
+_PUBLISH = 0x30
+_DISCONNECT = 0xE0
+#: Largest packet ``_coalesce`` builds: one send() rarely takes more on loopback anyway.
+_COALESCE_BYTES = 64 * 1024
+
+
+def _needs_bookkeeping(packet: paho._OutPacket) -> bool:
+    """Whether paho acts on it once written: a QoS 0 PUBLISH (on_publish), a DISCONNECT (close)."""
+    kind = packet["command"] & 0xF0
+    return bool((kind == _PUBLISH and packet["qos"] == 0) or kind == _DISCONNECT)
+
+
+def _coalesce(queue: collections.deque[paho._OutPacket]) -> None:
+    """Merge runs of queued packets into one, so that paho writes them with one send().
+
+    paho writes its queue a packet per ``send()``: a hub acknowledging a thousand
+    status reports makes a thousand system calls, each pushing one PUBACK through
+    the TCP stack. Packets paho does nothing with once written (QoS 1 PUBLISH,
+    PUBACK, SUBSCRIBE, PINGREQ ...) are joined, in order, into packets of up to
+    64 KiB; the rest stay as they are. paho's own partial-write handling covers
+    the joined bytes; a reconnect drops the queue and re-sends unacknowledged
+    QoS 1 messages from its own records, as before.
+    """
+    if len(queue) < 2:
+        return
+    merged: list[paho._OutPacket] = []
+    run: list[paho._OutPacket] = []
+    size = 0
+
+    def close_run() -> None:
+        nonlocal size
+        if len(run) == 1:
+            merged.append(run[0])
+        elif run:
+            data = b"".join(bytes(p["packet"][p["pos"] :]) for p in run)
+            merged.append(
+                {
+                    "command": run[0]["command"],
+                    "mid": 0,
+                    "qos": 1,
+                    "pos": 0,
+                    "to_process": len(data),
+                    "packet": data,
+                    "info": None,
+                }
+            )
+        run.clear()
+        size = 0
+
+    for packet in queue:
+        if _needs_bookkeeping(packet):
+            close_run()
+            merged.append(packet)
+            continue
+        length = packet["to_process"]
+        if run and size + length > _COALESCE_BYTES:
+            close_run()
+        run.append(packet)
+        size += length
+    close_run()
+    if len(merged) < len(queue):
+        queue.clear()
+        queue.extend(merged)

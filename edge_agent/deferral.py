@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from bus.errors import StepError
-from edge_agent import system
+from edge_agent import blocking, system
 from edge_agent.settings import ExecutorSettings
 
 __all__ = ["CHECK_SCRIPT", "LOCKS_DIR", "busy_reason", "wait_until_free"]
@@ -46,9 +46,11 @@ def _locks(directory: Path) -> list[str]:
         return []
 
 
-def _check_script(settings: ExecutorSettings) -> Path | None:
+def _probe(settings: ExecutorSettings) -> tuple[list[str], Path | None]:
+    """The lock files, and the ``defer-check`` script if there is one. Blocking."""
     path = settings.scripts_dir / CHECK_SCRIPT
-    return path if path.is_file() and os.access(path, os.X_OK) else None
+    script = path if path.is_file() and os.access(path, os.X_OK) else None
+    return _locks(settings.state_dir / LOCKS_DIR), script
 
 
 async def busy_reason(settings: ExecutorSettings, env: dict[str, str] | None = None) -> str | None:
@@ -56,12 +58,11 @@ async def busy_reason(settings: ExecutorSettings, env: dict[str, str] | None = N
 
     ``env`` is the environment of ``defer-check`` (the runner passes the FLEET_* variables).
     """
-    locks = await asyncio.to_thread(_locks, settings.state_dir / LOCKS_DIR)
+    locks, script = await blocking.run(_probe, settings)
     if locks:
         more = f" (+{len(locks) - _LOCKS_LISTED} more)" if len(locks) > _LOCKS_LISTED else ""
         shown = ", ".join(f"{LOCKS_DIR}/{name}" for name in locks[:_LOCKS_LISTED])
         return f"update lock held: {shown}{more}"
-    script = await asyncio.to_thread(_check_script, settings)
     if script is None:
         return None
     environ = {"PATH": os.environ.get("PATH", os.defpath), "FLEET_NODE": settings.node, **(env or {})}

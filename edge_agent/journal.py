@@ -9,7 +9,6 @@ journal, never a torn one. What the journal holds and how it changes is
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -19,6 +18,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from bus.messages import describe
+from edge_agent import blocking
 from edge_agent.executor import JournalState
 
 __all__ = ["JOURNAL_NAME", "Journal", "fsync_dir", "write_atomic"]
@@ -67,13 +67,10 @@ class Journal:
 
     Args:
         path: the journal file (``state_dir/journal.json``).
-        inline: write from the event loop itself instead of a worker thread; only
-            for a RAM-backed directory (``fleet simulate``), where a write never waits.
     """
 
-    def __init__(self, path: Path, *, inline: bool = False) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self.inline = inline
 
     def load(self) -> JournalState:
         """The stored state; an empty one when there is no journal yet.
@@ -104,8 +101,5 @@ class Journal:
             write_atomic(self.path, data)
 
     async def write(self, state: JournalState) -> None:
-        """``save`` from async code: in a worker thread, or inline when ``inline``."""
-        if self.inline:
-            self.save(state)
-        else:
-            await asyncio.to_thread(self.save, state)
+        """``save`` from async code (``edge_agent.blocking``: a worker thread, or inline on RAM)."""
+        await blocking.run(self.save, state)

@@ -56,7 +56,7 @@ from bus.messages import (
     encode,
 )
 from bus.topics import Topics
-from edge_agent import deferral, executor
+from edge_agent import blocking, deferral, executor
 from edge_agent.executor import ActiveJob, JournalState, Recovery
 from edge_agent.intake import Accepted, Ignored, Rejected, check_command
 from edge_agent.journal import Journal
@@ -546,7 +546,7 @@ class CommandRunner:
                     shutil.rmtree(child, ignore_errors=True)
 
         try:
-            await asyncio.to_thread(prune)
+            await blocking.run(prune)
         except OSError:
             _LOGGER.warning("pruning %s failed", directory, exc_info=True)
 

@@ -19,13 +19,14 @@ State directories (journals) go under a RAM-backed temporary directory
 pass ``state_root`` to keep them elsewhere. A temporary root is removed on
 ``stop``.
 
-File I/O inline: every agent writes its journal through
-``asyncio.to_thread`` (atomic write + fsync) several times per job. With a
-thousand agents in one process the hand-offs to the default 6-thread pool
-cost far more than the writes themselves, which on a RAM-backed directory
-take microseconds. ``fleet simulate`` therefore gives its event loop an
-``InlineExecutor`` when the state dirs are RAM-backed (``is_ram_backed``):
-the same code, the same writes and fsyncs, done at once on the loop.
+File I/O inline: every agent writes its journal (atomic write + fsync) in a
+worker thread several times per job. With a thousand agents in one process
+the hand-offs cost far more than the writes themselves, which on a
+RAM-backed directory take microseconds. ``fleet simulate`` therefore runs
+them on the loop when the state dirs are RAM-backed (``is_ram_backed``):
+``edge_agent.blocking`` for the runner's own calls, an ``InlineExecutor`` as
+the loop's default executor for every other ``asyncio.to_thread``. The same
+code, the same writes and fsyncs, done at once.
 
 ``journal="memory"`` (``fleet simulate --journal memory``) keeps each node's
 journal state in memory only: the runner computes and "saves" the same
@@ -53,6 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from bus.errors import BusError, ConfigError, FleetError, StepError
 from bus.messages import Inventory, Label, LabelValue, Step
 from bus.topics import DEFAULT_PREFIX, Topics, check_node_id
+from edge_agent import blocking
 from edge_agent.config import AgentConfig
 from edge_agent.executor import JournalState
 from edge_agent.inventory import probe_os
@@ -282,13 +284,16 @@ class _MemoryJournal(Journal):
     """The journal state kept in memory only (``journal="memory"``): no file is written."""
 
     def __init__(self, path: Path) -> None:
-        super().__init__(path, inline=True)
+        super().__init__(path)
         self._state = JournalState()
 
     def load(self) -> JournalState:
         return self._state
 
     def save(self, state: JournalState) -> None:
+        self._state = state
+
+    async def write(self, state: JournalState) -> None:
         self._state = state
 
 
@@ -370,13 +375,13 @@ class Simulator:
 
         labels = {"sim": "1", **config.labels}
 
-        inline = config.inline_io()
+        blocking.set_inline(config.inline_io())
 
         def runner(settings: ExecutorSettings, topics: Topics, publish: Publish) -> CommandHandler:
             journal = (
                 _MemoryJournal(settings.journal_path)
                 if config.journal == "memory"
-                else Journal(settings.journal_path, inline=inline)
+                else Journal(settings.journal_path)
             )
             return CommandRunner(
                 settings, topics, publish, clock=self._clock, handlers=self.work.handlers(), journal=journal
@@ -451,6 +456,7 @@ class Simulator:
             await asyncio.to_thread(shutil.rmtree, self.state_root, True)
             self._temporary = False
         self._quiet_logs(False)
+        blocking.set_inline(False)
 
     def _make_root(self) -> Path:
         if self.config.state_root is not None:

@@ -26,6 +26,14 @@ Protocol (DESIGN sections 2, 3.3, 3.6):
 - A new apply while busy is rejected ("busy with rollout X"); abort and
   rollback of the running rollout preempt it; of another rollout they wait.
 - ``recover()`` at start finishes a command the journal shows interrupted.
+
+Every ``StepStatus`` is published as it happens. The retained ``JobSnapshot``
+is the node's latest view, so snapshots of a job in progress are coalesced:
+one is published at most ``snapshot_every_s`` after the change it shows (a
+later change replaces it while it waits), and the final snapshot of a job goes
+out at once, replacing any still waiting. A step that takes longer than that
+is shown running in time; a plan of quick steps costs the broker and the hub
+one or two snapshots instead of one per step (``bench/rollout_latency.py``).
 """
 
 from __future__ import annotations
@@ -80,6 +88,8 @@ _PREFLIGHTS_AT_ONCE = 4
 _PREFLIGHT_MAX_S = 120.0
 #: How often a deferred apply looks at the update lock again.
 _DEFER_POLL_S = 0.5
+#: Phases whose snapshots may be coalesced (a later one replaces an unpublished one).
+_PROGRESS_PHASES = frozenset({"applying", "rolling_back"})
 
 
 @dataclass
@@ -117,6 +127,8 @@ class CommandRunner:
         clock: wall-clock time (epoch seconds) for expiry checks and report timestamps.
         handlers: step handlers by type (default: ``edge_agent.steps.HANDLERS``).
         journal: where the job state is kept (default: ``Journal(settings.journal_path)``).
+        snapshot_every_s: how long a snapshot of a job in progress may wait to be
+            merged with the next (0: every change is published at once).
     """
 
     def __init__(
@@ -128,6 +140,7 @@ class CommandRunner:
         clock: Callable[[], float] = time.time,
         handlers: Mapping[str, StepHandler] | None = None,
         journal: Journal | None = None,
+        snapshot_every_s: float = 0.25,
     ) -> None:
         self._settings = settings
         self._topics = topics
@@ -150,6 +163,9 @@ class CommandRunner:
         self._status_topic = topics.node(settings.node, "status")
         self._job_topic = topics.node(settings.node, "job")
         self._log_topic = topics.node(settings.node, "log")
+        self._snapshot_every_s = snapshot_every_s
+        self._snapshot_due: tuple[ActiveJob, JobPhase, str] | None = None
+        self._snapshot_timer: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ public API
 
@@ -214,6 +230,10 @@ class CommandRunner:
         A runner started later on the same state dir recovers the interrupted job.
         """
         self._closed = True
+        timer = self._snapshot_timer
+        if timer is not None and not timer.done():
+            timer.cancel()
+            await asyncio.wait({timer})
         for task in list(self._preflights):
             task.cancel()
         if self._preflights:
@@ -310,6 +330,22 @@ class CommandRunner:
         )
 
     async def _snapshot(self, job: ActiveJob, phase: JobPhase, detail: str = "") -> None:
+        """Publish the retained snapshot; one of a job in progress may wait to be merged."""
+        if phase in _PROGRESS_PHASES and self._snapshot_every_s > 0:
+            self._snapshot_due = (job, phase, detail)
+            if self._snapshot_timer is None or self._snapshot_timer.done():
+                self._snapshot_timer = asyncio.create_task(self._snapshot_later())
+            return
+        self._snapshot_due = None  # this one supersedes whatever waits
+        await self._publish_snapshot(job, phase, detail)
+
+    async def _snapshot_later(self) -> None:
+        await asyncio.sleep(self._snapshot_every_s)
+        due, self._snapshot_due = self._snapshot_due, None
+        if due is not None:
+            await self._publish_snapshot(*due)
+
+    async def _publish_snapshot(self, job: ActiveJob, phase: JobPhase, detail: str) -> None:
         snapshot = executor.snapshot(
             job,
             self._entry(job.rollout),

@@ -281,7 +281,8 @@ async def test_update_success_reports_every_transition_in_order(
     runners: list[CommandRunner],
 ) -> None:
     settings = make_settings(tmp_path, scripts, key, services={"app": app.spec})
-    runner = CommandRunner(settings, topics, recorder.publish)
+    # Every snapshot published at once (by default, those of a job in progress are coalesced).
+    runner = CommandRunner(settings, topics, recorder.publish, snapshot_every_s=0)
     runners.append(runner)
     await start_app(app)
     cmd = command(key, update_plan(web, app))
@@ -314,6 +315,45 @@ async def test_update_success_reports_every_transition_in_order(
     assert app.version.read_text() == "2.0\n"
     assert (settings.cache_dir / "app-2.0").read_bytes() == b"2.0\n"
     assert runner.current_job() is None
+
+
+async def test_snapshots_of_a_job_in_progress_are_coalesced_but_never_late(
+    tmp_path: Path,
+    scripts: Path,
+    key: Ed25519PrivateKey,
+    recorder: Recorder,
+    topics: Topics,
+    runners: list[CommandRunner],
+) -> None:
+    settings = make_settings(tmp_path, scripts, key)
+    runner = CommandRunner(settings, topics, recorder.publish, snapshot_every_s=0.2)
+    runners.append(runner)
+    quick = [ScriptStep(name="record.sh") for _ in range(4)]
+    cmd = command(key, quick)
+    await runner.handle_command(cmd_topic(topics), encode(cmd))
+    final = await recorder.final_of(cmd.id)
+    assert final.phase == "succeeded", recorder.summary()
+    assert pairs(recorder.statuses(cmd.id)) == expected_success(4)  # every step reported
+    snaps = [s for s in recorder.snapshots() if s.id == cmd.id]
+    assert len(snaps) < 5  # not one per transition ...
+    assert snaps[-1].phase == "succeeded"  # ... and the last word is the job's end
+    await asyncio.sleep(0.4)
+    assert [s for s in recorder.snapshots() if s.id == cmd.id][-1].phase == "succeeded"  # nothing late
+
+    # A step that takes longer than the interval is shown running while it runs.
+    slow = command(
+        key, [ScriptStep(name="record.sh"), ScriptStep(name="sleepy.sh", args=["1"])], rollout="slow"
+    )
+    await runner.handle_command(cmd_topic(topics), encode(slow))
+    await recorder.wait(
+        lambda: any(
+            s.id == slow.id and s.phase == "applying" and s.steps[1].state == "running"
+            for s in recorder.snapshots()
+        ),
+        timeout=5,
+    )
+    assert recorder.final(slow.id) is None
+    assert (await recorder.final_of(slow.id)).phase == "succeeded"
 
 
 async def test_health_failure_restores_the_node_by_itself(
@@ -778,7 +818,10 @@ async def test_signed_retained_command_over_a_real_broker(
         statuses = [StepStatus.model_validate_json(p) for t, p in seen if t == status_topic]
         assert pairs(statuses) == expected_success(5)
         snaps = [JobSnapshot.model_validate_json(p) for t, p in seen if t == job_topic]
-        assert [s.phase for s in snaps] == ["applying"] * 5 + ["succeeded"]
+        # Snapshots of the job in progress are coalesced; the final one always goes out.
+        assert [s.phase for s in snaps][-1] == "succeeded"
+        assert {s.phase for s in snaps[:-1]} <= {"applying"}
+        assert len(snaps) <= 6
         await wait_served(app, "2.0")
 
         # A restarted agent gets the retained command again: a replay, ignored.

@@ -326,8 +326,8 @@ async def test_a_burst_of_reports_costs_few_summaries_and_store_rewrites(
         def reports() -> list[Message]:
             return [m for m in recorder.seen if m.topic.endswith(("/status", "/job")) and m.payload]
 
-        # 60 nodes x (4 step reports + 3 snapshots: taken, after step 0, final) ...
-        await until(lambda: len(reports()) >= 60 * 7, "every report")
+        # 60 nodes x (4 step reports + at least the final snapshot) ...
+        await until(lambda: len(reports()) >= 60 * 5, "every report")
     summaries = [m for m in recorder.seen if m.topic == topic]
     # ... coalesced into a few summaries and a few store commits.
     assert len(summaries) <= len(reports()) // 20

@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
 async def _serve(config: HubConfig) -> int:
     import signal
 
+    from bus import memory
     from bus.errors import FleetError
     from bus.mqtt import parse_broker_url
     from hub.service import HubService
@@ -73,6 +74,7 @@ async def _serve(config: HubConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
     service = HubService(config)
     await service.start()
+    memory.settle_after_start()
     http_task: asyncio.Task[None] | None = None
     stopper = asyncio.ensure_future(stop.wait())
     code = 0

@@ -119,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pydantic import ValidationError
 
+    from bus import memory
     from bus.errors import ConfigError
     from bus.messages import describe
     from edge_agent.simulator import InlineExecutor, SimulationConfig, Simulator, parse_fail
@@ -170,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
             await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
             if starting.done():
                 starting.result()  # a start failure is raised here
+                memory.settle_after_start()  # a thousand agents built: out of the collector's way
                 ids = simulator.node_ids
                 print(
                     f"fleet simulate: {len(ids)} nodes online ({ids[0]} .. {ids[-1]}) in "

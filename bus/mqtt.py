@@ -31,11 +31,14 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from bus.errors import BusError, ConfigError
 
@@ -114,6 +117,31 @@ ConnectHook = Callable[[], Awaitable[None]]
 
 #: CONNACK refusals that retrying cannot cure (paho's names for MQTT 3.1.1 codes 4 and 5).
 _AUTH_REFUSALS = frozenset({"Bad user name or password", "Not authorized"})
+
+
+class _Paho(paho.Client):
+    """paho's client with a lighter PUBACK path for MQTT 3.1.1.
+
+    For every PUBACK paho decodes MQTT 5 properties and builds a ``ReasonCode``
+    and a ``Properties`` object, even on a 3.1.1 connection, where a PUBACK is
+    just the packet id: about a third of the simulator's cost per published
+    report. A 3.1.1 PUBACK here settles the message with shared "success"
+    objects; anything else goes through paho's own code.
+    """
+
+    def _handle_pubackcomp(self, cmd: Literal["PUBACK", "PUBCOMP"]) -> MQTTErrorCode:
+        packet = self._in_packet["packet"]
+        if cmd != "PUBACK" or self._protocol == paho.MQTTv5 or len(packet) != 2:
+            return super()._handle_pubackcomp(cmd)
+        mid = (packet[0] << 8) | packet[1]
+        with self._out_message_mutex:
+            if mid in self._out_messages:
+                return self._do_on_publish(mid, _PUBACK_SUCCESS, _NO_PROPERTIES)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+
+_PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)
+_NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
 
 
 class _ClosingSSLSocket(ssl.SSLSocket):
@@ -220,7 +248,7 @@ class MqttClient:
         self._renewed: list[asyncio.Future[None]] = []
         self._attempt_done = asyncio.Event()
         self.stats = _Stats()
-        self._paho = paho.Client(
+        self._paho = _Paho(
             CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
             clean_session=clean_session,

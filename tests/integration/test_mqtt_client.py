@@ -105,6 +105,27 @@ async def test_publish_and_subscribe_qos0_and_qos1(broker: RunningBroker, topics
     assert at_most_once.qos <= 1  # amqtt says 1 (FINDINGS defect 4), mosquitto 0
 
 
+async def test_qos1_acknowledgements_take_the_light_path(
+    broker: RunningBroker, topics: Topics, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A 3.1.1 PUBACK is settled without paho's MQTT 5 decoding (bus.mqtt._Paho).
+    import paho.mqtt.client as paho
+
+    slow: list[str] = []
+    original = paho.Client._handle_pubackcomp
+
+    def counted(self: paho.Client, cmd: Any) -> Any:
+        slow.append(cmd)
+        return original(self, cmd)
+
+    monkeypatch.setattr(paho.Client, "_handle_pubackcomp", counted)
+    async with MqttClient(broker.url, client_id=f"{topics.prefix}-acks") as client:
+        for index in range(20):
+            await client.publish(topics.node("n1", "status"), b"%d" % index, qos=1, wait=True)
+        assert client.stats.sent >= 20
+    assert slow == []
+
+
 async def test_retained_message_reaches_late_subscriber_until_cleared(
     broker: RunningBroker, topics: Topics
 ) -> None:

@@ -207,8 +207,8 @@ class CommandRunner:
 
         Never raises on bad input: a refused command is reported as ``rejected``.
         """
-        if self._closed:
-            return
+        if self._closed or not payload:
+            return  # an empty payload is the hub clearing its retained command: nothing to do
         try:
             async with self._intake_lock:
                 await self._take(topic, payload)

@@ -236,3 +236,4 @@ def web() -> Iterator[Web]:
     server = Web()
     yield server
     server.close()
+

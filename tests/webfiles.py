@@ -53,3 +53,4 @@ class Web:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(10)
+

@@ -788,7 +788,10 @@ class CommandRunner:
             job.index = index
             step = entry.plan[index]
             record = entry.steps[index].record
-            await self._update(rollout, index, durable=False, undo="running")
+            # Not written: a restart undoes again every step whose undo is not "done".
+            await self._note(
+                functools.partial(executor.update_step, rollout=rollout, index=index, undo="running")
+            )
             handler = self._handler(step.type)
             timeout = self._timeout(step)
             if handler is None:
@@ -821,7 +824,7 @@ class CommandRunner:
         _LOGGER.info("rollout %s on this node: %s %s", rollout, phase, detail)
 
     async def _run_undo_command(self, job: _Job, command: Command) -> None:
-        await self._change(lambda s: executor.begin(s, command), durable=False)
+        await self._note(lambda s: executor.begin(s, command))  # written with the undo's first record
         entry = self._entry(command.rollout)
         if entry is None or not executor.undo_order(entry.steps):
             detail = "nothing to undo" if command.action == "abort" else "nothing to roll back"

@@ -28,6 +28,9 @@ def register(parser: argparse.ArgumentParser) -> None:
                         "(FLEET_HEARTBEAT_S)")
     parser.add_argument("--commit-interval-s", type=float,
                         help="database group-commit interval, default 0.05 (FLEET_COMMIT_INTERVAL_S)")
+    parser.add_argument("--keep-rollouts", type=int, metavar="N",
+                        help="finished rollouts kept, default 100; older ones go to DB.archive.jsonl "
+                        "(FLEET_KEEP_ROLLOUTS)")
     parser.add_argument("--client-id", help="MQTT client id, default fleet-hub (FLEET_HUB_CLIENT_ID)")
     parser.add_argument("--config", type=Path, help="TOML config file with a [hub] table (FLEET_CONFIG)")
 
@@ -45,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
         "http_token": args.http_token,
         "heartbeat_s": args.heartbeat_s,
         "commit_interval_s": args.commit_interval_s,
+        "keep_rollouts": args.keep_rollouts,
         "client_id": args.client_id,
     }
     config = read_hub_config(flags, os.environ, args.config)

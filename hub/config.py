@@ -126,6 +126,13 @@ class HubConfig(BaseModel):
     commit_interval_s: float = Field(
         default=0.05, gt=0, le=60, description="How long a database commit waits to group writes."
     )
+    keep_rollouts: int = Field(
+        default=100,
+        ge=1,
+        le=1_000_000,
+        description="Finished rollouts the hub keeps; older ones are archived beside the database "
+        "(DB.archive.jsonl).",
+    )
     client_id: str = Field(
         default="fleet-hub", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$", description="MQTT client id."
     )
@@ -179,6 +186,7 @@ _HUB_SOURCES: dict[str, tuple[str, str]] = {
     "http_token": ("--http-token", "FLEET_HTTP_TOKEN"),
     "heartbeat_s": ("--heartbeat-s", "FLEET_HEARTBEAT_S"),
     "commit_interval_s": ("--commit-interval-s", "FLEET_COMMIT_INTERVAL_S"),
+    "keep_rollouts": ("--keep-rollouts", "FLEET_KEEP_ROLLOUTS"),
     "client_id": ("--client-id", "FLEET_HUB_CLIENT_ID"),
 }
 _CLIENT_SOURCES: dict[str, tuple[str, str]] = {

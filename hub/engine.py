@@ -460,6 +460,28 @@ class RolloutEngine:
             "nodes": {name: {f: getattr(node, f) for f in _NODE_FIELDS} for name, node in r.nodes.items()},
         }
 
+    def finished(self) -> list[str]:
+        """Rollouts that are over for good (final, no node still at work), oldest first."""
+        return [rid for rid in self.rollout_ids() if self._rollouts[rid].is_final and rid not in self._active]
+
+    def forget(self, rollout: str) -> None:
+        """Drop a finished rollout (retention). What each node was last sent is kept.
+
+        Raises:
+            NotFound: an unknown rollout.
+            Conflict: a rollout that is not over (``finished`` lists those that are).
+        """
+        r = self._get(rollout)
+        if not r.is_final or r.id in self._active:
+            raise Conflict(f"rollout {rollout[:80]!r} is not finished: it cannot be archived")
+        del self._rollouts[r.id]
+        for name in r.nodes:
+            held = self._by_node.get(name)
+            if held is not None:
+                held.discard(r.id)
+                if not held:
+                    del self._by_node[name]
+
     def next_deadline(self) -> float | None:
         """The earliest time at which a ``Tick`` may change something, or None."""
         best: float | None = None

@@ -17,6 +17,9 @@ the engine decided them), then:
 
 A timer task sleeps until the engine's next deadline (node timeouts, expiry,
 soak) and feeds it a ``Tick``.
+
+With ``keep_rollouts``, finished rollouts beyond the newest that many are
+archived (``hub.retention``): out of the engine, the store and the broker.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from typing import Any, Literal, Protocol
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
-from bus.errors import BusError, Conflict, FleetError, InvalidInput
+from bus.errors import BusError, Conflict, FleetError, InvalidInput, NotFound
 from bus.messages import (
     Event,
     JobSnapshot,
@@ -69,6 +72,7 @@ from hub.engine import (
 )
 from hub.idempotency import IdempotencyIndex
 from hub.plan import Planner, labels_from
+from hub.retention import Archive
 
 __all__ = ["FleetView", "RolloutManager", "RolloutStore"]
 
@@ -120,6 +124,12 @@ class RolloutStore(Protocol):
     def append(self, table: str, doc: dict[str, Any]) -> Any:
         """Add a document under a new key."""
 
+    def delete(self, table: str, key: str) -> None:
+        """Remove one document."""
+
+    def items(self, table: str) -> list[tuple[str, dict[str, Any]]]:
+        """Every (key, document) of ``table``."""
+
     async def flush(self) -> None:
         """Return once everything put so far is on disk."""
 
@@ -145,6 +155,9 @@ class RolloutManager:
         new_id: id factory for rollouts and commands.
         resume_grace_s: after a restart, how long timeouts wait for retained snapshots.
         summary_interval_s: at most one summary publish (and record put) per rollout this often.
+        keep_rollouts: how many finished rollouts stay; older ones go to ``archive``
+            (``hub.retention``). None: every rollout stays.
+        archive: the archive of retired rollouts (needed with ``keep_rollouts``).
     """
 
     def __init__(
@@ -159,7 +172,11 @@ class RolloutManager:
         new_id: Callable[[], str] = new_id,
         resume_grace_s: float = 5.0,
         summary_interval_s: float = 0.075,
+        keep_rollouts: int | None = None,
+        archive: Archive | None = None,
     ) -> None:
+        if keep_rollouts is not None and archive is None:
+            raise ValueError("keep_rollouts needs an archive")
         self._topics = topics
         self._publish = publish
         self._store = store
@@ -191,6 +208,8 @@ class RolloutManager:
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._running = False
+        self._keep = keep_rollouts
+        self._archive = archive
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -207,6 +226,9 @@ class RolloutManager:
             records.append(record)
         await self._process([(RolloutsLoaded(tuple(records)), None)])
         self._idempotent.load(records)
+        if self._archive is not None:
+            await self._archive.load()
+        await self._retire()  # a lower keep_rollouts than last time, or a crash mid-retirement
         self._running = True
         for coro, name in (
             (self._event_loop(), "rollouts-events"),
@@ -291,6 +313,11 @@ class RolloutManager:
         rollout = body.get("rollout") if isinstance(body, dict) else None
         if not isinstance(rollout, str) or not rollout:
             raise InvalidInput("rollout: a rollout id is required")
+        if not self._engine.has(rollout) and self._archive is not None and self._archive.holds(rollout):
+            raise NotFound(
+                f"rollout {rollout[:80]} is archived in {self._archive.path} "
+                f"(the hub keeps the newest {self._keep} finished rollouts)"
+            )
         if op == "show":
             return {
                 **self.summary(rollout).model_dump(mode="json"),
@@ -500,7 +527,36 @@ class RolloutManager:
             except BusError as exc:
                 _LOGGER.warning("summary of %s not published: %s", rollout, exc.reason)
             published += len(payload)
+        if any(self._published_states.get(rollout) in FINAL_STATES for rollout in dirty):
+            await self._retire()
         return published
+
+    async def _retire(self) -> None:
+        """Archive the oldest finished rollouts beyond ``keep_rollouts`` (``hub.retention``)."""
+        if self._keep is None or self._archive is None:
+            return
+        finished = self._engine.finished()
+        for rollout in finished[: max(0, len(finished) - self._keep)]:
+            audit = [(key, doc) for key, doc in self._store.items("audit") if doc.get("rollout") == rollout]
+            try:
+                await self._archive.add(self._engine.record(rollout), [doc for _, doc in audit])
+            except OSError as exc:
+                _LOGGER.error("rollout %s stays: cannot archive it: %s", rollout, exc)  # noqa: TRY400
+                return
+            try:
+                self._engine.forget(rollout)
+            except Conflict:
+                continue  # rolled back on request meanwhile: it stays (and is archived again later)
+            self._store.delete("rollouts", rollout)
+            for key, _ in audit:
+                self._store.delete("audit", key)
+            self._published_states.pop(rollout, None)
+            self._dirty.pop(rollout, None)
+            try:  # nothing stale on the broker either: UIs list what is retained
+                await self._publish(self._topics.rollout(rollout), b"", qos=1, retain=True)
+            except BusError as exc:
+                _LOGGER.warning("retained summary of archived %s not cleared: %s", rollout, exc.reason)
+            _LOGGER.info("rollout %s archived in %s", rollout, self._archive.path)
 
     async def _summary_loop(self) -> None:
         """Coalesce: publish what changed, then wait before the next round.

@@ -53,6 +53,7 @@ from bus.topics import Topics
 from hub.config import NO_SIGNING_KEY, HubConfig
 from hub.metrics import HubMetrics, MetricsSource
 from hub.registry import Registry, Transition
+from hub.retention import Archive, archive_path
 from hub.store import Store
 
 __all__ = ["HubService", "ManagerFactory", "RolloutManagerLike", "steady_wall_clock"]
@@ -282,6 +283,8 @@ class HubService:
                 registry=self.registry,
                 signing_key=key,
                 clock=self._clock,
+                keep_rollouts=self.config.keep_rollouts,
+                archive=Archive(archive_path(self.config.db)),
             )
         except ModuleNotFoundError as exc:
             if exc.name != "hub.rollouts":

@@ -216,6 +216,10 @@ class Store:
         """Every key of ``table``, in insertion order."""
         return list(self._tables.get(table, {}))
 
+    def items(self, table: str) -> list[tuple[str, dict[str, Any]]]:
+        """Every (key, document) of ``table``, in insertion order."""
+        return [(key, self._decode(raw)) for key, raw in self._tables.get(table, {}).items()]
+
     @staticmethod
     def _decode(raw: str) -> dict[str, Any]:
         value: dict[str, Any] = json.loads(raw)

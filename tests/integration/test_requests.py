@@ -137,7 +137,7 @@ class FakeManager:
     """Stands in for hub.rollouts.RolloutManager: answers requests, publishes retained summaries."""
 
     def __init__(self, *, topics: Topics, publish: Callable[..., Any], store: Any, registry: Registry,
-                 signing_key: Any, clock: Callable[[], float]) -> None:
+                 signing_key: Any, clock: Callable[[], float], **_options: Any) -> None:
         self.topics = topics
         self.publish = publish
         self.registry = registry

@@ -39,6 +39,7 @@ from bus.mqtt import MqttClient
 from bus.signing import public_key_of, verify_fields
 from bus.topics import Topics
 from hub.registry import Registry
+from hub.retention import Archive, archive_path
 from hub.rollouts import RolloutManager
 from hub.store import Store
 from tests.conftest import RunningBroker
@@ -203,11 +204,20 @@ class FakeAgent:
 class Hub:
     """The hub's side: a client, a real Store, a Registry, the manager, and the message pump."""
 
-    def __init__(self, broker: RunningBroker, topics: Topics, db: Path, key: Ed25519PrivateKey) -> None:
+    def __init__(
+        self,
+        broker: RunningBroker,
+        topics: Topics,
+        db: Path,
+        key: Ed25519PrivateKey,
+        *,
+        keep_rollouts: int | None = None,
+    ) -> None:
         self.topics = topics
         self.store = Store(db, commit_interval_s=0.02)
         self.registry = Registry(5.0)
         self.client = MqttClient(broker.url, client_id=f"hub-{uuid.uuid4().hex[:8]}")
+        self.archive = Archive(archive_path(db))
         self.manager = RolloutManager(
             topics=topics,
             publish=self.client.publish,
@@ -215,6 +225,8 @@ class Hub:
             registry=self.registry,
             signing_key=key,
             summary_interval_s=0.05,
+            keep_rollouts=keep_rollouts,
+            archive=self.archive if keep_rollouts is not None else None,
         )
         self.summaries: dict[str, RolloutSummary] = {}
         self.events: list[Event] = []
@@ -494,3 +506,62 @@ async def test_summaries_are_coalesced_and_commands_are_on_disk_before_they_are_
         await manager.stop()
         await store.close()
     assert json.loads(db.read_text())["rollouts"][rid]["state"] == "succeeded"
+
+
+async def retained_summaries(broker: RunningBroker, topics: Topics) -> set[str]:
+    """The rollouts whose summary the broker keeps retained (what a UI lists when it connects)."""
+    found: set[str] = set()
+
+    async def collect(look: MqttClient) -> None:
+        async for message in look.messages():
+            rollout = topics.parse_rollout(message.topic)
+            if rollout is not None and message.payload:
+                found.add(rollout)
+
+    async with MqttClient(broker.url, client_id=f"look-{uuid.uuid4().hex[:8]}") as look:
+        await look.subscribe(topics.rollout_filter)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(collect(look), 1.0)
+    return found
+
+
+async def test_finished_rollouts_beyond_the_kept_ones_are_archived(
+    broker: RunningBroker, topics: Topics, tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    db = tmp_path / "hub.json"
+    done: list[str] = []
+    async with Hub(broker, topics, db, key, keep_rollouts=2) as hub, FakeAgent(broker, topics, "n1", key):
+        hub.online("n1")
+        for _ in range(4):
+            done.append(await hub.create(["n1"]))
+            await until(lambda: hub.state(done[-1]) == "succeeded", "the rollout to succeed")
+        await until(lambda: len(hub.manager.summaries()) == 2, "the oldest two to be archived")
+        assert [s.id for s in hub.manager.summaries()] == [done[3], done[2]]
+        await hub.store.flush()
+        # Gone from the database (records and audit), kept whole in the archive.
+        stored = json.loads(db.read_text())
+        assert set(stored["rollouts"]) == {done[2], done[3]}
+        assert {entry["rollout"] for entry in stored["audit"].values()} == {done[2], done[3]}
+        lines = [json.loads(line) for line in archive_path(db).read_text().splitlines()]
+        assert [line["rollout"] for line in lines] == done[:2]
+        assert all(line["record"]["state"] == "succeeded" for line in lines)
+        for line in lines:  # each with its own audit trail
+            assert line["audit"]
+            assert {entry["rollout"] for entry in line["audit"]} == {line["rollout"]}
+        # Asked for, an archived rollout is named as such; the broker no longer retains it.
+        for op in ("show", "rollback"):
+            with pytest.raises(NotFound, match="archived in"):
+                await hub.manager.request(op, {"rollout": done[0]})
+        assert await retained_summaries(broker, topics) == {done[2], done[3]}
+        # The kept ones still work: a finished rollout can be rolled back.
+        await hub.manager.request("rollback", {"rollout": done[3]})
+        await until(lambda: hub.state(done[3]) == "rolled_back", "the rollback")
+
+    # A restart with a smaller limit archives at once, and still knows the archived ids.
+    async with Hub(broker, topics, db, key, keep_rollouts=1) as hub:
+        assert [s.id for s in hub.manager.summaries()] == [done[3]]
+        assert hub.archive.holds(done[0])
+        with pytest.raises(NotFound, match="archived in"):
+            await hub.manager.request("show", {"rollout": done[2]})
+    lines = archive_path(db).read_text().splitlines()
+    assert [json.loads(line)["rollout"] for line in lines] == [done[0], done[1], done[2]]

@@ -769,3 +769,23 @@ def test_records_round_trip_through_json() -> None:
     again = Fleet()
     again.do(RolloutsLoaded((json.loads(json.dumps(record)),)), at=T0 + 1)
     assert again.engine.record("r1") == record
+
+
+def test_only_a_finished_rollout_can_be_forgotten_and_the_nodes_high_water_stays() -> None:
+    fleet = Fleet()
+    fleet.create(["n1", "n2"])
+    assert fleet.engine.finished() == []
+    with pytest.raises(Conflict, match="not finished"):
+        fleet.engine.forget("r1")
+    fleet.succeed("n1", "n2")
+    assert fleet.engine.finished() == ["r1"]
+    issued = fleet.engine.issued_high_water("n1")
+    fleet.engine.forget("r1")
+    assert not fleet.engine.has("r1")
+    assert fleet.engine.finished() == []
+    with pytest.raises(NotFound):
+        fleet.engine.summary("r1")
+    # The nodes are free, and what they were last sent still orders the next command.
+    fleet.create(["n1"], rid="r2")
+    assert fleet.last("n1").issued_at > (issued or 0)
+    assert fleet.engine.busy(["n1", "n2"]) == ["n1"]

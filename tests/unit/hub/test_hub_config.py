@@ -41,7 +41,15 @@ def test_defaults() -> None:
     assert config.http_address is None
     assert config.heartbeat_s == 5.0
     assert config.commit_interval_s == 0.05
+    assert config.keep_rollouts == 100
     assert config.client_id == "fleet-hub"
+
+
+def test_keep_rollouts_from_flag_or_environment_and_bounded() -> None:
+    assert load_hub_config({}, {"FLEET_KEEP_ROLLOUTS": "7"}).keep_rollouts == 7
+    assert load_hub_config({"keep_rollouts": 3}, {"FLEET_KEEP_ROLLOUTS": "7"}).keep_rollouts == 3
+    with pytest.raises(ConfigError, match="keep_rollouts|--keep-rollouts"):
+        load_hub_config({"keep_rollouts": 0}, {})
 
 
 def test_precedence_flags_over_environment_over_toml(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -86,3 +87,35 @@ def test_an_unreadable_journal_is_moved_aside_and_the_agent_starts_afresh(tmp_pa
     aside = [p.name for p in tmp_path.iterdir() if p.name.startswith("journal.json.corrupt-")]
     assert len(aside) == 1
     assert not store.path.exists()
+
+
+def test_a_journal_of_many_jobs_reads_back_after_every_write(tmp_path: Path) -> None:
+    # The encoder reuses the JSON of unchanged entries: every write must still hold
+    # exactly the state it was given, whichever entries changed, appeared or went.
+    from bus.messages import Command, ScriptStep
+
+    store = Journal(tmp_path / "journal.json")
+    current = JournalState()
+    for n in range(executor.MAX_APPLIES + 5):
+        command = Command(
+            id=f"c{n}",
+            node="n1",
+            rollout=f"r{n % (executor.MAX_APPLIES + 2)}",  # a rollout applied again replaces its entry
+            action="apply",
+            issued_at=1000.0 + n,
+            expires_at=5000.0 + n,
+            plan=[ScriptStep(name="a.sh"), ScriptStep(name="b.sh", args=['quote " and \\ and ü'])],
+        )
+        for transition in (
+            functools.partial(executor.remember, command_id=command.id, issued_at=command.issued_at),
+            functools.partial(executor.begin, command=command),
+            functools.partial(executor.update_step, rollout=command.rollout, index=0, state="running"),
+            functools.partial(
+                executor.update_step, rollout=command.rollout, index=0, state="succeeded", record={"old": [1]}
+            ),
+            executor.finish,
+        ):
+            current = transition(current)
+            store.save(current)
+            assert store.load() == current
+    assert len(current.applies) == executor.MAX_APPLIES

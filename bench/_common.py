@@ -278,11 +278,13 @@ class Bench:
         wait_log(child, "nodes online", timeout)
         return child
 
-    def start_agent(self, node: str, *extra: str) -> Child:
+    def start_agent(self, node: str, *extra: str, optimized: bool = False) -> Child:
+        """A real ``fleet agent``; ``optimized``: as deploy/fleet-agent.service runs it (PYTHONOPTIMIZE=2)."""
         child = fleet(
             f"agent-{node}", self.workdir, "agent", "--broker", self.url, "--prefix", self.prefix,
             "--node-id", node, "--state-dir", str(self.workdir / f"state-{node}"),
             "--trust", str(self.pub), *extra,
+            env=child_env(PYTHONOPTIMIZE="2") if optimized else None,
         )
         self.children.append(child)
         return child

@@ -112,7 +112,15 @@ def table() -> str:
         line("(e) rollback, first failure -> rolled back (s)", "rollback_latency", broker,
              lambda d: _cell(d["seconds"]))
         line("(d) hub RSS after a rollout (MiB)", "rss", broker, lambda d: _cell(d["hub_rss_mib"]))
-        line("(d) one real agent's RSS (MiB)", "rss", broker, lambda d: _cell(d["agent_rss_mib"]))
+        line(
+            "(d) one real agent's RSS, as deployed (MiB)", "rss", broker, lambda d: _cell(d["agent_rss_mib"])
+        )
+        line(
+            "(d) the same agent without PYTHONOPTIMIZE (MiB)",
+            "rss",
+            broker,
+            lambda d: _cell(d.get("agent_plain_rss_mib")),
+        )
         line("(d) simulator RSS (MiB)", "rss", broker, lambda d: _cell(d["sim_rss_mib"]))
         line("(d) broker RSS (MiB)", "rss", broker, lambda d: _cell(d["broker_rss_mib"]))
         line("(c) dead node, SIGKILL: median / max (s)", "dead_node", broker,

@@ -96,7 +96,14 @@ def test_rss_smoke() -> None:
     result = run_bench("rss.py", "--nodes", "5", "--heartbeat-s", "0.5")
     assert result["bench"] == "rss"
     assert result["agent_job"] == "succeeded"
-    for key in ("hub_rss_mib", "hub_idle_rss_mib", "agent_rss_mib", "sim_rss_mib", "broker_rss_mib"):
+    for key in (
+        "hub_rss_mib",
+        "hub_idle_rss_mib",
+        "agent_rss_mib",
+        "agent_plain_rss_mib",
+        "sim_rss_mib",
+        "broker_rss_mib",
+    ):
         assert result[key] > 0, key
 
 

@@ -115,9 +115,9 @@ class Fleet:
         path = self.root / f"{name}.log"
         return path.read_text(errors="replace")[-3000:] if path.exists() else ""
 
-    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+    def _spawn(self, name: str, argv: list[str], **env: str) -> subprocess.Popen[bytes]:
         with (self.root / f"{name}.log").open("ab") as log:
-            proc = subprocess.Popen(argv, stdout=log, stderr=log, env=clean_env(), cwd=self.root)
+            proc = subprocess.Popen(argv, stdout=log, stderr=log, env={**clean_env(), **env}, cwd=self.root)
         self.procs[name] = proc
         return proc
 
@@ -183,7 +183,8 @@ class Fleet:
             argv += ["--trust", str(self.pub)]
         for label in labels:
             argv += ["--label", label]
-        self._spawn(node, argv)
+        # As deploy/fleet-agent.service runs it: without docstrings and asserts.
+        self._spawn(node, argv, PYTHONOPTIMIZE="2")
 
     def check_alive(self, name: str) -> None:
         proc = self.procs[name]

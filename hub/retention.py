@@ -27,6 +27,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+from hub.store import write_synced
+
 __all__ = ["Archive", "archive_path"]
 
 _ID_AT_START = re.compile(rb'^\{"rollout":"([^"\\]{1,128})"')
@@ -83,14 +85,7 @@ class Archive:
             self._ids.popitem(last=False)
 
     def _append(self, data: bytes) -> None:
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_synced(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), data)
 
     def _read_ids(self) -> list[str]:
         try:

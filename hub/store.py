@@ -35,7 +35,7 @@ from tinydb.storages import Storage
 
 from bus.errors import ConfigError, FleetError, InvalidInput
 
-__all__ = ["TABLES", "AtomicJSONStorage", "Store"]
+__all__ = ["TABLES", "AtomicJSONStorage", "Store", "write_synced"]
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -44,6 +44,17 @@ TABLES = ("rollouts", "executions", "nodes", "audit")
 
 _TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
 _RETRY_S = 1.0  # wait before retrying a failed commit
+
+
+def write_synced(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd``, fsync it and close it (the caller opened it). Blocking."""
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _encode(value: Any) -> str:
@@ -94,14 +105,7 @@ class AtomicJSONStorage(Storage):
     def write_bytes(self, data: bytes) -> None:
         """Replace the file with ``data``: temp file, fsync, rename, fsync the directory."""
         tmp = self.path.with_name(f".{self.path.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_synced(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), data)
         os.replace(tmp, self.path)
         dir_fd = os.open(self.path.parent, os.O_RDONLY)
         try:

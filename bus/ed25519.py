@@ -12,6 +12,7 @@ same answers; ``tests/unit/test_ed25519.py`` checks them against each other.
 from __future__ import annotations
 
 import base64
+import contextlib
 import ctypes
 from collections.abc import Callable
 from typing import Protocol, cast
@@ -179,7 +180,8 @@ class PublicKey:
     def __del__(self) -> None:
         handle = getattr(self, "_handle", None)
         if handle is not None:
-            self._backend.free(handle)
+            with contextlib.suppress(Exception):  # at interpreter exit the library may be gone
+                self._backend.free(handle)
 
 
 def public_key_from_pem(block: bytes) -> PublicKey:

@@ -36,6 +36,7 @@ from bus.messages import (
 from bus.mqtt import Message, MqttClient
 from bus.signing import generate_keypair, load_private_key, sign_command
 from bus.topics import Topics
+from edge_agent import blocking
 from edge_agent.simulator import (
     STEP_TYPES,
     InlineExecutor,
@@ -213,6 +214,26 @@ async def test_inline_executor_runs_calls_at_once_in_the_loop_thread() -> None:
     with pytest.raises(ZeroDivisionError):
         await loop.run_in_executor(executor, divmod, 1, 0)
     executor.shutdown()
+
+
+async def test_file_io_runs_on_the_loop_only_on_ram_and_unless_threads_are_asked_for(
+    topics: Topics, tmp_path: Path
+) -> None:
+    def config(**extra: Any) -> SimulationConfig:
+        return SimulationConfig(broker="mqtt://127.0.0.1:1", nodes=1, prefix=topics.prefix, **extra)
+
+    shm = Path("/dev/shm")
+    assert config(state_root=shm / "x").inline_io() == is_ram_backed(shm)
+    assert not config(state_root=shm / "x", threaded_io=True).inline_io()
+    assert config(state_root=tmp_path).inline_io() == is_ram_backed(tmp_path)
+    # edge_agent.blocking: the runner's file work, in a worker thread or at once on the loop.
+    here = threading.get_ident()
+    assert await blocking.run(threading.get_ident) != here
+    blocking.set_inline(True)
+    try:
+        assert await blocking.run(threading.get_ident) == here
+    finally:
+        blocking.set_inline(False)
 
 
 def test_fail_must_name_a_simulated_node(topics: Topics) -> None:

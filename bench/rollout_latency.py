@@ -6,7 +6,11 @@ The raw limit is measured first in the same run on the same broker: a bare
 paho fan-out/fan-in (one retained message to each of N clients, one reply
 from each; bench/_raw.py).
 
-    python bench/rollout_latency.py --broker mosquitto --nodes 1000
+    python bench/rollout_latency.py --broker mosquitto --nodes 1000 [--simulators 2]
+
+With ``--simulators K`` the fleet is split over K ``fleet simulate``
+processes (nodes ``sim-a-*``, ``sim-b-*``...), so the simulated agents use
+more than one core, as real nodes each have their own.
 
 Prints one JSON object: seconds (median rollout), raw_seconds (median raw
 round), ratio, and per run: messages/s through the hub, CPU seconds of hub,
@@ -30,7 +34,7 @@ def _reported(obs: Observer, rollout: str, expected: int) -> bool:
 
 
 async def measure(bench: Bench, nodes: int, repeat: int, heartbeat_s: float) -> dict[str, Any]:
-    sim = bench.child("simulate")
+    sims = [c for c in bench.children if c.name.startswith("simulate")]
     runs: list[dict[str, Any]] = []
     async with Observer(bench.url, bench.topics) as obs:
         targets = await obs.wait_online(nodes, 300, prefix="sim-")
@@ -40,7 +44,7 @@ async def measure(bench: Bench, nodes: int, repeat: int, heartbeat_s: float) -> 
                 await asyncio.sleep(heartbeat_s + 1)
             before = bench.metrics()
             spec = {"name": f"bench {index}", "targets": targets, "plan": PLAN}
-            with cpu_window(bench.child("hub"), sim, bench.broker_child) as cpu:
+            with cpu_window(bench.child("hub"), *sims, bench.broker_child) as cpu:
                 started = time.perf_counter()
                 body = await obs.call("create_rollout", spec)
                 rollout = body["rollout"]
@@ -82,15 +86,24 @@ async def measure(bench: Bench, nodes: int, repeat: int, heartbeat_s: float) -> 
                     "summary_publishes": len(summaries),
                     "summary_bytes": sum(size for _, size, _ in summaries),
                     "store_rewrites": int(rewrites),
-                    "cpu_s": {k: rounded(v) for k, v in cpu.items()},
+                    "cpu_s": _cpu_by_role(cpu),
                 }
             )
     return {
         "runs": runs,
         "hub_rss_mib": bench.child("hub").rss_mib(),
-        "sim_rss_mib": sim.rss_mib(),
+        "sim_rss_mib": round(sum(sim.rss_mib() for sim in sims), 1),
         "broker_rss_mib": bench.broker_child.rss_mib(),
     }
+
+
+def _cpu_by_role(cpu: dict[str, float]) -> dict[str, float | None]:
+    """CPU seconds of hub, broker, wall, and of every simulator process together ("simulate")."""
+    roles: dict[str, float] = {}
+    for name, seconds in cpu.items():
+        role = "simulate" if name.startswith("simulate") else name
+        roles[role] = roles.get(role, 0.0) + seconds
+    return {k: rounded(v) for k, v in roles.items()}
 
 
 def main() -> None:
@@ -99,11 +112,25 @@ def main() -> None:
     parser.add_argument("--raw-repeat", type=int, default=5, help="raw fan-out/fan-in rounds")
     parser.add_argument("--step-ms", type=float, default=0, help="simulated duration of each step")
     parser.add_argument("--heartbeat-s", type=float, default=5)
+    parser.add_argument(
+        "--simulators",
+        type=int,
+        default=1,
+        help="split the fleet over this many `fleet simulate` processes (default 1: one core)",
+    )
     args = parser.parse_args()
     with Bench(args.broker, keep=args.keep, journal=args.journal) as bench:
         raw = raw_fanout(bench.url, args.nodes, args.raw_repeat)
         bench.start_hub()
-        bench.start_simulator(args.nodes, step_ms=args.step_ms, heartbeat_s=args.heartbeat_s)
+        for index in range(args.simulators):
+            share = args.nodes // args.simulators + (index < args.nodes % args.simulators)
+            bench.start_simulator(
+                share,
+                step_ms=args.step_ms,
+                heartbeat_s=args.heartbeat_s,
+                name="simulate" if index == 0 else f"simulate-{index + 1}",
+                node_prefix=f"sim-{chr(ord('a') + index)}-" if args.simulators > 1 else "sim-",
+            )
         figures = asyncio.run(measure(bench, args.nodes, args.repeat, args.heartbeat_s))
     seconds = median([r["seconds"] for r in figures["runs"]])
     raw_seconds = median(raw)
@@ -115,6 +142,7 @@ def main() -> None:
             "steps": len(PLAN),
             "step_ms": args.step_ms,
             "journal": args.journal,
+            "simulators": args.simulators,
             "seconds": rounded(seconds),
             "raw_seconds": rounded(raw_seconds),
             "raw_rounds": [rounded(r, 4) for r in raw],

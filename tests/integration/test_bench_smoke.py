@@ -46,6 +46,17 @@ def run_bench(script: str, *args: str, timeout: float = 100) -> dict[str, Any]:
     return result
 
 
+def test_rollout_latency_with_the_fleet_over_two_simulators() -> None:
+    result = run_bench(
+        "rollout_latency.py", "--nodes", "5", "--repeat", "1", "--raw-repeat", "1", "--simulators", "2"
+    )
+    assert result["ok"] is True
+    assert result["simulators"] == 2
+    (run,) = result["runs"]
+    assert run["step_reports"] == 5 * 2 * 2  # every node of both processes reported every step
+    assert set(run["cpu_s"]) == {"hub", "simulate", "mosquitto", "wall"}
+
+
 @pytest.mark.parametrize("broker", ["mosquitto", "amqtt"])
 def test_rollout_latency_smoke(broker: str) -> None:
     result = run_bench(

@@ -39,9 +39,9 @@ from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from bus.errors import ConfigError, FleetError, InvalidInput
+from bus.errors import ConfigError, InvalidInput
 from bus.messages import MAX_PAYLOAD_BYTES
-from bus.topics import DEFAULT_PREFIX, NODE_CHANNELS, Topics, check_node_id
+from bus.topics import DEFAULT_PREFIX, NODE_CHANNELS, Topics, check_node_id, valid_prefix
 
 __all__ = [
     "HUB_USER",
@@ -142,11 +142,7 @@ class BrokerSettings(BaseModel):
     @field_validator("prefix")
     @classmethod
     def _valid_prefix(cls, value: str) -> str:
-        try:
-            Topics(value)
-        except FleetError as exc:
-            raise ValueError(exc.reason) from exc
-        return value
+        return valid_prefix(value)
 
     @field_validator("broker_dir")
     @classmethod

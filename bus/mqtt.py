@@ -67,6 +67,15 @@ class BrokerUrl:
         return f"{scheme}://{user}{self.host}:{self.port}"
 
 
+def valid_broker_url(value: str) -> str:
+    """Return ``value`` if it is a broker URL; ValueError with the reason (for pydantic)."""
+    try:
+        parse_broker_url(value)
+    except ConfigError as exc:
+        raise ValueError(exc.reason) from exc
+    return value
+
+
 def parse_broker_url(url: str, ca_file: str | None = None) -> BrokerUrl:
     """Parse a broker URL; ConfigError with a one-line reason if it is not one.
 

@@ -15,6 +15,7 @@ __all__ = [
     "Topics",
     "check_node_id",
     "is_node_id",
+    "valid_prefix",
 ]
 
 DEFAULT_PREFIX = "fleet/v1"
@@ -40,6 +41,15 @@ def check_node_id(value: str) -> str:
             f"invalid node id {shown}: must match {NODE_ID_PATTERN} "
             "(letters, digits, '_', '.', '-'; at most 64 characters)"
         )
+    return value
+
+
+def valid_prefix(value: str) -> str:
+    """Return ``value`` if it is a valid topic prefix; ValueError with the reason (for pydantic)."""
+    try:
+        Topics(value)
+    except InvalidInput as exc:
+        raise ValueError(exc.reason) from exc
     return value
 
 

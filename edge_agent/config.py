@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from bus import config as bus_config
 from bus.errors import ConfigError, FleetError
 from bus.messages import Label, LabelValue, describe
-from bus.topics import DEFAULT_PREFIX, Topics, check_node_id
+from bus.topics import DEFAULT_PREFIX, Topics, check_node_id, valid_prefix
 from edge_agent.settings import ExecutorSettings, Policy, ProcessService, ServiceManager
 
 if sys.version_info >= (3, 11):
@@ -135,22 +135,14 @@ class AgentConfig(BaseModel):
     @field_validator("prefix")
     @classmethod
     def _valid_prefix(cls, value: str) -> str:
-        try:
-            Topics(value)
-        except FleetError as exc:
-            raise ValueError(exc.reason) from exc
-        return value
+        return valid_prefix(value)
 
     @field_validator("broker")
     @classmethod
     def _valid_broker(cls, value: str) -> str:
-        from bus.mqtt import parse_broker_url  # paho: loaded only when a config is built
+        from bus.mqtt import valid_broker_url  # paho: loaded only when a config is built
 
-        try:
-            parse_broker_url(value)
-        except FleetError as exc:
-            raise ValueError(exc.reason) from exc
-        return value
+        return valid_broker_url(value)
 
     @property
     def topics(self) -> Topics:

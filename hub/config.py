@@ -32,9 +32,9 @@ from pydantic import (
 )
 
 from bus.config import find_config_file, read_config_text, toml_table
-from bus.errors import ConfigError, InvalidInput
-from bus.mqtt import parse_broker_url
-from bus.topics import DEFAULT_PREFIX, Topics
+from bus.errors import ConfigError
+from bus.mqtt import valid_broker_url
+from bus.topics import DEFAULT_PREFIX, valid_prefix
 
 if sys.version_info >= (3, 11):
     pass
@@ -56,22 +56,6 @@ __all__ = [
 NO_SIGNING_KEY = "no signing key: run `fleet keys generate --out DIR` and pass --signing-key DIR/hub.key"
 
 _LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
-
-
-def _check_broker(value: str) -> str:
-    try:
-        parse_broker_url(value)
-    except ConfigError as exc:
-        raise ValueError(exc.reason) from exc
-    return value
-
-
-def _check_prefix(value: str) -> str:
-    try:
-        Topics(value)
-    except InvalidInput as exc:
-        raise ValueError(exc.reason) from exc
-    return value
 
 
 def split_host_port(value: str) -> tuple[str, int]:
@@ -99,8 +83,8 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-BrokerUrlText = Annotated[str, AfterValidator(_check_broker)]
-Prefix = Annotated[str, AfterValidator(_check_prefix)]
+BrokerUrlText = Annotated[str, AfterValidator(valid_broker_url)]
+Prefix = Annotated[str, AfterValidator(valid_prefix)]
 
 
 class HubConfig(BaseModel):

@@ -251,9 +251,13 @@ class CommandRunner:
 
     async def _load(self) -> JournalState:
         async with self._state_lock:
-            if self._state is None:
-                self._state = await asyncio.to_thread(self._load_blocking)
-            return self._state
+            return await self._current()
+
+    async def _current(self) -> JournalState:
+        """The journal state, read from disk the first time; call with the state lock held."""
+        if self._state is None:
+            self._state = await asyncio.to_thread(self._load_blocking)
+        return self._state
 
     def _load_blocking(self) -> JournalState:
         self._settings.state_dir.mkdir(parents=True, exist_ok=True)
@@ -271,8 +275,7 @@ class CommandRunner:
         idempotent, so a crash meanwhile only makes the restart undo again.
         """
         async with self._state_lock:
-            current = self._state if self._state is not None else await asyncio.to_thread(self._load_blocking)
-            new = transition(current)
+            new = transition(await self._current())
             try:
                 await self._journal.write(new)
             except OSError as exc:
@@ -290,8 +293,7 @@ class CommandRunner:
         like any interrupted step (the whole apply is rolled back either way).
         """
         async with self._state_lock:
-            current = self._state if self._state is not None else await asyncio.to_thread(self._load_blocking)
-            self._state = transition(current)
+            self._state = transition(await self._current())
 
     async def _update(self, rollout: str, index: int, *, durable: bool = True, **changes: Any) -> None:
         await self._change(lambda s: executor.update_step(s, rollout, index, **changes), durable=durable)

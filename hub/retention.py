@@ -11,9 +11,10 @@ broker. A crash between the two leaves it in both places, and the next
 start archives it again: a rollout may appear twice in the archive, never
 zero times.
 
-Each line starts with ``{"rollout":"<id>"``, so the ids of an archive can be
-read back without parsing the records (``Archive.load``); the hub then says
-"archived" rather than "unknown" for them.
+Each line starts with ``{"rollout":"<id>",``, so ``Archive.holds`` finds a
+rollout without parsing any record; the hub then says "archived" rather than
+"unknown" for it. That scan reads the file, so it is only done for an id the
+hub does not know, never at start-up.
 """
 
 from __future__ import annotations
@@ -21,17 +22,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import time
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 from hub.store import write_synced
 
 __all__ = ["Archive", "archive_path"]
-
-_ID_AT_START = re.compile(rb'^\{"rollout":"([^"\\]{1,128})"')
 
 
 def archive_path(db: Path) -> Path:
@@ -40,28 +37,18 @@ def archive_path(db: Path) -> Path:
 
 
 class Archive:
-    """An append-only JSON-lines file of retired rollouts, and the ids it holds.
+    """An append-only JSON-lines file of retired rollouts.
 
     Args:
         path: the archive file (created on the first retirement).
-        remember: how many archived ids are kept in memory (the newest).
     """
 
-    def __init__(self, path: Path, *, remember: int = 100_000) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self._remember = remember
-        self._ids: OrderedDict[str, None] = OrderedDict()
 
-    def holds(self, rollout: str) -> bool:
-        """Whether ``rollout`` was archived (as far as this process knows)."""
-        return rollout in self._ids
-
-    async def load(self) -> int:
-        """Read the ids of an existing archive; return how many there are."""
-        ids = await asyncio.to_thread(self._read_ids)
-        for rollout in ids:
-            self._note(rollout)
-        return len(ids)
+    async def holds(self, rollout: str) -> bool:
+        """Whether ``rollout`` is in the archive (reads the file, in a worker thread)."""
+        return await asyncio.to_thread(self._scan, _line_start(rollout))
 
     async def add(self, record: dict[str, Any], audit: list[dict[str, Any]]) -> None:
         """Append one retired rollout (its store record and audit entries), durably.
@@ -69,31 +56,24 @@ class Archive:
         Raises:
             OSError: the archive cannot be written; the rollout must then stay.
         """
-        rollout = str(record["id"])
         line = json.dumps(
-            {"rollout": rollout, "archived_at": time.time(), "record": record, "audit": audit},
+            {"rollout": str(record["id"]), "archived_at": time.time(), "record": record, "audit": audit},
             ensure_ascii=False,
             separators=(",", ":"),
         )
         await asyncio.to_thread(self._append, line.encode("utf-8") + b"\n")
-        self._note(rollout)
-
-    def _note(self, rollout: str) -> None:
-        self._ids[rollout] = None
-        self._ids.move_to_end(rollout)
-        while len(self._ids) > self._remember:
-            self._ids.popitem(last=False)
 
     def _append(self, data: bytes) -> None:
         write_synced(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), data)
 
-    def _read_ids(self) -> list[str]:
+    def _scan(self, start: bytes) -> bool:
         try:
             with self.path.open("rb") as lines:
-                return [
-                    match.group(1).decode("utf-8", "replace")
-                    for line in lines
-                    if (match := _ID_AT_START.match(line)) is not None
-                ]
-        except FileNotFoundError:
-            return []
+                return any(line.startswith(start) for line in lines)
+        except OSError:  # no archive yet (or unreadable): the id is simply unknown
+            return False
+
+
+def _line_start(rollout: str) -> bytes:
+    """How the archive line of ``rollout`` begins (``add`` writes the id first)."""
+    return b'{"rollout":' + json.dumps(rollout, ensure_ascii=False).encode("utf-8") + b","

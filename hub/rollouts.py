@@ -226,8 +226,6 @@ class RolloutManager:
             records.append(record)
         await self._process([(RolloutsLoaded(tuple(records)), None)])
         self._idempotent.load(records)
-        if self._archive is not None:
-            await self._archive.load()
         await self._retire()  # a lower keep_rollouts than last time, or a crash mid-retirement
         self._running = True
         for coro, name in (
@@ -313,7 +311,7 @@ class RolloutManager:
         rollout = body.get("rollout") if isinstance(body, dict) else None
         if not isinstance(rollout, str) or not rollout:
             raise InvalidInput("rollout: a rollout id is required")
-        if not self._engine.has(rollout) and self._archive is not None and self._archive.holds(rollout):
+        if not self._engine.has(rollout) and self._archive is not None and await self._archive.holds(rollout):
             raise NotFound(
                 f"rollout {rollout[:80]} is archived in {self._archive.path} "
                 f"(the hub keeps the newest {self._keep} finished rollouts)"

@@ -560,7 +560,7 @@ async def test_finished_rollouts_beyond_the_kept_ones_are_archived(
     # A restart with a smaller limit archives at once, and still knows the archived ids.
     async with Hub(broker, topics, db, key, keep_rollouts=1) as hub:
         assert [s.id for s in hub.manager.summaries()] == [done[3]]
-        assert hub.archive.holds(done[0])
+        assert await hub.archive.holds(done[0])
         with pytest.raises(NotFound, match="archived in"):
             await hub.manager.request("show", {"rollout": done[2]})
     lines = archive_path(db).read_text().splitlines()

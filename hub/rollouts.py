@@ -534,8 +534,15 @@ class RolloutManager:
         if self._keep is None or self._archive is None:
             return
         finished = self._engine.finished()
-        for rollout in finished[: max(0, len(finished) - self._keep)]:
-            audit = [(key, doc) for key, doc in self._store.items("audit") if doc.get("rollout") == rollout]
+        retiring = finished[: max(0, len(finished) - self._keep)]
+        if not retiring:
+            return
+        audits: dict[str, list[tuple[str, dict[str, Any]]]] = {rollout: [] for rollout in retiring}
+        for key, doc in self._store.items("audit"):  # decoded once, however many retire
+            if doc.get("rollout") in audits:
+                audits[doc["rollout"]].append((key, doc))
+        for rollout in retiring:
+            audit = audits[rollout]
             try:
                 await self._archive.add(self._engine.record(rollout), [doc for _, doc in audit])
             except OSError as exc:

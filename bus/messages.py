@@ -39,6 +39,7 @@ __all__ = [
     "FailurePolicy",
     "FileStep",
     "HealthStep",
+    "RestoreCheck",
     "Heartbeat",
     "HubState",
     "Inventory",
@@ -142,6 +143,11 @@ class ContainerStep(_StepBase):
     type: Literal["container"] = "container"
     name: SafeName
     image: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$", max_length=256)]
+    pull: Literal["always", "missing", "never"] = Field(
+        default="missing",
+        description="When to pull the image: always; only when it is not on the node (the default, "
+        "as compose and Kubernetes do; an air-gapped node with a loaded image needs no registry); never.",
+    )
 
 
 class FileStep(_StepBase):
@@ -183,6 +189,13 @@ class ModuleStep(_StepBase):
     action: Literal["reload", "load", "unload"] = "reload"
 
 
+class RestoreCheck(_Strict):
+    """What a health check looks for once its node is restored (the old state answering)."""
+
+    target: Annotated[str, StringConstraints(min_length=1, max_length=2048)] | None = None
+    expect: Annotated[str, StringConstraints(max_length=1024)] | None = None
+
+
 class HealthStep(_StepBase):
     """Check that the node is healthy after the change."""
 
@@ -192,6 +205,11 @@ class HealthStep(_StepBase):
     expect: Annotated[str, StringConstraints(max_length=1024)] | None = None
     retries: int = Field(default=3, ge=1, le=100)
     interval_s: float = Field(default=1.0, ge=0, le=3600)
+    verify: RestoreCheck | Literal["skip"] | None = Field(
+        default=None,
+        description="How this check verifies a restore after a rollback: fields that replace target "
+        "and expect (e.g. the old version), or \"skip\". None: the same check with expect dropped.",
+    )
 
 
 Step = Annotated[
@@ -314,8 +332,17 @@ class Command(_Strict):
 
 StepStateName = Literal["running", "succeeded", "failed", "skipped", "rolled_back", "rejected", "deferred"]
 #: "deferred" (waiting for the node's update lock) and "not_started" (gave up waiting) are extensions.
+#: "rollback_failed": the agent undid its steps but could not show the old state answering again.
 JobPhase = Literal[
-    "applying", "succeeded", "failed", "rolling_back", "rolled_back", "rejected", "deferred", "not_started"
+    "applying",
+    "succeeded",
+    "failed",
+    "rolling_back",
+    "rolled_back",
+    "rollback_failed",
+    "rejected",
+    "deferred",
+    "not_started",
 ]
 
 
@@ -503,6 +530,16 @@ class RolloutSpec(_Strict):
         default="finish",
         description="When a window ends: finish the wave in progress, or pause it until the next window.",
     )
+    offline_grace_s: Seconds | None = Field(
+        default=None,
+        description="How long a node that went offline mid-job is 'lost' (not failed) before it counts "
+        "as a failure. None: 3 heartbeats plus the keepalive (shown in the plan).",
+    )
+    restore_timeout_s: Seconds = Field(
+        default=600.0,
+        description="How long a coordinated rollback waits for an offline node to restore itself; "
+        "past it the rollout ends rollback_failed naming the node.",
+    )
     start_deadline_s: Seconds | None = Field(
         default=None,
         description="A node that has not started this long after its command was sent (offline, "
@@ -544,6 +581,8 @@ NodePhase = Literal[
     "rejected",
     "timed_out",
     "offline",
+    "lost",
+    "rollback_failed",
     "deferred",
     "not_started",
 ]
@@ -557,6 +596,8 @@ class RolloutCounts(_Report):
     succeeded: int = 0
     failed: int = 0
     rolled_back: int = 0
+    rollback_failed: int = 0
+    lost: int = 0
     deferred: int = 0
     not_started: int = 0
 

@@ -39,7 +39,6 @@ __all__ = [
     "FailurePolicy",
     "FileStep",
     "HealthStep",
-    "RestoreCheck",
     "Heartbeat",
     "HubState",
     "Inventory",
@@ -53,6 +52,7 @@ __all__ = [
     "PackageStep",
     "Reply",
     "Request",
+    "RestoreCheck",
     "RolloutCounts",
     "RolloutSpec",
     "RolloutSummary",
@@ -149,6 +149,14 @@ class ContainerStep(_StepBase):
         "as compose and Kubernetes do; an air-gapped node with a loaded image needs no registry); never.",
     )
 
+    @model_serializer(mode="wrap")
+    def _without_default_pull(self, handler: SerializerFunctionWrapHandler) -> Any:
+        # Left out at its default, so agents that predate the field still take the command.
+        data = handler(self)
+        if isinstance(data, dict) and data.get("pull") == "missing":
+            data.pop("pull", None)
+        return data
+
 
 class FileStep(_StepBase):
     """Atomically replace ``dest`` with a downloaded file; the old one is kept.
@@ -210,6 +218,14 @@ class HealthStep(_StepBase):
         description="How this check verifies a restore after a rollback: fields that replace target "
         "and expect (e.g. the old version), or \"skip\". None: the same check with expect dropped.",
     )
+
+    @model_serializer(mode="wrap")
+    def _without_absent_verify(self, handler: SerializerFunctionWrapHandler) -> Any:
+        # Left out when absent, so agents that predate the field still take the command.
+        data = handler(self)
+        if isinstance(data, dict) and data.get("verify") is None:
+            data.pop("verify", None)
+        return data
 
 
 Step = Annotated[

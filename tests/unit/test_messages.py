@@ -35,6 +35,7 @@ from bus.messages import (
     PackageStep,
     Reply,
     Request,
+    RestoreCheck,
     RolloutCounts,
     RolloutSpec,
     RolloutSummary,
@@ -63,11 +64,15 @@ STEPS: list[BaseModel] = [
     ScriptStep(name="install_update.sh", args=["--to", "2.1.0"], rollback="rollback.sh"),
     ModuleStep(name="nvidia_drm", action="reload"),
     HealthStep(check="http", target="http://127.0.0.1:8080/health", expect="ok", retries=5, interval_s=0.5),
+    HealthStep(check="command", target="check_app.sh 2.0", verify=RestoreCheck(target="check_app.sh 1.0")),
+    HealthStep(check="tcp", target="127.0.0.1:8080", verify="skip"),
+    ContainerStep(name="web", image="web:2.1", pull="never"),
 ]
 
 #: One full example of every wire model (the meta-test below keeps this list complete).
 EXAMPLES: list[BaseModel] = [
     *STEPS,
+    RestoreCheck(expect="1.0"),
     Inventory(
         services={"app": "2.0.0"}, packages={"app": "2.0.0-1"}, drivers={"nvidia": "535"}, os={"id": "debian"}
     ),

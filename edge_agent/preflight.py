@@ -17,8 +17,10 @@ What is checked, read-only:
   (HTTP status below 400); its size counts against the free disk when the
   step declares ``max_bytes``;
 - ``package``: a simulated install, ``apt-get -s install`` / ``dpkg
-  --dry-run -i`` / ``dnf|yum --assumeno install``; a package file that an
-  earlier step downloads cannot be simulated yet (skipped, said so);
+  --dry-run -i`` / ``dnf|yum --assumeno install`` (in the node's RPM install
+  root, with its dnf config; an .rpm in the cache passes ``rpm -K`` first);
+  a package file that an earlier step downloads cannot be simulated yet
+  (skipped, said so);
 - ``service`` under systemd: the unit exists (``systemctl status`` exit 4 is
   "no such unit");
 - ``file``: its ``src`` comes from an earlier download step or the cache;
@@ -235,9 +237,13 @@ async def _package(
         spec = target or (f"{step.name}={step.version}" if step.version else step.name)
         argv = [tools.apt_get, *tools.apt_args(), "-s", "install", "--allow-downgrades", spec]
     else:
+        if target is not None:
+            from edge_agent.steps.package import verify_rpm  # the step module, imported on first use
+
+            await verify_rpm(Path(target), tools, timeout)
         binary = tools.dnf if step.manager == "dnf" else tools.yum
         spec = target or (f"{step.name}-{step.version}" if step.version else step.name)
-        argv = [binary, "--assumeno", "install", spec]
+        argv = [binary, *tools.dnf_args(), "--assumeno", "install", spec]
     quiet = {"DEBIAN_FRONTEND": "noninteractive"}
     result = await call(argv, tools=tools, timeout=timeout, check=False, env=quiet)
     return _simulated(index, step, result)
@@ -251,6 +257,9 @@ def _simulated(index: int, step: PackageStep, result: system.RunResult) -> Check
         would = result.ok or ("Operation aborted" in text and "Error:" not in text)
         if would:
             return Check(index, step.type, "succeeded", f"{name} --assumeno: the install would proceed")
+        if "No match for argument" in text or "Unable to find a match" in text:
+            reason = f"{name} --assumeno install: not in this node's repositories: {tool_message(result)}"
+            return Check(index, step.type, "failed", reason)
         return Check(index, step.type, "failed", f"{name} --assumeno install: {tool_message(result)}")
     if result.ok:
         planned = [line for line in result.stdout.splitlines() if line.startswith(("Inst ", "Selecting"))]

@@ -72,11 +72,8 @@ class Builds:
     seconds: float
 
 
-@pytest.fixture(scope="session")
-def builds(tmp_path_factory: pytest.TempPathFactory) -> Builds:
-    if MISSING:
-        pytest.skip(f"needs {', '.join(MISSING)}")
-    top = tmp_path_factory.mktemp("rpmbuild")
+def build_rpms(top: Path) -> Builds:
+    """Build fleet-app 1.0, 2.0 and 3.0 with ``rpmbuild -bb`` under ``top``, and a damaged copy of 3.0."""
     spec = top / "fleet-app.spec"
     spec.write_text(SPEC)
     started = time.monotonic()
@@ -92,6 +89,15 @@ def builds(tmp_path_factory: pytest.TempPathFactory) -> Builds:
     body[-40] ^= 0xFF  # in the compressed payload: the header (name, version) still reads
     corrupt.write_bytes(bytes(body))
     return Builds(rpms, corrupt, time.monotonic() - started)
+
+
+@pytest.fixture(scope="session")
+def builds(tmp_path_factory: pytest.TempPathFactory) -> Builds:
+    if MISSING:
+        pytest.skip(f"needs {', '.join(MISSING)}")
+    made = build_rpms(tmp_path_factory.mktemp("rpmbuild"))
+    _LOGGER.info("3 RPMs built in %.2f s", made.seconds)
+    return made
 
 
 @dataclass
@@ -145,7 +151,7 @@ class RpmWorld:
 def rpm_world(tmp_path: Path, builds: Builds, *published: str) -> RpmWorld:
     root, repo, reposdir = tmp_path / "root", tmp_path / "repo", tmp_path / "repos.d"
     for directory in (root, repo, reposdir):
-        directory.mkdir()
+        directory.mkdir(parents=True)
     (reposdir / "local.repo").write_text(
         f"[local]\nname=fleet test repository\nbaseurl=file://{repo}\nenabled=1\ngpgcheck=0\n"
     )

@@ -105,6 +105,12 @@ def check(step: PackageStep, settings: ExecutorSettings) -> str | None:
     for binary in _binaries(step, tools):
         if not tools.has(binary):
             return f"{binary} is not installed on this node"
+    if step.manager in ("dnf", "yum"):
+        # dnf would make a missing root and install there: a mistyped rpm_root must not "work".
+        if tools.rpm_root is not None and not tools.rpm_root.is_dir():
+            return f"the RPM install root {tools.rpm_root} (rpm_root) is not a directory"
+        if tools.dnf_config is not None and not tools.dnf_config.is_file():
+            return f"the dnf configuration {tools.dnf_config} (dnf_config) is not a file"
     return None
 
 

@@ -15,7 +15,7 @@ import logging
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -210,6 +210,22 @@ async def test_install_upgrade_and_downgrade_on_rollback_to_the_exact_kept_versi
 
 
 @needs_dnf
+async def test_yum_4_which_is_dnf_upgrades_and_rolls_back_alike(tmp_path: Path, builds: Builds) -> None:
+    """On RHEL 8 and later ``yum`` is dnf: the yum manager runs it with the same root and config."""
+    world = rpm_world(tmp_path, builds, "1.0", "2.0")
+    world.install_by_hand("1.0")
+    settings = deb_settings(tmp_path, replace(world.tools, yum=str(shutil.which("dnf"))))
+    step = PackageStep(manager="yum", name=NAME, version="2.0")
+    assert package.check(step, settings) is None
+    ctx, _ = make_ctx(settings)
+    record = await package.apply(step, ctx)
+    assert (record["via"], record["old_version"], record["new_version"]) == ("repository", "1.0-1", "2.0-1")
+    assert (world.state(), world.version_file()) == ("2.0-1", "2.0")
+    await package.undo(step, ctx, record)
+    assert (world.state(), world.version_file()) == ("1.0-1", "1.0")
+
+
+@needs_dnf
 async def test_a_downloaded_rpm_is_kept_and_reinstalled_on_rollback(tmp_path: Path, builds: Builds) -> None:
     world = rpm_world(tmp_path, builds, "2.0")
     settings = deb_settings(tmp_path, world.tools)
@@ -334,6 +350,18 @@ def test_rpm_root_and_dnf_config_come_from_toml_and_the_environment(tmp_path: Pa
     assert (from_env.rpm_root, from_env.dnf_config) == (Path("/srv/root"), Path("/srv/dnf.conf"))
     live = load_agent_config({"node_id": "n1"}, {}).system_tools()
     assert (live.dnf_args(), live.rpm_args()) == ([], [])
+
+
+def test_a_missing_install_root_or_dnf_config_is_refused_at_intake(tmp_path: Path) -> None:
+    step = PackageStep(manager="dnf", name=NAME, version="2.0")
+    gone = SystemTools(dnf="true", rpm="true", rpm_root=tmp_path / "nosuch")
+    assert package.check(step, deb_settings(tmp_path, gone)) == (
+        f"the RPM install root {tmp_path / 'nosuch'} (rpm_root) is not a directory"
+    )
+    no_conf = SystemTools(dnf="true", rpm="true", rpm_root=tmp_path, dnf_config=tmp_path / "dnf.conf")
+    assert package.check(step, deb_settings(tmp_path, no_conf)) == (
+        f"the dnf configuration {tmp_path / 'dnf.conf'} (dnf_config) is not a file"
+    )
 
 
 @needs_dnf

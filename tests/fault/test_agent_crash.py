@@ -205,7 +205,7 @@ def package_scenario(fleet: Fleet, web: SlowWeb) -> Scenario:
     (slowbin / "dnf").write_text(
         "#!/bin/sh\n"
         f'"{dnf}" "$@"; code=$?\n'
-        f'case " $* " in *" install "*) [ $code -eq 0 ] && touch "{installed}"; sleep 3;; esac\n'
+        f'case " $* " in *" install {NAME}-2.0 "*) [ $code -eq 0 ] && touch "{installed}"; sleep 3;; esac\n'
         "exit $code\n"
     )
     (slowbin / "dnf").chmod(0o755)

@@ -64,7 +64,17 @@ from edge_agent.system import RunResult
 from edge_agent.tools import SystemTools, call, tool_message, tools_of
 from edge_agent.versions import Family, PackageState
 
-__all__ = ["HANDLER", "KEPT_DIR", "apply", "check", "parse_control", "undo", "verify_rpm"]
+__all__ = [
+    "HANDLER",
+    "KEPT_DIR",
+    "apply",
+    "check",
+    "dnf_message",
+    "kept_path",
+    "parse_control",
+    "undo",
+    "verify_rpm",
+]
 
 #: Where the agent keeps the package file it installed last, per family and name.
 KEPT_DIR = "packages"
@@ -83,6 +93,7 @@ _QUERY_TIMEOUT = 60.0
 _STATUS_FIELDS = frozenset({"status", "conffiles", "config-version"})
 _KERNEL_MODULE = re.compile(r"^/(usr/)?lib/modules/[^/]+/.+\.ko(\.xz|\.gz|\.zst)?$")
 _MESSAGE_CHARS = 500
+_DNF_WORDS = re.compile(r"Error|not available|No match|No package|not installed")
 _NONINTERACTIVE = {"DEBIAN_FRONTEND": "noninteractive", "APT_LISTCHANGES_FRONTEND": "none"}
 
 
@@ -161,6 +172,11 @@ def _same_version(family: Family, have: str, want: str) -> bool:
 
 def _file_name(name: str, version: str, family: Family) -> str:
     return f"{name}_{version.replace(':', '%3a')}.{family}"
+
+
+def kept_path(state_dir: Path, family: Family, name: str, version: str) -> Path:
+    """Where the agent keeps the package file of ``name`` ``version`` it installed last."""
+    return state_dir / KEPT_DIR / family / _file_name(name, version, family)
 
 
 # ------------------------------------------------------------- blocking helpers
@@ -462,7 +478,7 @@ class _Job:
         await asyncio.to_thread(_clear_kept, self.kept_dir, self.step.name, None)
 
     async def kept_file(self, version: str) -> Path | None:
-        path = self.kept_dir / _file_name(self.step.name, version, self.family)
+        path = kept_path(self.ctx.state_dir, self.family, self.step.name, version)
         if not await asyncio.to_thread(path.is_file):
             return None
         try:
@@ -514,7 +530,7 @@ class _Job:
                     return path
         raise StepError(
             f"no way back to {self.step.name} {version}: it was not installed by this agent and no "
-            f"repository of this node offers it any more ({self.step.manager}: {tool_message(result)})"
+            f"repository of this node offers it any more ({self.step.manager}: {dnf_message(result)})"
         )
 
     async def apt_has(self, version: str) -> bool:
@@ -706,6 +722,16 @@ async def undo(step: PackageStep, ctx: StepContext, record: dict[str, Any] | Non
         await job.keep(path, state.version)
     await ctx.log(f"{step.name} {state.version} reinstalled ({record.get('via')})")
     await job.reload_modules()
+
+
+def dnf_message(result: RunResult) -> str:
+    """The words of dnf or yum about a failed lookup: its ``Error``, ``not available``, ``No match`` lines.
+
+    dnf prints some of them on stdout (``Installed package X not available.``), some on stderr.
+    """
+    text = f"{result.stdout}\n{result.stderr}"
+    lines = [line.strip() for line in text.splitlines() if _DNF_WORDS.search(line)]
+    return " | ".join(lines[-3:])[:_MESSAGE_CHARS] or tool_message(result)
 
 
 async def verify_rpm(path: Path, tools: SystemTools, timeout: float) -> None:

@@ -124,6 +124,9 @@ class RpmWorld:
         for version in wanted:
             shutil.copy(self.builds.rpms[version], self.repo)
         subprocess.run(["createrepo_c", "-q", str(self.repo)], capture_output=True, check=True, timeout=60)
+        # A repository rewritten within the second of dnf's last look was not always seen as changed
+        # (metadata_expire=0 notwithstanding; measured here): drop the root's cached metadata.
+        shutil.rmtree(self.root / "var" / "cache" / "dnf", ignore_errors=True)
 
     def state(self) -> str | None:
         """The installed VERSION-RELEASE, from rpm's database in the root."""
@@ -318,7 +321,8 @@ async def test_preflight_simulates_with_assumeno_in_the_install_root(tmp_path: P
     ])  # fmt: skip
     found = await preflight.run_preflight(plan, settings, timeout=120)
     states = [(c.state, c.detail) for c in found[:4]]
-    assert states[0] == ("succeeded", "dnf --assumeno: the install would proceed"), states
+    would = "dnf --assumeno: the install would proceed; the way back to 1.0-1 is there"
+    assert states[0] == ("succeeded", would), states
     assert states[1][0] == "failed", states
     assert "not in this node's repositories" in states[1][1]
     assert "Unable to find a match: fleet-app-9.9" in states[1][1]
@@ -331,8 +335,24 @@ async def test_preflight_simulates_with_assumeno_in_the_install_root(tmp_path: P
         [{"type": "package", "manager": "dnf", "name": NAME, "src": builds.rpms["3.0"].name}]
     )
     (check, _disk) = await preflight.run_preflight(good, settings, timeout=120)
-    assert (check.state, check.detail) == ("succeeded", "dnf --assumeno: the install would proceed")
+    assert (check.state, check.detail) == ("succeeded", would)
+
+    # The repository moves on without 1.0: an update would find no way back, the pre-flight says so.
+    world.publish("2.0")
+    (check, _disk) = await preflight.run_preflight(plan[:1], settings, timeout=120)
+    assert check.state == "failed", check
+    assert check.detail.startswith("no way back to fleet-app 1.0-1: the agent did not keep it"), check
+    assert "not available" in check.detail
+    # Unless the agent kept the file of the installed version (it installed it itself).
+    kept = package.kept_path(settings.state_dir, "rpm", NAME, "1.0-1")
+    kept.parent.mkdir(parents=True)
+    shutil.copy(builds.rpms["1.0"], kept)
+    (check, _disk) = await preflight.run_preflight(plan[:1], settings, timeout=120)
+    assert (check.state, check.detail) == ("succeeded", would)
     assert world.state() == "1.0-1"
+    assert sorted(p.name for p in settings.state_dir.rglob("*.rpm")) == sorted(
+        [builds.corrupt.name, builds.rpms["3.0"].name, kept.name]
+    ), "a pre-flight left files behind"
 
 
 # ------------------------------------------------------------------ configuration

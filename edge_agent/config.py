@@ -12,7 +12,8 @@ Environment variables: ``FLEET_`` + the field name in capitals (``FLEET_NODE_ID`
 ``FLEET_HEARTBEAT_S``, ...). List fields take comma-separated values
 (``FLEET_LABELS=site=lab,role=edge``; ``FLEET_LABEL``, ``FLEET_PACKAGE`` and
 ``FLEET_DRIVER`` are accepted too, like the singular flags); ``FLEET_SERVICES``
-takes a JSON object.
+takes a JSON object. ``rpm_root`` and ``dnf_config`` (``FLEET_RPM_ROOT``,
+``FLEET_DNF_CONFIG``) have no flag: TOML or environment.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from bus.errors import ConfigError, FleetError
 from bus.messages import Label, LabelValue, describe
 from bus.topics import DEFAULT_PREFIX, Topics, check_node_id, valid_prefix
 from edge_agent.settings import ExecutorSettings, Policy, ProcessService, ServiceManager
+from edge_agent.tools import SystemTools
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -55,7 +57,7 @@ CONFIG_FILE_NAME = bus_config.CONFIG_FILE_NAME
 #: Fields whose values are lists, given comma-separated in the environment.
 _LIST_FIELDS = ("trust", "labels", "packages", "drivers")
 #: Path fields that a TOML file gives relative to its own directory.
-_PATH_FIELDS = ("state_dir", "scripts_dir", "policy")
+_PATH_FIELDS = ("state_dir", "scripts_dir", "policy", "rpm_root", "dnf_config")
 #: Extra environment names accepted for a field (the singular of a repeatable flag).
 _ENV_ALIASES = {"labels": "FLEET_LABEL", "packages": "FLEET_PACKAGE", "drivers": "FLEET_DRIVER"}
 
@@ -110,6 +112,20 @@ class AgentConfig(BaseModel):
     max_download_bytes: int = Field(
         default=2 * 1024**3, gt=0, description="Largest download a step may fetch."
     )
+    rpm_root: Path | None = Field(
+        default=None,
+        description=(
+            "Install root of the dnf/yum/rpm package steps and inventory (dnf --installroot, "
+            "rpm --root); default the live system."
+        ),
+    )
+    dnf_config: Path | None = Field(
+        default=None,
+        description=(
+            "dnf/yum configuration file (--config; its reposdir names the repositories); default "
+            "the install root's, else the host's."
+        ),
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -149,6 +165,13 @@ class AgentConfig(BaseModel):
         """The fleet's topics under this config's prefix."""
         return Topics(self.prefix)
 
+    def system_tools(self) -> SystemTools:
+        """The system tools as this config points them (the RPM install root and dnf config)."""
+        return SystemTools(
+            rpm_root=self.rpm_root.absolute() if self.rpm_root is not None else None,
+            dnf_config=self.dnf_config.absolute() if self.dnf_config is not None else None,
+        )
+
     def to_executor_settings(self) -> ExecutorSettings:
         """What the command runner needs: trusted keys and the policy loaded, dirs absolute.
 
@@ -173,6 +196,7 @@ class AgentConfig(BaseModel):
             services=dict(self.services),
             max_download_bytes=self.max_download_bytes,
             default_step_timeout_s=self.step_timeout_s,
+            tools=self.system_tools(),
         )
 
 

@@ -17,8 +17,13 @@ What is checked, read-only:
   (HTTP status below 400); its size counts against the free disk when the
   step declares ``max_bytes``;
 - ``package``: a simulated install, ``apt-get -s install`` / ``dpkg
-  --dry-run -i`` / ``dnf|yum --assumeno install``; a package file that an
-  earlier step downloads cannot be simulated yet (skipped, said so);
+  --dry-run -i`` / ``dnf|yum --assumeno install`` (in the node's RPM install
+  root, with its dnf config; an .rpm in the cache passes ``rpm -K`` first,
+  and when dnf/yum would change an installed package, the way back is there:
+  the agent kept its file, or ``--assumeno reinstall`` finds exactly that
+  version in a repository, else the apply would refuse: failed);
+  a package file that an earlier step downloads cannot be simulated yet
+  (skipped, said so);
 - ``service`` under systemd: the unit exists (``systemctl status`` exit 4 is
   "no such unit");
 - ``file``: its ``src`` comes from an earlier download step or the cache;
@@ -43,7 +48,7 @@ from typing import Literal
 
 from bus.errors import StepError
 from bus.messages import DownloadStep, FileStep, PackageStep, ServiceStep, Step
-from edge_agent import system
+from edge_agent import system, versions
 from edge_agent.intake import check_step
 from edge_agent.settings import ExecutorSettings
 from edge_agent.steps import HANDLERS, StepHandler
@@ -237,12 +242,52 @@ async def _package(
         spec = target or (f"{step.name}={step.version}" if step.version else step.name)
         argv = [tools.apt_get, *tools.apt_args(), "-s", "install", "--allow-downgrades", spec]
     else:
+        if target is not None:
+            from edge_agent.steps.package import verify_rpm  # the step module, imported on first use
+
+            await verify_rpm(Path(target), tools, timeout)
         binary = tools.dnf if step.manager == "dnf" else tools.yum
         spec = target or (f"{step.name}-{step.version}" if step.version else step.name)
-        argv = [binary, "--assumeno", "install", spec]
+        argv = [binary, *tools.dnf_args(), "--assumeno", "install", spec]
     quiet = {"DEBIAN_FRONTEND": "noninteractive"}
     result = await call(argv, tools=tools, timeout=timeout, check=False, env=quiet)
-    return _simulated(index, step, result)
+    found = _simulated(index, step, result)
+    if step.manager in ("dnf", "yum") and found.state == "succeeded" and _rpm_would_change(result):
+        state = await versions.package_state(step.name, step.manager, tools, timeout=timeout)
+        if state is not None:  # else the way back is removing it
+            missing = await _rpm_way_back(step, settings, state.version, timeout)
+            if missing is not None:
+                return Check(index, step.type, "failed", missing)
+            detail = f"{found.detail}; the way back to {state.version} is there"
+            return Check(index, step.type, "succeeded", detail)
+    return found
+
+
+def _rpm_would_change(result: system.RunResult) -> bool:
+    """Whether dnf's or yum's ``--assumeno`` answer shows a transaction (not "Nothing to do")."""
+    return "Nothing to do" not in f"{result.stdout}\n{result.stderr}"
+
+
+async def _rpm_way_back(
+    step: PackageStep, settings: ExecutorSettings, version: str, timeout: float
+) -> str | None:
+    """Why an apply would find no way back to the installed ``version`` (None: it would find one)."""
+    from edge_agent.steps import package  # the step module, imported on first use
+
+    tools = tools_of(settings)
+    kept = package.kept_path(settings.state_dir, "rpm", step.name, version)
+    if await asyncio.to_thread(kept.is_file):
+        return None
+    binary = tools.dnf if step.manager == "dnf" else tools.yum
+    argv = [binary, *tools.dnf_args(), "--assumeno", "reinstall", f"{step.name}-{version}"]
+    result = await call(argv, tools=tools, timeout=timeout, check=False)
+    text = f"{result.stdout}\n{result.stderr}"
+    if result.ok or ("Operation aborted" in text and "Error:" not in text):
+        return None
+    return (
+        f"no way back to {step.name} {version}: the agent did not keep it and no repository of "
+        f"this node offers it ({Path(binary).name} --assumeno reinstall: {package.dnf_message(result)})"
+    )
 
 
 def _simulated(index: int, step: PackageStep, result: system.RunResult) -> Check:
@@ -253,6 +298,9 @@ def _simulated(index: int, step: PackageStep, result: system.RunResult) -> Check
         would = result.ok or ("Operation aborted" in text and "Error:" not in text)
         if would:
             return Check(index, step.type, "succeeded", f"{name} --assumeno: the install would proceed")
+        if "No match for argument" in text or "Unable to find a match" in text:
+            reason = f"{name} --assumeno install: not in this node's repositories: {tool_message(result)}"
+            return Check(index, step.type, "failed", reason)
         return Check(index, step.type, "failed", f"{name} --assumeno install: {tool_message(result)}")
     if result.ok:
         planned = [line for line in result.stdout.splitlines() if line.startswith(("Inst ", "Selecting"))]

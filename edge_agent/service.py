@@ -156,6 +156,7 @@ class Agent:
             drivers=config.drivers,
             services=config.services,
             state_dir=config.state_dir,
+            tools=config.system_tools(),
         )
 
     async def _collect_inventory(self) -> Inventory:

@@ -44,6 +44,10 @@ class SystemTools:
         dpkg_force: ``--force-<thing>`` options for every dpkg call (a throwaway root
             run by a non-root user needs ``not-root`` and ``script-chrootless``).
         apt_options: extra ``-o Key=Value`` words for every apt-get call.
+        rpm_root: ``dnf|yum --installroot`` and ``rpm --root`` (the package database and files
+            under ROOT). None: the live system.
+        dnf_config: ``dnf|yum --config``: the configuration file (its ``reposdir`` names the
+            repositories) instead of the one found in the install root or on the host.
         lock_wait_s: how long an install waits for the dpkg lock held by someone else.
         env: variables added to the environment of every tool.
         sys_module: where loaded modules' versions are read (``<m>/version``).
@@ -68,6 +72,8 @@ class SystemTools:
     dpkg_instdir: Path | None = None
     dpkg_force: tuple[str, ...] = ()
     apt_options: tuple[str, ...] = ()
+    rpm_root: Path | None = None
+    dnf_config: Path | None = None
     lock_wait_s: float = 120.0
     env: Mapping[str, str] = field(default_factory=dict)
     sys_module: Path = Path("/sys/module")
@@ -112,6 +118,17 @@ class SystemTools:
             args += ["-o", f"Dir::State::status={self.admindir / 'status'}"]
         args += [word for option in self.dpkg_args() for word in ("-o", f"DPkg::Options::={option}")]
         return [*args, *self.apt_options]
+
+    def rpm_args(self) -> list[str]:
+        """Options that point rpm at the install root's package database."""
+        return [f"--root={self.rpm_root}"] if self.rpm_root is not None else []
+
+    def dnf_args(self) -> list[str]:
+        """Options that point dnf or yum at the install root and the configuration file."""
+        args = [f"--installroot={self.rpm_root}"] if self.rpm_root is not None else []
+        if self.dnf_config is not None:
+            args.append(f"--config={self.dnf_config}")
+        return args
 
     def environ(self, **extra: str) -> dict[str, str]:
         """The tools' environment: the agent's, ``env`` and ``extra`` on top."""

@@ -137,7 +137,10 @@ async def rpm_package(name: str, tools: SystemTools, *, timeout: float = 30.0) -
         StepError: rpm failed for another reason than "not installed".
     """
     result = await call(
-        [tools.rpm, "-q", "--qf", _RPM_FORMAT, "--", name], tools=tools, timeout=timeout, check=False
+        [tools.rpm, *tools.rpm_args(), "-q", "--qf", _RPM_FORMAT, "--", name],
+        tools=tools,
+        timeout=timeout,
+        check=False,
     )
     if not result.ok and "is not installed" not in result.stdout + result.stderr:
         raise StepError(f"rpm -q failed (exit {result.returncode}): {tool_message(result)}")
@@ -159,10 +162,13 @@ async def package_versions(
 ) -> dict[str, str]:
     """Installed versions of ``names`` in one query (for the inventory); missing ones are left out.
 
-    ``family`` picks dpkg or rpm; by default whichever this node has (dpkg first).
+    ``family`` picks dpkg or rpm; by default rpm when the tools name an RPM install root, else
+    whichever this node has (dpkg first).
     """
     if not names:
         return {}
+    if family is None and tools.rpm_root is not None:
+        family = "rpm"
     if family is None:
         family = "deb" if tools.has(tools.dpkg_query) else "rpm" if tools.has(tools.rpm) else None
         if family is None:
@@ -180,7 +186,10 @@ async def package_versions(
             if state.is_installed
         }
     result = await call(
-        [tools.rpm, "-q", "--qf", _RPM_FORMAT, "--", *names], tools=tools, timeout=timeout, check=False
+        [tools.rpm, *tools.rpm_args(), "-q", "--qf", _RPM_FORMAT, "--", *names],
+        tools=tools,
+        timeout=timeout,
+        check=False,
     )
     return parse_rpm_versions(result.stdout)
 

@@ -12,14 +12,22 @@ Apply, in order:
    else ``dpkg-repack`` if it is installed, else (apt) the pinned version if
    the repositories still have it, else (deb) a package rebuilt from dpkg's
    own records (control data, maintainer scripts, file list, files on disk);
-   for dnf/yum the pinned old version. A package that was not installed is
-   recorded as such: undo removes (purges) it.
+   for dnf/yum the old version's .rpm downloaded from the repositories
+   (``reinstall --downloadonly``), and when no repository has it any more the
+   step is refused before anything changes (there would be no way back). A
+   package that was not installed is recorded as such: undo removes (purges) it.
 3. Install: ``dpkg -i FILE``; ``apt-get install -y --allow-downgrades -o
    Dpkg::Options::=--force-confold name=version`` (DEBIAN_FRONTEND=noninteractive,
    ``-o DPkg::Lock::Timeout``; the package lists are refreshed once when apt
    does not know the version); ``dnf|yum install -y name-version`` (``downgrade``
    when install did not reach that version). The installed version is checked
    afterwards: a manager that "succeeds" without installing it fails the step.
+   An .rpm file (``src``, a kept one) must pass rpm's digest checks first
+   (``rpm -K --nosignature``); dnf verifies what it downloads itself.
+
+dnf, yum and rpm take the node's install root and dnf configuration
+(``SystemTools.rpm_root``/``dnf_config``: the agent's ``rpm_root`` and
+``dnf_config``).
 
 dpkg itself does not wait for its lock: a dpkg call that finds it held by
 someone else is retried until ``SystemTools.lock_wait_s``. Failures carry the
@@ -56,7 +64,17 @@ from edge_agent.system import RunResult
 from edge_agent.tools import SystemTools, call, tool_message, tools_of
 from edge_agent.versions import Family, PackageState
 
-__all__ = ["HANDLER", "KEPT_DIR", "apply", "check", "parse_control", "undo"]
+__all__ = [
+    "HANDLER",
+    "KEPT_DIR",
+    "apply",
+    "check",
+    "dnf_message",
+    "kept_path",
+    "parse_control",
+    "undo",
+    "verify_rpm",
+]
 
 #: Where the agent keeps the package file it installed last, per family and name.
 KEPT_DIR = "packages"
@@ -67,11 +85,15 @@ _LOCK_POLL_S = 0.5
 _APT_UNKNOWN = re.compile(
     r"Version '.*' for '.*' was not found|Unable to locate package|has no installation candidate"
 )
+#: dnf's and yum's words for a name or version no repository offers.
+_RPM_UNKNOWN = re.compile(r"No match for argument|Unable to find a match|No package .* available")
 #: Bound of the quick queries (dpkg-query, rpm -q, dpkg-deb -f).
 _QUERY_TIMEOUT = 60.0
 #: Control fields that describe the installation, not the package (left out of a rebuilt package).
 _STATUS_FIELDS = frozenset({"status", "conffiles", "config-version"})
 _KERNEL_MODULE = re.compile(r"^/(usr/)?lib/modules/[^/]+/.+\.ko(\.xz|\.gz|\.zst)?$")
+_MESSAGE_CHARS = 500
+_DNF_WORDS = re.compile(r"Error|not available|No match|No package|not installed")
 _NONINTERACTIVE = {"DEBIAN_FRONTEND": "noninteractive", "APT_LISTCHANGES_FRONTEND": "none"}
 
 
@@ -94,6 +116,12 @@ def check(step: PackageStep, settings: ExecutorSettings) -> str | None:
     for binary in _binaries(step, tools):
         if not tools.has(binary):
             return f"{binary} is not installed on this node"
+    if step.manager in ("dnf", "yum"):
+        # dnf would make a missing root and install there: a mistyped rpm_root must not "work".
+        if tools.rpm_root is not None and not tools.rpm_root.is_dir():
+            return f"the RPM install root {tools.rpm_root} (rpm_root) is not a directory"
+        if tools.dnf_config is not None and not tools.dnf_config.is_file():
+            return f"the dnf configuration {tools.dnf_config} (dnf_config) is not a file"
     return None
 
 
@@ -144,6 +172,11 @@ def _same_version(family: Family, have: str, want: str) -> bool:
 
 def _file_name(name: str, version: str, family: Family) -> str:
     return f"{name}_{version.replace(':', '%3a')}.{family}"
+
+
+def kept_path(state_dir: Path, family: Family, name: str, version: str) -> Path:
+    """Where the agent keeps the package file of ``name`` ``version`` it installed last."""
+    return state_dir / KEPT_DIR / family / _file_name(name, version, family)
 
 
 # ------------------------------------------------------------- blocking helpers
@@ -283,6 +316,14 @@ class _Job:
             raise StepError(f"{path.name} is not a readable {self.family} package")
         return name, version
 
+    async def verify_rpm(self, path: Path) -> None:
+        """Check a package file's digests with rpm (signatures are dnf's ``gpgcheck`` business).
+
+        Raises:
+            StepError: the file fails them, quoting rpm's words.
+        """
+        await verify_rpm(path, self.tools, self.timeout(_QUERY_TIMEOUT))
+
     async def dpkg(self, args: list[str], what: str) -> None:
         """Run dpkg with the root options and --force-confold, waiting for a lock held by someone else."""
         deadline = time.monotonic() + self.tools.lock_wait_s
@@ -342,15 +383,22 @@ class _Job:
             break
         raise StepError(f"{what} failed (exit {result.returncode}): {tool_message(result)}")
 
-    async def rpm_tool(self, args: list[str], what: str) -> None:
+    async def rpm_tool(self, args: list[str], what: str, *, check: bool = True) -> RunResult:
+        """Run dnf or yum with the install root and config; a version no repository has is named so."""
         binary = self.tools.dnf if self.step.manager == "dnf" else self.tools.yum
-        await call(
-            [binary, "-y", *args],
+        result = await call(
+            [binary, *self.tools.dnf_args(), "-y", *args],
             tools=self.tools,
             timeout=self.timeout(),
             on_line=self.ctx.output,
-            what=what,
+            check=False,
         )
+        if result.ok or not check:
+            return result
+        unknown = (
+            " (not in this node's repositories)" if _RPM_UNKNOWN.search(result.stdout + result.stderr) else ""
+        )
+        raise StepError(f"{what} failed (exit {result.returncode}){unknown}: {tool_message(result)}")
 
     # ---------------------------------------------------------------- install
 
@@ -430,12 +478,15 @@ class _Job:
         await asyncio.to_thread(_clear_kept, self.kept_dir, self.step.name, None)
 
     async def kept_file(self, version: str) -> Path | None:
-        path = self.kept_dir / _file_name(self.step.name, version, self.family)
+        path = kept_path(self.ctx.state_dir, self.family, self.step.name, version)
         if not await asyncio.to_thread(path.is_file):
             return None
         try:
+            if self.family == "rpm":
+                await self.verify_rpm(path)
             found = await self.identity(path)
-        except StepError:
+        except StepError as exc:
+            await self.ctx.log(f"the kept {path.name} is not usable: {exc.reason}")
             return None
         return path if found == (self.step.name, version) else None
 
@@ -458,6 +509,29 @@ class _Job:
             await self.ctx.log(f"dpkg-repack {self.step.name} failed: {tool_message(result)}")
             return None
         return made[0]
+
+    async def download_rpm(self, version: str) -> Path:
+        """The installed ``version``'s .rpm, downloaded from the repositories into the backup dir.
+
+        Raises:
+            StepError: no repository offers exactly that version (there would be no way back).
+        """
+        spec = f"{self.step.name}-{version}"
+        work = self.backup_dir / "download"
+        await asyncio.to_thread(work.mkdir, parents=True, exist_ok=True)
+        result = await self.rpm_tool(
+            ["reinstall", "--downloadonly", f"--downloaddir={work}", spec],
+            f"{self.step.manager} download {spec}",
+            check=False,
+        )
+        for path in sorted(await asyncio.to_thread(lambda: list(work.glob("*.rpm")))):
+            with contextlib.suppress(StepError):
+                if await self.identity(path) == (self.step.name, version):
+                    return path
+        raise StepError(
+            f"no way back to {self.step.name} {version}: it was not installed by this agent and no "
+            f"repository of this node offers it any more ({self.step.manager}: {dnf_message(result)})"
+        )
 
     async def apt_has(self, version: str) -> bool:
         result = await self.query(
@@ -520,10 +594,13 @@ class _Job:
             dest = self.backup_dir / kept.name
             await asyncio.to_thread(_link_or_copy, kept, dest)
             return {**record, "via": "cache", "old_file": self._rel(dest)}
+        if self.family == "rpm":
+            downloaded = await self.download_rpm(old.version)
+            return {**record, "via": "repository", "old_file": self._rel(downloaded)}
         repacked = await self.repack(old.version)
         if repacked is not None:
             return {**record, "via": "dpkg-repack", "old_file": self._rel(repacked)}
-        if self.family == "rpm" or (self.step.manager == "apt" and await self.apt_has(old.version)):
+        if self.step.manager == "apt" and await self.apt_has(old.version):
             return {**record, "via": "repository"}
         rebuilt = await self.rebuild(old.version)
         return {**record, "via": "rebuilt", "old_file": self._rel(rebuilt)}
@@ -540,7 +617,7 @@ class _Job:
         if self.family == "deb":
             argv = [self.tools.dpkg_query, *self.tools.dpkg_query_args(), "-L", self.step.name]
         else:
-            argv = [self.tools.rpm, "-ql", self.step.name]
+            argv = [self.tools.rpm, *self.tools.rpm_args(), "-ql", self.step.name]
         listed = await self.query(argv, check=False)
         names = {
             Path(line).name.split(".ko")[0].replace("-", "_")
@@ -564,6 +641,8 @@ async def _target(job: _Job) -> tuple[str | None, Path | None]:
     path = job.ctx.cache_dir / step.src
     if not await asyncio.to_thread(path.is_file):
         raise StepError(f"{step.src} is not in the download cache (download it in an earlier step)")
+    if job.family == "rpm":
+        await job.verify_rpm(path)
     name, version = await job.identity(path)
     if name != step.name:
         raise StepError(f"{step.src} is package {name}, not {step.name}")
@@ -627,6 +706,15 @@ async def undo(step: PackageStep, ctx: StepContext, record: dict[str, Any] | Non
     if path is not None and not await asyncio.to_thread(path.is_file):
         await ctx.log(f"the kept {path.name} is gone: installing {old_version} from the repositories")
         path = None
+    if path is not None and job.family == "rpm":
+        try:
+            await job.verify_rpm(path)
+        except StepError as exc:
+            await ctx.log(
+                f"the kept {path.name} is damaged ({exc.reason}): "
+                f"installing {old_version} from the repositories"
+            )
+            path = None
     if path is None and step.manager == "dpkg":
         raise StepError(f"no package file left to put {step.name} {old_version} back")
     state = await job.reach(old_version, path)
@@ -634,6 +722,33 @@ async def undo(step: PackageStep, ctx: StepContext, record: dict[str, Any] | Non
         await job.keep(path, state.version)
     await ctx.log(f"{step.name} {state.version} reinstalled ({record.get('via')})")
     await job.reload_modules()
+
+
+def dnf_message(result: RunResult) -> str:
+    """The words of dnf or yum about a failed lookup: its ``Error``, ``not available``, ``No match`` lines.
+
+    dnf prints some of them on stdout (``Installed package X not available.``), some on stderr.
+    """
+    text = f"{result.stdout}\n{result.stderr}"
+    lines = [line.strip() for line in text.splitlines() if _DNF_WORDS.search(line)]
+    return " | ".join(lines[-3:])[:_MESSAGE_CHARS] or tool_message(result)
+
+
+async def verify_rpm(path: Path, tools: SystemTools, timeout: float) -> None:
+    """Check a package file's digests (``rpm -K --nosignature``); the pre-flight uses it too.
+
+    Raises:
+        StepError: the file fails them (or is no package), quoting rpm's words.
+    """
+    result = await call(
+        [tools.rpm, "-Kv", "--nosignature", str(path)], tools=tools, timeout=timeout, check=False
+    )
+    if result.ok:
+        return
+    text = f"{result.stdout}\n{result.stderr}"
+    bad = [line.strip() for line in text.splitlines() if re.search(r"BAD|NOT OK|error:", line)]
+    shown = " | ".join(bad[:3]) if bad else tool_message(result)
+    raise StepError(f"{path.name} fails rpm's checks (rpm -K): {shown[:_MESSAGE_CHARS]}")
 
 
 HANDLER = StepHandler(apply=apply, undo=undo, check=check)

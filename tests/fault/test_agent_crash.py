@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -188,18 +189,37 @@ def container_scenario(fleet: Fleet, web: SlowWeb) -> Scenario:
 
 
 def package_scenario(fleet: Fleet, web: SlowWeb) -> Scenario:
-    env = _fakes(fleet, {"dnf": "install"})
-    state = Path(env["FLEET_FAKE_STATE"])
-    (state / "rpm.json").write_text(
-        json.dumps({"repo": {"app": ["1.0-1", "2.0-1"]}, "installed": {"app": "1.0-1"}})
+    """The real dnf in a throwaway install root (tests/integration/test_package_dnf.py)."""
+    from tests.integration.test_package_dnf import MISSING, NAME, build_rpms, rpm_world
+
+    if MISSING:
+        pytest.skip(f"needs {', '.join(MISSING)} (Debian: dnf, rpm, createrepo-c)")
+    (fleet.root / "rpmbuild").mkdir()
+    world = rpm_world(fleet.root / "rpm", build_rpms(fleet.root / "rpmbuild"), "1.0", "2.0")
+    world.install_by_hand("1.0")
+    installed = fleet.root / "dnf-installed"
+    slowbin = fleet.root / "slowbin"
+    slowbin.mkdir(exist_ok=True)
+    dnf = shutil.which("dnf")
+    # dnf installs 2.0 for real (exit 0), then lingers: the agent is killed before it could record it.
+    (slowbin / "dnf").write_text(
+        "#!/bin/sh\n"
+        f'"{dnf}" "$@"; code=$?\n'
+        f'case " $* " in *" install {NAME}-2.0 "*) [ $code -eq 0 ] && touch "{installed}"; sleep 3;; esac\n'
+        "exit $code\n"
     )
+    (slowbin / "dnf").chmod(0o755)
+    env = {
+        "PATH": os.pathsep.join([str(slowbin), os.environ.get("PATH", os.defpath)]),
+        "FLEET_RPM_ROOT": str(world.root),
+        "FLEET_DNF_CONFIG": str(world.config),
+    }
 
     def check(_state: Path) -> None:
-        assert _tool(env, "rpm", "-q", "--qf", "%{VERSION}-%{RELEASE}", "app") == "1.0-1"
+        assert (world.state(), world.version_file()) == ("1.0-1", "1.0")
 
-    step = {"type": "package", "manager": "dnf", "name": "app", "version": "2.0-1"}
-    # Killed once dnf installed 2.0-1, before the agent could record it.
-    return Scenario([step], check, env=env, caught=lambda _state: _called(state, "dnf", "install"))
+    step = {"type": "package", "manager": "dnf", "name": NAME, "version": "2.0"}
+    return Scenario([step], check, env=env, caught=lambda _state: installed.exists())
 
 
 SCENARIOS: dict[str, Callable[[Fleet, SlowWeb], Scenario]] = {

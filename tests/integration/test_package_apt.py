@@ -1,5 +1,5 @@
 """``package`` step from repositories: the real apt-get (local file repository, throwaway dpkg
-root), and dnf/yum through the fakes of tests/fakes/bin (no rpm system here).
+root). dnf runs for real in test_package_dnf.py.
 
 The host's apt configuration is never read or touched: APT_CONFIG names a file
 that turns off /etc/apt/apt.conf.d, the sources list, lists and cache live in
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -25,7 +24,7 @@ from bus.errors import StepError
 from bus.messages import PackageStep
 from edge_agent.steps import package
 from edge_agent.tools import SystemTools
-from tests.integration.test_managers import FakeSystem, install_fakes, make_ctx
+from tests.integration.test_managers import make_ctx
 from tests.integration.test_package_dpkg import DebWorld, deb_settings, make_world
 
 needs_apt = pytest.mark.skipif(
@@ -201,86 +200,3 @@ def test_apt_options_point_apt_at_the_same_dpkg_root(tmp_path: Path) -> None:
         "-o",
         "A=b",
     ]
-
-
-# ------------------------------------------------------------------ dnf and yum (fakes)
-
-
-@pytest.fixture
-def rpm_fake(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> FakeSystem:
-    system = install_fakes(monkeypatch, tmp_path)
-    system.write("rpm.json", {"repo": {"fleet-app": ["1.0-1", "2.0-1"]}, "installed": {"fleet-app": "1.0-1"}})
-    return system
-
-
-def _installed(fake: FakeSystem) -> dict[str, str]:
-    return dict(fake.read("rpm.json")["installed"])
-
-
-@pytest.mark.parametrize("manager", ["dnf", "yum"])
-async def test_rpm_upgrade_and_rollback_to_the_pinned_version(
-    rpm_fake: FakeSystem, tmp_path: Path, manager: str
-) -> None:
-    settings = rpm_fake.settings(tmp_path)
-    step = PackageStep(manager=manager, name="fleet-app", version="2.0")
-    assert package.check(step, settings) is None
-    ctx, _ = make_ctx(settings)
-
-    record = await package.apply(step, ctx)
-
-    assert record == {
-        "old_version": "1.0-1",
-        "old_status": "installed",
-        "via": "repository",
-        "new_version": "2.0-1",
-    }
-    assert _installed(rpm_fake) == {"fleet-app": "2.0-1"}
-    await package.undo(step, ctx, record)
-    assert _installed(rpm_fake) == {"fleet-app": "1.0-1"}
-    calls = rpm_fake.calls(manager)
-    if manager == "yum":
-        # yum "installs" an older version by doing nothing and exiting 0: the step notices and downgrades.
-        assert calls[-2:] == [["-y", "install", "fleet-app-1.0-1"], ["-y", "downgrade", "fleet-app-1.0-1"]]
-    else:
-        assert calls[-1] == ["-y", "install", "fleet-app-1.0-1"]
-
-
-async def test_rpm_fresh_install_is_removed_on_undo_and_errors_carry_dnfs_words(
-    rpm_fake: FakeSystem, tmp_path: Path
-) -> None:
-    rpm_fake.write("rpm.json", {"repo": {"fleet-app": ["1.0-1"]}, "installed": {}})
-    ctx, _ = make_ctx(rpm_fake.settings(tmp_path))
-    step = PackageStep(manager="dnf", name="fleet-app")
-    record = await package.apply(step, ctx)
-    assert record["via"] == "absent"
-    assert _installed(rpm_fake) == {"fleet-app": "1.0-1"}
-    await package.undo(step, ctx, record)
-    assert _installed(rpm_fake) == {}
-    with pytest.raises(StepError, match=r"Error: Unable to find a match: fleet-app-7\.0"):
-        await package.apply(PackageStep(manager="dnf", name="fleet-app", version="7.0"), ctx)
-    assert _installed(rpm_fake) == {}
-
-
-async def test_rpm_from_a_downloaded_file_is_kept_for_the_next_rollback(
-    rpm_fake: FakeSystem, tmp_path: Path
-) -> None:
-    settings = rpm_fake.settings(tmp_path)
-    settings.cache_dir.mkdir(parents=True)
-    for version in ("1.5", "3.0"):
-        (settings.cache_dir / f"fleet-app-{version}.rpm").write_text(
-            json.dumps({"name": "fleet-app", "version": version, "release": "1"})
-        )
-    ctx, _ = make_ctx(settings)
-    first = PackageStep(manager="dnf", name="fleet-app", src="fleet-app-1.5.rpm")
-    await package.apply(first, ctx)
-    assert _installed(rpm_fake) == {"fleet-app": "1.5-1"}
-
-    ctx2, _ = make_ctx(settings, command="cmd-2")
-    second = PackageStep(manager="dnf", name="fleet-app", version="3.0", src="fleet-app-3.0.rpm")
-    record = await package.apply(second, ctx2)
-    assert record["via"] == "cache"
-    assert record["old_version"] == "1.5-1"
-    assert _installed(rpm_fake) == {"fleet-app": "3.0-1"}
-    (settings.cache_dir / "fleet-app-1.5.rpm").unlink()  # the cache may be pruned: the backup copy is used
-    await package.undo(second, ctx2, record)
-    assert _installed(rpm_fake) == {"fleet-app": "1.5-1"}

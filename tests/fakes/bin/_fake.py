@@ -1,4 +1,4 @@
-"""Faithful fakes of systemctl, docker, dnf, yum, rpm, modprobe and modinfo (see tests/fakes/README.md).
+"""Faithful fakes of systemctl, docker, yum, rpm, modprobe and modinfo (see tests/fakes/README.md).
 
 Each executable next to this file calls ``main(<tool>)``. State lives in the
 directory named by ``FLEET_FAKE_STATE`` (JSON files and a /proc, /sys look-alike);
@@ -535,7 +535,7 @@ def _lifecycle(data: dict[str, Any], verb: str, argv: list[str]) -> None:
         out(name)
 
 
-# ---------------------------------------------------------------- rpm, dnf, yum
+# ---------------------------------------------------------------- rpm and yum (dnf: the real one)
 # rpm.json: {"repo": {"name": ["1.0-1", "2.0-1"]}, "installed": {"name": "1.0-1"},
 #            "files": {"name": ["/usr/lib/..."]}}
 # A local "package file" is JSON: {"name": ..., "version": ..., "release": ...}.
@@ -609,7 +609,7 @@ def rpm(argv: list[str]) -> None:
     data = load("rpm.json")
     installed: dict[str, str] = data.setdefault("installed", {})
     fmt = "%{NAME}-%{VERSION}-%{RELEASE}.%{ARCH}\\n"
-    query = files = package_file = False
+    query = files = package_file = checksig = False
     names: list[str] = []
     i = 0
     while i < len(argv):
@@ -625,18 +625,29 @@ def rpm(argv: list[str]) -> None:
                     files = True
                 elif letter == "p":
                     package_file = True
+                elif letter == "K":
+                    checksig = True
+                elif letter == "v" and checksig:
+                    continue
                 else:
                     raise Exit(1, f"rpm: -{letter}: unknown option")
         elif arg == "--":
             names.extend(argv[i + 1 :])
             break
+        elif arg == "--nosignature" and checksig:
+            pass
         elif arg.startswith("--"):
             raise Exit(1, f"rpm: {arg}: unknown option")
         else:
             names.append(arg)
         i += 1
+    if checksig:
+        for name in names:
+            _read_rpm_file(name)
+            out(f"{name}:\n    Header SHA256 digest: OK\n    Payload SHA256 digest: OK")
+        return
     if not query:
-        raise Exit(1, "rpm: only queries (-q) are faked; install through dnf/yum")
+        raise Exit(1, "rpm: only queries (-q) and checks (-K) are faked; install through yum")
     if not names:
         raise Exit(1, "rpm: no arguments given for query")
     missing = 0
@@ -675,11 +686,16 @@ def _match(data: dict[str, Any], spec: str) -> tuple[str, str] | None:
 
 
 def _rpm_manager(tool: str, argv: list[str]) -> None:
-    assume_yes = False
+    assume_yes = download_only = False
+    download_dir = Path.cwd()
     words: list[str] = []
     for arg in argv:
         if arg in ("-y", "--assumeyes"):
             assume_yes = True
+        elif arg == "--downloadonly":
+            download_only = True
+        elif arg.startswith("--downloaddir="):
+            download_dir = Path(arg.partition("=")[2])
         elif arg in ("-q", "--quiet", "--noplugins", "-C", "--cacheonly"):
             continue
         elif arg.startswith("-"):
@@ -689,12 +705,15 @@ def _rpm_manager(tool: str, argv: list[str]) -> None:
     if not words:
         raise Exit(1, f"Error: need a command. Please use /usr/bin/{tool} --help")
     verb, specs = words[0], words[1:]
-    if verb not in ("install", "downgrade", "remove", "erase"):
+    if verb not in ("install", "downgrade", "remove", "erase", "reinstall"):
         raise Exit(1, f"No such command: {verb}. Please use /usr/bin/{tool} --help")
     if not specs:
         raise Exit(1, f"Error: Need to pass a list of pkgs to {verb}")
     data = load("rpm.json")
     installed: dict[str, str] = data.setdefault("installed", {})
+    if verb == "reinstall":
+        _reinstall(data, specs, download_only, download_dir)
+        return
     plan: dict[str, str | None] = {}
     for spec in specs:
         if verb in ("remove", "erase"):
@@ -744,6 +763,23 @@ def _rpm_manager(tool: str, argv: list[str]) -> None:
             out(f"Installed: {name}-{target}.x86_64")
     save("rpm.json", data)
     out("Complete!")
+
+
+def _reinstall(data: dict[str, Any], specs: list[str], download_only: bool, download_dir: Path) -> None:
+    """Only ``reinstall --downloadonly``: the installed version's package file (JSON) into the dir."""
+    if not download_only:
+        raise Exit(1, "reinstall is only faked with --downloadonly")
+    for spec in specs:
+        found = _match(data, spec)
+        if found is None or data["installed"].get(found[0]) != found[1]:
+            raise Exit(
+                1, f"Installed package {spec} not available.\nError: No packages marked for reinstall."
+            )
+        name, evr = found
+        version, _, release = evr.partition("-")
+        head = {"name": name, "version": version, "release": release}
+        (download_dir / f"{name}-{evr}.x86_64.rpm").write_text(json.dumps(head))
+    out("Complete!\nThe downloaded packages were saved in cache until the next successful transaction.")
 
 
 # ------------------------------------------------------------ modprobe, modinfo
@@ -872,15 +908,10 @@ def _yum(argv: list[str]) -> None:
     _rpm_manager("yum", argv)
 
 
-def _dnf(argv: list[str]) -> None:
-    _rpm_manager("dnf", argv)
-
-
 TOOLS: dict[str, Callable[[list[str]], None]] = {
     "systemctl": systemctl,
     "docker": docker,
     "rpm": rpm,
-    "dnf": _dnf,
     "yum": _yum,
     "modprobe": modprobe,
     "modinfo": modinfo,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal, TypeVar, Union
 
 from pydantic import (
@@ -19,12 +20,14 @@ from pydantic import (
     Field,
     SerializerFunctionWrapHandler,
     StringConstraints,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_serializer,
     model_validator,
 )
 
+from bus import params
 from bus.errors import InvalidInput
 from bus.topics import NODE_ID_PATTERN
 
@@ -66,6 +69,7 @@ __all__ = [
     "decode",
     "encode",
     "new_id",
+    "plan_for_node",
 ]
 
 #: Rollout ids of plans (dry runs) start with this: their pre-flight reports are
@@ -570,6 +574,18 @@ class RolloutSpec(_Strict):
             raise ValueError("targets name a node more than once")
         return value
 
+    @field_validator("plan")
+    @classmethod
+    def _known_parameters(cls, value: list[Step]) -> list[Step]:
+        # DESIGN section 3, point 10: an unknown name is refused when the rollout is created.
+        for number, step in enumerate(value, 1):
+            for path, name in params.unknown_names(step.model_dump(mode="json")):
+                raise ValueError(
+                    f"plan step {number} ({step.type}) {path}: unknown variable {{{name}}} "
+                    f"(known: {params.KNOWN})"
+                )
+        return value
+
 
 RolloutState = Literal[
     "pending",
@@ -647,6 +663,36 @@ class Event(_Report):
     message: str
     rollout: str | None = None
     node: str | None = None
+
+
+_STEP: TypeAdapter[Step] = TypeAdapter(Step)
+
+
+def plan_for_node(plan: list[Step], node: str, labels: Mapping[str, str]) -> list[Step]:
+    """The plan as it runs on ``node``: its per-node parameters resolved (``bus.params``).
+
+    A step without variables is returned as it is; a resolved one is validated
+    again, so a label value that makes a field invalid is refused too.
+
+    Raises:
+        InvalidInput: naming the step (1-based), the field and the variable or label.
+    """
+    resolved: list[Step] = []
+    for number, step in enumerate(plan, 1):
+        data = step.model_dump(mode="json")
+        if not any(True for _ in params.variables(data)):
+            resolved.append(step)
+            continue
+        try:
+            data = params.resolve(data, node, labels)
+            resolved.append(_STEP.validate_python(data))
+        except InvalidInput as exc:
+            raise InvalidInput(f"plan step {number} ({step.type}) {exc.reason}") from exc
+        except ValidationError as exc:
+            raise InvalidInput(
+                f"plan step {number} ({step.type}) resolved for {node} is invalid: {describe(exc, data)}"
+            ) from exc
+    return resolved
 
 
 # -------------------------------------------------------------------- encode/decode

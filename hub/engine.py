@@ -27,6 +27,7 @@ node is the one being cleared (a newer rollout may have published since).
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
@@ -354,6 +355,37 @@ def _seconds(value: float) -> str:
     return f"{value:g} s"
 
 
+#: Words that mark the line of a command's output that says what went wrong.
+_ERROR_WORDS = re.compile(
+    r"error|fail|fatal|refus|denied|unsupported|cannot|can't|not found|exception|panic", re.IGNORECASE
+)
+#: Longest failure reason kept per node (the summary is size-bounded).
+_REASON_LIMIT = 300
+
+
+def meaningful(detail: str) -> str:
+    """The line of an agent's failure detail that says what went wrong (DESIGN 3.11).
+
+    An agent's detail is ``"<what failed>: <output lines joined by ' | '>"``
+    (``edge_agent.system.RunResult.tail``); a service that printed its start-up
+    chatter before its error shows all of it. Keep the head and the last line
+    that reads as an error (else the last line).
+    """
+    text = detail.strip()
+    parts = [p.strip() for p in re.split(r"\n| \| ", text) if p.strip()]
+    if len(parts) <= 1:
+        return text[:_REASON_LIMIT]
+    head, sep, first = parts[0].partition(": ")
+    lines = [first, *parts[1:]] if sep else parts
+    chosen = next((line for line in reversed(lines) if _ERROR_WORDS.search(line)), lines[-1])
+    return (f"{head}: {chosen}" if sep else chosen)[:_REASON_LIMIT]
+
+
+def step_name(index: int, type_: str) -> str:
+    """A step as people count (DESIGN 3.11): the wire's 0-based index 2 is ``step 3 (service)``."""
+    return f"step {index + 1} ({type_})"
+
+
 def check_record(record: Mapping[str, Any]) -> str | None:
     """Why a stored rollout record cannot be loaded, or None when it can."""
     try:
@@ -416,17 +448,15 @@ class RolloutEngine:
     def summary(self, rollout: str) -> RolloutSummary:
         """The ``RolloutSummary`` of ``rollout``; NotFound if unknown."""
         r = self._get(rollout)
-        counts = {
-            "pending": 0, "running": 0, "succeeded": 0, "failed": 0, "rolled_back": 0, "deferred": 0,
-            "not_started": 0,
-        }
+        counts = dict.fromkeys(RolloutCounts.model_fields, 0)
+        final = r.is_final
         nodes: dict[str, NodeSummary] = {}
         for node in r.nodes.values():
-            counts[_COUNTED_AS[node.phase]] += 1
+            phase = _shown_phase(node, final)
+            for key in _counted_as(node, phase):
+                counts[key] += 1
             # Built from the engine's own state: no need to validate a thousand times.
-            nodes[node.name] = NodeSummary.model_construct(
-                phase=node.phase, step=node.step, detail=node.detail
-            )
+            nodes[node.name] = NodeSummary.model_construct(phase=phase, step=node.step, detail=node.detail)
         return RolloutSummary.model_validate(
             {
                 "id": r.id,
@@ -777,7 +807,7 @@ class RolloutEngine:
             self._fold_apply_status(r, n, status, now, out)
         elif status.state == "rejected":
             if n.restore == "waiting":
-                self._unrestored(r, n, "failed", f"rejected the {n.action}: {status.detail}", now, out)
+                self._unrestored(r, n, f"{self._prefix(n)}rejected the {n.action}: {status.detail}", now, out)
         elif n.restore == "waiting":
             n.step = status.index if status.index >= 0 else n.step
         if (n.phase, n.step, n.detail) != before:
@@ -807,8 +837,8 @@ class RolloutEngine:
         if n.applied:
             return
         if status.state == "failed":
-            reason = f"failed step {status.index} ({status.type})" + (
-                f": {status.detail}" if status.detail else ""
+            reason = f"failed {step_name(status.index, status.type)}" + (
+                f": {meaningful(status.detail)}" if status.detail else ""
             )
             n.step = index
             self._fail(r, n, "failed", reason, now, out, restore="waiting", step=status.index)
@@ -842,8 +872,8 @@ class RolloutEngine:
         reached = [s.index for s in snap.steps if s.state != "pending"]
         step = max(reached) if reached else None
         reason = (
-            f"failed step {failed_step.index} ({failed_step.type})"
-            + (f": {failed_step.detail}" if failed_step.detail else "")
+            f"failed {step_name(failed_step.index, failed_step.type)}"
+            + (f": {meaningful(failed_step.detail)}" if failed_step.detail else "")
             if failed_step is not None
             else (snap.detail or f"job {snap.phase}")
         )
@@ -877,12 +907,19 @@ class RolloutEngine:
                 self._clear(n, out)
             elif n.restore in ("waiting", "unrestored"):
                 self._restored(r, n, now, out)
-        elif snap.phase == "failed":
+        elif snap.phase in ("failed", "rollback_failed"):
+            # A failed step and the node's own restore: "failed" once the restore is verified,
+            # "rollback_failed" with the evidence when it is not. (An agent from before restore
+            # verification says "failed" with "undo of step ..." when an undo failed.)
             if not n.failed and not n.applied:
                 n.step = step
                 self._fail(r, n, "failed", reason, now, out, restore="waiting", step=step)
-            if n.restore == "waiting":
-                self._unrestored(r, n, "failed", f"{n.detail}; could not restore: {snap.detail}", now, out)
+            unverified = snap.phase == "rollback_failed" or snap.detail.startswith("undo of step")
+            if n.restore == "waiting" and unverified:
+                why = meaningful(snap.detail) or "its restore could not be verified"
+                self._unrestored(r, n, f"{n.detail}; not restored: {why}", now, out)
+            elif n.restore in ("waiting", "unrestored") and not unverified:
+                self._restored(r, n, now, out)
 
     def _fold_restore_snapshot(self, r: _Rollout, n: _Node, snap: JobSnapshot, now: float, out: _Out) -> None:
         if n.restore == "unrestored" and snap.phase == "rolled_back":
@@ -896,16 +933,20 @@ class RolloutEngine:
             return
         if snap.phase in ("rolled_back", "succeeded"):
             self._restored(r, n, now, out)
+        elif snap.phase == "rollback_failed":
+            why = meaningful(snap.detail) or "its restore could not be verified"
+            self._unrestored(r, n, f"{self._prefix(n)}{n.action} not verified: {why}", now, out)
         elif snap.phase == "failed":
             failed_step = next((s for s in snap.steps if s.state == "failed"), None)
-            why = snap.detail or (
-                f"undo of step {failed_step.index} ({failed_step.type}) failed: {failed_step.detail}"
+            why = meaningful(snap.detail) or (
+                f"undo of {step_name(failed_step.index, failed_step.type)} failed: "
+                f"{meaningful(failed_step.detail)}"
                 if failed_step is not None
                 else "the agent could not restore it"
             )
-            self._unrestored(r, n, "failed", f"{n.action} failed: {why}", now, out)
+            self._unrestored(r, n, f"{self._prefix(n)}{n.action} failed: {why}", now, out)
         elif snap.phase == "rejected":
-            self._unrestored(r, n, "failed", f"rejected the {n.action}: {snap.detail}", now, out)
+            self._unrestored(r, n, f"{self._prefix(n)}rejected the {n.action}: {snap.detail}", now, out)
         else:
             n.touched = True
             reached = [s.index for s in snap.steps if s.state != "pending"]
@@ -971,8 +1012,7 @@ class RolloutEngine:
                     self._unrestored(
                         r,
                         n,
-                        "timed_out",
-                        f"{n.detail + '; ' if n.detail else ''}not restored: no report within "
+                        f"{self._prefix(n)}not restored: no report within "
                         f"{_seconds(r.spec.node_timeout_s)} of the {n.action}",
                         now,
                         out,
@@ -1057,18 +1097,22 @@ class RolloutEngine:
         self._clear(n, out)
         out.touch(r, now)
 
+    @staticmethod
+    def _prefix(n: _Node) -> str:
+        """A failed node's reason, kept in front of what went wrong with its restore."""
+        return f"{n.detail}; " if n.failed and n.detail else ""
+
     def _unrestored(
         self,
         r: _Rollout,
         n: _Node,
-        phase: NodePhase,
         reason: str,
         now: float,
         out: _Out,
         keep_command: bool = False,
     ) -> None:
         n.restore = "unrestored"
-        n.phase, n.detail = phase, reason
+        n.phase, n.detail = "rollback_failed", reason
         n.deadline = n.deadline_kind = None
         if not keep_command:
             self._clear(n, out)
@@ -1306,7 +1350,7 @@ class RolloutEngine:
             self._audit(r, "aborted", r.detail, out)
         elif not unrestored:
             r.state = "rolled_back"
-            r.detail = f"rolled back: every touched node restored ({len(touched)})"
+            r.detail = f"rolled back: every touched node restored and verified ({len(touched)})"
             self._audit(r, "rolled_back", r.detail, out, restored=len(touched))
         else:
             r.state = "rollback_failed" if r.state == "rolling_back" else "aborted"
@@ -1331,8 +1375,15 @@ class RolloutEngine:
                 r.nodes[name].wave = number
         kind = "pace_changed" if pace.change in ("grow", "shrink") else "pace_held"
         self._audit(
-            r, kind, pace.reason, out,
-            wave=r.wave + 1, change=pace.change, next_size=pace.size, failed=failed, waves_left=len(left),
+            r,
+            kind,
+            pace.reason,
+            out,
+            wave=r.wave + 1,
+            change=pace.change,
+            next_size=pace.size,
+            failed=failed,
+            waves_left=len(left),
         )
 
     def _window_ready(
@@ -1449,16 +1500,41 @@ class RolloutEngine:
             return
 
 
-_COUNTED_AS = {
+def _shown_phase(n: _Node, final: bool) -> NodePhase:
+    """The node's phase as people read it: a finished rollout has no ``pending`` node (DESIGN 3.11)."""
+    return "not_started" if final and n.phase == "pending" else n.phase
+
+
+#: The count of a node that neither failed nor was sent a restore, by its phase.
+_COUNTED_AS: dict[str, str] = {
     "pending": "pending",
     "applying": "running",
     "rolling_back": "running",
     "succeeded": "succeeded",
-    "failed": "failed",
-    "rejected": "failed",
-    "timed_out": "failed",
-    "offline": "failed",
+    "lost": "lost",
+    "offline": "running",
     "deferred": "deferred",
     "not_started": "not_started",
-    "rolled_back": "rolled_back",
 }
+
+
+def _counted_as(n: _Node, phase: NodePhase) -> tuple[str, ...]:
+    """The counts a node is in (DESIGN 3.11): a failed node stays failed once restored.
+
+    ``failed`` counts every node that failed (rejected, timed out, offline past
+    its grace); ``rolled_back`` every node whose restore is verified (a failed
+    one included) and ``rollback_failed`` every node whose restore failed or
+    could not be verified; a node on its way back that did not fail is running.
+    """
+    keys: list[str] = []
+    if n.failed:
+        keys.append("failed")
+    if n.restore == "restored" and phase != "rejected":
+        keys.append("rolled_back")
+    elif n.restore == "unrestored":
+        keys.append("rollback_failed")
+    elif n.restore == "waiting" and not n.failed:
+        keys.append("lost" if phase == "lost" else "running")
+    if not keys:
+        keys.append(_COUNTED_AS.get(phase, "pending"))
+    return tuple(keys)

@@ -578,8 +578,8 @@ async def check_outcome(
     version = new if succeeded else old
     for node in nodes:
         phase = shown["nodes"][node]["phase"]
-        # A node the rollout never reached stays pending, on the old version.
-        untouched = not succeeded and phase == "pending" and not fleet.records(node, rollout)
+        # A node the rollout never reached is not_started, on the old version.
+        untouched = not succeeded and phase in ("pending", "not_started") and not fleet.records(node, rollout)
         wanted = "succeeded" if succeeded else "rolled_back"
         assert untouched or phase == wanted, f"{node}: {phase}; {context}"
         assert fleet.parts(node) == {"a": version, "b": version}, f"{node} is mixed; {context}"

@@ -349,8 +349,8 @@ async def test_a_failing_node_rolls_the_others_back(
         assert {n: s.phase for n, s in summary.nodes.items()} == dict.fromkeys(nodes, "rolled_back")
         assert summary.counts.rolled_back == 3
         started = [e for e in hub.manager.audit(rid) if e["kind"] == "rollback_started"]
-        assert started[0]["message"] == "rollback started: n3 failed step 1 (health): exit 1"
-        assert started[0]["evidence"]["failures"] == {"n3": "failed step 1 (health): exit 1"}
+        assert started[0]["message"] == "rollback started: n3 failed step 2 (health): exit 1"
+        assert started[0]["evidence"]["failures"] == {"n3": "failed step 2 (health): exit 1"}
         await until(
             lambda: rid in hub.summaries and hub.summaries[rid].state == "rolled_back", "the final summary"
         )

@@ -279,8 +279,8 @@ def test_a_failed_step_starts_a_coordinated_rollback() -> None:
     assert published(actions) == {"n1": "rollback", "n2": "abort"}
     assert fleet.state() == "rolling_back"
     started = audits(actions, "rollback_started")[0]
-    assert started.message == "rollback started: n3 failed step 1 (health): exit 1"
-    assert started.evidence["failures"] == {"n3": "failed step 1 (health): exit 1"}
+    assert started.message == "rollback started: n3 failed step 2 (health): exit 1"
+    assert started.evidence["failures"] == {"n3": "failed step 2 (health): exit 1"}
     assert fleet.summary().detail == started.message
     assert fleet.phases() == {"n1": "rolling_back", "n2": "rolling_back", "n3": "failed", "n4": "pending"}
     assert "n4" not in fleet.sent
@@ -293,9 +293,19 @@ def test_a_failed_step_starts_a_coordinated_rollback() -> None:
     fleet.snap("n1", "rolled_back")
     actions = fleet.snap("n2", "rolled_back")
     assert fleet.state() == "rolled_back"
-    assert audits(actions, "rolled_back")[0].message == "rolled back: every touched node restored (3)"
+    message = audits(actions, "rolled_back")[0].message
+    assert message == "rolled back: every touched node restored and verified (3)"
     counts = fleet.summary().counts
-    assert (counts.rolled_back, counts.pending, counts.running) == (3, 1, 0)
+    # n3 failed and stays counted failed once restored (and is counted restored too);
+    # n4 never started in a finished rollout: not_started, never pending.
+    assert (counts.failed, counts.rolled_back, counts.pending, counts.not_started, counts.running) == (
+        1,
+        3,
+        0,
+        1,
+        0,
+    )
+    assert fleet.phases()["n4"] == "not_started"
 
 
 def test_a_reconnecting_node_gets_its_open_command_again_with_the_same_id() -> None:
@@ -342,8 +352,7 @@ def test_a_failed_node_that_cannot_restore_itself_is_not_restored() -> None:
     fleet.snap("n2", "failed", failed_step=0, detail="undo of step 0 failed")
     assert fleet.state() == "rollback_failed"
     assert (
-        "n2 (failed step 0 (script): exit 2; could not restore: undo of step 0 failed)"
-        in fleet.summary().detail
+        "n2 (failed step 1 (script): exit 2; not restored: undo of step 0 failed)" in fleet.summary().detail
     )
 
 
@@ -353,7 +362,7 @@ def test_max_failed_tolerates_failures_then_rolls_back() -> None:
     fleet.succeed("n1")
     actions = fleet.step("n2", 0, "failed", "boom")
     assert fleet.state() == "running"
-    assert audits(actions, "node_failed")[0].message == "n2 failed step 0 (script): boom"
+    assert audits(actions, "node_failed")[0].message == "n2 failed step 1 (script): boom"
     fleet.snap("n2", "rolled_back", failed_step=0)
     assert list(fleet.sent) == ["n1", "n2", "n3", "n4"]  # wave 1 is done with one tolerated failure
     fleet.succeed("n3")
@@ -381,10 +390,10 @@ def test_halt_stops_new_waves_and_rolls_nothing_back() -> None:
     actions = fleet.step("n3", 0, "failed", "exit 1")
     assert fleet.state() == "halted"
     assert published(actions) == {}
-    assert fleet.summary().detail == "halted: n3 failed step 0 (script): exit 1"
+    assert fleet.summary().detail == "halted: n3 failed step 1 (script): exit 1"
     # The running node finishes; nothing new starts.
     fleet.snap("n2", "succeeded")
-    assert fleet.phases() == {"n1": "succeeded", "n2": "succeeded", "n3": "failed", "n4": "pending"}
+    assert fleet.phases() == {"n1": "succeeded", "n2": "succeeded", "n3": "failed", "n4": "not_started"}
     assert "n4" not in fleet.sent
     # ... and a halted rollout can be rolled back on request.
     actions = fleet.do(RollbackRequested("r1"))
@@ -469,7 +478,7 @@ def test_abort_of_a_running_rollout_restores_every_touched_node() -> None:
     fleet.snap("n1", "rolled_back")
     actions = fleet.snap("n2", "rolled_back")
     assert fleet.state() == "rolled_back"
-    assert fleet.phases() == {"n1": "rolled_back", "n2": "rolled_back", "n3": "pending"}
+    assert fleet.phases() == {"n1": "rolled_back", "n2": "rolled_back", "n3": "not_started"}
 
 
 def test_abort_where_a_node_cannot_be_restored_ends_aborted_naming_it() -> None:
@@ -789,3 +798,86 @@ def test_only_a_finished_rollout_can_be_forgotten_and_the_nodes_high_water_stays
     fleet.create(["n1"], rid="r2")
     assert fleet.last("n1").issued_at > (issued or 0)
     assert fleet.engine.busy(["n1", "n2"]) == ["n1"]
+
+
+# ------------------------------------------------------- numbering, counts and reasons (DESIGN 3.11)
+
+
+def test_meaningful_keeps_the_head_and_the_last_error_line() -> None:
+    from hub.engine import meaningful, step_name
+
+    assert step_name(2, "service") == "step 3 (service)"
+    chatter = (
+        "cannot start service demo-app: starting demo-app | loading /etc/demo.conf | "
+        "demo-app 2.1: unsupported hardware revision rev-a (needs rev-b) | shutting down"
+    )
+    assert meaningful(chatter) == (
+        "cannot start service demo-app: demo-app 2.1: unsupported hardware revision rev-a (needs rev-b)"
+    )
+    assert meaningful("exit 1") == "exit 1"
+    assert meaningful("boom: line one\nline two") == "boom: line two"
+    assert len(meaningful("x" * 5000)) == 300
+
+
+def test_a_failed_step_is_named_one_based_with_its_meaningful_line() -> None:
+    fleet = Fleet()
+    fleet.create(["n1"])
+    fleet.step("n1", 0, "running")
+    detail = "cannot start service app: hello | listening soon | ERROR: port 80 in use | bye"
+    actions = fleet.step("n1", 2, "failed", detail, type_="service")
+    assert audits(actions, "node_failed")[0].message == (
+        "n1 failed step 3 (service): cannot start service app: ERROR: port 80 in use"
+    )
+
+
+def test_a_failed_node_verified_restored_stays_failed_and_counts_as_restored() -> None:
+    # The agent's self-restore after a failed step ends "failed" once its restore is verified.
+    fleet = Fleet()
+    fleet.create(["n1", "n2"], failure={"max_failed": 1})
+    fleet.succeed("n1")
+    fleet.step("n2", 1, "failed", "exit 1", type_="health")
+    counts = fleet.summary().counts
+    assert (counts.failed, counts.rolled_back, counts.running) == (1, 0, 0)
+    actions = fleet.snap("n2", "failed", failed_step=1, detail="failed step 2 (health): exit 1")
+    assert cleared(actions) == ["n2"]
+    assert fleet.state() == "succeeded"
+    counts = fleet.summary().counts
+    assert (counts.succeeded, counts.failed, counts.rolled_back, counts.rollback_failed) == (1, 1, 1, 0)
+    assert fleet.phases()["n2"] == "rolled_back"
+    assert fleet.summary().nodes["n2"].detail == "failed step 2 (health): exit 1"
+
+
+def test_an_unverified_self_restore_is_rollback_failed_with_the_evidence() -> None:
+    fleet = Fleet()
+    fleet.create(["n1", "n2"])
+    fleet.succeed("n1")
+    fleet.step("n2", 2, "failed", "exit 1", type_="service")
+    fleet.snap("n1", "rolled_back")
+    evidence = "verify: http://127.0.0.1:8080 answered 2.0, not 1.0"
+    fleet.snap("n2", "rollback_failed", failed_step=1, detail=evidence)
+    assert fleet.state() == "rollback_failed"
+    summary = fleet.summary()
+    assert summary.nodes["n2"].phase == "rollback_failed"
+    assert summary.detail == (
+        "not restored: n2 (failed step 3 (service): exit 1; "
+        "not restored: verify: http://127.0.0.1:8080 answered 2.0, not 1.0)"
+    )
+    counts = summary.counts
+    assert (counts.failed, counts.rolled_back, counts.rollback_failed) == (1, 1, 1)
+
+
+def test_a_rollback_whose_restore_is_not_verified_names_the_node() -> None:
+    fleet = Fleet()
+    fleet.create(["n1", "n2"])
+    fleet.succeed("n1", "n2")
+    fleet.do(RollbackRequested("r1"))
+    fleet.snap("n1", "rolled_back")
+    actions = fleet.snap("n2", "rollback_failed", detail="verify: pid 4242 still serves 2.0")
+    assert fleet.state() == "rollback_failed"
+    detail = fleet.summary().detail
+    assert detail == "not restored: n2 (rollback not verified: verify: pid 4242 still serves 2.0)"
+    assert audits(actions, "rollback_failed")[0].evidence["not_restored"] == {
+        "n2": "rollback not verified: verify: pid 4242 still serves 2.0"
+    }
+    counts = fleet.summary().counts
+    assert (counts.failed, counts.rolled_back, counts.rollback_failed) == (0, 1, 1)

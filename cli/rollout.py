@@ -355,6 +355,7 @@ def render_show(body: Mapping[str, Any], now: float) -> str:
             shown = str(step + 1) if isinstance(step, int) else "-"
             rows.append((str(name), str(info.get("phase", "?")), shown, str(info.get("detail", ""))[:80]))
         lines += ["", *_columns(rows)]
+    lines += render_grid(body.get("steps"))
     audit = body.get("audit")
     if isinstance(audit, list) and audit:
         lines += ["", "audit (latest last):"]
@@ -364,3 +365,26 @@ def render_show(body: Mapping[str, Any], now: float) -> str:
                 text = entry.get("message") or entry.get("event") or entry.get("kind") or json.dumps(entry)
                 lines.append(f"  {ago(when, now) if isinstance(when, int | float) else '':>8}  {text}")
     return "\n".join(lines)
+
+
+_CELL = {"pending": "-", "running": "run", "succeeded": "ok", "failed": "FAIL", "rolled_back": "undone",
+         "skipped": "skip", "rejected": "REJECTED", "deferred": "defer"}  # fmt: skip
+
+
+def render_grid(steps: object) -> list[str]:
+    """The step grid of ``show`` (the hub's record, steps numbered from 1), then each failure's reason."""
+    if not isinstance(steps, Mapping) or not steps:
+        return []
+    grids = {str(n): g for n, g in steps.items() if isinstance(g, list)}
+    first = next(iter(grids.values()), [])
+    header = ["NODE", *(f"{c.get('index', i) + 1}.{c.get('type', '?')}" for i, c in enumerate(first))]
+    rows: list[tuple[str, ...]] = [tuple(header)]
+    reasons: list[str] = []
+    for name, grid in sorted(grids.items()):
+        cells = [c for c in grid if isinstance(c, Mapping)]
+        rows.append((name, *(_CELL.get(str(c.get("state")), str(c.get("state"))) for c in cells)))
+        for c in cells:
+            if c.get("state") in ("failed", "rejected") and c.get("detail"):
+                number = int(c.get("index", 0)) + 1
+                reasons.append(f"  {name} step {number} ({c.get('type')}) {c.get('state')}: {c['detail']}")
+    return ["", "steps:", *_columns(rows), *reasons]

@@ -246,6 +246,7 @@ class _Node:
     done_at: float | None = None
     tz: str | None = None  # its time zone for maintenance windows (the tz label when created)
     window_seen: bool = False  # its window was open while its wave waited to send it (finish mode)
+    grid: list[list[str]] = field(default_factory=list)  # per plan step: [state, detail] ([] = all pending)
 
     @property
     def is_open(self) -> bool:
@@ -472,6 +473,28 @@ class RolloutEngine:
             }
         )
 
+    def steps(self, rollout: str, limit: int = 5000) -> dict[str, list[dict[str, Any]]]:
+        """Every node's step grid (state and failure reason per plan step), as the ``show`` reply's ``steps``.
+
+        Each step is ``{"index": i, "type", "state", "detail"}`` with ``i`` 0-based as
+        ``StepStatus.index`` on the wire. When the rollout has more than ``limit``
+        cells, nodes whose every step is still pending are left out (replies are
+        size-bounded); NotFound if unknown.
+        """
+        r = self._get(rollout)
+        types = [step.type for step in r.plan]
+        many = len(r.nodes) * len(types) > limit
+        grids: dict[str, list[dict[str, Any]]] = {}
+        for name, n in r.nodes.items():
+            if many and not n.grid:
+                continue
+            cells = n.grid or [["pending", ""]] * len(types)
+            grids[name] = [
+                {"index": i, "type": kind, "state": cell[0], "detail": cell[1]}
+                for i, (kind, cell) in enumerate(zip(types, cells, strict=False))
+            ]
+        return grids
+
     def record(self, rollout: str) -> dict[str, Any]:
         """The JSON-able record of ``rollout`` that the store keeps (``RolloutsLoaded`` reads it)."""
         r = self._get(rollout)
@@ -487,7 +510,14 @@ class RolloutEngine:
             "wave_done_at": r.wave_done_at,
             "detail": r.detail,
             "failures": list(r.failures),
-            "nodes": {name: {f: getattr(node, f) for f in _NODE_FIELDS} for name, node in r.nodes.items()},
+            # (The grid is copied: the store may encode the record while the engine goes on.)
+            "nodes": {
+                name: {
+                    f: ([list(c) for c in node.grid] if f == "grid" else getattr(node, f))
+                    for f in _NODE_FIELDS
+                }
+                for name, node in r.nodes.items()
+            },
         }
 
     def finished(self) -> list[str]:
@@ -710,6 +740,11 @@ class RolloutEngine:
                 str(name): _Node(**{k: v for k, v in doc.items() if k in _NODE_FIELDS})
                 for name, doc in dict(record["nodes"]).items()
             }
+            for n in nodes.values():
+                if not isinstance(n.grid, list) or not all(
+                    isinstance(c, list) and len(c) == 2 and all(isinstance(x, str) for x in c) for c in n.grid
+                ):
+                    raise InvalidInput(f"rollout record {rid}: node {n.name[:64]}'s steps are unreadable")
             waves = [[str(n) for n in wave] for wave in record["waves"]]
             state = str(record["state"])
             if state not in _STATES:
@@ -803,6 +838,8 @@ class RolloutEngine:
         if status.command != n.command_id:
             return  # an older command of this rollout, or one this hub never sent
         before = (n.phase, n.step, n.detail)
+        if _mark(r, n, status.index, status.state, status.detail):
+            out.touch(r, now)
         if n.action == "apply":
             self._fold_apply_status(r, n, status, now, out)
         elif status.state == "rejected":
@@ -859,6 +896,8 @@ class RolloutEngine:
         if snap.id != n.command_id:
             return  # older or unknown command: the latest one decides (DESIGN 3.6)
         before = (n.phase, n.step, n.detail, n.restore)
+        if any([_mark(r, n, s.index, s.state, s.detail) for s in snap.steps]):
+            out.touch(r, now)
         if n.action == "apply":
             self._fold_apply_snapshot(r, n, snap, now, out)
         else:
@@ -1498,6 +1537,33 @@ class RolloutEngine:
             self._audit(r, "succeeded", r.detail, out, failed=r.failures[:50])
             out.touch(r, now)
             return
+
+
+#: How far a step got: a report never moves a step back (snapshots are coalesced and may
+#: arrive after the step reports they cover), and a failure stays shown once undone.
+_STEP_RANK = {"pending": 0, "deferred": 0, "running": 1, "succeeded": 2, "skipped": 2, "rolled_back": 3,
+              "failed": 4, "rejected": 4}  # fmt: skip
+_STEP_DETAIL_LIMIT = 200
+
+
+def _mark(r: _Rollout, n: _Node, index: int, state: str, detail: str) -> bool:
+    """Fold one step's reported state into the node's grid; True when it changed."""
+    if not 0 <= index < len(r.plan) or state not in _STEP_RANK:
+        return False
+    if not n.grid:
+        n.grid = [["pending", ""] for _ in r.plan]
+    old_state, old_detail = n.grid[index]
+    if _STEP_RANK[state] < _STEP_RANK[old_state]:
+        return False
+    if state == old_state and (old_detail or not detail):
+        return False  # the first reason of a state is the one that says why
+    text = meaningful(detail) if state in ("failed", "rejected") else detail.strip()
+    n.grid[index] = [state, text[:_STEP_DETAIL_LIMIT]]
+    return True
+
+
+def _copied(value: Any) -> Any:
+    return [list(cell) for cell in value] if isinstance(value, list) else value
 
 
 def _shown_phase(n: _Node, final: bool) -> NodePhase:

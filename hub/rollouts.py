@@ -290,7 +290,8 @@ class RolloutManager:
         Returns:
             ``{"rollout": id}`` for create (plus ``"existing": true`` when its
             ``idempotency_key`` named an earlier rollout); ``{"rollout", "state"}`` for the
-            operations; for ``show`` the summary plus its ``plan`` and the latest
+            operations; for ``show`` the summary plus its ``plan``, every node's
+            step grid (``steps``: ``{node: [{index, type, state, detail}]}``) and the latest
             ``audit`` entries; for ``list`` every summary, newest first; for ``plan``
             the plan with every node's pre-flight (nothing started); as JSON values.
 
@@ -320,6 +321,7 @@ class RolloutManager:
             return {
                 **self.summary(rollout).model_dump(mode="json"),
                 "plan": self._engine.plan(rollout),
+                "steps": self._engine.steps(rollout),
                 "audit": self.audit(rollout)[-_SHOWN_AUDIT:],
             }
         await self._run(_REQUESTS[op](rollout))

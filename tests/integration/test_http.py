@@ -386,8 +386,12 @@ def test_full_rollout_over_http(
     )
     assert over_mqtt.returncode == 0, over_mqtt.stderr
     mqtt_view = json.loads(over_mqtt.stdout)
-    for key in ("id", "name", "state", "counts", "nodes", "plan"):
+    for key in ("id", "name", "state", "counts", "nodes", "plan", "steps"):
         assert mqtt_view[key] == shown[key], key
+    # The step grid comes from the hub's record, as GET /api/rollouts/ID serves it.
+    assert shown["steps"] == {
+        node: [{"index": 0, "type": "script", "state": "succeeded", "detail": ""}] for node in LIVE
+    }
 
 
 def test_rollback_of_a_succeeded_rollout_over_http(fleet: Fleet, http: httpx.Client) -> None:

@@ -38,3 +38,24 @@ def test_show_numbers_steps_from_one() -> None:
     text = render_show(summary(failed=1), T0)
     node3 = next(line for line in text.splitlines() if line.startswith("node-3"))
     assert node3.split()[:3] == ["node-3", "rolled_back", "3"]
+
+
+def test_show_prints_the_step_grid_numbered_from_one() -> None:
+    body = {
+        **summary(failed=1),
+        "steps": {
+            "node-1": [
+                {"index": 0, "type": "download", "state": "rolled_back", "detail": ""},
+                {"index": 1, "type": "service", "state": "rolled_back", "detail": ""},
+            ],
+            "node-3": [
+                {"index": 0, "type": "download", "state": "rolled_back", "detail": ""},
+                {"index": 1, "type": "service", "state": "failed", "detail": "unsupported hardware rev-a"},
+            ],
+        },
+    }
+    lines = render_show(body, T0).splitlines()
+    start = lines.index("steps:")
+    assert lines[start + 1].split() == ["NODE", "1.download", "2.service"]
+    assert lines[start + 3].split() == ["node-3", "undone", "FAIL"]
+    assert "  node-3 step 2 (service) failed: unsupported hardware rev-a" in lines

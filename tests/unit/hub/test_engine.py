@@ -881,3 +881,49 @@ def test_a_rollback_whose_restore_is_not_verified_names_the_node() -> None:
     }
     counts = fleet.summary().counts
     assert (counts.failed, counts.rolled_back, counts.rollback_failed) == (0, 1, 1)
+
+
+# ----------------------------------------------------------------- the step grid (issue 14.3)
+
+
+def test_the_step_grid_keeps_each_steps_state_and_reason_and_survives_a_restart() -> None:
+    import json
+
+    fleet = Fleet()
+    fleet.create(["n1", "n2", "n3"], failure={"max_failed": 0})
+    fleet.succeed("n1")
+    fleet.step("n2", 0, "running")
+    fleet.step("n2", 0, "succeeded")
+    fleet.step("n2", 1, "running", type_="health")
+    # A coalesced snapshot that arrives late never moves a step back.
+    fleet.snap("n2", "applying")
+    fleet.step("n2", 1, "failed", "check: starting | ERROR: answered 1.0, not 2.0", type_="health")
+    grid = fleet.engine.steps("r1")
+    assert grid["n1"] == [
+        {"index": 0, "type": "script", "state": "succeeded", "detail": ""},
+        {"index": 1, "type": "health", "state": "succeeded", "detail": ""},
+    ]
+    assert [c["state"] for c in grid["n2"]] == ["succeeded", "failed"]
+    assert grid["n2"][1]["detail"] == "check: ERROR: answered 1.0, not 2.0"
+    assert [c["state"] for c in grid["n3"]] == ["pending", "pending"]  # sent, not reported yet
+    # The node's own restore: the undone step is rolled_back, the failed one stays failed.
+    fleet.step("n2", 0, "rolled_back")
+    fleet.step("n2", 1, "rolled_back", type_="health")
+    assert [c["state"] for c in fleet.engine.steps("r1")["n2"]] == ["rolled_back", "failed"]
+    # The hub's record keeps the grid: a restarted hub serves the same one.
+    record = json.loads(json.dumps(fleet.engine.record("r1")))
+    again = Fleet()
+    again.do(RolloutsLoaded((record,)), at=T0 + 1)
+    assert again.engine.steps("r1") == fleet.engine.steps("r1")
+    broken = json.loads(json.dumps(record))
+    broken["nodes"]["n2"]["grid"] = "x"
+    assert "steps are unreadable" in (check_record(broken) or "")
+
+
+def test_a_big_rollout_leaves_untouched_nodes_out_of_the_grid() -> None:
+    fleet = Fleet()
+    nodes = [f"n{i}" for i in range(10)]
+    fleet.create(nodes, strategy={"waves": [2]})
+    fleet.succeed("n0")
+    assert set(fleet.engine.steps("r1", limit=8)) == {"n0"}
+    assert len(fleet.engine.steps("r1")) == 10

@@ -507,7 +507,7 @@ class HubService:
                 state = self._decoded(NodeState, message.payload, node)
                 if state is not None:
                     before = self.registry.get(state.node)
-                    transition = self.registry.on_state(state, self._now())
+                    transition = self.registry.on_state(state, self._now(), retained=message.retain)
                     await self._presence(transition, state=state)
                     if (
                         transition is None

@@ -430,6 +430,23 @@ class RolloutEngine:
         """Every known rollout id, oldest first."""
         return [r.id for r in sorted(self._rollouts.values(), key=lambda r: (r.created_at, r.id))]
 
+    def resolve(self, rollout: str) -> str:
+        """The full id of ``rollout``: its id or any unique prefix of one (the CLI prints 8 characters).
+
+        Raises:
+            NotFound: no rollout id starts with it.
+            InvalidInput: several do (the message names them).
+        """
+        if rollout in self._rollouts:
+            return rollout
+        matches = sorted(rid for rid in self._rollouts if rid.startswith(rollout))
+        if not matches:
+            raise NotFound(f"unknown rollout {rollout[:80]!r}")
+        if len(matches) > 1:
+            shown = ", ".join(matches[:10]) + (f" (+{len(matches) - 10} more)" if len(matches) > 10 else "")
+            raise InvalidInput(f"rollout id prefix {rollout[:80]!r} is ambiguous: it matches {shown}")
+        return matches[0]
+
     def plan(self, rollout: str) -> list[dict[str, Any]]:
         """The plan the nodes of ``rollout`` get (step timeouts filled in), as JSON values."""
         return [step.model_dump(mode="json") for step in self._get(rollout).plan]

@@ -296,10 +296,11 @@ class RolloutManager:
             the plan with every node's pre-flight (nothing started); as JSON values.
 
         Raises:
-            InvalidInput: a bad spec or body (the message names the field).
+            InvalidInput: a bad spec or body (the message names the field), or a
+                rollout id prefix that several rollouts share (named).
             Conflict: unknown, offline or busy targets (``exc.nodes``), or a
                 request the rollout's state does not allow.
-            NotFound: an unknown rollout id.
+            NotFound: an unknown rollout id (any unique prefix of one is accepted).
         """
         if op == "create_rollout":
             return await self._idempotent.create(body, self._create)
@@ -317,6 +318,7 @@ class RolloutManager:
                 f"rollout {rollout[:80]} is archived in {self._archive.path} "
                 f"(the hub keeps the newest {self._keep} finished rollouts)"
             )
+        rollout = self._engine.resolve(rollout)  # a unique prefix names its rollout (issue 20.5)
         if op == "show":
             return {
                 **self.summary(rollout).model_dump(mode="json"),

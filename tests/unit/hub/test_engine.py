@@ -927,3 +927,16 @@ def test_a_big_rollout_leaves_untouched_nodes_out_of_the_grid() -> None:
     fleet.succeed("n0")
     assert set(fleet.engine.steps("r1", limit=8)) == {"n0"}
     assert len(fleet.engine.steps("r1")) == 10
+
+
+def test_a_unique_prefix_names_its_rollout_and_an_ambiguous_one_is_refused_with_the_candidates() -> None:
+    fleet = Fleet()
+    fleet.create(["n1"], rid="1a7e70f1-0001")
+    fleet.create(["n2"], rid="1a7e70f1-0002")
+    fleet.create(["n3"], rid="2b000000-0003")
+    assert fleet.engine.resolve("2b") == "2b000000-0003"
+    assert fleet.engine.resolve("1a7e70f1-0002") == "1a7e70f1-0002"
+    with pytest.raises(InvalidInput, match=r"ambiguous: it matches 1a7e70f1-0001, 1a7e70f1-0002"):
+        fleet.engine.resolve("1a7e70f1")
+    with pytest.raises(NotFound, match="unknown rollout"):
+        fleet.engine.resolve("3c")

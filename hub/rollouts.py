@@ -54,6 +54,7 @@ from hub.engine import (
     AbortRequested,
     Action,
     Audit,
+    BrokerChanged,
     ClearCommand,
     EngineEvent,
     PauseRequested,
@@ -158,6 +159,10 @@ class RolloutManager:
         keep_rollouts: how many finished rollouts stay; older ones go to ``archive``
             (``hub.retention``). None: every rollout stays.
         archive: the archive of retired rollouts (needed with ``keep_rollouts``).
+        offline_grace_s: how long a node offline mid-job is ``lost`` before it fails,
+            when its spec leaves ``offline_grace_s`` unset (3 heartbeats plus the keepalive).
+        outage_limit_s: how long a broker event (many nodes lost at once, or the
+            hub's own connection) may hold a rollout before it halts for the operator.
     """
 
     def __init__(
@@ -174,6 +179,8 @@ class RolloutManager:
         summary_interval_s: float = 0.075,
         keep_rollouts: int | None = None,
         archive: Archive | None = None,
+        offline_grace_s: float = 25.0,
+        outage_limit_s: float = 300.0,
     ) -> None:
         if keep_rollouts is not None and archive is None:
             raise ValueError("keep_rollouts needs an archive")
@@ -185,7 +192,12 @@ class RolloutManager:
         self._clock = clock
         self._new_id = new_id
         self._interval = summary_interval_s
-        self._engine = RolloutEngine(new_id=new_id, resume_grace_s=resume_grace_s)
+        self._engine = RolloutEngine(
+            new_id=new_id,
+            resume_grace_s=resume_grace_s,
+            offline_grace_s=offline_grace_s,
+            outage_limit_s=outage_limit_s,
+        )
         self._idempotent = IdempotencyIndex()
         self._planner = Planner(
             topics=topics,
@@ -197,6 +209,7 @@ class RolloutManager:
             clock=clock,
             new_id=new_id,
             labels=labels_from(registry),
+            offline_grace_s=offline_grace_s,
         )
         self._queue: asyncio.Queue[tuple[EngineEvent, asyncio.Future[None] | None]] = asyncio.Queue(
             _QUEUE_LIMIT
@@ -395,6 +408,10 @@ class RolloutManager:
     async def on_presence(self, node: str, online: bool) -> None:
         """A registry transition: online (birth, heartbeat) or offline (will, shutdown, missed heartbeats)."""
         await self._submit(PresenceChanged(node, online))
+
+    async def on_broker(self, connected: bool) -> None:
+        """The hub's own broker connection went down or came back (a broker event, DESIGN 3.4)."""
+        await self._submit(BrokerChanged(connected))
 
     # ------------------------------------------------------------------ running the engine
 

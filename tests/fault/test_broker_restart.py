@@ -1,12 +1,18 @@
-"""The broker restarted in the middle of a rollout: it completes or rolls back cleanly (DESIGN 3.6).
+"""The broker restarted in the middle of a rollout is a transient fault: the rollout succeeds (issue 15).
 
 Both brokers of ``restartable_broker``: mosquitto with persistence (retained
 commands, snapshots and sessions survive) and the embedded amqtt, restarted as
-a new broker on the same port (it keeps nothing). The hub, three agents and
-the test's observer all reconnect by themselves. Whatever the moment of the
-restart, the rollout must end ``succeeded`` or ``rolled_back`` with every node
-wholly on the version that state says, nothing run twice, and nothing left
-retained.
+a new broker on the same port (it keeps nothing). The hub, four agents and
+the test's observer all reconnect by themselves. The hub sees its own
+connection drop and every node's will (a broker publishes the wills of its
+clients when it stops): a broker event, not node failures (DESIGN 3.4). The
+agents carry on from their journals while the broker is away and report when
+they are back; the hub publishes an open command again to a node that
+reconnects (amqtt lost it). Whatever the moment of the restart, the rollout
+must end ``succeeded`` with every node on the new version, no step run twice,
+and nothing left retained.
+
+``FLEET_FAULT_TRIALS=N`` runs N seeded trials per broker (default 1).
 """
 
 from __future__ import annotations
@@ -25,13 +31,13 @@ from tests.fault.conftest import check_outcome, observing, parts_spec, start_fle
 
 _LOGGER = logging.getLogger(__name__)
 
-NODES = ["b1", "b2", "b3"]
-OUTCOMES = frozenset({"succeeded", "rolled_back"})
-TRIALS = trials(1, cap=10)
+NODES = ["b1", "b2", "b3", "b4"]
+OUTCOMES = frozenset({"succeeded"})
+TRIALS = trials(1, cap=50)
 
 
 @pytest.mark.timeout(90 + 120 * TRIALS)
-async def test_broker_restarted_mid_rollout(
+async def test_broker_restarted_mid_rollout_succeeds(
     restartable_broker: RestartableBroker, topics: Topics, make_fleet: Any, rng: random.Random
 ) -> None:
     broker = restartable_broker
@@ -43,11 +49,9 @@ async def test_broker_restarted_mid_rollout(
         for trial in range(TRIALS):
             await observer.online(NODES)  # after a restart, every node is back before the next rollout
             new = f"v{trial + 1}"
-            # A short node timeout: what an amqtt restart loses (retained commands) ends as a
-            # timed-out node and a coordinated rollback rather than a wait of half an hour.
-            spec = parts_spec(f"update {new}", new, NODES, node_timeout_s=30)
+            spec = parts_spec(f"update {new}", new, NODES, strategy={"waves": ["100%"]})
             rollout = (await observer.ok("create_rollout", spec))["rollout"]
-            await asyncio.sleep(rng.uniform(0.0, 2.5))
+            await asyncio.sleep(rng.uniform(0.0, 2.0))
             await asyncio.to_thread(broker.stop)
             down = rng.uniform(0.2, 2.0)
             await asyncio.sleep(down)
@@ -59,9 +63,8 @@ async def test_broker_restarted_mid_rollout(
                 broker.kind, trial, down, state, time.monotonic() - started,
             )  # fmt: skip
             outcomes.append(state)
-            if state == "succeeded":
-                version = new
-    _LOGGER.info("%s restarts: %s", broker.kind, outcomes)
+            version = new
+    _LOGGER.info("%s restarts: %d trials: %s", broker.kind, len(outcomes), outcomes)
 
 
 @pytest.fixture(autouse=True)

@@ -589,7 +589,13 @@ async def check_outcome(
         assert all(count == 1 for count in runs.values()), f"{node} ran a step twice: {runs}; {context}"
         applied = {part for phase, part in runs if phase == "apply"}
         undone = {part for phase, part in runs if phase == "rollback"}
-        assert applied == ({"a", "b"} if succeeded else undone), f"{node}: {runs}; {context}"
+        # (Steps that change no part, such as a slow step, may be recorded too.)
+        parts = {"a", "b"}
+        if succeeded:
+            assert applied & parts == parts, f"{node}: {runs}; {context}"
+            assert not undone, f"{node}: {runs}; {context}"
+        else:
+            assert applied == undone, f"{node}: {runs}; {context}"
         assert fleet.agents[node].alive(), fleet.agents[node].log()
     # Nothing stale waits on the broker (DESIGN 3.2).
     deadline = time.monotonic() + DEADLINE

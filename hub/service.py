@@ -250,7 +250,7 @@ class HubService:
         if client is not None and client.is_connected:
             state = HubState(
                 state="offline", session=self._session, reason="shutdown", version=_VERSION,
-                started_at=self._started_at,
+                started_at=self._started_at, ts=self._clock(),
             )
             with contextlib.suppress(BusError, asyncio.TimeoutError):
                 await asyncio.wait_for(
@@ -314,7 +314,7 @@ class HubService:
         self._session = new_id()
         state = HubState(
             state="offline", session=self._session, reason="lost", version=_VERSION,
-            started_at=self._started_at,
+            started_at=self._started_at, ts=self._clock(),  # the connection's start: a will has no later
         )
         return Will(self.topics.hub_state, encode(state), qos=1, retain=True)
 
@@ -329,7 +329,7 @@ class HubService:
         self._was_connected = True
         state = HubState(
             state="online", session=self._session, reason="birth", version=_VERSION,
-            started_at=self._started_at,
+            started_at=self._started_at, ts=self._clock(),
         )
         await self.publish(self.topics.hub_state, encode(state), qos=1, retain=True)
 

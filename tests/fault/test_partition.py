@@ -160,3 +160,47 @@ async def test_a_partition_longer_than_the_grace_rolls_back_and_the_restore_wait
 @pytest.fixture(autouse=True)
 def _log_figures(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger=__name__)
+
+
+async def test_many_agents_lost_at_once_is_a_network_event_that_pauses_instead_of_failing(
+    broker: RunningBroker, topics: Topics, make_fleet: Any, proxy_factory: Any
+) -> None:
+    # Three agents behind one proxy (a switch between them and the broker) lose it together:
+    # more than half the running nodes lost within ~2 s is a network event, not 3 failures.
+    proxy: FreezableProxy = await proxy_factory(broker.port)
+    fleet = make_fleet(broker.url, topics)
+    behind = ["m1", "m2", "m3"]
+    async with observing(broker.url, topics) as observer:
+        fleet.start_hub()
+        for node in behind:
+            fleet.start_agent(node, broker_url=proxy.url, heartbeat_s=1, keepalive_s=2)
+        await observer.hub_ready(0)
+        await observer.online(behind)
+        body = {**spec(offline_grace_s=3), "targets": behind}
+        rollout = (await observer.ok("create_rollout", body))["rollout"]
+        await observer.status(rollout, "running", index=1)
+        proxy.freeze()
+        frozen_at = time.monotonic()
+
+        def paused() -> RolloutSummary | None:
+            summary = observer.summaries.get(rollout)
+            return summary if summary is not None and "nodes lost at once" in summary.detail else None
+
+        summary = await observer.wait(paused, "the network event")
+        noticed = time.monotonic() - frozen_at
+        assert summary.state == "running", summary
+        # Well past the grace, nobody has failed: the rollout waits.
+        await observer.wait(lambda: time.monotonic() - frozen_at > 12 or None, "12 s of partition")
+        summary = observer.summaries[rollout]
+        assert summary.state == "running", summary
+        assert summary.counts.failed == 0, summary
+        proxy.heal()
+        await check_outcome(fleet, observer, rollout, behind, frozenset({"succeeded"}), "v0", "v1")
+        audit = (await observer.ok("show", {"rollout": rollout}))["audit"]
+        kinds = [entry["kind"] for entry in audit]
+        assert "outage" in kinds, audit
+        assert "node_failed" not in kinds, audit
+        outage = next(entry for entry in audit if entry["kind"] == "outage")
+        assert outage["message"].startswith("broker connection lost: "), outage
+        assert outage["message"].endswith(" nodes lost at once; waiting"), outage
+    _LOGGER.info("%s: 3 agents cut off at once: noticed as one event after %.1f s", broker.kind, noticed)

@@ -626,7 +626,7 @@ class RolloutEngine:
             times = [n.deadline for n in r.nodes.values() if n.is_open and n.deadline is not None]
             if r.outage_since is not None:
                 times = [r.outage_since + self._outage_limit]
-            else:
+            elif r.state in ("running", "paused"):  # (a halted rollout leaves its lost nodes be)
                 grace = self._grace_of(r)
                 times += [
                     n.offline_since + grace for n in r.nodes.values() if n.phase == "lost" and n.offline_since
@@ -678,7 +678,10 @@ class RolloutEngine:
         else:
             self._tick(now, out)
         for rid in out.changed:
-            self._refresh_active(self._rollouts[rid])
+            r = self._rollouts[rid]
+            if r.is_final:
+                r.outage_since = None  # over for this rollout: a later rollback request starts clean
+            self._refresh_active(r)
         return out.finish()
 
     # ------------------------------------------------------------------ helpers

@@ -1110,3 +1110,39 @@ def test_a_lost_node_in_a_coordinated_rollback_gets_its_abort_and_is_awaited() -
     fleet.snap("n2", "failed", failed_step=0)
     fleet.snap("n1", "rolled_back")
     assert fleet.state() == "rolled_back"
+
+
+def test_a_rollout_halted_by_a_long_outage_leaves_its_lost_nodes_be_and_wakes_nobody() -> None:
+    counter = itertools.count(1)
+    engine = RolloutEngine(new_id=lambda: f"c{next(counter)}", outage_limit_s=60)
+    spec = make_spec(["n1", "n2", "n3"], offline_grace_s=5)
+    engine.handle(RolloutCreated("r1", spec, ("n1", "n2", "n3"), frozenset({"n1", "n2", "n3"})), T0)
+    for node in ("n1", "n2", "n3"):
+        engine.handle(PresenceChanged(node, False), T0 + 1)
+    engine.handle(Tick(), T0 + 62)
+    assert engine.state("r1") == "halted"
+    assert engine.summary("r1").counts.lost == 3
+    deadline = engine.next_deadline()
+    assert deadline is None or deadline > T0 + 62  # no deadline in the past: the timer would spin
+    assert engine.handle(Tick(), T0 + 500) == []  # nobody fails: the operator decides
+    # A node that comes back carries on in the halted rollout.
+    engine.handle(PresenceChanged("n1", True), T0 + 600)
+    assert engine.summary("r1").nodes["n1"].phase == "applying"
+
+
+def test_a_rollout_that_finished_during_an_outage_rolls_back_on_request_with_its_deadlines() -> None:
+    fleet = Fleet()
+    fleet.create(["n1", "n2"], node_timeout_s=60)
+    fleet.step("n1", 0, "running")
+    fleet.do(BrokerChanged(False), at=T0 + 1)
+    fleet.snap("n1", "succeeded")
+    fleet.snap("n2", "succeeded")
+    assert fleet.state() == "succeeded"
+    fleet.do(BrokerChanged(True), at=T0 + 2)
+    assert fleet.engine.next_deadline() == T0 + 7  # settling: retained wills may still come
+    fleet.do(Tick(), at=T0 + 7)
+    fleet.do(RollbackRequested("r1"), at=T0 + 10)
+    assert fleet.engine.next_deadline() == T0 + 70
+    actions = fleet.do(Tick(), at=T0 + 70)
+    assert fleet.state() == "rollback_failed"  # nobody answered within node_timeout_s
+    assert audits(actions, "rollback_failed")

@@ -623,7 +623,8 @@ class RolloutEngine:
         best: float | None = self._settle_until if self._settle_until > 0 else None
         for rid in self._active:
             r = self._rollouts[rid]
-            times = [n.deadline for n in r.nodes.values() if n.is_open and n.deadline is not None]
+            # (A lost node's own deadline is its grace, below.)
+            times = [n.deadline for n in r.nodes.values() if n.is_open and n.deadline and n.phase != "lost"]
             if r.outage_since is not None:
                 times = [r.outage_since + self._outage_limit]
             elif r.state in ("running", "paused"):  # (a halted rollout leaves its lost nodes be)
@@ -1140,6 +1141,8 @@ class RolloutEngine:
             n.phase = n.lost_from or "applying"
             n.detail = ""
             away = now - n.offline_since if n.offline_since is not None else 0.0
+            if n.deadline is not None and n.deadline_kind == "node":
+                n.deadline += away  # the time away does not count against it
             self._audit(r, "node_back", f"{n.name} back after {_seconds(round(away, 1))}", out, node=n.name)
             out.touch(r, now)
         elif n.restore == "waiting" and n.offline_since is not None:

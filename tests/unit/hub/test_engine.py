@@ -1146,3 +1146,15 @@ def test_a_rollout_that_finished_during_an_outage_rolls_back_on_request_with_its
     actions = fleet.do(Tick(), at=T0 + 70)
     assert fleet.state() == "rollback_failed"  # nobody answered within node_timeout_s
     assert audits(actions, "rollback_failed")
+
+
+def test_a_lost_nodes_timeout_waits_while_it_is_away() -> None:
+    fleet = Fleet()
+    fleet.create(["n1"], node_timeout_s=60, offline_grace_s=30)
+    fleet.step("n1", 0, "running")
+    fleet.do(PresenceChanged("n1", False), at=T0 + 50)
+    assert fleet.engine.next_deadline() == T0 + 80  # its grace, not its (passing) node timeout
+    fleet.do(PresenceChanged("n1", True), at=T0 + 70)
+    assert fleet.engine.next_deadline() == T0 + 80  # node timeout 60 + 20 s away
+    fleet.snap("n1", "succeeded")
+    assert fleet.state() == "succeeded"

@@ -20,6 +20,9 @@ from bus.topics import Topics
 
 __all__ = ["HubClient"]
 
+#: How long a call waits for an offline hub's state to turn online before it fails.
+_OFFLINE_WAIT_S = 1.0
+
 
 class HubClient:
     """Send ``Request``s to the hub and await the matching ``Reply``.
@@ -36,6 +39,7 @@ class HubClient:
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
         #: The hub's latest retained state (None until it arrives).
         self.hub_state: HubState | None = None
+        self._state_seen = asyncio.Event()  # set at each new hub state
 
     async def subscribe(self) -> None:
         """Subscribe to this client's reply topic and to the hub's retained state."""
@@ -92,6 +96,7 @@ class HubClient:
             self.hub_state = decode(HubState, payload) if payload else None
         except InvalidInput:
             return
+        self._state_seen.set()
         reason = self.offline_reason()
         if reason is None:
             return
@@ -113,7 +118,13 @@ class HubClient:
         """
         reason = self.offline_reason()
         if reason is not None:
-            raise BusError(reason)
+            # A hub restarting says "online" again within moments: wait that long, not more.
+            self._state_seen.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._state_seen.wait(), min(timeout, _OFFLINE_WAIT_S))
+            reason = self.offline_reason()
+            if reason is not None:
+                raise BusError(reason)
         request = Request(id=new_id(), op=op, reply_to=self.reply_topic, body=body or {})
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._waiting[request.id] = future

@@ -464,6 +464,8 @@ class Observer:
             except BusError:
                 if time.monotonic() > deadline:
                     raise
+                # "hub offline" (its retained state) is said at once: ask again shortly.
+                await asyncio.sleep(0.2)
 
     async def ok(self, op: RequestOp, body: dict[str, Any] | None = None, timeout: float = DEADLINE) -> Any:
         reply = await self.call(op, body, timeout)

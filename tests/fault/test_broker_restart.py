@@ -44,6 +44,7 @@ async def test_broker_restarted_mid_rollout_succeeds(
     fleet = make_fleet(broker.url, topics)
     outcomes: list[str] = []
     midway = 0  # trials whose rollout was still running when the broker stopped
+    events = 0  # trials whose audit says the hub took it as a broker event
     async with observing(broker.url, topics) as observer:
         await start_fleet(fleet, observer, NODES)
         version = "v0"
@@ -62,6 +63,10 @@ async def test_broker_restarted_mid_rollout_succeeds(
             started = time.monotonic()
             await asyncio.to_thread(broker.start)
             state = await check_outcome(fleet, observer, rollout, NODES, OUTCOMES, version, new, timeout=120)
+            audit = (await observer.ok("show", {"rollout": rollout}))["audit"]
+            kinds = {entry["kind"] for entry in audit}
+            assert "node_failed" not in kinds, audit  # a broker event, never a node failure
+            events += "outage" in kinds
             _LOGGER.info(
                 "%s trial %d: broker down %.1f s, rollout %s %.1f s after the restart",
                 broker.kind, trial, down, state, time.monotonic() - started,
@@ -69,8 +74,9 @@ async def test_broker_restarted_mid_rollout_succeeds(
             outcomes.append(state)
             version = new
     _LOGGER.info(
-        "%s restarts: %d trials (%d stopped mid-rollout): %s", broker.kind, len(outcomes), midway, outcomes
-    )
+        "%s restarts: %d trials (%d stopped mid-rollout, %d audited as a broker event): %s",
+        broker.kind, len(outcomes), midway, events, outcomes,
+    )  # fmt: skip
 
 
 @pytest.fixture(autouse=True)

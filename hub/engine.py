@@ -18,6 +18,20 @@ DESIGN 3.4) while the rollout goes on. A node is *open* while it has an apply
 in flight or a restore the hub waits for; a node open in any rollout, or a
 target of any non-final rollout, is busy and cannot be targeted again.
 
+Transient faults (DESIGN 3.4, 3.7): a node offline mid-job is ``lost`` for
+``offline_grace_s``, then a failure; back in time it carries on from what it
+reports. Many running nodes lost within ``MASS_WINDOW_S``, or the hub's own
+connection lost (``BrokerChanged``), is a broker event (``_Rollout.outage_since``):
+no new commands and no timeouts until the nodes are back; past ``outage_limit_s``
+a running rollout halts for the operator. A restore awaited from an offline
+node is bounded by ``restore_timeout_s`` and shown in the rollout's detail; a
+restore verified after the rollout ended amends it (``_amend``).
+
+Truth in what people read (DESIGN 3.11): steps are numbered from 1 in every
+text (``step_name``), a failure reason is its meaningful line (``meaningful``),
+counts keep a failed node failed once restored (``_counted_as``), and each
+node's per-step grid (``_mark``) is kept in the record.
+
 Commands: ``issued_at`` strictly increases per node across every rollout
 (agents refuse a command not later than the last they ran); the retained
 command of a node is cleared only when the last command the hub sent to that

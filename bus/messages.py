@@ -308,6 +308,11 @@ class HubState(_Report):
     reason: Literal["birth", "shutdown", "lost"] = "birth"
     version: str = ""
     started_at: float = 0.0
+    ts: float = Field(
+        default=0.0,
+        description="When this state began: a birth's or shutdown's publish time; for a will, when the "
+        "connection it ends was made. 0: unknown.",
+    )
 
 
 # ------------------------------------------------------------------------ commands

@@ -1,17 +1,27 @@
-"""Request/reply over MQTT (DESIGN section 2): what the CLI, the TUI and tools use."""
+"""Request/reply over MQTT (DESIGN section 2): what the CLI, the TUI and tools use.
+
+A request sent while no hub is connected fails fast with why (issue 15): the
+client follows the hub's retained ``hub/state`` and, when it says offline,
+fails every waiting call (and every new one) with "hub offline since ..."
+instead of waiting out the timeout.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import Any
 
 from bus.errors import BusError, InvalidInput
-from bus.messages import Reply, Request, RequestOp, decode, encode, new_id
+from bus.messages import HubState, Reply, Request, RequestOp, decode, encode, new_id
 from bus.mqtt import MqttClient
 from bus.topics import Topics
 
 __all__ = ["HubClient"]
+
+#: How long a call waits for an offline hub's state to turn online before it fails.
+_OFFLINE_WAIT_S = 1.0
 
 
 class HubClient:
@@ -27,13 +37,34 @@ class HubClient:
         self._topics = topics
         self.reply_topic = topics.hub_reply(client.client_id)
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
+        #: The hub's latest retained state (None until it arrives).
+        self.hub_state: HubState | None = None
+        self._state_seen = asyncio.Event()  # set at each new hub state
 
     async def subscribe(self) -> None:
-        """Subscribe to this client's reply topic."""
+        """Subscribe to this client's reply topic and to the hub's retained state."""
         await self._client.subscribe(self.reply_topic, qos=1)
+        await self._client.subscribe(self._topics.hub_state, qos=1)
+
+    def offline_reason(self) -> str | None:
+        """Why no hub can answer (its retained state says offline), or None."""
+        state = self.hub_state
+        if state is None or state.state != "offline":
+            return None
+        if state.reason == "shutdown":
+            since = f" since {_clock(state.ts)}" if state.ts else ""
+            return f"hub offline{since} (it shut down); start `fleet hub`"
+        up = f", up since {_clock(state.ts)}," if state.ts else ""
+        return f"hub offline (its connection{up} was lost); is `fleet hub` running?"
 
     def feed(self, topic: str, payload: bytes) -> bool:
-        """Offer one received message; True when it was a reply this client waited for."""
+        """Offer one received message; True when it was a reply this client waited for.
+
+        The hub's state is taken and also left to the caller (False).
+        """
+        if topic == self._topics.hub_state:
+            self._take_state(payload)
+            return False
         if topic != self.reply_topic:
             return False
         try:
@@ -60,6 +91,19 @@ class HubClient:
             return self._waiting.pop(next(iter(self._waiting)))
         return None
 
+    def _take_state(self, payload: bytes) -> None:
+        try:
+            self.hub_state = decode(HubState, payload) if payload else None
+        except InvalidInput:
+            return
+        self._state_seen.set()
+        reason = self.offline_reason()
+        if reason is None:
+            return
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(BusError(reason))
+
     async def pump(self) -> None:
         """Read the client's messages forever, feeding replies (run as a task)."""
         async for message in self._client.messages():
@@ -69,8 +113,18 @@ class HubClient:
         """Send one request and wait for its reply.
 
         Raises:
-            BusError: no reply within ``timeout`` (is a hub running?).
+            BusError: the hub's retained state says it is offline (at once), or no
+                reply within ``timeout`` (is a hub running?).
         """
+        reason = self.offline_reason()
+        if reason is not None:
+            # A hub restarting says "online" again within moments: wait that long, not more.
+            self._state_seen.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._state_seen.wait(), min(timeout, _OFFLINE_WAIT_S))
+            reason = self.offline_reason()
+            if reason is not None:
+                raise BusError(reason)
         request = Request(id=new_id(), op=op, reply_to=self.reply_topic, body=body or {})
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._waiting[request.id] = future
@@ -84,3 +138,7 @@ class HubClient:
             with contextlib.suppress(Exception):
                 if not future.done():
                     future.cancel()
+
+
+def _clock(when: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(when))

@@ -238,9 +238,18 @@ def progress_line(summary: RolloutSummary) -> str:
     c = summary.counts
     wave = f" wave {summary.wave}/{summary.waves}" if summary.waves else ""
     detail = f" - {summary.detail}" if summary.detail else ""
+    extra = "".join(
+        f", {count} {label}"
+        for count, label in (
+            (c.rollback_failed, "not restored"),
+            (c.lost, "lost"),
+            (c.not_started, "not started"),
+        )
+        if count
+    )
     return (
         f"rollout {summary.id[:8]} {summary.state}{wave}: {c.succeeded} succeeded, {c.running} running, "
-        f"{c.failed} failed, {c.rolled_back} rolled back, {c.pending} pending{detail}"
+        f"{c.failed} failed, {c.rolled_back} rolled back, {c.pending} pending{extra}{detail}"
     )
 
 
@@ -289,7 +298,11 @@ def _counts(summary: Mapping[str, Any]) -> Mapping[str, Any]:
 
 def render_list(summaries: list[Mapping[str, Any]], now: float) -> str:
     """The human table of ``fleet rollout list``."""
-    rows: list[tuple[str, ...]] = [("ID", "NAME", "STATE", "OK/NODES", "FAILED", "ROLLED BACK", "UPDATED")]
+    # FAILED counts every node that failed, restored or not; NOT RESTORED the nodes whose
+    # restore failed or could not be verified (DESIGN 3.11).
+    rows: list[tuple[str, ...]] = [
+        ("ID", "NAME", "STATE", "OK/NODES", "FAILED", "ROLLED BACK", "NOT RESTORED", "UPDATED")
+    ]
     for s in summaries:
         counts = _counts(s)
         nodes = s.get("nodes")
@@ -306,6 +319,7 @@ def render_list(summaries: list[Mapping[str, Any]], now: float) -> str:
                 f"{counts.get('succeeded', 0)}/{total}",
                 str(counts.get("failed", 0)),
                 str(counts.get("rolled_back", 0)),
+                str(counts.get("rollback_failed", 0)),
                 ago(s.get("updated_at") if isinstance(s.get("updated_at"), int | float) else None, now),
             )
         )
@@ -337,15 +351,11 @@ def render_show(body: Mapping[str, Any], now: float) -> str:
         for name, info in sorted(nodes.items()):
             info = info if isinstance(info, Mapping) else {}
             step = info.get("step")
-            rows.append(
-                (
-                    str(name),
-                    str(info.get("phase", "?")),
-                    "-" if step is None else str(step),
-                    str(info.get("detail", ""))[:80],
-                )
-            )
+            # The wire's step index is 0-based; people count from 1 (DESIGN 3.11).
+            shown = str(step + 1) if isinstance(step, int) else "-"
+            rows.append((str(name), str(info.get("phase", "?")), shown, str(info.get("detail", ""))[:80]))
         lines += ["", *_columns(rows)]
+    lines += render_grid(body.get("steps"))
     audit = body.get("audit")
     if isinstance(audit, list) and audit:
         lines += ["", "audit (latest last):"]
@@ -355,3 +365,26 @@ def render_show(body: Mapping[str, Any], now: float) -> str:
                 text = entry.get("message") or entry.get("event") or entry.get("kind") or json.dumps(entry)
                 lines.append(f"  {ago(when, now) if isinstance(when, int | float) else '':>8}  {text}")
     return "\n".join(lines)
+
+
+_CELL = {"pending": "-", "running": "run", "succeeded": "ok", "failed": "FAIL", "rolled_back": "undone",
+         "skipped": "skip", "rejected": "REJECTED", "deferred": "defer"}  # fmt: skip
+
+
+def render_grid(steps: object) -> list[str]:
+    """The step grid of ``show`` (the hub's record, steps numbered from 1), then each failure's reason."""
+    if not isinstance(steps, Mapping) or not steps:
+        return []
+    grids = {str(n): g for n, g in steps.items() if isinstance(g, list)}
+    first = next(iter(grids.values()), [])
+    header = ["NODE", *(f"{c.get('index', i) + 1}.{c.get('type', '?')}" for i, c in enumerate(first))]
+    rows: list[tuple[str, ...]] = [tuple(header)]
+    reasons: list[str] = []
+    for name, grid in sorted(grids.items()):
+        cells = [c for c in grid if isinstance(c, Mapping)]
+        rows.append((name, *(_CELL.get(str(c.get("state")), str(c.get("state"))) for c in cells)))
+        for c in cells:
+            if c.get("state") in ("failed", "rejected") and c.get("detail"):
+                number = int(c.get("index", 0)) + 1
+                reasons.append(f"  {name} step {number} ({c.get('type')}) {c.get('state')}: {c['detail']}")
+    return ["", "steps:", *_columns(rows), *reasons]

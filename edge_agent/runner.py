@@ -162,6 +162,7 @@ class CommandRunner:
         self._preflight_ids: deque[str] = deque(maxlen=_PREFLIGHTS_REMEMBERED)
         self._status_topic = topics.node(settings.node, "status")
         self._job_topic = topics.node(settings.node, "job")
+        self._last_snapshot: bytes | None = None  # the latest retained JobSnapshot sent
         self._log_topic = topics.node(settings.node, "log")
         self._snapshot_every_s = snapshot_every_s
         self._snapshot_due: tuple[ActiveJob, JobPhase, str] | None = None
@@ -306,9 +307,29 @@ class CommandRunner:
 
     # ------------------------------------------------------------------ reports
 
-    async def _send(self, topic: str, message: BaseModel, *, qos: int = 1, retain: bool = False) -> None:
+    async def republish_snapshot(self) -> None:
+        """Publish the latest job snapshot again (called after every reconnect).
+
+        A broker restarted without persistence has lost it, and the hub learns
+        from it where this node is (DESIGN 3.6).
+        """
+        if self._last_snapshot is not None:
+            await self._send_raw(self._job_topic, self._last_snapshot)
+
+    async def _send_raw(self, topic: str, payload: bytes) -> None:
         try:
-            await self._publish(topic, encode(message), qos=qos, retain=retain)
+            await self._publish(topic, payload, qos=1, retain=True)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            _LOGGER.warning("publish to %s failed", topic, exc_info=True)
+
+    async def _send(self, topic: str, message: BaseModel, *, qos: int = 1, retain: bool = False) -> None:
+        payload = encode(message)
+        if retain and topic == self._job_topic:
+            self._last_snapshot = payload
+        try:
+            await self._publish(topic, payload, qos=qos, retain=retain)
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -98,6 +98,7 @@ class Agent:
         self._stopping = False
         self._client: MqttClient | None = None
         self._refresh_task: asyncio.Task[None] | None = None
+        self._runner: CommandHandler | None = None
         self.ready = asyncio.Event()
         """Set once connected, recovered and taking commands (the simulator and tests wait on it)."""
 
@@ -120,6 +121,7 @@ class Agent:
         client.on_connect(self._publish_birth)
         await client.subscribe(self.presence.cmd_topic, qos=1)
         runner = self._runner_factory(settings, self.topics, client.publish)
+        self._runner = runner
         tasks: list[asyncio.Task[None]] = []
         try:
             await client.start(wait=False)
@@ -148,6 +150,10 @@ class Agent:
         birth = self.presence.birth(self._inventory)
         await client.publish(self.presence.state_topic, encode(birth), qos=1, retain=True)
         _LOGGER.info("birth of %s published (session %s)", birth.node, birth.session)
+        # A broker restarted without persistence lost the retained job snapshot: say it again.
+        republish = getattr(self._runner, "republish_snapshot", None)
+        if republish is not None:
+            await republish()
 
     async def _probe_inventory(self) -> Inventory:
         config = self.config

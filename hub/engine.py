@@ -18,6 +18,20 @@ DESIGN 3.4) while the rollout goes on. A node is *open* while it has an apply
 in flight or a restore the hub waits for; a node open in any rollout, or a
 target of any non-final rollout, is busy and cannot be targeted again.
 
+Transient faults (DESIGN 3.4, 3.7): a node offline mid-job is ``lost`` for
+``offline_grace_s``, then a failure; back in time it carries on from what it
+reports. Many running nodes lost within ``MASS_WINDOW_S``, or the hub's own
+connection lost (``BrokerChanged``), is a broker event (``_Rollout.outage_since``):
+no new commands and no timeouts until the nodes are back; past ``outage_limit_s``
+a running rollout halts for the operator. A restore awaited from an offline
+node is bounded by ``restore_timeout_s`` and shown in the rollout's detail; a
+restore verified after the rollout ended amends it (``_amend``).
+
+Truth in what people read (DESIGN 3.11): steps are numbered from 1 in every
+text (``step_name``), a failure reason is its meaningful line (``meaningful``),
+counts keep a failed node failed once restored (``_counted_as``), and each
+node's per-step grid (``_mark``) is kept in the record.
+
 Commands: ``issued_at`` strictly increases per node across every rollout
 (agents refuse a command not later than the last they ran); the retained
 command of a node is cleared only when the last command the hub sent to that
@@ -27,6 +41,8 @@ node is the one being cleared (a newer rollout may have published since).
 from __future__ import annotations
 
 import dataclasses
+import re
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
@@ -56,6 +72,7 @@ __all__ = [
     "AbortRequested",
     "Action",
     "Audit",
+    "BrokerChanged",
     "ClearCommand",
     "EngineEvent",
     "PauseRequested",
@@ -84,6 +101,11 @@ RECORD_VERSION = 1
 
 Restore = Literal["waiting", "restored", "unrestored"]
 DeadlineKind = Literal["node", "expiry", "restore", "defer", "start"]
+#: Nodes lost within this many seconds of each other count as lost at once (a broker event).
+MASS_WINDOW_S = 2.0
+#: ... when they are at least this many and more than this share of the running nodes.
+MASS_MIN_NODES = 2
+MASS_SHARE = 0.5
 CommandAction = Literal["apply", "rollback", "abort"]
 
 # ---------------------------------------------------------------------------- events
@@ -160,6 +182,13 @@ class PresenceChanged:
 
 
 @dataclass(frozen=True)
+class BrokerChanged:
+    """The hub's own broker connection went down or came back (DESIGN 3.4: a broker event)."""
+
+    connected: bool
+
+
+@dataclass(frozen=True)
 class Tick:
     """Time passed: check deadlines (node timeouts, expiry, soak)."""
 
@@ -174,6 +203,7 @@ EngineEvent = Union[  # noqa: UP007 - a runtime alias; `X | Y` of classes needs 
     StepReported,
     SnapshotReported,
     PresenceChanged,
+    BrokerChanged,
     Tick,
 ]
 
@@ -245,11 +275,14 @@ class _Node:
     done_at: float | None = None
     tz: str | None = None  # its time zone for maintenance windows (the tz label when created)
     window_seen: bool = False  # its window was open while its wave waited to send it (finish mode)
+    grid: list[list[str]] = field(default_factory=list)  # per plan step: [state, detail] ([] = all pending)
+    offline_since: float | None = None  # went offline while the hub waited for it (lost, or a restore)
+    lost_from: NodePhase | None = None  # its phase before it was lost (applying, or succeeded in soak)
 
     @property
     def is_open(self) -> bool:
         """An apply in flight or a restore the hub waits for."""
-        return self.queued or self.phase in ("applying", "deferred") or self.restore == "waiting"
+        return self.queued or self.phase in ("applying", "deferred", "lost") or self.restore == "waiting"
 
 
 _NODE_FIELDS = tuple(f.name for f in dataclasses.fields(_Node))
@@ -270,6 +303,9 @@ class _Rollout:
     detail: str = ""
     failures: list[str] = field(default_factory=list)
     hold_until: float = 0.0  # after a restart: no time-driven decision before this
+    reason: str = ""  # why its rollback started (the detail while it waits for nobody)
+    outage_since: float | None = None  # a broker or network event: no new commands (not persisted)
+    outage_note: str = ""
     # Not persisted; they only spare the hot path from rescanning every node per event.
     names: list[str] = field(init=False, repr=False)  # the nodes, in order
     dispatched: int = -1  # every node of this wave has its command (or failed): nothing to send
@@ -310,7 +346,26 @@ def _all_nodes(r: _Rollout, key: str, names: Sequence[str], holds: Callable[[_No
 
 
 def _wave_done(n: _Node) -> bool:
-    return (n.applied or n.failed or n.phase == "not_started") and not n.queued and n.phase != "applying"
+    done = n.applied or n.failed or n.phase == "not_started"
+    return done and not n.queued and n.phase not in ("applying", "lost")
+
+
+_WAIT_PREFIX = "rolling back: waiting for "
+
+
+def _clock(when: float) -> str:
+    """A wall-clock time as people read it in texts (UTC, to the second)."""
+    return time.strftime("%H:%M:%S UTC", time.gmtime(when))
+
+
+def _restore_timeout_text(r: _Rollout, n: _Node) -> str:
+    """Why a restore the hub waited for did not come: offline past restore_timeout_s, or silent."""
+    if n.offline_since is not None and (n.deadline or 0.0) >= n.offline_since + r.spec.restore_timeout_s:
+        return (
+            f"not restored: offline since {_clock(n.offline_since)}, no restore within "
+            f"restore_timeout_s ({_seconds(r.spec.restore_timeout_s)})"
+        )
+    return f"not restored: no report within {_seconds(r.spec.node_timeout_s)} of the {n.action}"
 
 
 def _not_waiting(n: _Node) -> bool:
@@ -354,6 +409,37 @@ def _seconds(value: float) -> str:
     return f"{value:g} s"
 
 
+#: Words that mark the line of a command's output that says what went wrong.
+_ERROR_WORDS = re.compile(
+    r"error|fail|fatal|refus|denied|unsupported|cannot|can't|not found|exception|panic", re.IGNORECASE
+)
+#: Longest failure reason kept per node (the summary is size-bounded).
+_REASON_LIMIT = 300
+
+
+def meaningful(detail: str) -> str:
+    """The line of an agent's failure detail that says what went wrong (DESIGN 3.11).
+
+    An agent's detail is ``"<what failed>: <output lines joined by ' | '>"``
+    (``edge_agent.system.RunResult.tail``); a service that printed its start-up
+    chatter before its error shows all of it. Keep the head and the last line
+    that reads as an error (else the last line).
+    """
+    text = detail.strip()
+    parts = [p.strip() for p in re.split(r"\n| \| ", text) if p.strip()]
+    if len(parts) <= 1:
+        return text[:_REASON_LIMIT]
+    head, sep, first = parts[0].partition(": ")
+    lines = [first, *parts[1:]] if sep else parts
+    chosen = next((line for line in reversed(lines) if _ERROR_WORDS.search(line)), lines[-1])
+    return (f"{head}: {chosen}" if sep else chosen)[:_REASON_LIMIT]
+
+
+def step_name(index: int, type_: str) -> str:
+    """A step as people count (DESIGN 3.11): the wire's 0-based index 2 is ``step 3 (service)``."""
+    return f"step {index + 1} ({type_})"
+
+
 def check_record(record: Mapping[str, Any]) -> str | None:
     """Why a stored rollout record cannot be loaded, or None when it can."""
     try:
@@ -371,11 +457,30 @@ class RolloutEngine:
         resume_grace_s: after ``RolloutsLoaded``, how long time-driven decisions
             (timeouts, expiry, soak) wait so the retained job snapshots can
             arrive first (DESIGN 3.6).
+        offline_grace_s: how long a node offline mid-job is ``lost`` before it
+            is a failure, for specs that leave ``offline_grace_s`` unset (the
+            runner passes 3 heartbeats plus the keepalive).
+        outage_limit_s: how long a broker or network event (the hub's own
+            connection lost, or many nodes lost at once) may hold a rollout
+            before it halts for the operator.
     """
 
-    def __init__(self, *, new_id: Callable[[], str] = new_id, resume_grace_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        *,
+        new_id: Callable[[], str] = new_id,
+        resume_grace_s: float = 5.0,
+        offline_grace_s: float = 25.0,
+        outage_limit_s: float = 300.0,
+    ) -> None:
         self._new_id = new_id
         self._grace = resume_grace_s
+        self._offline_grace = offline_grace_s
+        self._outage_limit = outage_limit_s
+        self._connected = True
+        self._settle_until = 0.0  # after the hub reconnects: retained wills may still arrive
+        self._drops: list[tuple[float, str]] = []  # recent (time, node) losses of running nodes
+        self._offline_at: dict[str, float] = {}  # per node: when it went offline
         self._rollouts: dict[str, _Rollout] = {}
         self._by_node: dict[str, set[str]] = {}
         self._issued: dict[str, float] = {}  # per node: the latest issued_at sent
@@ -397,6 +502,23 @@ class RolloutEngine:
         """Every known rollout id, oldest first."""
         return [r.id for r in sorted(self._rollouts.values(), key=lambda r: (r.created_at, r.id))]
 
+    def resolve(self, rollout: str) -> str:
+        """The full id of ``rollout``: its id or any unique prefix of one (the CLI prints 8 characters).
+
+        Raises:
+            NotFound: no rollout id starts with it.
+            InvalidInput: several do (the message names them).
+        """
+        if rollout in self._rollouts:
+            return rollout
+        matches = sorted(rid for rid in self._rollouts if rid.startswith(rollout))
+        if not matches:
+            raise NotFound(f"unknown rollout {rollout[:80]!r}")
+        if len(matches) > 1:
+            shown = ", ".join(matches[:10]) + (f" (+{len(matches) - 10} more)" if len(matches) > 10 else "")
+            raise InvalidInput(f"rollout id prefix {rollout[:80]!r} is ambiguous: it matches {shown}")
+        return matches[0]
+
     def plan(self, rollout: str) -> list[dict[str, Any]]:
         """The plan the nodes of ``rollout`` get (step timeouts filled in), as JSON values."""
         return [step.model_dump(mode="json") for step in self._get(rollout).plan]
@@ -416,22 +538,15 @@ class RolloutEngine:
     def summary(self, rollout: str) -> RolloutSummary:
         """The ``RolloutSummary`` of ``rollout``; NotFound if unknown."""
         r = self._get(rollout)
-        counts = {
-            "pending": 0,
-            "running": 0,
-            "succeeded": 0,
-            "failed": 0,
-            "rolled_back": 0,
-            "deferred": 0,
-            "not_started": 0,
-        }
+        counts = dict.fromkeys(RolloutCounts.model_fields, 0)
+        final = r.is_final
         nodes: dict[str, NodeSummary] = {}
         for node in r.nodes.values():
-            counts[_COUNTED_AS[node.phase]] += 1
+            phase = _shown_phase(node, final)
+            for key in _counted_as(node, phase):
+                counts[key] += 1
             # Built from the engine's own state: no need to validate a thousand times.
-            nodes[node.name] = NodeSummary.model_construct(
-                phase=node.phase, step=node.step, detail=node.detail
-            )
+            nodes[node.name] = NodeSummary.model_construct(phase=phase, step=node.step, detail=node.detail)
         return RolloutSummary.model_validate(
             {
                 "id": r.id,
@@ -446,6 +561,28 @@ class RolloutEngine:
                 "detail": r.detail,
             }
         )
+
+    def steps(self, rollout: str, limit: int = 5000) -> dict[str, list[dict[str, Any]]]:
+        """Every node's step grid (state and failure reason per plan step), as the ``show`` reply's ``steps``.
+
+        Each step is ``{"index": i, "type", "state", "detail"}`` with ``i`` 0-based as
+        ``StepStatus.index`` on the wire. When the rollout has more than ``limit``
+        cells, nodes whose every step is still pending are left out (replies are
+        size-bounded); NotFound if unknown.
+        """
+        r = self._get(rollout)
+        types = [step.type for step in r.plan]
+        many = len(r.nodes) * len(types) > limit
+        grids: dict[str, list[dict[str, Any]]] = {}
+        for name, n in r.nodes.items():
+            if many and not n.grid:
+                continue
+            cells = n.grid or [["pending", ""]] * len(types)
+            grids[name] = [
+                {"index": i, "type": kind, "state": cell[0], "detail": cell[1]}
+                for i, (kind, cell) in enumerate(zip(types, cells, strict=False))
+            ]
+        return grids
 
     def record(self, rollout: str) -> dict[str, Any]:
         """The JSON-able record of ``rollout`` that the store keeps (``RolloutsLoaded`` reads it)."""
@@ -462,7 +599,15 @@ class RolloutEngine:
             "wave_done_at": r.wave_done_at,
             "detail": r.detail,
             "failures": list(r.failures),
-            "nodes": {name: {f: getattr(node, f) for f in _NODE_FIELDS} for name, node in r.nodes.items()},
+            "reason": r.reason,
+            # (The grid is copied: the store may encode the record while the engine goes on.)
+            "nodes": {
+                name: {
+                    f: ([list(c) for c in node.grid] if f == "grid" else getattr(node, f))
+                    for f in _NODE_FIELDS
+                }
+                for name, node in r.nodes.items()
+            },
         }
 
     def finished(self) -> list[str]:
@@ -489,10 +634,18 @@ class RolloutEngine:
 
     def next_deadline(self) -> float | None:
         """The earliest time at which a ``Tick`` may change something, or None."""
-        best: float | None = None
+        best: float | None = self._settle_until if self._settle_until > 0 else None
         for rid in self._active:
             r = self._rollouts[rid]
-            times = [n.deadline for n in r.nodes.values() if n.is_open and n.deadline is not None]
+            # (A lost node's own deadline is its grace, below.)
+            times = [n.deadline for n in r.nodes.values() if n.is_open and n.deadline and n.phase != "lost"]
+            if r.outage_since is not None:
+                times = [r.outage_since + self._outage_limit]
+            elif r.state in ("running", "paused"):  # (a halted rollout leaves its lost nodes be)
+                grace = self._grace_of(r)
+                times += [
+                    n.offline_since + grace for n in r.nodes.values() if n.phase == "lost" and n.offline_since
+                ]
             if r.state == "running" and r.wave_done_at is not None:
                 times.append(r.wave_done_at + r.spec.strategy.soak_s)
             if r.state == "running" and r.window_at is not None:
@@ -529,14 +682,21 @@ class RolloutEngine:
             self._resume(self._get(event.rollout), now, out)
         elif isinstance(event, StepReported):
             self._on_status(event.node, event.status, now, out)
+            self._end_outages(now, out)
         elif isinstance(event, SnapshotReported):
             self._on_snapshot(event.node, event.snapshot, now, out)
+            self._end_outages(now, out)
         elif isinstance(event, PresenceChanged):
             self._on_presence(event.node, event.online, now, out)
+        elif isinstance(event, BrokerChanged):
+            self._on_broker(event.connected, now, out)
         else:
             self._tick(now, out)
         for rid in out.changed:
-            self._refresh_active(self._rollouts[rid])
+            r = self._rollouts[rid]
+            if r.is_final:
+                r.outage_since = None  # over for this rollout: a later rollback request starts clean
+            self._refresh_active(r)
         return out.finish()
 
     # ------------------------------------------------------------------ helpers
@@ -685,6 +845,11 @@ class RolloutEngine:
                 str(name): _Node(**{k: v for k, v in doc.items() if k in _NODE_FIELDS})
                 for name, doc in dict(record["nodes"]).items()
             }
+            for n in nodes.values():
+                if not isinstance(n.grid, list) or not all(
+                    isinstance(c, list) and len(c) == 2 and all(isinstance(x, str) for x in c) for c in n.grid
+                ):
+                    raise InvalidInput(f"rollout record {rid}: node {n.name[:64]}'s steps are unreadable")
             waves = [[str(n) for n in wave] for wave in record["waves"]]
             state = str(record["state"])
             if state not in _STATES:
@@ -706,6 +871,7 @@ class RolloutEngine:
                 wave_done_at=record.get("wave_done_at"),
                 detail=str(record.get("detail", "")),
                 failures=[str(n) for n in record.get("failures", [])],
+                reason=str(record.get("reason", "")),
             )
         except ValidationError as exc:
             raise InvalidInput(f"rollout record {rid}: {describe(exc)}") from exc
@@ -777,12 +943,15 @@ class RolloutEngine:
             return
         if status.command != n.command_id:
             return  # an older command of this rollout, or one this hub never sent
+        self._back(r, n, now, out)
         before = (n.phase, n.step, n.detail)
+        if _mark(r, n, status.index, status.state, status.detail):
+            out.touch(r, now)
         if n.action == "apply":
             self._fold_apply_status(r, n, status, now, out)
         elif status.state == "rejected":
             if n.restore == "waiting":
-                self._unrestored(r, n, "failed", f"rejected the {n.action}: {status.detail}", now, out)
+                self._unrestored(r, n, f"{self._prefix(n)}rejected the {n.action}: {status.detail}", now, out)
         elif n.restore == "waiting":
             n.step = status.index if status.index >= 0 else n.step
         if (n.phase, n.step, n.detail) != before:
@@ -812,8 +981,8 @@ class RolloutEngine:
         if n.applied:
             return
         if status.state == "failed":
-            reason = f"failed step {status.index} ({status.type})" + (
-                f": {status.detail}" if status.detail else ""
+            reason = f"failed {step_name(status.index, status.type)}" + (
+                f": {meaningful(status.detail)}" if status.detail else ""
             )
             n.step = index
             self._fail(r, n, "failed", reason, now, out, restore="waiting", step=status.index)
@@ -833,7 +1002,10 @@ class RolloutEngine:
             return
         if snap.id != n.command_id:
             return  # older or unknown command: the latest one decides (DESIGN 3.6)
+        self._back(r, n, now, out)
         before = (n.phase, n.step, n.detail, n.restore)
+        if any([_mark(r, n, s.index, s.state, s.detail) for s in snap.steps]):
+            out.touch(r, now)
         if n.action == "apply":
             self._fold_apply_snapshot(r, n, snap, now, out)
         else:
@@ -847,8 +1019,8 @@ class RolloutEngine:
         reached = [s.index for s in snap.steps if s.state != "pending"]
         step = max(reached) if reached else None
         reason = (
-            f"failed step {failed_step.index} ({failed_step.type})"
-            + (f": {failed_step.detail}" if failed_step.detail else "")
+            f"failed {step_name(failed_step.index, failed_step.type)}"
+            + (f": {meaningful(failed_step.detail)}" if failed_step.detail else "")
             if failed_step is not None
             else (snap.detail or f"job {snap.phase}")
         )
@@ -882,35 +1054,43 @@ class RolloutEngine:
                 self._clear(n, out)
             elif n.restore in ("waiting", "unrestored"):
                 self._restored(r, n, now, out)
-        elif snap.phase == "failed":
+        elif snap.phase in ("failed", "rollback_failed"):
+            # A failed step and the node's own restore: "failed" once the restore is verified,
+            # "rollback_failed" with the evidence when it is not. (An agent from before restore
+            # verification says "failed" with "undo of step ..." when an undo failed.)
             if not n.failed and not n.applied:
                 n.step = step
                 self._fail(r, n, "failed", reason, now, out, restore="waiting", step=step)
-            if n.restore == "waiting":
-                self._unrestored(r, n, "failed", f"{n.detail}; could not restore: {snap.detail}", now, out)
+            unverified = snap.phase == "rollback_failed" or snap.detail.startswith("undo of step")
+            if n.restore == "waiting" and unverified:
+                why = meaningful(snap.detail) or "its restore could not be verified"
+                self._unrestored(r, n, f"{n.detail}; not restored: {why}", now, out)
+            elif n.restore in ("waiting", "unrestored") and not unverified:
+                self._restored(r, n, now, out)
 
     def _fold_restore_snapshot(self, r: _Rollout, n: _Node, snap: JobSnapshot, now: float, out: _Out) -> None:
         if n.restore == "unrestored" and snap.phase == "rolled_back":
-            # It came back after its restore deadline and ran the retained command.
-            self._audit(
-                r, "late_restore", f"{n.name} restored after all", out, node=n.name, command=n.command_id
-            )
+            # It came back after its restore deadline and ran the retained command (audited).
             self._restored(r, n, now, out)
             return
         if n.restore != "waiting":
             return
         if snap.phase in ("rolled_back", "succeeded"):
             self._restored(r, n, now, out)
+        elif snap.phase == "rollback_failed":
+            why = meaningful(snap.detail) or "its restore could not be verified"
+            self._unrestored(r, n, f"{self._prefix(n)}{n.action} not verified: {why}", now, out)
         elif snap.phase == "failed":
             failed_step = next((s for s in snap.steps if s.state == "failed"), None)
-            why = snap.detail or (
-                f"undo of step {failed_step.index} ({failed_step.type}) failed: {failed_step.detail}"
+            why = meaningful(snap.detail) or (
+                f"undo of {step_name(failed_step.index, failed_step.type)} failed: "
+                f"{meaningful(failed_step.detail)}"
                 if failed_step is not None
                 else "the agent could not restore it"
             )
-            self._unrestored(r, n, "failed", f"{n.action} failed: {why}", now, out)
+            self._unrestored(r, n, f"{self._prefix(n)}{n.action} failed: {why}", now, out)
         elif snap.phase == "rejected":
-            self._unrestored(r, n, "failed", f"rejected the {n.action}: {snap.detail}", now, out)
+            self._unrestored(r, n, f"{self._prefix(n)}rejected the {n.action}: {snap.detail}", now, out)
         else:
             n.touched = True
             reached = [s.index for s in snap.steps if s.state != "pending"]
@@ -919,10 +1099,16 @@ class RolloutEngine:
 
     def _on_presence(self, node: str, online: bool, now: float, out: _Out) -> None:
         self._online[node] = online
+        if online:
+            self._offline_at.pop(node, None)
+        else:
+            self._offline_at.setdefault(node, now)
+        lost = False
         for rid in sorted(self._by_node.get(node, ())):
             r = self._rollouts[rid]
             n = r.nodes[node]
             if online:
+                self._back(r, n, now, out)
                 if n.queued:
                     # Its retained apply reaches it now: the node timeout starts.
                     n.queued = False
@@ -935,30 +1121,149 @@ class RolloutEngine:
                     # A new connection of the node: a broker restarted without persistence
                     # may have lost the retained command it waits for. A replay is ignored.
                     out.add(PublishCommand(n.name, self._rebuild_command(r, n)))
+                self._progress(r, now, out)
                 continue
             if n.phase == "applying" and not n.failed:
-                self._fail(r, n, "offline", "went offline mid-job", now, out)
-                self._send_restore(r, n, "abort", now, out, phase="offline")
-            elif n.applied and not n.failed and r.state in ("running", "paused") and n.wave == r.wave:
-                soaking = r.wave_done_at is not None
-                self._fail(
-                    r,
-                    n,
-                    "offline",
-                    "went offline during soak" if soaking else "went offline before its wave finished",
-                    now,
-                    out,
-                )
+                self._lose(r, n, now, out)
+                lost = True
+            elif (
+                n.applied and not n.failed and n.phase == "succeeded" and r.state in ("running", "paused")
+                and n.wave == r.wave
+            ):  # fmt: skip
+                self._lose(r, n, now, out)  # in its wave (soaking): its wave waits for it
+                lost = True
+            elif n.restore == "waiting":
+                self._restore_offline(r, n, now, out)
+                self._progress(r, now, out)
+        if lost:
+            self._note_drop(node, now, out)
+        self._end_outages(now, out)
+
+    def _lose(self, r: _Rollout, n: _Node, now: float, out: _Out) -> None:
+        """Offline mid-job: ``lost``, not failed, for the grace (DESIGN 3.4); its agent goes on alone."""
+        n.lost_from = n.phase
+        n.phase = "lost"
+        n.offline_since = self._offline_at.get(n.name, now)
+        grace = self._grace_of(r)
+        n.detail = f"lost: offline since {_clock(n.offline_since)}; a failure after {_seconds(grace)}"
+        self._audit(r, "node_lost", f"{n.name} {n.detail}", out, node=n.name, grace_s=grace)
+        out.touch(r, now)
+
+    def _back(self, r: _Rollout, n: _Node, now: float, out: _Out) -> None:
+        """A lost node is heard again (presence or a report): it carries on where it is."""
+        if n.phase == "lost":
+            n.phase = n.lost_from or "applying"
+            n.detail = ""
+            away = now - n.offline_since if n.offline_since is not None else 0.0
+            if n.deadline is not None and n.deadline_kind == "node":
+                n.deadline += away  # the time away does not count against it
+            self._audit(r, "node_back", f"{n.name} back after {_seconds(round(away, 1))}", out, node=n.name)
+            out.touch(r, now)
+        elif n.restore == "waiting" and n.offline_since is not None:
+            if n.phase == "offline":
+                n.phase = "rolling_back"
+            if n.issued_at is not None:
+                n.deadline, n.deadline_kind = n.issued_at + r.spec.node_timeout_s, "restore"
+            out.touch(r, now)
+        n.offline_since = None
+        n.lost_from = None
+
+    def _grace_of(self, r: _Rollout) -> float:
+        grace = r.spec.offline_grace_s
+        return self._offline_grace if grace is None else grace
+
+    def _restore_offline(self, r: _Rollout, n: _Node, now: float, out: _Out) -> None:
+        """A node whose restore the hub waits for is offline: wait up to ``restore_timeout_s``, visibly."""
+        if n.offline_since is None:
+            n.offline_since = self._offline_at.get(n.name, now)
+        if not n.failed and n.phase == "rolling_back":
+            n.phase = "offline"
+        until = n.offline_since + r.spec.restore_timeout_s
+        if n.deadline is None or until < n.deadline:
+            n.deadline, n.deadline_kind = until, "restore"
+        out.touch(r, now)
+
+    # ------------------------------------------------------------------ broker events
+
+    def _on_broker(self, connected: bool, now: float, out: _Out) -> None:
+        """The hub's own connection: while it is down the hub is blind, not the nodes gone."""
+        if connected == self._connected:
+            return
+        self._connected = connected
+        if connected:
+            # The broker replays what it retained (wills of nodes it lost included):
+            # give that, and the nodes' reconnects, a moment before deciding anything.
+            self._settle_until = now + self._grace
+            return
+        for rid in sorted(self._active):
+            r = self._rollouts[rid]
+            if r.state in ("running", "paused", "rolling_back", "aborting"):
+                self._start_outage(r, "broker connection lost: the hub is disconnected", now, out)
+
+    def _note_drop(self, node: str, now: float, out: _Out) -> None:
+        """Many running nodes lost within ``MASS_WINDOW_S``: a broker or network event, not failures."""
+        self._drops = [(t, n) for t, n in self._drops if now - t <= MASS_WINDOW_S and n != node]
+        self._drops.append((now, node))
+        dropped = {n for _, n in self._drops}
+        hit: list[_Rollout] = []
+        running = 0
+        for rid in sorted(self._active):
+            r = self._rollouts[rid]
+            open_nodes = [n for n in r.nodes.values() if n.phase in ("applying", "lost")]
+            running += len(open_nodes)
+            if any(n.name in dropped for n in open_nodes):
+                hit.append(r)
+        if len(dropped) < MASS_MIN_NODES or len(dropped) <= MASS_SHARE * running:
+            return
+        for r in hit:
+            if r.outage_since is None:
+                self._start_outage(r, f"broker connection lost: {len(dropped)} nodes lost at once", now, out)
             else:
+                r.outage_note = f"{r.outage_note.split(':')[0]}: {len(dropped)} nodes lost at once"
+
+    def _start_outage(self, r: _Rollout, why: str, now: float, out: _Out) -> None:
+        if r.outage_since is not None:
+            return
+        r.outage_since = now
+        r.outage_note = why
+        until = now + self._outage_limit
+        r.detail = f"{why}; waiting (new commands paused; halts at {_clock(until)} if the nodes stay away)"
+        self._audit(r, "outage", f"{why}; waiting", out, since=now, limit_s=self._outage_limit)
+        out.touch(r, now)
+
+    def _end_outages(self, now: float, out: _Out) -> None:
+        """Resume every rollout whose broker event is over: hub connected, settled, no node lost."""
+        if not self._connected or now < self._settle_until:
+            return
+        self._settle_until = 0.0
+        for rid in sorted(self._active):
+            r = self._rollouts[rid]
+            if r.outage_since is None or any(n.phase == "lost" for n in r.nodes.values()):
                 continue
+            took = now - r.outage_since
+            r.outage_since = None
+            for n in r.nodes.values():  # the time of the event does not count against the nodes
+                if n.is_open and n.deadline is not None and n.deadline_kind in ("node", "restore"):
+                    n.deadline += took
+            r.detail = r.reason if r.state in ("rolling_back", "aborting") else ""
+            self._audit(r, "outage_over", f"nodes back after {_seconds(round(took, 1))}: resuming", out)
+            r.hold_until = max(r.hold_until, now)
+            out.touch(r, now)
             self._progress(r, now, out)
 
     def _tick(self, now: float, out: _Out) -> None:
+        self._end_outages(now, out)
         for rid in sorted(self._active):
             r = self._rollouts[rid]
             if now < r.hold_until:
                 continue
+            if r.outage_since is not None:
+                self._outage_tick(r, now, out)
+                continue  # a broker event: no node is failed for being away, no timeout runs
             for n in r.nodes.values():
+                if n.phase == "lost":
+                    self._lost_tick(r, n, now, out)
+                    continue
                 if not n.is_open or n.deadline is None or n.deadline > now:
                     continue
                 if n.deadline_kind == "expiry":
@@ -973,16 +1278,8 @@ class RolloutEngine:
                     waited = f"still deferred after {_seconds(r.spec.max_defer_s)}"
                     self._not_started(r, n, f"not started: {waited} ({n.detail})", now, out)
                 elif n.deadline_kind == "restore":
-                    self._unrestored(
-                        r,
-                        n,
-                        "timed_out",
-                        f"{n.detail + '; ' if n.detail else ''}not restored: no report within "
-                        f"{_seconds(r.spec.node_timeout_s)} of the {n.action}",
-                        now,
-                        out,
-                        keep_command=True,
-                    )
+                    why = _restore_timeout_text(r, n)
+                    self._unrestored(r, n, f"{self._prefix(n)}{why}", now, out, keep_command=True)
                 else:
                     self._fail(
                         r,
@@ -994,6 +1291,45 @@ class RolloutEngine:
                     )
                     self._send_restore(r, n, "abort", now, out, phase="timed_out")
             self._progress(r, now, out)
+
+    def _lost_tick(self, r: _Rollout, n: _Node, now: float, out: _Out) -> None:
+        """A lost node past its grace is a node failure (a halted rollout leaves it to the operator)."""
+        grace = self._grace_of(r)
+        if n.offline_since is None or now < n.offline_since + grace or r.state == "halted":
+            return
+        was_applying = n.lost_from != "succeeded"
+        n.phase = n.lost_from or "applying"
+        n.lost_from = None
+        since = _clock(n.offline_since)
+        when = "mid-job" if was_applying else "in its wave"
+        within = f"offline_grace_s ({_seconds(grace)})"
+        reason = f"went offline {when}: offline since {since}, not back within {within}"
+        self._fail(r, n, "offline", reason, now, out)
+        if was_applying:
+            self._send_restore(r, n, "abort", now, out, phase="offline")
+
+    def _outage_tick(self, r: _Rollout, now: float, out: _Out) -> None:
+        """Past ``outage_limit_s`` of a broker event the rollout halts for the operator: no blind rollback."""
+        assert r.outage_since is not None  # noqa: S101 - the caller checked
+        if now < r.outage_since + self._outage_limit:
+            return
+        lost = [n.name for n in r.nodes.values() if n.phase == "lost"]
+        named = ", ".join(lost[:20]) + (f" (+{len(lost) - 20} more)" if len(lost) > 20 else "")
+        note = (
+            f"{r.outage_note} at {_clock(r.outage_since)}; after {_seconds(self._outage_limit)} "
+            f"{len(lost)} node(s) still lost ({named}); waiting for the operator"
+        )
+        r.outage_since = None
+        if r.state in ("running", "paused"):
+            r.state = "halted"
+            r.detail = f"halted: {note}"
+            for n in r.nodes.values():
+                if n.queued:
+                    self._withdraw(r, n, now, out)
+            self._audit(r, "halted", r.detail, out, lost=lost[:50])
+        else:  # a rollback in progress goes on: its nodes' restores are awaited (restore_timeout_s)
+            self._audit(r, "outage_long", note, out, lost=lost[:50])
+        out.touch(r, now)
 
     # ------------------------------------------------------------------ node transitions
 
@@ -1054,26 +1390,37 @@ class RolloutEngine:
         out.touch(r, now)
 
     def _restored(self, r: _Rollout, n: _Node, now: float, out: _Out) -> None:
+        late = n.restore == "unrestored" and r.is_final
+        was_unrestored = n.phase == "rollback_failed"
         n.restore = "restored"
         n.phase = "rolled_back"
         n.deadline = n.deadline_kind = None
-        if not n.detail:
+        if was_unrestored:  # keep why it failed, drop why its restore was missing
+            n.detail = f"{n.detail.partition('; ')[0]}; restored late" if n.failed else "restored late"
+        elif not n.detail:
             n.detail = "restored"
+        n.offline_since = None
         self._clear(n, out)
         out.touch(r, now)
+        if late:
+            self._amend(r, n, now, out)
+
+    @staticmethod
+    def _prefix(n: _Node) -> str:
+        """A failed node's reason, kept in front of what went wrong with its restore."""
+        return f"{n.detail}; " if n.failed and n.detail else ""
 
     def _unrestored(
         self,
         r: _Rollout,
         n: _Node,
-        phase: NodePhase,
         reason: str,
         now: float,
         out: _Out,
         keep_command: bool = False,
     ) -> None:
         n.restore = "unrestored"
-        n.phase, n.detail = phase, reason
+        n.phase, n.detail = "rollback_failed", reason
         n.deadline = n.deadline_kind = None
         if not keep_command:
             self._clear(n, out)
@@ -1192,9 +1539,13 @@ class RolloutEngine:
     ) -> None:
         command = self._command(r, n, action, now)
         n.restore = "waiting"
+        n.lost_from = None
+        offline = self._online.get(n.name) is False
         # An offline node keeps its retained command; show why it does not answer.
-        n.phase = "offline" if phase == "rolling_back" and self._online.get(n.name) is False else phase
+        n.phase = "offline" if phase == "rolling_back" and offline else phase
         n.deadline, n.deadline_kind = command.issued_at + r.spec.node_timeout_s, "restore"
+        if offline:
+            self._restore_offline(r, n, now, out)
         out.add(PublishCommand(n.name, command))
         out.touch(r, now)
 
@@ -1270,7 +1621,7 @@ class RolloutEngine:
     ) -> None:
         """Coordinated rollback (DESIGN 3.4/3.5): abort the running, roll back the applied."""
         r.state = state
-        r.detail = reason
+        r.detail = r.reason = reason
         r.cursors.pop("restore", None)
         kind = "rollback_started" if state == "rolling_back" else "abort_started"
         self._audit(r, kind, reason, out, failures=dict(evidence or {}))
@@ -1279,6 +1630,11 @@ class RolloutEngine:
             if n.queued:
                 self._withdraw(r, n, now, out)
                 sent["withdrawn"] += 1
+            elif n.phase == "lost" and not n.failed:
+                # Its restore is awaited like any offline node's (restore_timeout_s).
+                action: CommandAction = "rollback" if n.lost_from == "succeeded" else "abort"
+                self._send_restore(r, n, action, now, out)
+                sent[action] += 1
             elif n.phase in ("applying", "deferred") and not n.failed:
                 self._send_restore(r, n, "abort", now, out)
                 sent["abort"] += 1
@@ -1303,6 +1659,7 @@ class RolloutEngine:
 
     def _finish_restore(self, r: _Rollout, now: float, out: _Out) -> None:
         if not _all_nodes(r, "restore", r.names, _not_waiting):
+            self._show_restore_wait(r, now, out)
             return
         touched = [n for n in r.nodes.values() if n.touched]
         unrestored = [n for n in touched if n.restore != "restored"]
@@ -1311,7 +1668,7 @@ class RolloutEngine:
             self._audit(r, "aborted", r.detail, out)
         elif not unrestored:
             r.state = "rolled_back"
-            r.detail = f"rolled back: every touched node restored ({len(touched)})"
+            r.detail = f"rolled back: every touched node restored and verified ({len(touched)})"
             self._audit(r, "rolled_back", r.detail, out, restored=len(touched))
         else:
             r.state = "rollback_failed" if r.state == "rolling_back" else "aborted"
@@ -1319,6 +1676,43 @@ class RolloutEngine:
             more = f", +{len(unrestored) - 20} more" if len(unrestored) > 20 else ""
             r.detail = f"not restored: {names}{more}"
             self._audit(r, r.state, r.detail, out, not_restored={n.name: n.detail for n in unrestored[:100]})
+        out.touch(r, now)
+
+    def _show_restore_wait(self, r: _Rollout, now: float, out: _Out) -> None:
+        """Say which offline nodes the rollback waits for, and until when (DESIGN 3.4)."""
+        if r.outage_since is not None:
+            return  # the outage note says why
+        away = [n for n in r.nodes.values() if n.restore == "waiting" and n.offline_since is not None]
+        if not away:
+            if r.detail.startswith(_WAIT_PREFIX):
+                r.detail = r.reason
+                out.touch(r, now)
+            return
+        first = min(away, key=lambda n: (n.deadline or 0.0, n.name))
+        until = first.deadline if first.deadline is not None else now
+        since = first.offline_since if first.offline_since is not None else now
+        more = f"; +{len(away) - 1} more offline" if len(away) > 1 else ""
+        note = f"{_WAIT_PREFIX}{first.name} (offline since {_clock(since)}) to restore, until {_clock(until)}"
+        note += more
+        if note != r.detail:
+            r.detail = note
+            self._audit(r, "restore_wait", note, out, nodes=[n.name for n in away[:50]], until=until)
+            out.touch(r, now)
+
+    def _amend(self, r: _Rollout, n: _Node, now: float, out: _Out) -> None:
+        """A node restored after its rollout ended without it: the record says so (audit, state)."""
+        unrestored = [m for m in r.nodes.values() if m.touched and m.restore == "unrestored"]
+        message = f"{n.name} restored after all (verified); record amended"
+        if not unrestored and r.state == "rollback_failed":
+            restored = sum(1 for m in r.nodes.values() if m.touched)
+            r.state = "rolled_back"
+            r.detail = f"rolled back: every touched node restored and verified ({restored}); {n.name} late"
+            message += ": every touched node is restored now"
+        elif unrestored:
+            names = ", ".join(f"{m.name} ({m.detail})" for m in unrestored[:20])
+            more = f", +{len(unrestored) - 20} more" if len(unrestored) > 20 else ""
+            r.detail = f"not restored: {names}{more}"
+        self._audit(r, "late_restore", message, out, node=n.name, command=n.command_id, state=r.state)
         out.touch(r, now)
 
     def _repace(self, r: _Rollout, out: _Out) -> None:
@@ -1402,7 +1796,7 @@ class RolloutEngine:
         soak = r.spec.strategy.soak_s
         for _ in range(len(r.waves) + 1):
             names = r.waves[r.wave]
-            if r.dispatched != r.wave:
+            if r.dispatched != r.wave and r.outage_since is None:
                 # (A node never loses its command nor its failure: once none waits, none will.)
                 nodes = r.nodes
                 waiting = [n for n in names if nodes[n].command_id is None and not nodes[n].failed]
@@ -1461,16 +1855,68 @@ class RolloutEngine:
             return
 
 
-_COUNTED_AS = {
+#: How far a step got: a report never moves a step back (snapshots are coalesced and may
+#: arrive after the step reports they cover), and a failure stays shown once undone.
+_STEP_RANK = {"pending": 0, "deferred": 0, "running": 1, "succeeded": 2, "skipped": 2, "rolled_back": 3,
+              "failed": 4, "rejected": 4}  # fmt: skip
+_STEP_DETAIL_LIMIT = 200
+
+
+def _mark(r: _Rollout, n: _Node, index: int, state: str, detail: str) -> bool:
+    """Fold one step's reported state into the node's grid; True when it changed."""
+    if not 0 <= index < len(r.plan) or state not in _STEP_RANK:
+        return False
+    if not n.grid:
+        n.grid = [["pending", ""] for _ in r.plan]
+    old_state, old_detail = n.grid[index]
+    if _STEP_RANK[state] < _STEP_RANK[old_state]:
+        return False
+    if state == old_state and (old_detail or not detail):
+        return False  # the first reason of a state is the one that says why
+    text = meaningful(detail) if state in ("failed", "rejected") else detail.strip()
+    n.grid[index] = [state, text[:_STEP_DETAIL_LIMIT]]
+    return True
+
+
+def _copied(value: Any) -> Any:
+    return [list(cell) for cell in value] if isinstance(value, list) else value
+
+
+def _shown_phase(n: _Node, final: bool) -> NodePhase:
+    """The node's phase as people read it: a finished rollout has no ``pending`` node (DESIGN 3.11)."""
+    return "not_started" if final and n.phase == "pending" else n.phase
+
+
+#: The count of a node that neither failed nor was sent a restore, by its phase.
+_COUNTED_AS: dict[str, str] = {
     "pending": "pending",
     "applying": "running",
     "rolling_back": "running",
     "succeeded": "succeeded",
-    "failed": "failed",
-    "rejected": "failed",
-    "timed_out": "failed",
-    "offline": "failed",
+    "lost": "lost",
+    "offline": "running",
     "deferred": "deferred",
     "not_started": "not_started",
-    "rolled_back": "rolled_back",
 }
+
+
+def _counted_as(n: _Node, phase: NodePhase) -> tuple[str, ...]:
+    """The counts a node is in (DESIGN 3.11): a failed node stays failed once restored.
+
+    ``failed`` counts every node that failed (rejected, timed out, offline past
+    its grace); ``rolled_back`` every node whose restore is verified (a failed
+    one included) and ``rollback_failed`` every node whose restore failed or
+    could not be verified; a node on its way back that did not fail is running.
+    """
+    keys: list[str] = []
+    if n.failed:
+        keys.append("failed")
+    if n.restore == "restored" and phase != "rejected":
+        keys.append("rolled_back")
+    elif n.restore == "unrestored":
+        keys.append("rollback_failed")
+    elif n.restore == "waiting" and not n.failed:
+        keys.append("lost" if phase == "lost" else "running")
+    if not keys:
+        keys.append(_COUNTED_AS.get(phase, "pending"))
+    return tuple(keys)

@@ -249,6 +249,8 @@ class Planner:
         signing_key: the hub's key; pre-flight commands are signed like every command.
         clock: wall-clock seconds.
         labels: a node's labels (its ``tz`` label places its maintenance windows).
+        offline_grace_s: the hub's default ``offline_grace_s`` (3 heartbeats plus the
+            keepalive), shown for a spec that leaves it unset.
     """
 
     def __init__(
@@ -263,6 +265,7 @@ class Planner:
         clock: Callable[[], float],
         new_id: Callable[[], str] = new_id,
         labels: Callable[[str], Mapping[str, str]] | None = None,
+        offline_grace_s: float = 25.0,
     ) -> None:
         self._topics = topics
         self._publish = publish
@@ -273,6 +276,7 @@ class Planner:
         self._clock = clock
         self._new_id = new_id
         self._labels = labels or (lambda _node: {})
+        self._offline_grace = offline_grace_s
         self._rounds: dict[str, _Round] = {}
 
     # ------------------------------------------------------------------ answers from nodes
@@ -402,6 +406,13 @@ class Planner:
                 f"deadline  a node not started {_duration(spec.start_deadline_s)} after its command is "
                 "not_started (not failed)"
             )
+        grace = self._offline_grace if spec.offline_grace_s is None else spec.offline_grace_s
+        said = " (default: 3 heartbeats + keepalive)" if spec.offline_grace_s is None else ""
+        result["offline_grace_s"] = grace
+        lines.append(
+            f"offline   a node offline mid-job is lost, not failed, for {_duration(grace)}{said}; "
+            f"a rollback waits {_duration(spec.restore_timeout_s)} for an offline node's restore"
+        )
         result["schedule_lines"] = lines
 
     async def _preflight(self, draft: Draft, timeout: float) -> dict[str, Any]:

@@ -8,9 +8,11 @@ Rules (DESIGN sections 2 and 3.7):
 - A will or shutdown (``NodeState`` offline) ends the node's *current*
   session only: one whose ``session`` differs (a stale will of an older
   connection, delivered late) is ignored, Sparkplug's bdSeq idea.
-- A birth of a session that already ended (its will was seen, or it timed
-  out) is a stale replay (the retained birth re-delivered when the hub
-  reconnects) and does not bring the node back.
+- A birth of a session that already ended (its will was seen, or, delivered
+  as retained, it timed out) is a stale replay (the retained birth
+  re-delivered when the hub reconnects) and does not bring the node back;
+  its labels, inventory and versions are still taken (the node's latest).
+  A live birth of a session that only missed heartbeats is proof of life.
 - A heartbeat of the current session refreshes ``last_seen`` and the load
   figures. A heartbeat is proof of life, so one brings an offline node back
   online when its session did not end by will or shutdown: an unknown node,
@@ -91,21 +93,38 @@ class Registry:
 
     # ------------------------------------------------------------------ updates
 
-    def on_state(self, state: NodeState, now: float) -> Transition | None:
-        """Apply a birth, will or shutdown."""
+    def on_state(self, state: NodeState, now: float, *, retained: bool = True) -> Transition | None:
+        """Apply a birth, will or shutdown.
+
+        ``retained``: the broker delivered it as a retained message (a replay at
+        subscription time) rather than as the node published it just now.
+        """
         info = self._nodes.get(state.node)
         if state.state == "online":
-            return self._birth(info, state, now)
+            return self._birth(info, state, now, retained=retained)
         return self._death(info, state, now)
 
-    def _birth(self, info: NodeInfo | None, state: NodeState, now: float) -> Transition | None:
+    def _birth(
+        self, info: NodeInfo | None, state: NodeState, now: float, *, retained: bool
+    ) -> Transition | None:
         if (
             info is not None
             and state.session == info.session
             and not info.online
-            and (info.session_ended or info.offline_reason == "missed heartbeats")
+            and (info.session_ended or (retained and info.offline_reason == "missed heartbeats"))
         ):
-            return None  # a replayed birth of a connection that is over or silent
+            # A replayed birth of a connection that is over or silent: not a sign of life,
+            # but what it says is the node's latest word (an agent re-publishes its birth
+            # when a job changed its versions): never keep an older inventory (issue 14.2).
+            self._nodes[state.node] = dataclasses.replace(
+                info,
+                labels=dict(state.labels),
+                inventory=state.inventory,
+                agent_version=state.agent_version,
+                started_at=state.started_at,
+                heartbeat_s=state.heartbeat_s,
+            )
+            return None
         was_online = info is not None and info.online
         self._nodes[state.node] = NodeInfo(
             node=state.node,

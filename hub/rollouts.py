@@ -54,6 +54,7 @@ from hub.engine import (
     AbortRequested,
     Action,
     Audit,
+    BrokerChanged,
     ClearCommand,
     EngineEvent,
     PauseRequested,
@@ -158,6 +159,10 @@ class RolloutManager:
         keep_rollouts: how many finished rollouts stay; older ones go to ``archive``
             (``hub.retention``). None: every rollout stays.
         archive: the archive of retired rollouts (needed with ``keep_rollouts``).
+        offline_grace_s: how long a node offline mid-job is ``lost`` before it fails,
+            when its spec leaves ``offline_grace_s`` unset (3 heartbeats plus the keepalive).
+        outage_limit_s: how long a broker event (many nodes lost at once, or the
+            hub's own connection) may hold a rollout before it halts for the operator.
     """
 
     def __init__(
@@ -174,6 +179,8 @@ class RolloutManager:
         summary_interval_s: float = 0.075,
         keep_rollouts: int | None = None,
         archive: Archive | None = None,
+        offline_grace_s: float = 25.0,
+        outage_limit_s: float = 300.0,
     ) -> None:
         if keep_rollouts is not None and archive is None:
             raise ValueError("keep_rollouts needs an archive")
@@ -185,7 +192,12 @@ class RolloutManager:
         self._clock = clock
         self._new_id = new_id
         self._interval = summary_interval_s
-        self._engine = RolloutEngine(new_id=new_id, resume_grace_s=resume_grace_s)
+        self._engine = RolloutEngine(
+            new_id=new_id,
+            resume_grace_s=resume_grace_s,
+            offline_grace_s=offline_grace_s,
+            outage_limit_s=outage_limit_s,
+        )
         self._idempotent = IdempotencyIndex()
         self._planner = Planner(
             topics=topics,
@@ -197,6 +209,7 @@ class RolloutManager:
             clock=clock,
             new_id=new_id,
             labels=labels_from(registry),
+            offline_grace_s=offline_grace_s,
         )
         self._queue: asyncio.Queue[tuple[EngineEvent, asyncio.Future[None] | None]] = asyncio.Queue(
             _QUEUE_LIMIT
@@ -290,15 +303,17 @@ class RolloutManager:
         Returns:
             ``{"rollout": id}`` for create (plus ``"existing": true`` when its
             ``idempotency_key`` named an earlier rollout); ``{"rollout", "state"}`` for the
-            operations; for ``show`` the summary plus its ``plan`` and the latest
+            operations; for ``show`` the summary plus its ``plan``, every node's
+            step grid (``steps``: ``{node: [{index, type, state, detail}]}``) and the latest
             ``audit`` entries; for ``list`` every summary, newest first; for ``plan``
             the plan with every node's pre-flight (nothing started); as JSON values.
 
         Raises:
-            InvalidInput: a bad spec or body (the message names the field).
+            InvalidInput: a bad spec or body (the message names the field), or a
+                rollout id prefix that several rollouts share (named).
             Conflict: unknown, offline or busy targets (``exc.nodes``), or a
                 request the rollout's state does not allow.
-            NotFound: an unknown rollout id.
+            NotFound: an unknown rollout id (any unique prefix of one is accepted).
         """
         if op == "create_rollout":
             return await self._idempotent.create(body, self._create)
@@ -316,10 +331,12 @@ class RolloutManager:
                 f"rollout {rollout[:80]} is archived in {self._archive.path} "
                 f"(the hub keeps the newest {self._keep} finished rollouts)"
             )
+        rollout = self._engine.resolve(rollout)  # a unique prefix names its rollout (issue 20.5)
         if op == "show":
             return {
                 **self.summary(rollout).model_dump(mode="json"),
                 "plan": self._engine.plan(rollout),
+                "steps": self._engine.steps(rollout),
                 "audit": self.audit(rollout)[-_SHOWN_AUDIT:],
             }
         await self._run(_REQUESTS[op](rollout))
@@ -391,6 +408,10 @@ class RolloutManager:
     async def on_presence(self, node: str, online: bool) -> None:
         """A registry transition: online (birth, heartbeat) or offline (will, shutdown, missed heartbeats)."""
         await self._submit(PresenceChanged(node, online))
+
+    async def on_broker(self, connected: bool) -> None:
+        """The hub's own broker connection went down or came back (a broker event, DESIGN 3.4)."""
+        await self._submit(BrokerChanged(connected))
 
     # ------------------------------------------------------------------ running the engine
 

@@ -63,6 +63,8 @@ _LOGGER = logging.getLogger(__name__)
 _VERSION = "0.1.0"
 _OPS: frozenset[str] = frozenset(get_args(RequestOp))
 _MAX_CONCURRENT_REQUESTS = 32
+#: The agents' MQTT keepalive (DESIGN 3.7): part of the default offline grace.
+AGENT_KEEPALIVE_S = 10.0
 _ERROR_KINDS: tuple[tuple[type[FleetError], str], ...] = (
     (Conflict, "conflict"),
     (NotFound, "not_found"),
@@ -89,6 +91,9 @@ class RolloutManagerLike(Protocol):
 
     async def on_presence(self, node: str, online: bool) -> None:
         """A node went online or offline."""
+
+    async def on_broker(self, connected: bool) -> None:
+        """The hub's own broker connection went down or came back."""
 
 
 #: Builds the manager: called with topics, publish, store, registry, signing_key, clock.
@@ -158,6 +163,8 @@ class HubService:
         self._expire_interval_s = expire_interval_s
         self._session = new_id()
         self._started_at = clock()
+        self._broker_up = False  # the connection state the manager was last told of
+        self._was_connected = False
         self._client: MqttClient | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._requests: set[asyncio.Task[None]] = set()
@@ -247,6 +254,7 @@ class HubService:
                 reason="shutdown",
                 version=_VERSION,
                 started_at=self._started_at,
+                ts=self._clock(),
             )
             with contextlib.suppress(BusError, asyncio.TimeoutError):
                 await asyncio.wait_for(
@@ -288,6 +296,9 @@ class HubService:
                 clock=self._clock,
                 keep_rollouts=self.config.keep_rollouts,
                 archive=Archive(archive_path(self.config.db)),
+                # DESIGN 3.4/3.7: offline mid-job is "lost", not failed, for 3 heartbeats
+                # plus the agents' keepalive.
+                offline_grace_s=3 * self.config.heartbeat_s + AGENT_KEEPALIVE_S,
             )
         except ModuleNotFoundError as exc:
             if exc.name != "hub.rollouts":
@@ -311,18 +322,26 @@ class HubService:
             reason="lost",
             version=_VERSION,
             started_at=self._started_at,
+            ts=self._clock(),  # the connection's start: a will has no later
         )
         return Will(self.topics.hub_state, encode(state), qos=1, retain=True)
 
     async def _on_connected(self) -> None:
         # The hub was blind while disconnected; the nodes were not silent.
         self.registry.refresh(self._now())
+        if self._was_connected:
+            # A reconnect: the connection dropped, however briefly (the retained wills
+            # the broker now replays are a broker event, not failures).
+            await self._broker_changed(False)
+            await self._broker_changed(True)
+        self._was_connected = True
         state = HubState(
             state="online",
             session=self._session,
             reason="birth",
             version=_VERSION,
             started_at=self._started_at,
+            ts=self._clock(),
         )
         await self.publish(self.topics.hub_state, encode(state), qos=1, retain=True)
 
@@ -518,7 +537,7 @@ class HubService:
                 state = self._decoded(NodeState, message.payload, node)
                 if state is not None:
                     before = self.registry.get(state.node)
-                    transition = self.registry.on_state(state, self._now())
+                    transition = self.registry.on_state(state, self._now(), retained=message.retain)
                     await self._presence(transition, state=state)
                     if (
                         transition is None
@@ -573,9 +592,21 @@ class HubService:
         if self.manager is not None:
             await self.manager.on_presence(transition.node, transition.online)
 
+    async def _broker_changed(self, connected: bool) -> None:
+        """Tell the manager once per change of the hub's own broker connection."""
+        if connected == self._broker_up or self.manager is None:
+            return
+        self._broker_up = connected
+        _LOGGER.warning("broker connection %s", "back" if connected else "lost")
+        on_broker = getattr(self.manager, "on_broker", None)
+        if on_broker is not None:
+            await on_broker(connected)
+
     async def _expire_loop(self) -> None:
+        self._broker_up = self.is_connected
         while True:
             await asyncio.sleep(self._expire_interval_s)
+            await self._broker_changed(self.is_connected)
             if not self.is_connected:
                 continue  # the hub is blind, not the nodes silent
             for transition in self.registry.expire(self._now()):

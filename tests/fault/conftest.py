@@ -463,6 +463,8 @@ class Observer:
             except BusError:
                 if time.monotonic() > deadline:
                     raise
+                # "hub offline" (its retained state) is said at once: ask again shortly.
+                await asyncio.sleep(0.2)
 
     async def ok(self, op: RequestOp, body: dict[str, Any] | None = None, timeout: float = DEADLINE) -> Any:
         reply = await self.call(op, body, timeout)
@@ -577,8 +579,8 @@ async def check_outcome(
     version = new if succeeded else old
     for node in nodes:
         phase = shown["nodes"][node]["phase"]
-        # A node the rollout never reached stays pending, on the old version.
-        untouched = not succeeded and phase == "pending" and not fleet.records(node, rollout)
+        # A node the rollout never reached is not_started, on the old version.
+        untouched = not succeeded and phase in ("pending", "not_started") and not fleet.records(node, rollout)
         wanted = "succeeded" if succeeded else "rolled_back"
         assert untouched or phase == wanted, f"{node}: {phase}; {context}"
         assert fleet.parts(node) == {"a": version, "b": version}, f"{node} is mixed; {context}"
@@ -588,7 +590,13 @@ async def check_outcome(
         assert all(count == 1 for count in runs.values()), f"{node} ran a step twice: {runs}; {context}"
         applied = {part for phase, part in runs if phase == "apply"}
         undone = {part for phase, part in runs if phase == "rollback"}
-        assert applied == ({"a", "b"} if succeeded else undone), f"{node}: {runs}; {context}"
+        # (Steps that change no part, such as a slow step, may be recorded too.)
+        parts = {"a", "b"}
+        if succeeded:
+            assert applied & parts == parts, f"{node}: {runs}; {context}"
+            assert not undone, f"{node}: {runs}; {context}"
+        else:
+            assert applied == undone, f"{node}: {runs}; {context}"
         assert fleet.agents[node].alive(), fleet.agents[node].log()
     # Nothing stale waits on the broker (DESIGN 3.2).
     deadline = time.monotonic() + DEADLINE

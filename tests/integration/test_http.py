@@ -386,8 +386,24 @@ def test_full_rollout_over_http(
     )
     assert over_mqtt.returncode == 0, over_mqtt.stderr
     mqtt_view = json.loads(over_mqtt.stdout)
-    for key in ("id", "name", "state", "counts", "nodes", "plan"):
+    for key in ("id", "name", "state", "counts", "nodes", "plan", "steps"):
         assert mqtt_view[key] == shown[key], key
+    # Any unique prefix of the id names the rollout, over HTTP and over MQTT (the CLI prints 8).
+    assert http.get(f"/api/rollouts/{rollout[:8]}").json()["id"] == rollout
+    by_prefix = subprocess.run(
+        fleet_argv("rollout", "--broker", fleet.broker.url, "--prefix", fleet.prefix, "show", rollout[:8]),
+        capture_output=True,
+        env=clean_env(),
+        timeout=60,
+        check=False,
+    )
+    assert by_prefix.returncode == 0, by_prefix.stderr
+    assert f"rollout {rollout}" in by_prefix.stdout.decode()
+    assert http.get("/api/rollouts/zz-no-such").status_code == 404
+    # The step grid comes from the hub's record, as GET /api/rollouts/ID serves it.
+    assert shown["steps"] == {
+        node: [{"index": 0, "type": "script", "state": "succeeded", "detail": ""}] for node in LIVE
+    }
 
 
 def test_rollback_of_a_succeeded_rollout_over_http(fleet: Fleet, http: httpx.Client) -> None:

@@ -166,6 +166,11 @@ async def test_http_dry_run_and_the_cli_plan(broker: RunningBroker, topics: Topi
         assert code == 0, err
         assert out.splitlines()[0] == "PLAN (dry run) of app 2.0: nothing was started"
         assert "preflight 1 passed, 0 failed, 0 did not answer (of 1 online)" in out
+        # The offline grace the hub will give (3 heartbeats + the keepalive) is shown.
+        grace = next(line for line in out.splitlines() if line.startswith("offline"))
+        assert "is lost, not failed, for " in grace, out
+        assert "(default: 3 heartbeats + keepalive)" in grace, out
+        assert "a rollback waits 10 min for an offline node's restore" in grace, out
         path.write_text(json.dumps(spec(["n1"], plan=[{"type": "script", "name": "absent.sh"}])))
         code, out, _err = await fleet_cli("rollout", *target, "plan", str(path), "--json")
         assert code == 1

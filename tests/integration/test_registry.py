@@ -211,6 +211,31 @@ async def test_three_missed_heartbeats_mark_a_node_offline(
         await until(lambda: hub.registry.is_online("n-beat"), "n-beat back online")
 
 
+async def test_a_republished_birth_shows_in_nodes_within_a_second(
+    hub: HubService, broker: RunningBroker, topics: Topics
+) -> None:
+    # Issue 14.2: the versions the hub shows are the node's latest birth, also when the node
+    # had gone quiet (a busy job) and was marked offline by missed heartbeats meanwhile.
+    inventory = Inventory(services={"demo-app": "1.0"})
+    async with FakeAgent(broker, topics, "n-ver", heartbeat_s=0.3, inventory=inventory) as agent:
+        await until(lambda: hub.registry.is_online("n-ver"), "n-ver online")
+        await until(lambda: not hub.registry.is_online("n-ver"), "n-ver silent", timeout=20)
+        for version in ("2.0", "2.1"):
+            agent.inventory = Inventory(services={"demo-app": version})
+            published = time.monotonic()
+            await agent.birth()
+
+            def shown(version: str = version) -> bool:
+                rows = [r for r in hub._nodes_reply({}) if r["node"] == "n-ver"]
+                return bool(rows) and rows[0]["inventory"]["services"] == {"demo-app": version}
+
+            took = await until(shown, f"nodes to show demo-app {version}", timeout=5)
+            assert time.monotonic() - published < 1.0, took
+            assert hub.registry.is_online("n-ver")  # a live birth is a sign of life
+        # The stored record (what a restarted hub starts from) has it too.
+        assert hub.registry.record("n-ver")["inventory"]["services"] == {"demo-app": "2.1"}
+
+
 async def test_stale_will_of_an_older_session_is_ignored(
     hub: HubService, broker: RunningBroker, topics: Topics
 ) -> None:

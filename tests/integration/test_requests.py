@@ -276,6 +276,29 @@ async def test_fleet_nodes_without_a_hub_fails_in_one_line(broker: RunningBroker
     assert "no reply from the hub" in err
 
 
+async def test_a_request_while_the_hub_is_offline_fails_fast_saying_so(
+    broker: RunningBroker, topics: Topics, tmp_path: Path
+) -> None:
+    # Issue 15: the retained hub/state answers at once; no waiting out the timeout.
+    service = HubService(hub_config(broker, topics, tmp_path))
+    await service.start()
+    await service.stop()  # publishes its retained offline state (shutdown)
+    started = time.monotonic()
+    code, out, err = await fleet("rollout", *target(broker, topics), "list", "--request-timeout", "30")
+    took = time.monotonic() - started
+    assert code == 1, err
+    assert out == ""
+    assert len(err.strip().splitlines()) == 1, err
+    assert "hub offline since " in err
+    assert "(it shut down)" in err
+    assert took < 20, took  # the 30 s timeout was not waited out (process start-up included)
+    # A hub back online answers again.
+    async with HubService(hub_config(broker, topics, tmp_path)):
+        code, out, err = await fleet("nodes", *target(broker, topics), "--json")
+        assert code == 0, err
+        assert json.loads(out) == []
+
+
 async def test_nodes_can_be_paged(
     hub: HubService, requester: Requester, broker: RunningBroker, topics: Topics
 ) -> None:

@@ -349,8 +349,8 @@ async def test_a_failing_node_rolls_the_others_back(
         assert {n: s.phase for n, s in summary.nodes.items()} == dict.fromkeys(nodes, "rolled_back")
         assert summary.counts.rolled_back == 3
         started = [e for e in hub.manager.audit(rid) if e["kind"] == "rollback_started"]
-        assert started[0]["message"] == "rollback started: n3 failed step 1 (health): exit 1"
-        assert started[0]["evidence"]["failures"] == {"n3": "failed step 1 (health): exit 1"}
+        assert started[0]["message"] == "rollback started: n3 failed step 2 (health): exit 1"
+        assert started[0]["evidence"]["failures"] == {"n3": "failed step 2 (health): exit 1"}
         await until(
             lambda: rid in hub.summaries and hub.summaries[rid].state == "rolled_back", "the final summary"
         )
@@ -359,6 +359,36 @@ async def test_a_failing_node_rolls_the_others_back(
             await hub.manager.request("abort", {"rollout": rid})
         with pytest.raises(Conflict):
             await hub.manager.request("rollback", {"rollout": rid})
+
+
+async def test_the_step_grid_of_a_finished_rollout_is_the_same_after_a_hub_restart(
+    broker: RunningBroker, topics: Topics, tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    db = tmp_path / "hub.json"
+    nodes = ["n1", "n2", "n3"]
+    async with contextlib.AsyncExitStack() as stack:
+        for n in nodes:
+            agent = FakeAgent(broker, topics, n, key, fail_step=1 if n == "n3" else None)
+            await stack.enter_async_context(agent)
+        async with Hub(broker, topics, db, key) as hub:
+            hub.online(*nodes)
+            rid = await hub.create(["n3", "n1", "n2"], strategy={"waves": [2]})
+            await until(lambda: hub.state(rid) == "rolled_back", "the rollout to roll back")
+            shown = await hub.manager.request("show", {"rollout": rid})
+            counts = shown["counts"]
+            assert (counts["failed"], counts["rolled_back"], counts["not_started"]) == (1, 2, 1)
+        steps = shown["steps"]
+        assert steps["n3"] == [
+            {"index": 0, "type": "script", "state": "rolled_back", "detail": ""},
+            {"index": 1, "type": "health", "state": "failed", "detail": "exit 1"},
+        ]
+        assert [c["state"] for c in steps["n2"]] == ["pending", "pending"]  # never started
+        assert all(c["state"] in ("pending", "running", "succeeded", "rolled_back") for c in steps["n1"])
+        # A fresh hub (a fresh TUI, `fleet rollout show`, GET /api/rollouts/ID) shows the same grid.
+        async with Hub(broker, topics, db, key) as hub:
+            again = await hub.manager.request("show", {"rollout": rid})
+            assert again["steps"] == steps
+            assert again["counts"] == shown["counts"]
 
 
 async def test_a_restarted_hub_resumes_the_rollout_and_finishes_it(

@@ -14,6 +14,7 @@ from hub.engine import (
     AbortRequested,
     Action,
     Audit,
+    BrokerChanged,
     ClearCommand,
     PauseRequested,
     PresenceChanged,
@@ -48,12 +49,14 @@ class Fleet:
         counter = itertools.count(1)
         self.engine = RolloutEngine(new_id=lambda: f"c{next(counter)}", resume_grace_s=grace)
         self.sent: dict[str, list[Command]] = {}
+        self.history: list[Action] = []
         self.now = T0
 
     def do(self, event: Any, at: float | None = None) -> list[Action]:
         if at is not None:
             self.now = at
         actions = self.engine.handle(event, self.now)
+        self.history += actions
         for action in actions:
             if isinstance(action, PublishCommand):
                 self.sent.setdefault(action.node, []).append(action.command)
@@ -252,17 +255,26 @@ def test_clean_soak_starts_the_next_wave_only_after_soak_s() -> None:
     assert audits(actions, "wave_started")[0].message == "wave 2 of 3 started (1 nodes)"
 
 
-def test_a_node_going_offline_during_soak_is_a_failure() -> None:
+def test_a_node_going_offline_during_soak_is_lost_then_a_failure_after_its_grace() -> None:
     fleet = Fleet()
-    fleet.create(["n1", "n2"], strategy={"waves": [1], "soak_s": 30})
+    fleet.create(["n1", "n2"], strategy={"waves": [1], "soak_s": 30}, offline_grace_s=20)
     fleet.succeed("n1")
     actions = fleet.do(PresenceChanged("n1", False), at=T0 + 10)
+    assert fleet.phases()["n1"] == "lost"
+    assert fleet.summary().counts.lost == 1
+    assert fleet.state() == "running"
+    assert published(actions) == {}
+    assert fleet.engine.next_deadline() == T0 + 30
+    actions = fleet.do(Tick(), at=T0 + 30)
     assert fleet.phases()["n1"] == "offline"  # rolling back, but it cannot answer yet
-    assert fleet.summary().nodes["n1"].detail == "went offline during soak"
+    assert fleet.summary().nodes["n1"].detail == (
+        "went offline in its wave: offline since 22:13:30 UTC, not back within offline_grace_s (20 s)"
+    )
     assert fleet.state() == "rolling_back"
     assert published(actions) == {"n1": "rollback"}  # it applied: the retained rollback waits for it
     assert "n2" not in fleet.sent
-    assert audits(actions, "rollback_started")[0].message == "rollback started: n1 went offline during soak"
+    started = audits(actions, "rollback_started")[0].message
+    assert started.startswith("rollback started: n1 went offline in its wave")
 
 
 # ----------------------------------------------------------------------------- failures
@@ -279,8 +291,8 @@ def test_a_failed_step_starts_a_coordinated_rollback() -> None:
     assert published(actions) == {"n1": "rollback", "n2": "abort"}
     assert fleet.state() == "rolling_back"
     started = audits(actions, "rollback_started")[0]
-    assert started.message == "rollback started: n3 failed step 1 (health): exit 1"
-    assert started.evidence["failures"] == {"n3": "failed step 1 (health): exit 1"}
+    assert started.message == "rollback started: n3 failed step 2 (health): exit 1"
+    assert started.evidence["failures"] == {"n3": "failed step 2 (health): exit 1"}
     assert fleet.summary().detail == started.message
     assert fleet.phases() == {"n1": "rolling_back", "n2": "rolling_back", "n3": "failed", "n4": "pending"}
     assert "n4" not in fleet.sent
@@ -293,9 +305,19 @@ def test_a_failed_step_starts_a_coordinated_rollback() -> None:
     fleet.snap("n1", "rolled_back")
     actions = fleet.snap("n2", "rolled_back")
     assert fleet.state() == "rolled_back"
-    assert audits(actions, "rolled_back")[0].message == "rolled back: every touched node restored (3)"
+    message = audits(actions, "rolled_back")[0].message
+    assert message == "rolled back: every touched node restored and verified (3)"
     counts = fleet.summary().counts
-    assert (counts.rolled_back, counts.pending, counts.running) == (3, 1, 0)
+    # n3 failed and stays counted failed once restored (and is counted restored too);
+    # n4 never started in a finished rollout: not_started, never pending.
+    assert (counts.failed, counts.rolled_back, counts.pending, counts.not_started, counts.running) == (
+        1,
+        3,
+        0,
+        1,
+        0,
+    )
+    assert fleet.phases()["n4"] == "not_started"
 
 
 def test_a_reconnecting_node_gets_its_open_command_again_with_the_same_id() -> None:
@@ -342,8 +364,7 @@ def test_a_failed_node_that_cannot_restore_itself_is_not_restored() -> None:
     fleet.snap("n2", "failed", failed_step=0, detail="undo of step 0 failed")
     assert fleet.state() == "rollback_failed"
     assert (
-        "n2 (failed step 0 (script): exit 2; could not restore: undo of step 0 failed)"
-        in fleet.summary().detail
+        "n2 (failed step 1 (script): exit 2; not restored: undo of step 0 failed)" in fleet.summary().detail
     )
 
 
@@ -353,7 +374,7 @@ def test_max_failed_tolerates_failures_then_rolls_back() -> None:
     fleet.succeed("n1")
     actions = fleet.step("n2", 0, "failed", "boom")
     assert fleet.state() == "running"
-    assert audits(actions, "node_failed")[0].message == "n2 failed step 0 (script): boom"
+    assert audits(actions, "node_failed")[0].message == "n2 failed step 1 (script): boom"
     fleet.snap("n2", "rolled_back", failed_step=0)
     assert list(fleet.sent) == ["n1", "n2", "n3", "n4"]  # wave 1 is done with one tolerated failure
     fleet.succeed("n3")
@@ -381,10 +402,10 @@ def test_halt_stops_new_waves_and_rolls_nothing_back() -> None:
     actions = fleet.step("n3", 0, "failed", "exit 1")
     assert fleet.state() == "halted"
     assert published(actions) == {}
-    assert fleet.summary().detail == "halted: n3 failed step 0 (script): exit 1"
+    assert fleet.summary().detail == "halted: n3 failed step 1 (script): exit 1"
     # The running node finishes; nothing new starts.
     fleet.snap("n2", "succeeded")
-    assert fleet.phases() == {"n1": "succeeded", "n2": "succeeded", "n3": "failed", "n4": "pending"}
+    assert fleet.phases() == {"n1": "succeeded", "n2": "succeeded", "n3": "failed", "n4": "not_started"}
     assert "n4" not in fleet.sent
     # ... and a halted rollout can be rolled back on request.
     actions = fleet.do(RollbackRequested("r1"))
@@ -420,21 +441,30 @@ def test_node_timeout_times_the_node_out_and_aborts_it() -> None:
     assert fleet.state() == "rolled_back"
 
 
-def test_a_node_going_offline_mid_job_is_a_failure() -> None:
+def test_a_node_offline_mid_job_past_its_grace_is_a_failure() -> None:
     fleet = Fleet()
-    fleet.create(["n1", "n2"])
+    fleet.create(["n1", "n2"])  # offline_grace_s unset: the engine's default (25 s here)
     fleet.step("n1", 0, "running")
     actions = fleet.do(PresenceChanged("n1", False))
+    assert fleet.phases()["n1"] == "lost"
+    assert published(actions) == {}
+    assert audits(actions, "node_lost")[0].message == (
+        "n1 lost: offline since 22:13:20 UTC; a failure after 25 s"
+    )
+    assert fleet.do(Tick(), at=T0 + 24.9) == []
+    actions = fleet.do(Tick(), at=T0 + 25)
     assert fleet.phases()["n1"] == "offline"
     assert published(actions) == {"n1": "abort", "n2": "abort"}
-    assert audits(actions, "node_failed")[0].message == "n1 went offline mid-job"
+    assert audits(actions, "node_failed")[0].message == (
+        "n1 went offline mid-job: offline since 22:13:20 UTC, not back within offline_grace_s (25 s)"
+    )
 
 
 def test_an_offline_node_keeps_its_rollback_and_is_named_when_not_restored_in_time() -> None:
     fleet = Fleet()
     fleet.create(["n1", "n2"], node_timeout_s=60, strategy={"waves": [1]})
     fleet.succeed("n1")
-    fleet.do(PresenceChanged("n1", False), at=T0 + 1)  # its wave is done and soaked: not a failure
+    fleet.do(PresenceChanged("n1", False), at=T0 + 1)  # its wave is done and soaked: not even lost
     assert fleet.state() == "running"
     actions = fleet.step("n2", 0, "failed", "exit 1")
     assert published(actions) == {"n1": "rollback"}
@@ -446,12 +476,15 @@ def test_an_offline_node_keeps_its_rollback_and_is_named_when_not_restored_in_ti
     assert fleet.summary().detail.startswith(
         "not restored: n1 (not restored: no report within 60 s of the rollback)"
     )
-    # It comes back later and restores: the node is shown restored and its command cleared.
+    # It comes back later and restores: the record is amended (audit), its command cleared.
     fleet.do(PresenceChanged("n1", True), at=T0 + 100)
     actions = fleet.snap("n1", "rolled_back")
     assert fleet.phases()["n1"] == "rolled_back"
     assert cleared(actions) == ["n1"]
-    assert fleet.state() == "rollback_failed"  # final stays final
+    assert fleet.state() == "rolled_back"
+    assert audits(actions, "late_restore")[0].message == (
+        "n1 restored after all (verified); record amended: every touched node is restored now"
+    )
 
 
 # ------------------------------------------------------------------- operator requests
@@ -469,7 +502,7 @@ def test_abort_of_a_running_rollout_restores_every_touched_node() -> None:
     fleet.snap("n1", "rolled_back")
     actions = fleet.snap("n2", "rolled_back")
     assert fleet.state() == "rolled_back"
-    assert fleet.phases() == {"n1": "rolled_back", "n2": "rolled_back", "n3": "pending"}
+    assert fleet.phases() == {"n1": "rolled_back", "n2": "rolled_back", "n3": "not_started"}
 
 
 def test_abort_where_a_node_cannot_be_restored_ends_aborted_naming_it() -> None:
@@ -789,3 +822,339 @@ def test_only_a_finished_rollout_can_be_forgotten_and_the_nodes_high_water_stays
     fleet.create(["n1"], rid="r2")
     assert fleet.last("n1").issued_at > (issued or 0)
     assert fleet.engine.busy(["n1", "n2"]) == ["n1"]
+
+
+# ------------------------------------------------------- numbering, counts and reasons (DESIGN 3.11)
+
+
+def test_meaningful_keeps_the_head_and_the_last_error_line() -> None:
+    from hub.engine import meaningful, step_name
+
+    assert step_name(2, "service") == "step 3 (service)"
+    chatter = (
+        "cannot start service demo-app: starting demo-app | loading /etc/demo.conf | "
+        "demo-app 2.1: unsupported hardware revision rev-a (needs rev-b) | shutting down"
+    )
+    assert meaningful(chatter) == (
+        "cannot start service demo-app: demo-app 2.1: unsupported hardware revision rev-a (needs rev-b)"
+    )
+    assert meaningful("exit 1") == "exit 1"
+    assert meaningful("boom: line one\nline two") == "boom: line two"
+    assert len(meaningful("x" * 5000)) == 300
+
+
+def test_a_failed_step_is_named_one_based_with_its_meaningful_line() -> None:
+    fleet = Fleet()
+    fleet.create(["n1"])
+    fleet.step("n1", 0, "running")
+    detail = "cannot start service app: hello | listening soon | ERROR: port 80 in use | bye"
+    actions = fleet.step("n1", 2, "failed", detail, type_="service")
+    assert audits(actions, "node_failed")[0].message == (
+        "n1 failed step 3 (service): cannot start service app: ERROR: port 80 in use"
+    )
+
+
+def test_a_failed_node_verified_restored_stays_failed_and_counts_as_restored() -> None:
+    # The agent's self-restore after a failed step ends "failed" once its restore is verified.
+    fleet = Fleet()
+    fleet.create(["n1", "n2"], failure={"max_failed": 1})
+    fleet.succeed("n1")
+    fleet.step("n2", 1, "failed", "exit 1", type_="health")
+    counts = fleet.summary().counts
+    assert (counts.failed, counts.rolled_back, counts.running) == (1, 0, 0)
+    actions = fleet.snap("n2", "failed", failed_step=1, detail="failed step 2 (health): exit 1")
+    assert cleared(actions) == ["n2"]
+    assert fleet.state() == "succeeded"
+    counts = fleet.summary().counts
+    assert (counts.succeeded, counts.failed, counts.rolled_back, counts.rollback_failed) == (1, 1, 1, 0)
+    assert fleet.phases()["n2"] == "rolled_back"
+    assert fleet.summary().nodes["n2"].detail == "failed step 2 (health): exit 1"
+
+
+def test_an_unverified_self_restore_is_rollback_failed_with_the_evidence() -> None:
+    fleet = Fleet()
+    fleet.create(["n1", "n2"])
+    fleet.succeed("n1")
+    fleet.step("n2", 2, "failed", "exit 1", type_="service")
+    fleet.snap("n1", "rolled_back")
+    evidence = "verify: http://127.0.0.1:8080 answered 2.0, not 1.0"
+    fleet.snap("n2", "rollback_failed", failed_step=1, detail=evidence)
+    assert fleet.state() == "rollback_failed"
+    summary = fleet.summary()
+    assert summary.nodes["n2"].phase == "rollback_failed"
+    assert summary.detail == (
+        "not restored: n2 (failed step 3 (service): exit 1; "
+        "not restored: verify: http://127.0.0.1:8080 answered 2.0, not 1.0)"
+    )
+    counts = summary.counts
+    assert (counts.failed, counts.rolled_back, counts.rollback_failed) == (1, 1, 1)
+
+
+def test_a_rollback_whose_restore_is_not_verified_names_the_node() -> None:
+    fleet = Fleet()
+    fleet.create(["n1", "n2"])
+    fleet.succeed("n1", "n2")
+    fleet.do(RollbackRequested("r1"))
+    fleet.snap("n1", "rolled_back")
+    actions = fleet.snap("n2", "rollback_failed", detail="verify: pid 4242 still serves 2.0")
+    assert fleet.state() == "rollback_failed"
+    detail = fleet.summary().detail
+    assert detail == "not restored: n2 (rollback not verified: verify: pid 4242 still serves 2.0)"
+    assert audits(actions, "rollback_failed")[0].evidence["not_restored"] == {
+        "n2": "rollback not verified: verify: pid 4242 still serves 2.0"
+    }
+    counts = fleet.summary().counts
+    assert (counts.failed, counts.rolled_back, counts.rollback_failed) == (0, 1, 1)
+
+
+# ----------------------------------------------------------------- the step grid (issue 14.3)
+
+
+def test_the_step_grid_keeps_each_steps_state_and_reason_and_survives_a_restart() -> None:
+    import json
+
+    fleet = Fleet()
+    fleet.create(["n1", "n2", "n3"], failure={"max_failed": 0})
+    fleet.succeed("n1")
+    fleet.step("n2", 0, "running")
+    fleet.step("n2", 0, "succeeded")
+    fleet.step("n2", 1, "running", type_="health")
+    # A coalesced snapshot that arrives late never moves a step back.
+    fleet.snap("n2", "applying")
+    fleet.step("n2", 1, "failed", "check: starting | ERROR: answered 1.0, not 2.0", type_="health")
+    grid = fleet.engine.steps("r1")
+    assert grid["n1"] == [
+        {"index": 0, "type": "script", "state": "succeeded", "detail": ""},
+        {"index": 1, "type": "health", "state": "succeeded", "detail": ""},
+    ]
+    assert [c["state"] for c in grid["n2"]] == ["succeeded", "failed"]
+    assert grid["n2"][1]["detail"] == "check: ERROR: answered 1.0, not 2.0"
+    assert [c["state"] for c in grid["n3"]] == ["pending", "pending"]  # sent, not reported yet
+    # The node's own restore: the undone step is rolled_back, the failed one stays failed.
+    fleet.step("n2", 0, "rolled_back")
+    fleet.step("n2", 1, "rolled_back", type_="health")
+    assert [c["state"] for c in fleet.engine.steps("r1")["n2"]] == ["rolled_back", "failed"]
+    # The hub's record keeps the grid: a restarted hub serves the same one.
+    record = json.loads(json.dumps(fleet.engine.record("r1")))
+    again = Fleet()
+    again.do(RolloutsLoaded((record,)), at=T0 + 1)
+    assert again.engine.steps("r1") == fleet.engine.steps("r1")
+    broken = json.loads(json.dumps(record))
+    broken["nodes"]["n2"]["grid"] = "x"
+    assert "steps are unreadable" in (check_record(broken) or "")
+
+
+def test_a_big_rollout_leaves_untouched_nodes_out_of_the_grid() -> None:
+    fleet = Fleet()
+    nodes = [f"n{i}" for i in range(10)]
+    fleet.create(nodes, strategy={"waves": [2]})
+    fleet.succeed("n0")
+    assert set(fleet.engine.steps("r1", limit=8)) == {"n0"}
+    assert len(fleet.engine.steps("r1")) == 10
+
+
+def test_a_unique_prefix_names_its_rollout_and_an_ambiguous_one_is_refused_with_the_candidates() -> None:
+    fleet = Fleet()
+    fleet.create(["n1"], rid="1a7e70f1-0001")
+    fleet.create(["n2"], rid="1a7e70f1-0002")
+    fleet.create(["n3"], rid="2b000000-0003")
+    assert fleet.engine.resolve("2b") == "2b000000-0003"
+    assert fleet.engine.resolve("1a7e70f1-0002") == "1a7e70f1-0002"
+    with pytest.raises(InvalidInput, match=r"ambiguous: it matches 1a7e70f1-0001, 1a7e70f1-0002"):
+        fleet.engine.resolve("1a7e70f1")
+    with pytest.raises(NotFound, match="unknown rollout"):
+        fleet.engine.resolve("3c")
+
+
+# ----------------------------------------------------------- transient faults (issue 15)
+
+
+def test_a_lost_node_back_within_its_grace_carries_on() -> None:
+    fleet = Fleet()
+    fleet.create(["n1", "n2"], offline_grace_s=30)
+    fleet.step("n1", 0, "running")
+    fleet.do(PresenceChanged("n1", False), at=T0 + 1)
+    assert fleet.phases()["n1"] == "lost"
+    fleet.succeed("n2")
+    assert fleet.state() == "running"  # the lost node holds its wave
+    actions = fleet.do(PresenceChanged("n1", True), at=T0 + 20)
+    assert fleet.phases()["n1"] == "applying"
+    # A broker that lost its retained command gets the same one again (a replay is ignored).
+    assert [a.command.id for a in actions if isinstance(a, PublishCommand)] == [fleet.sent["n1"][0].id]
+    assert audits(actions, "node_back")[0].message == "n1 back after 19 s"
+    fleet.do(Tick(), at=T0 + 40)  # past the grace, but it is back: nothing happens
+    fleet.snap("n1", "succeeded")
+    assert fleet.state() == "succeeded"
+    assert {(c.id, c.action) for c in fleet.sent["n1"]} == {(fleet.sent["n1"][0].id, "apply")}
+
+
+def test_a_lost_nodes_own_report_says_where_it_is() -> None:
+    fleet = Fleet()
+    fleet.create(["n1"], offline_grace_s=30)
+    fleet.step("n1", 0, "running")
+    fleet.do(PresenceChanged("n1", False), at=T0 + 1)
+    fleet.snap("n1", "succeeded")  # it finished alone; its retained snapshot arrives first
+    assert fleet.state() == "succeeded"
+    assert fleet.summary().counts.lost == 0
+
+
+def test_many_nodes_lost_at_once_pause_the_rollout_instead_of_failing_it() -> None:
+    fleet = Fleet()
+    nodes = ["n1", "n2", "n3", "n4", "n5"]
+    fleet.create(nodes, strategy={"waves": [3]}, offline_grace_s=10)
+    for node in ("n1", "n2", "n3"):
+        fleet.step(node, 0, "running")
+    fleet.do(PresenceChanged("n1", False), at=T0 + 1)
+    actions = fleet.do(PresenceChanged("n2", False), at=T0 + 1.5)
+    actions += fleet.do(PresenceChanged("n3", False), at=T0 + 2)
+    outage = audits(actions, "outage")
+    assert [a.message for a in outage] == ["broker connection lost: 2 nodes lost at once; waiting"]
+    assert fleet.summary().counts.lost == 3
+    # Past the grace nobody fails: it is a broker event.
+    assert fleet.do(Tick(), at=T0 + 60) == []
+    assert fleet.state() == "running"
+    # They come back, finish their jobs; only then does the next wave go out.
+    fleet.do(PresenceChanged("n1", True), at=T0 + 61)
+    fleet.do(PresenceChanged("n2", True), at=T0 + 61)
+    fleet.snap("n1", "succeeded")
+    fleet.snap("n2", "succeeded")
+    assert "n4" not in fleet.sent  # n3 still lost: no new commands
+    actions = fleet.do(PresenceChanged("n3", True), at=T0 + 62)
+    assert audits(actions, "outage_over")[0].message == "nodes back after 60.5 s: resuming"
+    fleet.snap("n3", "succeeded")
+    assert "n4" in fleet.sent
+    fleet.succeed("n4", "n5")
+    assert fleet.state() == "succeeded"
+    assert all(len({c.id for c in cmds}) == 1 for cmds in fleet.sent.values())  # resent, never a second
+
+
+def test_the_hubs_own_disconnect_is_a_broker_event_and_retained_wills_do_not_fail_nodes() -> None:
+    fleet = Fleet(grace=5.0)
+    fleet.create(["n1", "n2"], offline_grace_s=10, node_timeout_s=30)
+    fleet.step("n1", 0, "running")
+    fleet.step("n2", 0, "running")
+    actions = fleet.do(BrokerChanged(False), at=T0 + 1)
+    assert audits(actions, "outage")[0].message == "broker connection lost: the hub is disconnected; waiting"
+    assert fleet.do(Tick(), at=T0 + 40) == []  # past the node timeout while blind: nothing
+    fleet.do(BrokerChanged(True), at=T0 + 41)
+    fleet.do(PresenceChanged("n1", False), at=T0 + 41.1)  # the retained wills the broker sent
+    fleet.do(PresenceChanged("n2", False), at=T0 + 41.1)
+    fleet.do(PresenceChanged("n1", True), at=T0 + 42)
+    fleet.do(PresenceChanged("n2", True), at=T0 + 42.5)
+    assert fleet.state() == "running"
+    actions = fleet.do(Tick(), at=T0 + 46)  # settled: the outage is over
+    assert audits(actions, "outage_over")
+    fleet.snap("n1", "succeeded")
+    fleet.snap("n2", "succeeded")
+    assert fleet.state() == "succeeded"
+
+
+def test_a_broker_event_past_its_limit_halts_for_the_operator_instead_of_rolling_back() -> None:
+    counter = itertools.count(1)
+    engine = RolloutEngine(new_id=lambda: f"c{next(counter)}", outage_limit_s=120)
+    spec = make_spec(["n1", "n2", "n3"], strategy={"waves": [2]})
+    engine.handle(RolloutCreated("r1", spec, ("n1", "n2", "n3"), frozenset({"n1", "n2", "n3"})), T0)
+    engine.handle(BrokerChanged(False), T0 + 1)
+    assert engine.next_deadline() == T0 + 121
+    actions = engine.handle(Tick(), T0 + 121)
+    assert engine.state("r1") == "halted"
+    assert not [a for a in actions if isinstance(a, PublishCommand)]
+    assert engine.summary("r1").detail.startswith(
+        "halted: broker connection lost: the hub is disconnected at 22:13:21 UTC; after 120 s"
+    )
+
+
+def test_a_rollback_waiting_for_an_offline_node_says_so_and_ends_at_restore_timeout_s() -> None:
+    fleet = Fleet()
+    fleet.create(["n1", "n2"], strategy={"waves": [1]}, restore_timeout_s=600, node_timeout_s=3600)
+    fleet.succeed("n1")
+    fleet.do(PresenceChanged("n1", False), at=T0 + 5)  # done and soaked: not lost, not failed
+    actions = fleet.step("n2", 0, "failed", "exit 1")
+    assert published(actions) == {"n1": "rollback"}
+    fleet.snap("n2", "failed", failed_step=0)  # its own restore, verified
+    summary = fleet.summary()
+    assert summary.state == "rolling_back"
+    assert summary.detail == (
+        "rolling back: waiting for n1 (offline since 22:13:25 UTC) to restore, until 22:23:25 UTC"
+    )
+    waits = [e for e in fleet.history if isinstance(e, Audit) and e.kind == "restore_wait"]
+    assert [a.message for a in waits] == [summary.detail]  # said once, in the audit too
+    assert fleet.engine.next_deadline() == T0 + 605
+    actions = fleet.do(Tick(), at=T0 + 605)
+    assert fleet.state() == "rollback_failed"
+    assert fleet.summary().detail == (
+        "not restored: n1 (not restored: offline since 22:13:25 UTC, no restore within "
+        "restore_timeout_s (600 s))"
+    )
+    assert cleared(actions) == []  # its retained rollback still waits for it
+    # Later it comes back and restores, verified: the record is amended.
+    fleet.do(PresenceChanged("n1", True), at=T0 + 900)
+    actions = fleet.snap("n1", "rolled_back")
+    assert fleet.state() == "rolled_back"
+    assert audits(actions, "late_restore")
+    counts = fleet.summary().counts
+    assert (counts.failed, counts.rolled_back, counts.rollback_failed) == (1, 2, 0)
+
+
+def test_a_lost_node_in_a_coordinated_rollback_gets_its_abort_and_is_awaited() -> None:
+    fleet = Fleet()
+    fleet.create(["n1", "n2"], offline_grace_s=60, restore_timeout_s=100)
+    fleet.step("n1", 0, "running")
+    fleet.do(PresenceChanged("n1", False), at=T0 + 1)
+    actions = fleet.step("n2", 0, "failed", "exit 1")
+    assert published(actions) == {"n1": "abort"}
+    assert fleet.phases()["n1"] == "offline"
+    assert fleet.engine.next_deadline() == T0 + 101
+    fleet.do(PresenceChanged("n1", True), at=T0 + 50)
+    assert fleet.phases()["n1"] == "rolling_back"
+    fleet.snap("n2", "failed", failed_step=0)
+    fleet.snap("n1", "rolled_back")
+    assert fleet.state() == "rolled_back"
+
+
+def test_a_rollout_halted_by_a_long_outage_leaves_its_lost_nodes_be_and_wakes_nobody() -> None:
+    counter = itertools.count(1)
+    engine = RolloutEngine(new_id=lambda: f"c{next(counter)}", outage_limit_s=60)
+    spec = make_spec(["n1", "n2", "n3"], offline_grace_s=5)
+    engine.handle(RolloutCreated("r1", spec, ("n1", "n2", "n3"), frozenset({"n1", "n2", "n3"})), T0)
+    for node in ("n1", "n2", "n3"):
+        engine.handle(PresenceChanged(node, False), T0 + 1)
+    engine.handle(Tick(), T0 + 62)
+    assert engine.state("r1") == "halted"
+    assert engine.summary("r1").counts.lost == 3
+    deadline = engine.next_deadline()
+    assert deadline is None or deadline > T0 + 62  # no deadline in the past: the timer would spin
+    assert engine.handle(Tick(), T0 + 500) == []  # nobody fails: the operator decides
+    # A node that comes back carries on in the halted rollout.
+    engine.handle(PresenceChanged("n1", True), T0 + 600)
+    assert engine.summary("r1").nodes["n1"].phase == "applying"
+
+
+def test_a_rollout_that_finished_during_an_outage_rolls_back_on_request_with_its_deadlines() -> None:
+    fleet = Fleet()
+    fleet.create(["n1", "n2"], node_timeout_s=60)
+    fleet.step("n1", 0, "running")
+    fleet.do(BrokerChanged(False), at=T0 + 1)
+    fleet.snap("n1", "succeeded")
+    fleet.snap("n2", "succeeded")
+    assert fleet.state() == "succeeded"
+    fleet.do(BrokerChanged(True), at=T0 + 2)
+    assert fleet.engine.next_deadline() == T0 + 7  # settling: retained wills may still come
+    fleet.do(Tick(), at=T0 + 7)
+    fleet.do(RollbackRequested("r1"), at=T0 + 10)
+    assert fleet.engine.next_deadline() == T0 + 70
+    actions = fleet.do(Tick(), at=T0 + 70)
+    assert fleet.state() == "rollback_failed"  # nobody answered within node_timeout_s
+    assert audits(actions, "rollback_failed")
+
+
+def test_a_lost_nodes_timeout_waits_while_it_is_away() -> None:
+    fleet = Fleet()
+    fleet.create(["n1"], node_timeout_s=60, offline_grace_s=30)
+    fleet.step("n1", 0, "running")
+    fleet.do(PresenceChanged("n1", False), at=T0 + 50)
+    assert fleet.engine.next_deadline() == T0 + 80  # its grace, not its (passing) node timeout
+    fleet.do(PresenceChanged("n1", True), at=T0 + 70)
+    assert fleet.engine.next_deadline() == T0 + 80  # node timeout 60 + 20 s away
+    fleet.snap("n1", "succeeded")
+    assert fleet.state() == "succeeded"

@@ -250,3 +250,33 @@ def test_forget_drops_a_node() -> None:
 def test_bad_parameters_are_refused() -> None:
     with pytest.raises(ValueError, match="positive"):
         Registry(0)
+
+
+def test_a_republished_birth_replaces_the_inventory_at_once() -> None:
+    reg = Registry(5.0)
+    reg.on_state(birth(inventory=Inventory(services={"app": "1.0"})), 100.0)
+    assert reg.on_state(birth(inventory=Inventory(services={"app": "2.0"})), 101.0, retained=False) is None
+    assert reg.to_api("n1")["inventory"]["services"] == {"app": "2.0"}
+
+
+def test_a_silent_nodes_birth_still_updates_its_versions_and_a_live_one_brings_it_back() -> None:
+    reg = Registry(1.0, grace_s=0.0)
+    reg.on_state(birth(inventory=Inventory(services={"app": "1.0"})), 100.0)
+    reg.expire(110.0)  # busy in a job: heartbeats late
+    # The retained birth replayed to a reconnecting hub: the latest versions, but no sign of life.
+    assert reg.on_state(birth(inventory=Inventory(services={"app": "2.0"})), 111.0) is None
+    assert not reg.is_online("n1")
+    assert reg.to_api("n1")["inventory"]["services"] == {"app": "2.0"}
+    # The same session's birth published just now is proof of life.
+    fresh = birth(inventory=Inventory(services={"app": "2.1"}))
+    assert reg.on_state(fresh, 112.0, retained=False) == Transition("n1", True, "birth")
+    assert reg.to_api("n1")["inventory"]["services"] == {"app": "2.1"}
+
+
+def test_a_replayed_birth_of_an_ended_session_keeps_the_latest_versions() -> None:
+    reg = Registry(5.0)
+    reg.on_state(birth(inventory=Inventory(services={"app": "1.0"})), 100.0)
+    reg.on_state(will(), 101.0)
+    assert reg.on_state(birth(inventory=Inventory(services={"app": "2.0"})), 102.0, retained=False) is None
+    assert not reg.is_online("n1")
+    assert reg.to_api("n1")["inventory"]["services"] == {"app": "2.0"}

@@ -27,6 +27,9 @@ def register(parser: argparse.ArgumentParser) -> None:
                              "loopback unless you mean otherwise")
     parser.add_argument("--examples", type=Path, default=env_default("FLEET_EXAMPLES", "examples"),
                         help="directory of rollout specs offered by the new-rollout screen (FLEET_EXAMPLES)")
+    parser.add_argument("--http-info", type=Path, default=env_default("FLEET_HTTP_INFO"),
+                        help="file with the hub's HTTP URL and token (FLEET_HTTP_INFO; `fleet demo` "
+                             "writes one): shown by the help screen (?)")
     parser.add_argument("--utc", action="store_true", default=env_default("FLEET_UTC") == "1",
                         help="show times in UTC (FLEET_UTC=1)")
 
@@ -73,6 +76,8 @@ def _serve(host: str, port: int, args: argparse.Namespace) -> int:
     os.environ["FLEET_PREFIX"] = args.prefix
     os.environ["FLEET_EXAMPLES"] = str(args.examples)
     os.environ["FLEET_UTC"] = "1" if args.utc else "0"
+    if args.http_info:
+        os.environ["FLEET_HTTP_INFO"] = str(args.http_info)
     os.environ.pop("FLEET_SERVE", None)
     command = f"{shlex.quote(sys.executable)} -m cli.main tui"
     print(f"fleet tui: serving on http://{host}:{port}", flush=True)
@@ -88,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
 
     parse_broker_url(args.broker)  # a bad URL is a usage error (exit 2), before any screen
     topics = Topics(args.prefix)
-    config = TuiConfig(broker=args.broker, prefix=args.prefix, examples_dir=args.examples, utc=args.utc)
+    config = TuiConfig(broker=args.broker, prefix=args.prefix, examples_dir=args.examples, utc=args.utc,
+                       http_info=args.http_info)
     if args.serve:
         host, port = parse_serve(args.serve)
         return _serve(host, port, args)

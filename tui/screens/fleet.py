@@ -43,7 +43,7 @@ class FleetScreen(ModelScreen):
         yield Input(placeholder="filter: words, or label=value (Esc clears)", id="filter", classes="hidden")
         yield NodeTable(self.ctx.model, id="nodes")
         yield Static(id="last-event", markup=False)
-        yield Footer()
+        yield Footer(compact=True)
 
     @property
     def table(self) -> NodeTable:
@@ -77,7 +77,7 @@ class FleetScreen(ModelScreen):
 
     def tick(self) -> None:
         """Ages move, nodes go stale."""
-        if self.is_mounted:
+        if self.is_mounted and self.query(NodeTable):  # not while the app is tearing the screen down
             self.table.tick(self.ctx.clock())
             self._summarize()
 

@@ -40,7 +40,7 @@ class NodeScreen(ModelScreen):
                 yield Sparkline([], id="load")
                 yield JobTable(self.ctx.model, utc=self.ctx.utc, id="jobs")
         yield LogTail(utc=self.ctx.utc, id="node-log")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         """Fill everything once."""

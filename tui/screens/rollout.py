@@ -29,7 +29,7 @@ class RolloutScreen(RolloutActions, ModelScreen):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "app.pop_screen", "Back"),
         *ROLLOUT_BINDINGS,
-        Binding("r", "refresh_audit", "Refresh audit"),
+        Binding("r", "refresh_audit", "Refresh"),
         Binding("l", "tab('log')", "Log"),
         Binding("t", "tab('audit')", "Audit"),
     ]
@@ -46,13 +46,14 @@ class RolloutScreen(RolloutActions, ModelScreen):
         yield Static(id="rollout-head", markup=False)
         yield ProgressBar(total=None, show_eta=False, id="rollout-progress")
         yield StepGrid(id="grid")
+        yield Static(id="node-steps", markup=False)
         yield Static(_LEGEND, id="legend", markup=False)
         with TabbedContent(initial="log", id="rollout-tabs"):
             with TabPane("Log (selected node)", id="log"):
                 yield LogTail(utc=self.ctx.utc, id="rollout-log")
             with TabPane("Audit", id="audit"):
                 yield AuditTable(utc=self.ctx.utc, id="audit-table")
-        yield Footer()
+        yield Footer(compact=True)
 
     def selected_rollout(self) -> str | None:
         """This screen's rollout."""
@@ -101,6 +102,9 @@ class RolloutScreen(RolloutActions, ModelScreen):
 
     def _follow_selected(self) -> None:
         node = self.grid.selected_node
+        view = self.ctx.model.rollouts.get(self.rollout)
+        line = view.node_line(node) if view is not None and node else ""
+        self.query_one("#node-steps", Static).update(line)
         log = self.query_one(LogTail)
         if node != log.node:
             log.follow(self.ctx.model.nodes.get(node) if node else None, rollout=self.rollout)

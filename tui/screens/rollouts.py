@@ -32,7 +32,7 @@ class RolloutsScreen(RolloutActions, ModelScreen):
         yield Header()
         yield Static(id="rollouts-summary", markup=False)
         yield RolloutTable(self.ctx.model, utc=self.ctx.utc, id="rollouts")
-        yield Footer()
+        yield Footer(compact=True)
 
     @property
     def table(self) -> RolloutTable:

@@ -53,17 +53,20 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
     try:
         deadline = time.monotonic() + 90
         text = ""
-        while "export FLEET_BROKER" not in text:
+        while "Try, in another terminal" not in text:
             assert proc.poll() is None, f"fleet demo exited early:\n{out.read_text()}"
             assert time.monotonic() < deadline, f"fleet demo did not come up:\n{out.read_text()}"
             time.sleep(0.2)
             text = out.read_text()
-        url_file = re.search(r"export FLEET_BROKER=\$\(cat (\S+)\)", text)
-        http = re.search(r"HTTP bridge\s+(http://\S+)/docs\s+\(token: (\S+)\)", text)
+        url_file = re.search(r"FLEET_BROKER=\$\(cat (\S+)\)", text)
         assert url_file, text
-        assert http, text
-        env = {**env, "FLEET_BROKER": Path(url_file.group(1)).read_text().strip()}
-        yield Demo(root, env, http.group(1), http.group(2))
+        # The HTTP bridge's URL and token are in a file only its owner reads.
+        info_file = root / "http.env"
+        assert info_file.stat().st_mode & 0o777 == 0o600
+        info = dict(line.split("=", 1) for line in info_file.read_text().splitlines())
+        assert info["FLEET_HTTP_TOKEN"] in text
+        env = {**env, "FLEET_BROKER": (root.parent / url_file.group(1)).read_text().strip()}
+        yield Demo(root, env, info["FLEET_HTTP_URL"], info["FLEET_HTTP_TOKEN"])
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)

@@ -338,6 +338,9 @@ class FleetModel:
         self.rollouts: dict[str, RolloutView] = {}
         self.hub: HubState | None = None
         self.events: deque[Event] = deque(maxlen=EVENTS)
+        #: Grows whenever a node's reported versions or the set of nodes may have changed
+        #: (births, removals), so views derived from versions are recomputed only then.
+        self.versions_epoch = 0
 
     # ------------------------------------------------------------------ folding
 
@@ -401,9 +404,11 @@ class FleetModel:
         view.state = state.state
         view.reason = state.reason
         view.session = state.session
-        view.agent_version = state.agent_version
         view.labels = dict(state.labels)
+        if view.inventory != state.inventory or view.agent_version != state.agent_version:
+            self.versions_epoch += 1
         view.inventory = state.inventory
+        view.agent_version = state.agent_version
         view.heartbeat_s = state.heartbeat_s
         if state.state == "online":
             view.seen_at = now
@@ -495,6 +500,7 @@ class FleetModel:
         if cleared.kind == "node":
             if self.nodes.pop(cleared.key, None) is None:
                 return Changes()
+            self.versions_epoch += 1
             return Changes(removed_nodes={cleared.key})
         if self.rollouts.pop(cleared.key, None) is None:
             return Changes()

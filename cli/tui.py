@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import re
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 
 from bus.errors import ConfigError
@@ -59,8 +61,32 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+_WEB_FONT = re.compile(r"<link[^>]*https?://fonts\.googleapis\.com[^>]*>", re.DOTALL)
+#: The same font, from textual-serve's own static files: the page loads nothing from the internet.
+_LOCAL_FONT = """<style>
+      @font-face {
+        font-family: "Roboto Mono";
+        src: url("{{ config.static.url }}fonts/RobotoMono-VariableFont_wght.ttf") format("truetype");
+      }
+    </style>"""
+
+
+def local_page_templates(package_dir: Path, into: Path) -> Path:
+    """textual-serve's page template with its web font served locally; the template folder written.
+
+    textual-serve's page links a font on fonts.googleapis.com; the demo and an
+    operator's browser must only talk to the loopback server, so the link becomes
+    an ``@font-face`` on the font file textual-serve ships in its static folder.
+    """
+    template = (package_dir / "templates" / "app_index.html").read_text(encoding="utf-8")
+    into.mkdir(parents=True, exist_ok=True)
+    (into / "app_index.html").write_text(_WEB_FONT.sub(_LOCAL_FONT, template), encoding="utf-8")
+    return into
+
+
 def _serve(host: str, port: int, args: argparse.Namespace) -> int:
     try:
+        import textual_serve
         from textual_serve.server import Server
     except ImportError as exc:
         raise ConfigError("--serve needs the textual-serve package (pip install textual-serve)") from exc
@@ -81,7 +107,9 @@ def _serve(host: str, port: int, args: argparse.Namespace) -> int:
     os.environ.pop("FLEET_SERVE", None)
     command = f"{shlex.quote(sys.executable)} -m cli.main tui"
     print(f"fleet tui: serving on http://{host}:{port}", flush=True)
-    Server(command, host=host, port=port, title="fleet").serve()
+    with tempfile.TemporaryDirectory(prefix="fleet-tui-serve-") as scratch:
+        templates = local_page_templates(Path(textual_serve.__file__).parent, Path(scratch))
+        Server(command, host=host, port=port, title="fleet", templates_path=templates).serve()
     return 0
 
 

@@ -7,7 +7,7 @@ from typing import ClassVar
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.timer import Timer
-from textual.widgets import Footer, Header, Input, Static
+from textual.widgets import Header, Input, Static
 
 from tui.cells import time_text
 from tui.context import Context
@@ -16,6 +16,7 @@ from tui.screens.base import ModelScreen
 from tui.screens.node import NodeScreen
 from tui.screens.versions import VersionsScreen, fleet_versions
 from tui.versions import drifting
+from tui.widgets.key_footer import KeyFooter
 from tui.widgets.node_table import NodeTable
 
 __all__ = ["FleetScreen"]
@@ -47,7 +48,7 @@ class FleetScreen(ModelScreen):
         yield Input(placeholder="filter: words, or label=value (Esc clears)", id="filter", classes="hidden")
         yield NodeTable(self.ctx.model, id="nodes")
         yield Static(id="last-event", markup=False)
-        yield Footer(compact=True)
+        yield KeyFooter(compact=True)
 
     @property
     def table(self) -> NodeTable:

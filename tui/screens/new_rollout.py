@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.widgets import Footer, Header, Input, Label, OptionList, Static, TextArea
+from textual.widgets import Header, Input, Label, OptionList, Static, TextArea
 
 from bus.errors import FleetError
 from bus.messages import MAX_PAYLOAD_BYTES, loads_object
@@ -19,6 +19,7 @@ from tui.model import Changes
 from tui.preview import Preview, hub_plan_lines, make_preview, parse_spec
 from tui.screens.base import ModelScreen
 from tui.screens.confirm import ConfirmScreen
+from tui.widgets.key_footer import KeyFooter
 
 __all__ = ["NewRolloutScreen", "read_spec_file"]
 
@@ -71,7 +72,7 @@ class NewRolloutScreen(ModelScreen):
             yield TextArea(id="spec-json", soft_wrap=False, show_line_numbers=False)
         with VerticalScroll(id="preview-box"):
             yield Static(_EMPTY, id="preview", markup=False)
-        yield Footer(compact=True)
+        yield KeyFooter(compact=True)
 
     async def on_mount(self) -> None:
         """List the example specs, focus the path box."""

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.widgets import Footer, Header, ProgressBar, Static, TabbedContent, TabPane
+from textual.widgets import Header, ProgressBar, Static, TabbedContent, TabPane
 
 from tui.cells import STEP_WORDS, clock_text
 from tui.context import Context
@@ -15,6 +15,7 @@ from tui.model import Changes
 from tui.screens.actions import ROLLOUT_BINDINGS, RolloutActions
 from tui.screens.base import ModelScreen
 from tui.widgets.audit_table import AuditTable
+from tui.widgets.key_footer import KeyFooter
 from tui.widgets.log_tail import LogTail
 from tui.widgets.step_grid import StepGrid
 
@@ -53,7 +54,7 @@ class RolloutScreen(RolloutActions, ModelScreen):
                 yield LogTail(utc=self.ctx.utc, id="rollout-log")
             with TabPane("Audit", id="audit"):
                 yield AuditTable(utc=self.ctx.utc, id="audit-table")
-        yield Footer(compact=True)
+        yield KeyFooter(compact=True)
 
     def selected_rollout(self) -> str | None:
         """This screen's rollout."""

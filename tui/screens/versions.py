@@ -7,11 +7,12 @@ from typing import Any, ClassVar
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.widgets import DataTable, Footer, Header, Static
+from textual.widgets import DataTable, Header, Static
 
 from tui.model import Changes, FleetModel
 from tui.screens.base import ModelScreen
 from tui.versions import VersionGroup, drifting, group_versions, software_versions
+from tui.widgets.key_footer import KeyFooter
 
 __all__ = ["VersionsScreen", "fleet_versions"]
 
@@ -43,7 +44,7 @@ class VersionsScreen(ModelScreen):
         yield Header()
         yield Static(id="versions-summary", markup=False)
         yield DataTable[Any](id="versions", cursor_type="row")
-        yield Footer(compact=True)
+        yield KeyFooter(compact=True)
 
     def on_mount(self) -> None:
         """Columns, first fill."""

@@ -221,9 +221,12 @@ class RolloutView:
         if self.summary is None:
             return 0, 0
         counts = self.summary.counts
-        total = counts.pending + counts.running + counts.succeeded + counts.failed + counts.rolled_back
-        total = max(total, len(self.summary.nodes))
-        return counts.succeeded + counts.failed + counts.rolled_back, total
+        done = (
+            counts.succeeded + counts.failed + counts.rolled_back + counts.rollback_failed + counts.lost
+            + counts.not_started
+        )
+        total = max(done + counts.pending + counts.running + counts.deferred, len(self.summary.nodes))
+        return done, total
 
     def node_line(self, node: str) -> str:
         """One line on a node's steps, 1-based: its failed step and reason, else its latest step."""

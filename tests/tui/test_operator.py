@@ -12,8 +12,9 @@ from textual.widgets import Input, Static
 from bus.messages import NodeSummary, Reply, Request, RolloutCounts, RolloutSummary, StepStatus
 from tests.tui.helpers import demo_app, ops, until
 from tui.app import FleetApp
+from tui.cells import counts_text, phase_text
 from tui.demo import DEMO_NOW, demo_responder, demo_updates
-from tui.model import FleetModel
+from tui.model import FleetModel, RolloutView
 from tui.screens.about import AboutScreen, read_http_info
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.new_rollout import NewRolloutScreen
@@ -282,3 +283,13 @@ async def test_fleet_table_shows_versions_at_80_columns() -> None:
             x += width
         assert spans["versions"][1] <= 80
         assert spans["job"][1] <= 80
+
+
+def test_new_phases_and_counts_are_shown_in_words() -> None:
+    counts = RolloutCounts(failed=1, rolled_back=2, rollback_failed=1, not_started=2)
+    text = str(counts_text(counts))
+    assert text == "ok 0 run 0 fail 1 undone 2 wait 0 RB-FAIL 1 not started 2"
+    assert str(counts_text(RolloutCounts(succeeded=3))) == "ok 3 run 0 fail 0 undone 0 wait 0"
+    assert phase_text("rollback_failed").style == "bold red reverse"
+    summary = _finished_summary().model_copy(update={"counts": counts})
+    assert RolloutView("r", summary=summary).progress() == (6, 6)

@@ -52,7 +52,8 @@ def about_text(broker: str, prefix: str, info_file: Path | None, info: Mapping[s
             f"  token  {token or '(none)'}",
             f"  both are in {info_file} (mode 600); in a shell:",
             f"    . {info_file}",
-            '    curl -H "Authorization: Bearer $FLEET_HTTP_TOKEN" "$FLEET_HTTP_URL/api/nodes"',
+            '    curl -H "Authorization: Bearer $FLEET_HTTP_TOKEN" \\',
+            '      "$FLEET_HTTP_URL/api/nodes"',
             "",
         ]
     elif info_file is not None:

@@ -17,7 +17,11 @@ from cli.demo_fleet import DemoFleet, wrap_command
 pytestmark = pytest.mark.e2e
 
 
-def _started(root: Path, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a shell does for a background job
+
+
+def _started(root: Path, *args: str, sigint_ignored: bool = False) -> tuple[subprocess.Popen[bytes], Path]:
     """`fleet demo --nodes 2 --no-tui` in its own session, up and printing its intro."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
     env["FLEET_NO_CONFIG_DISCOVERY"] = "1"
@@ -29,6 +33,7 @@ def _started(root: Path, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
+            preexec_fn=_ignore_sigint if sigint_ignored else None,
         )
     deadline = time.monotonic() + 90
     while "Try, in another terminal" not in out.read_text():
@@ -54,10 +59,14 @@ def _gone(root: Path, timeout: float = 40.0) -> list[str]:
     return left
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL], ids=lambda s: s.name)
-def test_no_child_outlives_the_demo(tmp_path: Path, signum: signal.Signals) -> None:
+@pytest.mark.parametrize(
+    ("signum", "sigint_ignored"),
+    [(signal.SIGTERM, False), (signal.SIGHUP, False), (signal.SIGKILL, False), (signal.SIGINT, True)],
+    ids=["SIGTERM", "SIGHUP", "SIGKILL", "SIGINT-ignored-at-start"],
+)
+def test_no_child_outlives_the_demo(tmp_path: Path, signum: signal.Signals, sigint_ignored: bool) -> None:
     root = tmp_path / "fleet"
-    proc, out = _started(root)
+    proc, out = _started(root, sigint_ignored=sigint_ignored)
     try:
         children = _processes_under(root)
         # the hub, 2 agents, 2 demo services and the watchdog

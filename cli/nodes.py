@@ -273,7 +273,8 @@ def _job(job: Any) -> str:
     if not isinstance(job, dict) or not job.get("rollout"):
         return "-"
     step = job.get("step")
-    return f"{str(job['rollout'])[:8]}" + (f" step {step}" if step is not None else "")
+    # Steps are counted from 1, as people count (the wire's index is 0-based).
+    return f"{str(job['rollout'])[:8]}" + (f" step {step + 1}" if isinstance(step, int) else "")
 
 
 def _figure(beat: Any, key: str, fmt: str) -> str:

@@ -7,7 +7,7 @@ from typing import Any
 from textual.widgets import Static
 
 from bus.messages import Inventory, NodeState
-from cli.nodes import matches, parse_version_filter, render_versions, summary_line
+from cli.nodes import matches, parse_version_filter, render_table, render_versions, summary_line
 from tests.tui.helpers import demo_app, until
 from tui.demo import DEMO_NOW
 from tui.screens.versions import VersionsScreen
@@ -98,3 +98,8 @@ async def test_fleet_screen_names_drift_and_v_shows_which_versions_run_where() -
         )
         await until(pilot, lambda: screen.rows[1][3] == "4", "edge-004 on 1.5.0")
         await pilot.press("escape")
+
+
+def test_fleet_nodes_counts_steps_from_one() -> None:
+    node = {**_node("node-1", "2.0"), "job": {"rollout": "1a7e70f1-aaaa", "step": 3}}
+    assert "1a7e70f1 step 4" in render_table([node], DEMO_NOW)

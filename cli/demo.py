@@ -9,7 +9,9 @@ and the terminal UI. Everything listens on 127.0.0.1 only, and lives under
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 from pathlib import Path
 
 from cli.options import env_default
@@ -51,8 +53,32 @@ def register(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class _Stop(Exception):
+    """A stop signal arrived (SIGINT, SIGTERM or SIGHUP): clean up as for Ctrl-C."""
+
+
+def _on_signal(signum: int, _frame: object) -> None:
+    # Further signals must not interrupt the cleanup: it ends every child and
+    # waits for them; the watchdog process covers the case where even that dies.
+    for other in _STOP_SIGNALS:
+        signal.signal(other, signal.SIG_IGN)
+    raise _Stop(signal.Signals(signum).name)
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _say(text: str) -> None:
+    with contextlib.suppress(OSError):
+        print(f"fleet demo: {text}", flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
-    """Build the demo fleet, run it until Ctrl-C (or --duration), then clean up."""
+    """Build the demo fleet, run it until a stop signal, q in the UI, or --duration; then clean up.
+
+    SIGTERM and SIGHUP stop it like Ctrl-C (SIGINT, even if the demo was started
+    with SIGINT ignored); whatever ends the demo, its children end with it.
+    """
     from bus.errors import InvalidInput
     from cli.demo_fleet import DemoFleet
 
@@ -64,7 +90,10 @@ def run(args: argparse.Namespace) -> int:
         broker_port=args.port,
         http_addr=args.http,
         verbose=bool(args.verbose),
+        say=_say,
     )
+    previous = {signum: signal.signal(signum, _on_signal) for signum in _STOP_SIGNALS}
+    stopped_by = ""
     try:
         fleet.start()
         fleet.print_intro()
@@ -72,8 +101,18 @@ def run(args: argparse.Namespace) -> int:
             fleet.watch(args.duration)
         else:
             fleet.run_tui()
-    except KeyboardInterrupt:
-        pass
+    except (_Stop, KeyboardInterrupt) as exc:
+        stopped_by = str(exc) or "SIGINT"
     finally:
+        for signum in _STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+        _say(
+            f"stopping ({stopped_by}): hub, agents, demo services, broker"
+            if stopped_by
+            else "stopping: hub, agents, demo services, broker"
+        )
         fleet.stop()
+        _say("stopped")
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return 0

@@ -15,13 +15,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from cli.ports import free_port, service_port
 
-__all__ = ["DemoFleet"]
+__all__ = ["DemoFleet", "wrap_command"]
 
 _ASSETS = ("demo_service.py", "check_app.sh", "install_update.sh", "rollback.sh")
 _PREFIX = "fleet/v1"
@@ -29,6 +30,56 @@ _PREFIX = "fleet/v1"
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def wrap_command(words: list[str], width: int = 80, indent: str = "    ") -> list[str]:
+    """A shell command as lines of at most ``width`` columns, broken between words (a backslash ends each).
+
+    A trailing ``# comment`` word stays on the last line, or goes alone after it when
+    it does not fit. A single word wider than a line is never split.
+    """
+    comment = words[-1] if words and words[-1].startswith("#") else ""
+    words = words[:-1] if comment else list(words)
+    if not words:
+        return [indent + comment] if comment else []
+    lines: list[str] = []
+    current = indent + words[0]
+    for word in words[1:]:
+        fits_alone = len(indent) + 2 + len(word) + 2 <= width
+        if fits_alone and len(current) + 1 + len(word) + 2 > width:  # room for " \\" at the end
+            lines.append(current + " \\")
+            current = indent + "  " + word
+        else:
+            current += " " + word
+    if comment and len(current) + 3 + len(comment) <= width:
+        lines.append(f"{current}   {comment}")
+    else:
+        lines.append(current)
+        if comment:
+            lines.append(indent + comment)
+    return lines
+
+
+def _terminal_state() -> list[Any] | None:
+    """The terminal's settings, to put back if the UI is killed (None without a terminal)."""
+    try:
+        import termios
+
+        return termios.tcgetattr(sys.stdin.fileno())
+    except (ImportError, OSError, ValueError):
+        return None
+
+
+def _restore_terminal(saved: list[Any] | None) -> None:
+    """Leave the UI's alternate screen and mouse modes, show the cursor, restore the tty settings."""
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.write("\x1b[?1000l\x1b[?1003l\x1b[?1006l\x1b[?2004l\x1b[?1049l\x1b[?25h")
+        sys.stdout.flush()
+    if saved is not None:
+        with contextlib.suppress(ImportError, OSError, ValueError):
+            import termios
+
+            termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, saved)
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -39,8 +90,18 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 class DemoFleet:
     """Broker, hub, artifact server and N agents, all on 127.0.0.1 under ``root``."""
 
-    def __init__(self, root: Path, *, nodes: int, broker_port: int, http_addr: str, verbose: bool) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        nodes: int,
+        broker_port: int,
+        http_addr: str,
+        verbose: bool,
+        say: Callable[[str], None] | None = None,
+    ) -> None:
         self.root = root
+        self.say = say or (lambda _text: None)
         self.node_ids = [f"node-{i}" for i in range(1, nodes + 1)]
         self.verbose = verbose
         self.broker_port = free_port(broker_port or 1883)
@@ -52,6 +113,8 @@ class DemoFleet:
         self._broker: Any = None
         self._artifacts: http.server.ThreadingHTTPServer | None = None
         self._urls: dict[str, str] = {}
+        self._watchdog: subprocess.Popen[bytes] | None = None
+        self._watch_pipe: int | None = None
 
     @property
     def broker_url(self) -> str:
@@ -63,6 +126,16 @@ class DemoFleet:
         """The file holding the tools' broker URL (credentials included)."""
         return self.root / "broker" / "credentials" / "tui.url"
 
+    @property
+    def http_url(self) -> str:
+        """Base URL of the hub's HTTP bridge."""
+        return f"http://{self.http_host}:{self.http_port}"
+
+    @property
+    def http_info_file(self) -> Path:
+        """``FLEET_HTTP_URL=`` and ``FLEET_HTTP_TOKEN=`` lines, mode 600 (``. FILE`` in a shell)."""
+        return self.root / "http.env"
+
     # ------------------------------------------------------------------ start
 
     def start(self) -> None:
@@ -71,16 +144,49 @@ class DemoFleet:
             self._stop_leftover_services()
             shutil.rmtree(self.root)
         (self.root / "logs").mkdir(parents=True)
+        self._start_watchdog()
         from bus.signing import generate_keypair
 
         self.key, self.pub = generate_keypair(self.root / "keys")
+        self.say(f"starting the broker on 127.0.0.1:{self.broker_port} (passwords and ACL) ...")
         self._start_broker()
         self._start_artifacts()
         self._write_rollouts()
+        self._write_http_info()
+        self.say(f"starting the hub, HTTP bridge on {self.http_url} ...")
         self._start_hub()
+        self.say(f"starting {len(self.node_ids)} agents, each with its demo-app 1.0 ...")
         for index, node in enumerate(self.node_ids, start=1):
             self._start_agent(index, node)
+        self.say(f"waiting for the {len(self.node_ids)} nodes to come online ...")
         self._wait_fleet_online()
+
+    def _start_watchdog(self) -> None:
+        """A process that ends the demo's children if the demo dies without cleaning up (any signal)."""
+        read_end, write_end = os.pipe()
+        try:
+            self._watchdog = subprocess.Popen(
+                [sys.executable, "-m", "cli.demo_watchdog", str(self.root)],
+                stdin=read_end,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        finally:
+            os.close(read_end)
+        self._watch_pipe = write_end
+
+    def _tell_watchdog(self, line: str) -> None:
+        if self._watch_pipe is not None:
+            with contextlib.suppress(OSError):
+                os.write(self._watch_pipe, line.encode("ascii") + b"\n")
+
+    def _write_http_info(self) -> None:
+        """The HTTP bridge's URL and token, for curl and the TUI's help screen (owner-only)."""
+        text = f"FLEET_HTTP_URL={self.http_url}\nFLEET_HTTP_TOKEN={self.token}\n"
+        fd = os.open(self.http_info_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
 
     def _start_broker(self) -> None:
         """The embedded broker, locked down: passwords and the fleet's ACL (DESIGN section 7)."""
@@ -147,6 +253,7 @@ class DemoFleet:
             argv, stdout=log, stderr=log, env=full_env, start_new_session=True
         )
         log.close()
+        self._tell_watchdog(f"pid {self.procs[name].pid}")
 
     def _tool_env(self) -> dict[str, str]:
         """The environment of the demo's own tool runs (nodes, TUI): the tools' credentials."""
@@ -233,13 +340,18 @@ class DemoFleet:
 
     def _wait_fleet_online(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
+        last = -1
         while time.monotonic() < deadline:
             for name, proc in self.procs.items():
                 if proc.poll() is not None:
                     log = (self.root / "logs" / f"{name}.log").read_text(errors="replace")
                     raise RuntimeError(f"{name} exited with {proc.returncode}:\n{log[-2000:]}")
             nodes = self.nodes()
-            if nodes is not None and sum(1 for n in nodes if n.get("online")) == len(self.node_ids):
+            online = sum(1 for n in nodes if n.get("online")) if nodes is not None else 0
+            if online != last and nodes is not None:
+                self.say(f"  {online} of {len(self.node_ids)} nodes online")
+                last = online
+            if online == len(self.node_ids):
                 return
             time.sleep(0.3)
         raise TimeoutError("the demo fleet did not come online in time; see logs in " + str(self.root))
@@ -260,26 +372,51 @@ class DemoFleet:
 
     # ------------------------------------------------------------------ show
 
+    def _shown(self, path: Path) -> str:
+        """``path`` relative to the working directory when under it (shorter lines to copy)."""
+        with contextlib.suppress(ValueError):
+            return str(path.relative_to(Path.cwd()))
+        return str(path)
+
+    def intro_text(self, width: int = 79) -> str:
+        """What runs where and what to try; every line fits ``width`` columns where paths allow."""
+        root, info = self._shown(self.root), self._shown(self.http_info_file)
+        good = self._shown(self.root / "rollouts" / "good.json")
+        bad = self._shown(self.root / "rollouts" / "bad.json")
+        lines = [
+            "",
+            f"fleet demo: {len(self.node_ids)} nodes up",
+            f"  files   {root}",
+            f"  broker  127.0.0.1:{self.broker_port} (locked down: passwords + ACL)",
+            f"  HTTP    {self.http_url}/docs",
+            f"  token   {self.token}",
+            f"  saved   {info}",
+            "          (URL and token, mode 600; the terminal UI shows them too: ?)",
+            "Try, in another terminal:",
+        ]
+        commands = [
+            ["export", f"FLEET_BROKER=$(cat {self._shown(self.tools_url_file)})"],
+            ["fleet", "rollout", "create", good, "--wait", "# 1.0 -> 2.0"],
+            ["fleet", "rollout", "create", bad, "--wait", "# 2.1 fails"],
+            ["fleet", "nodes", "--by-version"],
+            [".", info, "# sets FLEET_HTTP_URL and FLEET_HTTP_TOKEN"],
+            ["curl", '-H "Authorization: Bearer $FLEET_HTTP_TOKEN"', '"$FLEET_HTTP_URL/api/nodes"'],
+            [
+                "curl",
+                "-X POST",
+                '-H "Authorization: Bearer $FLEET_HTTP_TOKEN"',
+                "-H 'Content-Type: application/json'",
+                f"--data @{good}",
+                '"$FLEET_HTTP_URL/api/updates"',
+            ],
+        ]
+        for words in commands:
+            lines.extend(wrap_command(words, width))
+        return "\n".join(lines) + "\n"
+
     def print_intro(self) -> None:
         """Tell the operator what runs where and what to try."""
-        good = self.root / "rollouts" / "good.json"
-        bad = self.root / "rollouts" / "bad.json"
-        http = f"http://{self.http_host}:{self.http_port}"
-        print(
-            f"""
-fleet demo: {len(self.node_ids)} nodes, broker 127.0.0.1:{self.broker_port}, files in {self.root}
-  HTTP bridge  {http}/docs   (token: {self.token})
-  the broker is locked down (passwords + ACL); tools use the credentials in {self.tools_url_file}
-  try, in another terminal:
-    export FLEET_BROKER=$(cat {self.tools_url_file})
-    fleet rollout create {good} --wait     # demo-app 1.0 -> 2.0, in waves
-    fleet rollout create {bad} --wait      # 2.1 fails on node-3: every node restored
-    fleet nodes
-    curl -s -X POST -H 'Authorization: Bearer {self.token}' -H 'Content-Type: application/json' \\
-         --data @{good} {http}/api/updates
-""",
-            flush=True,
-        )
+        print(self.intro_text(), flush=True)
 
     def watch(self, duration: float | None) -> None:
         """Print the node table every few seconds (the --no-tui view)."""
@@ -298,12 +435,28 @@ fleet demo: {len(self.node_ids)} nodes, broker 127.0.0.1:{self.broker_port}, fil
             time.sleep(pause)
 
     def run_tui(self) -> None:
-        """Open the terminal UI in the foreground."""
-        subprocess.run(
+        """Open the terminal UI in the foreground; if the demo must stop, end the UI and fix the terminal."""
+        saved = _terminal_state()
+        tui = subprocess.Popen(
             self._fleet("tui"),
-            check=False,
-            env={**self._tool_env(), "FLEET_EXAMPLES": str(self.root / "rollouts")},
+            env={
+                **self._tool_env(),
+                "FLEET_EXAMPLES": str(self.root / "rollouts"),
+                "FLEET_HTTP_INFO": str(self.http_info_file),
+            },
         )
+        self._tell_watchdog(f"pid {tui.pid}")
+        try:
+            tui.wait()
+        finally:
+            if tui.poll() is None:
+                tui.terminate()
+                try:
+                    tui.wait(5)
+                except subprocess.TimeoutExpired:
+                    tui.kill()
+                    tui.wait(5)
+                _restore_terminal(saved)
 
     # ------------------------------------------------------------------ stop
 
@@ -324,6 +477,13 @@ fleet demo: {len(self.node_ids)} nodes, broker 127.0.0.1:{self.broker_port}, fil
             self._artifacts.server_close()
         if self._broker is not None:
             self._broker.stop()
+        self._tell_watchdog("stopped")
+        if self._watch_pipe is not None:
+            os.close(self._watch_pipe)
+            self._watch_pipe = None
+        if self._watchdog is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._watchdog.wait(5)
 
     def _stop_leftover_services(self) -> None:
         """The demo-app processes outlive their agents by design; end them by pidfile."""

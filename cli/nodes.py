@@ -1,4 +1,8 @@
-"""``fleet nodes [--broker URL] [--json]``: the fleet table, from the hub's registry.
+"""``fleet nodes [--json] [--by-version] [--state S] [--version NAME[=V]]``: the fleet, from the hub.
+
+The table ends with counts by state and the versions that drift (more than one
+version of the same software in the fleet); ``--by-version`` shows which versions
+run where instead of one row per node.
 
 Also home of ``hub_session``, the request/reply session ``fleet rollout`` uses too.
 """
@@ -8,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -101,20 +106,134 @@ def register(parser: argparse.ArgumentParser) -> None:
     """Add the subcommand's arguments."""
     add_client_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print the JSON list (as GET /api/nodes)")
+    parser.add_argument(
+        "--by-version",
+        action="store_true",
+        help="which versions run where: one row per software and version (drift view)",
+    )
+    parser.add_argument("--state", choices=("online", "offline"), help="only nodes in this state")
+    parser.add_argument(
+        "--version",
+        action="append",
+        default=[],
+        metavar="NAME[=VERSION]",
+        help="only nodes that report NAME (at VERSION); repeatable, all must match",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Ask the hub for its node table and print it."""
+    from bus.errors import InvalidInput
+
+    wanted = [parse_version_filter(text) for text in args.version]
     config = client_config(args)
     nodes, error = asyncio.run(fetch_nodes(config))
     if error is not None:
         print(f"fleet nodes: {error}", file=sys.stderr)
         return 1
-    if args.json:
+    if any(not name for name, _ in wanted):
+        raise InvalidInput("--version needs NAME or NAME=VERSION")
+    nodes = [n for n in nodes if matches(n, state=args.state, versions=wanted)]
+    if args.by_version:
+        groups = version_groups(nodes)
+        if args.json:
+            drift = set(drifting_names(groups))
+            rows = [{**dataclasses.asdict(g), "drift": g.software in drift} for g in groups]
+            print(json.dumps(rows, indent=2))
+        else:
+            print(render_versions(nodes))
+    elif args.json:
         print(json.dumps(nodes, indent=2))
     else:
         print(render_table(nodes, time.time()))
+        print(summary_line(nodes))
     return 0
+
+
+def parse_version_filter(text: str) -> tuple[str, str | None]:
+    """``NAME`` or ``NAME=VERSION`` of ``--version``."""
+    name, sep, version = text.partition("=")
+    return name.strip(), (version.strip() if sep else None)
+
+
+def node_versions(node: Mapping[str, Any]) -> dict[str, str]:
+    """A node's ``{software: version}`` (agent, drivers, packages, services) from the hub's record."""
+    from tui.versions import software_versions
+
+    inventory = node.get("inventory") if isinstance(node.get("inventory"), dict) else {}
+    assert isinstance(inventory, dict)  # noqa: S101 - narrowed just above
+
+    def group(kind: str) -> dict[str, str]:
+        value = inventory.get(kind)
+        return value if isinstance(value, dict) else {}
+
+    agent = node.get("agent_version")
+    return software_versions(
+        group("services"), group("packages"), group("drivers"), agent if isinstance(agent, str) else ""
+    )
+
+
+def matches(
+    node: Mapping[str, Any], *, state: str | None, versions: Sequence[tuple[str, str | None]]
+) -> bool:
+    """Whether a node passes ``--state`` and every ``--version``."""
+    if state is not None and ("online" if node.get("online") else "offline") != state:
+        return False
+    have = node_versions(node)
+    return all(name in have and (version is None or have[name] == version) for name, version in versions)
+
+
+def version_groups(nodes: Sequence[Mapping[str, Any]]) -> list[Any]:
+    """The nodes grouped by software and version (``tui.versions.VersionGroup``)."""
+    from tui.versions import group_versions
+
+    return group_versions((str(n.get("node", "?")), bool(n.get("online")), node_versions(n)) for n in nodes)
+
+
+def drifting_names(groups: Sequence[Any]) -> list[str]:
+    """Software running in more than one version."""
+    from tui.versions import drifting
+
+    return drifting(groups)
+
+
+def summary_line(nodes: Sequence[Mapping[str, Any]]) -> str:
+    """``5 nodes: 4 online, 1 offline | drift: demo-app 2.0 x4, 1.0 x1`` (or ``no version drift``)."""
+    online = sum(1 for n in nodes if n.get("online"))
+    text = f"{len(nodes)} nodes: {online} online, {len(nodes) - online} offline"
+    groups = version_groups(nodes)
+    drift = drifting_names(groups)
+    if not drift:
+        return text + (" | no version drift" if nodes else "")
+    parts = [
+        name + " " + ", ".join(f"{g.version} x{len(g.nodes)}" for g in groups if g.software == name)
+        for name in drift
+    ]
+    return text + " | drift: " + "; ".join(parts)
+
+
+def render_versions(nodes: Sequence[Mapping[str, Any]], width: int = 60) -> str:
+    """The drift view of ``fleet nodes --by-version``: which versions run where."""
+    groups = version_groups(nodes)
+    drift = set(drifting_names(groups))
+    rows = [("SOFTWARE", "VERSION", "NODES", "DRIFT", "WHERE")]
+    for group in groups:
+        names = ", ".join(f"{n} (offline)" if n in group.offline else n for n in group.nodes)
+        rows.append(
+            (
+                _cut(group.software, 32),
+                _cut(group.version, 24),
+                str(len(group.nodes)),
+                "DRIFT" if group.software in drift else "-",
+                "all" if len(group.nodes) == len(nodes) and not group.offline else _cut(names, width),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    if not groups:
+        lines.append("(no versions reported)")
+    lines.append(summary_line(nodes))
+    return "\n".join(lines)
 
 
 async def fetch_nodes(config: ClientConfig) -> tuple[list[dict[str, Any]], str | None]:
@@ -169,7 +288,8 @@ def _job(job: Any) -> str:
     if not isinstance(job, dict) or not job.get("rollout"):
         return "-"
     step = job.get("step")
-    return f"{str(job['rollout'])[:8]}" + (f" step {step}" if step is not None else "")
+    # Steps are counted from 1, as people count (the wire's index is 0-based).
+    return f"{str(job['rollout'])[:8]}" + (f" step {step + 1}" if isinstance(step, int) else "")
 
 
 def _figure(beat: Any, key: str, fmt: str) -> str:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import re
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 
 from bus.errors import ConfigError
@@ -42,6 +44,13 @@ def register(parser: argparse.ArgumentParser) -> None:
         help="directory of rollout specs offered by the new-rollout screen (FLEET_EXAMPLES)",
     )
     parser.add_argument(
+        "--http-info",
+        type=Path,
+        default=env_default("FLEET_HTTP_INFO"),
+        help="file with the hub's HTTP URL and token (FLEET_HTTP_INFO; `fleet demo` "
+        "writes one): shown by the help screen (?)",
+    )
+    parser.add_argument(
         "--utc",
         action="store_true",
         default=env_default("FLEET_UTC") == "1",
@@ -74,8 +83,32 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+_WEB_FONT = re.compile(r"<link[^>]*https?://fonts\.googleapis\.com[^>]*>", re.DOTALL)
+#: The same font, from textual-serve's own static files: the page loads nothing from the internet.
+_LOCAL_FONT = """<style>
+      @font-face {
+        font-family: "Roboto Mono";
+        src: url("{{ config.static.url }}fonts/RobotoMono-VariableFont_wght.ttf") format("truetype");
+      }
+    </style>"""
+
+
+def local_page_templates(package_dir: Path, into: Path) -> Path:
+    """textual-serve's page template with its web font served locally; the template folder written.
+
+    textual-serve's page links a font on fonts.googleapis.com; the demo and an
+    operator's browser must only talk to the loopback server, so the link becomes
+    an ``@font-face`` on the font file textual-serve ships in its static folder.
+    """
+    template = (package_dir / "templates" / "app_index.html").read_text(encoding="utf-8")
+    into.mkdir(parents=True, exist_ok=True)
+    (into / "app_index.html").write_text(_WEB_FONT.sub(_LOCAL_FONT, template), encoding="utf-8")
+    return into
+
+
 def _serve(host: str, port: int, args: argparse.Namespace) -> int:
     try:
+        import textual_serve
         from textual_serve.server import Server
     except ImportError as exc:
         raise ConfigError("--serve needs the textual-serve package (pip install textual-serve)") from exc
@@ -91,10 +124,14 @@ def _serve(host: str, port: int, args: argparse.Namespace) -> int:
     os.environ["FLEET_PREFIX"] = args.prefix
     os.environ["FLEET_EXAMPLES"] = str(args.examples)
     os.environ["FLEET_UTC"] = "1" if args.utc else "0"
+    if args.http_info:
+        os.environ["FLEET_HTTP_INFO"] = str(args.http_info)
     os.environ.pop("FLEET_SERVE", None)
     command = f"{shlex.quote(sys.executable)} -m cli.main tui"
     print(f"fleet tui: serving on http://{host}:{port}", flush=True)
-    Server(command, host=host, port=port, title="fleet").serve()
+    with tempfile.TemporaryDirectory(prefix="fleet-tui-serve-") as scratch:
+        templates = local_page_templates(Path(textual_serve.__file__).parent, Path(scratch))
+        Server(command, host=host, port=port, title="fleet", templates_path=templates).serve()
     return 0
 
 
@@ -106,7 +143,13 @@ def run(args: argparse.Namespace) -> int:
 
     parse_broker_url(args.broker)  # a bad URL is a usage error (exit 2), before any screen
     topics = Topics(args.prefix)
-    config = TuiConfig(broker=args.broker, prefix=args.prefix, examples_dir=args.examples, utc=args.utc)
+    config = TuiConfig(
+        broker=args.broker,
+        prefix=args.prefix,
+        examples_dir=args.examples,
+        utc=args.utc,
+        http_info=args.http_info,
+    )
     if args.serve:
         host, port = parse_serve(args.serve)
         return _serve(host, port, args)

@@ -66,7 +66,7 @@ _EXAMPLE_SCRIPT_SPEC: dict[str, Any] = {
 }
 _EXAMPLE_PACKAGE_SPEC: dict[str, Any] = {
     "name": "nginx 1.24.0",
-    "targets": ["web-1", "web-2", "web-3"],
+    "targets": {"labels": {"role": "web"}},
     "plan": [
         {
             "type": "download",

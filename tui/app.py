@@ -22,6 +22,8 @@ from tui.feed import Feed, pump
 from tui.messages import FeedBatch, FeedStatus, HubRequest, RequestDone
 from tui.model import Changes, FleetModel
 from tui.preview import plan_request
+from tui.screens.about import AboutScreen
+from tui.screens.actions import rollout_title
 from tui.screens.base import ModelScreen
 from tui.screens.fleet import FleetScreen
 from tui.screens.new_rollout import NewRolloutScreen
@@ -58,9 +60,12 @@ class FleetApp(App[None]):
     TITLE = "fleet"
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("q", "quit", "Quit"),
+        # Ctrl-C quits as in any terminal program (a focused text box copies with it instead).
+        Binding("ctrl+c", "quit", "Quit", show=False),
         Binding("f", "show_fleet", "Fleet"),
         Binding("o", "show_rollouts", "Rollouts"),
-        Binding("n", "new_rollout", "New rollout"),
+        Binding("n", "new_rollout", "New"),
+        Binding("question_mark", "about", "Help"),
     ]
 
     def __init__(self, config: TuiConfig, feed: Feed, clock: Clock = time.time) -> None:
@@ -184,7 +189,7 @@ class FleetApp(App[None]):
         rollout = message.body.get("rollout")
         screen = self.screen
         if message.op == "plan" and isinstance(screen, NewRolloutScreen) and isinstance(reply.body, dict):
-            screen.show_plan(reply.body)
+            screen.show_plan(reply.body, message.body.get("spec"))
         elif message.op == "show" and isinstance(rollout, str) and isinstance(reply.body, dict):
             self._dispatch(self.model.set_detail(rollout, reply.body))
         elif message.op == "create_rollout":
@@ -195,8 +200,8 @@ class FleetApp(App[None]):
             if isinstance(created, str):
                 self.push_screen(RolloutScreen(self.ctx, created))
         elif message.op in _DONE_WORDS and isinstance(rollout, str):
-            name = self.model.rollouts[rollout].name if rollout in self.model.rollouts else rollout
-            self.notify(f"{name}: {_DONE_WORDS[message.op]}", title=message.op, markup=False)
+            title = rollout_title(self.model, rollout, utc=self.config.utc)
+            self.notify(f"{title}: {_DONE_WORDS[message.op]}", title=message.op, markup=False)
 
     # ------------------------------------------------------------------ navigation
 
@@ -216,6 +221,12 @@ class FleetApp(App[None]):
         """The new-rollout screen."""
         if not isinstance(self.screen, NewRolloutScreen):
             self.push_screen(NewRolloutScreen(self.ctx))
+
+    def action_about(self) -> None:
+        """Keys, broker and the HTTP bridge's URL and token."""
+        if not isinstance(self.screen, AboutScreen):
+            config = self.config
+            self.push_screen(AboutScreen(_redacted(config.broker), config.prefix, config.http_info))
 
     def get_system_commands(self, screen: Screen[object]) -> Iterable[SystemCommand]:
         """The palette offers every key binding of the screen and the app, plus Textual's own."""

@@ -61,6 +61,10 @@ _PHASE_STYLE = {
     "rejected": "bold red",
     "timed_out": "bold red",
     "offline": "bold red",
+    "lost": "bold red",
+    "rollback_failed": "bold red reverse",
+    "deferred": "yellow",
+    "not_started": "dim",
 }
 
 
@@ -137,6 +141,15 @@ def counts_text(counts: RolloutCounts) -> Text:
         if text:
             text.append(" ")
         text.append(f"{word} {value}", style=style if value else "")
+    # Rarer groups only when they hold a node, so the usual cell stays narrow.
+    for word, value, style in (
+        ("RB-FAIL", counts.rollback_failed, "bold red"),
+        ("lost", counts.lost, "red"),
+        ("deferred", counts.deferred, "yellow"),
+        ("not started", counts.not_started, "dim"),
+    ):
+        if value:
+            text.append(f" {word} {value}", style=style)
     return text
 
 

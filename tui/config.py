@@ -32,3 +32,8 @@ class TuiConfig(BaseModel):
         default=10.0, gt=0, le=300, description="How long to wait for a hub reply."
     )
     utc: bool = Field(default=False, description="Show wall-clock times in UTC instead of local time.")
+    http_info: Path | None = Field(
+        default=None,
+        description="File with FLEET_HTTP_URL= and FLEET_HTTP_TOKEN= lines (``fleet demo`` writes one); "
+        "the about screen (?) shows them.",
+    )

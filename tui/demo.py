@@ -196,6 +196,29 @@ _AUDIT: list[dict[str, Any]] = [
 ]
 
 
+#: The hub's record of each node's steps (``show`` reply), as a fresh TUI gets it.
+_RECORDED_STEPS: dict[str, dict[str, list[dict[str, Any]]]] = {
+    FAILED_ID: {
+        node_id(8): [
+            {"index": 0, "type": "download", "state": "rolled_back", "detail": ""},
+            {"index": 1, "type": "service", "state": "rolled_back", "detail": ""},
+            {"index": 2, "type": "package", "state": "rolled_back", "detail": ""},
+            {
+                "index": 3,
+                "type": "health",
+                "state": "failed",
+                "detail": "GET http://127.0.0.1:8080/health\nexpected 5.11, got 5.10",
+            },
+        ],
+        node_id(9): [
+            {"index": i, "type": kind, "state": "rolled_back", "detail": ""}
+            for i, kind in enumerate(PLAN_TYPES[:3])
+        ]
+        + [{"index": 3, "type": "health", "state": "rolled_back", "detail": ""}],
+    },
+}
+
+
 def demo_responder(request: Request) -> Reply:
     """Answers like a hub would: ``show`` with an audit trail, ``create_rollout`` with an id."""
     if request.op == "show":
@@ -207,6 +230,7 @@ def demo_responder(request: Request) -> Reply:
             return Reply(request=request.id, ok=False, error=f"unknown rollout {rollout}")
         body = summary.model_dump(mode="json")
         body["audit"] = _AUDIT if rollout == ROLLOUT_ID else []
+        body["steps"] = _RECORDED_STEPS.get(summary.id, {})
         return Reply(request=request.id, ok=True, body=body)
     if request.op == "create_rollout":
         return Reply(request=request.id, ok=True, body={"rollout": "r-new"})

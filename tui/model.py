@@ -221,9 +221,34 @@ class RolloutView:
         if self.summary is None:
             return 0, 0
         counts = self.summary.counts
-        total = counts.pending + counts.running + counts.succeeded + counts.failed + counts.rolled_back
-        total = max(total, len(self.summary.nodes))
-        return counts.succeeded + counts.failed + counts.rolled_back, total
+        done = (
+            counts.succeeded
+            + counts.failed
+            + counts.rolled_back
+            + counts.rollback_failed
+            + counts.lost
+            + counts.not_started
+        )
+        total = max(done + counts.pending + counts.running + counts.deferred, len(self.summary.nodes))
+        return done, total
+
+    def node_line(self, node: str) -> str:
+        """One line on a node's steps, 1-based: its failed step and reason, else its latest step."""
+        cells = self.steps.get(node, {})
+        summary = self.summary.nodes.get(node) if self.summary else None
+        failed = [i for i, c in sorted(cells.items()) if c.state in ("failed", "rejected")]
+        heard = [i for i, c in sorted(cells.items()) if c.state != "pending"]
+        index = failed[0] if failed else (heard[-1] if heard else None)
+        if index is None:
+            phase = summary.phase if summary else "no step reported"
+            reason = _last_line(summary.detail) if summary and summary.detail else ""
+            return f"{node}: {phase}" + (f": {reason}" if reason else "")
+        cell = cells[index]
+        kind = cell.type or self.step_types.get(index, "step")
+        reason = _last_line(cell.detail) or (_last_line(summary.detail) if failed and summary else "")
+        return f"{node}: step {index + 1} ({kind}) {cell.state.replace('_', ' ')}" + (
+            f": {reason}" if reason else ""
+        )
 
     def cell(self, node: str, index: int) -> StepCell:
         """The state of step ``index`` on ``node`` (pending when nothing was heard)."""
@@ -265,6 +290,12 @@ def versions_text(inventory: Inventory) -> str:
     return " ".join(parts)
 
 
+def _last_line(text: str) -> str:
+    """The last non-blank line of a step's output (the meaningful one: the final error)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""
+
+
 def _merge_cell(cells: dict[int, StepCell], index: int, cell: StepCell) -> bool:
     """Set a step's cell; a pending report never hides a known state. True when it changed."""
     old = cells.get(index)
@@ -278,6 +309,34 @@ def _merge_cell(cells: dict[int, StepCell], index: int, cell: StepCell) -> bool:
     return True
 
 
+def _fold_recorded_steps(view: RolloutView, steps: Any) -> None:
+    """The hub's record of every node's steps (``show`` reply, ``steps`` field) into the grid.
+
+    Shape: ``{node: [{"index": 0-based, "type", "state", "detail"}, ...]}``. A
+    recorded state replaces what live reports said, except that a recorded
+    "pending" never hides a state already heard (the record may lag a live report).
+    """
+    if not isinstance(steps, Mapping):
+        return
+    for node, cells in steps.items():
+        if not isinstance(node, str) or not isinstance(cells, list):
+            continue
+        known = view.steps.setdefault(node, {})
+        for item in cells:
+            if not isinstance(item, Mapping):
+                continue
+            index, state = item.get("index"), item.get("state")
+            if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < 1000:
+                continue
+            if not isinstance(state, str) or not state:
+                continue
+            kind = item.get("type") if isinstance(item.get("type"), str) else ""
+            detail = item.get("detail") if isinstance(item.get("detail"), str) else ""
+            if kind:
+                view.step_types.setdefault(index, str(kind))
+            _merge_cell(known, index, StepCell(str(kind), state, str(detail)))
+
+
 class FleetModel:
     """Nodes, rollouts, hub presence and the event feed, folded from bus messages."""
 
@@ -286,6 +345,9 @@ class FleetModel:
         self.rollouts: dict[str, RolloutView] = {}
         self.hub: HubState | None = None
         self.events: deque[Event] = deque(maxlen=EVENTS)
+        #: Grows whenever a node's reported versions or the set of nodes may have changed
+        #: (births, removals), so views derived from versions are recomputed only then.
+        self.versions_epoch = 0
 
     # ------------------------------------------------------------------ folding
 
@@ -349,9 +411,11 @@ class FleetModel:
         view.state = state.state
         view.reason = state.reason
         view.session = state.session
-        view.agent_version = state.agent_version
         view.labels = dict(state.labels)
+        if view.inventory != state.inventory or view.agent_version != state.agent_version:
+            self.versions_epoch += 1
         view.inventory = state.inventory
+        view.agent_version = state.agent_version
         view.heartbeat_s = state.heartbeat_s
         if state.state == "online":
             view.seen_at = now
@@ -443,13 +507,14 @@ class FleetModel:
         if cleared.kind == "node":
             if self.nodes.pop(cleared.key, None) is None:
                 return Changes()
+            self.versions_epoch += 1
             return Changes(removed_nodes={cleared.key})
         if self.rollouts.pop(cleared.key, None) is None:
             return Changes()
         return Changes(removed_rollouts={cleared.key})
 
     def set_detail(self, rollout: str, body: Mapping[str, Any]) -> Changes:
-        """Fold the hub's ``show`` reply (summary, audit list, maybe the plan) into a rollout."""
+        """Fold the hub's ``show`` reply (summary, audit, recorded steps, maybe the plan) into a rollout."""
         view = self._rollout(rollout)
         try:
             view.summary = RolloutSummary.model_validate(body)
@@ -468,6 +533,7 @@ class FleetModel:
                     )
                 )
         view.audit = audit
+        _fold_recorded_steps(view, body.get("steps"))
         plan = body.get("plan")
         if isinstance(plan, list):
             for index, step in enumerate(plan):

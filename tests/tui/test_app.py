@@ -279,20 +279,35 @@ async def test_abort_and_rollback_ask_first_then_request(key: str, op: str) -> N
         await until(pilot, lambda: any(isinstance(m, RequestDone) and m.op == op for m in seen), op)
         assert (op, {"rollout": ROLLOUT_ID}) in ops(feed)
         words = "abort requested" if op == "abort" else "rollback requested"
-        assert ("information", f"collector-1.5: {words}") in notifications(seen)
+        title = "collector-1.5 (id r-2f6c1a, created 2024-05-01 11:55:00)"
+        assert ("information", f"{title}: {words}") in notifications(seen)
 
 
-async def test_pause_and_resume_need_no_confirmation() -> None:
+async def test_pause_and_resume_ask_first_naming_id_and_creation_time() -> None:
     app, feed = demo_app()
     seen: list[Message] = []
     async with app.run_test(size=SIZE, message_hook=seen.append) as pilot:
         await until(pilot, lambda: len(app.model.rollouts) == 2, "rollouts")
         await pilot.press("o", "p")
+        await until(pilot, lambda: isinstance(screen_of(app), ConfirmScreen), "the confirmation")
+        question = str(app.screen.query_one("#confirm-question", Static).render())
+        assert question == "Pause rollout collector-1.5 (id r-2f6c1a, created 2024-05-01 11:55:00)?"
+        await pilot.press("n")
+        assert [o for o, _ in ops(feed)] == []
+        await pilot.press("p")
+        await until(pilot, lambda: isinstance(screen_of(app), ConfirmScreen), "the confirmation")
+        await pilot.press("y")
         await until(pilot, lambda: ("pause", {"rollout": ROLLOUT_ID}) in ops(feed), "pause")
         await until(pilot, lambda: any(isinstance(m, RequestDone) and m.op == "pause" for m in seen), "pause")
         await pilot.press("u")
+        await until(pilot, lambda: isinstance(screen_of(app), ConfirmScreen), "the confirmation")
+        assert "Resume rollout collector-1.5 (id r-2f6c1a" in str(
+            app.screen.query_one("#confirm-question", Static).render()
+        )
+        await pilot.press("y")
         await until(pilot, lambda: ("resume", {"rollout": ROLLOUT_ID}) in ops(feed), "resume")
-        await until(pilot, lambda: ("information", "collector-1.5: resumed") in notifications(seen), "note")
+        title = "collector-1.5 (id r-2f6c1a, created 2024-05-01 11:55:00)"
+        await until(pilot, lambda: ("information", f"{title}: resumed") in notifications(seen), "note")
 
 
 async def test_hub_errors_become_error_notifications_never_tracebacks() -> None:
@@ -315,6 +330,8 @@ async def test_a_silent_hub_is_reported() -> None:
     async with app.run_test(size=SIZE, message_hook=seen.append) as pilot:
         await until(pilot, lambda: len(app.model.rollouts) == 2, "rollouts")
         await pilot.press("o", "p")
+        await until(pilot, lambda: isinstance(screen_of(app), ConfirmScreen), "the confirmation")
+        await pilot.press("y")
         await until(pilot, lambda: notifications(seen), "a notification")
         severity, text = notifications(seen)[0]
         assert severity == "error"
@@ -399,7 +416,8 @@ async def test_new_rollout_asks_the_hub_for_its_plan(tmp_path: Path) -> None:
         assert len(sent) == 1
         assert sent[0]["spec"] == json.loads(spec_file.read_text())
         text = str(preview.render())
-        assert text.startswith("PLAN (dry run)")
+        assert text.startswith("HUB PLAN (ctrl+t; stays until the spec changes)\nPLAN (dry run)")
+        assert "LOCAL PREVIEW" in text
         assert "edge-007" in text
         assert not [o for o, _ in ops(feed) if o == "create_rollout"]
 

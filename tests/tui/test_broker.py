@@ -27,6 +27,7 @@ from tui.app import make_app
 from tui.config import TuiConfig
 from tui.feed import MqttFeed
 from tui.messages import RequestDone
+from tui.screens.confirm import ConfirmScreen
 from tui.screens.rollout import RolloutScreen
 from tui.widgets.audit_table import AuditTable
 from tui.widgets.node_table import NodeTable
@@ -109,6 +110,8 @@ async def test_retained_state_appears_and_requests_reach_the_hub(
                 await until(pilot, lambda: audit.entries is not None, "the audit trail", timeout=20)
                 assert [e.message for e in audit.entries or []] == ["created"]
                 await pilot.press("p")
+                await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the confirmation")
+                await pilot.press("y")
                 await until(
                     pilot,
                     lambda: any(isinstance(m, RequestDone) and m.op == "pause" for m in seen),
@@ -120,7 +123,10 @@ async def test_retained_state_appears_and_requests_reach_the_hub(
                     ("pause", {"rollout": "r-broker"}),
                 ]
                 assert requests[0].reply_to == app.feed._hub.reply_topic  # type: ignore[attr-defined]
-                assert ("information", "agent-0.2: paused") in notifications(seen)
+                assert any(
+                    text.startswith("agent-0.2 (id r-broker, created ") and text.endswith("): paused")
+                    for _, text in notifications(seen)
+                )
                 # A will clears the node's online state.
                 will = NodeState(node="n-3", state="offline", session="s3", reason="lost")
                 await agents.publish(topics.node("n-3", "state"), encode(will), qos=1, retain=True)

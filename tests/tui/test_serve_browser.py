@@ -135,3 +135,112 @@ def test_headless_chromium_shows_the_fleet_table(amqtt_broker: RunningBroker, tm
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
+
+
+async def _page_visit(
+    debug_port: int, url: str, wanted: bytes, timeout: float
+) -> tuple[bytes, list[str], bytes]:
+    """Open ``url``; (websocket data received, every URL requested, a PNG once ``wanted`` showed)."""
+    async with aiohttp.ClientSession() as session:
+        deadline = time.monotonic() + timeout
+        targets: list[dict[str, str]] = []
+        while not targets and time.monotonic() < deadline:
+            try:
+                async with session.get(f"http://127.0.0.1:{debug_port}/json/list") as response:
+                    targets = [t for t in await response.json() if t.get("type") == "page"]
+            except aiohttp.ClientError:
+                await asyncio.sleep(0.2)
+        assert targets, "headless Chromium exposed no page"
+        async with session.ws_connect(targets[0]["webSocketDebuggerUrl"], max_msg_size=0) as cdp:
+            await cdp.send_json({"id": 1, "method": "Network.enable"})
+            await cdp.send_json({"id": 2, "method": "Page.navigate", "params": {"url": url}})
+            seen, requested, shot = b"", [], b""
+            shown_at: float | None = None
+            while time.monotonic() < deadline:
+                try:
+                    message = await cdp.receive(timeout=max(0.1, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    break
+                if message.type != aiohttp.WSMsgType.TEXT:
+                    continue
+                event = json.loads(message.data)
+                if event.get("method") == "Network.requestWillBeSent":
+                    requested.append(str(event["params"]["request"]["url"]))
+                elif event.get("method") == "Network.webSocketFrameReceived":
+                    seen += _frames_text(event.get("params", {}))
+                    if shown_at is None and wanted in seen:
+                        shown_at = time.monotonic()
+                elif event.get("id") == 3:
+                    shot = base64.b64decode(event["result"]["data"])
+                    break
+                # Once the screen is up, let the page draw for a moment, then take a picture.
+                if shown_at is not None and time.monotonic() - shown_at > 2 and not shot:
+                    await cdp.send_json(
+                        {"id": 3, "method": "Page.captureScreenshot", "params": {"format": "png"}}
+                    )
+                    shown_at = float("inf")
+            return seen, requested, shot
+
+
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="chromium not installed")
+def test_served_page_loads_nothing_from_the_internet_and_shows_the_footer(
+    amqtt_broker: RunningBroker, tmp_path: Path
+) -> None:
+    assert CHROMIUM is not None, ".ci/run installs Debian's chromium"
+    pytest.importorskip("textual_serve")
+    topics = Topics(f"fleet-t-serve2{os.getpid()}/v1")
+    asyncio.run(_publish_node(amqtt_broker.url, topics, "web-043"))
+    serve_port, debug_port = free_port(), free_port()
+    env = {**os.environ, "FLEET_NO_CONFIG_DISCOVERY": "1"}
+    serve = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cli.main",
+            "tui",
+            "--broker",
+            amqtt_broker.url,
+            "--prefix",
+            topics.prefix,
+            "--serve",
+            f"127.0.0.1:{serve_port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    browser = subprocess.Popen(
+        [
+            CHROMIUM,
+            *BROWSER_FLAGS,
+            f"--remote-debugging-port={debug_port}",
+            f"--user-data-dir={tmp_path / 'chromium'}",
+            "--window-size=1000,700",
+            "about:blank",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_port(serve_port, 30)
+        seen, requested, shot = asyncio.run(
+            _page_visit(debug_port, f"http://127.0.0.1:{serve_port}/", b"web-043", 60)
+        )
+        assert b"web-043" in seen, "the served page never showed the node web-043"
+        outside = [u for u in requested if not u.startswith(("http://127.0.0.1", "ws://127.0.0.1", "data:"))]
+        assert outside == [], f"the page reached beyond loopback: {outside}"
+        assert any("RobotoMono" in u for u in requested), requested  # the font, served locally
+        # The key footer is drawn: its words reach the page.
+        for word in (b"Filter", b"Quit", b"Help"):
+            assert word in seen, word
+        assert shot.startswith(b"\x89PNG")
+        (tmp_path / "served.png").write_bytes(shot)  # to look at after a failure
+    finally:
+        for proc in (browser, serve):
+            proc.terminate()
+        for proc in (browser, serve):
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)

@@ -7,13 +7,16 @@ from typing import ClassVar
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.timer import Timer
-from textual.widgets import Footer, Header, Input, Static
+from textual.widgets import Header, Input, Static
 
 from tui.cells import time_text
 from tui.context import Context
 from tui.model import Changes, parse_filter
 from tui.screens.base import ModelScreen
 from tui.screens.node import NodeScreen
+from tui.screens.versions import VersionsScreen, fleet_versions
+from tui.versions import drifting
+from tui.widgets.key_footer import KeyFooter
 from tui.widgets.node_table import NodeTable
 
 __all__ = ["FleetScreen"]
@@ -28,6 +31,7 @@ class FleetScreen(ModelScreen):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("slash", "filter", "Filter"),
         Binding("s", "sort", "Sort"),
+        Binding("v", "versions", "Versions"),
         Binding("S", "reverse", "Reverse", show=False),
         Binding("escape", "clear_filter", "Clear filter", show=False),
     ]
@@ -35,6 +39,7 @@ class FleetScreen(ModelScreen):
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
         self._filter_timer: Timer | None = None
+        self._drift: tuple[int, list[str]] = (-1, [])
 
     def compose(self) -> ComposeResult:
         """Header, summary, filter box (hidden until ``/``), table, last event, footer."""
@@ -43,7 +48,7 @@ class FleetScreen(ModelScreen):
         yield Input(placeholder="filter: words, or label=value (Esc clears)", id="filter", classes="hidden")
         yield NodeTable(self.ctx.model, id="nodes")
         yield Static(id="last-event", markup=False)
-        yield Footer()
+        yield KeyFooter(compact=True)
 
     @property
     def table(self) -> NodeTable:
@@ -77,7 +82,7 @@ class FleetScreen(ModelScreen):
 
     def tick(self) -> None:
         """Ages move, nodes go stale."""
-        if self.is_mounted:
+        if self.is_mounted and self.query(NodeTable):  # not while the app is tearing the screen down
             self.table.tick(self.ctx.clock())
             self._summarize()
 
@@ -94,6 +99,9 @@ class FleetScreen(ModelScreen):
         )
         if self.table.filter:
             text += f" | filter: {shown} shown"
+        drift = self._drifting(now)
+        if drift:
+            text += f" | DRIFT: {', '.join(drift[:3])}{' ...' if len(drift) > 3 else ''} (v)"
         self.query_one("#fleet-summary", Static).update(text)
 
     # ------------------------------------------------------------------ actions
@@ -154,6 +162,17 @@ class FleetScreen(ModelScreen):
         """Reverse the sort order."""
         self.table.toggle_reverse()
         self._summarize()
+
+    def _drifting(self, now: float) -> list[str]:
+        """Software in more than one version; recomputed only when reported versions changed."""
+        epoch = self.ctx.model.versions_epoch
+        if self._drift[0] != epoch:
+            self._drift = (epoch, drifting(fleet_versions(self.ctx.model, now)))
+        return self._drift[1]
+
+    def action_versions(self) -> None:
+        """The version drift view: which versions run where."""
+        self.app.push_screen(VersionsScreen(self.ctx))
 
     def on_node_table_opened(self, event: NodeTable.Opened) -> None:
         """Open the node's detail screen."""

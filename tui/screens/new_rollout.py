@@ -8,8 +8,8 @@ from typing import Any, ClassVar
 
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.containers import Horizontal, Vertical
-from textual.widgets import Footer, Header, Input, Label, OptionList, Static, TextArea
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.widgets import Header, Input, Label, OptionList, Static, TextArea
 
 from bus.errors import FleetError
 from bus.messages import MAX_PAYLOAD_BYTES, loads_object
@@ -19,10 +19,12 @@ from tui.model import Changes
 from tui.preview import Preview, hub_plan_lines, make_preview, parse_spec
 from tui.screens.base import ModelScreen
 from tui.screens.confirm import ConfirmScreen
+from tui.widgets.key_footer import KeyFooter
 
 __all__ = ["NewRolloutScreen", "read_spec_file"]
 
 _EXAMPLES_SHOWN = 50
+_EMPTY = "Load or paste a rollout spec (JSON); ctrl+s creates it, ctrl+t asks the hub for its plan."
 
 
 def read_spec_file(path: Path) -> str:
@@ -53,6 +55,10 @@ class NewRolloutScreen(ModelScreen):
         self.preview: Preview | None = None
         self.error: str | None = None
         self._body: dict[str, Any] | None = None
+        #: The spec the hub's plan on screen was asked for, and that plan's lines: both
+        #: stay until the spec changes (a heartbeat re-draws only the local preview).
+        self._plan_for: dict[str, Any] | None = None
+        self._plan_lines: list[str] = []
 
     def compose(self) -> ComposeResult:
         """Pickers | JSON editor, preview, footer."""
@@ -64,8 +70,9 @@ class NewRolloutScreen(ModelScreen):
                 yield Label(f"Examples in {self.ctx.examples_dir}/:")
                 yield OptionList(id="examples")
             yield TextArea(id="spec-json", soft_wrap=False, show_line_numbers=False)
-        yield Static("Load or paste a rollout spec (JSON); ctrl+s creates it.", id="preview", markup=False)
-        yield Footer()
+        with VerticalScroll(id="preview-box"):
+            yield Static(_EMPTY, id="preview", markup=False)
+        yield KeyFooter(compact=True)
 
     async def on_mount(self) -> None:
         """List the example specs, focus the path box."""
@@ -111,21 +118,34 @@ class NewRolloutScreen(ModelScreen):
         self._update_preview(event.text_area.text)
 
     def _update_preview(self, text: str) -> None:
-        box = self.query_one("#preview", Static)
         if not text.strip():
             self.preview, self.error, self._body = None, None, None
-            box.update("Load or paste a rollout spec (JSON); ctrl+s creates it.")
-            return
-        try:
-            spec = parse_spec(text)
-            body = loads_object(text)
-        except FleetError as exc:
-            self.preview, self.error, self._body = None, exc.reason, None
-            box.update(f"! {exc.reason}")
-            return
-        self.preview = make_preview(spec, self.ctx.model.nodes, self.ctx.clock())
-        self.error, self._body = None, body
-        box.update("\n".join(self.preview.lines()))
+        else:
+            try:
+                spec = parse_spec(text)
+                body = loads_object(text)
+            except FleetError as exc:
+                self.preview, self.error, self._body = None, exc.reason, None
+            else:
+                self.preview = make_preview(spec, self.ctx.model.nodes, self.ctx.clock())
+                self.error, self._body = None, body
+        if self._plan_for is not None and self._plan_for != self._body:
+            self._plan_for, self._plan_lines = None, []  # the spec changed: that plan is not its plan
+        self._draw()
+
+    def _draw(self) -> None:
+        """The hub's plan (when asked for this spec), then the local preview, each labelled."""
+        lines: list[str] = []
+        if self._plan_for is not None:
+            lines += ["HUB PLAN (ctrl+t; stays until the spec changes)", *self._plan_lines, ""]
+        if self.preview is not None:
+            hint = "" if self._plan_for is not None else "; ctrl+t asks the hub for its plan"
+            lines += [f"LOCAL PREVIEW (this TUI's view of the fleet{hint})", *self.preview.lines()]
+        elif self.error is not None:
+            lines.append(f"! {self.error}")
+        else:
+            lines.append(_EMPTY)
+        self.query_one("#preview", Static).update("\n".join(lines))
 
     def model_changed(self, changes: Changes) -> None:
         """Targets may have come online or gone offline: re-preview."""
@@ -138,14 +158,20 @@ class NewRolloutScreen(ModelScreen):
             reason = self.error or "No rollout spec to plan."
             self.notify(reason, severity="error", title="Plan", markup=False)
             return
-        self.query_one("#preview", Static).update(
-            "PLAN (dry run): asking the hub; every online target checks the plan without changing anything..."
-        )
+        self._plan_for = self._body
+        self._plan_lines = [
+            "asking the hub; every online target checks the plan without changing anything..."
+        ]
+        self._draw()
         self.post_message(HubRequest("plan", self._body))
 
-    def show_plan(self, plan: dict[str, Any]) -> None:
-        """Show the hub's plan in place of the local preview (it is labelled a plan)."""
-        self.query_one("#preview", Static).update("\n".join(hub_plan_lines(plan)))
+    def show_plan(self, plan: dict[str, Any], spec: object = None) -> None:
+        """Show the hub's plan above the local preview, if it is the plan of the spec on screen."""
+        if spec is not None and spec != self._body:
+            return  # an answer for a spec edited since
+        self._plan_for = self._body
+        self._plan_lines = hub_plan_lines(plan)
+        self._draw()
 
     def action_create(self) -> None:
         """Confirm, then send ``create_rollout``; the hub's answer comes back as a notification."""

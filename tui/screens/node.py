@@ -7,7 +7,7 @@ from typing import ClassVar
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
-from textual.widgets import Footer, Header, Sparkline, Static
+from textual.widgets import Header, Sparkline, Static
 
 from tui.cells import age_text, load_text, pct_text
 from tui.context import Context
@@ -15,6 +15,7 @@ from tui.model import Changes
 from tui.screens.base import ModelScreen
 from tui.widgets.inventory_table import InventoryTable
 from tui.widgets.job_table import JobTable
+from tui.widgets.key_footer import KeyFooter
 from tui.widgets.log_tail import LogTail
 
 __all__ = ["NodeScreen"]
@@ -40,7 +41,7 @@ class NodeScreen(ModelScreen):
                 yield Sparkline([], id="load")
                 yield JobTable(self.ctx.model, utc=self.ctx.utc, id="jobs")
         yield LogTail(utc=self.ctx.utc, id="node-log")
-        yield Footer()
+        yield KeyFooter(compact=True)
 
     def on_mount(self) -> None:
         """Fill everything once."""

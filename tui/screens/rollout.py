@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.widgets import Footer, Header, ProgressBar, Static, TabbedContent, TabPane
+from textual.widgets import Header, ProgressBar, Static, TabbedContent, TabPane
 
 from tui.cells import STEP_WORDS, clock_text
 from tui.context import Context
@@ -15,6 +15,7 @@ from tui.model import Changes
 from tui.screens.actions import ROLLOUT_BINDINGS, RolloutActions
 from tui.screens.base import ModelScreen
 from tui.widgets.audit_table import AuditTable
+from tui.widgets.key_footer import KeyFooter
 from tui.widgets.log_tail import LogTail
 from tui.widgets.step_grid import StepGrid
 
@@ -29,7 +30,7 @@ class RolloutScreen(RolloutActions, ModelScreen):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "app.pop_screen", "Back"),
         *ROLLOUT_BINDINGS,
-        Binding("r", "refresh_audit", "Refresh audit"),
+        Binding("r", "refresh_audit", "Refresh"),
         Binding("l", "tab('log')", "Log"),
         Binding("t", "tab('audit')", "Audit"),
     ]
@@ -46,13 +47,14 @@ class RolloutScreen(RolloutActions, ModelScreen):
         yield Static(id="rollout-head", markup=False)
         yield ProgressBar(total=None, show_eta=False, id="rollout-progress")
         yield StepGrid(id="grid")
+        yield Static(id="node-steps", markup=False)
         yield Static(_LEGEND, id="legend", markup=False)
         with TabbedContent(initial="log", id="rollout-tabs"):
             with TabPane("Log (selected node)", id="log"):
                 yield LogTail(utc=self.ctx.utc, id="rollout-log")
             with TabPane("Audit", id="audit"):
                 yield AuditTable(utc=self.ctx.utc, id="audit-table")
-        yield Footer()
+        yield KeyFooter(compact=True)
 
     def selected_rollout(self) -> str | None:
         """This screen's rollout."""
@@ -101,6 +103,9 @@ class RolloutScreen(RolloutActions, ModelScreen):
 
     def _follow_selected(self) -> None:
         node = self.grid.selected_node
+        view = self.ctx.model.rollouts.get(self.rollout)
+        line = view.node_line(node) if view is not None and node else ""
+        self.query_one("#node-steps", Static).update(line)
         log = self.query_one(LogTail)
         if node != log.node:
             log.follow(self.ctx.model.nodes.get(node) if node else None, rollout=self.rollout)

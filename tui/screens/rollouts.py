@@ -6,13 +6,14 @@ from typing import ClassVar
 
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.widgets import Footer, Header, Static
+from textual.widgets import Header, Static
 
 from tui.context import Context
 from tui.model import Changes
 from tui.screens.actions import ROLLOUT_BINDINGS, RolloutActions
 from tui.screens.base import ModelScreen
 from tui.screens.rollout import RolloutScreen
+from tui.widgets.key_footer import KeyFooter
 from tui.widgets.rollout_table import RolloutTable
 
 __all__ = ["RolloutsScreen"]
@@ -32,7 +33,7 @@ class RolloutsScreen(RolloutActions, ModelScreen):
         yield Header()
         yield Static(id="rollouts-summary", markup=False)
         yield RolloutTable(self.ctx.model, utc=self.ctx.utc, id="rollouts")
-        yield Footer()
+        yield KeyFooter(compact=True)
 
     @property
     def table(self) -> RolloutTable:

@@ -7,27 +7,51 @@ from typing import Any
 from rich.text import Text
 from textual.message import Message
 from textual.widgets import DataTable
-from textual.widgets.data_table import CellDoesNotExist, RowKey
+from textual.widgets.data_table import CellDoesNotExist, ColumnKey, RowKey
 
 from tui.cells import load_text, pct_text, plain, presence_text
 from tui.model import SORT_COLUMNS, Changes, FleetModel, NodeFilter, NodeView, SortColumn, versions_text
 
-__all__ = ["NodeTable"]
+__all__ = ["COLUMNS", "NodeTable", "fit_widths"]
 
-#: (key, header, width): the first six fit an 80-column terminal.
+#: (key, header, width): versions before job and labels, so an 80-column terminal shows
+#: a node's versions; the last three columns share what the terminal has left (``fit``).
 COLUMNS: tuple[tuple[str, str, int], ...] = (
     ("node", "Node", 14),
     ("state", "State", 11),
     ("load", "Load", 5),
     ("mem", "Mem", 4),
     ("disk", "Disk", 4),
-    ("job", "Job", 24),
-    ("labels", "Labels", 24),
-    ("versions", "Versions", 48),
+    ("versions", "Versions", 14),
+    ("job", "Job", 12),
+    ("labels", "Labels", 20),
 )
+#: How the spare width is handed out, stage by stage: (column, grow it up to this width).
+_GROWTH = (("versions", 24), ("job", 20), ("labels", 24), ("versions", 40), ("labels", 36), ("job", 28))
+#: Columns of a vertical scrollbar, kept free so the last visible column is never cut.
+_SCROLLBAR = 2
 _KEYS = tuple(key for key, _, _ in COLUMNS)
 #: Beyond this many rows to drop, clearing the table and adding the rest back is cheaper.
 _MAX_REMOVALS = 50
+
+
+def fit_widths(total: int) -> dict[str, int]:
+    """Content widths of the columns for a table ``total`` cells wide (each column adds 2 of padding).
+
+    The fixed columns keep their width; versions grow first, then job, then labels
+    (``_GROWTH``). Labels come last: at 80 columns they are off to the right (scroll).
+    """
+    widths = {key: width for key, _, width in COLUMNS}
+    widths["labels"] = 0
+    spare = total - _SCROLLBAR - sum(width + 2 for width in widths.values())
+    for key, limit in _GROWTH:
+        grow = max(0, min(spare, limit - widths[key]))
+        if key == "labels" and widths[key] == 0 and grow < 12:
+            continue  # a labels column narrower than this shows nothing useful: keep it off-screen
+        widths[key] += grow
+        spare -= grow
+    widths["labels"] = widths["labels"] or 20
+    return widths
 
 
 class NodeTable(DataTable[Any]):
@@ -56,6 +80,19 @@ class NodeTable(DataTable[Any]):
         for key, header, width in COLUMNS:
             self.add_column(header, key=key, width=width)
 
+    def on_resize(self) -> None:
+        """Share the terminal's width between versions, job and labels (80 columns show versions)."""
+        widths = fit_widths(self.size.width)
+        changed = False
+        for key, width in widths.items():
+            column = self.columns.get(ColumnKey(key))
+            if column is not None and column.width != width:
+                column.width = width
+                changed = True
+        if changed:
+            self._require_update_dimensions = True
+            self.refresh()
+
     # ------------------------------------------------------------------ rendering
 
     def _text_cells(self, view: NodeView) -> tuple[Text, Text]:
@@ -76,9 +113,9 @@ class NodeTable(DataTable[Any]):
             load_text(view.load1),
             pct_text(view.mem_used_pct),
             pct_text(view.disk_free_pct),
+            versions,
             plain(self._model.job_label(view)),
             labels,
-            versions,
         )
 
     def _write_row(self, view: NodeView) -> bool:

@@ -67,6 +67,9 @@ class RolloutTable(DataTable[Any]):
         """Bring changed rollouts up to date; new ones go to the top."""
         added = False
         selected = self.selected_rollout if self._cells else None
+        # On the newest row the operator watches "the latest": a newer rollout takes the cursor.
+        # Anywhere else the cursor stays on the rollout it is on.
+        follow_newest = self.cursor_row == 0
         for rollout in changes.removed_rollouts:
             if self._cells.pop(rollout, None) is not None:
                 self.remove_row(rollout)
@@ -87,7 +90,9 @@ class RolloutTable(DataTable[Any]):
         if added:
             order = {view.id: rank for rank, view in enumerate(self._model.rollouts_newest_first())}
             self.sort("id", key=lambda cell: order.get(str(cell), len(order)))
-            if selected is not None:
+            if follow_newest:
+                self.move_cursor(row=0, scroll=False)
+            elif selected is not None and selected in self._cells:
                 self.move_cursor(row=self.get_row_index(selected), scroll=False)
 
     @property

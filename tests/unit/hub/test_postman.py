@@ -89,7 +89,7 @@ def test_create_requests_carry_valid_rollout_specs(
         assert request["body"]["mode"] == "raw"
         RolloutSpec.model_validate_json(request["body"]["raw"])
         # The new rollout's id is kept for the show/abort/rollback requests.
-        script = "\n".join(item["event"][0]["script"]["exec"])
+        script = "\n".join(next(e for e in item["event"] if e["listen"] == "test")["script"]["exec"])
         assert 'pm.collectionVariables.set("rollout", body["rollout"])' in script
     # Postman's import takes the first example: the one that runs as is against `fleet demo`.
     first = RolloutSpec.model_validate_json(creates[0]["request"]["body"]["raw"])
@@ -125,3 +125,20 @@ def test_conversion_of_a_small_document() -> None:
     assert second["request"]["url"]["raw"] == "{{baseUrl}}/b/:id"
     assert second["request"]["url"]["variable"][0]["value"] == ""
     assert "auth" not in second["request"]
+
+
+def test_every_request_checks_status_and_body_and_creates_come_first(collection: dict[str, Any]) -> None:
+    items = requests_of(collection)
+    urls = [(i["request"]["method"], i["request"]["url"]["raw"]) for i in items]
+    creates = [n for n, u in enumerate(urls) if u == ("POST", "{{baseUrl}}/api/updates")]
+    on_rollout = [n for n, u in enumerate(urls) if ":rollout" in u[1]]
+    assert creates == [0, 1]
+    assert min(on_rollout) > max(creates)
+    actions = [urls[n][1].rsplit("/", 1)[-1] for n in on_rollout]
+    assert actions == [":rollout", "pause", "resume", "abort", "rollback"]
+    for item in items:
+        script = "\n".join(next(e for e in item["event"] if e["listen"] == "test")["script"]["exec"])
+        assert 'pm.test("status is "' in script, item["name"]
+        assert 'pm.test("body is' in script, item["name"]
+    show = next(i for i in items if i["name"] == "Show a rollout")
+    assert 'pm.expect(body.id).to.eql(pm.collectionVariables.get("rollout"));' in str(show["event"])

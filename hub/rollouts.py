@@ -205,9 +205,6 @@ class RolloutManager:
         self._dirty_event = asyncio.Event()
         self._urgent = asyncio.Event()
         self._published_states: dict[str, str] = {}
-        # node -> the command retained on its cmd topic, re-sent when the node comes back
-        # online (a cluster whose retained store lost it, or a delivery lost in a failover).
-        self._waiting: dict[str, bytes] = {}
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._running = False
@@ -393,11 +390,6 @@ class RolloutManager:
 
     async def on_presence(self, node: str, online: bool) -> None:
         """A registry transition: online (birth, heartbeat) or offline (will, shutdown, missed heartbeats)."""
-        waiting = self._waiting.get(node) if online else None
-        if waiting is not None:
-            # Not retained: the retained copy is the hub's to clear; a duplicate is ignored by its id.
-            with contextlib.suppress(BusError):
-                await self._publish(self._topics.node(node, "cmd"), waiting, qos=1, retain=False)
         await self._submit(PresenceChanged(node, online))
 
     # ------------------------------------------------------------------ running the engine
@@ -494,11 +486,8 @@ class RolloutManager:
         if isinstance(action, PublishCommand):
             signed = sign_command(action.command, self._key)
             _LOGGER.debug("%s %s -> %s (%s)", action.command.action, signed.rollout, action.node, signed.id)
-            payload = encode(signed)
-            self._waiting[action.node] = payload
-            await self._publish(self._topics.node(action.node, "cmd"), payload, qos=1, retain=True)
+            await self._publish(self._topics.node(action.node, "cmd"), encode(signed), qos=1, retain=True)
         elif isinstance(action, ClearCommand):
-            self._waiting.pop(action.node, None)
             await self._publish(self._topics.node(action.node, "cmd"), b"", qos=1, retain=True)
         elif isinstance(action, Audit):
             now = self._clock()

@@ -81,6 +81,8 @@ class NatsSettings(BaseModel):
     cluster_ports: tuple[int, ...]
     prefix: str = DEFAULT_PREFIX
     cluster_name: str = "fleet"
+    #: No users at all: any client may do anything (benchmarks and tests of many simulated nodes).
+    anonymous: bool = False
 
     @field_validator("host")
     @classmethod
@@ -238,17 +240,17 @@ def nats_server_conf_text(settings: NatsSettings, index: int, directory: Path, r
         # cluster (up to 3): a retained command outlives the server it was sent to.
         f"  stream_replicas: {min(settings.servers, 3)}",
         "}",
-        "",
-        'include "users.conf"',
     ]
+    if not settings.anonymous:
+        lines += ["", 'include "users.conf"']
     return "\n".join(lines) + "\n"
 
 
 def nats_urls(settings: NatsSettings, client: str, password: str) -> str:
     """Every server's MQTT URL for one client, comma-separated, each with ``?kind=nats``."""
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    user = f"{quote(client, safe='')}:{quote(password, safe='')}"
-    return ",".join(f"mqtt://{user}@{host}:{port}?kind=nats" for port in settings.mqtt_ports)
+    user = "" if settings.anonymous else f"{quote(client, safe='')}:{quote(password, safe='')}@"
+    return ",".join(f"mqtt://{user}{host}:{port}?kind=nats" for port in settings.mqtt_ports)
 
 
 # --------------------------------------------------------------------- writing
@@ -274,6 +276,7 @@ def write_nats_config(
     client_ports: Sequence[int] | None = None,
     cluster_ports: Sequence[int] | None = None,
     prefix: str | None = None,
+    anonymous: bool = False,
     add: bool = False,
     force: bool = False,
 ) -> NatsConfig:
@@ -282,7 +285,8 @@ def write_nats_config(
     Server i listens for MQTT on ``port + i - 1`` (default 1883), for NATS
     clients on ``client_port + i - 1`` (4222) and for routes on
     ``cluster_port + i - 1`` (6222), all on ``host`` (default 127.0.0.1,
-    loopback); explicit per-server port lists override the bases. ``add`` keeps
+    loopback); explicit per-server port lists override the bases. ``anonymous``
+    writes no users (anyone may do anything: for tests and benchmarks only). ``add`` keeps
     every existing credential and setting; without ``add`` or ``force`` an
     existing config is refused. Blocking (files); call through asyncio.to_thread.
 
@@ -331,6 +335,7 @@ def write_nats_config(
                 client_ports=_ports(client_ports, client_port, _DEFAULT_PORTS[1], servers),
                 cluster_ports=_ports(cluster_ports, cluster_port, _DEFAULT_PORTS[2], servers),
                 prefix=prefix or DEFAULT_PREFIX,
+                anonymous=anonymous,
             )
     except ValidationError as exc:
         reasons = "; ".join(str(error["msg"]).removeprefix("Value error, ") for error in exc.errors())
@@ -345,7 +350,7 @@ def write_nats_config(
     created: list[str] = []
     for client in settings.clients:
         path = credentials_dir / f"{client}.url"
-        if existing is not None and path.exists():
+        if existing is not None and path.exists() and not settings.anonymous:
             passwords[client] = _password_of(path.read_text(encoding="utf-8"))
         else:
             passwords[client] = new_password()
@@ -357,7 +362,8 @@ def write_nats_config(
         else new_password()
     )
     _write_atomic(route_path, route_password + "\n", 0o600)
-    _write_atomic(directory / "users.conf", nats_users_text(settings, passwords), 0o600)
+    if not settings.anonymous:
+        _write_atomic(directory / "users.conf", nats_users_text(settings, passwords), 0o600)
     for index in range(1, settings.servers + 1):
         store = directory / "store" / f"{settings.cluster_name}-{index}"
         store.mkdir(parents=True, exist_ok=True, mode=0o700)

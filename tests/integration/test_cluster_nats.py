@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -133,3 +136,32 @@ async def test_rollout_survives_kill_9_of_any_one_server(tmp_path: Path, topics:
                 )  # fmt: skip
         finally:
             fleet.close()
+
+
+# ------------------------------------------------------------------ a simulated fleet
+
+
+@pytest.mark.timeout(300)
+def test_simulated_fleet_completes_a_rollout_on_the_cluster() -> None:
+    """``fleet simulate`` nodes spread over the 3 servers (each starts at a random URL); the hub on one.
+
+    200 nodes here (CI-sized); the 1000-node figure is bench/rollout_latency.py --broker nats
+    (bench/README.md).
+    """
+    _need_nats()
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, str(root / "bench" / "rollout_latency.py"), "--broker", "nats", "--nodes", "200",
+         "--repeat", "1", "--raw-repeat", "1"],
+        cwd=root, capture_output=True, timeout=280, check=False,
+        env={k: v for k, v in os.environ.items() if k != "BENCH_PROFILE"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-3000:]
+    result = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    assert result["broker"] == "nats"
+    (run,) = result["runs"]
+    assert run["state"] == "succeeded", result
+    assert run["every_step_reported"] is True
+    assert run["step_reports"] == 200 * 2 * 2
+    assert set(run["cpu_s"]) == {"hub", "simulate", "broker", "wall"}
+    _LOGGER.info("200 simulated nodes on the NATS cluster: rollout %.2f s", result["seconds"])

@@ -104,3 +104,15 @@ async def test_subscribing_to_a_dotted_topic_at_nats_is_refused() -> None:
     client = MqttClient("mqtt://127.0.0.1:1?kind=nats")
     with pytest.raises(ConfigError, match=r"contains '\.'"):
         await client.subscribe("fleet/v1/node/web.1/cmd")
+
+
+def test_each_attempt_takes_the_credentials_and_tls_of_its_url() -> None:
+    client = MqttClient("mqtt://a:pw-a@127.0.0.1:1,mqtts://b:pw-b@127.0.0.1:2")
+    client._use_url(client.url)
+    assert (client._paho._username, client._paho._password, client._paho._ssl) == (b"a", b"pw-a", False)
+    client._move_on()
+    client._use_url(client.url)
+    assert (client._paho._username, client._paho._password, client._paho._ssl) == (b"b", b"pw-b", True)
+    assert client._paho._ssl_context is client._tls[1]
+    client._move_on()
+    assert client.url.port == 1  # round and round

@@ -155,10 +155,14 @@ class Broker:
     kind: str
     port: int
     child: Child
+    #: every server's process (a cluster), the first being ``child``
+    children: list[Child] = field(default_factory=list)
+    #: the URL list of a cluster (``?kind=nats``), else None
+    urls: str | None = None
 
     @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
+        return self.urls or f"mqtt://127.0.0.1:{self.port}"
 
 
 def start_broker(kind: str, workdir: Path) -> Broker:
@@ -183,14 +187,38 @@ def start_broker(kind: str, workdir: Path) -> Broker:
         child = spawn("mosquitto", [mosquitto_binary(), "-c", str(conf)], workdir)
     elif kind == "amqtt":
         child = fleet("broker", workdir, "broker", "--host", "127.0.0.1", "--port", str(port))
+    elif kind == "nats":
+        return _start_nats(workdir)
     else:
-        raise SystemExit(f"unknown broker {kind!r}: mosquitto or amqtt")
+        raise SystemExit(f"unknown broker {kind!r}: mosquitto, amqtt or nats")
     try:
         wait_port(port)
     except TimeoutError:
         child.stop()
         raise
     return Broker(kind, port, child)
+
+
+def _start_nats(workdir: Path) -> Broker:
+    """A 3-server NATS cluster (tests/nats_cluster.py, no users) on free loopback ports."""
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from tests.nats_cluster import NatsCluster, nats_binary
+
+    if nats_binary() is None:
+        raise SystemExit("nats-server is not installed: apt-get install -y nats-server")
+    cluster = NatsCluster(workdir / "nats", ["bench"], prefix="bench/v1", anonymous=True)
+    try:
+        asyncio.run(cluster.start())
+    except BaseException:
+        cluster.stop()
+        raise
+    children = [
+        Child(f"broker-{index}", proc, workdir / "nats" / f"nats-{index}.log")
+        for index, proc in sorted(cluster.procs.items())
+    ]
+    return Broker("nats", cluster.mqtt_port(1), children[0], children, cluster.url("hub"))
 
 
 # ----------------------------------------------------------------------------- one bench run
@@ -209,11 +237,13 @@ class Bench:
     hub: Child | None = None
     http_port: int | None = None
     journal: str = "file"
+    #: the QoS of every client's subscriptions (``?subqos=``), None: the URL's default
+    sub_qos: int | None = None
 
     def __enter__(self) -> Bench:
         self.key, self.pub = generate_keypair(self.workdir / "keys")
         self.broker = start_broker(self.broker_kind, self.workdir)
-        self.children.append(self.broker.child)
+        self.children.extend(self.broker.children or [self.broker.child])
         return self
 
     def __exit__(self, *_exc: object) -> None:
@@ -226,7 +256,11 @@ class Bench:
     def url(self) -> str:
         if self.broker is None:
             raise RuntimeError("no broker started")
-        return self.broker.url
+        if self.sub_qos is None:
+            return self.broker.url
+        return ",".join(
+            f"{url}{'&' if '?' in url else '?'}subqos={self.sub_qos}" for url in self.broker.url.split(",")
+        )
 
     def child(self, name: str) -> Child:
         """The child process started under ``name`` (hub, simulate, broker, mosquitto...)."""
@@ -246,6 +280,18 @@ class Bench:
         if self.broker is None:
             raise RuntimeError("no broker started")
         return self.broker.child
+
+    @property
+    def broker_children(self) -> list[Child]:
+        """Every server process of the broker (one, or a cluster's)."""
+        if self.broker is None:
+            raise RuntimeError("no broker started")
+        return self.broker.children or [self.broker.child]
+
+    @property
+    def single_url(self) -> str:
+        """One server's URL (the raw paho measurement takes one)."""
+        return self.url.split(",")[0]
 
     @property
     def topics(self) -> Topics:
@@ -471,10 +517,22 @@ class Observer:
 
 def arguments(description: str, **defaults: Any) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--broker", choices=["mosquitto", "amqtt"], default="mosquitto")
+    parser.add_argument(
+        "--broker",
+        choices=["mosquitto", "amqtt", "nats"],
+        default="mosquitto",
+        help="nats: a 3-server NATS cluster on loopback (MQTT gateway, JetStream)",
+    )
     parser.add_argument("--nodes", type=int, default=defaults.get("nodes", 100))
     parser.add_argument("--out", type=Path, help="also write the JSON object to this file")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    parser.add_argument(
+        "--sub-qos",
+        type=int,
+        choices=[0, 1],
+        default=None,
+        help="QoS of every client's subscriptions (default: 0 at NATS, else 1)",
+    )
     parser.add_argument(
         "--journal",
         choices=["file", "memory"],

@@ -133,7 +133,7 @@ def responders(url: str, count: int, prefix: str) -> None:
 
         client.on_message = answer
         client.on_subscribe = lambda _c, _u, _m, _r, _p, i=index: acked.add(i)
-        client.subscribe(f"{prefix}/{index}/cmd", qos=1)
+        client.subscribe(f"{prefix}/{index}/cmd", qos=_sub_qos(url))
     loop.run_until(lambda: len(acked) == count, 120)
     print("ready", flush=True)
     # Serve until the parent closes our stdin.
@@ -147,6 +147,11 @@ def responders(url: str, count: int, prefix: str) -> None:
     loop.selector.register(sys.stdin.fileno(), selectors.EVENT_READ, on_stdin)
     loop.run_until(lambda: stdin_gone[0], 3600)
     loop.close()
+
+
+def _sub_qos(url: str) -> int:
+    """QoS 0 subscriptions at a NATS server (``?kind=nats``), as fleetbus's clients there; else 1."""
+    return 0 if "kind=nats" in urlsplit(url).query else 1
 
 
 def raw_fanout(url: str, count: int, repeats: int = 3, timeout: float = 120.0) -> list[float]:
@@ -169,7 +174,7 @@ def raw_fanout(url: str, count: int, repeats: int = 3, timeout: float = 120.0) -
         publisher.on_message = lambda _c, _u, msg: replies.add(msg.topic)
         subscribed = [False]
         publisher.on_subscribe = lambda *_a: subscribed.__setitem__(0, True)
-        publisher.subscribe(f"{prefix}/+/reply", qos=1)
+        publisher.subscribe(f"{prefix}/+/reply", qos=_sub_qos(url))
         loop.run_until(lambda: subscribed[0], timeout)
         rounds = []
         for round_no in range(repeats):

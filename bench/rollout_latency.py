@@ -7,6 +7,7 @@ paho fan-out/fan-in (one retained message to each of N clients, one reply
 from each; bench/_raw.py).
 
     python bench/rollout_latency.py --broker mosquitto --nodes 1000 [--simulators 2]
+    python bench/rollout_latency.py --broker nats --nodes 1000     # a 3-server NATS cluster
 
 With ``--simulators K`` the fleet is split over K ``fleet simulate``
 processes (nodes ``sim-a-*``, ``sim-b-*``...), so the simulated agents use
@@ -44,7 +45,7 @@ async def measure(bench: Bench, nodes: int, repeat: int, heartbeat_s: float) -> 
                 await asyncio.sleep(heartbeat_s + 1)
             before = bench.metrics()
             spec = {"name": f"bench {index}", "targets": targets, "plan": PLAN}
-            with cpu_window(bench.child("hub"), *sims, bench.broker_child) as cpu:
+            with cpu_window(bench.child("hub"), *sims, *bench.broker_children) as cpu:
                 started = time.perf_counter()
                 body = await obs.call("create_rollout", spec)
                 rollout = body["rollout"]
@@ -93,7 +94,7 @@ async def measure(bench: Bench, nodes: int, repeat: int, heartbeat_s: float) -> 
         "runs": runs,
         "hub_rss_mib": bench.child("hub").rss_mib(),
         "sim_rss_mib": round(sum(sim.rss_mib() for sim in sims), 1),
-        "broker_rss_mib": bench.broker_child.rss_mib(),
+        "broker_rss_mib": round(sum(child.rss_mib() for child in bench.broker_children), 1),
     }
 
 
@@ -101,7 +102,7 @@ def _cpu_by_role(cpu: dict[str, float]) -> dict[str, float | None]:
     """CPU seconds of hub, broker, wall, and of every simulator process together ("simulate")."""
     roles: dict[str, float] = {}
     for name, seconds in cpu.items():
-        role = "simulate" if name.startswith("simulate") else name
+        role = "simulate" if name.startswith("simulate") else "broker" if name.startswith("broker") else name
         roles[role] = roles.get(role, 0.0) + seconds
     return {k: rounded(v) for k, v in roles.items()}
 
@@ -119,8 +120,8 @@ def main() -> None:
         help="split the fleet over this many `fleet simulate` processes (default 1: one core)",
     )
     args = parser.parse_args()
-    with Bench(args.broker, keep=args.keep, journal=args.journal) as bench:
-        raw = raw_fanout(bench.url, args.nodes, args.raw_repeat)
+    with Bench(args.broker, keep=args.keep, journal=args.journal, sub_qos=args.sub_qos) as bench:
+        raw = raw_fanout(bench.single_url, args.nodes, args.raw_repeat)
         bench.start_hub()
         for index in range(args.simulators):
             share = args.nodes // args.simulators + (index < args.nodes % args.simulators)
@@ -143,6 +144,7 @@ def main() -> None:
             "step_ms": args.step_ms,
             "journal": args.journal,
             "simulators": args.simulators,
+            "sub_qos": args.sub_qos,
             "seconds": rounded(seconds),
             "raw_seconds": rounded(raw_seconds),
             "raw_rounds": [rounded(r, 4) for r in raw],

@@ -93,7 +93,7 @@ def table() -> str:
         if any(cells):
             rows.append(f"| {label} | {broker} | " + " | ".join(cells) + " |")
 
-    for broker in ("mosquitto", "amqtt"):
+    for broker in ("mosquitto", "amqtt", "nats"):
         line("(a) rollout, create -> succeeded (s)", "rollout_latency", broker, lambda d: _cell(d["seconds"]))
         line(
             "(a) raw fan-out/fan-in, same run (s)",

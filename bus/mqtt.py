@@ -9,13 +9,27 @@ What every client gets (DESIGN section 3.8, FINDINGS.md):
 - TCP_NODELAY after every (re)connect: QoS 1 round trips of 0.2-0.5 ms, not 40-90 ms.
 - QoS 1 publishes through a bounded in-flight window: paho's 16-bit message ids
   never wrap while messages are outstanding.
+- Several broker URLs (a cluster: ``mqtt://a:1883,mqtt://b:1883``), each with its own
+  credentials and TLS options: the client connects to one (``spread``: a random
+  one first, to share a fleet out) and moves on to the next when its connection
+  fails or drops.
 - Reconnect with exponential backoff and jitter; subscriptions are renewed and
-  ``on_connect`` hooks (births) run again after every reconnect.
+  ``on_connect`` hooks (births) run again after every reconnect, once the broker
+  has granted every subscription.
+- A refused subscription (SUBACK 0x80: an ACL, or a cluster that cannot create it
+  just now) is never dropped: it is retried with backoff, and after repeated
+  refusals on one server a client with several URLs moves on to the next.
+  ``missing_subscriptions`` names what is not granted at the moment.
 - A last will built fresh before every connect (each connection its own session).
 - ``mqtt://`` and ``mqtts://`` URLs with user, password and TLS; a broker that
   refuses the credentials or a certificate that does not verify ends the first
-  connect at once with a BusError naming the reason (no retrying until timeout).
+  connect at once with a BusError naming the reason (no retrying until timeout),
+  once every URL of the list has refused.
 - ``subscribe`` returns once the broker acknowledged it (BusError if refused).
+- URL options (query): ``ca=/path/ca.pem``; ``kind=nats`` (a NATS server's MQTT
+  gateway: topics must not contain ``.``, and subscriptions default to QoS 0,
+  which it never refused in our measurements); ``subqos=0|1`` (the QoS asked for
+  every subscription, capping what the caller asks).
 """
 
 from __future__ import annotations
@@ -42,11 +56,24 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from bus.errors import BusError, ConfigError
 
-__all__ = ["BrokerUrl", "Message", "MqttClient", "Will", "parse_broker_url"]
+__all__ = [
+    "BrokerUrl",
+    "Message",
+    "MqttClient",
+    "Will",
+    "check_topic_name",
+    "parse_broker_url",
+    "parse_broker_urls",
+    "redacted_urls",
+    "valid_broker_url",
+]
 
 _LOGGER = logging.getLogger(__name__)
 
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+
+#: Broker kinds a URL may name (``?kind=``) and the characters each cannot carry in a topic level.
+BROKER_KINDS: dict[str, str] = {"mqtt": "", "nats": "."}
 
 
 @dataclass(frozen=True)
@@ -59,6 +86,8 @@ class BrokerUrl:
     username: str | None = None
     password: str | None = None
     ca_file: str | None = None
+    kind: str = "mqtt"
+    sub_qos: int | None = None
 
     def redacted(self) -> str:
         """The URL without its password, for logs."""
@@ -66,21 +95,58 @@ class BrokerUrl:
         user = f"{self.username}:***@" if self.username else ""
         return f"{scheme}://{user}{self.host}:{self.port}"
 
+    @property
+    def subscription_qos(self) -> int | None:
+        """The QoS every subscription asks for at this URL (None: what the caller asks)."""
+        if self.sub_qos is not None:
+            return self.sub_qos
+        return 0 if self.kind == "nats" else None
+
 
 def valid_broker_url(value: str) -> str:
-    """Return ``value`` if it is a broker URL; ValueError with the reason (for pydantic)."""
+    """Return ``value`` if it is a broker URL or a comma-separated list of them; ValueError if not."""
     try:
-        parse_broker_url(value)
+        parse_broker_urls(value)
     except ConfigError as exc:
         raise ValueError(exc.reason) from exc
     return value
 
 
+def parse_broker_urls(text: str) -> tuple[BrokerUrl, ...]:
+    """Parse one broker URL or a comma-separated list of them (the servers of a cluster).
+
+    A comma inside a password must be written ``%2C``. ConfigError naming the bad entry.
+    """
+    entries = [entry.strip() for entry in text.split(",")]
+    if not any(entries):
+        raise ConfigError("invalid broker URL '': empty")
+    if not all(entries):
+        raise ConfigError(f"invalid broker URL list {_shown_list(text)!r}: an empty entry")
+    urls = tuple(parse_broker_url(entry) for entry in entries)
+    seen: set[tuple[str, int]] = set()
+    for url in urls:
+        if (url.host, url.port) in seen:
+            raise ConfigError(f"invalid broker URL list: {url.host}:{url.port} is listed twice")
+        seen.add((url.host, url.port))
+    return urls
+
+
+def redacted_urls(text: str) -> str:
+    """A broker URL list without its passwords, for logs and messages (ConfigError if invalid)."""
+    return ",".join(url.redacted() for url in parse_broker_urls(text))
+
+
+def _shown_list(text: str) -> str:
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
 def parse_broker_url(url: str, ca_file: str | None = None) -> BrokerUrl:
-    """Parse a broker URL; ConfigError with a one-line reason if it is not one.
+    """Parse one broker URL; ConfigError with a one-line reason if it is not one.
 
     ``mqtts://host:port?ca=/path/ca.pem`` names the CA that signs the server
-    certificate; without it the system's trust store is used.
+    certificate; without it the system's trust store is used. ``?kind=nats``
+    says the server is a NATS MQTT gateway; ``?subqos=0`` sets the QoS of every
+    subscription (module docstring).
     """
     try:
         parts = urlsplit(url.strip())
@@ -92,6 +158,14 @@ def parse_broker_url(url: str, ca_file: str | None = None) -> BrokerUrl:
     if not parts.hostname:
         raise ConfigError(f"invalid broker URL {url!r}: no host")
     query = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
+    kind = unquote(query.get("kind", "mqtt"))
+    if kind not in BROKER_KINDS:
+        raise ConfigError(f"invalid broker URL {url!r}: kind must be one of {', '.join(BROKER_KINDS)}")
+    sub_qos: int | None = None
+    if "subqos" in query:
+        if query["subqos"] not in ("0", "1"):
+            raise ConfigError(f"invalid broker URL {url!r}: subqos must be 0 or 1")
+        sub_qos = int(query["subqos"])
     return BrokerUrl(
         host=parts.hostname,
         port=port or DEFAULT_PORTS[parts.scheme],
@@ -99,7 +173,27 @@ def parse_broker_url(url: str, ca_file: str | None = None) -> BrokerUrl:
         username=unquote(parts.username) if parts.username else None,
         password=unquote(parts.password) if parts.password else None,
         ca_file=ca_file or (unquote(query["ca"]) if "ca" in query else None),
+        kind=kind,
+        sub_qos=sub_qos,
     )
+
+
+def check_topic_name(urls: str | tuple[BrokerUrl, ...], what: str, value: str) -> str:
+    """``value`` (a node id, a topic prefix) if every broker of ``urls`` can carry it in a topic.
+
+    A NATS MQTT gateway refuses ``.`` in topics (it maps topic levels to NATS
+    subjects, whose separator is ``.``). ConfigError naming the character and
+    the broker kind; the value is returned unchanged otherwise.
+    """
+    parsed = parse_broker_urls(urls) if isinstance(urls, str) else urls
+    for url in parsed:
+        for char in BROKER_KINDS[url.kind]:
+            if char in value:
+                raise ConfigError(
+                    f"{what} {value[:80]!r} contains {char!r}, which a {url.kind} broker "
+                    f"({url.redacted()}) refuses in topics: choose another name"
+                )
+    return value
 
 
 @dataclass(frozen=True)
@@ -203,7 +297,8 @@ class MqttClient:
     """An asyncio MQTT client; use as ``async with MqttClient(url) as client:``.
 
     Args:
-        url: broker URL (``mqtt://`` or ``mqtts://``), or a parsed ``BrokerUrl``.
+        url: broker URL (``mqtt://`` or ``mqtts://``), a comma-separated list of
+            them (a cluster), or parsed ``BrokerUrl``s.
         client_id: MQTT client id; a random one by default.
         will: called before every connect attempt to build the last will.
         keepalive: MQTT keepalive in seconds.
@@ -211,12 +306,17 @@ class MqttClient:
         max_inflight: QoS >= 1 publishes outstanding at once (the window).
         queue_limit: received messages buffered before the oldest QoS 0 ones are
             dropped (0 = unbounded).
-        connect_timeout: how long ``__aenter__`` waits for the first CONNACK.
+        connect_timeout: how long ``__aenter__`` waits for the first CONNACK (and
+            for every subscription made before it to be granted).
+        spread: start at a random URL of the list (agents: shares a fleet out
+            over a cluster); else at the first.
+        sub_qos: the QoS asked for every subscription (capping what ``subscribe``
+            asks); None: the URL's ``subqos``/``kind``, else what is asked.
     """
 
     def __init__(
         self,
-        url: str | BrokerUrl,
+        url: str | BrokerUrl | tuple[BrokerUrl, ...],
         *,
         client_id: str | None = None,
         will: Callable[[], Will | None] | None = None,
@@ -226,8 +326,21 @@ class MqttClient:
         queue_limit: int = 0,
         connect_timeout: float = 10.0,
         backoff: tuple[float, float] = (0.1, 10.0),
+        spread: bool = False,
+        sub_qos: int | None = None,
     ) -> None:
-        self.url = url if isinstance(url, BrokerUrl) else parse_broker_url(url)
+        if isinstance(url, BrokerUrl):
+            self.urls: tuple[BrokerUrl, ...] = (url,)
+        elif isinstance(url, str):
+            self.urls = parse_broker_urls(url)
+        else:
+            self.urls = tuple(url)
+        if not self.urls:
+            raise ConfigError("no broker URL")
+        self._index = random.randrange(len(self.urls)) if spread else 0  # noqa: S311 - load spreading
+        self._sub_qos = sub_qos
+        # Characters some server of the list cannot carry in a topic ("." at NATS).
+        self._forbidden = "".join(sorted({c for u in self.urls for c in BROKER_KINDS[u.kind]}))
         self.client_id = client_id or f"fleet-{uuid.uuid4().hex[:12]}"
         self._will = will
         self._keepalive = keepalive
@@ -238,6 +351,14 @@ class MqttClient:
         self._window = asyncio.Semaphore(min(max_inflight, 65000))
         self._pending: dict[int, _Pending] = {}
         self._subscriptions: dict[str, int] = {}
+        self._granted: set[str] = set()
+        self._refusals: dict[str, int] = {}
+        self._retries: dict[str, asyncio.TimerHandle] = {}
+        self._connection = 0
+        self._complete = asyncio.Event()
+        self._hooks_due = False
+        self._last_refusal: str | None = None
+        self._refused_urls: dict[int, str] = {}
         self._acks: dict[int, _SubscribeRequest] = {}
         self._hooks: list[ConnectHook] = []
         self._queue: asyncio.Queue[Message | None] = asyncio.Queue()
@@ -254,7 +375,6 @@ class MqttClient:
         self._sock: Any = None
         self._flush_scheduled = False
         self._writer_on = False
-        self._renewed: list[asyncio.Future[None]] = []
         self._attempt_done = asyncio.Event()
         self.stats = _Stats()
         self._paho = _Paho(
@@ -267,15 +387,15 @@ class MqttClient:
         # limit, paho rescans every outstanding message on each PUBACK (quadratic in
         # the window: 0.7 s of CPU for the hub's 1000 commands of one rollout).
         self._paho.max_inflight_messages_set(0)
-        if self.url.username:
-            self._paho.username_pw_set(self.url.username, self.url.password)
-        if self.url.tls:
-            try:
-                context = ssl.create_default_context(cafile=self.url.ca_file)
-            except (OSError, ssl.SSLError) as exc:
-                raise ConfigError(f"cannot load CA file {self.url.ca_file}: {exc}") from exc
-            context.sslsocket_class = _ClosingSSLSocket
-            self._paho.tls_set_context(context)
+        self._tls: dict[int, ssl.SSLContext] = {}
+        for index, each in enumerate(self.urls):
+            if each.tls:
+                try:
+                    context = ssl.create_default_context(cafile=each.ca_file)
+                except (OSError, ssl.SSLError) as exc:
+                    raise ConfigError(f"cannot load CA file {each.ca_file}: {exc}") from exc
+                context.sslsocket_class = _ClosingSSLSocket
+                self._tls[index] = context
         self._paho.on_connect = self._on_connect
         self._paho.on_disconnect = self._on_disconnect
         self._paho.on_message = self._on_message
@@ -324,18 +444,18 @@ class MqttClient:
             except asyncio.TimeoutError as exc:
                 await self.close()
                 raise BusError(
-                    f"no connection to {self.url.redacted()} within {self._connect_timeout:g} s"
+                    f"no connection to {self.redacted_urls()} within {self._connect_timeout:g} s"
                 ) from exc
             if self._fatal is not None:
                 await self.close()
                 raise self._fatal
-            renewed, self._renewed = self._renewed, []
-            if renewed:
+            if self._subscriptions:
+                # Refused subscriptions are retried meanwhile (a cluster may grant them in a moment).
                 try:
-                    await asyncio.wait_for(asyncio.gather(*renewed), self._connect_timeout)
-                except (BusError, asyncio.TimeoutError) as exc:
+                    await asyncio.wait_for(self._complete.wait(), self._connect_timeout)
+                except asyncio.TimeoutError as exc:
                     await self.close()
-                    reason = exc.reason if isinstance(exc, BusError) else "no acknowledgement in time"
+                    reason = self._last_refusal or "no acknowledgement in time"
                     raise BusError(f"subscribing at {self.url.redacted()} failed: {reason}") from exc
 
     async def close(self, publish_before: tuple[str, bytes, bool] | None = None) -> None:
@@ -347,6 +467,9 @@ class MqttClient:
             with contextlib.suppress(BusError, asyncio.TimeoutError):
                 await asyncio.wait_for(self.publish(topic, payload, qos=1, retain=retain, wait=True), 2)
         self._closing = True
+        for handle in self._retries.values():
+            handle.cancel()
+        self._retries.clear()
         for task in (self._reconnect_task, self._misc_task, *self._hook_tasks):
             if task is not None:
                 task.cancel()
@@ -389,12 +512,26 @@ class MqttClient:
         """True while the broker connection is up."""
         return self._connected.is_set()
 
+    @property
+    def url(self) -> BrokerUrl:
+        """The URL of the server connected to (or tried next)."""
+        return self.urls[self._index]
+
+    def redacted_urls(self) -> str:
+        """Every URL of the list, without passwords."""
+        return ",".join(url.redacted() for url in self.urls)
+
+    @property
+    def missing_subscriptions(self) -> tuple[str, ...]:
+        """Subscriptions the broker has not granted on the current connection (all, while disconnected)."""
+        return tuple(topic for topic in self._subscriptions if topic not in self._granted)
+
     async def wait_connected(self, timeout: float | None = None) -> None:
         """Wait until connected (again)."""
         await asyncio.wait_for(self._connected.wait(), timeout)
 
     def on_connect(self, hook: ConnectHook) -> None:
-        """Run ``hook`` after every successful (re)connect, after resubscribing."""
+        """Run ``hook`` after every successful (re)connect, once every subscription is granted."""
         self._hooks.append(hook)
 
     # ------------------------------------------------------------------ pub/sub
@@ -408,19 +545,32 @@ class MqttClient:
         is made on connect.
 
         Raises:
-            BusError: the broker refused the subscription (an ACL, say), or the
+            BusError: the broker refused the subscription (an ACL, say; it stays
+                wanted and is retried with backoff until ``unsubscribe``), or the
                 client closed meanwhile.
+            ConfigError: the topic has a character the broker cannot carry.
         """
+        check_topic_name(self.urls, "topic filter", topic_filter)
         self._subscriptions[topic_filter] = qos
+        self._refusals.pop(topic_filter, None)
+        if topic_filter in self._granted:
+            return
+        self._complete.clear()
         if not self.is_connected:
             return
         future = asyncio.get_running_loop().create_future()
-        self._send_subscribe(topic_filter, qos, [future])
+        self._send_subscribe(topic_filter, [future])
         await future
 
     async def unsubscribe(self, topic_filter: str) -> None:
         """Forget a subscription; returns once the broker acknowledged it (if connected)."""
         self._subscriptions.pop(topic_filter, None)
+        self._granted.discard(topic_filter)
+        self._refusals.pop(topic_filter, None)
+        retry = self._retries.pop(topic_filter, None)
+        if retry is not None:
+            retry.cancel()
+        self._check_complete()
         if not self.is_connected:
             return
         future = asyncio.get_running_loop().create_future()
@@ -430,8 +580,13 @@ class MqttClient:
         self._acks[mid] = _SubscribeRequest(topic_filter, [future])
         await future
 
-    def _send_subscribe(self, topic_filter: str, qos: int, futures: list[asyncio.Future[None]]) -> None:
-        rc, mid = self._paho.subscribe(topic_filter, qos)
+    def _qos_for(self, topic_filter: str) -> int:
+        asked = self._subscriptions.get(topic_filter, 1)
+        cap = self._sub_qos if self._sub_qos is not None else self.url.subscription_qos
+        return asked if cap is None else min(asked, cap)
+
+    def _send_subscribe(self, topic_filter: str, futures: list[asyncio.Future[None]]) -> None:
+        rc, mid = self._paho.subscribe(topic_filter, self._qos_for(topic_filter))
         if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
             self._acks[mid] = _SubscribeRequest(topic_filter, futures)
         elif futures:
@@ -454,6 +609,8 @@ class MqttClient:
         """
         if self._closing:
             raise BusError("client is closed")
+        if self._forbidden and any(char in topic for char in self._forbidden):
+            raise BusError(f"publish to {topic} refused: the broker cannot carry {self._forbidden!r}")
         data = payload.encode("utf-8") if isinstance(payload, str) else payload
         if qos == 0:
             if self.is_connected:
@@ -520,24 +677,29 @@ class MqttClient:
                 await asyncio.sleep(delay * (0.5 + random.random()))  # noqa: S311 - jitter
                 delay = min(delay * 2, self._backoff[1])
             first = False
+            url = self.url
             will = self._will() if self._will else None
             self._paho.will_clear()
             if will is not None:
                 self._paho.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+            self._use_url(url)
             try:
                 # Blocking TCP (and TLS) connect: quick on a LAN or loopback, and
                 # the loop has nothing else to serve for this client until it is done.
-                rc = self._paho.connect(self.url.host, self.url.port, keepalive=self._keepalive)
+                rc = self._paho.connect(url.host, url.port, keepalive=self._keepalive)
             except ssl.SSLCertVerificationError as exc:
-                self._refused(f"TLS certificate of {self.url.host} does not verify: {exc.verify_message}")
+                self._refused(f"TLS certificate of {url.host} does not verify: {exc.verify_message}")
                 if self._fatal is not None:
                     return
+                self._move_on()
                 continue
             except (OSError, ssl.SSLError, ValueError) as exc:
-                _LOGGER.info("connect to %s failed: %s", self.url.redacted(), exc)
+                _LOGGER.info("connect to %s failed: %s", url.redacted(), exc)
+                self._move_on()
                 continue
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                _LOGGER.info("connect to %s failed: %s", self.url.redacted(), paho.error_string(rc))
+                _LOGGER.info("connect to %s failed: %s", url.redacted(), paho.error_string(rc))
+                self._move_on()
                 continue
             # Wait for the CONNACK or the loss of this attempt.
             self._attempt_done = asyncio.Event()
@@ -547,12 +709,31 @@ class MqttClient:
             self._drop_socket()
             if self._fatal is not None:
                 return
+            self._move_on()
+
+    def _use_url(self, url: BrokerUrl) -> None:
+        """Credentials and TLS of the URL about to be tried (each server of a list has its own)."""
+        self._paho.username_pw_set(url.username, url.password)
+        context = self._tls.get(self._index)
+        # paho's tls_set_context may be called once per client; the attributes it sets are swapped here.
+        self._paho._ssl = context is not None
+        self._paho._ssl_context = context
+        self._paho._tls_insecure = False
+
+    def _move_on(self) -> None:
+        """Try the next URL of the list next time."""
+        if len(self.urls) > 1:
+            self._index = (self._index + 1) % len(self.urls)
 
     def _refused(self, reason: str) -> None:
-        """A refusal retrying cannot cure: fatal for the first connect of ``start(wait=True)``."""
+        """A refusal retrying cannot cure.
+
+        Fatal for the first connect of ``start(wait=True)`` once every URL of the list refused.
+        """
         message = f"{self.url.redacted()} refused the connection: {reason}"
-        if self._fail_fast and not self._ever_connected:
-            self._fatal = BusError(message)
+        self._refused_urls[self._index] = message
+        if self._fail_fast and not self._ever_connected and len(self._refused_urls) == len(self.urls):
+            self._fatal = BusError("; ".join(self._refused_urls[i] for i in sorted(self._refused_urls)))
             self._settled.set()
         else:
             _LOGGER.warning("%s (retrying)", message)
@@ -661,20 +842,35 @@ class MqttClient:
         for request in self._acks.values():
             waiting.setdefault(request.topic_filter, []).extend(request.futures)
         self._acks.clear()
-        for topic_filter, qos in self._subscriptions.items():
-            futures = waiting.pop(topic_filter, [])
-            if self._loop is not None and self._fail_fast and not self._ever_connected:
-                renewed = self._loop.create_future()  # awaited by start()
-                futures.append(renewed)
-                self._renewed.append(renewed)
-            self._send_subscribe(topic_filter, qos, futures)
+        self._connection += 1
+        self._granted.clear()
+        self._refusals.clear()
+        for handle in self._retries.values():
+            handle.cancel()
+        self._retries.clear()
+        for topic_filter in self._subscriptions:
+            self._send_subscribe(topic_filter, waiting.pop(topic_filter, []))
         for futures in waiting.values():  # unsubscribed meanwhile: nothing to wait for
             _SubscribeRequest("", futures).settle()
         self._ever_connected = True
+        self._refused_urls.clear()
         self._connected.set()
         self._settled.set()
         self._finish_attempt()
         _LOGGER.debug("connected to %s as %s", self.url.redacted(), self.client_id)
+        # The births wait for the grants: whoever sees one can reach this client.
+        self._hooks_due = True
+        self._check_complete()
+
+    def _check_complete(self) -> None:
+        """Once connected with every subscription granted: set ``_complete``, run due hooks."""
+        if not self.is_connected or self.missing_subscriptions:
+            self._complete.clear()
+            return
+        self._complete.set()
+        if not self._hooks_due:
+            return
+        self._hooks_due = False
         for hook in self._hooks:
             task = asyncio.ensure_future(self._run_hook(hook))
             self._hook_tasks.add(task)
@@ -701,6 +897,9 @@ class MqttClient:
     ) -> None:
         was_connected = self._connected.is_set()
         self._connected.clear()
+        self._complete.clear()
+        self._granted.clear()
+        self._hooks_due = False
         self._finish_attempt()
         if self._closing:
             return
@@ -711,6 +910,7 @@ class MqttClient:
 
     def _after_loss(self) -> None:
         self._drop_socket()
+        self._move_on()  # the server may be gone: the next of the list first
         self._restart_connect_loop()
 
     def _on_message(self, _client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
@@ -726,14 +926,44 @@ class MqttClient:
         request = self._acks.pop(mid, None)
         if request is None:
             return
+        topic_filter = request.topic_filter
         refused = any(reason.is_failure for reason in reasons)
         if not refused:
+            if topic_filter in self._subscriptions:
+                self._granted.add(topic_filter)
+                if self._refusals.pop(topic_filter, 0):
+                    _LOGGER.warning("broker %s granted subscription to %s", self.url.redacted(), topic_filter)
             request.settle()
+            self._check_complete()
             return
-        # Not renewed on reconnect either: the broker's answer will not change.
-        self._subscriptions.pop(request.topic_filter, None)
-        _LOGGER.warning("broker %s refused subscription to %s", self.url.redacted(), request.topic_filter)
-        request.settle(BusError(f"{self.url.redacted()} refused subscription to {request.topic_filter}"))
+        # Never dropped: a cluster may refuse now and grant in a moment (an ACL would not).
+        count = self._refusals.get(topic_filter, 0) + 1
+        self._refusals[topic_filter] = count
+        self._last_refusal = f"{self.url.redacted()} refused subscription to {topic_filter}"
+        request.settle(BusError(self._last_refusal))
+        if topic_filter not in self._subscriptions or self._closing:
+            return
+        if count >= _REFUSALS_BEFORE_MOVING_ON and len(self.urls) > 1:
+            _LOGGER.warning("%s %d times: moving on to another server", self._last_refusal, count)
+            self.abort()
+            return
+        low, high = _SUBSCRIBE_RETRY
+        delay = min(low * 2 ** (count - 1), high) * (0.5 + random.random())  # noqa: S311 - jitter
+        _LOGGER.warning("%s (retrying in %.1f s)", self._last_refusal, delay)
+        if self._loop is not None:
+            old = self._retries.pop(topic_filter, None)
+            if old is not None:
+                old.cancel()
+            self._retries[topic_filter] = self._loop.call_later(
+                delay, self._retry_subscribe, topic_filter, self._connection
+            )
+
+    def _retry_subscribe(self, topic_filter: str, connection: int) -> None:
+        self._retries.pop(topic_filter, None)
+        if self._closing or not self.is_connected or connection != self._connection:
+            return  # a reconnect renews every subscription anyway
+        if topic_filter in self._subscriptions and topic_filter not in self._granted:
+            self._send_subscribe(topic_filter, [])
 
     def _on_unsubscribe(
         self, _client: paho.Client, _userdata: Any, mid: int, _reasons: Any, _properties: Any
@@ -752,6 +982,11 @@ class MqttClient:
         if pending.future is not None and not pending.future.done():
             pending.future.set_result(None)
 
+
+#: Retry delays of a refused subscription (first, longest), jittered.
+_SUBSCRIBE_RETRY = (0.5, 15.0)
+#: Refusals of one subscription on one server after which a client with several URLs moves on.
+_REFUSALS_BEFORE_MOVING_ON = 4
 
 _PUBLISH = 0x30
 _DISCONNECT = 0xE0

@@ -2,6 +2,9 @@
 
 Writes mosquitto.conf, passwords, acl, amqtt.yaml and one credentials file per
 client (DESIGN sections 4 and 7); broker_config/generate.py lists every file.
+With ``--kind nats --servers N``: the configs of an N-server NATS cluster
+(JetStream, MQTT, routes) with the same users and permissions, and credential
+files listing every server's URL; broker_config/nats.py lists every file.
 """
 
 from __future__ import annotations
@@ -65,6 +68,30 @@ def register(parser: argparse.ArgumentParser) -> None:
         help="account mosquitto runs as after start (its `user` option); it must "
         "be able to read DIR's secrets (default: mosquitto's own default)",
     )
+    parser.add_argument(
+        "--kind",
+        choices=("mosquitto", "nats"),
+        default=env_default("FLEET_BROKER_KIND", "mosquitto"),
+        help="mosquitto (and the embedded broker; default) or a NATS cluster (FLEET_BROKER_KIND)",
+    )
+    parser.add_argument(
+        "--servers",
+        type=int,
+        default=env_default("FLEET_SERVERS", "3"),
+        help="--kind nats: how many servers, server i's MQTT on --port + i - 1 (default 3; FLEET_SERVERS)",
+    )
+    parser.add_argument(
+        "--client-port",
+        type=int,
+        default=env_default("FLEET_CLIENT_PORT"),
+        help="--kind nats: first NATS client port (default 4222)",
+    )
+    parser.add_argument(
+        "--cluster-port",
+        type=int,
+        default=env_default("FLEET_CLUSTER_PORT"),
+        help="--kind nats: first cluster route port (default 6222)",
+    )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
         "--add",
@@ -90,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
     from broker_config.generate import parse_nodes, write_broker_config
 
     nodes = parse_nodes(str(args.nodes))
+    if args.kind == "nats":
+        return _run_nats(args, nodes)
     result = write_broker_config(
         Path(args.out),
         nodes,
@@ -115,4 +144,32 @@ def run(args: argparse.Namespace) -> int:
     if kept:
         print(f"  kept credentials ({len(kept)}): {', '.join(kept)}")
     print(f"  each client's broker URL (secret): {result.directory / 'credentials'}/<client>.url")
+    return 0
+
+
+def _run_nats(args: argparse.Namespace, nodes: tuple[str, ...]) -> int:
+    from broker_config.nats import write_nats_config
+    from bus.errors import InvalidInput
+
+    if args.tls or args.bind or args.broker_dir or args.broker_user:
+        raise InvalidInput("--kind nats takes no --tls, --bind, --broker-dir or --broker-user (yet)")
+    result = write_nats_config(
+        Path(args.out),
+        nodes,
+        servers=int(args.servers),
+        host=args.host,
+        port=int(args.port) if args.port is not None else None,
+        client_port=int(args.client_port) if args.client_port is not None else None,
+        cluster_port=int(args.cluster_port) if args.cluster_port is not None else None,
+        prefix=args.prefix,
+        add=bool(args.add),
+        force=bool(args.force),
+    )
+    settings = result.settings
+    print(f"NATS cluster of {settings.servers} servers, {len(settings.nodes)} node(s), in {result.directory}")
+    for index, port in enumerate(settings.mqtt_ports, 1):
+        print(f"  server {index}  nats-server -c {result.server_conf(index)}   (MQTT {settings.host}:{port})")
+    print(f"  prefix {settings.prefix}; node ids and the prefix must not contain '.'")
+    print(f"  new credentials ({len(result.created)}): {', '.join(result.created) or '-'}")
+    print(f"  each client's broker URL list (secret): {result.directory / 'credentials'}/<client>.url")
     return 0

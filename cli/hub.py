@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 def register(parser: argparse.ArgumentParser) -> None:
     """Add the subcommand's arguments (each also from FLEET_* and the [hub] TOML table)."""
-    parser.add_argument("--broker", help="broker URL mqtt://[user:pass@]host:port (FLEET_BROKER)")
+    parser.add_argument("--broker", help="broker URL mqtt://[user:pass@]host:port, or a list (FLEET_BROKER)")
     parser.add_argument("--prefix", help="topic prefix, default fleet/v1 (FLEET_PREFIX)")
     parser.add_argument("--db", type=Path, help="TinyDB file, default ./fleet-hub.json (FLEET_DB)")
     parser.add_argument(
@@ -72,7 +72,7 @@ async def _serve(config: HubConfig) -> int:
 
     from bus import memory
     from bus.errors import FleetError
-    from bus.mqtt import parse_broker_url
+    from bus.mqtt import redacted_urls
     from hub.service import HubService
 
     stop = asyncio.Event()
@@ -107,7 +107,7 @@ async def _serve(config: HubConfig) -> int:
                         return 2
         http_text = f", http {address[0]}:{address[1]}" if http_task is not None and address else ""
         print(
-            f"fleet hub: connected to {parse_broker_url(config.broker).redacted()}, "
+            f"fleet hub: connected to {redacted_urls(config.broker)}, "
             f"prefix {config.prefix}, db {config.db}{http_text}",
             flush=True,
         )

@@ -137,11 +137,11 @@ def _serve(host: str, port: int, args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Run the TUI in this terminal, or serve it to browsers."""
-    from bus.mqtt import parse_broker_url
+    from bus.mqtt import parse_broker_urls
     from bus.topics import Topics
     from tui.config import TuiConfig
 
-    parse_broker_url(args.broker)  # a bad URL is a usage error (exit 2), before any screen
+    parse_broker_urls(args.broker)  # a bad URL is a usage error (exit 2), before any screen
     topics = Topics(args.prefix)
     config = TuiConfig(
         broker=args.broker,

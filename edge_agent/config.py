@@ -68,7 +68,8 @@ class AgentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     broker: str = Field(
-        default=DEFAULT_BROKER, description="Broker URL: mqtt://[user:pass@]host:port or mqtts://..."
+        default=DEFAULT_BROKER,
+        description="Broker URL: mqtt://[user:pass@]host:port or mqtts://..., or a comma-separated list.",
     )
     node_id: str = Field(description="This node's id: [A-Za-z0-9][A-Za-z0-9_.-]{0,63}.")
     prefix: str = Field(default=DEFAULT_PREFIX, description="Topic prefix shared by the whole fleet.")
@@ -159,6 +160,18 @@ class AgentConfig(BaseModel):
         from bus.mqtt import valid_broker_url  # paho: loaded only when a config is built
 
         return valid_broker_url(value)
+
+    @model_validator(mode="after")
+    def _carried_by_broker(self) -> AgentConfig:
+        """A node id or prefix the broker cannot carry in a topic (``.`` on NATS) is refused at start."""
+        from bus.mqtt import check_topic_name
+
+        try:
+            check_topic_name(self.broker, "node id", self.node_id)
+            check_topic_name(self.broker, "prefix", self.prefix)
+        except ConfigError as exc:
+            raise ValueError(exc.reason) from exc
+        return self
 
     @property
     def topics(self) -> Topics:

@@ -116,6 +116,7 @@ class Agent:
             client_id=f"agent-{self.config.node_id}",
             will=self.next_will,
             keepalive=self.config.keepalive_s,
+            spread=True,  # a cluster's servers share the fleet out
         )
         self._client = client
         client.on_connect(self._publish_birth)

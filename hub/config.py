@@ -33,7 +33,7 @@ from pydantic import (
 
 from bus.config import find_config_file, read_config_text, toml_table
 from bus.errors import ConfigError
-from bus.mqtt import valid_broker_url
+from bus.mqtt import check_topic_name, valid_broker_url
 from bus.topics import DEFAULT_PREFIX, valid_prefix
 
 if sys.version_info >= (3, 11):
@@ -93,7 +93,8 @@ class HubConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     broker: BrokerUrlText = Field(
-        default="mqtt://127.0.0.1:1883", description="Broker URL, mqtt://[user:pass@]host:port or mqtts://..."
+        default="mqtt://127.0.0.1:1883",
+        description="Broker URL, mqtt://[user:pass@]host:port or mqtts://..., or a list",
     )
     prefix: Prefix = Field(default=DEFAULT_PREFIX, description="Topic prefix shared by the whole fleet.")
     db: Path = Field(default=Path("fleet-hub.json"), description="The hub's TinyDB file.")
@@ -140,6 +141,14 @@ class HubConfig(BaseModel):
             raise ValueError(
                 f"refusing to serve HTTP on non-loopback {self.http} without a token (pass --http-token)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _prefix_carried_by_broker(self) -> HubConfig:
+        try:
+            check_topic_name(self.broker, "prefix", self.prefix)
+        except ConfigError as exc:
+            raise ValueError(exc.reason) from exc
         return self
 
     @property

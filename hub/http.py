@@ -149,7 +149,9 @@ class Health(BaseModel):
     """``GET /api/health``."""
 
     ok: bool
-    broker: str = Field(description='"connected" or "disconnected".')
+    broker: str = Field(
+        description='"connected", "disconnected", or "degraded" (connected, a subscription not granted).'
+    )
 
 
 class _Refused(Exception):
@@ -422,13 +424,16 @@ def make_app(service: HubApi, token: str | None, *, max_body_bytes: int = MAX_BO
         "/api/health",
         tags=["fleet"],
         summary="Health (no token needed)",
-        responses={503: {"model": Health, "description": "No broker connection."}},
+        responses={503: {"model": Health, "description": "No broker connection, or a subscription missing."}},
     )
     async def health() -> JSONResponse:
         """Liveness of the hub and its broker connection; reveals nothing about the fleet."""
         connected = service.is_connected
-        body = Health(ok=connected, broker="connected" if connected else "disconnected")
-        return JSONResponse(body.model_dump(), status_code=200 if connected else 503)
+        # Connected, but a subscription not granted (a cluster refusing it): deaf to part of the fleet.
+        degraded = connected and bool(getattr(service, "missing_subscriptions", ()))
+        state = "degraded" if degraded else "connected" if connected else "disconnected"
+        ok = connected and not degraded
+        return JSONResponse(Health(ok=ok, broker=state).model_dump(), status_code=200 if ok else 503)
 
     @app.get(
         "/metrics",

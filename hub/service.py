@@ -197,6 +197,11 @@ class HubService:
         return self._client is not None and self._client.is_connected
 
     @property
+    def missing_subscriptions(self) -> tuple[str, ...]:
+        """Subscriptions the broker has not granted: the hub is degraded (deaf) while any is missing."""
+        return () if self._client is None else self._client.missing_subscriptions
+
+    @property
     def client(self) -> MqttClient | None:
         """The hub's MQTT client (for the HTTP bridge's health)."""
         return self._client

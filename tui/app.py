@@ -15,7 +15,7 @@ from textual.screen import Screen
 
 from bus.errors import ConfigError, FleetError
 from bus.messages import Reply, RequestOp
-from bus.mqtt import parse_broker_url
+from bus.mqtt import redacted_urls
 from tui.config import TuiConfig
 from tui.context import Clock, Context
 from tui.feed import Feed, pump
@@ -48,7 +48,7 @@ _DONE_WORDS = {
 def _redacted(url: str) -> str:
     """The broker URL without its password (never on screen)."""
     try:
-        return parse_broker_url(url).redacted()
+        return redacted_urls(url)
     except ConfigError:
         return "the broker"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import getpass
 import ipaddress
 import shutil
 import socket
@@ -156,7 +157,7 @@ async def test_subscribe_returns_once_the_broker_routes(broker: RunningBroker, t
             await subscriber.unsubscribe(topic)
 
 
-async def test_refused_subscription_raises(tmp_path: Path, topics: Topics) -> None:
+async def test_refused_subscription_raises_and_is_retried(tmp_path: Path, topics: Topics) -> None:
     config = load_config(None, "127.0.0.1", free_port())
     config["plugins"] = {
         "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True},
@@ -170,7 +171,17 @@ async def test_refused_subscription_raises(tmp_path: Path, topics: Topics) -> No
             with pytest.raises(BusError, match="refused subscription to prohibited"):
                 await client.subscribe("prohibited", qos=1)
             await client.subscribe(topics.events, qos=1)  # the connection is still fine
-            assert "prohibited" not in client._subscriptions  # and it is not renewed on reconnect
+            # Never dropped for good: missing, and asked again with backoff (a cluster may grant it later).
+            assert client.missing_subscriptions == ("prohibited",)
+            deadline = asyncio.get_running_loop().time() + 10
+            while client._refusals.get("prohibited", 0) < 2:
+                assert asyncio.get_running_loop().time() < deadline, (
+                    "the refused subscription was not retried"
+                )
+                await asyncio.sleep(0.05)
+            await client.unsubscribe("prohibited")  # forgotten on request only
+            assert list(client.missing_subscriptions) == []
+            assert not client._retries
     finally:
         thread.stop()
 
@@ -543,3 +554,139 @@ async def test_tls_with_a_wrong_ca_is_refused(mosquitto_tls: tuple[int, Path, Pa
 def test_unreadable_ca_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot load CA file"):
         MqttClient(f"mqtts://127.0.0.1:8883?ca={tmp_path / 'missing.pem'}")
+
+
+# ----------------------------------------------------------------- several broker URLs (a cluster)
+
+
+async def test_a_dead_url_in_the_list_is_skipped(broker: RunningBroker, topics: Topics) -> None:
+    dead = free_port()
+    url = f"mqtt://127.0.0.1:{dead},{broker.url}"
+    async with MqttClient(url, connect_timeout=15) as client, MqttClient(broker.url) as publisher:
+        assert client.url.port == broker.port
+        await client.subscribe(topics.events, qos=1)
+        await publisher.publish(topics.events, b"through the live one", qos=1)
+        assert (await next_message(client)).payload == b"through the live one"
+
+
+async def test_every_url_refusing_the_credentials_fails_fast(tmp_path: Path) -> None:
+    """Both brokers refuse the password: the first connect ends at once, naming both."""
+    from broker_config.generate import write_broker_config
+
+    procs = []
+    urls = []
+    try:
+        for name in ("a", "b"):
+            port = free_port()
+            generated = write_broker_config(
+                tmp_path / name, ("n1",), port=port, prefix="fleet/v1", broker_user=getpass.getuser()
+            )
+            procs.append(_start_generated_mosquitto(generated.directory, port))
+            urls.append(f"mqtt://hub:wrong@127.0.0.1:{port}")
+        started = time.monotonic()
+        with pytest.raises(
+            BusError, match=r"refused the connection.*; mqtt://hub:\*\*\*@127.0.0.1:\d+ refused"
+        ):
+            async with MqttClient(",".join(urls), connect_timeout=20):
+                pass
+        assert time.monotonic() - started < 10
+    finally:
+        _stop_all(procs)
+
+
+async def test_each_url_brings_its_own_credentials_and_the_client_moves_on(
+    tmp_path: Path, topics: Topics
+) -> None:
+    """Two mosquittos with different passwords: when the first dies the client logs in to the second."""
+    from broker_config.generate import write_broker_config
+
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        generated = []
+        for name in ("a", "b"):
+            port = free_port()
+            config = write_broker_config(
+                tmp_path / name, ("n1",), port=port, prefix=topics.prefix, broker_user=getpass.getuser()
+            )
+            procs.append(_start_generated_mosquitto(config.directory, port))
+            generated.append(config)
+        first, second = (config.url("hub") for config in generated)
+        assert first.split("@")[0] != second.split("@")[0]  # the passwords differ
+        births: list[int] = []
+        client = MqttClient(f"{first},{second}", backoff=(0.05, 1.0))
+        client.on_connect(lambda: _note(births, client.url.port))
+        await client.subscribe(topics.events, qos=1)
+        await client.start()
+        try:
+            await wait_until(lambda: len(births) == 1, 10, "the first birth")
+            assert births == [generated[0].settings.port]
+            _stop_all(procs[:1])
+            await wait_until(lambda: len(births) == 2, 20, "a birth at the second server")
+            assert births[1] == generated[1].settings.port
+            assert client.missing_subscriptions == ()
+            async with MqttClient(second) as publisher:
+                await publisher.publish(topics.events, b"after the failover", qos=1)
+            assert (await next_message(client)).payload == b"after the failover"
+        finally:
+            await client.close()
+    finally:
+        _stop_all(procs)
+
+
+async def test_on_connect_hooks_wait_until_every_subscription_is_granted(topics: Topics) -> None:
+    """The birth is withheld while a subscription is refused, and sent once it is granted (here: dropped)."""
+    config = load_config(None, "127.0.0.1", free_port())
+    config["plugins"] = {
+        "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True},
+        "amqtt.plugins.topic_checking.TopicTabooPlugin": {},
+    }
+    thread = BrokerThread(config)
+    thread.start()
+    try:
+        url = f"mqtt://{config['listeners']['default']['bind']}"
+        births: list[int] = []
+        client = MqttClient(url)
+        client.on_connect(lambda: _note(births, 1))
+        await client.subscribe(topics.events, qos=1)
+        await client.subscribe("prohibited", qos=1)
+        await client.start(wait=False)
+        try:
+            await client.wait_connected(10)
+            await wait_until(lambda: client._refusals.get("prohibited", 0) >= 2, 10, "a retried refusal")
+            assert births == []  # not announced while deaf to part of what it asked for
+            assert client.missing_subscriptions == ("prohibited",)
+            await client.unsubscribe("prohibited")
+            await wait_until(lambda: births == [1], 5, "the birth")
+        finally:
+            await client.close()
+    finally:
+        thread.stop()
+
+
+async def _note(births: list[int], value: int) -> None:
+    births.append(value)
+
+
+def _start_generated_mosquitto(directory: Path, port: int) -> subprocess.Popen[bytes]:
+    binary = mosquitto_binary()
+    if binary is None:
+        pytest.skip("mosquitto not installed: apt-get install -y mosquitto")
+    with (directory / "mosquitto.log").open("ab") as log:
+        proc = subprocess.Popen([binary, "-c", str(directory / "mosquitto.conf")], stdout=log, stderr=log)
+    try:
+        wait_port(port)
+    except TimeoutError:
+        proc.kill()
+        raise
+    return proc
+
+
+def _stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)

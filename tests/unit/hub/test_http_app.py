@@ -132,6 +132,14 @@ async def test_health_docs_and_openapi_are_open(client: httpx.AsyncClient, hub: 
     assert hub.calls == []
 
 
+async def test_health_degraded_while_a_subscription_missing(client: httpx.AsyncClient, hub: FakeHub) -> None:
+    hub.missing_subscriptions = ("fleet/v1/node/+/status",)  # type: ignore[attr-defined]
+    response = await client.get("/api/health")
+    assert (response.status_code, response.json()) == (503, {"ok": False, "broker": "degraded"})
+    hub.missing_subscriptions = ()  # type: ignore[attr-defined]
+    assert (await client.get("/api/health")).status_code == 200
+
+
 async def test_without_a_token_nothing_is_asked(hub: FakeHub) -> None:
     transport = httpx.ASGITransport(app=make_app(hub, None))
     async with httpx.AsyncClient(transport=transport, base_url="http://hub") as http:

@@ -40,7 +40,7 @@ from urllib.parse import quote
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from bus.errors import ConfigError, InvalidInput
-from bus.messages import MAX_PAYLOAD_BYTES
+from bus.messages import MAX_PACKET_BYTES
 from bus.topics import DEFAULT_PREFIX, NODE_CHANNELS, Topics, check_node_id, valid_prefix
 
 __all__ = [
@@ -88,9 +88,8 @@ MAX_QUEUED_MESSAGES = 100_000
 #: QoS 1 messages in flight from the broker to one client (mosquitto's default is 20):
 #: enough to keep the hub's connection busy over a LAN; matches bus.mqtt's window.
 MAX_INFLIGHT_MESSAGES = 1000
-#: Largest MQTT packet the broker accepts: every fleetbus process refuses payloads
-#: over MAX_PAYLOAD_BYTES unread; the broker drops anything far beyond that earlier.
-MAX_PACKET_SIZE = 4 * MAX_PAYLOAD_BYTES
+#: Largest MQTT packet the broker accepts (the same bound as the embedded broker's).
+MAX_PACKET_SIZE = MAX_PACKET_BYTES
 #: Seconds between persistence saves (mosquitto also saves on a clean shutdown).
 AUTOSAVE_INTERVAL_S = 10
 
@@ -322,7 +321,13 @@ def mosquitto_conf_text(settings: BrokerSettings, broker_dir: PurePosixPath) -> 
     ]
     if settings.broker_user is not None:
         lines.append(f"user {settings.broker_user}")
-    lines += ["", f"listener {settings.port} {_listen_address(settings)}"]
+    lines += [
+        "",
+        f"listener {settings.port} {_listen_address(settings)}",
+        "# Each client's id is its user name: no credential can take over another client's",
+        "# connection (a node's password connecting as the hub or as another node).",
+        "use_username_as_clientid true",
+    ]
     if settings.tls:
         lines += [
             f"cafile {broker_dir / 'tls' / 'ca.pem'}",

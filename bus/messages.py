@@ -29,6 +29,7 @@ from bus.errors import InvalidInput
 from bus.topics import NODE_ID_PATTERN
 
 __all__ = [
+    "MAX_PACKET_BYTES",
     "MAX_PAYLOAD_BYTES",
     "PLAN_PREFIX",
     "AdaptivePace",
@@ -74,6 +75,11 @@ PLAN_PREFIX = "plan-"
 
 #: Largest payload any fleetbus process parses; larger ones are refused unread.
 MAX_PAYLOAD_BYTES = 256 * 1024
+#: Largest MQTT packet both brokers accept (embedded: bus.broker; mosquitto: max_packet_size).
+#: Every process refuses payloads over MAX_PAYLOAD_BYTES unread, so the broker drops anything
+#: far beyond that before it is read into memory; the margin keeps a broker from ever
+#: disconnecting the hub for a message a reader would only have refused.
+MAX_PACKET_BYTES = 4 * MAX_PAYLOAD_BYTES
 
 NodeId = Annotated[str, StringConstraints(pattern=f"^{NODE_ID_PATTERN}$")]
 #: A local name (downloaded file, script, service, unit): no path separators, no dot-dot.

@@ -41,6 +41,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from bus.errors import BusError, ConfigError
+from bus.topics import own_client_id
 
 __all__ = ["BrokerUrl", "Message", "MqttClient", "Will", "parse_broker_url"]
 
@@ -204,7 +205,8 @@ class MqttClient:
 
     Args:
         url: broker URL (``mqtt://`` or ``mqtts://``), or a parsed ``BrokerUrl``.
-        client_id: MQTT client id; a random one by default.
+        client_id: MQTT client id; a random one by default. With a user in the URL it
+            is prefixed ``user~`` unless it already is the user's (bus.topics).
         will: called before every connect attempt to build the last will.
         keepalive: MQTT keepalive in seconds.
         clean_session: MQTT 3.1.1 clean-session flag.
@@ -228,7 +230,8 @@ class MqttClient:
         backoff: tuple[float, float] = (0.1, 10.0),
     ) -> None:
         self.url = url if isinstance(url, BrokerUrl) else parse_broker_url(url)
-        self.client_id = client_id or f"fleet-{uuid.uuid4().hex[:12]}"
+        # A broker with users binds client ids to them (bus.topics.is_own_client_id).
+        self.client_id = own_client_id(self.url.username, client_id or f"fleet-{uuid.uuid4().hex[:12]}")
         self._will = will
         self._keepalive = keepalive
         self._connect_timeout = connect_timeout

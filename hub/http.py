@@ -108,8 +108,8 @@ class HubApi(Protocol):
     async def request(self, op: str, body: dict[str, Any]) -> Any:
         """Carry out one request op (the MQTT request path)."""
 
-    def metrics_text(self) -> bytes:
-        """The Prometheus exposition of the hub's metrics."""
+    async def metrics_text(self) -> bytes:
+        """The Prometheus exposition of the hub's metrics (built off the event loop)."""
 
 
 # ---------------------------------------------------------------------- documented bodies
@@ -440,7 +440,7 @@ def make_app(service: HubApi, token: str | None, *, max_body_bytes: int = MAX_BO
     )
     async def metrics() -> Response:
         """The hub's metrics in the Prometheus text format."""
-        return Response(service.metrics_text(), media_type=CONTENT_TYPE_LATEST)
+        return Response(await service.metrics_text(), media_type=CONTENT_TYPE_LATEST)
 
     default_openapi = app.openapi
 

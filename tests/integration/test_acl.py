@@ -302,7 +302,7 @@ async def connect_and_vanish(port: int, user: str, password: str, will_topic: st
     """CONNECT with a will, then drop the TCP connection without DISCONNECT; the CONNACK code."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        writer.write(connect_packet(f"raw-{uuid.uuid4().hex[:8]}", user, password, will_topic, will))
+        writer.write(connect_packet(f"{user}~raw-{uuid.uuid4().hex[:8]}", user, password, will_topic, will))
         await writer.drain()
         try:
             connack = await asyncio.wait_for(reader.readexactly(4), DEADLINE_S)
@@ -376,3 +376,64 @@ async def test_refused_client_cannot_disturb_a_session_by_reusing_its_client_id(
         # (a shorter wait: on amqtt this is the expected failure, on loopback 5 s is plenty)
         seen = await collect(hub, lambda m: m.payload == request_mark, timeout=5.0)
     assert seen[-1].topic == t.hub_request
+
+
+# ---------------------------------------------------------------- client ids belong to users (issue 16)
+
+
+def plain_connect_packet(client_id: str, user: str, password: str, clean: bool = True) -> bytes:
+    """An MQTT 3.1.1 CONNECT without a will."""
+    flags = 0x80 | 0x40 | (0x02 if clean else 0)
+    body = _mqtt_string(b"MQTT") + bytes([4, flags]) + (30).to_bytes(2, "big")
+    body += b"".join(_mqtt_string(p.encode()) for p in (client_id, user, password))
+    assert len(body) < 128
+    return bytes([0x10, len(body)]) + body
+
+
+async def connect_raw(port: int, client_id: str, user: str, password: str, clean: bool = True) -> int | None:
+    """CONNECT with another client's id, hold the connection a moment, leave; the CONNACK code."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(plain_connect_packet(client_id, user, password, clean))
+        await writer.drain()
+        try:
+            connack = await asyncio.wait_for(reader.readexactly(4), DEADLINE_S)
+        except asyncio.IncompleteReadError:
+            return None
+        if connack[3] == 0:
+            await asyncio.sleep(0.5)  # the half second that rolled back a rollout
+        return connack[3]
+    finally:
+        writer.transport.abort()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def test_a_node_cannot_take_over_or_squat_another_clients_id(fleet: Fleet) -> None:
+    """n1's password connecting as n2's agent or as the hub: refused (embedded broker) or
+    renamed to n1 (mosquitto's use_username_as_clientid); either way the real clients stay."""
+    t = fleet.topics
+    n1_password = password_of(fleet.url("n1"))
+    async with (
+        connected(fleet.url("hub"), client_id="fleet-hub") as hub,
+        connected(fleet.url("n2"), client_id="agent-n2") as n2,
+    ):
+        assert (hub.client_id, n2.client_id) == ("hub~fleet-hub", "n2~agent-n2")
+        await synced(hub, f"{t.prefix}/#", t.events)
+        stolen = [hub.client_id, n2.client_id, "hub", "n2", "agent-n2", "fleet-hub"]
+        codes = [await connect_raw(fleet.port, cid, "n1", n1_password) for cid in stolen]
+        # A persistent session under the hub's id while the hub is away must not lock it out.
+        squat = await connect_raw(fleet.port, "hub~fleet-hub-2", "n1", n1_password, clean=False)
+        mark = marker()
+        await n2.publish(t.node("n2", "heartbeat"), mark, qos=1)
+        await collect(hub, lambda m: m.payload == mark)
+        assert hub.is_connected
+        assert n2.is_connected
+        assert (hub.stats.reconnects, n2.stats.reconnects) == (0, 0), "a real client was disconnected"
+    async with connected(fleet.url("hub"), client_id="fleet-hub-2") as hub2:
+        await synced(hub2, t.events, t.events)
+    if fleet.kind == "amqtt":
+        assert codes == [5] * len(stolen)  # not authorized: the id is not n1's
+        assert squat == 5
+    else:
+        assert codes == [0] * len(stolen)  # accepted, but as client "n1": nobody else is touched

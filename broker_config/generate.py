@@ -29,7 +29,6 @@ import hmac
 import ipaddress
 import json
 import logging
-import os
 import re
 import secrets
 from collections.abc import Iterable, Mapping
@@ -40,6 +39,7 @@ from urllib.parse import quote
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from bus.errors import ConfigError, InvalidInput
+from bus.files import fsync_dir, write_atomic
 from bus.messages import MAX_PACKET_BYTES
 from bus.topics import DEFAULT_PREFIX, NODE_CHANNELS, Topics, check_node_id, valid_prefix
 
@@ -405,33 +405,6 @@ def credential_url(client: str, password: str, settings: BrokerSettings, ca_path
 # --------------------------------------------------------------------- writing
 
 
-def _write_atomic(path: Path, data: str | bytes, mode: int) -> None:
-    """Temp file, fsync, rename: a crash never leaves a torn or half-private file."""
-    raw = data.encode("utf-8") if isinstance(data, str) else data
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.fchmod(fd, mode)  # the umask must not widen or narrow it
-        view = memoryview(raw)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _make_dir(path: Path, mode: int) -> None:
     path.mkdir(parents=True, exist_ok=True)
     path.chmod(mode)
@@ -531,7 +504,7 @@ def _write(out: Path, settings: BrokerSettings, *, keep_existing: bool) -> Gener
     if settings.tls:
         tls_dir = out / "tls"
         _make_dir(tls_dir, 0o755)
-        tls_files.ensure_tls(tls_dir, settings.host, reuse=keep_existing, write=_write_atomic)
+        tls_files.ensure_tls(tls_dir, settings.host, reuse=keep_existing, write=write_atomic)
         ca_path = str(seen / "tls" / "ca.pem")
 
     hashes: dict[str, str] = {}
@@ -548,18 +521,17 @@ def _write(out: Path, settings: BrokerSettings, *, keep_existing: bool) -> Gener
             continue
         password = new_password()
         hashes[client] = hash_password(password)
-        _write_atomic(path, credential_url(client, password, settings, ca_path) + "\n", 0o600)
+        write_atomic(path, credential_url(client, password, settings, ca_path) + "\n", 0o600)
         created.append(client)
     if not keep_existing:
         for stale in credentials_dir.glob("*.url"):
             if stale.stem not in credentials:
                 stale.unlink()
 
-    _write_atomic(out / "passwords", password_file_text(hashes), 0o600)
-    _write_atomic(out / "acl", acl_text(settings.prefix), 0o644)
-    _write_atomic(out / "mosquitto.conf", mosquitto_conf_text(settings, seen), 0o644)
-    _write_atomic(out / "amqtt.yaml", amqtt_yaml_text(settings, seen), 0o644)
-    _write_atomic(out / SETTINGS_FILE, settings.model_dump_json(indent=2) + "\n", 0o644)
-    for directory in (credentials_dir, out):
-        _fsync_dir(directory)
+    write_atomic(out / "passwords", password_file_text(hashes), 0o600)
+    write_atomic(out / "acl", acl_text(settings.prefix), 0o644)
+    write_atomic(out / "mosquitto.conf", mosquitto_conf_text(settings, seen), 0o644)
+    write_atomic(out / "amqtt.yaml", amqtt_yaml_text(settings, seen), 0o644)
+    write_atomic(out / SETTINGS_FILE, settings.model_dump_json(indent=2) + "\n", 0o644)
+    fsync_dir(credentials_dir)  # the stale credentials removed above
     return GeneratedConfig(out, settings, credentials, tuple(created))

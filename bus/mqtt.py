@@ -25,6 +25,7 @@ import collections
 import contextlib
 import logging
 import random
+import re
 import socket
 import ssl
 import uuid
@@ -43,7 +44,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from bus.errors import BusError, ConfigError
 from bus.topics import own_client_id
 
-__all__ = ["BrokerUrl", "Message", "MqttClient", "Will", "parse_broker_url"]
+__all__ = ["BrokerUrl", "Message", "MqttClient", "Will", "parse_broker_url", "redact_url_text"]
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -68,6 +69,17 @@ class BrokerUrl:
         return f"{scheme}://{user}{self.host}:{self.port}"
 
 
+_USERINFO = re.compile(r"(?P<head>^|[\s'\"(]|://)(?P<user>[^\s:/@'\"]*):[^\s/@'\"]*@")
+
+
+def redact_url_text(text: str) -> str:
+    """``text`` with the password of any ``user:password@`` in it shown as ``***``.
+
+    For URLs too broken to parse (they still carry the password).
+    """
+    return _USERINFO.sub(lambda m: f"{m['head']}{m['user']}:***@", text)
+
+
 def valid_broker_url(value: str) -> str:
     """Return ``value`` if it is a broker URL; ValueError with the reason (for pydantic)."""
     try:
@@ -83,15 +95,16 @@ def parse_broker_url(url: str, ca_file: str | None = None) -> BrokerUrl:
     ``mqtts://host:port?ca=/path/ca.pem`` names the CA that signs the server
     certificate; without it the system's trust store is used.
     """
+    shown = redact_url_text(url)  # an error message never carries the password
     try:
         parts = urlsplit(url.strip())
         port = parts.port
     except ValueError as exc:
-        raise ConfigError(f"invalid broker URL {url!r}: {exc}") from exc
+        raise ConfigError(f"invalid broker URL {shown!r}: {redact_url_text(str(exc))}") from exc
     if parts.scheme not in DEFAULT_PORTS:
-        raise ConfigError(f"invalid broker URL {url!r}: scheme must be mqtt:// or mqtts://")
+        raise ConfigError(f"invalid broker URL {shown!r}: scheme must be mqtt:// or mqtts://")
     if not parts.hostname:
-        raise ConfigError(f"invalid broker URL {url!r}: no host")
+        raise ConfigError(f"invalid broker URL {shown!r}: no host")
     query = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
     return BrokerUrl(
         host=parts.hostname,

@@ -16,6 +16,8 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bus.display import printable
+
 if TYPE_CHECKING:
     from bus.mqtt import Message, MqttClient
     from bus.rpc import HubClient
@@ -102,12 +104,12 @@ def run(args: argparse.Namespace) -> int:
     config = client_config(args)
     nodes, error = asyncio.run(fetch_nodes(config))
     if error is not None:
-        print(f"fleet nodes: {error}", file=sys.stderr)
+        print(f"fleet nodes: {printable(error)}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(nodes, indent=2))
     else:
-        print(render_table(nodes, time.time()))
+        print(printable(render_table(nodes, time.time())))  # node text never drives the terminal
     return 0
 
 

@@ -181,3 +181,30 @@ async def test_a_reset_journal_does_not_run_a_captured_command_again(
     assert (settings.state_dir / "record.log").read_text().splitlines() == ["apply record.sh once"]
     assert settings.replay_floor_path.stat().st_mode & 0o777 == 0o600
     assert NODE in cmd_topic(topics)
+
+
+async def test_the_download_preflight_applies_the_host_policy_to_redirects(
+    tmp_path: Path, key: Ed25519PrivateKey, web: Web
+) -> None:
+    """The dry run said "looks good" for a URL that redirects to a forbidden host; the real
+    download then failed. Both refuse now, naming the redirect."""
+    from edge_agent.preflight import run_preflight
+
+    body = b"payload"
+    web.add("/file", body)
+    web.redirects["/moved"] = web.url("/file", host="localhost")
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    settings = make_settings(tmp_path, scripts, key, policy=Policy(download_hosts=["127.0.0.1"]))
+    step = DownloadStep(url=web.url("/moved"), sha256=hashlib.sha256(body).hexdigest(), name="file")
+    checks = await run_preflight([step], settings)
+    assert checks[0].state == "failed", checks
+    assert "redirected to http://localhost" in checks[0].detail
+    assert "policy does not allow" in checks[0].detail
+    assert "/file" not in web.hits  # the forbidden host was never asked
+    direct = DownloadStep(url=web.url("/file"), sha256=hashlib.sha256(body).hexdigest(), name="file")
+    assert (await run_preflight([direct], settings))[0].state == "succeeded"
+    forbidden = DownloadStep(url=web.url("/file", host="localhost"), sha256="0" * 64, name="file")
+    denied = (await run_preflight([forbidden], settings))[0]
+    assert denied.state == "failed"
+    assert "not allowed by this node's policy" in denied.detail

@@ -29,6 +29,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import os
 import re
 import secrets
 from collections.abc import Iterable, Mapping
@@ -45,6 +46,7 @@ from bus.topics import DEFAULT_PREFIX, NODE_CHANNELS, Topics, check_node_id, val
 
 __all__ = [
     "HUB_USER",
+    "MOSQUITTO_DEFAULT_USER",
     "RESERVED_NAMES",
     "SETTINGS_FILE",
     "TUI_USER",
@@ -52,7 +54,9 @@ __all__ = [
     "GeneratedConfig",
     "acl_text",
     "amqtt_yaml_text",
+    "broker_owned",
     "credential_url",
+    "hand_to_broker_user",
     "hash_password",
     "mosquitto_conf_text",
     "new_password",
@@ -408,6 +412,56 @@ def credential_url(client: str, password: str, settings: BrokerSettings, ca_path
 def _make_dir(path: Path, mode: int) -> None:
     path.mkdir(parents=True, exist_ok=True)
     path.chmod(mode)
+
+
+#: The account mosquitto switches to when started as root without a ``user`` option.
+MOSQUITTO_DEFAULT_USER = "mosquitto"
+
+
+def broker_owned(config: GeneratedConfig) -> list[Path]:
+    """What mosquitto must own: the files it reads that are private, and its data dir."""
+    out = config.directory
+    paths = [out / "passwords", out / "data"]
+    if config.settings.tls:
+        paths.append(out / "tls" / "server.key")
+    return paths
+
+
+def hand_to_broker_user(config: GeneratedConfig, user: str = MOSQUITTO_DEFAULT_USER) -> str | None:
+    """Make the broker's private files readable by ``user`` (chown); None when done.
+
+    For a config generated as root without ``--broker-user``: mosquitto started as
+    root drops to ``mosquitto`` before it reads the mode-600 password file, so it
+    would refuse to start. Blocking. Returns what to do by hand when ``user`` does
+    not exist (or the chown is refused).
+    """
+    import pwd
+
+    paths = broker_owned(config)
+    shown = " ".join(str(p) for p in paths)
+    try:
+        account = pwd.getpwnam(user)
+    except KeyError:
+        return (
+            f"mosquitto started as root runs as the user {user!r}, which does not exist here: "
+            f"create it and run `chown {user}: {shown}`, or run this again with --broker-user ACCOUNT"
+        )
+    try:
+        for path in paths:
+            os.chown(path, account.pw_uid, account.pw_gid)
+    except OSError as exc:
+        return f"cannot hand the broker's files to {user!r} ({exc}): run `chown {user}: {shown}`"
+    for parent in (config.directory, *config.directory.parents):
+        info = parent.stat()
+        if info.st_uid == account.pw_uid or info.st_mode & 0o001:
+            continue
+        if info.st_gid == account.pw_gid and info.st_mode & 0o010:
+            continue
+        return (
+            f"{user!r} cannot reach {config.directory}: {parent} is mode {info.st_mode & 0o777:o}; "
+            "write the config where it can (e.g. /etc/fleet/broker) or run `chmod o+x` on that directory"
+        )
+    return None
 
 
 def _read_settings(out: Path) -> BrokerSettings | None:

@@ -7,6 +7,8 @@ client (DESIGN sections 4 and 7); broker_config/generate.py lists every file.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 
 from cli.options import env_default
@@ -53,7 +55,13 @@ def _flag(name: str) -> bool | None:
 
 def run(args: argparse.Namespace) -> int:
     """Write the config and say where the credentials are."""
-    from broker_config.generate import parse_nodes, write_broker_config
+    from broker_config.generate import (
+        MOSQUITTO_DEFAULT_USER,
+        broker_owned,
+        hand_to_broker_user,
+        parse_nodes,
+        write_broker_config,
+    )
 
     nodes = parse_nodes(str(args.nodes))
     result = write_broker_config(
@@ -71,6 +79,10 @@ def run(args: argparse.Namespace) -> int:
     )
     settings = result.settings
     scheme = "mqtts" if settings.tls else "mqtt"
+    todo: str | None = None
+    if settings.broker_user is None and os.geteuid() == 0:
+        # mosquitto started as root drops to its own user before reading the secrets.
+        todo = hand_to_broker_user(result)
     print(f"broker config for {len(settings.nodes)} node(s) in {result.directory}")
     listener = f"{scheme}://{settings.bind or settings.host}:{settings.port}"
     print(f"  listener   {listener}, prefix {settings.prefix}")
@@ -81,4 +93,9 @@ def run(args: argparse.Namespace) -> int:
     if kept:
         print(f"  kept credentials ({len(kept)}): {', '.join(kept)}")
     print(f"  each client's broker URL (secret): {result.directory / 'credentials'}/<client>.url")
+    if settings.broker_user is None and os.geteuid() == 0 and todo is None:
+        print(f"  owner      {MOSQUITTO_DEFAULT_USER} (mosquitto runs as it once started as root): "
+              + ", ".join(str(p.relative_to(result.directory)) for p in broker_owned(result)))
+    if todo is not None:
+        print(f"fleet broker-config: before `mosquitto -c`: {todo}", file=sys.stderr)
     return 0

@@ -437,3 +437,79 @@ async def test_a_node_cannot_take_over_or_squat_another_clients_id(fleet: Fleet)
         assert squat == 5
     else:
         assert codes == [0] * len(stolen)  # accepted, but as client "n1": nobody else is touched
+
+
+# ---------------------------------------------------------------- run as root (issue 16)
+
+
+def test_broker_config_as_root_gives_mosquitto_its_files_and_mosquitto_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`fleet broker-config` as root without --broker-user, then the printed `mosquitto -c`:
+    mosquitto drops to its own user before it reads the mode-600 password file; the files
+    are handed to that user, so it starts and the credentials work."""
+    import os
+    import pwd
+    import shutil
+    import tempfile
+
+    from cli import main as cli_main
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root: what is tested is what happens when broker-config runs as root")
+    try:
+        account = pwd.getpwnam("mosquitto")
+    except KeyError:
+        pytest.skip("no mosquitto user on this machine")
+    binary = mosquitto_binary()
+    if binary is None:
+        pytest.skip("mosquitto not installed: apt-get install -y mosquitto")
+    base = Path(tempfile.mkdtemp(prefix="fleet-root-", dir="/tmp"))  # pytest's own tmp is mode 700
+    try:
+        base.chmod(0o755)
+        out = base / "broker"
+        port = free_port()
+        code = cli_main.main(["broker-config", "--out", str(out), "--nodes", "n1", "--port", str(port)])
+        printed = capsys.readouterr()
+        assert code == 0
+        assert "owner      mosquitto" in printed.out
+        assert "before `mosquitto -c`" not in printed.err
+        assert (out / "passwords").stat().st_uid == account.pw_uid
+        assert (out / "passwords").stat().st_mode & 0o777 == 0o600
+        assert (out / "credentials" / "n1.url").stat().st_uid == 0  # the clients' secrets stay root's
+        config = GeneratedConfig(out, write_broker_config(out, [], add=True).settings,
+                                 {"n1": out / "credentials" / "n1.url"}, ())  # fmt: skip
+        cli_main.main(["broker-config", "--out", str(out), "--nodes", "n1", "--add"])  # again, as an update
+        assert (out / "passwords").stat().st_uid == account.pw_uid
+        with (out / "mosquitto.log").open("ab") as log:
+            proc = subprocess.Popen([binary, "-c", str(out / "mosquitto.conf")], stdout=log, stderr=log)
+        try:
+            wait_port(port)
+
+            async def connect() -> bool:
+                return not await refused(config.url("n1"))
+
+            assert asyncio.run(connect()), (out / "mosquitto.log").read_text()
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_broker_config_as_root_says_what_to_do_when_mosquitto_cannot_reach_the_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import os
+
+    from cli import main as cli_main
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    private.chmod(0o700)
+    assert cli_main.main(["broker-config", "--out", str(private / "b"), "--nodes", "n1"]) == 0
+    err = capsys.readouterr().err
+    assert "before `mosquitto -c`" in err
+    assert "cannot reach" in err or "does not exist" in err

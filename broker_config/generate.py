@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import quote
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bus.errors import ConfigError, InvalidInput
 from bus.files import fsync_dir, write_atomic
@@ -125,6 +125,11 @@ class BrokerSettings(BaseModel):
     broker_user: str | None = Field(
         default=None, description="mosquitto's `user` option: the account it runs as once started"
     )
+    tools: tuple[str, ...] = Field(
+        default=(),
+        description="more users with the TUI's rights: on mosquitto each client's id is its user "
+        "name, so tools running at once need one each",
+    )
 
     @field_validator("nodes")
     @classmethod
@@ -134,6 +139,22 @@ class BrokerSettings(BaseModel):
         if len(set(value)) != len(value):
             raise ValueError("node ids must be unique")
         return value
+
+    @field_validator("tools")
+    @classmethod
+    def _valid_tools(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for tool in value:
+            _check_node_name(tool)
+        if len(set(value)) != len(value):
+            raise ValueError("tool names must be unique")
+        return value
+
+    @model_validator(mode="after")
+    def _tools_are_not_nodes(self) -> BrokerSettings:
+        both = sorted(set(self.tools) & set(self.nodes))
+        if both:
+            raise ValueError(f"{', '.join(both)}: a name is a node or a tool, not both")
+        return self
 
     @field_validator("host", "bind")
     @classmethod
@@ -163,8 +184,8 @@ class BrokerSettings(BaseModel):
 
     @property
     def clients(self) -> tuple[str, ...]:
-        """Every broker user: the hub, the TUI, then the nodes."""
-        return (HUB_USER, TUI_USER, *self.nodes)
+        """Every broker user: the hub, the TUI, the other tools, then the nodes."""
+        return (HUB_USER, TUI_USER, *self.tools, *self.nodes)
 
 
 @dataclass(frozen=True)
@@ -273,8 +294,11 @@ def password_file_text(hashes: Mapping[str, str]) -> str:
     return "".join(f"{user}:{encoded}\n" for user, encoded in hashes.items())
 
 
-def acl_text(prefix: str = DEFAULT_PREFIX) -> str:
-    """The mosquitto ACL of DESIGN section 7 (also read by the embedded broker)."""
+def acl_text(prefix: str = DEFAULT_PREFIX, tools: Iterable[str] = ()) -> str:
+    """The mosquitto ACL of DESIGN section 7 (also read by the embedded broker).
+
+    ``tools`` are more users with the TUI's rights.
+    """
     Topics(prefix)  # validates
     lines = [
         "# fleetbus broker ACL (mosquitto acl_file; the embedded broker reads it too).",
@@ -298,10 +322,9 @@ def acl_text(prefix: str = DEFAULT_PREFIX) -> str:
         f"topic write {prefix}/events",
         "",
         "# The TUI and other tools: read everything, send requests to the hub.",
-        f"user {TUI_USER}",
-        f"topic read {prefix}/#",
-        f"topic write {prefix}/hub/request",
     ]
+    for user in (TUI_USER, *tools):
+        lines += [f"user {user}", f"topic read {prefix}/#", f"topic write {prefix}/hub/request"]
     return "\n".join(lines) + "\n"
 
 
@@ -474,7 +497,9 @@ def _read_settings(out: Path) -> BrokerSettings | None:
         raise ConfigError(f"cannot read {path}: {exc}") from exc
 
 
-def _merge(existing: BrokerSettings, requested: Mapping[str, object], nodes: Iterable[str]) -> BrokerSettings:
+def _merge(
+    existing: BrokerSettings, requested: Mapping[str, object], nodes: Iterable[str], tools: Iterable[str] = ()
+) -> BrokerSettings:
     for name, value in requested.items():
         if value is not None and getattr(existing, name) != value:
             shown = getattr(existing, name)
@@ -484,7 +509,16 @@ def _merge(existing: BrokerSettings, requested: Mapping[str, object], nodes: Ite
             )
     merged = list(existing.nodes)
     merged += [node for node in nodes if node not in merged]
-    return existing.model_copy(update={"nodes": tuple(merged)})
+    kept = list(existing.tools)
+    kept += [tool for tool in tools if tool not in kept]
+    try:
+        return BrokerSettings.model_validate(
+            {**existing.model_dump(), "nodes": tuple(merged), "tools": tuple(kept)}
+        )
+    except ValidationError as exc:
+        from bus.messages import describe
+
+        raise InvalidInput(f"invalid broker config: {describe(exc)}") from exc
 
 
 def write_broker_config(
@@ -498,6 +532,7 @@ def write_broker_config(
     prefix: str | None = None,
     broker_dir: str | None = None,
     broker_user: str | None = None,
+    tools: Iterable[str] = (),
     add: bool = False,
     force: bool = False,
 ) -> GeneratedConfig:
@@ -517,8 +552,9 @@ def write_broker_config(
     """
     out = out.absolute()
     node_list = tuple(nodes)
-    for node in node_list:
-        _check_node_name(node)
+    tool_list = tuple(dict.fromkeys(tools))
+    for name in (*node_list, *tool_list):
+        _check_node_name(name)
     requested: dict[str, object] = {
         "host": host, "port": port, "bind": bind, "tls": tls, "prefix": prefix,
         "broker_dir": broker_dir, "broker_user": broker_user,
@@ -527,7 +563,7 @@ def write_broker_config(
     if add:
         if existing is None:
             raise InvalidInput(f"{out} holds no broker config to add to (run without --add first)")
-        settings = _merge(existing, requested, node_list)
+        settings = _merge(existing, requested, node_list, tool_list)
     else:
         if not force and (existing is not None or (out / "passwords").exists()):
             raise InvalidInput(
@@ -537,7 +573,7 @@ def write_broker_config(
         values = {k: v for k, v in requested.items() if v is not None}
         values.setdefault("port", 8883 if tls else 1883)
         try:
-            settings = BrokerSettings(nodes=tuple(dict.fromkeys(node_list)), **values)
+            settings = BrokerSettings(nodes=tuple(dict.fromkeys(node_list)), tools=tool_list, **values)
         except ValidationError as exc:
             from bus.messages import describe
 
@@ -583,7 +619,7 @@ def _write(out: Path, settings: BrokerSettings, *, keep_existing: bool) -> Gener
                 stale.unlink()
 
     write_atomic(out / "passwords", password_file_text(hashes), 0o600)
-    write_atomic(out / "acl", acl_text(settings.prefix), 0o644)
+    write_atomic(out / "acl", acl_text(settings.prefix, settings.tools), 0o644)
     write_atomic(out / "mosquitto.conf", mosquitto_conf_text(settings, seen), 0o644)
     write_atomic(out / "amqtt.yaml", amqtt_yaml_text(settings, seen), 0o644)
     write_atomic(out / SETTINGS_FILE, settings.model_dump_json(indent=2) + "\n", 0o644)

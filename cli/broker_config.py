@@ -39,6 +39,10 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--broker-user", default=env_default("FLEET_BROKER_USER"),
                         help="account mosquitto runs as after start (its `user` option); it must "
                              "be able to read DIR's secrets (default: mosquitto's own default)")
+    parser.add_argument("--tools", default=env_default("FLEET_TOOLS"),
+                        help="more tool users with the TUI's rights, comma-separated "
+                             "(credentials/<name>.url): on mosquitto, tools running at once need "
+                             "one each (FLEET_TOOLS)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--add", action="store_true",
                       help="add nodes to the config in DIR; existing credentials stay unchanged")
@@ -74,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         prefix=args.prefix,
         broker_dir=args.broker_dir,
         broker_user=args.broker_user,
+        tools=[t.strip() for t in str(args.tools or "").split(",") if t.strip()],
         add=bool(args.add),
         force=bool(args.force),
     )

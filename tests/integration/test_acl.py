@@ -26,7 +26,7 @@ import pytest
 
 from broker_config.generate import GeneratedConfig, write_broker_config
 from bus.broker import BrokerThread, load_config
-from bus.errors import BusError
+from bus.errors import BusError, InvalidInput
 from bus.mqtt import Message, MqttClient
 from bus.topics import Topics
 from tests.conftest import free_port, mosquitto_binary, wait_port
@@ -513,3 +513,29 @@ def test_broker_config_as_root_says_what_to_do_when_mosquitto_cannot_reach_the_f
     err = capsys.readouterr().err
     assert "before `mosquitto -c`" in err
     assert "cannot reach" in err or "does not exist" in err
+
+
+async def test_tools_with_their_own_credentials_run_side_by_side(fleet: Fleet) -> None:
+    """`--tools ops`: a second tool user with the TUI's rights. On mosquitto each client's id is
+    its user name, so the TUI and another tool at once need one credential each."""
+    t = fleet.topics
+    added = write_broker_config(fleet.config.directory, [], tools=["ops"], add=True)
+    fleet.reload()
+    assert added.settings.tools == ("ops",)
+    deadline = asyncio.get_running_loop().time() + DEADLINE_S
+    while await refused(added.url("ops")):
+        assert asyncio.get_running_loop().time() < deadline, "ops still refused after --add"
+        await asyncio.sleep(0.1)
+    async with connected(fleet.url("tui")) as tui, connected(added.url("ops")) as ops:
+        for client in (tui, ops):
+            await synced(client, f"{t.prefix}/#", t.hub_request)
+        for client in (tui, ops):
+            await synced(client, f"{t.prefix}/#", t.hub_request)
+        assert (tui.stats.reconnects, ops.stats.reconnects) == (0, 0)
+        await ops.publish(t.node("n1", "cmd"), b"ops-may-not", qos=1)  # the TUI's rights, no more
+        mark = marker()
+        await ops.publish(t.hub_request, mark, qos=1)
+        seen = await collect(tui, lambda m: m.payload == mark)
+    assert b"ops-may-not" not in [m.payload for m in seen]
+    with pytest.raises(InvalidInput, match="node or a tool"):
+        write_broker_config(fleet.config.directory, ["ops"], add=True)

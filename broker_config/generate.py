@@ -37,14 +37,16 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import quote
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bus.errors import ConfigError, InvalidInput
-from bus.messages import MAX_PAYLOAD_BYTES
+from bus.files import fsync_dir, write_atomic
+from bus.messages import MAX_PACKET_BYTES
 from bus.topics import DEFAULT_PREFIX, NODE_CHANNELS, Topics, check_node_id, valid_prefix
 
 __all__ = [
     "HUB_USER",
+    "MOSQUITTO_DEFAULT_USER",
     "RESERVED_NAMES",
     "SETTINGS_FILE",
     "TUI_USER",
@@ -52,7 +54,9 @@ __all__ = [
     "GeneratedConfig",
     "acl_text",
     "amqtt_yaml_text",
+    "broker_owned",
     "credential_url",
+    "hand_to_broker_user",
     "hash_password",
     "mosquitto_conf_text",
     "new_password",
@@ -88,9 +92,8 @@ MAX_QUEUED_MESSAGES = 100_000
 #: QoS 1 messages in flight from the broker to one client (mosquitto's default is 20):
 #: enough to keep the hub's connection busy over a LAN; matches bus.mqtt's window.
 MAX_INFLIGHT_MESSAGES = 1000
-#: Largest MQTT packet the broker accepts: every fleetbus process refuses payloads
-#: over MAX_PAYLOAD_BYTES unread; the broker drops anything far beyond that earlier.
-MAX_PACKET_SIZE = 4 * MAX_PAYLOAD_BYTES
+#: Largest MQTT packet the broker accepts (the same bound as the embedded broker's).
+MAX_PACKET_SIZE = MAX_PACKET_BYTES
 #: Seconds between persistence saves (mosquitto also saves on a clean shutdown).
 AUTOSAVE_INTERVAL_S = 10
 
@@ -122,6 +125,11 @@ class BrokerSettings(BaseModel):
     broker_user: str | None = Field(
         default=None, description="mosquitto's `user` option: the account it runs as once started"
     )
+    tools: tuple[str, ...] = Field(
+        default=(),
+        description="more users with the TUI's rights: on mosquitto each client's id is its user "
+        "name, so tools running at once need one each",
+    )
 
     @field_validator("nodes")
     @classmethod
@@ -131,6 +139,22 @@ class BrokerSettings(BaseModel):
         if len(set(value)) != len(value):
             raise ValueError("node ids must be unique")
         return value
+
+    @field_validator("tools")
+    @classmethod
+    def _valid_tools(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for tool in value:
+            _check_node_name(tool)
+        if len(set(value)) != len(value):
+            raise ValueError("tool names must be unique")
+        return value
+
+    @model_validator(mode="after")
+    def _tools_are_not_nodes(self) -> BrokerSettings:
+        both = sorted(set(self.tools) & set(self.nodes))
+        if both:
+            raise ValueError(f"{', '.join(both)}: a name is a node or a tool, not both")
+        return self
 
     @field_validator("host", "bind")
     @classmethod
@@ -160,8 +184,8 @@ class BrokerSettings(BaseModel):
 
     @property
     def clients(self) -> tuple[str, ...]:
-        """Every broker user: the hub, the TUI, then the nodes."""
-        return (HUB_USER, TUI_USER, *self.nodes)
+        """Every broker user: the hub, the TUI, the other tools, then the nodes."""
+        return (HUB_USER, TUI_USER, *self.tools, *self.nodes)
 
 
 @dataclass(frozen=True)
@@ -270,8 +294,11 @@ def password_file_text(hashes: Mapping[str, str]) -> str:
     return "".join(f"{user}:{encoded}\n" for user, encoded in hashes.items())
 
 
-def acl_text(prefix: str = DEFAULT_PREFIX) -> str:
-    """The mosquitto ACL of DESIGN section 7 (also read by the embedded broker)."""
+def acl_text(prefix: str = DEFAULT_PREFIX, tools: Iterable[str] = ()) -> str:
+    """The mosquitto ACL of DESIGN section 7 (also read by the embedded broker).
+
+    ``tools`` are more users with the TUI's rights.
+    """
     Topics(prefix)  # validates
     lines = [
         "# fleetbus broker ACL (mosquitto acl_file; the embedded broker reads it too).",
@@ -295,10 +322,9 @@ def acl_text(prefix: str = DEFAULT_PREFIX) -> str:
         f"topic write {prefix}/events",
         "",
         "# The TUI and other tools: read everything, send requests to the hub.",
-        f"user {TUI_USER}",
-        f"topic read {prefix}/#",
-        f"topic write {prefix}/hub/request",
     ]
+    for user in (TUI_USER, *tools):
+        lines += [f"user {user}", f"topic read {prefix}/#", f"topic write {prefix}/hub/request"]
     return "\n".join(lines) + "\n"
 
 
@@ -322,7 +348,13 @@ def mosquitto_conf_text(settings: BrokerSettings, broker_dir: PurePosixPath) -> 
     ]
     if settings.broker_user is not None:
         lines.append(f"user {settings.broker_user}")
-    lines += ["", f"listener {settings.port} {_listen_address(settings)}"]
+    lines += [
+        "",
+        f"listener {settings.port} {_listen_address(settings)}",
+        "# Each client's id is its user name: no credential can take over another client's",
+        "# connection (a node's password connecting as the hub or as another node).",
+        "use_username_as_clientid true",
+    ]
     if settings.tls:
         lines += [
             f"cafile {broker_dir / 'tls' / 'ca.pem'}",
@@ -400,36 +432,59 @@ def credential_url(client: str, password: str, settings: BrokerSettings, ca_path
 # --------------------------------------------------------------------- writing
 
 
-def _write_atomic(path: Path, data: str | bytes, mode: int) -> None:
-    """Temp file, fsync, rename: a crash never leaves a torn or half-private file."""
-    raw = data.encode("utf-8") if isinstance(data, str) else data
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.fchmod(fd, mode)  # the umask must not widen or narrow it
-        view = memoryview(raw)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _make_dir(path: Path, mode: int) -> None:
     path.mkdir(parents=True, exist_ok=True)
     path.chmod(mode)
+
+
+#: The account mosquitto switches to when started as root without a ``user`` option.
+MOSQUITTO_DEFAULT_USER = "mosquitto"
+
+
+def broker_owned(config: GeneratedConfig) -> list[Path]:
+    """What mosquitto must own: the files it reads that are private, and its data dir."""
+    out = config.directory
+    paths = [out / "passwords", out / "data"]
+    if config.settings.tls:
+        paths.append(out / "tls" / "server.key")
+    return paths
+
+
+def hand_to_broker_user(config: GeneratedConfig, user: str = MOSQUITTO_DEFAULT_USER) -> str | None:
+    """Make the broker's private files readable by ``user`` (chown); None when done.
+
+    For a config generated as root without ``--broker-user``: mosquitto started as
+    root drops to ``mosquitto`` before it reads the mode-600 password file, so it
+    would refuse to start. Blocking. Returns what to do by hand when ``user`` does
+    not exist (or the chown is refused).
+    """
+    import pwd
+
+    paths = broker_owned(config)
+    shown = " ".join(str(p) for p in paths)
+    try:
+        account = pwd.getpwnam(user)
+    except KeyError:
+        return (
+            f"mosquitto started as root runs as the user {user!r}, which does not exist here: "
+            f"create it and run `chown {user}: {shown}`, or run this again with --broker-user ACCOUNT"
+        )
+    try:
+        for path in paths:
+            os.chown(path, account.pw_uid, account.pw_gid)
+    except OSError as exc:
+        return f"cannot hand the broker's files to {user!r} ({exc}): run `chown {user}: {shown}`"
+    for parent in (config.directory, *config.directory.parents):
+        info = parent.stat()
+        if info.st_uid == account.pw_uid or info.st_mode & 0o001:
+            continue
+        if info.st_gid == account.pw_gid and info.st_mode & 0o010:
+            continue
+        return (
+            f"{user!r} cannot reach {config.directory}: {parent} is mode {info.st_mode & 0o777:o}; "
+            "write the config where it can (e.g. /etc/fleet/broker) or run `chmod o+x` on that directory"
+        )
+    return None
 
 
 def _read_settings(out: Path) -> BrokerSettings | None:
@@ -442,7 +497,9 @@ def _read_settings(out: Path) -> BrokerSettings | None:
         raise ConfigError(f"cannot read {path}: {exc}") from exc
 
 
-def _merge(existing: BrokerSettings, requested: Mapping[str, object], nodes: Iterable[str]) -> BrokerSettings:
+def _merge(
+    existing: BrokerSettings, requested: Mapping[str, object], nodes: Iterable[str], tools: Iterable[str] = ()
+) -> BrokerSettings:
     for name, value in requested.items():
         if value is not None and getattr(existing, name) != value:
             shown = getattr(existing, name)
@@ -452,7 +509,16 @@ def _merge(existing: BrokerSettings, requested: Mapping[str, object], nodes: Ite
             )
     merged = list(existing.nodes)
     merged += [node for node in nodes if node not in merged]
-    return existing.model_copy(update={"nodes": tuple(merged)})
+    kept = list(existing.tools)
+    kept += [tool for tool in tools if tool not in kept]
+    try:
+        return BrokerSettings.model_validate(
+            {**existing.model_dump(), "nodes": tuple(merged), "tools": tuple(kept)}
+        )
+    except ValidationError as exc:
+        from bus.messages import describe
+
+        raise InvalidInput(f"invalid broker config: {describe(exc)}") from exc
 
 
 def write_broker_config(
@@ -466,6 +532,7 @@ def write_broker_config(
     prefix: str | None = None,
     broker_dir: str | None = None,
     broker_user: str | None = None,
+    tools: Iterable[str] = (),
     add: bool = False,
     force: bool = False,
 ) -> GeneratedConfig:
@@ -485,8 +552,9 @@ def write_broker_config(
     """
     out = out.absolute()
     node_list = tuple(nodes)
-    for node in node_list:
-        _check_node_name(node)
+    tool_list = tuple(dict.fromkeys(tools))
+    for name in (*node_list, *tool_list):
+        _check_node_name(name)
     requested: dict[str, object] = {
         "host": host,
         "port": port,
@@ -500,7 +568,7 @@ def write_broker_config(
     if add:
         if existing is None:
             raise InvalidInput(f"{out} holds no broker config to add to (run without --add first)")
-        settings = _merge(existing, requested, node_list)
+        settings = _merge(existing, requested, node_list, tool_list)
     else:
         if not force and (existing is not None or (out / "passwords").exists()):
             raise InvalidInput(
@@ -510,7 +578,7 @@ def write_broker_config(
         values = {k: v for k, v in requested.items() if v is not None}
         values.setdefault("port", 8883 if tls else 1883)
         try:
-            settings = BrokerSettings(nodes=tuple(dict.fromkeys(node_list)), **values)
+            settings = BrokerSettings(nodes=tuple(dict.fromkeys(node_list)), tools=tool_list, **values)
         except ValidationError as exc:
             from bus.messages import describe
 
@@ -531,7 +599,7 @@ def _write(out: Path, settings: BrokerSettings, *, keep_existing: bool) -> Gener
     if settings.tls:
         tls_dir = out / "tls"
         _make_dir(tls_dir, 0o755)
-        tls_files.ensure_tls(tls_dir, settings.host, reuse=keep_existing, write=_write_atomic)
+        tls_files.ensure_tls(tls_dir, settings.host, reuse=keep_existing, write=write_atomic)
         ca_path = str(seen / "tls" / "ca.pem")
 
     hashes: dict[str, str] = {}
@@ -548,18 +616,17 @@ def _write(out: Path, settings: BrokerSettings, *, keep_existing: bool) -> Gener
             continue
         password = new_password()
         hashes[client] = hash_password(password)
-        _write_atomic(path, credential_url(client, password, settings, ca_path) + "\n", 0o600)
+        write_atomic(path, credential_url(client, password, settings, ca_path) + "\n", 0o600)
         created.append(client)
     if not keep_existing:
         for stale in credentials_dir.glob("*.url"):
             if stale.stem not in credentials:
                 stale.unlink()
 
-    _write_atomic(out / "passwords", password_file_text(hashes), 0o600)
-    _write_atomic(out / "acl", acl_text(settings.prefix), 0o644)
-    _write_atomic(out / "mosquitto.conf", mosquitto_conf_text(settings, seen), 0o644)
-    _write_atomic(out / "amqtt.yaml", amqtt_yaml_text(settings, seen), 0o644)
-    _write_atomic(out / SETTINGS_FILE, settings.model_dump_json(indent=2) + "\n", 0o644)
-    for directory in (credentials_dir, out):
-        _fsync_dir(directory)
+    write_atomic(out / "passwords", password_file_text(hashes), 0o600)
+    write_atomic(out / "acl", acl_text(settings.prefix, settings.tools), 0o644)
+    write_atomic(out / "mosquitto.conf", mosquitto_conf_text(settings, seen), 0o644)
+    write_atomic(out / "amqtt.yaml", amqtt_yaml_text(settings, seen), 0o644)
+    write_atomic(out / SETTINGS_FILE, settings.model_dump_json(indent=2) + "\n", 0o644)
+    fsync_dir(credentials_dir)  # the stale credentials removed above
     return GeneratedConfig(out, settings, credentials, tuple(created))

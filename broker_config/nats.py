@@ -43,10 +43,10 @@ from broker_config.generate import (
     TUI_USER,
     _check_node_name,
     _is_host,
-    _write_atomic,
     new_password,
 )
 from bus.errors import ConfigError, InvalidInput
+from bus.files import write_atomic
 from bus.messages import MAX_PAYLOAD_BYTES
 from bus.mqtt import check_topic_name
 from bus.topics import DEFAULT_PREFIX, valid_prefix
@@ -361,20 +361,20 @@ def write_nats_config(
         if existing is not None and route_path.exists()
         else new_password()
     )
-    _write_atomic(route_path, route_password + "\n", 0o600)
+    write_atomic(route_path, route_password + "\n", 0o600)
     if not settings.anonymous:
-        _write_atomic(directory / "users.conf", nats_users_text(settings, passwords), 0o600)
+        write_atomic(directory / "users.conf", nats_users_text(settings, passwords), 0o600)
     for index in range(1, settings.servers + 1):
         store = directory / "store" / f"{settings.cluster_name}-{index}"
         store.mkdir(parents=True, exist_ok=True, mode=0o700)
         text = nats_server_conf_text(settings, index, directory, route_password)
-        _write_atomic(directory / f"nats-{index}.conf", text, 0o600)
+        write_atomic(directory / f"nats-{index}.conf", text, 0o600)
     credentials: dict[str, Path] = {}
     for client in settings.clients:
         path = credentials_dir / f"{client}.url"
-        _write_atomic(path, nats_urls(settings, client, passwords[client]) + "\n", 0o600)
+        write_atomic(path, nats_urls(settings, client, passwords[client]) + "\n", 0o600)
         credentials[client] = path
-    _write_atomic(settings_path, settings.model_dump_json(indent=2) + "\n", 0o644)
+    write_atomic(settings_path, settings.model_dump_json(indent=2) + "\n", 0o644)
     return NatsConfig(directory, settings, credentials, tuple(created))
 
 

@@ -30,6 +30,15 @@ its internals. Upstream-style notes on each defect (FINDINGS.md has the figures)
    session of the CONNECT's client id before it checks the password. Guard:
    ``_read_connect`` authenticates first (see its docstring).
 
+5. Any client may take any client id: a node's credentials connecting as
+   ``agent-n2`` or as the hub ended the real client's connection, or held the
+   id in a persistent session so the rightful client was refused until the
+   broker restarted. Guard: a client with a user name may only use its own ids
+   (``bus.topics.is_own_client_id``: the name, or ``name~anything``).
+6. No packet size limit: amqtt reads a packet of any announced length into
+   memory (one 100 MB publish took the broker to ~1 GB). Guard: a packet larger
+   than ``bus.messages.MAX_PACKET_BYTES`` ends the connection before its body is read.
+
 The guards are tested in tests/integration/test_embedded_broker.py, together
 with tests that fail once upstream fixes a defect (then drop its guard).
 """
@@ -55,8 +64,17 @@ from amqtt.session import Session
 from amqtt.utils import gen_client_id
 
 from bus.errors import ConfigError
+from bus.messages import MAX_PACKET_BYTES
+from bus.topics import CLIENT_ID_SEPARATOR, is_own_client_id, own_client_id
 
-__all__ = ["KEEPALIVE_GRACE", "BrokerThread", "FleetBroker", "default_config", "load_config"]
+__all__ = [
+    "KEEPALIVE_GRACE",
+    "BrokerThread",
+    "FleetBroker",
+    "PacketTooLarge",
+    "default_config",
+    "load_config",
+]
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -113,8 +131,35 @@ class _KeepaliveHandler(BrokerProtocolHandler):  # type: ignore[misc]
         self._lost_task = asyncio.ensure_future(self.handle_connection_closed())
 
 
+class PacketTooLarge(AMQTTError):  # type: ignore[misc]
+    """A client announced a packet larger than the broker accepts (defect 6)."""
+
+
+class _BoundedReader:
+    """An asyncio StreamReader whose exact reads are bounded: amqtt reads a packet's body in one.
+
+    A larger read raises PacketTooLarge before any of it is buffered; amqtt's
+    reader loop then ends the connection (as lost: a will is published).
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, limit: int) -> None:
+        self._reader = reader
+        self._limit = limit
+
+    async def readexactly(self, n: int) -> bytes:
+        if n > self._limit:
+            raise PacketTooLarge(f"packet of {n} bytes exceeds the broker's {self._limit}-byte limit")
+        return await self._reader.readexactly(n)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reader, name)
+
+
 class FleetBroker(Broker):  # type: ignore[misc]
     """amqtt's Broker with the retained-message leak, the connect race and keepalive guarded."""
+
+    #: Largest packet accepted (defect 6); a test may lower it.
+    max_packet_bytes: int = MAX_PACKET_BYTES
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -155,7 +200,8 @@ class FleetBroker(Broker):  # type: ignore[misc]
         """Serve one TCP connection; whatever happens, its socket is closed at the end."""
         self._streams.add(writer)
         try:
-            await super().stream_connected(reader, writer, listener_name)
+            bounded: Any = _BoundedReader(reader, self.max_packet_bytes)
+            await super().stream_connected(bounded, writer, listener_name)
         finally:
             self._streams.discard(writer)
             if not writer.is_closing():
@@ -186,6 +232,21 @@ class FleetBroker(Broker):  # type: ignore[misc]
             await writer.close()
             raise
         authorized = await self._authenticate(session, None)
+        if (
+            authorized
+            and session.username
+            and session.client_id
+            and not is_own_client_id(session.username, session.client_id)
+        ):
+            # Defect 5: ids are bound to users, so no credential takes over or squats another's.
+            _LOGGER.warning(
+                "refusing %s: client id %r is not its own (expected %r or %r)",
+                session.username,
+                session.client_id[:200],
+                session.username,
+                f"{session.username}{CLIENT_ID_SEPARATOR}...",
+            )
+            authorized = False
         held = self._sessions.get(session.client_id) if session.client_id else None
         if authorized and held is not None and held[0].username != session.username:
             _LOGGER.warning(
@@ -201,7 +262,7 @@ class FleetBroker(Broker):  # type: ignore[misc]
             if session.client_id:
                 await self._delete_session(session.client_id)
             else:
-                session.client_id = gen_client_id()
+                session.client_id = own_client_id(session.username, gen_client_id())
             session.parent = 0
         elif session.client_id in self._sessions:
             existing, _ = self._sessions[session.client_id]

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 import uuid
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, TypeVar, Union
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -32,6 +34,7 @@ from bus.errors import InvalidInput
 from bus.topics import NODE_ID_PATTERN
 
 __all__ = [
+    "MAX_PACKET_BYTES",
     "MAX_PAYLOAD_BYTES",
     "PLAN_PREFIX",
     "AdaptivePace",
@@ -78,6 +81,11 @@ PLAN_PREFIX = "plan-"
 
 #: Largest payload any fleetbus process parses; larger ones are refused unread.
 MAX_PAYLOAD_BYTES = 256 * 1024
+#: Largest MQTT packet both brokers accept (embedded: bus.broker; mosquitto: max_packet_size).
+#: Every process refuses payloads over MAX_PAYLOAD_BYTES unread, so the broker drops anything
+#: far beyond that before it is read into memory; the margin keeps a broker from ever
+#: disconnecting the hub for a message a reader would only have refused.
+MAX_PACKET_BYTES = 4 * MAX_PAYLOAD_BYTES
 
 NodeId = Annotated[str, StringConstraints(pattern=f"^{NODE_ID_PATTERN}$")]
 #: A local name (downloaded file, script, service, unit): no path separators, no dot-dot.
@@ -85,7 +93,18 @@ SafeName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@+
 Id = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=128)]
 ShortText = Annotated[str, StringConstraints(max_length=4096)]
 Label = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_./-]*$", max_length=63)]
-LabelValue = Annotated[str, StringConstraints(max_length=128)]
+
+
+def _no_control(value: str) -> str:
+    # Names and labels end up on operators' terminals: ESC/BEL sequences are refused here.
+    if any(unicodedata.category(c) == "Cc" for c in value):
+        raise ValueError("control characters (ESC, BEL, newline, ...) are not allowed")
+    return value
+
+
+#: Text without control characters (rollout names, node labels).
+_Printable = Annotated[str, AfterValidator(_no_control)]
+LabelValue = Annotated[str, StringConstraints(max_length=128), AfterValidator(_no_control)]
 Seconds = Annotated[float, Field(gt=0, le=7 * 86400)]
 #: Printable ASCII without spaces (a UUID, a CI job id, "deploy-2024-06-01-web").
 IdempotencyKey = Annotated[str, StringConstraints(pattern=r"^[!-~]+$", max_length=128)]
@@ -269,7 +288,7 @@ class NodeState(_Report):
     reason: Literal["birth", "shutdown", "lost"]
     agent_version: str = ""
     started_at: float = 0.0
-    labels: dict[str, str] = Field(default_factory=dict)
+    labels: dict[_Printable, _Printable] = Field(default_factory=dict)
     inventory: Inventory = Field(default_factory=Inventory)
     heartbeat_s: float | None = Field(
         default=None, gt=0, description="The agent's heartbeat period; the hub expects one that often."
@@ -521,7 +540,7 @@ class MaintenanceWindow(_Strict):
 class RolloutSpec(_Strict):
     """What ``create_rollout`` and ``POST /api/updates`` take."""
 
-    name: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    name: Annotated[str, StringConstraints(min_length=1, max_length=128), AfterValidator(_no_control)]
     targets: Annotated[list[NodeId], Field(min_length=1, max_length=10000)] | TargetLabels | Literal["all"]
     plan: Plan
     strategy: Strategy = Field(default_factory=Strategy)

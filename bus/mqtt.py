@@ -39,6 +39,7 @@ import collections
 import contextlib
 import logging
 import random
+import re
 import socket
 import ssl
 import uuid
@@ -55,6 +56,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from bus.errors import BusError, ConfigError
+from bus.topics import own_client_id
 
 __all__ = [
     "BrokerUrl",
@@ -64,6 +66,7 @@ __all__ = [
     "check_topic_name",
     "parse_broker_url",
     "parse_broker_urls",
+    "redact_url_text",
     "redacted_urls",
     "valid_broker_url",
 ]
@@ -101,6 +104,17 @@ class BrokerUrl:
         if self.sub_qos is not None:
             return self.sub_qos
         return 0 if self.kind == "nats" else None
+
+
+_USERINFO = re.compile(r"(?P<head>^|[\s'\"(]|://)(?P<user>[^\s:/@'\"]*):[^\s/@'\"]*@")
+
+
+def redact_url_text(text: str) -> str:
+    """``text`` with the password of any ``user:password@`` in it shown as ``***``.
+
+    For URLs too broken to parse (they still carry the password).
+    """
+    return _USERINFO.sub(lambda m: f"{m['head']}{m['user']}:***@", text)
 
 
 def valid_broker_url(value: str) -> str:
@@ -148,15 +162,16 @@ def parse_broker_url(url: str, ca_file: str | None = None) -> BrokerUrl:
     says the server is a NATS MQTT gateway; ``?subqos=0`` sets the QoS of every
     subscription (module docstring).
     """
+    shown = redact_url_text(url)  # an error message never carries the password
     try:
         parts = urlsplit(url.strip())
         port = parts.port
     except ValueError as exc:
-        raise ConfigError(f"invalid broker URL {url!r}: {exc}") from exc
+        raise ConfigError(f"invalid broker URL {shown!r}: {redact_url_text(str(exc))}") from exc
     if parts.scheme not in DEFAULT_PORTS:
-        raise ConfigError(f"invalid broker URL {url!r}: scheme must be mqtt:// or mqtts://")
+        raise ConfigError(f"invalid broker URL {shown!r}: scheme must be mqtt:// or mqtts://")
     if not parts.hostname:
-        raise ConfigError(f"invalid broker URL {url!r}: no host")
+        raise ConfigError(f"invalid broker URL {shown!r}: no host")
     query = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
     kind = unquote(query.get("kind", "mqtt"))
     if kind not in BROKER_KINDS:
@@ -299,7 +314,8 @@ class MqttClient:
     Args:
         url: broker URL (``mqtt://`` or ``mqtts://``), a comma-separated list of
             them (a cluster), or parsed ``BrokerUrl``s.
-        client_id: MQTT client id; a random one by default.
+        client_id: MQTT client id; a random one by default. With a user in the URL it
+            is prefixed ``user~`` unless it already is the user's (bus.topics).
         will: called before every connect attempt to build the last will.
         keepalive: MQTT keepalive in seconds.
         clean_session: MQTT 3.1.1 clean-session flag.
@@ -341,7 +357,10 @@ class MqttClient:
         self._sub_qos = sub_qos
         # Characters some server of the list cannot carry in a topic ("." at NATS).
         self._forbidden = "".join(sorted({c for u in self.urls for c in BROKER_KINDS[u.kind]}))
-        self.client_id = client_id or f"fleet-{uuid.uuid4().hex[:12]}"
+        # A broker with users binds client ids to them (bus.topics.is_own_client_id); the
+        # servers of one list share the credentials, so the first URL's user names the id.
+        wanted = client_id or f"fleet-{uuid.uuid4().hex[:12]}"
+        self.client_id = own_client_id(self.urls[0].username, wanted)
         self._will = will
         self._keepalive = keepalive
         self._connect_timeout = connect_timeout

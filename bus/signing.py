@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bus.ed25519 import PublicKey, public_key_from_pem
 from bus.errors import ConfigError, SignatureError
+from bus.files import write_atomic
 from bus.messages import Command
 
 if TYPE_CHECKING:  # the hub's side; agents only verify and never load ``cryptography``
@@ -88,21 +88,10 @@ def generate_keypair(out_dir: Path) -> tuple[Path, Path]:
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     key_path, pub_path = out_dir / "hub.key", out_dir / "hub.pub"
-    _write_atomic(key_path, private, 0o600)
-    _write_atomic(pub_path, public, 0o644)
+    # Random no-follow temp names: a link planted beside the key cannot redirect it (issue 16).
+    write_atomic(key_path, private, 0o600)
+    write_atomic(pub_path, public, 0o644)
     return key_path, pub_path
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:

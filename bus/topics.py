@@ -9,12 +9,15 @@ from typing import Literal
 from bus.errors import InvalidInput, InvalidNodeId
 
 __all__ = [
+    "CLIENT_ID_SEPARATOR",
     "DEFAULT_PREFIX",
     "NODE_ID_PATTERN",
     "NodeTopic",
     "Topics",
     "check_node_id",
     "is_node_id",
+    "is_own_client_id",
+    "own_client_id",
     "valid_prefix",
 ]
 
@@ -23,6 +26,31 @@ NODE_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
 _NODE_ID = re.compile(NODE_ID_PATTERN)
 _PREFIX = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*")
 _CLIENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+#: A reply topic's client id: an MQTT client id, which may hold CLIENT_ID_SEPARATOR.
+_REPLY_CLIENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.~-]{0,127}")
+
+#: Splits a client id into its broker user and a local name (``tui~fleet-tui-3f2a``).
+#: No broker user name holds it (node ids, ``hub`` and ``tui`` are [A-Za-z0-9_.-]),
+#: so which user owns a client id is never ambiguous.
+CLIENT_ID_SEPARATOR = "~"
+
+
+def is_own_client_id(username: str, client_id: str) -> bool:
+    """True when ``client_id`` belongs to broker user ``username``: the name itself or ``name~...``.
+
+    Both brokers bind client ids to users this way (the embedded one refuses any
+    other id; the generated mosquitto.conf replaces the id with the user name), so
+    one credential can never take over, or squat, another client's connection.
+    """
+    return client_id == username or client_id.startswith(username + CLIENT_ID_SEPARATOR)
+
+
+def own_client_id(username: str | None, wanted: str) -> str:
+    """The client id to connect with: ``wanted``, prefixed with ``username~`` unless it is the user's."""
+    if not username or is_own_client_id(username, wanted):
+        return wanted
+    return f"{username}{CLIENT_ID_SEPARATOR}{wanted}"
+
 
 NodeChannel = Literal["state", "heartbeat", "cmd", "status", "job", "log"]
 NODE_CHANNELS: tuple[NodeChannel, ...] = ("state", "heartbeat", "cmd", "status", "job", "log")
@@ -102,7 +130,7 @@ class Topics:
 
     def hub_reply(self, client: str) -> str:
         """Reply topic of one requesting client."""
-        if not _CLIENT.fullmatch(client):
+        if not _REPLY_CLIENT.fullmatch(client):
             raise InvalidInput(f"invalid reply client id {client[:80]!r}")
         return f"{self.prefix}/hub/reply/{client}"
 

@@ -42,7 +42,9 @@ def register(parser: argparse.ArgumentParser) -> None:
         help="journal and cache directory [FLEET_STATE_DIR; default fleet-state/ID]",
     )
     add(
-        "--scripts-dir", metavar="D", help="scripts that steps may run [FLEET_SCRIPTS_DIR; default D/scripts]"
+        "--scripts-dir",
+        metavar="D",
+        help="scripts that steps may run [FLEET_SCRIPTS_DIR; default D-scripts, beside the state dir]",
     )
     add(
         "--trust",

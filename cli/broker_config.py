@@ -10,6 +10,8 @@ files listing every server's URL; broker_config/nats.py lists every file.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 
 from cli.options import env_default
@@ -92,6 +94,13 @@ def register(parser: argparse.ArgumentParser) -> None:
         default=env_default("FLEET_CLUSTER_PORT"),
         help="--kind nats: first cluster route port (default 6222)",
     )
+    parser.add_argument(
+        "--tools",
+        default=env_default("FLEET_TOOLS"),
+        help="more tool users with the TUI's rights, comma-separated "
+        "(credentials/<name>.url): on mosquitto, tools running at once need "
+        "one each (FLEET_TOOLS)",
+    )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
         "--add",
@@ -114,7 +123,13 @@ def _flag(name: str) -> bool | None:
 
 def run(args: argparse.Namespace) -> int:
     """Write the config and say where the credentials are."""
-    from broker_config.generate import parse_nodes, write_broker_config
+    from broker_config.generate import (
+        MOSQUITTO_DEFAULT_USER,
+        broker_owned,
+        hand_to_broker_user,
+        parse_nodes,
+        write_broker_config,
+    )
 
     nodes = parse_nodes(str(args.nodes))
     if args.kind == "nats":
@@ -129,11 +144,16 @@ def run(args: argparse.Namespace) -> int:
         prefix=args.prefix,
         broker_dir=args.broker_dir,
         broker_user=args.broker_user,
+        tools=[t.strip() for t in str(args.tools or "").split(",") if t.strip()],
         add=bool(args.add),
         force=bool(args.force),
     )
     settings = result.settings
     scheme = "mqtts" if settings.tls else "mqtt"
+    todo: str | None = None
+    if settings.broker_user is None and os.geteuid() == 0:
+        # mosquitto started as root drops to its own user before reading the secrets.
+        todo = hand_to_broker_user(result)
     print(f"broker config for {len(settings.nodes)} node(s) in {result.directory}")
     listener = f"{scheme}://{settings.bind or settings.host}:{settings.port}"
     print(f"  listener   {listener}, prefix {settings.prefix}")
@@ -144,6 +164,13 @@ def run(args: argparse.Namespace) -> int:
     if kept:
         print(f"  kept credentials ({len(kept)}): {', '.join(kept)}")
     print(f"  each client's broker URL (secret): {result.directory / 'credentials'}/<client>.url")
+    if settings.broker_user is None and os.geteuid() == 0 and todo is None:
+        print(
+            f"  owner      {MOSQUITTO_DEFAULT_USER} (mosquitto runs as it once started as root): "
+            + ", ".join(str(p.relative_to(result.directory)) for p in broker_owned(result))
+        )
+    if todo is not None:
+        print(f"fleet broker-config: before `mosquitto -c`: {todo}", file=sys.stderr)
     return 0
 
 

@@ -1,4 +1,9 @@
-"""``fleet hub --broker URL [--http H:P] [--db FILE] [--signing-key FILE] [--http-token T]``."""
+"""``fleet hub --broker URL [--http H:P] [--db FILE] [--signing-key FILE] [--http-token-file F]``.
+
+The HTTP token is best given as a file (``--http-token-file``, mode 600) or in
+``FLEET_HTTP_TOKEN``: ``--http-token T`` puts it on the command line, which
+every local user can read (``ps``, ``/proc/PID/cmdline``).
+"""
 
 from __future__ import annotations
 
@@ -25,7 +30,14 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--http-token",
         metavar="T",
-        help="bearer token for the HTTP bridge; required off loopback (FLEET_HTTP_TOKEN)",
+        help="bearer token for the HTTP bridge; required off loopback (FLEET_HTTP_TOKEN); "
+        "visible to every local user: prefer --http-token-file or the variable",
+    )
+    parser.add_argument(
+        "--http-token-file",
+        metavar="F",
+        type=Path,
+        help="file holding the HTTP bridge's bearer token (first line)",
     )
     parser.add_argument(
         "--heartbeat-s",
@@ -51,13 +63,22 @@ def run(args: argparse.Namespace) -> int:
     """Run the hub until SIGTERM or SIGINT."""
     from hub.config import read_hub_config
 
+    if args.http_token is not None:
+        print(
+            "fleet hub: --http-token is readable by every local user (ps); "
+            "prefer --http-token-file or FLEET_HTTP_TOKEN",
+            file=sys.stderr,
+        )
+    token = args.http_token
+    if args.http_token_file is not None:
+        token = read_token_file(args.http_token_file, given=args.http_token is not None)
     flags = {
         "broker": args.broker,
         "prefix": args.prefix,
         "db": args.db,
         "signing_key": args.signing_key,
         "http": args.http,
-        "http_token": args.http_token,
+        "http_token": token,
         "heartbeat_s": args.heartbeat_s,
         "commit_interval_s": args.commit_interval_s,
         "keep_rollouts": args.keep_rollouts,
@@ -65,6 +86,26 @@ def run(args: argparse.Namespace) -> int:
     }
     config = read_hub_config(flags, os.environ, args.config)
     return asyncio.run(_serve(config))
+
+
+def read_token_file(path: Path, *, given: bool = False) -> str:
+    """The token in the first line of ``path``.
+
+    Raises:
+        ConfigError: both --http-token and a file, an unreadable or empty file.
+    """
+    from bus.errors import ConfigError
+
+    if given:
+        raise ConfigError("give the HTTP token once: --http-token or --http-token-file, not both")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read --http-token-file {path}: {exc}") from exc
+    token = lines[0].strip() if lines else ""
+    if not token:
+        raise ConfigError(f"--http-token-file {path} is empty")
+    return token
 
 
 async def _serve(config: HubConfig) -> int:

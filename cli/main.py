@@ -53,6 +53,14 @@ def _build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def _shown(reason: str) -> str:
+    """An error for the terminal: no password of a URL, no control characters (issue 16)."""
+    from bus.display import printable
+    from bus.mqtt import redact_url_text
+
+    return printable(redact_url_text(reason))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fleet`` console script."""
     args_list = list(sys.argv[1:] if argv is None else argv)
@@ -67,10 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BusError as exc:
-        print(f"fleet {args.command}: {exc.reason}", file=sys.stderr)
+        print(f"fleet {args.command}: {_shown(exc.reason)}", file=sys.stderr)
         return 1
     except FleetError as exc:
-        print(f"fleet {args.command}: {exc.reason}", file=sys.stderr)
+        print(f"fleet {args.command}: {_shown(exc.reason)}", file=sys.stderr)
         return 2
     return code
 

@@ -21,6 +21,8 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bus.display import printable
+
 if TYPE_CHECKING:
     from bus.mqtt import Message, MqttClient
     from bus.rpc import HubClient
@@ -129,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     config = client_config(args)
     nodes, error = asyncio.run(fetch_nodes(config))
     if error is not None:
-        print(f"fleet nodes: {error}", file=sys.stderr)
+        print(f"fleet nodes: {printable(error)}", file=sys.stderr)
         return 1
     if any(not name for name, _ in wanted):
         raise InvalidInput("--version needs NAME or NAME=VERSION")
@@ -141,12 +143,13 @@ def run(args: argparse.Namespace) -> int:
             rows = [{**dataclasses.asdict(g), "drift": g.software in drift} for g in groups]
             print(json.dumps(rows, indent=2))
         else:
-            print(render_versions(nodes))
+            print(printable(render_versions(nodes)))
     elif args.json:
         print(json.dumps(nodes, indent=2))
     else:
-        print(render_table(nodes, time.time()))
-        print(summary_line(nodes))
+        # Node text never drives the terminal.
+        print(printable(render_table(nodes, time.time())))
+        print(printable(summary_line(nodes)))
     return 0
 
 

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bus.display import printable
 from cli.nodes import add_client_arguments, ago, client_config, hub_session
 from cli.options import env_default
 
@@ -147,7 +148,7 @@ def _failed(reply: Reply) -> int:
     nodes = body.get("nodes")
     if isinstance(nodes, list) and nodes and not all(str(n) in error for n in nodes):
         error += f" (nodes: {', '.join(str(n) for n in nodes)})"
-    print(f"fleet rollout: {error}", file=sys.stderr)
+    print(f"fleet rollout: {printable(error)}", file=sys.stderr)
     return 2 if body.get("kind") == "invalid_input" else 1
 
 
@@ -161,7 +162,7 @@ async def _create(config: Any, spec: RolloutSpec, *, wait: bool, timeout: float)
         if not isinstance(rollout, str):
             print(f"fleet rollout: no rollout id in the hub's reply: {reply.body!r:.200}", file=sys.stderr)
             return 1
-        print(rollout, flush=True)
+        print(printable(rollout), flush=True)
         if body.get("existing"):
             print(
                 f"fleet rollout: {rollout} was started earlier with this idempotency key: "
@@ -195,7 +196,7 @@ async def _plan(config: Any, spec: RolloutSpec, *, timeout: float, ask: bool, as
     if as_json:
         print(json.dumps(plan, indent=2))
     else:
-        print("\n".join(plan_lines(plan)))
+        print(printable("\n".join(plan_lines(plan))))
     return 0 if plan.get("ok") else 1
 
 
@@ -228,7 +229,7 @@ async def _wait(session: HubSession, rollout: str, timeout: float) -> int:
         seen = (summary.state, summary.wave, summary.counts, summary.detail)
         if seen != last:
             last = seen
-            print(progress_line(summary), file=sys.stderr, flush=True)
+            print(printable(progress_line(summary)), file=sys.stderr, flush=True)
         if summary.state in FINAL_STATES:
             return 0 if summary.state == "succeeded" else 1
 
@@ -262,7 +263,7 @@ async def _list(config: Any, *, as_json: bool) -> int:
     if as_json:
         print(json.dumps(items, indent=2))
     else:
-        print(render_list([i for i in items if isinstance(i, Mapping)], time.time()))
+        print(printable(render_list([i for i in items if isinstance(i, Mapping)], time.time())))
     return 0
 
 
@@ -275,11 +276,12 @@ async def _by_id(config: Any, op: str, rollout: str, *, as_json: bool) -> int:
         if as_json:
             print(json.dumps(reply.body, indent=2))
         else:
-            print(render_show(reply.body if isinstance(reply.body, Mapping) else {}, time.time()))
+            print(printable(render_show(reply.body if isinstance(reply.body, Mapping) else {}, time.time())))
         return 0
     body = reply.body if isinstance(reply.body, Mapping) else {}
     state = body.get("state")
-    print(f"rollout {rollout}: {op} accepted" + (f", now {state}" if isinstance(state, str) else ""))
+    now = f", now {state}" if isinstance(state, str) else ""
+    print(printable(f"rollout {rollout}: {op} accepted{now}"))
     return 0
 
 

@@ -92,7 +92,7 @@ if [ -n "$ca" ]; then
     [[ "$url" == mqtts://* ]] || die "--ca given, but $credentials is not an mqtts:// URL"
     url="${url%%\?*}?ca=$ETC/ca.pem"
 elif [[ "$url" == mqtts://*"?ca="* ]]; then
-    die "the URL names a CA file ($url); pass it with --ca so it is installed"
+    die "the URL in $credentials names a CA file (${url##*\?ca=}); pass it with --ca so it is installed"
 fi
 
 # ------------------------------------------------------------------ 1. OS packages

@@ -43,6 +43,7 @@ __all__ = [
     "CONFIG_FILE_NAME",
     "DEFAULT_BROKER",
     "AgentConfig",
+    "default_scripts_dir",
     "find_config_file",
     "load_agent_config",
     "load_policy",
@@ -62,6 +63,11 @@ _PATH_FIELDS = ("state_dir", "scripts_dir", "policy", "rpm_root", "dnf_config")
 _ENV_ALIASES = {"labels": "FLEET_LABEL", "packages": "FLEET_PACKAGE", "drivers": "FLEET_DRIVER"}
 
 
+def default_scripts_dir(state_dir: Path) -> Path:
+    """``STATE_DIR-scripts``: beside the state dir, since steps may write inside it (issue 16)."""
+    return state_dir.with_name(f"{state_dir.name or 'state'}-scripts")
+
+
 class AgentConfig(BaseModel):
     """Everything one edge agent process needs to know about itself."""
 
@@ -77,7 +83,8 @@ class AgentConfig(BaseModel):
         description="Journal, download cache and script working directory (default fleet-state/NODE)."
     )
     scripts_dir: Path = Field(
-        description="The only directory script steps may run from (default STATE_DIR/scripts)."
+        description="The only directory script steps may run from (default STATE_DIR-scripts, beside "
+        "the state dir: never inside it, where file steps may write)."
     )
     trust: list[Path] = Field(
         default_factory=list,
@@ -138,7 +145,7 @@ class AgentConfig(BaseModel):
         if data.get("state_dir") is None and isinstance(node, str):
             data["state_dir"] = Path("fleet-state") / node
         if data.get("scripts_dir") is None and data.get("state_dir") is not None:
-            data["scripts_dir"] = Path(data["state_dir"]) / "scripts"
+            data["scripts_dir"] = default_scripts_dir(Path(data["state_dir"]))
         return data
 
     @field_validator("node_id")

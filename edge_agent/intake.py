@@ -10,6 +10,11 @@ expired and must be issued later than the last command run; and every step
 of an apply must be one this agent supports and its local policy allows.
 
 ``check_command`` never raises: any input gives a ``Verdict``.
+
+``ReplayFloor`` keeps the highest ``issued_at`` ever taken in a file of its own
+beside the journal: a journal that is reset (deleted, moved aside as corrupt)
+must not let a captured, unexpired command run again (issue 16). The runner
+checks against the higher of the two.
 """
 
 from __future__ import annotations
@@ -19,11 +24,13 @@ import math
 import re
 from collections.abc import Container, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from bus.errors import FleetError, SignatureError
+from bus.files import write_atomic
 from bus.messages import (
     Command,
     ContainerStep,
@@ -38,7 +45,16 @@ from bus.topics import Topics
 from edge_agent.settings import ExecutorSettings, Policy
 from edge_agent.steps.base import StepHandler
 
-__all__ = ["Accepted", "Ignored", "Rejected", "Verdict", "check_command", "check_plan", "check_step"]
+__all__ = [
+    "Accepted",
+    "Ignored",
+    "Rejected",
+    "ReplayFloor",
+    "Verdict",
+    "check_command",
+    "check_plan",
+    "check_step",
+]
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -77,6 +93,39 @@ class Rejected:
 
 
 Verdict = Accepted | Ignored | Rejected
+
+
+class ReplayFloor:
+    """The highest ``issued_at`` this node ever took, in its own file.
+
+    Blocking I/O: call ``read`` and ``raise_to`` through asyncio.to_thread.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._value: float | None = None
+
+    def read(self) -> float:
+        """The floor (0.0 when the file is missing or unreadable, with a warning for the latter)."""
+        if self._value is None:
+            try:
+                value = float(self.path.read_text(encoding="ascii").strip())
+            except FileNotFoundError:
+                value = 0.0
+            except (OSError, ValueError) as exc:
+                _LOGGER.warning(
+                    "replay floor %s unreadable (%s): only the journal guards replays", self.path, exc
+                )
+                value = 0.0
+            self._value = value if math.isfinite(value) else 0.0
+        return self._value
+
+    def raise_to(self, issued_at: float) -> None:
+        """Persist ``issued_at`` as the floor if it is higher (durably, mode 600)."""
+        if issued_at <= self.read():
+            return
+        write_atomic(self.path, f"{issued_at!r}\n", 0o600)
+        self._value = issued_at
 
 
 def _text_id(raw: Mapping[str, Any], key: str) -> str:

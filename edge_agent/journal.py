@@ -1,10 +1,11 @@
 """The agent's journal file, ``state_dir/journal.json`` (DESIGN sections 3.3, 3.6 and 6).
 
-Every write is atomic: the new content goes to a temp file in the same
-directory, is fsynced, replaces the journal with ``os.replace`` and the
-directory is fsynced, so a crash at any moment leaves either the old or the new
-journal, never a torn one. What the journal holds and how it changes is
-``edge_agent.executor``'s business; this module only stores it.
+Every write is atomic (``bus.files.write_atomic``): the new content goes to a
+random-named, no-follow temp file in the same directory, is fsynced, replaces
+the journal with ``os.replace`` and the directory is fsynced, so a crash at any
+moment leaves either the old or the new journal, never a torn one. What the
+journal holds and how it changes is ``edge_agent.executor``'s business; this
+module only stores it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import pydantic_core
 from pydantic import ValidationError
 
+from bus import files
 from bus.messages import describe
 from edge_agent import blocking
 from edge_agent.executor import ApplyEntry, JournalState
@@ -39,28 +41,8 @@ def fsync_dir(directory: str | Path) -> None:
             os.close(fd)
 
 
-def write_atomic(path: str | Path, data: bytes, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data``: temp file, fsync, ``os.replace``, fsync of the directory.
-
-    Call through asyncio.to_thread.
-    """
-    directory, name = os.path.split(os.fspath(path))
-    tmp = os.path.join(directory, f".{name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(directory or ".")
+#: The journal is written the one durable way (bus.files: random no-follow temp file, fsyncs).
+write_atomic = files.write_atomic
 
 
 class _Encoder:

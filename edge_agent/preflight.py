@@ -188,7 +188,10 @@ async def _download(
     size = step.max_bytes
     sizes.append(size)  # needed space, whether or not the URL answers now
     shown = system.redact_url(step.url)
-    response = await system.http_get(step.url, timeout=timeout, max_bytes=1)
+    # The same host policy as the real download, redirects included (issue 16).
+    response = await system.http_get(
+        step.url, timeout=timeout, max_bytes=1, allowed_hosts=settings.policy.download_hosts
+    )
     if response.status >= 400:
         return Check(index, step.type, "failed", f"HTTP {response.status} from {shown}")
     note = f"; at most {size / _MIB:.1f} MiB" if size is not None else "; size unknown (no max_bytes)"

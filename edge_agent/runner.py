@@ -66,7 +66,7 @@ from bus.messages import (
 from bus.topics import Topics
 from edge_agent import blocking, deferral, executor
 from edge_agent.executor import ActiveJob, JournalState, Recovery
-from edge_agent.intake import Accepted, Ignored, Rejected, check_command
+from edge_agent.intake import Accepted, Ignored, Rejected, ReplayFloor, check_command
 from edge_agent.journal import Journal
 from edge_agent.settings import ExecutorSettings
 from edge_agent.steps import HANDLERS, StepContext, StepHandler
@@ -148,6 +148,7 @@ class CommandRunner:
         self._clock = clock
         self._handlers: Mapping[str, StepHandler] = HANDLERS if handlers is None else dict(handlers)
         self._journal = journal if journal is not None else Journal(settings.journal_path)
+        self._floor = ReplayFloor(settings.replay_floor_path)  # survives a reset journal (issue 16)
         self._state: JournalState | None = None
         self._state_lock = asyncio.Lock()
         self._intake_lock = asyncio.Lock()
@@ -455,6 +456,7 @@ class CommandRunner:
     async def _take(self, topic: str, payload: bytes) -> None:
         await self._schedule_recovery()  # an interrupted job is finished before anything new
         state = await self._load()
+        floor = await asyncio.to_thread(self._floor.read)
         verdict = check_command(
             topic,
             payload,
@@ -463,7 +465,7 @@ class CommandRunner:
             handlers=self._handlers,
             now=self._clock(),
             seen=set(state.seen),
-            last_issued_at=state.last_issued_at,
+            last_issued_at=max(state.last_issued_at, floor),
         )
         if isinstance(verdict, Ignored):
             _LOGGER.debug("command ignored: %s", verdict.reason)
@@ -483,6 +485,7 @@ class CommandRunner:
                 return
         try:
             await self._change(lambda s: executor.remember(s, command.id, command.issued_at))
+            await asyncio.to_thread(self._floor.raise_to, command.issued_at)
         except OSError as exc:
             # Nothing may run before the journal knows (DESIGN 3.3): a state dir that is
             # full or read-only refuses the command, with the cause.

@@ -98,3 +98,8 @@ class ExecutorSettings:
     def journal_path(self) -> Path:
         """The agent's journal (``state_dir/journal.json``)."""
         return self.state_dir / "journal.json"
+
+    @property
+    def replay_floor_path(self) -> Path:
+        """The highest ``issued_at`` taken, kept apart from the journal (``state_dir/replay-floor``)."""
+        return self.state_dir / "replay-floor"

@@ -325,13 +325,17 @@ class HttpResponse:
     body: str
 
 
-def _get_blocking(url: str, timeout: float, max_bytes: int) -> HttpResponse:
+def _get_blocking(
+    url: str, timeout: float, max_bytes: int, allowed_hosts: Sequence[str] | None = None
+) -> HttpResponse:
     shown = redact_url(url)
     if not _is_allowed(url, None):
         raise StepError(f"not an http(s) URL: {shown}")
+    if not _is_allowed(url, allowed_hosts):
+        raise StepError(f"download from {shown} is not allowed by this node's policy")
     request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})  # noqa: S310 - scheme checked
     try:
-        with _opener(None).open(request, timeout=timeout) as response:
+        with _opener(allowed_hosts).open(request, timeout=timeout) as response:
             return HttpResponse(response.status, response.read(max_bytes).decode("utf-8", "replace"))
     except urllib.error.HTTPError as exc:
         try:
@@ -347,13 +351,19 @@ def _get_blocking(url: str, timeout: float, max_bytes: int) -> HttpResponse:
         raise StepError(f"GET {shown}: {exc}") from exc
 
 
-async def http_get(url: str, *, timeout: float, max_bytes: int = 1024 * 1024) -> HttpResponse:
+async def http_get(
+    url: str, *, timeout: float, max_bytes: int = 1024 * 1024, allowed_hosts: Sequence[str] | None = None
+) -> HttpResponse:
     """GET ``url`` (following redirects); any status comes back, only transport errors raise.
 
+    With ``allowed_hosts`` (globs), the URL and every redirect must name an allowed
+    host, as for ``fetch`` (the download pre-flight).
+
     Raises:
-        StepError: not an http(s) URL, no connection, or no answer within ``timeout``.
+        StepError: not an http(s) URL, a host (or redirect) not allowed, no connection,
+            or no answer within ``timeout``.
     """
-    return await asyncio.to_thread(_get_blocking, url, timeout, max_bytes)
+    return await asyncio.to_thread(_get_blocking, url, timeout, max_bytes, allowed_hosts)
 
 
 async def tcp_connect(host: str, port: int, *, timeout: float) -> None:

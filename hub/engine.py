@@ -494,6 +494,12 @@ class RolloutEngine:
         """Whether the engine knows ``rollout``."""
         return rollout in self._rollouts
 
+    def is_issued(self, rollout: str, node: str, command: str) -> bool:
+        """Whether ``command`` is one this engine sent ``node`` for ``rollout`` (its apply or latest)."""
+        r = self._rollouts.get(rollout)
+        n = r.nodes.get(node) if r is not None else None
+        return n is not None and command in (n.apply_id, n.command_id)
+
     def state(self, rollout: str) -> str:
         """The state of ``rollout``; NotFound if unknown."""
         return self._get(rollout).state

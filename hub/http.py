@@ -44,6 +44,9 @@ _LOGGER = logging.getLogger(__name__)
 
 #: Largest request body the bridge reads; a larger one is refused with 413, unread.
 MAX_BODY_BYTES = 1024 * 1024
+#: The Idempotency-Key header's rules, as the schema publishes them: bus.messages.IdempotencyKey's.
+_IDEMPOTENCY_KEY_PATTERN = r"^[!-~]+$"
+_IDEMPOTENCY_KEY_MAX = 128
 #: How long one call waits for the hub's answer before 504.
 _REQUEST_TIMEOUT_S = 60.0
 
@@ -108,8 +111,8 @@ class HubApi(Protocol):
     async def request(self, op: str, body: dict[str, Any]) -> Any:
         """Carry out one request op (the MQTT request path)."""
 
-    def metrics_text(self) -> bytes:
-        """The Prometheus exposition of the hub's metrics."""
+    async def metrics_text(self) -> bytes:
+        """The Prometheus exposition of the hub's metrics (built off the event loop)."""
 
 
 # ---------------------------------------------------------------------- documented bodies
@@ -262,13 +265,53 @@ _CREATE_BODY: dict[str, Any] = {
 # ---------------------------------------------------------------------- the app
 
 
-def make_app(service: HubApi, token: str | None, *, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+def bridge_hosts(host: str, port: int) -> frozenset[str]:
+    """The ``Host`` headers that name a bridge bound to ``host:port`` (loopback names included)."""
+    names = {host.lower()}
+    if is_loopback(host):
+        names |= {"localhost", "127.0.0.1", "::1"}
+    shown = {f"[{name}]" if ":" in name else name for name in names}
+    return frozenset({f"{name}:{port}" for name in shown} | (shown if port == 80 else set()))
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def _cross_site_reason(request: Request, hosts: frozenset[str]) -> tuple[int, str] | None:
+    """Why a tokenless bridge refuses this request as possibly sent by a web page, or None.
+
+    Without a token, any page open in a browser on this machine could reach the
+    loopback bridge (issue 16): a foreign ``Host`` is DNS rebinding, a foreign
+    ``Origin`` a cross-site request, and a write without ``application/json`` a
+    "simple" request that a browser sends without asking first.
+    """
+    host = request.headers.get("host", "").lower()
+    if host not in hosts:
+        return 421, f"Host {host[:100]!r} does not name this bridge ({', '.join(sorted(hosts))})"
+    origin = request.headers.get("origin")
+    if origin is not None and origin.lower() != f"http://{host}":
+        return 403, f"cross-origin request from {origin[:100]!r} refused (the bridge has no token)"
+    if request.method not in ("GET", "HEAD", "OPTIONS") and _media_type(request) != "application/json":
+        return 415, "writes need Content-Type: application/json"
+    return None
+
+
+def make_app(
+    service: HubApi,
+    token: str | None,
+    *,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    bound: tuple[str, int] | None = None,
+) -> FastAPI:
     """The FastAPI app of one hub.
 
     Args:
         service: the hub (``hub.service.HubService``) or anything with its request API.
         token: the bearer token every call but health and docs needs; None turns auth off.
         max_body_bytes: larger request bodies are refused (413) before they are read.
+        bound: the (host, port) it serves on. Without a token, requests must name it
+            in ``Host``, carry no foreign ``Origin``, and writes must be JSON.
 
     Returns:
         The app; serve it with ``serve_http`` (or any ASGI server).
@@ -284,6 +327,16 @@ def make_app(service: HubApi, token: str | None, *, max_body_bytes: int = MAX_BO
     )
     bearer = HTTPBearer(auto_error=False, description="The hub's --http-token.")
     expected = token.encode() if token else None
+
+    if expected is None and bound is not None:
+        hosts = bridge_hosts(*bound)
+
+        @app.middleware("http")
+        async def same_site_only(request: Request, call_next: Any) -> Any:
+            refused = _cross_site_reason(request, hosts)
+            if refused is not None:
+                return JSONResponse({"detail": refused[1]}, status_code=refused[0])
+            return await call_next(request)
 
     def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
         if expected is None:
@@ -351,7 +404,11 @@ def make_app(service: HubApi, token: str | None, *, max_body_bytes: int = MAX_BO
             Header(
                 alias="Idempotency-Key",
                 description="The spec's idempotency_key: a retry with the same key returns the same "
-                "rollout (existing: true) instead of starting a second one.",
+                "rollout (existing: true) instead of starting a second one. 1 to 128 printable ASCII "
+                "characters without spaces (a UUID, a CI job id).",
+                pattern=_IDEMPOTENCY_KEY_PATTERN,
+                min_length=1,
+                max_length=_IDEMPOTENCY_KEY_MAX,
             ),
         ] = None,
     ) -> Any:
@@ -445,7 +502,7 @@ def make_app(service: HubApi, token: str | None, *, max_body_bytes: int = MAX_BO
     )
     async def metrics() -> Response:
         """The hub's metrics in the Prometheus text format."""
-        return Response(service.metrics_text(), media_type=CONTENT_TYPE_LATEST)
+        return Response(await service.metrics_text(), media_type=CONTENT_TYPE_LATEST)
 
     default_openapi = app.openapi
 
@@ -510,7 +567,7 @@ async def serve_http(service: HubApi, host: str, port: int, token: str | None) -
         )
     sock = _listen(host, port)
     config = uvicorn.Config(
-        make_app(service, token or None),
+        make_app(service, token or None, bound=(host, port)),
         host=host,
         port=port,
         log_level="warning",

@@ -237,7 +237,7 @@ def main() -> int:
         async def request(self, op: str, body: dict[str, Any]) -> Any:
             raise NotImplementedError
 
-        def metrics_text(self) -> bytes:
+        async def metrics_text(self) -> bytes:
             return b""
 
     openapi = make_app(_Offline(), token="x").openapi()  # noqa: S106 - only to render the schema

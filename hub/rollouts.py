@@ -280,6 +280,10 @@ class RolloutManager:
         """Every rollout, newest first."""
         return [self._engine.summary(rid) for rid in reversed(self._engine.rollout_ids())]
 
+    def is_issued(self, node: str, rollout: str, command: str) -> bool:
+        """Whether a node's report names a command this hub sent it (what feeds metrics)."""
+        return self._engine.is_issued(rollout, node, command)
+
     def summary(self, rollout_id: str) -> RolloutSummary:
         """One rollout's summary; NotFound if unknown."""
         return self._engine.summary(rollout_id)

@@ -360,9 +360,16 @@ class HubService:
 
     # ------------------------------------------------------------------ metrics
 
-    def metrics_text(self) -> bytes:
-        """The Prometheus exposition of the hub's metrics (``GET /metrics``)."""
-        return self.metrics.render()
+    async def metrics_text(self) -> bytes:
+        """The Prometheus exposition of the hub's metrics (``GET /metrics``), built off the loop."""
+        return await self.metrics.render_async()
+
+    def _is_issued(self, report: StepStatus) -> bool:
+        """True for a report of a command the hub issued: only those feed metrics (issue 16)."""
+        if report.rollout.startswith(PLAN_PREFIX):
+            return False
+        issued = getattr(self.manager, "is_issued", None)  # the manager of hub.rollouts
+        return bool(issued is not None and issued(report.node, report.rollout, report.command))
 
     def _node_counts(self) -> tuple[int, int]:
         online = len(self.registry.online())
@@ -563,7 +570,7 @@ class HubService:
             elif channel in ("status", "job"):
                 model = StepStatus if channel == "status" else JobSnapshot
                 report = self._decoded(model, message.payload, node)
-                if isinstance(report, StepStatus) and not report.rollout.startswith(PLAN_PREFIX):
+                if isinstance(report, StepStatus) and self._is_issued(report):
                     self.metrics.observe_status(report)
                 if report is not None and self.manager is not None:
                     await self.manager.on_node_message(node, channel, report)

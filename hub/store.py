@@ -9,7 +9,8 @@ mirror, and a background task writes the mirror out through one TinyDB
 ``Storage`` class at most once per ``commit_interval_s`` (group commit). A
 burst of 1000 puts therefore costs a handful of rewrites, not 1000.
 
-Each rewrite goes to a temp file in the same directory, is fsynced, replaces
+Each rewrite (``bus.files.write_atomic``) goes to a random-named, no-follow
+temp file in the same directory, is fsynced, replaces
 the file with ``os.replace`` and fsyncs the directory, so a crash at any moment
 leaves either the old or the new file, never a torn one. A commit writes a
 snapshot taken between two puts, so what is on disk is always a prefix of the
@@ -34,6 +35,7 @@ from typing import Any
 from tinydb.storages import Storage
 
 from bus.errors import ConfigError, FleetError, InvalidInput
+from bus.files import write_all, write_atomic
 
 __all__ = ["TABLES", "AtomicJSONStorage", "Store", "write_synced"]
 
@@ -49,9 +51,7 @@ _RETRY_S = 1.0  # wait before retrying a failed commit
 def write_synced(fd: int, data: bytes) -> None:
     """Write all of ``data`` to ``fd``, fsync it and close it (the caller opened it). Blocking."""
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -104,14 +104,7 @@ class AtomicJSONStorage(Storage):
 
     def write_bytes(self, data: bytes) -> None:
         """Replace the file with ``data``: temp file, fsync, rename, fsync the directory."""
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        write_synced(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), data)
-        os.replace(tmp, self.path)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomic(self.path, data, 0o600)
 
 
 class Store:

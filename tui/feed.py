@@ -20,6 +20,7 @@ from typing import Any
 
 from textual.message import Message as TextualMessage
 
+from bus.display import printable_payload
 from bus.errors import BusError, FleetError, InvalidInput
 from bus.messages import (
     Event,
@@ -72,7 +73,10 @@ def parse_message(topics: Topics, topic: str, payload: bytes) -> BusUpdate | Non
 
     An empty retained payload on a node's ``state`` or a rollout topic clears it.
     A payload naming another node than its topic is dropped (DESIGN section 2).
+    Control characters in its strings are made visible first (bus.display): bus
+    text never reaches the terminal as escape sequences.
     """
+    payload = printable_payload(payload)
     try:
         node_topic = topics.parse_node(topic)
         if node_topic is not None:
@@ -260,7 +264,7 @@ class MqttFeed(Feed):
 
     async def _read(self, client: MqttClient, hub: HubClient) -> None:
         async for message in client.messages():
-            if hub.feed(message.topic, message.payload):
+            if hub.feed(message.topic, printable_payload(message.payload)):  # replies are shown too
                 continue
             update = parse_message(self._topics, message.topic, message.payload)
             if update is not None:

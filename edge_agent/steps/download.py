@@ -1,4 +1,8 @@
-"""``download`` step: fetch a file into ``state_dir/cache`` and verify its sha256."""
+"""``download`` step: fetch a file into ``state_dir/cache`` and verify its sha256.
+
+The cache is private (mode 700): it keeps copies of files that may be installed
+with mode 600. A cache inside the scripts directory is refused.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +19,9 @@ from edge_agent import system
 from edge_agent.journal import fsync_dir
 from edge_agent.settings import ExecutorSettings, Policy
 from edge_agent.steps.base import StepContext, StepHandler
+from edge_agent.steps.file import is_in_scripts_dir
 
-__all__ = ["HANDLER", "apply", "check", "undo"]
+__all__ = ["HANDLER", "apply", "check", "make_private_dir", "undo"]
 
 
 def check(step: DownloadStep, settings: ExecutorSettings) -> str | None:
@@ -27,7 +32,20 @@ def check(step: DownloadStep, settings: ExecutorSettings) -> str | None:
         return f"invalid download URL {step.url[:200]!r}: {exc}"
     if not Policy.matches(settings.policy.download_hosts, host):
         return f"download host {host} is not allowed by this node's policy"
+    if is_in_scripts_dir(settings.cache_dir / step.name, settings):
+        return f"download {step.name} would land in the scripts directory, which steps never write"
     return None
+
+
+def make_private_dir(path: Path) -> None:
+    """Create ``path`` with mode 700, or make an existing one private. Blocking.
+
+    The cache holds copies of files that may be installed with mode 600 (issue 16).
+    Call through asyncio.to_thread.
+    """
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o077:
+        path.chmod(0o700)
 
 
 def _has_sha256(path: Path, sha256: str) -> bool:
@@ -44,7 +62,7 @@ def _has_sha256(path: Path, sha256: str) -> bool:
 
 async def apply(step: DownloadStep, ctx: StepContext) -> dict[str, Any]:
     """Download into the cache (streamed, hashed, size-bounded); a verified copy already there is kept."""
-    ctx.cache_dir.mkdir(parents=True, exist_ok=True)
+    await asyncio.to_thread(make_private_dir, ctx.cache_dir)
     dest = ctx.cache_dir / step.name
     cached = await asyncio.to_thread(_has_sha256, dest, step.sha256)
     await ctx.checkpoint({"cached_before": cached})

@@ -26,10 +26,10 @@ from edge_agent.journal import fsync_dir, write_atomic
 from edge_agent.settings import ExecutorSettings, Policy
 from edge_agent.steps.base import StepContext, StepHandler
 
-__all__ = ["HANDLER", "RESERVED", "apply", "check", "destination", "undo"]
+__all__ = ["HANDLER", "RESERVED", "apply", "check", "destination", "is_in_scripts_dir", "undo"]
 
 #: Names in the state dir a file step must never overwrite: the agent's own state.
-RESERVED = ("journal.json", "cache", "backup", "services")
+RESERVED = ("journal.json", "replay-floor", "cache", "backup", "services")
 
 
 def destination(step: FileStep, settings: ExecutorSettings) -> Path:
@@ -42,11 +42,15 @@ def check(step: FileStep, settings: ExecutorSettings) -> str | None:
     """``dest`` must be allowed: under the state dir by default, else matching the policy's paths.
 
     The path is checked as written and with symlinks resolved, so a link cannot
-    lead a write elsewhere; the agent's own state files are never a destination.
+    lead a write elsewhere; the agent's own state files and the scripts directory
+    are never a destination, whatever the policy says.
     """
     dest = str(destination(step, settings))
     real = os.path.realpath(dest)
     state = os.path.realpath(settings.state_dir)
+    if is_in_scripts_dir(dest, settings):
+        # Whatever the policy says: a step that may replace a script may run anything (issue 16).
+        return f"file destination {step.dest} is in the scripts directory, which steps never write"
     for name in RESERVED:
         own = os.path.join(state, name)
         if real == own or real.startswith(own + os.sep):
@@ -58,6 +62,13 @@ def check(step: FileStep, settings: ExecutorSettings) -> str | None:
     if not (Policy.matches(settings.policy.paths, dest) and Policy.matches(settings.policy.paths, real)):
         return f"file destination {step.dest} is not allowed by this node's policy"
     return None
+
+
+def is_in_scripts_dir(path: str | Path, settings: ExecutorSettings) -> bool:
+    """True when ``path`` (as written or with links resolved) is the scripts dir or inside it."""
+    scripts = [os.path.abspath(settings.scripts_dir), os.path.realpath(settings.scripts_dir)]
+    given = [os.path.abspath(path), os.path.realpath(path)]
+    return any(p == s or p.startswith(s + os.sep) for p in given for s in scripts)
 
 
 def _backup_paths(ctx: StepContext) -> tuple[Path, Path]:

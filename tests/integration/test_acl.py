@@ -26,7 +26,7 @@ import pytest
 
 from broker_config.generate import GeneratedConfig, write_broker_config
 from bus.broker import BrokerThread, load_config
-from bus.errors import BusError
+from bus.errors import BusError, InvalidInput
 from bus.mqtt import Message, MqttClient
 from bus.topics import Topics
 from tests.conftest import free_port, mosquitto_binary, wait_port
@@ -314,7 +314,7 @@ async def connect_and_vanish(port: int, user: str, password: str, will_topic: st
     """CONNECT with a will, then drop the TCP connection without DISCONNECT; the CONNACK code."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        writer.write(connect_packet(f"raw-{uuid.uuid4().hex[:8]}", user, password, will_topic, will))
+        writer.write(connect_packet(f"{user}~raw-{uuid.uuid4().hex[:8]}", user, password, will_topic, will))
         await writer.drain()
         try:
             connack = await asyncio.wait_for(reader.readexactly(4), DEADLINE_S)
@@ -388,3 +388,166 @@ async def test_refused_client_cannot_disturb_a_session_by_reusing_its_client_id(
         # (a shorter wait: on amqtt this is the expected failure, on loopback 5 s is plenty)
         seen = await collect(hub, lambda m: m.payload == request_mark, timeout=5.0)
     assert seen[-1].topic == t.hub_request
+
+
+# ---------------------------------------------------------------- client ids belong to users (issue 16)
+
+
+def plain_connect_packet(client_id: str, user: str, password: str, clean: bool = True) -> bytes:
+    """An MQTT 3.1.1 CONNECT without a will."""
+    flags = 0x80 | 0x40 | (0x02 if clean else 0)
+    body = _mqtt_string(b"MQTT") + bytes([4, flags]) + (30).to_bytes(2, "big")
+    body += b"".join(_mqtt_string(p.encode()) for p in (client_id, user, password))
+    assert len(body) < 128
+    return bytes([0x10, len(body)]) + body
+
+
+async def connect_raw(port: int, client_id: str, user: str, password: str, clean: bool = True) -> int | None:
+    """CONNECT with another client's id, hold the connection a moment, leave; the CONNACK code."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(plain_connect_packet(client_id, user, password, clean))
+        await writer.drain()
+        try:
+            connack = await asyncio.wait_for(reader.readexactly(4), DEADLINE_S)
+        except asyncio.IncompleteReadError:
+            return None
+        if connack[3] == 0:
+            await asyncio.sleep(0.5)  # the half second that rolled back a rollout
+        return connack[3]
+    finally:
+        writer.transport.abort()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def test_a_node_cannot_take_over_or_squat_another_clients_id(fleet: Fleet) -> None:
+    """n1's password connecting as n2's agent or as the hub: refused (embedded broker) or
+    renamed to n1 (mosquitto's use_username_as_clientid); either way the real clients stay."""
+    t = fleet.topics
+    n1_password = password_of(fleet.url("n1"))
+    async with (
+        connected(fleet.url("hub"), client_id="fleet-hub") as hub,
+        connected(fleet.url("n2"), client_id="agent-n2") as n2,
+    ):
+        assert (hub.client_id, n2.client_id) == ("hub~fleet-hub", "n2~agent-n2")
+        await synced(hub, f"{t.prefix}/#", t.events)
+        stolen = [hub.client_id, n2.client_id, "hub", "n2", "agent-n2", "fleet-hub"]
+        codes = [await connect_raw(fleet.port, cid, "n1", n1_password) for cid in stolen]
+        # A persistent session under the hub's id while the hub is away must not lock it out.
+        squat = await connect_raw(fleet.port, "hub~fleet-hub-2", "n1", n1_password, clean=False)
+        mark = marker()
+        await n2.publish(t.node("n2", "heartbeat"), mark, qos=1)
+        await collect(hub, lambda m: m.payload == mark)
+        assert hub.is_connected
+        assert n2.is_connected
+        assert (hub.stats.reconnects, n2.stats.reconnects) == (0, 0), "a real client was disconnected"
+    async with connected(fleet.url("hub"), client_id="fleet-hub-2") as hub2:
+        await synced(hub2, t.events, t.events)
+    if fleet.kind == "amqtt":
+        assert codes == [5] * len(stolen)  # not authorized: the id is not n1's
+        assert squat == 5
+    else:
+        assert codes == [0] * len(stolen)  # accepted, but as client "n1": nobody else is touched
+
+
+# ---------------------------------------------------------------- run as root (issue 16)
+
+
+def test_broker_config_as_root_gives_mosquitto_its_files_and_mosquitto_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`fleet broker-config` as root without --broker-user, then the printed `mosquitto -c`:
+    mosquitto drops to its own user before it reads the mode-600 password file; the files
+    are handed to that user, so it starts and the credentials work."""
+    import os
+    import pwd
+    import shutil
+    import tempfile
+
+    from cli import main as cli_main
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root: what is tested is what happens when broker-config runs as root")
+    try:
+        account = pwd.getpwnam("mosquitto")
+    except KeyError:
+        pytest.skip("no mosquitto user on this machine")
+    binary = mosquitto_binary()
+    if binary is None:
+        pytest.skip("mosquitto not installed: apt-get install -y mosquitto")
+    base = Path(tempfile.mkdtemp(prefix="fleet-root-", dir="/tmp"))  # pytest's own tmp is mode 700
+    try:
+        base.chmod(0o755)
+        out = base / "broker"
+        port = free_port()
+        code = cli_main.main(["broker-config", "--out", str(out), "--nodes", "n1", "--port", str(port)])
+        printed = capsys.readouterr()
+        assert code == 0
+        assert "owner      mosquitto" in printed.out
+        assert "before `mosquitto -c`" not in printed.err
+        assert (out / "passwords").stat().st_uid == account.pw_uid
+        assert (out / "passwords").stat().st_mode & 0o777 == 0o600
+        assert (out / "credentials" / "n1.url").stat().st_uid == 0  # the clients' secrets stay root's
+        config = GeneratedConfig(out, write_broker_config(out, [], add=True).settings,
+                                 {"n1": out / "credentials" / "n1.url"}, ())  # fmt: skip
+        cli_main.main(["broker-config", "--out", str(out), "--nodes", "n1", "--add"])  # again, as an update
+        assert (out / "passwords").stat().st_uid == account.pw_uid
+        with (out / "mosquitto.log").open("ab") as log:
+            proc = subprocess.Popen([binary, "-c", str(out / "mosquitto.conf")], stdout=log, stderr=log)
+        try:
+            wait_port(port)
+
+            async def connect() -> bool:
+                return not await refused(config.url("n1"))
+
+            assert asyncio.run(connect()), (out / "mosquitto.log").read_text()
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_broker_config_as_root_says_what_to_do_when_mosquitto_cannot_reach_the_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import os
+
+    from cli import main as cli_main
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    private.chmod(0o700)
+    assert cli_main.main(["broker-config", "--out", str(private / "b"), "--nodes", "n1"]) == 0
+    err = capsys.readouterr().err
+    assert "before `mosquitto -c`" in err
+    assert "cannot reach" in err or "does not exist" in err
+
+
+async def test_tools_with_their_own_credentials_run_side_by_side(fleet: Fleet) -> None:
+    """`--tools ops`: a second tool user with the TUI's rights. On mosquitto each client's id is
+    its user name, so the TUI and another tool at once need one credential each."""
+    t = fleet.topics
+    added = write_broker_config(fleet.config.directory, [], tools=["ops"], add=True)
+    fleet.reload()
+    assert added.settings.tools == ("ops",)
+    deadline = asyncio.get_running_loop().time() + DEADLINE_S
+    while await refused(added.url("ops")):
+        assert asyncio.get_running_loop().time() < deadline, "ops still refused after --add"
+        await asyncio.sleep(0.1)
+    async with connected(fleet.url("tui")) as tui, connected(added.url("ops")) as ops:
+        for client in (tui, ops):
+            await synced(client, f"{t.prefix}/#", t.hub_request)
+        for client in (tui, ops):
+            await synced(client, f"{t.prefix}/#", t.hub_request)
+        assert (tui.stats.reconnects, ops.stats.reconnects) == (0, 0)
+        await ops.publish(t.node("n1", "cmd"), b"ops-may-not", qos=1)  # the TUI's rights, no more
+        mark = marker()
+        await ops.publish(t.hub_request, mark, qos=1)
+        seen = await collect(tui, lambda m: m.payload == mark)
+    assert b"ops-may-not" not in [m.payload for m in seen]
+    with pytest.raises(InvalidInput, match="node or a tool"):
+        write_broker_config(fleet.config.directory, ["ops"], add=True)

@@ -16,6 +16,7 @@ import pytest
 from amqtt.broker import Broker
 
 from bus.broker import KEEPALIVE_GRACE, BrokerThread, FleetBroker, load_config
+from bus.messages import MAX_PACKET_BYTES, MAX_PAYLOAD_BYTES
 from bus.mqtt import Message, MqttClient, Will
 from bus.topics import Topics
 from tests.conftest import RunningBroker, free_port
@@ -277,3 +278,64 @@ async def test_amqtt_delivers_qos0_at_the_subscription_qos(
         message = await asyncio.wait_for(subscriber.messages().__anext__(), 10)
     assert message.payload == b"e"
     assert message.qos == 1, "amqtt now delivers QoS 0 at QoS 0: update FINDINGS.md defect 4"
+
+
+# --------------------------------------------------------------------------- defect 6: packet size
+
+
+def remaining_length(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value % 128, value // 128
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+async def test_a_packet_over_the_limit_ends_the_connection_unread(
+    fleet_amqtt: RunningBroker, topics: Topics
+) -> None:
+    """A client announcing a 100 MB publish is disconnected before the body is buffered;
+    its will is published and the broker serves everyone else as before."""
+    will_topic = topics.node("big", "state")
+    async with MqttClient(fleet_amqtt.url) as watcher:
+        await watcher.subscribe(will_topic, qos=1)
+        reader, writer = await asyncio.open_connection("127.0.0.1", fleet_amqtt.port)
+        writer.write(connect_packet(f"big-{uuid.uuid4().hex[:8]}", 30, will_topic, b"big-lost"))
+        await writer.drain()
+        assert await asyncio.wait_for(reader.readexactly(4), 10) == b"\x20\x02\x00\x00"
+        topic = f"{topics.prefix}/node/big/log".encode()
+        size = 100 * 1024 * 1024
+        writer.write(bytes([0x30]) + remaining_length(size) + struct.pack("!H", len(topic)) + topic)
+        writer.write(b"x" * 65536)  # the start of the body; the rest never comes
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 10) == b"", "the broker kept the connection"
+        writer.close()
+        messages = watcher.messages()
+        first = await asyncio.wait_for(anext(messages), 10)
+        assert (first.topic, first.payload) == (will_topic, b"big-lost")
+    # Just under the limit still passes (the hub's largest messages are far below it).
+    async with MqttClient(fleet_amqtt.url) as client:
+        await client.subscribe(f"{topics.prefix}/ok", qos=1)
+        payload = b"y" * (MAX_PAYLOAD_BYTES)
+        await client.publish(f"{topics.prefix}/ok", payload, qos=1)
+        got = await asyncio.wait_for(anext(client.messages()), 10)
+        assert len(got.payload) == MAX_PAYLOAD_BYTES
+    assert MAX_PACKET_BYTES > MAX_PAYLOAD_BYTES + 4096
+
+
+async def test_plain_amqtt_waits_for_any_packet_size(plain_amqtt: RunningBroker, topics: Topics) -> None:
+    """The defect: amqtt keeps a connection that announced a 100 MB packet, reading on."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", plain_amqtt.port)
+    try:
+        writer.write(connect_packet(f"big-{uuid.uuid4().hex[:8]}", 30, topics.node("big", "state"), b"x"))
+        await writer.drain()
+        assert await asyncio.wait_for(reader.readexactly(4), 10) == b"\x20\x02\x00\x00"
+        topic = f"{topics.prefix}/big".encode()
+        header = bytes([0x30]) + remaining_length(100 * 1024 * 1024)
+        writer.write(header + struct.pack("!H", len(topic)) + topic)
+        await writer.drain()
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(reader.read(), 2)
+    finally:
+        writer.close()

@@ -158,6 +158,7 @@ class FakeManager:
         self.rollouts: dict[str, RolloutSummary] = {}
         self.node_messages: list[tuple[str, str, Any]] = []
         self.presence: list[tuple[str, bool]] = []
+        self.broker_changes: list[bool] = []
         self.started = self.stopped = False
 
     async def start(self) -> None:
@@ -213,6 +214,9 @@ class FakeManager:
 
     async def on_presence(self, node: str, online: bool) -> None:
         self.presence.append((node, online))
+
+    async def on_broker(self, connected: bool) -> None:
+        self.broker_changes.append(connected)
 
 
 @pytest.fixture

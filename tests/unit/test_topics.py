@@ -190,3 +190,19 @@ def test_parse_rollout() -> None:
     assert topics.parse_rollout("fleet/v1/rollout/r-1/x") is None
     assert topics.parse_rollout("fleet/v1/rollout/") is None
     assert topics.parse_rollout("fleet/v1/events") is None
+
+
+def test_client_ids_belong_to_their_user() -> None:
+    """Issue 16: ``user`` or ``user~anything``; no other user's name is a prefix that counts."""
+    from bus.topics import is_own_client_id, own_client_id
+
+    assert is_own_client_id("n1", "n1")
+    assert is_own_client_id("n1", "n1~agent-n1")
+    assert not is_own_client_id("n1", "n1-a")  # node n1-a's name
+    assert not is_own_client_id("n1", "n2~agent-n2")
+    assert not is_own_client_id("n1", "hub")
+    assert not is_own_client_id("hub", "hub-x")
+    assert own_client_id("n1", "agent-n1") == "n1~agent-n1"
+    assert own_client_id("n1", "n1~x") == "n1~x"
+    assert own_client_id(None, "fleet-hub") == "fleet-hub"
+    assert Topics().hub_reply("tui~fleet-tui-1a2b") == "fleet/v1/hub/reply/tui~fleet-tui-1a2b"

@@ -48,7 +48,7 @@ def test_defaults_with_only_a_node_id() -> None:
     assert config.broker == DEFAULT_BROKER
     assert config.prefix == "fleet/v1"
     assert config.state_dir == Path("fleet-state/n1")
-    assert config.scripts_dir == Path("fleet-state/n1/scripts")
+    assert config.scripts_dir == Path("fleet-state/n1-scripts")
     assert config.heartbeat_s == 5.0
     assert config.keepalive_s == 10
     assert config.service_manager == "process"
@@ -57,9 +57,11 @@ def test_defaults_with_only_a_node_id() -> None:
     assert config.topics.node("n1", "cmd") == "fleet/v1/node/n1/cmd"
 
 
-def test_scripts_dir_defaults_under_a_given_state_dir() -> None:
+def test_scripts_dir_defaults_beside_a_given_state_dir_never_inside_it() -> None:
+    """Issue 16: steps may write under the state dir, so the scripts they run live elsewhere."""
     config = load_agent_config({"node_id": "n1", "state_dir": "/var/lib/fleet"}, {})
-    assert config.scripts_dir == Path("/var/lib/fleet/scripts")
+    assert config.scripts_dir == Path("/var/lib/fleet-scripts")
+    assert not config.scripts_dir.is_relative_to(config.state_dir)
 
 
 def test_toml_agent_table_is_read_and_other_tables_ignored(tmp_path: Path) -> None:
@@ -219,7 +221,7 @@ def test_to_executor_settings_loads_keys_and_policy(tmp_path: Path) -> None:
     assert len(settings.trusted_keys) == 2
     assert settings.state_dir.is_absolute()
     assert settings.state_dir.name == "rel-state"
-    assert settings.scripts_dir == settings.state_dir / "scripts"
+    assert settings.scripts_dir == settings.state_dir.with_name("rel-state-scripts")
     assert settings.policy.step_types == ["script", "health"]
     assert settings.service_manager == "systemd"
     assert settings.default_step_timeout_s == 300.0

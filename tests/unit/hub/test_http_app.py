@@ -73,7 +73,7 @@ class FakeHub:
             raise self.errors[op]
         return self.answers.get(op, {"rollout": body.get("rollout"), "state": "aborting"})
 
-    def metrics_text(self) -> bytes:
+    async def metrics_text(self) -> bytes:
         return b'# HELP fleet_nodes Known nodes.\n# TYPE fleet_nodes gauge\nfleet_nodes{state="online"} 1.0\n'
 
 

@@ -114,3 +114,25 @@ def test_each_hub_has_its_own_registry() -> None:
     first.observe_status(status("rejected", 1.0, index=-1, kind="command"))
     assert value(scrape(first)["fleet_commands_rejected"], "fleet_commands_rejected_total") == 1
     assert value(scrape(second)["fleet_commands_rejected"], "fleet_commands_rejected_total") == 0
+
+
+def test_step_types_outside_the_contract_share_one_label_value() -> None:
+    """Issue 16: a node chooses the ``type`` it reports; the series count must not grow with it."""
+    metrics = HubMetrics(Source().source())
+    for i in range(500):
+        metrics.observe_status(status("running", 1.0, index=i, kind=f"made-up-{i}"))
+        metrics.observe_status(status("succeeded", 2.0, index=i, kind=f"made-up-{i}"))
+    metrics.observe_status(status("running", 1.0, index=999))
+    metrics.observe_status(status("succeeded", 2.0, index=999))
+    text = metrics.render().decode()
+    assert "made-up" not in text
+    samples = scrape(metrics)["fleet_step_duration_seconds"]
+    assert value(samples, "fleet_step_duration_seconds_count", type="other", outcome="succeeded") == 500
+    assert value(samples, "fleet_step_duration_seconds_count", type="script", outcome="succeeded") == 1
+
+
+async def test_render_async_gives_the_same_text_off_the_loop() -> None:
+    metrics = HubMetrics(Source().source())
+    metrics.observe_status(status("running", 1.0))
+    metrics.observe_status(status("succeeded", 2.0))
+    assert await metrics.render_async() == metrics.render()

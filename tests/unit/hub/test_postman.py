@@ -22,7 +22,7 @@ class Offline:
     async def request(self, op: str, body: dict[str, Any]) -> Any:
         raise AssertionError("rendering the schema sends no request")
 
-    def metrics_text(self) -> bytes:
+    async def metrics_text(self) -> bytes:
         return b""
 
 

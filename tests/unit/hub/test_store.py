@@ -72,7 +72,7 @@ async def test_close_flushes_and_reopen_reads_back(tmp_path: Path) -> None:
     store.append("audit", {"event": "one"})
     store.append("audit", {"event": "two"})
     await store.close()
-    assert not list(path.parent.glob(".hub.json.tmp"))
+    assert not list(path.parent.glob(".hub.json.*.tmp"))
 
     again = Store(path)
     await again.open()
@@ -155,11 +155,14 @@ async def test_bad_documents_fail_at_the_caller(tmp_path: Path) -> None:
         await store.close()
 
 
-async def test_write_failure_surfaces_in_flush_and_recovers(tmp_path: Path) -> None:
+async def test_write_failure_surfaces_in_flush_and_recovers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "hub.json"
     store = Store(path)
     await store.open()
-    blocker = tmp_path / ".hub.json.tmp"
+    monkeypatch.setattr("bus.files.secrets.token_hex", lambda _n: "fixed")
+    blocker = tmp_path / ".hub.json.fixed.tmp"
     try:
         blocker.mkdir()  # the temp file cannot be created, even by root
         store.put("rollouts", "r", {"a": 1})

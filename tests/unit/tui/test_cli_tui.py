@@ -53,8 +53,10 @@ def test_a_bad_broker_url_or_prefix_is_a_one_line_usage_error(capsys: pytest.Cap
 class _FakeServer:
     made: ClassVar[list[dict[str, Any]]] = []
 
-    def __init__(self, command: str, host: str, port: int, title: str) -> None:
+    def __init__(self, command: str, host: str, port: int, title: str, templates_path: str) -> None:
         self.made.append({"command": command, "host": host, "port": port, "title": title})
+        page = (Path(templates_path) / "app_index.html").read_text(encoding="utf-8")
+        assert "fonts.googleapis.com" not in page  # the page loads nothing from outside
 
     def serve(self) -> None:
         """Nothing listens: this fake only records what would be served."""
@@ -67,6 +69,7 @@ def _serve_args(serve: str) -> argparse.Namespace:
         serve=serve,
         examples=Path("examples"),
         utc=False,
+        http_info=None,
     )
 
 

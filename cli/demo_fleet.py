@@ -426,16 +426,16 @@ class DemoFleet:
     def run_tui(self) -> None:
         """Open the terminal UI in the foreground; if the demo must stop, end the UI and fix the terminal."""
         saved = _terminal_state()
-        tui = subprocess.Popen(
-            self._fleet("tui"),
-            env={**self._tool_env(), "FLEET_EXAMPLES": str(self.root / "rollouts"),
-                 "FLEET_HTTP_INFO": str(self.http_info_file)},
-        )
-        self._tell_watchdog(f"pid {tui.pid}")
+        env = {**self._tool_env(), "FLEET_EXAMPLES": str(self.root / "rollouts"),
+               "FLEET_HTTP_INFO": str(self.http_info_file)}
+        tui: subprocess.Popen[bytes] | None = None
         try:
+            with self.deferring_stops():
+                tui = subprocess.Popen(self._fleet("tui"), env=env)
+                self._tell_watchdog(f"pid {tui.pid}")
             tui.wait()
         finally:
-            if tui.poll() is None:
+            if tui is not None and tui.poll() is None:
                 tui.terminate()
                 try:
                     tui.wait(5)

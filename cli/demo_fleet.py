@@ -169,7 +169,9 @@ class DemoFleet:
         try:
             self._watchdog = subprocess.Popen(
                 [sys.executable, "-m", "cli.demo_watchdog", str(self.root)],
-                stdin=read_end, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                stdin=read_end,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
                 start_new_session=True,
             )
         finally:
@@ -241,14 +243,23 @@ class DemoFleet:
                 "name": f"demo-app {version}",
                 "targets": {"labels": {"role": "web"}},
                 "plan": [
-                    {"type": "download", "url": f"{self.artifacts_url}/{artifact.name}",
-                     "sha256": _sha256(artifact), "name": artifact.name},
+                    {
+                        "type": "download",
+                        "url": f"{self.artifacts_url}/{artifact.name}",
+                        "sha256": _sha256(artifact),
+                        "name": artifact.name,
+                    },
                     {"type": "service", "action": "stop", "name": "demo-app"},
-                    {"type": "file", "src": artifact.name, "dest": "app/version.json",
-                     "mode": "0644"},
+                    {"type": "file", "src": artifact.name, "dest": "app/version.json", "mode": "0644"},
                     {"type": "service", "action": "start", "name": "demo-app"},
-                    {"type": "health", "check": "command", "target": "check_app.sh",
-                     "expect": version, "retries": 5, "interval_s": 0.5},
+                    {
+                        "type": "health",
+                        "check": "command",
+                        "target": "check_app.sh",
+                        "expect": version,
+                        "retries": 5,
+                        "interval_s": 0.5,
+                    },
                 ],
                 "strategy": {"waves": [int(w) if w.isdigit() else w for w in waves]},
                 "failure": {"max_failed": 0, "on_failure": "rollback"},
@@ -276,10 +287,19 @@ class DemoFleet:
 
     def _start_hub(self) -> None:
         # Secrets go through the environment, not argv (which `ps` shows to every user).
-        self._spawn("hub", self._fleet(
-            "hub", "--db", str(self.root / "hub.json"),
-            "--signing-key", str(self.key), "--http", f"{self.http_host}:{self.http_port}",
-        ), env={"FLEET_BROKER": self._urls["hub"], "FLEET_HTTP_TOKEN": self.token})
+        self._spawn(
+            "hub",
+            self._fleet(
+                "hub",
+                "--db",
+                str(self.root / "hub.json"),
+                "--signing-key",
+                str(self.key),
+                "--http",
+                f"{self.http_host}:{self.http_port}",
+            ),
+            env={"FLEET_BROKER": self._urls["hub"], "FLEET_HTTP_TOKEN": self.token},
+        )
 
     def _start_agent(self, index: int, node: str) -> None:
         base = self.root / "nodes" / node
@@ -320,7 +340,6 @@ class DemoFleet:
             f'command = ["{sys.executable}", "{scripts / "demo_service.py"}"]\n'
             f'version_file = "{state / "app" / "version.json"}"\n'
             f'env = {{ DEMO_PORT = "{app_port}", DEMO_HW = "{hw}", FLEET_STATE_DIR = "{state}" }}\n'
-
         )
         service_env = {"DEMO_PORT": str(app_port), "DEMO_HW": hw, "FLEET_STATE_DIR": str(state)}
         self._start_demo_app(state, scripts, service_env)
@@ -332,13 +351,15 @@ class DemoFleet:
 
         from edge_agent import system
 
-        asyncio.run(system.start_service(
-            "demo-app",
-            argv=[sys.executable, str(scripts / "demo_service.py")],
-            cwd=state,
-            env={"PATH": os.environ.get("PATH", os.defpath), **env},
-            state_dir=state,
-        ))
+        asyncio.run(
+            system.start_service(
+                "demo-app",
+                argv=[sys.executable, str(scripts / "demo_service.py")],
+                cwd=state,
+                env={"PATH": os.environ.get("PATH", os.defpath), **env},
+                state_dir=state,
+            )
+        )
 
     def _wait_fleet_online(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -361,7 +382,10 @@ class DemoFleet:
     def nodes(self) -> list[dict[str, Any]] | None:
         """The hub's node table, or None when it does not answer yet."""
         result = subprocess.run(
-            self._fleet("nodes", "--json"), capture_output=True, timeout=20, check=False,
+            self._fleet("nodes", "--json"),
+            capture_output=True,
+            timeout=20,
+            check=False,
             env=self._tool_env(),
         )
         if result.returncode != 0:
@@ -400,8 +424,14 @@ class DemoFleet:
             ["fleet", "nodes", "--by-version"],
             [".", info, "# sets FLEET_HTTP_URL and FLEET_HTTP_TOKEN"],
             ["curl", '-H "Authorization: Bearer $FLEET_HTTP_TOKEN"', '"$FLEET_HTTP_URL/api/nodes"'],
-            ["curl", "-X POST", '-H "Authorization: Bearer $FLEET_HTTP_TOKEN"',
-             "-H 'Content-Type: application/json'", f"--data @{good}", '"$FLEET_HTTP_URL/api/updates"'],
+            [
+                "curl",
+                "-X POST",
+                '-H "Authorization: Bearer $FLEET_HTTP_TOKEN"',
+                "-H 'Content-Type: application/json'",
+                f"--data @{good}",
+                '"$FLEET_HTTP_URL/api/updates"',
+            ],
         ]
         for words in commands:
             lines.extend(wrap_command(words, width))
@@ -416,7 +446,11 @@ class DemoFleet:
         deadline = None if duration is None else time.monotonic() + duration
         while deadline is None or time.monotonic() < deadline:
             table = subprocess.run(
-                self._fleet("nodes"), capture_output=True, text=True, timeout=20, check=False,
+                self._fleet("nodes"),
+                capture_output=True,
+                text=True,
+                timeout=20,
+                check=False,
                 env=self._tool_env(),
             )
             print(time.strftime("%H:%M:%S"), "\n" + (table.stdout or table.stderr), flush=True)
@@ -426,8 +460,11 @@ class DemoFleet:
     def run_tui(self) -> None:
         """Open the terminal UI in the foreground; if the demo must stop, end the UI and fix the terminal."""
         saved = _terminal_state()
-        env = {**self._tool_env(), "FLEET_EXAMPLES": str(self.root / "rollouts"),
-               "FLEET_HTTP_INFO": str(self.http_info_file)}
+        env = {
+            **self._tool_env(),
+            "FLEET_EXAMPLES": str(self.root / "rollouts"),
+            "FLEET_HTTP_INFO": str(self.http_info_file),
+        }
         tui: subprocess.Popen[bytes] | None = None
         try:
             with self.deferring_stops():

@@ -36,10 +36,16 @@ def add_client_arguments(parser: argparse.ArgumentParser, *, suppress: bool = Fa
     default = argparse.SUPPRESS if suppress else None
     parser.add_argument("--broker", default=default, help="broker URL (FLEET_BROKER)")
     parser.add_argument("--prefix", default=default, help="topic prefix, default fleet/v1 (FLEET_PREFIX)")
-    parser.add_argument("--config", type=Path, default=default,
-                        help="TOML config file with a [client] table (FLEET_CONFIG)")
-    parser.add_argument("--request-timeout", type=float, default=default, metavar="S",
-                        help="seconds to wait for the hub's reply, default 10 (FLEET_REQUEST_TIMEOUT)")
+    parser.add_argument(
+        "--config", type=Path, default=default, help="TOML config file with a [client] table (FLEET_CONFIG)"
+    )
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=default,
+        metavar="S",
+        help="seconds to wait for the hub's reply, default 10 (FLEET_REQUEST_TIMEOUT)",
+    )
 
 
 def client_config(args: argparse.Namespace) -> ClientConfig:
@@ -100,11 +106,19 @@ def register(parser: argparse.ArgumentParser) -> None:
     """Add the subcommand's arguments."""
     add_client_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print the JSON list (as GET /api/nodes)")
-    parser.add_argument("--by-version", action="store_true",
-                        help="which versions run where: one row per software and version (drift view)")
+    parser.add_argument(
+        "--by-version",
+        action="store_true",
+        help="which versions run where: one row per software and version (drift view)",
+    )
     parser.add_argument("--state", choices=("online", "offline"), help="only nodes in this state")
-    parser.add_argument("--version", action="append", default=[], metavar="NAME[=VERSION]",
-                        help="only nodes that report NAME (at VERSION); repeatable, all must match")
+    parser.add_argument(
+        "--version",
+        action="append",
+        default=[],
+        metavar="NAME[=VERSION]",
+        help="only nodes that report NAME (at VERSION); repeatable, all must match",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -154,8 +168,9 @@ def node_versions(node: Mapping[str, Any]) -> dict[str, str]:
         return value if isinstance(value, dict) else {}
 
     agent = node.get("agent_version")
-    return software_versions(group("services"), group("packages"), group("drivers"),
-                             agent if isinstance(agent, str) else "")
+    return software_versions(
+        group("services"), group("packages"), group("drivers"), agent if isinstance(agent, str) else ""
+    )
 
 
 def matches(
@@ -172,9 +187,7 @@ def version_groups(nodes: Sequence[Mapping[str, Any]]) -> list[Any]:
     """The nodes grouped by software and version (``tui.versions.VersionGroup``)."""
     from tui.versions import group_versions
 
-    return group_versions(
-        (str(n.get("node", "?")), bool(n.get("online")), node_versions(n)) for n in nodes
-    )
+    return group_versions((str(n.get("node", "?")), bool(n.get("online")), node_versions(n)) for n in nodes)
 
 
 def drifting_names(groups: Sequence[Any]) -> list[str]:
@@ -206,13 +219,15 @@ def render_versions(nodes: Sequence[Mapping[str, Any]], width: int = 60) -> str:
     rows = [("SOFTWARE", "VERSION", "NODES", "DRIFT", "WHERE")]
     for group in groups:
         names = ", ".join(f"{n} (offline)" if n in group.offline else n for n in group.nodes)
-        rows.append((
-            _cut(group.software, 32),
-            _cut(group.version, 24),
-            str(len(group.nodes)),
-            "DRIFT" if group.software in drift else "-",
-            "all" if len(group.nodes) == len(nodes) and not group.offline else _cut(names, width),
-        ))
+        rows.append(
+            (
+                _cut(group.software, 32),
+                _cut(group.version, 24),
+                str(len(group.nodes)),
+                "DRIFT" if group.software in drift else "-",
+                "all" if len(group.nodes) == len(nodes) and not group.offline else _cut(names, width),
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     if not groups:
@@ -290,20 +305,23 @@ def render_table(nodes: Sequence[Mapping[str, Any]], now: float) -> str:
     for node in nodes:
         beat = node.get("heartbeat")
         labels = node.get("labels") or {}
-        rows.append((
-            _cut(str(node.get("node", "?")), 32),
-            "online" if node.get("online") else "offline",
-            ago(node.get("last_seen"), now),
-            _figure(beat, "load1", "{:.2f}"),
-            _figure(beat, "mem_used_pct", "{:.0f}%"),
-            _figure(beat, "disk_free_pct", "{:.0f}% free"),
-            _cut(",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "-"),
-            _cut(_job(node.get("job")), 24),
-            _cut(_versions(node), 60),
-        ))
+        rows.append(
+            (
+                _cut(str(node.get("node", "?")), 32),
+                "online" if node.get("online") else "offline",
+                ago(node.get("last_seen"), now),
+                _figure(beat, "load1", "{:.2f}"),
+                _figure(beat, "mem_used_pct", "{:.0f}%"),
+                _figure(beat, "disk_free_pct", "{:.0f}% free"),
+                _cut(",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "-"),
+                _cut(_job(node.get("job")), 24),
+                _cut(_versions(node), 60),
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-             for row in rows]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
     if not nodes:
         lines.append("(no nodes known to the hub)")
     return "\n".join(lines)

@@ -20,20 +20,42 @@ __all__ = ["is_loopback", "parse_serve", "register", "run"]
 
 def register(parser: argparse.ArgumentParser) -> None:
     """Add the subcommand's arguments."""
-    parser.add_argument("--broker", default=env_default("FLEET_BROKER", "mqtt://127.0.0.1:1883"),
-                        help="broker URL, mqtt://[user:pass@]host:port or mqtts://... (FLEET_BROKER)")
-    parser.add_argument("--prefix", default=env_default("FLEET_PREFIX", DEFAULT_PREFIX),
-                        help=f"topic prefix (FLEET_PREFIX, default {DEFAULT_PREFIX})")
-    parser.add_argument("--serve", metavar="H:P", default=env_default("FLEET_SERVE"),
-                        help="serve the same app to a browser on H:P with textual-serve (FLEET_SERVE); "
-                             "loopback unless you mean otherwise")
-    parser.add_argument("--examples", type=Path, default=env_default("FLEET_EXAMPLES", "examples"),
-                        help="directory of rollout specs offered by the new-rollout screen (FLEET_EXAMPLES)")
-    parser.add_argument("--http-info", type=Path, default=env_default("FLEET_HTTP_INFO"),
-                        help="file with the hub's HTTP URL and token (FLEET_HTTP_INFO; `fleet demo` "
-                             "writes one): shown by the help screen (?)")
-    parser.add_argument("--utc", action="store_true", default=env_default("FLEET_UTC") == "1",
-                        help="show times in UTC (FLEET_UTC=1)")
+    parser.add_argument(
+        "--broker",
+        default=env_default("FLEET_BROKER", "mqtt://127.0.0.1:1883"),
+        help="broker URL, mqtt://[user:pass@]host:port or mqtts://... (FLEET_BROKER)",
+    )
+    parser.add_argument(
+        "--prefix",
+        default=env_default("FLEET_PREFIX", DEFAULT_PREFIX),
+        help=f"topic prefix (FLEET_PREFIX, default {DEFAULT_PREFIX})",
+    )
+    parser.add_argument(
+        "--serve",
+        metavar="H:P",
+        default=env_default("FLEET_SERVE"),
+        help="serve the same app to a browser on H:P with textual-serve (FLEET_SERVE); "
+        "loopback unless you mean otherwise",
+    )
+    parser.add_argument(
+        "--examples",
+        type=Path,
+        default=env_default("FLEET_EXAMPLES", "examples"),
+        help="directory of rollout specs offered by the new-rollout screen (FLEET_EXAMPLES)",
+    )
+    parser.add_argument(
+        "--http-info",
+        type=Path,
+        default=env_default("FLEET_HTTP_INFO"),
+        help="file with the hub's HTTP URL and token (FLEET_HTTP_INFO; `fleet demo` "
+        "writes one): shown by the help screen (?)",
+    )
+    parser.add_argument(
+        "--utc",
+        action="store_true",
+        default=env_default("FLEET_UTC") == "1",
+        help="show times in UTC (FLEET_UTC=1)",
+    )
 
 
 def parse_serve(value: str) -> tuple[str, int]:
@@ -122,8 +144,13 @@ def run(args: argparse.Namespace) -> int:
 
     parse_broker_url(args.broker)  # a bad URL is a usage error (exit 2), before any screen
     topics = Topics(args.prefix)
-    config = TuiConfig(broker=args.broker, prefix=args.prefix, examples_dir=args.examples, utc=args.utc,
-                       http_info=getattr(args, "http_info", None))
+    config = TuiConfig(
+        broker=args.broker,
+        prefix=args.prefix,
+        examples_dir=args.examples,
+        utc=args.utc,
+        http_info=getattr(args, "http_info", None),
+    )
     if args.serve:
         host, port = parse_serve(args.serve)
         return _serve(host, port, args)

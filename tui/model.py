@@ -222,7 +222,11 @@ class RolloutView:
             return 0, 0
         counts = self.summary.counts
         done = (
-            counts.succeeded + counts.failed + counts.rolled_back + counts.rollback_failed + counts.lost
+            counts.succeeded
+            + counts.failed
+            + counts.rolled_back
+            + counts.rollback_failed
+            + counts.lost
             + counts.not_started
         )
         total = max(done + counts.pending + counts.running + counts.deferred, len(self.summary.nodes))

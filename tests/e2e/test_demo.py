@@ -29,7 +29,11 @@ class Demo:
     def fleet(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "cli.main", *args],
-            capture_output=True, text=True, timeout=timeout, env=self.env, check=False,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.env,
+            check=False,
         )
 
     def app_version(self, node: str) -> str:
@@ -48,7 +52,10 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
     with out.open("w") as sink:
         proc = subprocess.Popen(
             [sys.executable, "-m", "cli.main", "demo", "--nodes", "3", "--no-tui", "--dir", str(root)],
-            stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
         )
     try:
         deadline = time.monotonic() + 90
@@ -124,8 +131,7 @@ def test_nodes_by_version_agrees_with_the_node_table(demo: Demo) -> None:
     assert none.stdout.strip().splitlines()[-1] == "0 nodes: 0 online, 0 offline"
 
 
-@pytest.mark.xfail(reason="issue 14 item 2: agents re-report versions after a job (agent work)",
-                   strict=False)
+@pytest.mark.xfail(reason="issue 14 item 2: agents re-report versions after a job (agent work)", strict=False)
 def test_nodes_by_version_shows_the_new_version_everywhere(demo: Demo) -> None:
     # After the good rollout every node runs demo-app 2.0; the hub must hear it within seconds.
     deadline = time.monotonic() + 20
@@ -136,8 +142,15 @@ def test_nodes_by_version_shows_the_new_version_everywhere(demo: Demo) -> None:
         if [r["version"] for r in rows] == ["2.0"] or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    assert rows == [{"software": "demo-app", "version": "2.0", "nodes": ["node-1", "node-2", "node-3"],
-                     "offline": [], "drift": False}]
+    assert rows == [
+        {
+            "software": "demo-app",
+            "version": "2.0",
+            "nodes": ["node-1", "node-2", "node-3"],
+            "offline": [],
+            "drift": False,
+        }
+    ]
 
 
 def test_bad_rollout_restores_every_node(demo: Demo) -> None:
@@ -171,7 +184,11 @@ def test_broker_refuses_anonymous_clients(demo: Demo) -> None:
     env = {**demo.env, "FLEET_BROKER": f"mqtt://127.0.0.1:{port.group(1)}"}
     result = subprocess.run(
         [sys.executable, "-m", "cli.main", "nodes"],
-        capture_output=True, text=True, timeout=60, env=env, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
     )
     assert result.returncode == 1
     assert len(result.stderr.strip().splitlines()) == 1

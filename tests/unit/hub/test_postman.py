@@ -139,6 +139,6 @@ def test_every_request_checks_status_and_body_and_creates_come_first(collection:
     for item in items:
         script = "\n".join(next(e for e in item["event"] if e["listen"] == "test")["script"]["exec"])
         assert 'pm.test("status is "' in script, item["name"]
-        assert "pm.test(\"body is" in script, item["name"]
+        assert 'pm.test("body is' in script, item["name"]
     show = next(i for i in items if i["name"] == "Show a rollout")
     assert 'pm.expect(body.id).to.eql(pm.collectionVariables.get("rollout"));' in str(show["event"])

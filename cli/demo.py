@@ -12,9 +12,14 @@ import argparse
 import contextlib
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cli.options import env_default
+
+if TYPE_CHECKING:
+    from cli.demo_fleet import DemoFleet
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -57,12 +62,15 @@ class _Stop(Exception):
     """A stop signal arrived (SIGINT, SIGTERM or SIGHUP): clean up as for Ctrl-C."""
 
 
-def _on_signal(signum: int, _frame: object) -> None:
-    # Further signals must not interrupt the cleanup: it ends every child and
-    # waits for them; the watchdog process covers the case where even that dies.
-    for other in _STOP_SIGNALS:
-        signal.signal(other, signal.SIG_IGN)
-    raise _Stop(signal.Signals(signum).name)
+def _stop_handler(fleet: DemoFleet) -> Callable[[int, object], None]:
+    def on_signal(signum: int, _frame: object) -> None:
+        # Further signals must not interrupt the cleanup: it ends every child and
+        # waits for them; the watchdog process covers the case where even that dies.
+        for other in _STOP_SIGNALS:
+            signal.signal(other, signal.SIG_IGN)
+        fleet.stop_requested(_Stop(signal.Signals(signum).name))
+
+    return on_signal
 
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -92,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
         verbose=bool(args.verbose),
         say=_say,
     )
-    previous = {signum: signal.signal(signum, _on_signal) for signum in _STOP_SIGNALS}
+    handler = _stop_handler(fleet)
+    previous = {signum: signal.signal(signum, handler) for signum in _STOP_SIGNALS}
     stopped_by = ""
     try:
         fleet.start()
@@ -113,6 +122,6 @@ def run(args: argparse.Namespace) -> int:
         )
         fleet.stop()
         _say("stopped")
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        for signum, old in previous.items():
+            signal.signal(signum, old)
     return 0

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -115,6 +115,8 @@ class DemoFleet:
         self._urls: dict[str, str] = {}
         self._watchdog: subprocess.Popen[bytes] | None = None
         self._watch_pipe: int | None = None
+        self._deferring = 0
+        self.pending_stop: BaseException | None = None
 
     @property
     def broker_url(self) -> str:
@@ -175,6 +177,24 @@ class DemoFleet:
         finally:
             os.close(read_end)
         self._watch_pipe = write_end
+
+    @contextlib.contextmanager
+    def deferring_stops(self) -> Iterator[None]:
+        """Within: a stop signal is kept in ``pending_stop`` (``stop_requested``); raised on leaving."""
+        self._deferring += 1
+        try:
+            yield
+        finally:
+            self._deferring -= 1
+        if not self._deferring and self.pending_stop is not None:
+            raise self.pending_stop
+
+    def stop_requested(self, stop: BaseException) -> None:
+        """What the demo's signal handler calls: raise ``stop`` now, or once bookkeeping is done."""
+        if self._deferring:
+            self.pending_stop = stop
+            return
+        raise stop
 
     def _tell_watchdog(self, line: str) -> None:
         if self._watch_pipe is not None:
@@ -249,11 +269,14 @@ class DemoFleet:
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         log = (self.root / "logs" / f"{name}.log").open("ab")
         full_env = {**os.environ, "FLEET_NO_CONFIG_DISCOVERY": "1", **(env or {})}
-        self.procs[name] = subprocess.Popen(
-            argv, stdout=log, stderr=log, env=full_env, start_new_session=True
-        )
+        # A stop signal between the start and the bookkeeping would leave a child no one knows
+        # of: the signal handler only records a stop while this runs (see `deferring_stops`).
+        with self.deferring_stops():
+            self.procs[name] = subprocess.Popen(
+                argv, stdout=log, stderr=log, env=full_env, start_new_session=True
+            )
+            self._tell_watchdog(f"pid {self.procs[name].pid}")
         log.close()
-        self._tell_watchdog(f"pid {self.procs[name].pid}")
 
     def _tool_env(self) -> dict[str, str]:
         """The environment of the demo's own tool runs (nodes, TUI): the tools' credentials."""
@@ -437,19 +460,19 @@ class DemoFleet:
     def run_tui(self) -> None:
         """Open the terminal UI in the foreground; if the demo must stop, end the UI and fix the terminal."""
         saved = _terminal_state()
-        tui = subprocess.Popen(
-            self._fleet("tui"),
-            env={
-                **self._tool_env(),
-                "FLEET_EXAMPLES": str(self.root / "rollouts"),
-                "FLEET_HTTP_INFO": str(self.http_info_file),
-            },
-        )
-        self._tell_watchdog(f"pid {tui.pid}")
+        env = {
+            **self._tool_env(),
+            "FLEET_EXAMPLES": str(self.root / "rollouts"),
+            "FLEET_HTTP_INFO": str(self.http_info_file),
+        }
+        tui: subprocess.Popen[bytes] | None = None
         try:
+            with self.deferring_stops():
+                tui = subprocess.Popen(self._fleet("tui"), env=env)
+                self._tell_watchdog(f"pid {tui.pid}")
             tui.wait()
         finally:
-            if tui.poll() is None:
+            if tui is not None and tui.poll() is None:
                 tui.terminate()
                 try:
                     tui.wait(5)

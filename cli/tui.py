@@ -124,8 +124,9 @@ def _serve(host: str, port: int, args: argparse.Namespace) -> int:
     os.environ["FLEET_PREFIX"] = args.prefix
     os.environ["FLEET_EXAMPLES"] = str(args.examples)
     os.environ["FLEET_UTC"] = "1" if args.utc else "0"
-    if args.http_info:
-        os.environ["FLEET_HTTP_INFO"] = str(args.http_info)
+    http_info = getattr(args, "http_info", None)
+    if http_info:
+        os.environ["FLEET_HTTP_INFO"] = str(http_info)
     os.environ.pop("FLEET_SERVE", None)
     command = f"{shlex.quote(sys.executable)} -m cli.main tui"
     print(f"fleet tui: serving on http://{host}:{port}", flush=True)
@@ -148,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
         prefix=args.prefix,
         examples_dir=args.examples,
         utc=args.utc,
-        http_info=args.http_info,
+        http_info=getattr(args, "http_info", None),
     )
     if args.serve:
         host, port = parse_serve(args.serve)

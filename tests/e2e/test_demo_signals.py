@@ -175,3 +175,19 @@ def test_ctrl_c_in_the_demos_tui_quits_the_demo_and_its_children(tmp_path: Path)
         subprocess.run([*tmux, "kill-server"], check=False, capture_output=True)
         for line in _processes_under(root):
             os.kill(int(line.split()[0]), signal.SIGKILL)
+
+
+def _record_during_a_stop(fleet: DemoFleet, done: list[str]) -> None:
+    with fleet.deferring_stops():
+        fleet.stop_requested(KeyboardInterrupt("SIGTERM"))  # as the signal handler would
+        done.append("the child's pid was recorded")
+
+
+def test_a_stop_during_bookkeeping_waits_for_it(tmp_path: Path) -> None:
+    fleet = DemoFleet(tmp_path / "d", nodes=1, broker_port=0, http_addr="127.0.0.1:0", verbose=False)
+    done: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        _record_during_a_stop(fleet, done)
+    assert done == ["the child's pid was recorded"]
+    with pytest.raises(KeyboardInterrupt):
+        fleet.stop_requested(KeyboardInterrupt())  # outside: at once

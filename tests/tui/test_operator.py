@@ -170,6 +170,15 @@ async def test_rollouts_cursor_follows_the_newest_only_from_the_top_row() -> Non
         await until(pilot, lambda: table.row_count == 3, "the new row")
         assert table.visible_rollouts[0] == "r-newer"
         assert table.selected_rollout == "r-newer"
+        # What tells same-named rollouts apart is on screen at 80 columns: id and creation time.
+        assert [str(c.label) for c in table.columns.values()][:5] == [
+            "Name",
+            "Id",
+            "State",
+            "Progress",
+            "Created",
+        ]
+        assert str(table.get_cell("r-newer", "created")) == "05-01 11:59"
         # Elsewhere: the cursor stays on the rollout the operator chose.
         await pilot.press("down")
         chosen = table.selected_rollout

@@ -14,14 +14,16 @@ from tui.model import Changes, FleetModel, RolloutView
 
 __all__ = ["RolloutTable"]
 
+#: (key, header, width): what tells rollouts apart (name, id, creation time) fits 80 columns
+#: with state and progress; the id cell holds the full id, shown cut to its first 8 characters.
 COLUMNS: tuple[tuple[str, str, int], ...] = (
-    ("name", "Name", 20),
+    ("name", "Name", 18),
+    ("id", "Id", 8),
     ("state", "State", 15),
     ("progress", "Progress", 16),
+    ("created", "Created", 11),
     ("wave", "Wave", 5),
     ("counts", "Counts", 34),
-    ("created", "Created", 19),
-    ("id", "Id", 36),
 )
 _KEYS = tuple(key for key, _, _ in COLUMNS)
 
@@ -55,12 +57,12 @@ class RolloutTable(DataTable[Any]):
         wave = f"{summary.wave}/{summary.waves}" if summary.waves else "-"
         return (
             plain(summary.name),
+            summary.id,
             rollout_state_text(summary.state),
             progress_text(done, total),
+            clock_text(summary.created_at, self._utc)[5:16],  # MM-DD HH:MM
             wave,
             counts_text(summary.counts),
-            clock_text(summary.created_at, self._utc),
-            summary.id,
         )
 
     def sync(self, changes: Changes) -> None:

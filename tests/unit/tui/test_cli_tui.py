@@ -53,10 +53,9 @@ def test_a_bad_broker_url_or_prefix_is_a_one_line_usage_error(capsys: pytest.Cap
 class _FakeServer:
     made: ClassVar[list[dict[str, Any]]] = []
 
-    def __init__(self, command: str, host: str, port: int, title: str, templates_path: str) -> None:
-        self.made.append({"command": command, "host": host, "port": port, "title": title})
-        page = (Path(templates_path) / "app_index.html").read_text(encoding="utf-8")
-        assert "fonts.googleapis.com" not in page  # the page loads nothing from outside
+    def __init__(self, command: str, host: str, port: int, title: str, templates_path: Path) -> None:
+        page = (Path(templates_path) / "app_index.html").read_text()  # gone once serving ends
+        self.made.append({"command": command, "host": host, "port": port, "title": title, "page": page})
 
     def serve(self) -> None:
         """Nothing listens: this fake only records what would be served."""
@@ -69,7 +68,6 @@ def _serve_args(serve: str) -> argparse.Namespace:
         serve=serve,
         examples=Path("examples"),
         utc=False,
-        http_info=None,
     )
 
 
@@ -89,6 +87,8 @@ def test_serve_warns_off_loopback_and_keeps_the_password_off_the_command_line(
     made = _FakeServer.made[0]
     assert (made["host"], made["port"]) == ("192.0.2.1", 8000)
     assert made["command"].endswith("-m cli.main tui")
+    assert "googleapis" not in made["page"]  # the page's font comes from the local server
+    assert "fonts/RobotoMono" in made["page"]
     assert "secret" not in made["command"]
     import os
 

@@ -382,8 +382,8 @@ async def test_the_step_grid_of_a_finished_rollout_is_the_same_after_a_hub_resta
             {"index": 0, "type": "script", "state": "rolled_back", "detail": ""},
             {"index": 1, "type": "health", "state": "failed", "detail": "exit 1"},
         ]
-        assert [c["state"] for c in steps["n2"]] == ["pending", "pending"]  # never started
-        assert all(c["state"] in ("pending", "running", "succeeded", "rolled_back") for c in steps["n1"])
+        assert [c["state"] for c in steps["n2"]] == ["not_started", "not_started"]  # never started
+        assert all(c["state"] in ("not_started", "running", "succeeded", "rolled_back") for c in steps["n1"])
         # A fresh hub (a fresh TUI, `fleet rollout show`, GET /api/rollouts/ID) shows the same grid.
         async with Hub(broker, topics, db, key) as hub:
             again = await hub.manager.request("show", {"rollout": rid})

@@ -1211,7 +1211,12 @@ class RolloutEngine:
         running = 0
         for rid in sorted(self._active):
             r = self._rollouts[rid]
-            open_nodes = [n for n in r.nodes.values() if n.phase in ("applying", "lost")]
+            # The nodes in play: at work, lost, or soaking in the current wave.
+            open_nodes = [
+                n
+                for n in r.nodes.values()
+                if n.phase in ("applying", "lost") or (n.phase == "succeeded" and n.wave == r.wave)
+            ]
             running += len(open_nodes)
             if any(n.name in dropped for n in open_nodes):
                 hit.append(r)

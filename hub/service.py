@@ -249,8 +249,12 @@ class HubService:
         client = self._client
         if client is not None and client.is_connected:
             state = HubState(
-                state="offline", session=self._session, reason="shutdown", version=_VERSION,
-                started_at=self._started_at, ts=self._clock(),
+                state="offline",
+                session=self._session,
+                reason="shutdown",
+                version=_VERSION,
+                started_at=self._started_at,
+                ts=self._clock(),
             )
             with contextlib.suppress(BusError, asyncio.TimeoutError):
                 await asyncio.wait_for(
@@ -313,8 +317,12 @@ class HubService:
         # A fresh session per connection; the birth of that connection reuses it.
         self._session = new_id()
         state = HubState(
-            state="offline", session=self._session, reason="lost", version=_VERSION,
-            started_at=self._started_at, ts=self._clock(),  # the connection's start: a will has no later
+            state="offline",
+            session=self._session,
+            reason="lost",
+            version=_VERSION,
+            started_at=self._started_at,
+            ts=self._clock(),  # the connection's start: a will has no later
         )
         return Will(self.topics.hub_state, encode(state), qos=1, retain=True)
 
@@ -328,8 +336,12 @@ class HubService:
             await self._broker_changed(True)
         self._was_connected = True
         state = HubState(
-            state="online", session=self._session, reason="birth", version=_VERSION,
-            started_at=self._started_at, ts=self._clock(),
+            state="online",
+            session=self._session,
+            reason="birth",
+            version=_VERSION,
+            started_at=self._started_at,
+            ts=self._clock(),
         )
         await self.publish(self.topics.hub_state, encode(state), qos=1, retain=True)
 
@@ -426,7 +438,9 @@ class HubService:
         data = encode(reply)
         if len(data) > MAX_PAYLOAD_BYTES:
             reply = Reply(
-                request=request.id, ok=False, body={"kind": "too_large"},
+                request=request.id,
+                ok=False,
+                body={"kind": "too_large"},
                 error=f"reply of {len(data)} bytes exceeds the {MAX_PAYLOAD_BYTES}-byte limit; "
                 "ask for less (nodes: offset/limit)",
             )

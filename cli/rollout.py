@@ -370,7 +370,7 @@ def render_show(body: Mapping[str, Any], now: float) -> str:
 
 
 _CELL = {"pending": "-", "running": "run", "succeeded": "ok", "failed": "FAIL", "rolled_back": "undone",
-         "skipped": "skip", "rejected": "REJECTED", "deferred": "defer"}  # fmt: skip
+         "skipped": "skip", "rejected": "REJECTED", "deferred": "defer", "not_started": "."}  # fmt: skip
 
 
 def render_grid(steps: object) -> list[str]:

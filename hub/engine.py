@@ -572,21 +572,23 @@ class RolloutEngine:
         """Every node's step grid (state and failure reason per plan step), as the ``show`` reply's ``steps``.
 
         Each step is ``{"index": i, "type", "state", "detail"}`` with ``i`` 0-based as
-        ``StepStatus.index`` on the wire. When the rollout has more than ``limit``
+        ``StepStatus.index`` on the wire and ``state`` a ``StepStatus`` state, ``pending``,
+        or ``not_started`` (a step a finished rollout never ran). When the rollout has more than ``limit``
         cells, nodes whose every step is still pending are left out (replies are
         size-bounded); NotFound if unknown.
         """
         r = self._get(rollout)
         types = [step.type for step in r.plan]
         many = len(r.nodes) * len(types) > limit
+        idle = "not_started" if r.is_final else "pending"  # a finished rollout has nothing pending
         grids: dict[str, list[dict[str, Any]]] = {}
         for name, n in r.nodes.items():
             if many and not n.grid:
                 continue
             cells = n.grid or [["pending", ""]] * len(types)
             grids[name] = [
-                {"index": i, "type": kind, "state": cell[0], "detail": cell[1]}
-                for i, (kind, cell) in enumerate(zip(types, cells, strict=False))
+                {"index": i, "type": kind, "state": idle if state == "pending" else state, "detail": detail}
+                for i, (kind, (state, detail)) in enumerate(zip(types, cells, strict=False))
             ]
         return grids
 
@@ -1215,7 +1217,12 @@ class RolloutEngine:
         running = 0
         for rid in sorted(self._active):
             r = self._rollouts[rid]
-            open_nodes = [n for n in r.nodes.values() if n.phase in ("applying", "lost")]
+            # The nodes in play: at work, lost, or soaking in the current wave.
+            open_nodes = [
+                n
+                for n in r.nodes.values()
+                if n.phase in ("applying", "lost") or (n.phase == "succeeded" and n.wave == r.wave)
+            ]
             running += len(open_nodes)
             if any(n.name in dropped for n in open_nodes):
                 hit.append(r)

@@ -131,7 +131,7 @@ async def test_download_larger_than_the_free_space(
         assert summary.state == "rolled_back", f"{summary}\n{fleet.logs()}"
         assert node.phase == "rolled_back", node
         assert cause in node.detail, node.detail
-        assert "step 1 (download)" in node.detail, node.detail
+        assert "step 2 (download)" in node.detail, node.detail  # numbered from 1
         assert parts(agent, state) == {"a": "v0", "b": "v0"}
         assert not inside(agent, state / "cache" / "big.bin").exists()
         assert leftovers(inside(agent, state)) == []
@@ -189,7 +189,7 @@ async def test_step_that_fills_the_disk_is_undone(
         node = summary.nodes[NODE]
         assert summary.state == "rolled_back", f"{summary}\n{fleet.logs()}"
         assert node.phase == "rolled_back", node
-        assert "step 1 (script)" in node.detail, node.detail
+        assert "step 2 (script)" in node.detail, node.detail  # numbered from 1
         assert parts(agent, state) == {"a": "v0", "b": "v0"}
         assert not inside(agent, state / "blob").exists()
         assert leftovers(inside(agent, state)) == []

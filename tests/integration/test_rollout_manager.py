@@ -382,13 +382,34 @@ async def test_the_step_grid_of_a_finished_rollout_is_the_same_after_a_hub_resta
             {"index": 0, "type": "script", "state": "rolled_back", "detail": ""},
             {"index": 1, "type": "health", "state": "failed", "detail": "exit 1"},
         ]
-        assert [c["state"] for c in steps["n2"]] == ["pending", "pending"]  # never started
-        assert all(c["state"] in ("pending", "running", "succeeded", "rolled_back") for c in steps["n1"])
+        assert [c["state"] for c in steps["n2"]] == ["not_started", "not_started"]  # never started
+        assert all(c["state"] in ("not_started", "running", "succeeded", "rolled_back") for c in steps["n1"])
         # A fresh hub (a fresh TUI, `fleet rollout show`, GET /api/rollouts/ID) shows the same grid.
         async with Hub(broker, topics, db, key) as hub:
             again = await hub.manager.request("show", {"rollout": rid})
             assert again["steps"] == steps
             assert again["counts"] == shown["counts"]
+
+
+async def test_rollout_ops_take_a_unique_id_prefix_and_refuse_an_ambiguous_one(
+    broker: RunningBroker, topics: Topics, tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    nodes = [f"p{i}" for i in range(17)]
+    async with Hub(broker, topics, tmp_path / "hub.json", key) as hub:
+        hub.online(*nodes)
+        ids = [await hub.create([node]) for node in nodes]  # 17 ids, 16 hex digits: two share one
+        first = {rid: rid[0] for rid in ids}
+        shared = next(c for c in first.values() if list(first.values()).count(c) > 1)
+        with pytest.raises(InvalidInput, match=f"prefix '{shared}' is ambiguous: it matches ") as ambiguous:
+            await hub.manager.request("show", {"rollout": shared})
+        assert all(rid in ambiguous.value.reason for rid in ids if rid[0] == shared)
+        rid = ids[0]
+        shown = await hub.manager.request("show", {"rollout": rid[:8]})
+        assert shown["id"] == rid
+        paused = await hub.manager.request("pause", {"rollout": rid[:8]})
+        assert paused == {"rollout": rid, "state": "paused"}
+        with pytest.raises(NotFound):
+            await hub.manager.request("show", {"rollout": "zzzz"})
 
 
 async def test_a_restarted_hub_resumes_the_rollout_and_finishes_it(

@@ -1158,3 +1158,17 @@ def test_a_lost_nodes_timeout_waits_while_it_is_away() -> None:
     assert fleet.engine.next_deadline() == T0 + 80  # node timeout 60 + 20 s away
     fleet.snap("n1", "succeeded")
     assert fleet.state() == "succeeded"
+
+
+def test_a_few_nodes_lost_among_many_in_play_are_single_losses_not_a_broker_event() -> None:
+    fleet = Fleet()
+    nodes = [f"n{i}" for i in range(6)]
+    fleet.create(nodes, strategy={"waves": ["100%"], "soak_s": 60}, offline_grace_s=10)
+    fleet.succeed("n0", "n1", "n2", "n3")  # soaking (in play) while n4 and n5 run
+    fleet.step("n4", 0, "running")
+    fleet.step("n5", 0, "running")
+    fleet.do(PresenceChanged("n4", False), at=T0 + 1)
+    actions = fleet.do(PresenceChanged("n5", False), at=T0 + 1.5)
+    assert audits(actions, "outage") == []  # 2 of 6 in play: not more than half
+    actions = fleet.do(Tick(), at=T0 + 11)
+    assert fleet.state() == "rolling_back"  # each is a failure after its grace

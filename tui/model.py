@@ -64,6 +64,12 @@ SortColumn = Literal["node", "state", "seen", "load", "mem", "disk", "job"]
 SORT_COLUMNS: tuple[SortColumn, ...] = ("node", "state", "seen", "load", "mem", "disk", "job")
 
 
+#: Node phases after which a node has nothing left to do in its rollout.
+_FINISHED_PHASES = frozenset(
+    {"succeeded", "failed", "rolled_back", "rollback_failed", "rejected", "timed_out", "not_started"}
+)
+
+
 @dataclass(frozen=True)
 class Cleared:
     """An empty retained payload: the topic's node or rollout was removed."""
@@ -217,20 +223,15 @@ class RolloutView:
         return sorted(nodes)
 
     def progress(self) -> tuple[int, int]:
-        """(finished nodes, target nodes)."""
+        """(finished nodes, target nodes), from the nodes' phases.
+
+        Not from the counts: they overlap (a failed node that was restored is in
+        both ``failed`` and ``rolled_back``).
+        """
         if self.summary is None:
             return 0, 0
-        counts = self.summary.counts
-        done = (
-            counts.succeeded
-            + counts.failed
-            + counts.rolled_back
-            + counts.rollback_failed
-            + counts.lost
-            + counts.not_started
-        )
-        total = max(done + counts.pending + counts.running + counts.deferred, len(self.summary.nodes))
-        return done, total
+        phases = [node.phase for node in self.summary.nodes.values()]
+        return sum(phase in _FINISHED_PHASES for phase in phases), len(phases)
 
     def node_line(self, node: str) -> str:
         """One line on a node's steps, 1-based: its failed step and reason, else its latest step."""

@@ -150,7 +150,7 @@ def test_summary_progress_and_list_order() -> None:
         created_at=1,
         updated_at=2,
         counts=RolloutCounts(succeeded=2),
-        nodes={"a": NodeSummary(phase="succeeded")},
+        nodes={"a": NodeSummary(phase="succeeded"), "b": NodeSummary(phase="succeeded")},
     )
     new = RolloutSummary(
         id="r-new",
@@ -158,7 +158,13 @@ def test_summary_progress_and_list_order() -> None:
         state="running",
         created_at=5,
         updated_at=6,
-        counts=RolloutCounts(pending=2, running=1, failed=1),
+        counts=RolloutCounts(pending=2, running=1, failed=1, rolled_back=1),
+        nodes={
+            "a": NodeSummary(phase="pending"),
+            "b": NodeSummary(phase="pending"),
+            "c": NodeSummary(phase="applying"),
+            "d": NodeSummary(phase="failed"),  # restored too: counted failed and rolled_back
+        },
     )
     model.apply_all([old, new], NOW)
     assert [r.id for r in model.rollouts_newest_first()] == ["r-new", "r-old"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -63,7 +64,12 @@ _ENV_ALIASES = {"labels": "FLEET_LABEL", "packages": "FLEET_PACKAGE", "drivers":
 
 def default_scripts_dir(state_dir: Path) -> Path:
     """``STATE_DIR-scripts``: beside the state dir, since steps may write inside it (issue 16)."""
-    return state_dir.with_name(f"{state_dir.name or 'state'}-scripts")
+    state_dir = Path(os.path.normpath(state_dir))  # "x/.." is "."
+    if not state_dir.name:  # "." or "/": name the directory it stands for
+        state_dir = state_dir.absolute()
+    if not state_dir.name:
+        return Path("/fleet-scripts")
+    return state_dir.with_name(f"{state_dir.name}-scripts")
 
 
 class AgentConfig(BaseModel):

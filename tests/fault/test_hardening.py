@@ -107,8 +107,12 @@ async def test_a_nodes_password_cannot_take_over_the_hub_or_another_agent(
     assert state == "succeeded"
     # On mosquitto the attacker is client "n1" whatever id it asks for: the only
     # connection it can take over is n1's own (whose password it holds anyway).
-    offline = [e for _, e in observer.events if e.kind == "node_offline" and e.node != "n1"]
-    assert offline == [], f"a node went offline during the attack: {offline}"
+    # A connection taken over ends with the real client's last will ("lost"); missed
+    # heartbeats on a loaded machine are another matter.
+    kicked = [
+        e for _, e in observer.events if e.kind == "node_offline" and e.node != "n1" and "lost" in e.message
+    ]
+    assert kicked == [], f"a node's connection was taken over during the attack: {kicked}"
     assert observer.hub_births == 1, "the hub lost its connection"
     assert rounds >= 1
     # The embedded broker refuses the foreign ids; mosquitto renames them to "n1".

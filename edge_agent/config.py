@@ -176,6 +176,12 @@ class AgentConfig(BaseModel):
         keys = tuple(key for path in self.trust for key in load_public_keys(path))
         if not keys:
             _LOGGER.warning("no trusted key configured (--trust): every command will be rejected")
+        state, scripts = self.state_dir.absolute(), self.scripts_dir.absolute()
+        if scripts == state or state in scripts.parents:
+            _LOGGER.warning(
+                "scripts dir %s is inside the state dir %s: steps are refused there, but keep it apart "
+                "(the default is %s)", scripts, state, default_scripts_dir(state),
+            )  # fmt: skip
         return ExecutorSettings(
             node=self.node_id,
             state_dir=self.state_dir.absolute(),

@@ -556,8 +556,13 @@ def write_broker_config(
     for name in (*node_list, *tool_list):
         _check_node_name(name)
     requested: dict[str, object] = {
-        "host": host, "port": port, "bind": bind, "tls": tls, "prefix": prefix,
-        "broker_dir": broker_dir, "broker_user": broker_user,
+        "host": host,
+        "port": port,
+        "bind": bind,
+        "tls": tls,
+        "prefix": prefix,
+        "broker_dir": broker_dir,
+        "broker_user": broker_user,
     }
     existing = _read_settings(out)
     if add:

@@ -51,6 +51,7 @@ def own_client_id(username: str | None, wanted: str) -> str:
         return wanted
     return f"{username}{CLIENT_ID_SEPARATOR}{wanted}"
 
+
 NodeChannel = Literal["state", "heartbeat", "cmd", "status", "job", "log"]
 NODE_CHANNELS: tuple[NodeChannel, ...] = ("state", "heartbeat", "cmd", "status", "job", "log")
 

@@ -23,22 +23,38 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--broker", help="broker URL mqtt://[user:pass@]host:port (FLEET_BROKER)")
     parser.add_argument("--prefix", help="topic prefix, default fleet/v1 (FLEET_PREFIX)")
     parser.add_argument("--db", type=Path, help="TinyDB file, default ./fleet-hub.json (FLEET_DB)")
-    parser.add_argument("--signing-key", type=Path,
-                        help="Ed25519 private key that signs commands (FLEET_SIGNING_KEY)")
+    parser.add_argument(
+        "--signing-key", type=Path, help="Ed25519 private key that signs commands (FLEET_SIGNING_KEY)"
+    )
     parser.add_argument("--http", metavar="H:P", help="serve the HTTP bridge on H:P (FLEET_HTTP)")
-    parser.add_argument("--http-token", metavar="T",
-                        help="bearer token for the HTTP bridge; required off loopback (FLEET_HTTP_TOKEN); "
-                        "visible to every local user: prefer --http-token-file or the variable")
-    parser.add_argument("--http-token-file", metavar="F", type=Path,
-                        help="file holding the HTTP bridge's bearer token (first line)")
-    parser.add_argument("--heartbeat-s", type=float,
-                        help="heartbeat period assumed for nodes that announce none, default 5 "
-                        "(FLEET_HEARTBEAT_S)")
-    parser.add_argument("--commit-interval-s", type=float,
-                        help="database group-commit interval, default 0.05 (FLEET_COMMIT_INTERVAL_S)")
-    parser.add_argument("--keep-rollouts", type=int, metavar="N",
-                        help="finished rollouts kept, default 100; older ones go to DB.archive.jsonl "
-                        "(FLEET_KEEP_ROLLOUTS)")
+    parser.add_argument(
+        "--http-token",
+        metavar="T",
+        help="bearer token for the HTTP bridge; required off loopback (FLEET_HTTP_TOKEN); "
+        "visible to every local user: prefer --http-token-file or the variable",
+    )
+    parser.add_argument(
+        "--http-token-file",
+        metavar="F",
+        type=Path,
+        help="file holding the HTTP bridge's bearer token (first line)",
+    )
+    parser.add_argument(
+        "--heartbeat-s",
+        type=float,
+        help="heartbeat period assumed for nodes that announce none, default 5 (FLEET_HEARTBEAT_S)",
+    )
+    parser.add_argument(
+        "--commit-interval-s",
+        type=float,
+        help="database group-commit interval, default 0.05 (FLEET_COMMIT_INTERVAL_S)",
+    )
+    parser.add_argument(
+        "--keep-rollouts",
+        type=int,
+        metavar="N",
+        help="finished rollouts kept, default 100; older ones go to DB.archive.jsonl (FLEET_KEEP_ROLLOUTS)",
+    )
     parser.add_argument("--client-id", help="MQTT client id, default fleet-hub (FLEET_HUB_CLIENT_ID)")
     parser.add_argument("--config", type=Path, help="TOML config file with a [hub] table (FLEET_CONFIG)")
 
@@ -48,8 +64,11 @@ def run(args: argparse.Namespace) -> int:
     from hub.config import read_hub_config
 
     if args.http_token is not None:
-        print("fleet hub: --http-token is readable by every local user (ps); "
-              "prefer --http-token-file or FLEET_HTTP_TOKEN", file=sys.stderr)
+        print(
+            "fleet hub: --http-token is readable by every local user (ps); "
+            "prefer --http-token-file or FLEET_HTTP_TOKEN",
+            file=sys.stderr,
+        )
     token = args.http_token
     if args.http_token_file is not None:
         token = read_token_file(args.http_token_file, given=args.http_token is not None)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -65,7 +66,12 @@ _ENV_ALIASES = {"labels": "FLEET_LABEL", "packages": "FLEET_PACKAGE", "drivers":
 
 def default_scripts_dir(state_dir: Path) -> Path:
     """``STATE_DIR-scripts``: beside the state dir, since steps may write inside it (issue 16)."""
-    return state_dir.with_name(f"{state_dir.name or 'state'}-scripts")
+    state_dir = Path(os.path.normpath(state_dir))  # "x/.." is "."
+    if not state_dir.name:  # "." or "/": name the directory it stands for
+        state_dir = state_dir.absolute()
+    if not state_dir.name:
+        return Path("/fleet-scripts")
+    return state_dir.with_name(f"{state_dir.name}-scripts")
 
 
 class AgentConfig(BaseModel):
@@ -206,6 +212,12 @@ class AgentConfig(BaseModel):
         keys = tuple(key for path in self.trust for key in load_public_keys(path))
         if not keys:
             _LOGGER.warning("no trusted key configured (--trust): every command will be rejected")
+        state, scripts = self.state_dir.absolute(), self.scripts_dir.absolute()
+        if scripts == state or state in scripts.parents:
+            _LOGGER.warning(
+                "scripts dir %s is inside the state dir %s: steps are refused there, but keep it apart "
+                "(the default is %s)", scripts, state, default_scripts_dir(state),
+            )  # fmt: skip
         return ExecutorSettings(
             node=self.node_id,
             state_dir=self.state_dir.absolute(),

@@ -399,7 +399,7 @@ class Simulator:
                         node_id=node,
                         prefix=config.prefix,
                         state_dir=self.state_root / node,
-                        scripts_dir=self.state_root / node / "scripts",
+                        scripts_dir=self.state_root / f"{node}-scripts",  # beside its state dir (issue 16)
                         trust=list(config.trust),
                         labels=labels,
                         heartbeat_s=config.heartbeat_s,

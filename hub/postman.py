@@ -57,7 +57,10 @@ def _request(method: str, path: str, operation: dict[str, Any], body: Any | None
     ]
     request: dict[str, Any] = {
         "method": method.upper(),
-        "header": [{"key": "Content-Type", "value": "application/json"}] if body is not None else [],
+        # Every write says JSON: a tokenless bridge refuses writes that do not (hub.http).
+        "header": [{"key": "Content-Type", "value": "application/json"}]
+        if body is not None or method.lower() == "post"
+        else [],
         "url": {
             "raw": "{{baseUrl}}" + postman_path,
             "host": ["{{baseUrl}}"],

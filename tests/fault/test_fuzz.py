@@ -33,11 +33,12 @@ from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
 import bus.messages as messages
+from bus.display import has_control, printable_payload
 from bus.errors import InvalidInput
 from bus.messages import MAX_PAYLOAD_BYTES, Command, NodeState, Reply, RequestOp, decode, encode
 from bus.mqtt import Message
 from bus.signing import generate_keypair, load_private_key, public_key_of, sign_command
-from bus.topics import Topics, check_node_id
+from bus.topics import CLIENT_ID_SEPARATOR, Topics, check_node_id, is_node_id, is_own_client_id
 from edge_agent.executor import JournalState
 from edge_agent.runner import CommandRunner
 from edge_agent.settings import ExecutorSettings
@@ -243,6 +244,43 @@ def test_topic_parsers_refuse_traversal(text: str, channel: str) -> None:
         assert "\x00" not in value
         assert "/../" not in f"/{value}/"
     assert topics.parse_rollout(f"fleet-fuzz/v1/rollout/{text}") in (None, text)
+
+
+@fuzz_settings(400)
+@given(value=json_value)
+def test_bus_text_never_reaches_a_terminal_with_control_characters(value: Any) -> None:
+    """Issue 16: whatever JSON a node publishes, what the TUI decodes holds no control character
+    (tab and newline aside), and a payload without any passes through untouched."""
+    payload = json.dumps(value).encode()
+    cleaned = printable_payload(payload)
+    decoded = json.loads(cleaned)
+
+    def strings(item: Any) -> Iterator[str]:
+        if isinstance(item, str):
+            yield item
+        elif isinstance(item, list):
+            for child in item:
+                yield from strings(child)
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                yield key
+                yield from strings(child)
+
+    for text in strings(decoded):
+        assert not has_control(text), repr(text)
+    if not any(has_control(text) for text in strings(value)):
+        assert json.loads(cleaned) == json.loads(payload)
+
+
+@fuzz_settings(400)
+@given(user=nasty_text, client_id=nasty_text)
+def test_no_client_id_belongs_to_two_broker_users(user: str, client_id: str) -> None:
+    """Issue 16: the owner of a client id is never ambiguous between node and tool names."""
+    if not is_node_id(user) or not is_own_client_id(user, client_id):
+        return
+    for other in (client_id, client_id.split(CLIENT_ID_SEPARATOR)[0], f"{user}-x", f"{user}.x", user[:-1]):
+        if other != user and is_node_id(other):
+            assert not is_own_client_id(other, client_id), (user, other, client_id)
 
 
 # ------------------------------------------------------------------ the hub

@@ -27,6 +27,7 @@ import pytest
 from broker_config.generate import GeneratedConfig, write_broker_config
 from bus.broker import BrokerThread, load_config
 from bus.errors import BusError, InvalidInput
+from bus.messages import MAX_PACKET_BYTES
 from bus.mqtt import Message, MqttClient
 from bus.topics import Topics
 from tests.conftest import free_port, mosquitto_binary, wait_port
@@ -551,3 +552,40 @@ async def test_tools_with_their_own_credentials_run_side_by_side(fleet: Fleet) -
     assert b"ops-may-not" not in [m.payload for m in seen]
     with pytest.raises(InvalidInput, match="node or a tool"):
         write_broker_config(fleet.config.directory, ["ops"], add=True)
+
+
+async def test_a_publish_over_the_packet_limit_is_dropped_on_both_brokers(fleet: Fleet) -> None:
+    """Issue 16: a node announcing a 100 MB publish is disconnected before the body is read
+    (generated mosquitto.conf: max_packet_size; embedded: bus.broker); the hub stays."""
+    t = fleet.topics
+    async with connected(fleet.url("hub"), client_id="fleet-hub-big") as hub:
+        await synced(hub, f"{t.prefix}/#", t.events)
+        reader, writer = await asyncio.open_connection("127.0.0.1", fleet.port)
+        try:
+            writer.write(plain_connect_packet("n1~big", "n1", password_of(fleet.url("n1"))))
+            await writer.drain()
+            assert (await asyncio.wait_for(reader.readexactly(4), DEADLINE_S))[3] == 0
+            topic = t.node("n1", "log").encode()
+            size, length = 100 * 1024 * 1024, bytearray()
+            left = size
+            while True:
+                byte, left = left % 128, left // 128
+                length.append(byte | (0x80 if left else 0))
+                if not left:
+                    break
+            try:
+                writer.write(bytes([0x30]) + bytes(length) + len(topic).to_bytes(2, "big") + topic)
+                writer.write(b"x" * 65536)
+                await writer.drain()
+                rest = await asyncio.wait_for(reader.read(), DEADLINE_S)
+            except ConnectionResetError:
+                rest = b""  # closed while we were still sending: refused all the same
+            assert rest == b"", "the broker kept reading"
+        finally:
+            writer.transport.abort()
+        mark = marker()
+        async with connected(fleet.url("n1")) as n1:
+            await n1.publish(t.node("n1", "log"), mark, qos=1)
+            await collect(hub, lambda m: m.payload == mark)
+        assert hub.stats.reconnects == 0
+    assert f"max_packet_size {MAX_PACKET_BYTES}" in (fleet.config.directory / "mosquitto.conf").read_text()

@@ -277,3 +277,13 @@ print(sorted(m for m in sys.modules if m.split(".")[0] in heavy))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_a_scripts_dir_inside_the_state_dir_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = tmp_path / "s"
+    fields = {"node_id": "n1", "state_dir": str(state), "scripts_dir": str(state / "x")}
+    config = load_agent_config(fields, {})
+    config.to_executor_settings()
+    assert "inside the state dir" in caplog.text

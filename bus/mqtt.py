@@ -357,10 +357,11 @@ class MqttClient:
         self._sub_qos = sub_qos
         # Characters some server of the list cannot carry in a topic ("." at NATS).
         self._forbidden = "".join(sorted({c for u in self.urls for c in BROKER_KINDS[u.kind]}))
-        # A broker with users binds client ids to them (bus.topics.is_own_client_id); the
-        # servers of one list share the credentials, so the first URL's user names the id.
-        wanted = client_id or f"fleet-{uuid.uuid4().hex[:12]}"
-        self.client_id = own_client_id(self.urls[0].username, wanted)
+        # A broker with users binds client ids to them (bus.topics.is_own_client_id): the id
+        # is made for each URL's user when it is tried (the servers of one cluster usually
+        # share one user; reply topics are named after the first URL's).
+        self._wanted_id = client_id or f"fleet-{uuid.uuid4().hex[:12]}"
+        self.client_id = own_client_id(self.urls[self._index].username, self._wanted_id)
         self._will = will
         self._keepalive = keepalive
         self._connect_timeout = connect_timeout
@@ -733,6 +734,8 @@ class MqttClient:
     def _use_url(self, url: BrokerUrl) -> None:
         """Credentials and TLS of the URL about to be tried (each server of a list has its own)."""
         self._paho.username_pw_set(url.username, url.password)
+        self.client_id = own_client_id(url.username, self._wanted_id)
+        self._paho._client_id = self.client_id.encode()
         context = self._tls.get(self._index)
         # paho's tls_set_context may be called once per client; the attributes it sets are swapped here.
         self._paho._ssl = context is not None

@@ -615,7 +615,7 @@ async def test_each_url_brings_its_own_credentials_and_the_client_moves_on(
         births: list[int] = []
         client = MqttClient(f"{first},{second}", backoff=(0.05, 1.0))
         client.on_connect(lambda: _note(births, client.url.port))
-        await client.subscribe(topics.events, qos=1)
+        await client.subscribe(topics.hub_request, qos=1)
         await client.start()
         try:
             await wait_until(lambda: len(births) == 1, 10, "the first birth")
@@ -624,8 +624,9 @@ async def test_each_url_brings_its_own_credentials_and_the_client_moves_on(
             await wait_until(lambda: len(births) == 2, 20, "a birth at the second server")
             assert births[1] == generated[1].settings.port
             assert client.missing_subscriptions == ()
-            async with MqttClient(second) as publisher:
-                await publisher.publish(topics.events, b"after the failover", qos=1)
+            # Another user: a client id belongs to its user, so a second "hub" would take over.
+            async with MqttClient(generated[1].url("tui")) as publisher:
+                await publisher.publish(topics.hub_request, b"after the failover", qos=1)
             assert (await next_message(client)).payload == b"after the failover"
         finally:
             await client.close()

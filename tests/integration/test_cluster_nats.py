@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -100,6 +101,49 @@ async def test_generated_users_and_permissions_hold_on_the_cluster(tmp_path: Pat
         wrong = ",".join(f"mqtt://c1:wrong@127.0.0.1:{cluster.mqtt_port(i)}?kind=nats" for i in (1, 2, 3))
         with pytest.raises(BusError, match="refused the connection"):
             await MqttClient(wrong, connect_timeout=20).start()
+
+
+async def test_a_refused_subscription_heals_when_the_cluster_grants_it(
+    tmp_path: Path, topics: Topics
+) -> None:
+    """Refused (SUBACK 0x80) while c1 may not read it; after a reload a retry gets it, then the birth."""
+    async with running_cluster(tmp_path / "nats", topics.prefix, anonymous=False) as cluster:
+        wanted = topics.node("c2", "cmd")
+        births: list[int] = []
+        client = MqttClient(cluster.url("c1"), spread=True)
+
+        async def birth() -> None:
+            births.append(client.url.port)
+
+        client.on_connect(birth)
+        await client.subscribe(topics.node("c1", "cmd"), qos=1)
+        await client.subscribe(wanted, qos=1)
+        await client.start(wait=False)
+        try:
+            deadline = time.monotonic() + 30
+            while client._refusals.get(wanted, 0) < 1:
+                assert time.monotonic() < deadline, "never refused"
+                await asyncio.sleep(0.05)
+            assert births == []  # not announced while deaf to part of what it asked for
+            assert client.missing_subscriptions == (wanted,)
+            users = cluster.directory / "users.conf"
+            subject = wanted.replace("/", ".")
+            own = topics.node("c1", "cmd").replace("/", ".")
+            users.write_text(users.read_text().replace(f'"{own}"', f'"{own}", "{subject}"'))
+            for index in range(1, cluster.servers + 1):
+                os.kill(cluster.pid(index), signal.SIGHUP)  # nats-server reloads its config
+            deadline = time.monotonic() + 60
+            while not births:
+                assert time.monotonic() < deadline, (
+                    f"not granted after the reload: {client.missing_subscriptions}"
+                )
+                await asyncio.sleep(0.05)
+            assert client.missing_subscriptions == ()
+            async with MqttClient(cluster.url("hub")) as hub:
+                await hub.publish(wanted, b"now readable", qos=1, retain=True, wait=True)
+            assert (await _first(client, wanted)).payload == b"now readable"
+        finally:
+            await client.close()
 
 
 # ------------------------------------------------------------------ failover mid-rollout

@@ -150,8 +150,14 @@ async def test_a_refused_subscription_heals_when_the_cluster_grants_it(
 
 
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("killed", [1, 2, 3], ids=["hub-server", "server-2", "server-3"])
-async def test_rollout_survives_kill_9_of_any_one_server(tmp_path: Path, topics: Topics, killed: int) -> None:
+@pytest.mark.parametrize(
+    ("killed", "hub_sub_qos"),
+    [(1, None), (2, None), (3, None), (1, 1)],
+    ids=["hub-server", "server-2", "server-3", "hub-server-qos1-subscriptions"],
+)
+async def test_rollout_survives_kill_9_of_any_one_server(
+    tmp_path: Path, topics: Topics, killed: int, hub_sub_qos: int | None
+) -> None:
     """Server 1 is the hub's (it starts at the first URL); agents start at random ones."""
     async with running_cluster(tmp_path / "nats", topics.prefix, anonymous=True) as cluster:
         url = cluster.url("hub")
@@ -159,7 +165,10 @@ async def test_rollout_survives_kill_9_of_any_one_server(tmp_path: Path, topics:
         try:
             async with Observer(url, topics) as observer:
                 births = observer.hub_births
-                fleet.start_hub()
+                # With QoS 1 subscriptions (each a replicated JetStream consumer) the surviving
+                # servers may refuse the hub's resubscriptions for a while: retried, never dropped.
+                qos = "" if hub_sub_qos is None else f"&subqos={hub_sub_qos}"
+                fleet.start_hub(broker_url=",".join(f"{u}{qos}" for u in url.split(",")))
                 for node in NODES:
                     # The default heartbeat (5 s): a failover stalls NATS clients for seconds
                     # (its JetStream streams elect new leaders), far less than 3 heartbeats.

@@ -442,9 +442,11 @@ class MqttClient:
             try:
                 await asyncio.wait_for(self._settled.wait(), self._connect_timeout)
             except asyncio.TimeoutError as exc:
+                refusals = "; ".join(self._refused_urls[i] for i in sorted(self._refused_urls))
                 await self.close()
                 raise BusError(
                     f"no connection to {self.redacted_urls()} within {self._connect_timeout:g} s"
+                    + (f" ({refusals})" if refusals else "")
                 ) from exc
             if self._fatal is not None:
                 await self.close()

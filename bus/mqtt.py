@@ -387,15 +387,20 @@ class MqttClient:
         # limit, paho rescans every outstanding message on each PUBACK (quadratic in
         # the window: 0.7 s of CPU for the hub's 1000 commands of one rollout).
         self._paho.max_inflight_messages_set(0)
+        # One TLS context per CA (the servers of a cluster share theirs: one per client, as before).
         self._tls: dict[int, ssl.SSLContext] = {}
+        contexts: dict[str | None, ssl.SSLContext] = {}
         for index, each in enumerate(self.urls):
-            if each.tls:
+            if not each.tls:
+                continue
+            if each.ca_file not in contexts:
                 try:
                     context = ssl.create_default_context(cafile=each.ca_file)
                 except (OSError, ssl.SSLError) as exc:
                     raise ConfigError(f"cannot load CA file {each.ca_file}: {exc}") from exc
                 context.sslsocket_class = _ClosingSSLSocket
-                self._tls[index] = context
+                contexts[each.ca_file] = context
+            self._tls[index] = contexts[each.ca_file]
         self._paho.on_connect = self._on_connect
         self._paho.on_disconnect = self._on_disconnect
         self._paho.on_message = self._on_message

@@ -407,15 +407,20 @@ class MqttClient:
         # limit, paho rescans every outstanding message on each PUBACK (quadratic in
         # the window: 0.7 s of CPU for the hub's 1000 commands of one rollout).
         self._paho.max_inflight_messages_set(0)
+        # One TLS context per CA (the servers of a cluster share theirs: one per client, as before).
         self._tls: dict[int, ssl.SSLContext] = {}
+        contexts: dict[str | None, ssl.SSLContext] = {}
         for index, each in enumerate(self.urls):
-            if each.tls:
+            if not each.tls:
+                continue
+            if each.ca_file not in contexts:
                 try:
                     context = ssl.create_default_context(cafile=each.ca_file)
                 except (OSError, ssl.SSLError) as exc:
                     raise ConfigError(f"cannot load CA file {each.ca_file}: {exc}") from exc
                 context.sslsocket_class = _ClosingSSLSocket
-                self._tls[index] = context
+                contexts[each.ca_file] = context
+            self._tls[index] = contexts[each.ca_file]
         self._paho.on_connect = self._on_connect
         self._paho.on_disconnect = self._on_disconnect
         self._paho.on_message = self._on_message
@@ -462,9 +467,11 @@ class MqttClient:
             try:
                 await asyncio.wait_for(self._settled.wait(), self._connect_timeout)
             except asyncio.TimeoutError as exc:
+                refusals = "; ".join(self._refused_urls[i] for i in sorted(self._refused_urls))
                 await self.close()
                 raise BusError(
                     f"no connection to {self.redacted_urls()} within {self._connect_timeout:g} s"
+                    + (f" ({refusals})" if refusals else "")
                 ) from exc
             if self._fatal is not None:
                 await self.close()
@@ -703,6 +710,9 @@ class MqttClient:
             if will is not None:
                 self._paho.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
             self._use_url(url)
+            if len(self.urls) > 1 and not await self._reachable(url):
+                self._move_on()
+                continue
             try:
                 # Blocking TCP (and TLS) connect: quick on a LAN or loopback, and
                 # the loop has nothing else to serve for this client until it is done.
@@ -721,15 +731,40 @@ class MqttClient:
                 _LOGGER.info("connect to %s failed: %s", url.redacted(), paho.error_string(rc))
                 self._move_on()
                 continue
-            # Wait for the CONNACK or the loss of this attempt.
+            # Wait for the CONNACK or the loss of this attempt; with several servers, not
+            # for long: a server that takes the TCP connection but never answers is skipped.
             self._attempt_done = asyncio.Event()
-            await self._attempt_done.wait()
+            try:
+                await asyncio.wait_for(self._attempt_done.wait(), self._attempt_timeout())
+            except asyncio.TimeoutError:
+                _LOGGER.info("no CONNACK from %s in time: trying the next server", url.redacted())
             if self.is_connected:
                 return
             self._drop_socket()
             if self._fatal is not None:
                 return
             self._move_on()
+
+    def _attempt_timeout(self) -> float | None:
+        """How long one connect attempt waits for its CONNACK: bounded when there is another server."""
+        return max(2.0, min(self._connect_timeout, 5.0)) if len(self.urls) > 1 else None
+
+    async def _reachable(self, url: BrokerUrl) -> bool:
+        """A TCP connection to ``url`` opens within a few seconds (paho's own connect blocks the loop).
+
+        Only with several servers: a host that is down without refusing (no RST) would
+        otherwise hold the event loop for paho's whole socket timeout at every attempt.
+        """
+        timeout = max(1.0, min(self._connect_timeout, 3.0))
+        try:
+            _reader, writer = await asyncio.wait_for(asyncio.open_connection(url.host, url.port), timeout)
+        except (OSError, asyncio.TimeoutError) as exc:
+            _LOGGER.info("connect to %s failed: %s", url.redacted(), exc or "timed out")
+            return False
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+        return True
 
     def _use_url(self, url: BrokerUrl) -> None:
         """Credentials and TLS of the URL about to be tried (each server of a list has its own)."""

@@ -197,6 +197,7 @@ def _run_nats(args: argparse.Namespace, nodes: tuple[str, ...]) -> int:
     for index, port in enumerate(settings.mqtt_ports, 1):
         print(f"  server {index}  nats-server -c {result.server_conf(index)}   (MQTT {settings.host}:{port})")
     print(f"  prefix {settings.prefix}; node ids and the prefix must not contain '.'")
+    print("  after --add: reload every running server (kill -HUP <its pid>) to take the new users")
     print(f"  new credentials ({len(result.created)}): {', '.join(result.created) or '-'}")
     print(f"  each client's broker URL list (secret): {result.directory / 'credentials'}/<client>.url")
     return 0

@@ -146,8 +146,8 @@ class Agent:
 
     async def _publish_birth(self) -> None:
         client = self._client
-        if self._stopping or client is None:
-            return
+        if self._stopping or client is None or client.missing_subscriptions:
+            return  # not reachable yet: the client's on_connect hook announces it once subscribed
         birth = self.presence.birth(self._inventory)
         await client.publish(self.presence.state_topic, encode(birth), qos=1, retain=True)
         _LOGGER.info("birth of %s published (session %s)", birth.node, birth.session)

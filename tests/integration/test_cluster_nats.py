@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -102,12 +103,61 @@ async def test_generated_users_and_permissions_hold_on_the_cluster(tmp_path: Pat
             await MqttClient(wrong, connect_timeout=20).start()
 
 
+async def test_a_refused_subscription_heals_when_the_cluster_grants_it(
+    tmp_path: Path, topics: Topics
+) -> None:
+    """Refused (SUBACK 0x80) while c1 may not read it; after a reload a retry gets it, then the birth."""
+    async with running_cluster(tmp_path / "nats", topics.prefix, anonymous=False) as cluster:
+        wanted = topics.node("c2", "cmd")
+        births: list[int] = []
+        client = MqttClient(cluster.url("c1"), spread=True)
+
+        async def birth() -> None:
+            births.append(client.url.port)
+
+        client.on_connect(birth)
+        await client.subscribe(topics.node("c1", "cmd"), qos=1)
+        await client.subscribe(wanted, qos=1)
+        await client.start(wait=False)
+        try:
+            deadline = time.monotonic() + 30
+            while client._refusals.get(wanted, 0) < 1:
+                assert time.monotonic() < deadline, "never refused"
+                await asyncio.sleep(0.05)
+            assert births == []  # not announced while deaf to part of what it asked for
+            assert client.missing_subscriptions == (wanted,)
+            users = cluster.directory / "users.conf"
+            subject = wanted.replace("/", ".")
+            own = topics.node("c1", "cmd").replace("/", ".")
+            users.write_text(users.read_text().replace(f'"{own}"', f'"{own}", "{subject}"'))
+            for index in range(1, cluster.servers + 1):
+                os.kill(cluster.pid(index), signal.SIGHUP)  # nats-server reloads its config
+            deadline = time.monotonic() + 60
+            while not births:
+                assert time.monotonic() < deadline, (
+                    f"not granted after the reload: {client.missing_subscriptions}"
+                )
+                await asyncio.sleep(0.05)
+            assert not list(client.missing_subscriptions)
+            async with MqttClient(cluster.url("hub")) as hub:
+                await hub.publish(wanted, b"now readable", qos=1, retain=True, wait=True)
+            assert (await _first(client, wanted)).payload == b"now readable"
+        finally:
+            await client.close()
+
+
 # ------------------------------------------------------------------ failover mid-rollout
 
 
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("killed", [1, 2, 3], ids=["hub-server", "server-2", "server-3"])
-async def test_rollout_survives_kill_9_of_any_one_server(tmp_path: Path, topics: Topics, killed: int) -> None:
+@pytest.mark.parametrize(
+    ("killed", "hub_sub_qos"),
+    [(1, None), (2, None), (3, None), (1, 1)],
+    ids=["hub-server", "server-2", "server-3", "hub-server-qos1-subscriptions"],
+)
+async def test_rollout_survives_kill_9_of_any_one_server(
+    tmp_path: Path, topics: Topics, killed: int, hub_sub_qos: int | None
+) -> None:
     """Server 1 is the hub's (it starts at the first URL); agents start at random ones."""
     async with running_cluster(tmp_path / "nats", topics.prefix, anonymous=True) as cluster:
         url = cluster.url("hub")
@@ -115,7 +165,10 @@ async def test_rollout_survives_kill_9_of_any_one_server(tmp_path: Path, topics:
         try:
             async with Observer(url, topics) as observer:
                 births = observer.hub_births
-                fleet.start_hub()
+                # With QoS 1 subscriptions (each a replicated JetStream consumer) the surviving
+                # servers may refuse the hub's resubscriptions for a while: retried, never dropped.
+                qos = "" if hub_sub_qos is None else f"&subqos={hub_sub_qos}"
+                fleet.start_hub(broker_url=",".join(f"{u}{qos}" for u in url.split(",")))
                 for node in NODES:
                     # The default heartbeat (5 s): a failover stalls NATS clients for seconds
                     # (its JetStream streams elect new leaders), far less than 3 heartbeats.

@@ -691,3 +691,26 @@ def _stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
+
+
+async def test_a_server_that_never_answers_is_skipped(
+    mosquitto_broker: RunningBroker, topics: Topics
+) -> None:
+    """It takes the TCP connection but sends no CONNACK (a half-open path): the next URL within seconds."""
+    from tests.fault.conftest import FreezableProxy
+
+    proxy = FreezableProxy(mosquitto_broker.port)
+    await proxy.start()
+    proxy.freeze()
+    try:
+        started = time.monotonic()
+        async with MqttClient(f"{proxy.url},{mosquitto_broker.url}", connect_timeout=20) as client:
+            assert client.url.port == mosquitto_broker.port
+            assert time.monotonic() - started < 15
+            await client.subscribe(topics.events, qos=1)
+            async with MqttClient(mosquitto_broker.url) as publisher:
+                await publisher.publish(topics.events, b"past the silent one", qos=1)
+            assert (await next_message(client)).payload == b"past the silent one"
+    finally:
+        proxy.heal()
+        await proxy.close()

@@ -68,3 +68,18 @@ async def test_plain_mqtt_is_not_served(tls_fleet: Fleet) -> None:
     with pytest.raises(BusError):
         async with MqttClient(plain, connect_timeout=3.0):
             pass
+
+
+async def test_a_list_mixes_plain_and_tls_servers_each_with_its_own_options(tls_fleet: Fleet) -> None:
+    """The TLS server after a plain one that is down: the client switches to TLS with that URL's CA."""
+    t = tls_fleet.topics
+    dead_plain = f"mqtt://hub:other-password@127.0.0.1:{free_port()}"
+    async with MqttClient(f"{dead_plain},{tls_fleet.url('hub')}", connect_timeout=20.0) as hub:
+        assert hub.url.tls
+        assert hub.url.port == tls_fleet.port
+        await synced(hub, t.events, t.events)
+    # The same server without its CA, after the dead one: no connection, and the error says why.
+    with pytest.raises(
+        BusError, match=r"within 5 s \(mqtts://hub:\*\*\*@127.0.0.1:\d+ refused .* TLS certificate"
+    ):
+        await MqttClient(f"{dead_plain},{without_ca(tls_fleet.url('hub'))}", connect_timeout=5.0).start()

@@ -96,3 +96,23 @@ def test_add_keeps_credentials_and_refuses_overwrite(tmp_path: Path) -> None:
     assert added.url("web-1") == before
     assert '"web-2"' in (tmp_path / "users.conf").read_text()
     assert added.settings.mqtt_ports == PORTS["mqtt_ports"]
+
+
+def test_the_command_line_writes_a_cluster_and_refuses_a_dotted_node(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cli.main import main
+
+    out = tmp_path / "nats"
+    assert (
+        main(["broker-config", "--kind", "nats", "--servers", "3", "--out", str(out), "--nodes", "web-1"])
+        == 0
+    )
+    shown = capsys.readouterr().out
+    assert "NATS cluster of 3 servers" in shown
+    assert f"nats-server -c {out.resolve() / 'nats-3.conf'}" in shown
+    urls = parse_broker_urls((out / "credentials" / "web-1.url").read_text().strip())
+    assert [u.port for u in urls] == [1883, 1884, 1885]
+    assert main(["broker-config", "--kind", "nats", "--out", str(tmp_path / "x"), "--nodes", "web.1"]) == 2
+    assert "contains '.'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

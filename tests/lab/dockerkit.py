@@ -21,7 +21,8 @@ REGISTRY_PORT = 5000
 
 #: The web app of the container tests: serves its version (image) and MODE (configuration).
 WEB_PY = """\
-import http.server, json, os
+import http.server, json, os, signal, sys
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # PID 1 of its container: no default handler
 body = json.dumps({"version": os.environ.get("WEB_VERSION"), "mode": os.environ.get("MODE")}).encode()
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):

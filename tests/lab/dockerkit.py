@@ -107,5 +107,6 @@ class Docker:
         leftovers = self.docker("ps", "-aq", check=False).stdout.split()
         if leftovers:
             self.docker("rm", "-f", *leftovers, check=False)
+        self.docker("image", "prune", "-f", check=False)  # rebuilt images leave their old layers
         self.net.stop(self.registry)
         self.net.stop(self.daemon, timeout=30)

@@ -22,6 +22,8 @@ import pytest
 from tests.lab import dockerkit, lab
 from tests.lab.test_docker_real import docker as docker  # the session's dockerd
 
+pytestmark = pytest.mark.lab
+
 PYTHON_BASE = "fleetbus-lab/python:3.11"
 MOSQUITTO_IMAGE = "fleetbus-lab/mosquitto"
 NODES = ("node-1", "node-2", "node-3")

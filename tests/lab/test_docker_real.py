@@ -22,6 +22,8 @@ from edge_agent.tools import SystemTools
 from tests.integration.test_managers import ToolSettings, make_ctx
 from tests.lab import dockerkit, lab
 
+pytestmark = pytest.mark.lab
+
 
 @pytest.fixture(scope="session")
 def docker(lab_net: lab.LabNet, lab_rootfs: Path, lab_tmp: Path) -> Iterator[dockerkit.Docker]:

@@ -8,8 +8,12 @@ mid-job". This needs the hub's ``offline_grace_s`` (the truth issue; branch trut
 
 from __future__ import annotations
 
+import pytest
+
 from tests.lab import hostkit, lab
 from tests.lab.hostkit import LabFleet, served, spec
+
+pytestmark = pytest.mark.lab
 
 
 def test_link_drop_mid_rollout_shorter_than_the_grace_ends_succeeded(lab_fleet: LabFleet) -> None:

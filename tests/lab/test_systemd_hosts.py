@@ -16,6 +16,8 @@ import pytest
 from tests.lab import hostkit, lab
 from tests.lab.hostkit import LabFleet, served, spec
 
+pytestmark = pytest.mark.lab
+
 
 @pytest.fixture
 def kit(lab_fleet: LabFleet) -> LabFleet:
@@ -54,7 +56,7 @@ def test_service_restart_restarts_the_real_unit(kit: LabFleet) -> None:
             hostkit.health_http("1.0") | {"expect": None, "retries": 10},
         ])
     )  # fmt: skip
-    assert shown["state"] == "succeeded", shown
+    assert shown["state"] == "succeeded", shown["nodes"]
     assert host.unit_prop("demo-web", "ExecMainPID") != main_before
     assert hostkit.served_pid(host) not in (0, pid_before)
     journal = host.journal("fleet-agent")
@@ -64,10 +66,10 @@ def test_service_restart_restarts_the_real_unit(kit: LabFleet) -> None:
 
 def test_update_and_rollback_of_a_real_unit_on_two_hosts(kit: LabFleet) -> None:
     _, good = kit.fleet.rollout(spec(["h1", "h2"], hostkit.stop_file_start(kit.artifacts, "2.0", "2.0")))
-    assert good["state"] == "succeeded", good
+    assert good["state"] == "succeeded", good["nodes"]
     assert [served(h) for h in kit.hosts.values()] == ["2.0", "2.0"]
     _, bad = kit.fleet.rollout(spec(["h1", "h2"], hostkit.stop_file_start(kit.artifacts, "3.0", "9.9")))
-    assert bad["state"] == "rolled_back", bad
+    assert bad["state"] == "rolled_back", bad["nodes"]
     for host in kit.hosts.values():
         assert served(host) == "2.0"
         assert hostkit.file_on_disk(host) == "2.0"
@@ -120,14 +122,14 @@ def test_package_step_installs_and_rolls_back_real_debs_with_apt(kit: LabFleet, 
         {"type": "package", "manager": "apt", "name": "lab-demo", "version": "2.0"},
         {**health, "expect": "2.0"},
     ]))  # fmt: skip
-    assert good["state"] == "succeeded", good
+    assert good["state"] == "succeeded", good["nodes"]
     assert _installed(host) == "2.0"
     assert host.run(["cat", "/usr/share/lab-demo/version"]).stdout.strip() == "2.0"
     _, bad = kit.fleet.rollout(spec(["h1"], [
         {"type": "package", "manager": "apt", "name": "lab-demo", "version": "3.0"},
         {**health, "expect": "9.9"},
     ]))  # fmt: skip
-    assert bad["state"] == "rolled_back", bad
+    assert bad["state"] == "rolled_back", bad["nodes"]
     assert _installed(host) == "2.0"
     assert host.run(["cat", "/usr/share/lab-demo/version"]).stdout.strip() == "2.0"
     # apt and dpkg agree, nothing half-configured
@@ -171,7 +173,7 @@ def test_agent_sigkilled_by_systemd_mid_step_is_restarted_and_undoes(kit: LabFle
         timeout=30,
     )
     shown = kit.fleet.wait_state(rollout, ("rolled_back", "failed", "rollback_failed"), timeout=120)
-    assert shown["state"] == "rolled_back", shown
+    assert shown["state"] == "rolled_back", shown["nodes"]
     assert served(host) == before
     assert hostkit.file_on_disk(host) == before
     assert host.systemctl("is-active", "fleet-agent") == "active"
@@ -205,5 +207,5 @@ def test_rollout_over_a_lossy_slow_link_succeeds(kit: LabFleet) -> None:
         print(f"lab: rollout over the lossy link took {time.monotonic() - started:.1f} s")
     finally:
         h2.restore_link()
-    assert shown["state"] == "succeeded", shown
+    assert shown["state"] == "succeeded", shown["nodes"]
     assert [served(h) for h in (h1, h2)] == ["6.0", "6.0"]

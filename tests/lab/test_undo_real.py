@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.lab import hostkit
 from tests.lab.hostkit import LabFleet, served, spec
+
+pytestmark = pytest.mark.lab
 
 
 def test_file_then_restart_plan_rolled_back_serves_the_old_version(lab_fleet: LabFleet) -> None:
@@ -34,7 +38,7 @@ def test_file_then_restart_plan_rolled_back_serves_the_old_version(lab_fleet: La
     shown = lab_fleet.fleet.wait_state(rollout, ("rolled_back", "rollback_failed", "failed"), timeout=120)
 
     assert hostkit.file_on_disk(host, "demo-restart") == "1.0"
-    assert (shown["state"], served(host, 8001)) == ("rolled_back", "1.0"), shown
+    assert (shown["state"], served(host, 8001)) == ("rolled_back", "1.0"), shown["nodes"]
 
 
 def test_fast_rollout_and_rollback_past_the_start_limit_still_restores(lab_fleet: LabFleet) -> None:
@@ -53,4 +57,4 @@ def test_fast_rollout_and_rollback_past_the_start_limit_still_restores(lab_fleet
         "rolled_back",
         "active",
         "1.0",
-    ), shown
+    ), shown["nodes"]

@@ -136,6 +136,15 @@ class LabFleet:
         self.hosts = hosts
         self.setup_out: dict[str, str] = {}
 
+    def why(self, shown: dict[str, Any], units: tuple[str, ...] = ("fleet-agent", "demo-web")) -> str:
+        """The nodes' state at the hub and the last journal lines of the hosts' units (for failures)."""
+        lines = [json.dumps(shown.get("nodes", shown))[:3000]]
+        for name, host in self.hosts.items():
+            for unit in units:
+                tail = host.journal(unit).splitlines()[-15:]
+                lines += [f"--- {name} {unit}", *tail]
+        return "\n".join(lines)
+
 
 def build_fleet(net: lab.LabNet, boot: Any, root: Path, names: list[str]) -> LabFleet:
     fleet = lab.Fleet(net, root, names)

@@ -9,7 +9,8 @@ Layout (tests/README.md, "The real-host lab"):
   the broker, the hub, the artifact server, dockerd and the registry run there, and it
   holds the broker's address ``BROKER_IP`` on its loopback. Nothing of the lab touches
   the machine's own network namespace.
-- ``Host``: ``unshare -p -f -m -u -i -n`` + ``chroot`` + ``/lib/systemd/systemd --system``;
+- ``Host``: cgroups of its own, then ``unshare -C -p -f -m -u -i -n`` + ``chroot`` +
+  ``/lib/systemd/systemd --system``;
   linked to the ``LabNet`` by a veth pair (``10.231.N.0/30``: .1 the lab side, .2 the host,
   default route via .1); driven with ``nsenter``. ``Host.install_agent`` runs the project's
   own ``deploy/setup.sh`` inside the host, from an offline wheelhouse.
@@ -284,6 +285,47 @@ class LabNet:
 # ------------------------------------------------------------------ hosts
 
 
+def _cgroup_dirs(leaf: str) -> list[Path]:
+    """``leaf`` under this process's cgroup in every mounted hierarchy (v1 controllers, name=systemd, v2).
+
+    Each host gets cgroups of its own, and a cgroup namespace rooted there: without them every
+    host's systemd would use the same /system.slice/UNIT.service groups of this machine, and
+    one host stopping a unit would kill or break the same-named unit of another (seen as
+    "status=219/CGROUP" and "Failed to kill control group ...: Input/output error").
+    """
+    root = Path("/sys/fs/cgroup")
+    dirs: list[Path] = []
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            mount = root / "unified" if (root / "unified").is_dir() else root
+        elif controllers.startswith("name="):
+            mount = root / controllers.removeprefix("name=")
+        else:
+            mount = root / controllers
+        if (mount / "cgroup.procs").exists():
+            dirs.append(mount / path.lstrip("/") / leaf)
+    return dirs
+
+
+def _make_cgroups(dirs: list[Path]) -> None:
+    for directory in dirs:
+        directory.mkdir(exist_ok=True)
+        for knob in ("cpuset.cpus", "cpuset.mems"):  # v1 cpuset: empty until copied from the parent
+            if (directory / knob).exists() and not (directory / knob).read_text().strip():
+                (directory / knob).write_text((directory.parent / knob).read_text())
+
+
+def _remove_cgroups(dirs: list[Path]) -> None:
+    for directory in dirs:
+        if directory.is_dir():
+            for sub in sorted((d for d in directory.rglob("*") if d.is_dir()), key=lambda d: -len(d.parts)):
+                with contextlib.suppress(OSError):
+                    sub.rmdir()
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+
+
 class Host:
     """A Debian 12 host with systemd as PID 1, in its own PID/mount/UTS/IPC/network namespaces."""
 
@@ -298,6 +340,7 @@ class Host:
         self.gateway = f"10.231.{index}.1"
         self.proc: subprocess.Popen[bytes] | None = None
         self.pid = 0
+        self.cgroups: list[Path] = []
 
     # --------------------------------------------------------------- life
 
@@ -322,9 +365,12 @@ class Host:
             f" && mount -t proc proc {merged}/proc && hostname {self.name}"
             f" && exec chroot {merged} /lib/systemd/systemd --system"
         )
+        self.cgroups = _cgroup_dirs(f"fleetbus-lab-{os.getpid()}-{self.name}")
+        _make_cgroups(self.cgroups)
+        enter = "".join(f'echo $$ > "{d}/cgroup.procs" && ' for d in self.cgroups)
         with (self.base / "console.log").open("ab") as console:
             self.proc = subprocess.Popen(
-                ["unshare", "-p", "-f", "-m", "-u", "-i", "-n", "sh", "-c", script],
+                ["sh", "-c", f'{enter}exec unshare -C -p -f -m -u -i -n sh -c "$0"', script],
                 stdout=console,
                 stderr=console,
                 stdin=subprocess.DEVNULL,
@@ -391,11 +437,12 @@ class Host:
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
         self.pid = 0
+        _remove_cgroups(self.cgroups)
 
     # --------------------------------------------------------------- commands
 
     def argv(self, argv: Sequence[str]) -> list[str]:
-        return ["nsenter", "-t", str(self.pid), "-p", "-m", "-u", "-i", "-n", "-r", "-w", *argv]
+        return ["nsenter", "-t", str(self.pid), "-p", "-m", "-u", "-i", "-n", "-C", "-r", "-w", *argv]
 
     def run(self, argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
         """Run a command inside the host (its root, namespaces and PATH)."""

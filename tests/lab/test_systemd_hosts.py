@@ -56,7 +56,7 @@ def test_service_restart_restarts_the_real_unit(kit: LabFleet) -> None:
             hostkit.health_http("1.0") | {"expect": None, "retries": 10},
         ])
     )  # fmt: skip
-    assert shown["state"] == "succeeded", shown["nodes"]
+    assert shown["state"] == "succeeded", kit.why(shown)
     assert host.unit_prop("demo-web", "ExecMainPID") != main_before
     assert hostkit.served_pid(host) not in (0, pid_before)
     journal = host.journal("fleet-agent")
@@ -66,10 +66,10 @@ def test_service_restart_restarts_the_real_unit(kit: LabFleet) -> None:
 
 def test_update_and_rollback_of_a_real_unit_on_two_hosts(kit: LabFleet) -> None:
     _, good = kit.fleet.rollout(spec(["h1", "h2"], hostkit.stop_file_start(kit.artifacts, "2.0", "2.0")))
-    assert good["state"] == "succeeded", good["nodes"]
+    assert good["state"] == "succeeded", kit.why(good)
     assert [served(h) for h in kit.hosts.values()] == ["2.0", "2.0"]
     _, bad = kit.fleet.rollout(spec(["h1", "h2"], hostkit.stop_file_start(kit.artifacts, "3.0", "9.9")))
-    assert bad["state"] == "rolled_back", bad["nodes"]
+    assert bad["state"] == "rolled_back", kit.why(bad)
     for host in kit.hosts.values():
         assert served(host) == "2.0"
         assert hostkit.file_on_disk(host) == "2.0"
@@ -122,14 +122,14 @@ def test_package_step_installs_and_rolls_back_real_debs_with_apt(kit: LabFleet, 
         {"type": "package", "manager": "apt", "name": "lab-demo", "version": "2.0"},
         {**health, "expect": "2.0"},
     ]))  # fmt: skip
-    assert good["state"] == "succeeded", good["nodes"]
+    assert good["state"] == "succeeded", kit.why(good)
     assert _installed(host) == "2.0"
     assert host.run(["cat", "/usr/share/lab-demo/version"]).stdout.strip() == "2.0"
     _, bad = kit.fleet.rollout(spec(["h1"], [
         {"type": "package", "manager": "apt", "name": "lab-demo", "version": "3.0"},
         {**health, "expect": "9.9"},
     ]))  # fmt: skip
-    assert bad["state"] == "rolled_back", bad["nodes"]
+    assert bad["state"] == "rolled_back", kit.why(bad)
     assert _installed(host) == "2.0"
     assert host.run(["cat", "/usr/share/lab-demo/version"]).stdout.strip() == "2.0"
     # apt and dpkg agree, nothing half-configured
@@ -163,17 +163,14 @@ def test_agent_sigkilled_by_systemd_mid_step_is_restarted_and_undoes(kit: LabFle
     )
     assert hostkit.file_on_disk(host) == "5.0"
     assert served(host) == ""
-    killed = host.run(["systemctl", "kill", "-s", "KILL", "fleet-agent"], check=False)
-    # systemd 252 on cgroup v1 answers "Failed to send signal SIGKILL to auxiliary processes:
-    # Input/output error" (exit 1) here, yet the agent and its script are killed.
-    print(f"lab: systemctl kill -s KILL fleet-agent: exit {killed.returncode} {killed.stderr.strip()}")
+    host.systemctl("kill", "-s", "KILL", "fleet-agent")
     lab.wait_for(
         "systemd to restart the agent",
         lambda: int(host.unit_prop("fleet-agent", "NRestarts") or 0) > restarts,
         timeout=30,
     )
     shown = kit.fleet.wait_state(rollout, ("rolled_back", "failed", "rollback_failed"), timeout=120)
-    assert shown["state"] == "rolled_back", shown["nodes"]
+    assert shown["state"] == "rolled_back", kit.why(shown)
     assert served(host) == before
     assert hostkit.file_on_disk(host) == before
     assert host.systemctl("is-active", "fleet-agent") == "active"
@@ -207,5 +204,5 @@ def test_rollout_over_a_lossy_slow_link_succeeds(kit: LabFleet) -> None:
         print(f"lab: rollout over the lossy link took {time.monotonic() - started:.1f} s")
     finally:
         h2.restore_link()
-    assert shown["state"] == "succeeded", shown["nodes"]
+    assert shown["state"] == "succeeded", kit.why(shown)
     assert [served(h) for h in (h1, h2)] == ["6.0", "6.0"]

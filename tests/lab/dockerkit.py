@@ -49,7 +49,10 @@ class Docker:
         }
         data = lab.CACHE / DATA_VERSION
         data.mkdir(parents=True, exist_ok=True)
+        # In a mount namespace of its own: dockerd bind-mounts its data root and its exec root's
+        # netns files, which would otherwise stay in this machine's mount table after it exits.
         self.daemon = net.spawn("dockerd", [
+            "unshare", "-m", "--propagation", "private",
             "dockerd", "--host", f"unix://{self.sock}", "--data-root", str(data),
             "--exec-root", str(root / "x"), "--pidfile", str(root / "docker.pid"),
             "--iptables=false", "--ip-masq=false", "--bridge=none",

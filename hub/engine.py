@@ -417,7 +417,12 @@ class RolloutEngine:
         """The ``RolloutSummary`` of ``rollout``; NotFound if unknown."""
         r = self._get(rollout)
         counts = {
-            "pending": 0, "running": 0, "succeeded": 0, "failed": 0, "rolled_back": 0, "deferred": 0,
+            "pending": 0,
+            "running": 0,
+            "succeeded": 0,
+            "failed": 0,
+            "rolled_back": 0,
+            "deferred": 0,
             "not_started": 0,
         }
         nodes: dict[str, NodeSummary] = {}
@@ -1331,8 +1336,15 @@ class RolloutEngine:
                 r.nodes[name].wave = number
         kind = "pace_changed" if pace.change in ("grow", "shrink") else "pace_held"
         self._audit(
-            r, kind, pace.reason, out,
-            wave=r.wave + 1, change=pace.change, next_size=pace.size, failed=failed, waves_left=len(left),
+            r,
+            kind,
+            pace.reason,
+            out,
+            wave=r.wave + 1,
+            change=pace.change,
+            next_size=pace.size,
+            failed=failed,
+            waves_left=len(left),
         )
 
     def _window_ready(

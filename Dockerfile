@@ -5,7 +5,12 @@
 # reads secrets from FLEET_*_FILE and then runs `fleet` as the unprivileged user `fleet`;
 # only the agent runs as root (FLEET_RUN_AS=root): it installs packages (apt, dnf, dpkg),
 # restarts services and loads kernel modules, which an unprivileged user cannot do.
-FROM python:3.11-slim
+#
+# BASE: any image with Python 3.11, pip and `python` on PATH (default python:3.11-slim). An
+# air-gapped builder passes a locally loaded one (docker build --build-arg BASE=...), with a pip
+# configured for a local wheelhouse; tests/lab builds one from a Debian root that way.
+ARG BASE=python:3.11-slim
+FROM ${BASE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

@@ -87,14 +87,21 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the agent until SIGTERM or SIGINT; exit 0 after a clean shutdown."""
+    """Run the agent until SIGTERM or SIGINT; exit 0 after a clean shutdown.
+
+    The agent logs at INFO unless ``-v`` or ``FLEET_LOG_LEVEL`` says otherwise: each
+    command it accepts and each step it runs (``journalctl -u fleet-agent -f``).
+    """
     import asyncio
+    import logging
     import os
     import signal
 
     from edge_agent.config import read_agent_config
     from edge_agent.service import Agent
 
+    if not os.environ.get("FLEET_LOG_LEVEL") and not getattr(args, "verbose", 0):
+        logging.getLogger().setLevel(logging.INFO)
     flags = {field: getattr(args, dest) for dest, field in _FLAG_FIELDS.items()}
     config = read_agent_config(flags, os.environ, Path.cwd())
 

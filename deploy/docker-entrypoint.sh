@@ -67,6 +67,9 @@ if [ "$(id -u)" = 0 ] && [ "$run_as" != root ]; then
             chown -R "$run_as:$run_as" "$dir"
         fi
     done
+    # setpriv keeps HOME=/root, which run_as cannot read (config discovery stats ~/.config).
+    HOME=$(getent passwd "$run_as" | cut -d: -f6)
+    export HOME
     exec setpriv --reuid "$run_as" --regid "$run_as" --init-groups --no-new-privs fleet "$@"
 fi
 exec fleet "$@"

@@ -9,7 +9,8 @@
 # mqtts://; --trust the hub's public key from `fleet keys generate` (repeatable).
 #
 # What it does, each step idempotent (run it again to update):
-#   1. OS packages: a Python >= 3.10 with venv (apt-get or dnf/yum).
+#   1. OS packages: a Python >= 3.10 with venv (apt-get or dnf/yum), only those missing,
+#      without recommends or weak dependencies.
 #   2. /opt/fleetbus: a virtualenv with fleetbus (--package: a pip spec or a checkout;
 #      default: the checkout this script is in, else "fleetbus").
 #   3. /etc/fleet: agent.toml (node id, dirs, trusted keys, labels, policy), agent.env
@@ -113,15 +114,23 @@ if [ "$packages" = 1 ]; then
     . /etc/os-release
     case " ${ID:-} ${ID_LIKE:-} " in
         *" debian "*|*" ubuntu "*)
-            export DEBIAN_FRONTEND=noninteractive
-            apt-get update -q
-            apt-get install -y -q python3 python3-venv python3-pip ca-certificates
+            # The venv brings its own pip (python3-venv): no python3-pip, no compilers, no
+            # recommends. Nothing is fetched when all of it is installed already.
+            missing=()
+            for pkg in python3 python3-venv ca-certificates; do
+                dpkg-query -W -f '${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
+            done
+            if [ ${#missing[@]} -gt 0 ]; then
+                export DEBIAN_FRONTEND=noninteractive
+                apt-get update -q
+                apt-get install -y -q --no-install-recommends "${missing[@]}"
+            fi
             ;;
         *" rhel "*|*" fedora "*|*" centos "*)
             pm=$(command -v dnf || command -v yum) || die "neither dnf nor yum found"
             # RHEL 8 and 9 ship an older python3 next to python3.11 in AppStream.
-            find_python >/dev/null || "$pm" install -y python3.11 python3.11-pip \
-                || "$pm" install -y python3 python3-pip
+            find_python >/dev/null || "$pm" install -y --setopt=install_weak_deps=False python3.11 \
+                || "$pm" install -y --setopt=install_weak_deps=False python3
             ;;
         *) die "unsupported distribution '${ID:-unknown}': Debian/Ubuntu or RHEL/Fedora family" ;;
     esac
@@ -132,7 +141,8 @@ if [ "$packages" = 1 ]; then
         if [ -f "$here/../pyproject.toml" ]; then package=$(cd "$here/.." && pwd); else package=fleetbus; fi
     fi
     [ -x "$OPT/bin/python" ] || "$python" -m venv "$OPT"
-    "$OPT/bin/python" -m pip install -q --upgrade pip
+    # pip's usual settings apply (PIP_INDEX_URL, PIP_NO_INDEX with PIP_FIND_LINKS for an
+    # offline wheelhouse, ...).
     "$OPT/bin/python" -m pip install -q --upgrade "$package"
     # The unit runs the agent with PYTHONOPTIMIZE=2: compile for it now, not at every start.
     "$OPT/bin/python" -OO -m compileall -q "$OPT/lib" >/dev/null \

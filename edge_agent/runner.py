@@ -339,6 +339,8 @@ class CommandRunner:
     async def _status(
         self, job: ActiveJob, index: int, step_type: str, state: StepStateName, detail: str = ""
     ) -> None:
+        _LOGGER.info("%s %s step %d (%s) %s%s", job.action, job.command, index, step_type, state,
+                     f": {detail}" if detail else "")  # fmt: skip
         await self._send(
             self._status_topic,
             StepStatus(
@@ -384,6 +386,8 @@ class CommandRunner:
         shown: Literal["stdout", "stderr", "agent"] = (
             "stdout" if stream == "stdout" else "stderr" if stream == "stderr" else "agent"
         )
+        if shown == "agent":  # what a step did (its tools' output only goes to the hub)
+            _LOGGER.info("%s step %d: %s", job.command, index, line)
         await self._send(
             self._log_topic,
             LogLine(

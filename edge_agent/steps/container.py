@@ -1,6 +1,10 @@
 """``container`` step: recreate a Docker container with a new image, keeping its configuration.
 
-Apply: ``docker pull`` the image; read the old container's configuration
+Apply: make the image present as the step's ``pull`` policy says (``always``:
+``docker pull``; ``missing``, the default: pull only when ``docker image
+inspect`` does not find it on the node, so an air-gapped node with a loaded or
+imported image needs no registry; ``never``: fail, changing nothing, when it is
+not on the node); read the old container's configuration
 (``docker container inspect``: environment, published ports, volumes, restart
 policy, command, network) and the id of its image; stop and remove it; ``docker
 run -d --name NAME`` the new image with that configuration. Undo: stop and
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from bus.errors import StepError
 from bus.messages import ContainerStep
 from edge_agent.managers.docker import DockerManager
 from edge_agent.settings import ExecutorSettings, Policy
@@ -121,14 +126,35 @@ async def _old_config(docker: DockerManager, name: str, timeout: float) -> dict[
     return container_config(container, image)
 
 
+async def _image(docker: DockerManager, step: ContainerStep, ctx: StepContext) -> dict[str, Any]:
+    """The step's image, pulled or not as its ``pull`` policy says; its ``docker image inspect``.
+
+    Raises:
+        StepError: ``never`` and the image is not on the node; the pull failed.
+    """
+    local = None if step.pull == "always" else await docker.inspect_image(step.image, timeout=ctx.timeout)
+    if local is not None:
+        await ctx.log(f"image {step.image} is on the node (pull: {step.pull}): not pulled")
+        return local
+    if step.pull == "never":
+        raise StepError(
+            f"image {step.image} is not on this node and the step says pull: never "
+            "(load it first: docker load, docker import or docker pull)"
+        )
+    await docker.pull(step.image, timeout=ctx.timeout, on_line=ctx.output)
+    pulled = await docker.inspect_image(step.image, timeout=ctx.timeout)
+    if pulled is None:
+        raise StepError(f"docker pull {step.image} succeeded but the image is not on the node")
+    return pulled
+
+
 async def apply(step: ContainerStep, ctx: StepContext) -> dict[str, Any]:
-    """Pull, then replace the container with one of the new image and the old configuration."""
+    """Get the image (pull policy), then replace the container with one of it and the old configuration."""
     docker = DockerManager(tools_of(ctx.settings))
     old = await _old_config(docker, step.name, ctx.timeout)
     await ctx.checkpoint({"old": old, "created": False})
-    await docker.pull(step.image, timeout=ctx.timeout, on_line=ctx.output)
-    pulled = await docker.inspect_image(step.image, timeout=ctx.timeout)
-    if old is not None and pulled is not None and pulled.get("Id") == old["image_id"] and old["running"]:
+    pulled = await _image(docker, step, ctx)  # changes no container: its undo finds the old one
+    if old is not None and pulled.get("Id") == old["image_id"] and old["running"]:
         await ctx.log(f"container {step.name} already runs {step.image}")
         return {"old": old, "created": False, "unchanged": True}
     if old is not None:

@@ -124,7 +124,7 @@ async def test_rollback_uses_the_old_image_id_when_the_tag_moved(fake: FakeSyste
     registry["registry"]["web:latest"] = {"env": ["PATH=/bin"], "cmd": ["v2"]}  # a new push of :latest
     fake.write("docker.json", registry)
     ctx, _ = make_ctx(fake.settings(tmp_path))
-    step = ContainerStep(name="web", image="web:latest")
+    step = ContainerStep(name="web", image="web:latest", pull="always")
 
     record = await container.apply(step, ctx)
     assert (await _inspect(fake))["Config"]["Cmd"] == ["v2"]
@@ -164,6 +164,59 @@ async def test_pull_failure_changes_nothing(fake: FakeSystem, tmp_path: Path) ->
     await container.undo(step, ctx, calls.checkpoints[-1])
     assert (await _inspect(fake))["Id"] == before["Id"]
     assert [c[0] for c in fake.calls("docker")[setup:] if c[0] not in ("container", "image")] == ["pull"]
+
+
+async def _air_gapped(fake: FakeSystem) -> None:
+    """web:1 runs and web:2 is on the node (loaded earlier); the node reaches no registry any more."""
+    docker = DockerManager(fake.tools())
+    await docker.create(OLD_RUN, start=True, timeout=10)
+    await docker.pull("web:2", timeout=10)
+    data = fake.read("docker.json")
+    data["registry"] = {}
+    fake.write("docker.json", data)
+
+
+async def test_pull_missing_uses_a_local_image_without_a_registry(fake: FakeSystem, tmp_path: Path) -> None:
+    await _air_gapped(fake)
+    setup = len(fake.calls("docker"))
+    ctx, calls = make_ctx(fake.settings(tmp_path))
+    step = ContainerStep(name="web", image="web:2")
+    assert step.pull == "missing"
+    record = await container.apply(step, ctx)
+    assert (await _inspect(fake))["Config"]["Image"] == "web:2"
+    assert "pull" not in [c[0] for c in fake.calls("docker")[setup:]]
+    assert "image web:2 is on the node (pull: missing): not pulled" in calls.logs
+    await container.undo(step, ctx, record)
+    assert (await _inspect(fake))["Config"]["Image"] == "web:1"
+
+
+async def test_pull_missing_pulls_an_absent_image_and_always_pulls_a_present_one(
+    fake: FakeSystem, tmp_path: Path
+) -> None:
+    docker = DockerManager(fake.tools())
+    await docker.create(OLD_RUN, start=True, timeout=10)
+    ctx, _ = make_ctx(fake.settings(tmp_path))
+    setup = len(fake.calls("docker"))
+    await container.apply(ContainerStep(name="web", image="web:2"), ctx)
+    assert [c[:2] for c in fake.calls("docker")[setup:] if c[0] == "pull"] == [["pull", "web:2"]]
+    setup = len(fake.calls("docker"))
+    await container.apply(ContainerStep(name="web", image="web:2", pull="always"), ctx)
+    assert [c[:2] for c in fake.calls("docker")[setup:] if c[0] == "pull"] == [["pull", "web:2"]]
+
+
+async def test_pull_never_fails_clearly_when_the_image_is_absent(fake: FakeSystem, tmp_path: Path) -> None:
+    await _air_gapped(fake)
+    before = await _inspect(fake)
+    setup = len(fake.calls("docker"))
+    ctx, _ = make_ctx(fake.settings(tmp_path))
+    step = ContainerStep(name="web", image="web:3", pull="never")
+    with pytest.raises(StepError, match=r"image web:3 is not on this node and the step says pull: never"):
+        await container.apply(step, ctx)
+    assert [c[0] for c in fake.calls("docker")[setup:]] == ["container", "image", "image"]
+    assert (await _inspect(fake))["Id"] == before["Id"]
+    # A present image is used as it is.
+    await container.apply(ContainerStep(name="web", image="web:2", pull="never"), ctx)
+    assert (await _inspect(fake))["Config"]["Image"] == "web:2"
 
 
 async def test_port_conflict_leaves_a_created_container_that_undo_replaces(

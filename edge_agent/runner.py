@@ -678,7 +678,7 @@ class CommandRunner:
             return
         if killed:
             pids = " ".join(map(str, killed))
-            line = f"{what}: killed {len(killed)} process(es) it left running (pids {pids})"
+            line = f"{what}: killed {len(killed)} process(es) of the step still running (pids {pids})"
             _LOGGER.info("step %d: %s", index + 1, line)
             await self._log(job.ident, index, line)
 

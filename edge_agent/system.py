@@ -308,6 +308,8 @@ class StepScope:
     def __init__(self, token: str, cgroup: Path | None) -> None:
         self.token = token
         self.cgroup = cgroup
+        self.killed: set[int] = set()
+        """Every pid this scope killed, over all ``kill`` calls."""
         self._marker = f"{SCOPE_ENV}={token}".encode()
 
     def environ(self, env: Mapping[str, str] | None) -> dict[str, str]:
@@ -359,7 +361,7 @@ class StepScope:
                 os.kill(pid, signal.SIGKILL)
 
     async def kill(self, *, timeout: float = 10.0) -> list[int]:
-        """SIGKILL every process of the scope, again until none is left; return their pids.
+        """SIGKILL every process of the scope, again until none is left; return all it ever killed.
 
         A zombie counts as gone (it runs nothing; its parent or init reaps it).
 
@@ -367,18 +369,17 @@ class StepScope:
             StepError: some survive ``timeout`` seconds (named by pid).
         """
         deadline = time.monotonic() + timeout
-        killed: set[int] = set()
         while True:
             pids = await asyncio.to_thread(self.members)
             if not pids:
                 break
-            killed |= pids
+            self.killed |= pids
             self._signal_all(pids)
             if time.monotonic() > deadline:
                 raise StepError(f"processes {sorted(pids)} of the step survive SIGKILL")
             await asyncio.sleep(0.02)
         self._remove()
-        return sorted(killed)
+        return sorted(self.killed)
 
     def release(self) -> None:
         """The step is over and what it left runs on purpose: its cgroup goes once it is empty."""

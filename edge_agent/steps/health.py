@@ -120,7 +120,10 @@ async def _once(step: HealthStep, ctx: StepContext, timeout: float) -> None:
         if not 200 <= response.status < 300:
             raise StepError(f"HTTP {response.status} from {system.redact_url(step.target)}")
         if step.expect is not None and step.expect not in response.body:
-            raise StepError(f"{step.expect!r} not in the response of {system.redact_url(step.target)}")
+            said = " ".join(response.body.split())[:120] or "an empty body"
+            raise StepError(
+                f"{step.expect!r} not in the response of {system.redact_url(step.target)} (it said: {said})"
+            )
     elif step.check == "tcp":
         host, port = parse_host_port(step.target)
         await system.tcp_connect(host, port, timeout=timeout)
@@ -132,8 +135,8 @@ async def _once(step: HealthStep, ctx: StepContext, timeout: float) -> None:
         raise StepError(f"health check {step.check} is not supported by this agent")
 
 
-async def apply(step: HealthStep, ctx: StepContext) -> dict[str, Any]:
-    """Check up to ``retries`` times, ``interval_s`` apart; fail with the last reason."""
+async def _attempts(step: HealthStep, ctx: StepContext) -> str | None:
+    """Check up to ``retries`` times, ``interval_s`` apart; None once one passes, else the last reason."""
     timeout = min(ctx.timeout, _ATTEMPT_TIMEOUT)
     reason = ""
     for attempt in range(1, step.retries + 1):
@@ -144,10 +147,18 @@ async def apply(step: HealthStep, ctx: StepContext) -> dict[str, Any]:
             await ctx.log(f"health {step.check} attempt {attempt}/{step.retries}: {reason}")
         else:
             await ctx.log(f"health {describe(step)}: ok (attempt {attempt})")
-            return {}
+            return None
         if attempt < step.retries:
             await asyncio.sleep(step.interval_s)
-    raise StepError(f"health check {describe(step)} failed after {step.retries} attempts: {reason}")
+    return reason
+
+
+async def apply(step: HealthStep, ctx: StepContext) -> dict[str, Any]:
+    """Check up to ``retries`` times, ``interval_s`` apart; fail with the last reason."""
+    reason = await _attempts(step, ctx)
+    if reason is not None:
+        raise StepError(f"health check {describe(step)} failed after {step.retries} attempts: {reason}")
+    return {}
 
 
 async def verify(step: HealthStep, ctx: StepContext) -> str:
@@ -159,7 +170,9 @@ async def verify(step: HealthStep, ctx: StepContext) -> str:
     restore = restore_check(step)
     if restore is None:
         return "skipped"
-    await apply(restore, ctx)
+    reason = await _attempts(restore, ctx)
+    if reason is not None:
+        raise StepError(f"{restore.check} {restore.target}: {reason} ({restore.retries} attempts)")
     return describe(restore)
 
 

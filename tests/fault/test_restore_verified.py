@@ -238,6 +238,7 @@ async def test_abort_mid_daemonizing_start_is_true_every_time(
             assert _answer(port) == "version 2.0"  # what the node really runs
             assert snap.detail.startswith("restore not verified: step 4 (health) "), context
             assert "'version 1.0' not in the response" in snap.detail, context
+            assert "(it said: version 2.0)" in snap.detail, context
             assert "\n" not in snap.detail
             assert snap.steps[3].state == "failed", context
     finally:

@@ -293,14 +293,8 @@ def test_final_phase_is_rolled_back_only_when_the_restore_is_verified() -> None:
     phase, detail = executor.final_phase(lie.applies["r1"], self_restore=False)
     assert phase == "rollback_failed"
     assert detail == "restore not verified: step 3 (script) '1.0' not in the response"
-    shown = executor.snapshot(
-        lie.active,
-        lie.applies["r1"],
-        node="n1",
-        phase=phase,
-        now=1.0,
-        detail=detail,  # type: ignore[arg-type]
-    )
+    assert lie.active is not None
+    shown = executor.snapshot(lie.active, lie.applies["r1"], node="n1", phase=phase, now=1.0, detail=detail)
     assert shown.steps[2].state == "failed"
     assert shown.steps[2].detail == "restore not verified: '1.0' not in the response"
     # An undo that failed is rollback_failed whatever the checks say.

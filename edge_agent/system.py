@@ -710,15 +710,23 @@ def service_pid(state_dir: Path, name: str) -> int | None:
     return entry[0]
 
 
-def _log_tail(path: Path, lines: int = 3) -> str:
+def _log_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _log_tail(path: Path, since: int = 0, lines: int = 1) -> str:
+    """The last lines the service wrote since offset ``since``: its own last words, not earlier runs'."""
     try:
         with path.open("rb") as handle:
             handle.seek(0, os.SEEK_END)
-            handle.seek(max(0, handle.tell() - 4096))
+            handle.seek(max(since, handle.tell() - 4096))
             text = handle.read().decode("utf-8", "replace")
     except OSError:
         return ""
-    return " | ".join(text.strip().splitlines()[-lines:])
+    return " | ".join([line.strip() for line in text.splitlines() if line.strip()][-lines:])
 
 
 async def start_service(
@@ -745,6 +753,7 @@ async def start_service(
     directory = state_dir / SERVICES_DIR
     directory.mkdir(parents=True, exist_ok=True)
     log = service_log(state_dir, name)
+    since = _log_size(log)  # what this start writes comes after
     spec = {
         "argv": list(argv),
         "cwd": str(cwd),
@@ -775,7 +784,8 @@ async def start_service(
         if service_pid(state_dir, name) != pid:
             with contextlib.suppress(OSError):
                 _pidfile(state_dir, name).unlink()
-            raise StepError(f"service {name} exited within {settle_s:g} s: {_log_tail(log)}".rstrip(": "))
+            said = _log_tail(log, since)
+            raise StepError(f"service {name} exited within {settle_s:g} s: {said}".rstrip(": "))
         if time.monotonic() >= deadline:
             return pid
         await asyncio.sleep(0.05)

@@ -417,7 +417,12 @@ class RolloutEngine:
         """The ``RolloutSummary`` of ``rollout``; NotFound if unknown."""
         r = self._get(rollout)
         counts = {
-            "pending": 0, "running": 0, "succeeded": 0, "failed": 0, "rolled_back": 0, "deferred": 0,
+            "pending": 0,
+            "running": 0,
+            "succeeded": 0,
+            "failed": 0,
+            "rolled_back": 0,
+            "deferred": 0,
             "not_started": 0,
         }
         nodes: dict[str, NodeSummary] = {}
@@ -870,14 +875,16 @@ class RolloutEngine:
                 self._fail(r, n, "rolling_back", reason, now, out, restore="waiting", step=step)
             elif n.restore == "waiting":
                 n.phase = "rolling_back"
-        elif snap.phase == "rolled_back":
+        elif snap.phase == "rolled_back" or (snap.phase == "failed" and "node restored" in snap.detail):
+            # An agent's "failed" names the failed step of a node that restored itself, restore
+            # verified; "rollback_failed" is a node it could not restore or verify.
             if not n.failed and not n.applied:
                 n.step = step
                 self._fail(r, n, "rolled_back", reason, now, out, restore="restored", step=step)
                 self._clear(n, out)
             elif n.restore in ("waiting", "unrestored"):
                 self._restored(r, n, now, out)
-        elif snap.phase == "failed":
+        elif snap.phase in ("failed", "rollback_failed"):
             if not n.failed and not n.applied:
                 n.step = step
                 self._fail(r, n, "failed", reason, now, out, restore="waiting", step=step)
@@ -896,7 +903,7 @@ class RolloutEngine:
             return
         if snap.phase in ("rolled_back", "succeeded"):
             self._restored(r, n, now, out)
-        elif snap.phase == "failed":
+        elif snap.phase in ("failed", "rollback_failed"):
             failed_step = next((s for s in snap.steps if s.state == "failed"), None)
             why = snap.detail or (
                 f"undo of step {failed_step.index} ({failed_step.type}) failed: {failed_step.detail}"
@@ -1331,8 +1338,15 @@ class RolloutEngine:
                 r.nodes[name].wave = number
         kind = "pace_changed" if pace.change in ("grow", "shrink") else "pace_held"
         self._audit(
-            r, kind, pace.reason, out,
-            wave=r.wave + 1, change=pace.change, next_size=pace.size, failed=failed, waves_left=len(left),
+            r,
+            kind,
+            pace.reason,
+            out,
+            wave=r.wave + 1,
+            change=pace.change,
+            next_size=pace.size,
+            failed=failed,
+            waves_left=len(left),
         )
 
     def _window_ready(

@@ -886,10 +886,10 @@ class CommandRunner:
         await self._change(
             lambda s: executor.finish(executor.set_phase(s, rollout, phase, detail)), durable=False
         )
-        await self._snapshot(job.ident, phase, detail)
+        await self._log(job.ident, -1, f"{phase}: {detail}" if detail else phase)
+        await self._snapshot(job.ident, phase, detail)  # the job's last word
         log = _LOGGER.warning if phase == "rollback_failed" else _LOGGER.info
         log("rollout %s on this node: %s %s", rollout, phase, detail)
-        await self._log(job.ident, -1, f"{phase}: {detail}" if detail else phase)
 
     async def _verify(self, job: _Job, entry: executor.ApplyEntry) -> None:
         """Show the restored state answering: versions re-read, each health check in restore mode.

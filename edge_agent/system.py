@@ -249,15 +249,18 @@ class _Cgroups:
         self.home: Path | None = None
         self.kept: list[Path] = []
 
-    def create(self, name: str) -> Path | None:
+    def sweep_kept(self) -> None:
+        """Remove the cgroups of services that ran on once they are empty (cheap: a few rmdirs)."""
         kept, self.kept = self.kept, []
-        for path in kept:  # cgroups of services that ran on: removed once they are empty
+        for path in kept:
             try:
                 path.rmdir()
             except FileNotFoundError:
                 pass
             except OSError:
                 self.kept.append(path)
+
+    def create(self, name: str) -> Path | None:
         if not self.checked:
             self.checked = True
             self.home = _cgroup2_home()
@@ -305,9 +308,11 @@ class StepScope:
     purpose running (a service) and only removes its cgroup if it is empty.
     """
 
-    def __init__(self, token: str, cgroup: Path | None) -> None:
+    def __init__(self, token: str) -> None:
         self.token = token
-        self.cgroup = cgroup
+        self.cgroup: Path | None = None
+        self.spawned = False
+        """True once a process was started in the scope (only then is there anything to kill)."""
         self.killed: set[int] = set()
         """Every pid this scope killed, over all ``kill`` calls."""
         self._marker = f"{SCOPE_ENV}={token}".encode()
@@ -323,6 +328,9 @@ class StepScope:
         no Python locks are taken in the child. If the write fails the child
         still runs, tracked by its marker. ``(None, -1)`` without a cgroup.
         """
+        if not self.spawned:  # created with the scope's first process: most steps start none
+            self.spawned = True
+            self.cgroup = _CGROUPS.create(_CGROUP_PREFIX + self.token)
         if self.cgroup is None:
             return None, -1
         try:
@@ -368,6 +376,8 @@ class StepScope:
         Raises:
             StepError: some survive ``timeout`` seconds (named by pid).
         """
+        if not self.spawned:
+            return sorted(self.killed)
         deadline = time.monotonic() + timeout
         while True:
             pids = await asyncio.to_thread(self.members)
@@ -400,9 +410,9 @@ def open_scope(label: str) -> StepScope:
     """A new scope for one step run; ``label`` (e.g. command and step) makes it readable in cgroupfs."""
     global _SCOPES_OPENED
     _SCOPES_OPENED += 1
+    _CGROUPS.sweep_kept()
     safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in label)[:40]
-    token = f"{os.getpid()}-{_SCOPES_OPENED}-{safe}"
-    return StepScope(token, _CGROUPS.create(_CGROUP_PREFIX + token))
+    return StepScope(f"{os.getpid()}-{_SCOPES_OPENED}-{safe}")
 
 
 async def in_scope(scope: StepScope, work: Awaitable[_T]) -> _T:

@@ -70,7 +70,6 @@ async def test_the_daemon_of_a_step_is_found_after_it_left_the_session(
 ) -> None:
     pidfile = tmp_path / "daemon.pid"
     scope = system.open_scope("test-escape")
-    assert (scope.cgroup is not None) == (scope_kind == "cgroup")
     leaders: list[int] = []
 
     async def started(pid: int) -> None:
@@ -85,6 +84,7 @@ async def test_the_daemon_of_a_step_is_found_after_it_left_the_session(
         )
     )
     await _poll(lambda: leaders and _sessions(scope.token) - {leaders[0]})  # the daemon left the session
+    assert (scope.cgroup is not None) == (scope_kind == "cgroup")  # made with the first process
     os.killpg(leaders[0], signal.SIGKILL)  # what killing the step's process group alone does
     result = await work
     assert result.returncode == -signal.SIGKILL
@@ -143,3 +143,17 @@ async def test_what_a_successful_step_started_keeps_running(tmp_path: Path, scop
     system.open_scope("next").release()  # the next scope removes the emptied cgroup
     if scope.cgroup is not None:
         assert not scope.cgroup.exists()
+
+
+async def test_a_step_that_starts_no_process_costs_no_cgroup_and_no_scan(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    scope = system.open_scope("no-process")
+
+    def scan() -> set[int]:
+        raise AssertionError("a scope without processes must not walk /proc")
+
+    monkeypatch.setattr(scope, "members", scan)
+    assert await scope.kill() == []
+    scope.release()
+    assert scope.cgroup is None

@@ -254,22 +254,56 @@ class Bench:
     def start_hub(self, *extra: str) -> Child:
         self.http_port = free_port()
         self.hub = fleet(
-            "hub", self.workdir, "hub", "--broker", self.url, "--prefix", self.prefix,
-            "--db", str(self.workdir / "hub.json"), "--signing-key", str(self.key),
-            "--http", f"127.0.0.1:{self.http_port}", "--client-id", f"hub-{uuid.uuid4().hex[:6]}", *extra,
+            "hub",
+            self.workdir,
+            "hub",
+            "--broker",
+            self.url,
+            "--prefix",
+            self.prefix,
+            "--db",
+            str(self.workdir / "hub.json"),
+            "--signing-key",
+            str(self.key),
+            "--http",
+            f"127.0.0.1:{self.http_port}",
+            "--client-id",
+            f"hub-{uuid.uuid4().hex[:6]}",
+            *extra,
         )
         self.children.append(self.hub)
         wait_log(self.hub, "fleet hub: connected", 60)
         return self.hub
 
     def start_simulator(
-        self, nodes: int, *, step_ms: float = 0, heartbeat_s: float = 5, fail: tuple[str, ...] = (),
-        name: str = "simulate", node_prefix: str = "sim-", timeout: float = 300,
+        self,
+        nodes: int,
+        *,
+        step_ms: float = 0,
+        heartbeat_s: float = 5,
+        fail: tuple[str, ...] = (),
+        name: str = "simulate",
+        node_prefix: str = "sim-",
+        timeout: float = 300,
     ) -> Child:
         args = [
-            "simulate", "--broker", self.url, "--prefix", self.prefix, "--nodes", str(nodes),
-            "--trust", str(self.pub), "--step-ms", str(step_ms), "--heartbeat-s", str(heartbeat_s),
-            "--node-prefix", node_prefix, "--journal", self.journal,
+            "simulate",
+            "--broker",
+            self.url,
+            "--prefix",
+            self.prefix,
+            "--nodes",
+            str(nodes),
+            "--trust",
+            str(self.pub),
+            "--step-ms",
+            str(step_ms),
+            "--heartbeat-s",
+            str(heartbeat_s),
+            "--node-prefix",
+            node_prefix,
+            "--journal",
+            self.journal,
         ]
         for item in fail:
             args += ["--fail", item]
@@ -281,9 +315,20 @@ class Bench:
     def start_agent(self, node: str, *extra: str, optimized: bool = False) -> Child:
         """A real ``fleet agent``; ``optimized``: as deploy/fleet-agent.service runs it (PYTHONOPTIMIZE=2)."""
         child = fleet(
-            f"agent-{node}", self.workdir, "agent", "--broker", self.url, "--prefix", self.prefix,
-            "--node-id", node, "--state-dir", str(self.workdir / f"state-{node}"),
-            "--trust", str(self.pub), *extra,
+            f"agent-{node}",
+            self.workdir,
+            "agent",
+            "--broker",
+            self.url,
+            "--prefix",
+            self.prefix,
+            "--node-id",
+            node,
+            "--state-dir",
+            str(self.workdir / f"state-{node}"),
+            "--trust",
+            str(self.pub),
+            *extra,
             env=child_env(PYTHONOPTIMIZE="2") if optimized else None,
         )
         self.children.append(child)
@@ -399,8 +444,10 @@ class Observer:
     def event(self, kind: str, *, rollout: str | None = None, node: str | None = None) -> float | None:
         """When the first such event arrived (perf_counter), or None."""
         for at, event in self.events:
-            if event.kind == kind and (rollout is None or event.rollout == rollout) and (
-                node is None or event.node == node
+            if (
+                event.kind == kind
+                and (rollout is None or event.rollout == rollout)
+                and (node is None or event.node == node)
             ):
                 return at
         return None
@@ -428,15 +475,24 @@ def arguments(description: str, **defaults: Any) -> argparse.ArgumentParser:
     parser.add_argument("--nodes", type=int, default=defaults.get("nodes", 100))
     parser.add_argument("--out", type=Path, help="also write the JSON object to this file")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
-    parser.add_argument("--journal", choices=["file", "memory"], default="file",
-                        help="the simulated nodes' journal (fleet simulate --journal)")
+    parser.add_argument(
+        "--journal",
+        choices=["file", "memory"],
+        default="file",
+        help="the simulated nodes' journal (fleet simulate --journal)",
+    )
     return parser
 
 
 def emit(result: dict[str, Any], out: Path | None) -> None:
     """Print the one JSON object of this run (and write it to ``out``)."""
-    result = {**result, "python": sys.version.split()[0], "cpus": os.cpu_count(),
-              "load1_after": round(os.getloadavg()[0], 2), "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    result = {
+        **result,
+        "python": sys.version.split()[0],
+        "cpus": os.cpu_count(),
+        "load1_after": round(os.getloadavg()[0], 2),
+        "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     text = json.dumps(result, sort_keys=True)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

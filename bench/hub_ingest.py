@@ -78,8 +78,13 @@ def main() -> None:
         bench.start_simulator(args.nodes, heartbeat_s=args.heartbeat_s)
         figures = asyncio.run(measure(bench, args.nodes, args.seconds, args.heartbeat_s))
     emit(
-        {"bench": "hub_ingest", "broker": args.broker, "nodes": args.nodes, "heartbeat_s": args.heartbeat_s,
-         **figures},
+        {
+            "bench": "hub_ingest",
+            "broker": args.broker,
+            "nodes": args.nodes,
+            "heartbeat_s": args.heartbeat_s,
+            **figures,
+        },
         args.out,
     )
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from cli.ports import free_port, wait_port
 
-SCRIPT = "#!/bin/sh\necho \"updating $FLEET_NODE to $1\"\necho \"$1\" > \"$FLEET_STATE_DIR/version\"\n"
-ROLLBACK = "#!/bin/sh\nrm -f \"$FLEET_STATE_DIR/version\"\n"
+SCRIPT = '#!/bin/sh\necho "updating $FLEET_NODE to $1"\necho "$1" > "$FLEET_STATE_DIR/version"\n'
+ROLLBACK = '#!/bin/sh\nrm -f "$FLEET_STATE_DIR/version"\n'
 
 
 def fleet(*args: str) -> list[str]:
@@ -69,10 +69,20 @@ def main() -> int:
             spawn([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)])
         wait_port(port)
         url = f"mqtt://127.0.0.1:{port}"
-        subprocess.run(fleet("keys", "generate", "--out", str(root / "keys")), check=True,
-                       capture_output=True, env=env)
-        hub = spawn(fleet("hub", "--broker", url, "--db", str(root / "hub.json"),
-                          "--signing-key", str(root / "keys" / "hub.key")))
+        subprocess.run(
+            fleet("keys", "generate", "--out", str(root / "keys")), check=True, capture_output=True, env=env
+        )
+        hub = spawn(
+            fleet(
+                "hub",
+                "--broker",
+                url,
+                "--db",
+                str(root / "hub.json"),
+                "--signing-key",
+                str(root / "keys" / "hub.key"),
+            )
+        )
         scripts = root / "scripts"
         scripts.mkdir()
         for name, text in (("install_update.sh", SCRIPT), ("rollback.sh", ROLLBACK)):
@@ -81,16 +91,31 @@ def main() -> int:
         nodes = [f"bench-{i:03d}" for i in range(args.nodes)]
         started = time.monotonic()
         agents = [
-            spawn(fleet("agent", "--broker", url, "--node-id", node, "--state-dir", str(root / node),
-                        "--scripts-dir", str(scripts), "--trust", str(root / "keys" / "hub.pub"),
-                        "--label", "bench=yes"))
+            spawn(
+                fleet(
+                    "agent",
+                    "--broker",
+                    url,
+                    "--node-id",
+                    node,
+                    "--state-dir",
+                    str(root / node),
+                    "--scripts-dir",
+                    str(scripts),
+                    "--trust",
+                    str(root / "keys" / "hub.pub"),
+                    "--label",
+                    "bench=yes",
+                )
+            )
             for node in nodes
         ]
         deadline = time.monotonic() + args.timeout
         online = 0
         while time.monotonic() < deadline:
-            result = subprocess.run(fleet("nodes", "--broker", url, "--json"), capture_output=True,
-                                    env=env, check=False)
+            result = subprocess.run(
+                fleet("nodes", "--broker", url, "--json"), capture_output=True, env=env, check=False
+            )
             if result.returncode == 0:
                 online = sum(1 for n in json.loads(result.stdout) if n["online"])
                 if online == args.nodes:
@@ -98,32 +123,48 @@ def main() -> int:
             time.sleep(0.5)
         fleet_up_s = time.monotonic() - started
         spec = root / "rollout.json"
-        spec.write_text(json.dumps({
-            "name": "one script",
-            "targets": {"labels": {"bench": "yes"}},
-            "plan": [
-                {"type": "script", "name": "install_update.sh", "args": ["2.0"], "rollback": "rollback.sh"}
-            ],
-        }))
+        spec.write_text(
+            json.dumps(
+                {
+                    "name": "one script",
+                    "targets": {"labels": {"bench": "yes"}},
+                    "plan": [
+                        {
+                            "type": "script",
+                            "name": "install_update.sh",
+                            "args": ["2.0"],
+                            "rollback": "rollback.sh",
+                        }
+                    ],
+                }
+            )
+        )
         t0 = time.monotonic()
         result = subprocess.run(
             fleet("rollout", "--broker", url, "create", str(spec), "--wait", "--timeout", str(args.timeout)),
-            capture_output=True, env=env, check=False, timeout=args.timeout + 30,
+            capture_output=True,
+            env=env,
+            check=False,
+            timeout=args.timeout + 30,
         )
         rollout_s = time.monotonic() - t0
         updated = sum(1 for node in nodes if (root / node / "version").exists())
-        print(json.dumps({
-            "bench": "real_agents",
-            "broker": args.broker,
-            "nodes": args.nodes,
-            "online": online,
-            "fleet_up_s": round(fleet_up_s, 2),
-            "rollout_s": round(rollout_s, 3),
-            "rollout_exit": result.returncode,
-            "nodes_updated": updated,
-            "hub_rss_mib": round(rss_mib(hub.pid), 1),
-            "agent_rss_mib": round(rss_mib(agents[0].pid), 1),
-        }))
+        print(
+            json.dumps(
+                {
+                    "bench": "real_agents",
+                    "broker": args.broker,
+                    "nodes": args.nodes,
+                    "online": online,
+                    "fleet_up_s": round(fleet_up_s, 2),
+                    "rollout_s": round(rollout_s, 3),
+                    "rollout_exit": result.returncode,
+                    "nodes_updated": updated,
+                    "hub_rss_mib": round(rss_mib(hub.pid), 1),
+                    "agent_rss_mib": round(rss_mib(agents[0].pid), 1),
+                }
+            )
+        )
         return 0 if result.returncode == 0 and updated == args.nodes else 1
     finally:
         for proc in reversed(procs):

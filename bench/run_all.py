@@ -95,22 +95,36 @@ def table() -> str:
 
     for broker in ("mosquitto", "amqtt"):
         line("(a) rollout, create -> succeeded (s)", "rollout_latency", broker, lambda d: _cell(d["seconds"]))
-        line("(a) raw fan-out/fan-in, same run (s)", "rollout_latency", broker,
-             lambda d: _cell(d["raw_seconds"]))
+        line(
+            "(a) raw fan-out/fan-in, same run (s)",
+            "rollout_latency",
+            broker,
+            lambda d: _cell(d["raw_seconds"]),
+        )
         line("(a) ratio rollout / raw", "rollout_latency", broker, lambda d: _cell(d["ratio"], "x"))
         line("(a) CPU s per rollout: hub / simulator / broker", "rollout_latency", broker, _cpu)
         line(
             "(a) summary publishes / KB, store rewrites per rollout",
             "rollout_latency",
             broker,
-            lambda d: f"{d['runs'][-1]['summary_publishes']} / {d['runs'][-1]['summary_bytes'] // 1000}, "
-            f"{d['runs'][-1]['store_rewrites']}",
+            lambda d: (
+                f"{d['runs'][-1]['summary_publishes']} / {d['runs'][-1]['summary_bytes'] // 1000}, "
+                f"{d['runs'][-1]['store_rewrites']}"
+            ),
         )
-        line("(b) hub CPU at 1 Hz heartbeats (% of a core)", "hub_ingest", broker,
-             lambda d: _cell(d["hub_cpu_pct"], "%") + (" ok" if d["keeps_up"] else " BEHIND"))
+        line(
+            "(b) hub CPU at 1 Hz heartbeats (% of a core)",
+            "hub_ingest",
+            broker,
+            lambda d: _cell(d["hub_cpu_pct"], "%") + (" ok" if d["keeps_up"] else " BEHIND"),
+        )
         line("(b) heartbeats taken in per s", "hub_ingest", broker, lambda d: _cell(d["messages_per_s"]))
-        line("(e) rollback, first failure -> rolled back (s)", "rollback_latency", broker,
-             lambda d: _cell(d["seconds"]))
+        line(
+            "(e) rollback, first failure -> rolled back (s)",
+            "rollback_latency",
+            broker,
+            lambda d: _cell(d["seconds"]),
+        )
         line("(d) hub RSS after a rollout (MiB)", "rss", broker, lambda d: _cell(d["hub_rss_mib"]))
         line(
             "(d) one real agent's RSS, as deployed (MiB)", "rss", broker, lambda d: _cell(d["agent_rss_mib"])
@@ -123,10 +137,18 @@ def table() -> str:
         )
         line("(d) simulator RSS (MiB)", "rss", broker, lambda d: _cell(d["sim_rss_mib"]))
         line("(d) broker RSS (MiB)", "rss", broker, lambda d: _cell(d["broker_rss_mib"]))
-        line("(c) dead node, SIGKILL: median / max (s)", "dead_node", broker,
-             lambda d: f"{_cell(d['kill_median_s'])} / {_cell(d['kill_max_s'])}")
-        line("(c) dead node, SIGSTOP: median / max (s)", "dead_node", broker,
-             lambda d: f"{_cell(d['freeze_median_s'])} / {_cell(d['freeze_max_s'])}")
+        line(
+            "(c) dead node, SIGKILL: median / max (s)",
+            "dead_node",
+            broker,
+            lambda d: f"{_cell(d['kill_median_s'])} / {_cell(d['kill_max_s'])}",
+        )
+        line(
+            "(c) dead node, SIGSTOP: median / max (s)",
+            "dead_node",
+            broker,
+            lambda d: f"{_cell(d['freeze_median_s'])} / {_cell(d['freeze_max_s'])}",
+        )
     return "\n".join(rows)
 
 

@@ -488,8 +488,13 @@ def write_broker_config(
     for node in node_list:
         _check_node_name(node)
     requested: dict[str, object] = {
-        "host": host, "port": port, "bind": bind, "tls": tls, "prefix": prefix,
-        "broker_dir": broker_dir, "broker_user": broker_user,
+        "host": host,
+        "port": port,
+        "bind": bind,
+        "tls": tls,
+        "prefix": prefix,
+        "broker_dir": broker_dir,
+        "broker_user": broker_user,
     }
     existing = _read_settings(out)
     if add:

@@ -64,9 +64,15 @@ def make_ca(common_name: str = "fleetbus broker CA", now: datetime.datetime | No
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=False, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                encipher_only=False, decipher_only=False,
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -126,9 +132,7 @@ def _normal(host: str) -> str:
         return host
 
 
-def ensure_tls(
-    tls_dir: Path, host: str, *, reuse: bool, write: Callable[[Path, bytes, int], None]
-) -> None:
+def ensure_tls(tls_dir: Path, host: str, *, reuse: bool, write: Callable[[Path, bytes, int], None]) -> None:
     """Create the CA and server certificate in ``tls_dir``, or keep the existing ones.
 
     With ``reuse`` an existing CA is kept, and so is the server certificate

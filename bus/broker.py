@@ -205,8 +205,15 @@ class FleetBroker(Broker):  # type: ignore[misc]
             session.parent = 0
         elif session.client_id in self._sessions:
             existing, _ = self._sessions[session.client_id]
-            for name in ("will_flag", "will_message", "will_topic", "will_qos", "keep_alive",
-                         "username", "password"):
+            for name in (
+                "will_flag",
+                "will_message",
+                "will_topic",
+                "will_qos",
+                "keep_alive",
+                "username",
+                "password",
+            ):
                 setattr(existing, name, getattr(session, name))
             session = existing
             session.parent = 1
@@ -240,9 +247,7 @@ class FleetBroker(Broker):  # type: ignore[misc]
         ]
         if not granted:
             return  # defect 1: never replay retained messages the session did not ask for
-        await super()._publish_retained_messages_for_subscription(
-            (topic_filter, granted[0]), session
-        )
+        await super()._publish_retained_messages_for_subscription((topic_filter, granted[0]), session)
 
 
 def default_config() -> dict[str, Any]:

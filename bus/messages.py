@@ -208,7 +208,7 @@ class HealthStep(_StepBase):
     verify: RestoreCheck | Literal["skip"] | None = Field(
         default=None,
         description="How this check verifies a restore after a rollback: fields that replace target "
-        "and expect (e.g. the old version), or \"skip\". None: the same check with expect dropped.",
+        'and expect (e.g. the old version), or "skip". None: the same check with expect dropped.',
     )
 
 
@@ -399,9 +399,7 @@ class LogLine(_Report):
 
 # ------------------------------------------------------------------------ requests
 
-RequestOp = Literal[
-    "create_rollout", "abort", "rollback", "pause", "resume", "list", "show", "nodes", "plan"
-]
+RequestOp = Literal["create_rollout", "abort", "rollback", "pause", "resume", "list", "show", "nodes", "plan"]
 
 
 class Request(_Strict):
@@ -462,9 +460,7 @@ class Strategy(_Strict):
         max_length=100,
         description="Wave sizes: node counts or percents of the targets; the last repeats.",
     )
-    max_parallel: int | None = Field(
-        default=None, ge=1, description="At most this many nodes busy at once."
-    )
+    max_parallel: int | None = Field(default=None, ge=1, description="At most this many nodes busy at once.")
     soak_s: float = Field(
         default=0.0, ge=0, le=86400, description="A wave succeeds after its nodes stay healthy this long."
     )

@@ -10,12 +10,18 @@ from cli.options import env_default
 
 def register(parser: argparse.ArgumentParser) -> None:
     """Add the subcommand's arguments."""
-    parser.add_argument("--host", default=env_default("FLEET_HOST"),
-                        help="bind address (default: the config's, 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=env_default("FLEET_PORT"),
-                        help="TCP port (default: the config's, 1883)")
-    parser.add_argument("--config", type=Path, default=env_default("FLEET_BROKER_CONFIG"),
-                        help="amqtt YAML config (default: broker_config/amqtt.yaml)")
+    parser.add_argument(
+        "--host", default=env_default("FLEET_HOST"), help="bind address (default: the config's, 127.0.0.1)"
+    )
+    parser.add_argument(
+        "--port", type=int, default=env_default("FLEET_PORT"), help="TCP port (default: the config's, 1883)"
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=env_default("FLEET_BROKER_CONFIG"),
+        help="amqtt YAML config (default: broker_config/amqtt.yaml)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -16,32 +16,66 @@ def register(parser: argparse.ArgumentParser) -> None:
     """Add the subcommand's arguments."""
     out = env_default("FLEET_OUT")
     nodes = env_default("FLEET_NODES")
-    parser.add_argument("--out", type=Path, required=out is None, default=out,
-                        help="directory to write (created; FLEET_OUT)")
-    parser.add_argument("--nodes", required=nodes is None, default=nodes,
-                        help="node ids, comma-separated: each gets its own broker user (FLEET_NODES)")
-    parser.add_argument("--host", default=env_default("FLEET_HOST"),
-                        help="name or address clients connect to, in every URL and the TLS "
-                             "certificate (default 127.0.0.1; FLEET_HOST)")
-    parser.add_argument("--port", type=int, default=env_default("FLEET_PORT"),
-                        help="listener port (default 1883, 8883 with --tls; FLEET_PORT)")
-    parser.add_argument("--bind", default=env_default("FLEET_BIND"),
-                        help="listener address if not --host, e.g. 0.0.0.0 in a container (FLEET_BIND)")
-    parser.add_argument("--tls", action="store_true", default=_flag("FLEET_TLS"),
-                        help="TLS listener with a generated CA; URLs become mqtts://...?ca=PATH (FLEET_TLS)")
-    parser.add_argument("--prefix", default=env_default("FLEET_PREFIX"),
-                        help="topic prefix of the fleet (default fleet/v1; FLEET_PREFIX)")
-    parser.add_argument("--broker-dir", default=env_default("FLEET_BROKER_DIR"),
-                        help="DIR as the broker sees it, e.g. a container mount; paths in the "
-                             "generated files point there (default: DIR's absolute path)")
-    parser.add_argument("--broker-user", default=env_default("FLEET_BROKER_USER"),
-                        help="account mosquitto runs as after start (its `user` option); it must "
-                             "be able to read DIR's secrets (default: mosquitto's own default)")
+    parser.add_argument(
+        "--out", type=Path, required=out is None, default=out, help="directory to write (created; FLEET_OUT)"
+    )
+    parser.add_argument(
+        "--nodes",
+        required=nodes is None,
+        default=nodes,
+        help="node ids, comma-separated: each gets its own broker user (FLEET_NODES)",
+    )
+    parser.add_argument(
+        "--host",
+        default=env_default("FLEET_HOST"),
+        help="name or address clients connect to, in every URL and the TLS "
+        "certificate (default 127.0.0.1; FLEET_HOST)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=env_default("FLEET_PORT"),
+        help="listener port (default 1883, 8883 with --tls; FLEET_PORT)",
+    )
+    parser.add_argument(
+        "--bind",
+        default=env_default("FLEET_BIND"),
+        help="listener address if not --host, e.g. 0.0.0.0 in a container (FLEET_BIND)",
+    )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        default=_flag("FLEET_TLS"),
+        help="TLS listener with a generated CA; URLs become mqtts://...?ca=PATH (FLEET_TLS)",
+    )
+    parser.add_argument(
+        "--prefix",
+        default=env_default("FLEET_PREFIX"),
+        help="topic prefix of the fleet (default fleet/v1; FLEET_PREFIX)",
+    )
+    parser.add_argument(
+        "--broker-dir",
+        default=env_default("FLEET_BROKER_DIR"),
+        help="DIR as the broker sees it, e.g. a container mount; paths in the "
+        "generated files point there (default: DIR's absolute path)",
+    )
+    parser.add_argument(
+        "--broker-user",
+        default=env_default("FLEET_BROKER_USER"),
+        help="account mosquitto runs as after start (its `user` option); it must "
+        "be able to read DIR's secrets (default: mosquitto's own default)",
+    )
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--add", action="store_true",
-                      help="add nodes to the config in DIR; existing credentials stay unchanged")
-    mode.add_argument("--force", action="store_true",
-                      help="replace an existing config in DIR, with new credentials for every client")
+    mode.add_argument(
+        "--add",
+        action="store_true",
+        help="add nodes to the config in DIR; existing credentials stay unchanged",
+    )
+    mode.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing config in DIR, with new credentials for every client",
+    )
 
 
 def _flag(name: str) -> bool | None:

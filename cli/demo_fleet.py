@@ -122,15 +122,24 @@ class DemoFleet:
                 "name": f"demo-app {version}",
                 "targets": {"labels": {"role": "web"}},
                 "plan": [
-                    {"type": "download", "url": f"{self.artifacts_url}/{artifact.name}",
-                     "sha256": _sha256(artifact), "name": artifact.name},
+                    {
+                        "type": "download",
+                        "url": f"{self.artifacts_url}/{artifact.name}",
+                        "sha256": _sha256(artifact),
+                        "name": artifact.name,
+                    },
                     {"type": "service", "action": "stop", "name": "demo-app"},
-                    {"type": "file", "src": artifact.name, "dest": "app/version.json",
-                     "mode": "0644"},
+                    {"type": "file", "src": artifact.name, "dest": "app/version.json", "mode": "0644"},
                     {"type": "service", "action": "start", "name": "demo-app"},
-                    {"type": "health", "check": "command", "target": "check_app.sh",
-                     "expect": version, "retries": 5, "interval_s": 0.5,
-                     "verify": {"target": f"check_app.sh {old}", "expect": f"version {old}"}},
+                    {
+                        "type": "health",
+                        "check": "command",
+                        "target": "check_app.sh",
+                        "expect": version,
+                        "retries": 5,
+                        "interval_s": 0.5,
+                        "verify": {"target": f"check_app.sh {old}", "expect": f"version {old}"},
+                    },
                 ],
                 "strategy": {"waves": [int(w) if w.isdigit() else w for w in waves]},
                 "failure": {"max_failed": 0, "on_failure": "rollback"},
@@ -154,10 +163,19 @@ class DemoFleet:
 
     def _start_hub(self) -> None:
         # Secrets go through the environment, not argv (which `ps` shows to every user).
-        self._spawn("hub", self._fleet(
-            "hub", "--db", str(self.root / "hub.json"),
-            "--signing-key", str(self.key), "--http", f"{self.http_host}:{self.http_port}",
-        ), env={"FLEET_BROKER": self._urls["hub"], "FLEET_HTTP_TOKEN": self.token})
+        self._spawn(
+            "hub",
+            self._fleet(
+                "hub",
+                "--db",
+                str(self.root / "hub.json"),
+                "--signing-key",
+                str(self.key),
+                "--http",
+                f"{self.http_host}:{self.http_port}",
+            ),
+            env={"FLEET_BROKER": self._urls["hub"], "FLEET_HTTP_TOKEN": self.token},
+        )
 
     def _start_agent(self, index: int, node: str) -> None:
         base = self.root / "nodes" / node
@@ -198,7 +216,6 @@ class DemoFleet:
             f'command = ["{sys.executable}", "{scripts / "demo_service.py"}"]\n'
             f'version_file = "{state / "app" / "version.json"}"\n'
             f'env = {{ DEMO_PORT = "{app_port}", DEMO_HW = "{hw}", FLEET_STATE_DIR = "{state}" }}\n'
-
         )
         service_env = {"DEMO_PORT": str(app_port), "DEMO_HW": hw, "FLEET_STATE_DIR": str(state)}
         self._start_demo_app(state, scripts, service_env)
@@ -210,13 +227,15 @@ class DemoFleet:
 
         from edge_agent import system
 
-        asyncio.run(system.start_service(
-            "demo-app",
-            argv=[sys.executable, str(scripts / "demo_service.py")],
-            cwd=state,
-            env={"PATH": os.environ.get("PATH", os.defpath), **env},
-            state_dir=state,
-        ))
+        asyncio.run(
+            system.start_service(
+                "demo-app",
+                argv=[sys.executable, str(scripts / "demo_service.py")],
+                cwd=state,
+                env={"PATH": os.environ.get("PATH", os.defpath), **env},
+                state_dir=state,
+            )
+        )
 
     def _wait_fleet_online(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -234,7 +253,10 @@ class DemoFleet:
     def nodes(self) -> list[dict[str, Any]] | None:
         """The hub's node table, or None when it does not answer yet."""
         result = subprocess.run(
-            self._fleet("nodes", "--json"), capture_output=True, timeout=20, check=False,
+            self._fleet("nodes", "--json"),
+            capture_output=True,
+            timeout=20,
+            check=False,
             env=self._tool_env(),
         )
         if result.returncode != 0:
@@ -270,7 +292,11 @@ fleet demo: {len(self.node_ids)} nodes, broker 127.0.0.1:{self.broker_port}, fil
         deadline = None if duration is None else time.monotonic() + duration
         while deadline is None or time.monotonic() < deadline:
             table = subprocess.run(
-                self._fleet("nodes"), capture_output=True, text=True, timeout=20, check=False,
+                self._fleet("nodes"),
+                capture_output=True,
+                text=True,
+                timeout=20,
+                check=False,
                 env=self._tool_env(),
             )
             print(time.strftime("%H:%M:%S"), "\n" + (table.stdout or table.stderr), flush=True)
@@ -280,7 +306,8 @@ fleet demo: {len(self.node_ids)} nodes, broker 127.0.0.1:{self.broker_port}, fil
     def run_tui(self) -> None:
         """Open the terminal UI in the foreground."""
         subprocess.run(
-            self._fleet("tui"), check=False,
+            self._fleet("tui"),
+            check=False,
             env={**self._tool_env(), "FLEET_EXAMPLES": str(self.root / "rollouts")},
         )
 

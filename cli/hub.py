@@ -18,19 +18,31 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--broker", help="broker URL mqtt://[user:pass@]host:port (FLEET_BROKER)")
     parser.add_argument("--prefix", help="topic prefix, default fleet/v1 (FLEET_PREFIX)")
     parser.add_argument("--db", type=Path, help="TinyDB file, default ./fleet-hub.json (FLEET_DB)")
-    parser.add_argument("--signing-key", type=Path,
-                        help="Ed25519 private key that signs commands (FLEET_SIGNING_KEY)")
+    parser.add_argument(
+        "--signing-key", type=Path, help="Ed25519 private key that signs commands (FLEET_SIGNING_KEY)"
+    )
     parser.add_argument("--http", metavar="H:P", help="serve the HTTP bridge on H:P (FLEET_HTTP)")
-    parser.add_argument("--http-token", metavar="T",
-                        help="bearer token for the HTTP bridge; required off loopback (FLEET_HTTP_TOKEN)")
-    parser.add_argument("--heartbeat-s", type=float,
-                        help="heartbeat period assumed for nodes that announce none, default 5 "
-                        "(FLEET_HEARTBEAT_S)")
-    parser.add_argument("--commit-interval-s", type=float,
-                        help="database group-commit interval, default 0.05 (FLEET_COMMIT_INTERVAL_S)")
-    parser.add_argument("--keep-rollouts", type=int, metavar="N",
-                        help="finished rollouts kept, default 100; older ones go to DB.archive.jsonl "
-                        "(FLEET_KEEP_ROLLOUTS)")
+    parser.add_argument(
+        "--http-token",
+        metavar="T",
+        help="bearer token for the HTTP bridge; required off loopback (FLEET_HTTP_TOKEN)",
+    )
+    parser.add_argument(
+        "--heartbeat-s",
+        type=float,
+        help="heartbeat period assumed for nodes that announce none, default 5 (FLEET_HEARTBEAT_S)",
+    )
+    parser.add_argument(
+        "--commit-interval-s",
+        type=float,
+        help="database group-commit interval, default 0.05 (FLEET_COMMIT_INTERVAL_S)",
+    )
+    parser.add_argument(
+        "--keep-rollouts",
+        type=int,
+        metavar="N",
+        help="finished rollouts kept, default 100; older ones go to DB.archive.jsonl (FLEET_KEEP_ROLLOUTS)",
+    )
     parser.add_argument("--client-id", help="MQTT client id, default fleet-hub (FLEET_HUB_CLIENT_ID)")
     parser.add_argument("--config", type=Path, help="TOML config file with a [hub] table (FLEET_CONFIG)")
 

@@ -13,8 +13,13 @@ def register(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="keys_command", metavar="ACTION")
     sub.required = True
     gen = sub.add_parser("generate", help="write DIR/hub.key (private, mode 600) and DIR/hub.pub")
-    gen.add_argument("--out", type=Path, required=env_default("FLEET_KEYS_OUT") is None,
-                     default=env_default("FLEET_KEYS_OUT"), help="directory for the key pair")
+    gen.add_argument(
+        "--out",
+        type=Path,
+        required=env_default("FLEET_KEYS_OUT") is None,
+        default=env_default("FLEET_KEYS_OUT"),
+        help="directory for the key pair",
+    )
     gen.add_argument("--force", action="store_true", help="overwrite an existing key pair")
 
 

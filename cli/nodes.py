@@ -31,10 +31,16 @@ def add_client_arguments(parser: argparse.ArgumentParser, *, suppress: bool = Fa
     default = argparse.SUPPRESS if suppress else None
     parser.add_argument("--broker", default=default, help="broker URL (FLEET_BROKER)")
     parser.add_argument("--prefix", default=default, help="topic prefix, default fleet/v1 (FLEET_PREFIX)")
-    parser.add_argument("--config", type=Path, default=default,
-                        help="TOML config file with a [client] table (FLEET_CONFIG)")
-    parser.add_argument("--request-timeout", type=float, default=default, metavar="S",
-                        help="seconds to wait for the hub's reply, default 10 (FLEET_REQUEST_TIMEOUT)")
+    parser.add_argument(
+        "--config", type=Path, default=default, help="TOML config file with a [client] table (FLEET_CONFIG)"
+    )
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=default,
+        metavar="S",
+        help="seconds to wait for the hub's reply, default 10 (FLEET_REQUEST_TIMEOUT)",
+    )
 
 
 def client_config(args: argparse.Namespace) -> ClientConfig:
@@ -179,20 +185,23 @@ def render_table(nodes: Sequence[Mapping[str, Any]], now: float) -> str:
     for node in nodes:
         beat = node.get("heartbeat")
         labels = node.get("labels") or {}
-        rows.append((
-            _cut(str(node.get("node", "?")), 32),
-            "online" if node.get("online") else "offline",
-            ago(node.get("last_seen"), now),
-            _figure(beat, "load1", "{:.2f}"),
-            _figure(beat, "mem_used_pct", "{:.0f}%"),
-            _figure(beat, "disk_free_pct", "{:.0f}% free"),
-            _cut(",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "-"),
-            _cut(_job(node.get("job")), 24),
-            _cut(_versions(node), 60),
-        ))
+        rows.append(
+            (
+                _cut(str(node.get("node", "?")), 32),
+                "online" if node.get("online") else "offline",
+                ago(node.get("last_seen"), now),
+                _figure(beat, "load1", "{:.2f}"),
+                _figure(beat, "mem_used_pct", "{:.0f}%"),
+                _figure(beat, "disk_free_pct", "{:.0f}% free"),
+                _cut(",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "-"),
+                _cut(_job(node.get("job")), 24),
+                _cut(_versions(node), 60),
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-             for row in rows]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
     if not nodes:
         lines.append("(no nodes known to the hub)")
     return "\n".join(lines)

@@ -44,22 +44,37 @@ def register(parser: argparse.ArgumentParser) -> None:
     sub.required = True
     create = sub.add_parser("create", help="start a rollout from a RolloutSpec JSON file ('-' for stdin)")
     create.add_argument("file", help="RolloutSpec JSON file, or - for stdin")
-    create.add_argument("--wait", action="store_true",
-                        help="wait for a final state; exit 0 only for succeeded")
+    create.add_argument(
+        "--wait", action="store_true", help="wait for a final state; exit 0 only for succeeded"
+    )
     # argparse converts a string default with `type`, so a bad FLEET_TIMEOUT is a usage error.
-    create.add_argument("--timeout", type=float, default=env_default("FLEET_TIMEOUT", "86400"), metavar="S",
-                        help="with --wait: give up after S seconds, exit 1 (FLEET_TIMEOUT; default 1 day)")
-    create.add_argument("--idempotency-key", default=env_default("FLEET_IDEMPOTENCY_KEY"), metavar="KEY",
-                        help="the same key again returns the same rollout instead of starting a second one "
-                        "(FLEET_IDEMPOTENCY_KEY; overrides the file's idempotency_key)")
+    create.add_argument(
+        "--timeout",
+        type=float,
+        default=env_default("FLEET_TIMEOUT", "86400"),
+        metavar="S",
+        help="with --wait: give up after S seconds, exit 1 (FLEET_TIMEOUT; default 1 day)",
+    )
+    create.add_argument(
+        "--idempotency-key",
+        default=env_default("FLEET_IDEMPOTENCY_KEY"),
+        metavar="KEY",
+        help="the same key again returns the same rollout instead of starting a second one "
+        "(FLEET_IDEMPOTENCY_KEY; overrides the file's idempotency_key)",
+    )
     add_client_arguments(create, suppress=True)
     planning = sub.add_parser(
         "plan", help="dry run: targets, waves, timing and every online target's pre-flight; starts nothing"
     )
     planning.add_argument("file", help="RolloutSpec JSON file, or - for stdin")
     planning.add_argument("--json", action="store_true", help="print the plan as JSON (as the plan op)")
-    planning.add_argument("--preflight-timeout", type=float, default=10.0, metavar="S",
-                          help="wait at most S seconds for the nodes' pre-flight answers (default 10)")
+    planning.add_argument(
+        "--preflight-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="wait at most S seconds for the nodes' pre-flight answers (default 10)",
+    )
     planning.add_argument("--no-preflight", action="store_true", help="do not ask the nodes")
     add_client_arguments(planning, suppress=True)
     listing = sub.add_parser("list", help="every rollout the hub knows")
@@ -148,8 +163,12 @@ async def _create(config: Any, spec: RolloutSpec, *, wait: bool, timeout: float)
             return 1
         print(rollout, flush=True)
         if body.get("existing"):
-            print(f"fleet rollout: {rollout} was started earlier with this idempotency key: "
-                  "nothing new started", file=sys.stderr, flush=True)
+            print(
+                f"fleet rollout: {rollout} was started earlier with this idempotency key: "
+                "nothing new started",
+                file=sys.stderr,
+                flush=True,
+            )
         if not wait:
             return 0
         return await _wait(session, rollout, timeout)
@@ -274,18 +293,22 @@ def render_list(summaries: list[Mapping[str, Any]], now: float) -> str:
     for s in summaries:
         counts = _counts(s)
         nodes = s.get("nodes")
-        total = len(nodes) if isinstance(nodes, Mapping) else sum(
-            int(v) for v in counts.values() if isinstance(v, int)
+        total = (
+            len(nodes)
+            if isinstance(nodes, Mapping)
+            else sum(int(v) for v in counts.values() if isinstance(v, int))
         )
-        rows.append((
-            str(s.get("id", "?")),
-            str(s.get("name", ""))[:40],
-            str(s.get("state", "?")),
-            f"{counts.get('succeeded', 0)}/{total}",
-            str(counts.get("failed", 0)),
-            str(counts.get("rolled_back", 0)),
-            ago(s.get("updated_at") if isinstance(s.get("updated_at"), int | float) else None, now),
-        ))
+        rows.append(
+            (
+                str(s.get("id", "?")),
+                str(s.get("name", ""))[:40],
+                str(s.get("state", "?")),
+                f"{counts.get('succeeded', 0)}/{total}",
+                str(counts.get("failed", 0)),
+                str(counts.get("rolled_back", 0)),
+                ago(s.get("updated_at") if isinstance(s.get("updated_at"), int | float) else None, now),
+            )
+        )
     lines = _columns(rows)
     if not summaries:
         lines.append("(no rollouts)")
@@ -314,8 +337,14 @@ def render_show(body: Mapping[str, Any], now: float) -> str:
         for name, info in sorted(nodes.items()):
             info = info if isinstance(info, Mapping) else {}
             step = info.get("step")
-            rows.append((str(name), str(info.get("phase", "?")), "-" if step is None else str(step),
-                         str(info.get("detail", ""))[:80]))
+            rows.append(
+                (
+                    str(name),
+                    str(info.get("phase", "?")),
+                    "-" if step is None else str(step),
+                    str(info.get("detail", ""))[:80],
+                )
+            )
         lines += ["", *_columns(rows)]
     audit = body.get("audit")
     if isinstance(audit, list) and audit:

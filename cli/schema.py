@@ -9,8 +9,12 @@ from pathlib import Path
 
 def register(parser: argparse.ArgumentParser) -> None:
     """Add the subcommand's arguments."""
-    parser.add_argument("--out", type=Path, default=None,
-                        help="write one <Message>.schema.json per message here (else all on stdout)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="write one <Message>.schema.json per message here (else all on stdout)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,37 +20,95 @@ def _split(value: str | None) -> list[str]:
 def register(parser: argparse.ArgumentParser) -> None:
     """Add the subcommand's arguments."""
     add = parser.add_argument
-    add("--broker", default=env_default("FLEET_BROKER", "mqtt://127.0.0.1:1883"),
-        help="broker URL [FLEET_BROKER; default mqtt://127.0.0.1:1883]")
-    add("--nodes", type=int, default=env_default("FLEET_NODES"),
-        help="how many nodes to simulate [FLEET_NODES; required]")
-    add("--trust", metavar="FILE", action="append", type=Path,
-        help="PEM public key of a trusted command signer; repeatable [FLEET_TRUST, comma-separated]")
-    add("--heartbeat-s", type=float, default=env_default("FLEET_HEARTBEAT_S", "5"),
-        help="seconds between each node's heartbeats [FLEET_HEARTBEAT_S; default 5]")
-    add("--step-ms", type=float, default=env_default("FLEET_STEP_MS", "100"),
-        help="how long every simulated step (and undo) takes [FLEET_STEP_MS; default 100]")
-    add("--fail", metavar="NODE[:STEP]", action="append",
-        help="this node's apply fails at step STEP (default 0); repeatable [FLEET_FAIL, comma-separated]")
-    add("--prefix", default=env_default("FLEET_PREFIX", "fleet/v1"),
-        help="topic prefix [FLEET_PREFIX; default fleet/v1]")
-    add("--node-prefix", default=env_default("FLEET_NODE_PREFIX", "sim-"),
-        help="node ids are this plus a number [FLEET_NODE_PREFIX; default sim-]")
-    add("--first", type=int, default=env_default("FLEET_FIRST", "0"),
-        help="number of the first node, to run several simulators [FLEET_FIRST; default 0]")
-    add("--label", metavar="K=V", action="append",
-        help="a label of every simulated node (each also has sim=1); repeatable [FLEET_LABELS]")
-    add("--keepalive-s", type=int, default=env_default("FLEET_KEEPALIVE_S", "10"),
-        help="MQTT keepalive of each node [FLEET_KEEPALIVE_S; default 10]")
-    add("--state-dir", type=Path, default=env_default("FLEET_STATE_DIR"),
-        help="parent of the nodes' state dirs [FLEET_STATE_DIR; default a temp dir in /dev/shm]")
-    add("--start-batch", type=int, default=env_default("FLEET_START_BATCH", "100"),
-        help="nodes connecting at once while the fleet starts [FLEET_START_BATCH; default 100]")
-    add("--journal", choices=["file", "memory"], default=env_default("FLEET_JOURNAL", "file"),
+    add(
+        "--broker",
+        default=env_default("FLEET_BROKER", "mqtt://127.0.0.1:1883"),
+        help="broker URL [FLEET_BROKER; default mqtt://127.0.0.1:1883]",
+    )
+    add(
+        "--nodes",
+        type=int,
+        default=env_default("FLEET_NODES"),
+        help="how many nodes to simulate [FLEET_NODES; required]",
+    )
+    add(
+        "--trust",
+        metavar="FILE",
+        action="append",
+        type=Path,
+        help="PEM public key of a trusted command signer; repeatable [FLEET_TRUST, comma-separated]",
+    )
+    add(
+        "--heartbeat-s",
+        type=float,
+        default=env_default("FLEET_HEARTBEAT_S", "5"),
+        help="seconds between each node's heartbeats [FLEET_HEARTBEAT_S; default 5]",
+    )
+    add(
+        "--step-ms",
+        type=float,
+        default=env_default("FLEET_STEP_MS", "100"),
+        help="how long every simulated step (and undo) takes [FLEET_STEP_MS; default 100]",
+    )
+    add(
+        "--fail",
+        metavar="NODE[:STEP]",
+        action="append",
+        help="this node's apply fails at step STEP (default 0); repeatable [FLEET_FAIL, comma-separated]",
+    )
+    add(
+        "--prefix",
+        default=env_default("FLEET_PREFIX", "fleet/v1"),
+        help="topic prefix [FLEET_PREFIX; default fleet/v1]",
+    )
+    add(
+        "--node-prefix",
+        default=env_default("FLEET_NODE_PREFIX", "sim-"),
+        help="node ids are this plus a number [FLEET_NODE_PREFIX; default sim-]",
+    )
+    add(
+        "--first",
+        type=int,
+        default=env_default("FLEET_FIRST", "0"),
+        help="number of the first node, to run several simulators [FLEET_FIRST; default 0]",
+    )
+    add(
+        "--label",
+        metavar="K=V",
+        action="append",
+        help="a label of every simulated node (each also has sim=1); repeatable [FLEET_LABELS]",
+    )
+    add(
+        "--keepalive-s",
+        type=int,
+        default=env_default("FLEET_KEEPALIVE_S", "10"),
+        help="MQTT keepalive of each node [FLEET_KEEPALIVE_S; default 10]",
+    )
+    add(
+        "--state-dir",
+        type=Path,
+        default=env_default("FLEET_STATE_DIR"),
+        help="parent of the nodes' state dirs [FLEET_STATE_DIR; default a temp dir in /dev/shm]",
+    )
+    add(
+        "--start-batch",
+        type=int,
+        default=env_default("FLEET_START_BATCH", "100"),
+        help="nodes connecting at once while the fleet starts [FLEET_START_BATCH; default 100]",
+    )
+    add(
+        "--journal",
+        choices=["file", "memory"],
+        default=env_default("FLEET_JOURNAL", "file"),
         help="file: each node keeps journal.json like a real agent; memory: no journal file "
-        "[FLEET_JOURNAL; default file]")
-    add("--threaded-io", action="store_true", default=bool(env_default("FLEET_THREADED_IO")),
-        help="file I/O through a thread pool even on a RAM-backed state dir [FLEET_THREADED_IO]")
+        "[FLEET_JOURNAL; default file]",
+    )
+    add(
+        "--threaded-io",
+        action="store_true",
+        default=bool(env_default("FLEET_THREADED_IO")),
+        help="file I/O through a thread pool even on a RAM-backed state dir [FLEET_THREADED_IO]",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -18,17 +18,35 @@ __all__ = ["is_loopback", "parse_serve", "register", "run"]
 
 def register(parser: argparse.ArgumentParser) -> None:
     """Add the subcommand's arguments."""
-    parser.add_argument("--broker", default=env_default("FLEET_BROKER", "mqtt://127.0.0.1:1883"),
-                        help="broker URL, mqtt://[user:pass@]host:port or mqtts://... (FLEET_BROKER)")
-    parser.add_argument("--prefix", default=env_default("FLEET_PREFIX", DEFAULT_PREFIX),
-                        help=f"topic prefix (FLEET_PREFIX, default {DEFAULT_PREFIX})")
-    parser.add_argument("--serve", metavar="H:P", default=env_default("FLEET_SERVE"),
-                        help="serve the same app to a browser on H:P with textual-serve (FLEET_SERVE); "
-                             "loopback unless you mean otherwise")
-    parser.add_argument("--examples", type=Path, default=env_default("FLEET_EXAMPLES", "examples"),
-                        help="directory of rollout specs offered by the new-rollout screen (FLEET_EXAMPLES)")
-    parser.add_argument("--utc", action="store_true", default=env_default("FLEET_UTC") == "1",
-                        help="show times in UTC (FLEET_UTC=1)")
+    parser.add_argument(
+        "--broker",
+        default=env_default("FLEET_BROKER", "mqtt://127.0.0.1:1883"),
+        help="broker URL, mqtt://[user:pass@]host:port or mqtts://... (FLEET_BROKER)",
+    )
+    parser.add_argument(
+        "--prefix",
+        default=env_default("FLEET_PREFIX", DEFAULT_PREFIX),
+        help=f"topic prefix (FLEET_PREFIX, default {DEFAULT_PREFIX})",
+    )
+    parser.add_argument(
+        "--serve",
+        metavar="H:P",
+        default=env_default("FLEET_SERVE"),
+        help="serve the same app to a browser on H:P with textual-serve (FLEET_SERVE); "
+        "loopback unless you mean otherwise",
+    )
+    parser.add_argument(
+        "--examples",
+        type=Path,
+        default=env_default("FLEET_EXAMPLES", "examples"),
+        help="directory of rollout specs offered by the new-rollout screen (FLEET_EXAMPLES)",
+    )
+    parser.add_argument(
+        "--utc",
+        action="store_true",
+        default=env_default("FLEET_UTC") == "1",
+        help="show times in UTC (FLEET_UTC=1)",
+    )
 
 
 def parse_serve(value: str) -> tuple[str, int]:

@@ -67,9 +67,7 @@ async def busy_reason(settings: ExecutorSettings, env: dict[str, str] | None = N
         return None
     environ = {"PATH": os.environ.get("PATH", os.defpath), "FLEET_NODE": settings.node, **(env or {})}
     try:
-        result = await system.run(
-            [str(script)], timeout=CHECK_TIMEOUT_S, cwd=settings.state_dir, env=environ
-        )
+        result = await system.run([str(script)], timeout=CHECK_TIMEOUT_S, cwd=settings.state_dir, env=environ)
     except StepError as exc:
         return f"{CHECK_SCRIPT} failed: {exc.reason}"
     if result.ok:

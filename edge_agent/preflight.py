@@ -221,7 +221,9 @@ async def _package(
             target = str(path)
         elif step.src in downloads:
             return Check(
-                index, step.type, "skipped",
+                index,
+                step.type,
+                "skipped",
                 f"{step.src} is downloaded by step {downloads[step.src]}: its install is simulated then, "
                 "not before",
             )
@@ -259,7 +261,9 @@ def _simulated(index: int, step: PackageStep, result: system.RunResult) -> Check
     if step.manager == "apt" and ("was not found" in text or "Unable to locate" in text):
         # The apply refreshes the lists once (apt-get update); a pre-flight changes nothing.
         return Check(
-            index, step.type, "skipped",
+            index,
+            step.type,
+            "skipped",
             f"apt does not know {step.name}{'=' + step.version if step.version else ''} from its current "
             "lists (the update refreshes them once; not refreshed by a pre-flight)",
         )
@@ -268,8 +272,9 @@ def _simulated(index: int, step: PackageStep, result: system.RunResult) -> Check
 
 async def _unit(index: int, step: ServiceStep, settings: ExecutorSettings, timeout: float) -> Check:
     tools = tools_of(settings)
-    result = await call([tools.systemctl, "status", "--no-pager", step.name], tools=tools, timeout=timeout,
-                        check=False)
+    result = await call(
+        [tools.systemctl, "status", "--no-pager", step.name], tools=tools, timeout=timeout, check=False
+    )
     if result.returncode == 4:
         return Check(index, step.type, "failed", f"systemd has no unit {step.name}: {tool_message(result)}")
     return Check(index, step.type, "succeeded", f"systemd knows {step.name}")

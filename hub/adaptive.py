@@ -68,7 +68,8 @@ def next_pace(adaptive: AdaptivePace, total: int, size: int, wave: int, done: in
             reason = f"wave {wave} clean ({done}/{size} succeeded): staying at the cap of {limit}"
             return Pace(size, "max", reason)
         return Pace(
-            grown, "grow",
+            grown,
+            "grow",
             f"wave {wave} clean ({done}/{size} succeeded): next wave {grown} nodes (x{adaptive.grow_factor:g}"
             + (", capped)" if grown == limit and grown < math.ceil(size * adaptive.grow_factor) else ")"),
         )
@@ -76,7 +77,8 @@ def next_pace(adaptive: AdaptivePace, total: int, size: int, wave: int, done: in
         return Pace(size, "hold", f"wave {wave}: {failed} of {size} failed: holding the pace at {size} nodes")
     shrunk = max(1, math.floor(size * adaptive.shrink_factor))
     return Pace(
-        shrunk, "shrink",
+        shrunk,
+        "shrink",
         f"wave {wave}: {failed} of {size} failed: next wave {shrunk} nodes (x{adaptive.shrink_factor:g})",
     )
 

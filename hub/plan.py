@@ -324,7 +324,12 @@ class Planner:
             result["preflight"] = await self._preflight(draft, timeout)
         else:
             result["preflight"] = {
-                "timeout_s": timeout, "asked": 0, "passed": 0, "failed": 0, "unanswered": 0, "nodes": {},
+                "timeout_s": timeout,
+                "asked": 0,
+                "passed": 0,
+                "failed": 0,
+                "unanswered": 0,
+                "nodes": {},
                 "skipped": "not asked" if not ask else "no online target",
             }
         self._judge(draft, result)

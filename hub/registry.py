@@ -229,9 +229,7 @@ class Registry:
         """Every online node, sorted."""
         return sorted(name for name, info in self._nodes.items() if info.online)
 
-    def resolve(
-        self, targets: list[str] | TargetLabels | Literal["all"]
-    ) -> tuple[list[str], list[str]]:
+    def resolve(self, targets: list[str] | TargetLabels | Literal["all"]) -> tuple[list[str], list[str]]:
         """Turn a rollout's targets into (known nodes, unknown names).
 
         A list keeps its order (duplicates dropped); labels and ``"all"`` give

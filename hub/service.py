@@ -242,7 +242,10 @@ class HubService:
         client = self._client
         if client is not None and client.is_connected:
             state = HubState(
-                state="offline", session=self._session, reason="shutdown", version=_VERSION,
+                state="offline",
+                session=self._session,
+                reason="shutdown",
+                version=_VERSION,
                 started_at=self._started_at,
             )
             with contextlib.suppress(BusError, asyncio.TimeoutError):
@@ -303,7 +306,10 @@ class HubService:
         # A fresh session per connection; the birth of that connection reuses it.
         self._session = new_id()
         state = HubState(
-            state="offline", session=self._session, reason="lost", version=_VERSION,
+            state="offline",
+            session=self._session,
+            reason="lost",
+            version=_VERSION,
             started_at=self._started_at,
         )
         return Will(self.topics.hub_state, encode(state), qos=1, retain=True)
@@ -312,7 +318,10 @@ class HubService:
         # The hub was blind while disconnected; the nodes were not silent.
         self.registry.refresh(self._now())
         state = HubState(
-            state="online", session=self._session, reason="birth", version=_VERSION,
+            state="online",
+            session=self._session,
+            reason="birth",
+            version=_VERSION,
             started_at=self._started_at,
         )
         await self.publish(self.topics.hub_state, encode(state), qos=1, retain=True)
@@ -410,7 +419,9 @@ class HubService:
         data = encode(reply)
         if len(data) > MAX_PAYLOAD_BYTES:
             reply = Reply(
-                request=request.id, ok=False, body={"kind": "too_large"},
+                request=request.id,
+                ok=False,
+                body={"kind": "too_large"},
                 error=f"reply of {len(data)} bytes exceeds the {MAX_PAYLOAD_BYTES}-byte limit; "
                 "ask for less (nodes: offset/limit)",
             )

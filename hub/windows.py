@@ -29,8 +29,12 @@ from bus.messages import RolloutSpec
 
 __all__ = ["Cron", "Schedule", "next_start", "parse_cron", "schedule_of", "zone_of"]
 
-_MONTHS = {name: i for i, name in enumerate(
-    ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"), 1)}
+_MONTHS = {
+    name: i
+    for i, name in enumerate(
+        ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"), 1
+    )
+}
 _DAYS = {name: i for i, name in enumerate(("sun", "mon", "tue", "wed", "thu", "fri", "sat"))}
 #: How far ahead a match is looked for (a cron like "0 0 29 2 *" matches every four years).
 _HORIZON_DAYS = 366 * 8 + 2

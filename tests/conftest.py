@@ -236,4 +236,3 @@ def web() -> Iterator[Web]:
     server = Web()
     yield server
     server.close()
-

@@ -53,4 +53,3 @@ class Web:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(10)
-

@@ -167,8 +167,13 @@ class FleetApp(App[None]):
             self.notify(exc.reason, title=f"{op} failed", severity="error", timeout=10, markup=False)
         else:
             if not reply.ok:
-                self.notify(reply.error or "refused by the hub", title=f"{op} refused", severity="error",
-                            timeout=10, markup=False)
+                self.notify(
+                    reply.error or "refused by the hub",
+                    title=f"{op} refused",
+                    severity="error",
+                    timeout=10,
+                    markup=False,
+                )
         self.post_message(RequestDone(op, body, reply))
 
     def on_request_done(self, message: RequestDone) -> None:

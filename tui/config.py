@@ -16,16 +16,16 @@ class TuiConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    broker: str = Field(
-        default="mqtt://127.0.0.1:1883", description="Broker URL (mqtt:// or mqtts://)."
-    )
+    broker: str = Field(default="mqtt://127.0.0.1:1883", description="Broker URL (mqtt:// or mqtts://).")
     prefix: str = Field(default=DEFAULT_PREFIX, description="Topic prefix of the fleet.")
     examples_dir: Path = Field(
         default=Path("examples"),
         description="Directory whose *.json rollout specs the new-rollout screen lists.",
     )
     batch_s: float = Field(
-        default=0.1, ge=0, le=5,
+        default=0.1,
+        ge=0,
+        le=5,
         description="Bus updates are applied to the screen in batches this far apart.",
     )
     request_timeout_s: float = Field(

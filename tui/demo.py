@@ -149,12 +149,23 @@ def _rollouts(now: float) -> list[BusUpdate]:
             )
         )
     for number, text in enumerate(
-        ["fetching collector_1.5.0_amd64.deb", "sha256 ok (2.1 MiB)", "stopping collector.service",
-         "Unpacking collector (1.5.0) over (1.4.2) ...", "Setting up collector (1.5.0) ..."]
+        [
+            "fetching collector_1.5.0_amd64.deb",
+            "sha256 ok (2.1 MiB)",
+            "stopping collector.service",
+            "Unpacking collector (1.5.0) over (1.4.2) ...",
+            "Setting up collector (1.5.0) ...",
+        ]
     ):
         updates.append(
-            LogLine(node=node_id(4), command="c-4", rollout=ROLLOUT_ID, index=min(number // 2, 2),
-                    line=text, ts=now - 60 + number)
+            LogLine(
+                node=node_id(4),
+                command="c-4",
+                rollout=ROLLOUT_ID,
+                index=min(number // 2, 2),
+                line=text,
+                ts=now - 60 + number,
+            )
         )
     return updates
 
@@ -177,8 +188,11 @@ def demo_updates(nodes: int = 12, now: float = DEMO_NOW, heartbeats: int = 3) ->
 _AUDIT: list[dict[str, Any]] = [
     {"ts": DEMO_NOW - 300, "message": "created by fleet-tui", "evidence": {"targets": 6}},
     {"ts": DEMO_NOW - 299, "message": "wave 1 started", "evidence": {"nodes": ["edge-001", "edge-002"]}},
-    {"ts": DEMO_NOW - 120, "message": "wave 2 started",
-     "evidence": {"nodes": ["edge-003", "edge-004", "edge-005"]}},
+    {
+        "ts": DEMO_NOW - 120,
+        "message": "wave 2 started",
+        "evidence": {"nodes": ["edge-003", "edge-004", "edge-005"]},
+    },
 ]
 
 

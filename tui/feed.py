@@ -59,7 +59,11 @@ _NODE_MODELS: dict[str, type[NodeState | Heartbeat | StepStatus | JobSnapshot | 
 
 
 _NODE_QOS: tuple[tuple[NodeChannel, int], ...] = (
-    ("state", 1), ("status", 1), ("job", 1), ("heartbeat", 0), ("log", 0),
+    ("state", 1),
+    ("status", 1),
+    ("job", 1),
+    ("heartbeat", 0),
+    ("log", 0),
 )
 
 

@@ -93,9 +93,7 @@ class Preview:
             f" require_online={str(spec.require_online).lower()}",
         ]
         for number, wave in enumerate(self.waves[:limit], start=1):
-            shown = ", ".join(
-                f"{node} (offline)" if node in self.offline else node for node in wave[:8]
-            )
+            shown = ", ".join(f"{node} (offline)" if node in self.offline else node for node in wave[:8])
             more = f" +{len(wave) - 8} more" if len(wave) > 8 else ""
             out.append(f"wave {number:<4} {len(wave)}: {shown}{more}")
         if len(self.waves) > limit:

@@ -29,7 +29,11 @@ class Demo:
     def fleet(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "cli.main", *args],
-            capture_output=True, text=True, timeout=timeout, env=self.env, check=False,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.env,
+            check=False,
         )
 
     def app_version(self, node: str) -> str:
@@ -48,7 +52,10 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
     with out.open("w") as sink:
         proc = subprocess.Popen(
             [sys.executable, "-m", "cli.main", "demo", "--nodes", "3", "--no-tui", "--dir", str(root)],
-            stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
         )
     try:
         deadline = time.monotonic() + 90
@@ -129,7 +136,11 @@ def test_broker_refuses_anonymous_clients(demo: Demo) -> None:
     env = {**demo.env, "FLEET_BROKER": f"mqtt://127.0.0.1:{port.group(1)}"}
     result = subprocess.run(
         [sys.executable, "-m", "cli.main", "nodes"],
-        capture_output=True, text=True, timeout=60, env=env, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
     )
     assert result.returncode == 1
     assert len(result.stderr.strip().splitlines()) == 1

@@ -76,7 +76,6 @@ def is_long_run() -> bool:
     return bool(_TRIALS)
 
 
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     here = Path(__file__).parent
     for item in items:

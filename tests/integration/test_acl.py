@@ -51,8 +51,15 @@ class Fleet:
         return self.config.url(client)
 
 
-def generate(out: Path, prefix: str, port: int, *, tls: bool = False, nodes: tuple[str, ...] = NODES,
-             host: str = "127.0.0.1") -> GeneratedConfig:
+def generate(
+    out: Path,
+    prefix: str,
+    port: int,
+    *,
+    tls: bool = False,
+    nodes: tuple[str, ...] = NODES,
+    host: str = "127.0.0.1",
+) -> GeneratedConfig:
     """The config under test; mosquitto keeps the current user (root would drop to `mosquitto`)."""
     return write_broker_config(
         out, nodes, host=host, port=port, prefix=prefix, tls=tls, broker_user=getpass.getuser()
@@ -217,7 +224,10 @@ async def test_node_reads_only_its_own_cmd(fleet: Fleet) -> None:
         try:
             async with connected(fleet.url("n1")) as n1:
                 others = [
-                    t.node("n2", "cmd"), t.node_filter("cmd"), f"{t.prefix}/#", t.node_filter("#", node="n2")
+                    t.node("n2", "cmd"),
+                    t.node_filter("cmd"),
+                    f"{t.prefix}/#",
+                    t.node_filter("#", node="n2"),
                 ]
                 refusals = []
                 for topic_filter in others:
@@ -292,8 +302,10 @@ def connect_packet(client_id: str, user: str, password: str, will_topic: str, wi
     """An MQTT 3.1.1 CONNECT with a retained QoS 1 last will."""
     flags = 0x80 | 0x40 | 0x20 | 0x08 | 0x04 | 0x02  # user, password, will retain, will QoS 1, will, clean
     body = _mqtt_string(b"MQTT") + bytes([4, flags]) + (30).to_bytes(2, "big")
-    body += b"".join(_mqtt_string(p) for p in (client_id.encode(), will_topic.encode(), will,
-                                                  user.encode(), password.encode()))
+    body += b"".join(
+        _mqtt_string(p)
+        for p in (client_id.encode(), will_topic.encode(), will, user.encode(), password.encode())
+    )
     assert len(body) < 128
     return bytes([0x10, len(body)]) + body
 

@@ -35,10 +35,14 @@ async def test_a_locked_node_waits_then_applies_when_the_lock_goes(
         held = lock(fleet, "n2")
         plan = await fleet.ask("plan", spec())
         lock_check = [c for c in plan["preflight"]["nodes"]["n2"]["checks"] if c["type"] == "lock"]
-        assert lock_check == [{
-            "index": -1, "type": "lock", "state": "skipped",
-            "detail": "update lock held (update lock held: locks/surgery.lock): an apply would wait",
-        }]
+        assert lock_check == [
+            {
+                "index": -1,
+                "type": "lock",
+                "state": "skipped",
+                "detail": "update lock held (update lock held: locks/surgery.lock): an apply would wait",
+            }
+        ]
         assert plan["ok"] is True  # a lock is a warning: the node will wait for it
         rollout = (await fleet.ask("create_rollout", spec(max_defer_s=120)))["rollout"]
         await until(lambda: fleet.summary(rollout)["nodes"]["n2"]["phase"] == "deferred", "n2 to defer")

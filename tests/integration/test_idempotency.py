@@ -130,13 +130,26 @@ async def test_cli_idempotency_key(broker: RunningBroker, topics: Topics, tmp_pa
         await fleet.agent("n2")
         path = tmp_path / "rollout.json"
         path.write_text(json.dumps(spec()))
-        argv = ["rollout", "--broker", broker.url, "--prefix", topics.prefix, "create", str(path),
-                "--idempotency-key", "release-9"]
+        argv = [
+            "rollout",
+            "--broker",
+            broker.url,
+            "--prefix",
+            topics.prefix,
+            "create",
+            str(path),
+            "--idempotency-key",
+            "release-9",
+        ]
         outputs = []
         for _ in range(2):
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "cli.main", *argv,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                sys.executable,
+                "-m",
+                "cli.main",
+                *argv,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
             )
             out, err = await asyncio.wait_for(proc.communicate(), 60)
             assert proc.returncode == 0, err.decode()

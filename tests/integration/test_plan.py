@@ -110,8 +110,13 @@ async def test_download_urls_are_probed_from_the_node(
     good = web.add("/app.tar", body)
     missing = f"{good.rsplit('/', 1)[0]}/missing.tar"
     steps = [
-        {"type": "download", "url": good, "sha256": hashlib.sha256(body).hexdigest(), "name": "app.tar",
-         "max_bytes": 4096},
+        {
+            "type": "download",
+            "url": good,
+            "sha256": hashlib.sha256(body).hexdigest(),
+            "name": "app.tar",
+            "max_bytes": 4096,
+        },
         {"type": "download", "url": missing, "sha256": "0" * 64, "name": "other.tar"},
     ]
     async with LiveFleet(broker, topics, tmp_path) as fleet:
@@ -172,8 +177,12 @@ async def test_http_dry_run_and_the_cli_plan(broker: RunningBroker, topics: Topi
 
 async def fleet_cli(*args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cli.main", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "cli.main",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode is not None
@@ -203,11 +212,13 @@ def test_package_simulation_with_real_apt_and_dpkg(tmp_path: Path) -> None:
 
     from bus.messages import Step
 
-    steps = TypeAdapter(list[Step]).validate_python([
-        {"type": "package", "manager": "apt", "name": world.name, "version": "2.0"},
-        {"type": "package", "manager": "apt", "name": world.name, "version": "9.9"},
-        {"type": "package", "manager": "dpkg", "name": world.name, "version": "2.0", "src": deb},
-    ])
+    steps = TypeAdapter(list[Step]).validate_python(
+        [
+            {"type": "package", "manager": "apt", "name": world.name, "version": "2.0"},
+            {"type": "package", "manager": "apt", "name": world.name, "version": "9.9"},
+            {"type": "package", "manager": "dpkg", "name": world.name, "version": "2.0", "src": deb},
+        ]
+    )
     checks = asyncio.run(run_preflight(steps, settings))
     assert [c.state for c in checks] == ["succeeded", "skipped", "succeeded", "succeeded"]
     assert checks[0].detail.startswith(f"apt-get simulation ok: Inst {world.name} (2.0")
@@ -228,13 +239,18 @@ def test_systemd_units_must_exist(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
     fake = install_fakes(monkeypatch, tmp_path)
     fake.write("systemd.json", {"units": {"app.service": {"state": "active"}}})
     settings = ExecutorSettings(
-        node="n1", state_dir=tmp_path / "state", scripts_dir=tmp_path, service_manager="systemd",
+        node="n1",
+        state_dir=tmp_path / "state",
+        scripts_dir=tmp_path,
+        service_manager="systemd",
         tools=fake.tools(),
     )
-    steps = TypeAdapter(list[Step]).validate_python([
-        {"type": "service", "action": "restart", "name": "app"},
-        {"type": "service", "action": "restart", "name": "ghost"},
-    ])
+    steps = TypeAdapter(list[Step]).validate_python(
+        [
+            {"type": "service", "action": "restart", "name": "app"},
+            {"type": "service", "action": "restart", "name": "ghost"},
+        ]
+    )
     checks = asyncio.run(run_preflight(steps, settings))
     assert [(c.state, c.detail) for c in checks[:2]] == [
         ("succeeded", "systemd knows app"),

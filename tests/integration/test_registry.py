@@ -105,8 +105,13 @@ class FakeAgent:
 
     async def heartbeat(self, session: str | None = None) -> None:
         beat = Heartbeat(
-            node=self.node, session=session or self.session, seq=self.seq, ts=time.time(),
-            load1=0.25, mem_used_pct=42.0, disk_free_pct=77.0,
+            node=self.node,
+            session=session or self.session,
+            seq=self.seq,
+            ts=time.time(),
+            load1=0.25,
+            mem_used_pct=42.0,
+            disk_free_pct=77.0,
         )
         self.seq += 1
         await self.client.publish(self.topics.node(self.node, "heartbeat"), encode(beat), qos=0)
@@ -122,8 +127,9 @@ async def hub(broker: RunningBroker, topics: Topics, tmp_path: Path) -> AsyncIte
         await service.stop()
 
 
-async def test_node_online_from_birth_and_offline_from_will(hub: HubService, broker: RunningBroker,
-                                                            topics: Topics) -> None:
+async def test_node_online_from_birth_and_offline_from_will(
+    hub: HubService, broker: RunningBroker, topics: Topics
+) -> None:
     async with FakeAgent(broker, topics, "n1", labels={"role": "web"}) as agent:
         await until(lambda: hub.registry.is_online("n1"), "n1 online")
         api = hub.registry.to_api("n1")
@@ -136,8 +142,9 @@ async def test_node_online_from_birth_and_offline_from_will(hub: HubService, bro
         assert info.offline_reason == "shutdown"
 
 
-async def test_broker_sends_the_will_of_a_killed_agent(hub: HubService, broker: RunningBroker,
-                                                       topics: Topics) -> None:
+async def test_broker_sends_the_will_of_a_killed_agent(
+    hub: HubService, broker: RunningBroker, topics: Topics
+) -> None:
     script = (
         "import asyncio, sys\n"
         "from bus.messages import NodeState, encode\n"
@@ -155,7 +162,13 @@ async def test_broker_sends_the_will_of_a_killed_agent(hub: HubService, broker: 
         "asyncio.run(main())\n"
     )
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", script, broker.url, topics.prefix, "n-killed", "s-1",
+        sys.executable,
+        "-c",
+        script,
+        broker.url,
+        topics.prefix,
+        "n-killed",
+        "s-1",
         stdout=asyncio.subprocess.PIPE,
     )
     try:
@@ -174,8 +187,9 @@ async def test_broker_sends_the_will_of_a_killed_agent(hub: HubService, broker: 
             await proc.wait()
 
 
-async def test_three_missed_heartbeats_mark_a_node_offline(hub: HubService, broker: RunningBroker,
-                                                           topics: Topics) -> None:
+async def test_three_missed_heartbeats_mark_a_node_offline(
+    hub: HubService, broker: RunningBroker, topics: Topics
+) -> None:
     async with FakeAgent(broker, topics, "n-beat", heartbeat_s=0.5) as agent:
         await until(lambda: hub.registry.is_online("n-beat"), "n-beat online")
         # While it beats, it stays online well past 3 x heartbeat_s.
@@ -197,27 +211,32 @@ async def test_three_missed_heartbeats_mark_a_node_offline(hub: HubService, brok
         await until(lambda: hub.registry.is_online("n-beat"), "n-beat back online")
 
 
-async def test_stale_will_of_an_older_session_is_ignored(hub: HubService, broker: RunningBroker,
-                                                         topics: Topics) -> None:
+async def test_stale_will_of_an_older_session_is_ignored(
+    hub: HubService, broker: RunningBroker, topics: Topics
+) -> None:
     async with FakeAgent(broker, topics, "n-stale", session="old-session") as agent:
         await until(lambda: hub.registry.is_online("n-stale"), "n-stale online")
         await agent.birth(session="new-session")  # it reconnected
-        await until(lambda: getattr(hub.registry.get("n-stale"), "session", "") == "new-session",
-                    "the new session")
+        await until(
+            lambda: getattr(hub.registry.get("n-stale"), "session", "") == "new-session", "the new session"
+        )
         # The broker finally delivers the old connection's will.
         await agent.publish_state("offline", "lost", session="old-session")
         # Prove the hub processed it: a heartbeat of the new session after it arrives.
         await agent.heartbeat()
-        await until(lambda: getattr(hub.registry.get("n-stale"), "heartbeat", None) is not None,
-                    "the heartbeat after the stale will")
+        await until(
+            lambda: getattr(hub.registry.get("n-stale"), "heartbeat", None) is not None,
+            "the heartbeat after the stale will",
+        )
         assert hub.registry.is_online("n-stale")
         # The new session's own will does count.
         await agent.publish_state("offline", "lost", session="new-session")
         await until(lambda: not hub.registry.is_online("n-stale"), "n-stale offline")
 
 
-async def test_hub_publishes_its_birth_and_shutdown(broker: RunningBroker, topics: Topics,
-                                                    tmp_path: Path) -> None:
+async def test_hub_publishes_its_birth_and_shutdown(
+    broker: RunningBroker, topics: Topics, tmp_path: Path
+) -> None:
     async with MqttClient(broker.url) as spy:
         await spy.subscribe(topics.hub_state)
         service = HubService(hub_config(broker, topics, tmp_path))
@@ -245,8 +264,10 @@ async def test_a_restarted_hub_remembers_nodes_and_takes_retained_births(
         await first.start()
         try:
             async with FakeAgent(broker, topics, "n-gone") as gone:
-                await until(lambda: first.registry.is_online("n-gone") and first.registry.is_online("n-live"),
-                            "both online")
+                await until(
+                    lambda: first.registry.is_online("n-gone") and first.registry.is_online("n-live"),
+                    "both online",
+                )
                 await gone.publish_state("offline", "shutdown")
                 await until(lambda: not first.registry.is_online("n-gone"), "n-gone offline")
         finally:

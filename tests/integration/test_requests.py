@@ -54,8 +54,12 @@ SPEC = {
 async def fleet(*args: str, timeout: float = 60) -> tuple[int, str, str]:
     """Run the real `fleet` command line; (exit code, stdout, stderr)."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cli.main", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "cli.main",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
@@ -136,8 +140,17 @@ async def hub(broker: RunningBroker, topics: Topics, tmp_path: Path) -> AsyncIte
 class FakeManager:
     """Stands in for hub.rollouts.RolloutManager: answers requests, publishes retained summaries."""
 
-    def __init__(self, *, topics: Topics, publish: Callable[..., Any], store: Any, registry: Registry,
-                 signing_key: Any, clock: Callable[[], float], **_options: Any) -> None:
+    def __init__(
+        self,
+        *,
+        topics: Topics,
+        publish: Callable[..., Any],
+        store: Any,
+        registry: Registry,
+        signing_key: Any,
+        clock: Callable[[], float],
+        **_options: Any,
+    ) -> None:
         self.topics = topics
         self.publish = publish
         self.registry = registry
@@ -170,8 +183,14 @@ class FakeManager:
                 raise Conflict(f"targets offline or unknown: {', '.join(bad)}", nodes=bad)
             rid = new_id()
             self.rollouts[rid] = RolloutSummary(
-                id=rid, name=spec.name, state="pending", created_at=self.clock(), updated_at=self.clock(),
-                counts=RolloutCounts(running=len(known)), waves=1, wave=1,
+                id=rid,
+                name=spec.name,
+                state="pending",
+                created_at=self.clock(),
+                updated_at=self.clock(),
+                counts=RolloutCounts(running=len(known)),
+                waves=1,
+                wave=1,
                 nodes={n: NodeSummary(phase="applying", step=0) for n in known},
             )
             await self.set_state(rid, "running")
@@ -216,8 +235,10 @@ def fake(service: HubService) -> FakeManager:
 
 
 async def test_fleet_nodes_json_and_table(hub: HubService, broker: RunningBroker, topics: Topics) -> None:
-    async with FakeAgent(broker, topics, "n1", labels={"role": "web"}) as one, \
-            FakeAgent(broker, topics, "n2", labels={"role": "db"}) as two:
+    async with (
+        FakeAgent(broker, topics, "n1", labels={"role": "web"}) as one,
+        FakeAgent(broker, topics, "n2", labels={"role": "db"}) as two,
+    ):
         await one.heartbeat()
         await until(
             lambda: hub.registry.is_online("n2") and hub.registry.to_api("n1")["heartbeat"] is not None,
@@ -255,8 +276,9 @@ async def test_fleet_nodes_without_a_hub_fails_in_one_line(broker: RunningBroker
     assert "no reply from the hub" in err
 
 
-async def test_nodes_can_be_paged(hub: HubService, requester: Requester, broker: RunningBroker,
-                                  topics: Topics) -> None:
+async def test_nodes_can_be_paged(
+    hub: HubService, requester: Requester, broker: RunningBroker, topics: Topics
+) -> None:
     async with FakeAgent(broker, topics, "a"), FakeAgent(broker, topics, "b"), FakeAgent(broker, topics, "c"):
         await until(lambda: len(hub.registry.online()) == 3, "three nodes")
         page = await requester.ask("nodes", {"offset": 1, "limit": 1})
@@ -266,14 +288,17 @@ async def test_nodes_can_be_paged(hub: HubService, requester: Requester, broker:
         assert [n["node"] for n in some.body] == ["c", "a"]
 
 
-async def test_big_node_tables_come_in_smaller_pages(hub: HubService, requester: Requester,
-                                                     broker: RunningBroker, topics: Topics) -> None:
+async def test_big_node_tables_come_in_smaller_pages(
+    hub: HubService, requester: Requester, broker: RunningBroker, topics: Topics
+) -> None:
     # ~100 KB of inventory per node: three of them exceed the 256 KB payload limit.
     packages = {f"package-{i:05d}": f"1.2.{i}-1+deb12u1" for i in range(3000)}
     big = Inventory(packages=packages)
-    async with FakeAgent(broker, topics, "a", inventory=big), \
-            FakeAgent(broker, topics, "b", inventory=big), \
-            FakeAgent(broker, topics, "c", inventory=big):
+    async with (
+        FakeAgent(broker, topics, "a", inventory=big),
+        FakeAgent(broker, topics, "b", inventory=big),
+        FakeAgent(broker, topics, "c", inventory=big),
+    ):
         await until(lambda: len(hub.registry.online()) == 3, "three nodes")
         whole = await requester.ask("nodes")
         assert not whole.ok
@@ -401,8 +426,9 @@ async def test_manager_gets_reports_presence_and_errors_map_to_replies(
     assert manager.started
     async with FakeAgent(broker, topics, "n1") as agent:
         await until(lambda: ("n1", True) in manager.presence, "presence reported")
-        status = StepStatus(node="n1", command="c1", rollout="r1", index=0, type="script", state="running",
-                            ts=time.time())
+        status = StepStatus(
+            node="n1", command="c1", rollout="r1", index=0, type="script", state="running", ts=time.time()
+        )
         job = JobSnapshot(node="n1", id="c1", rollout="r1", action="apply", phase="applying")
         await agent.client.publish(topics.node("n1", "status"), encode(status), qos=1)
         await agent.client.publish(topics.node("n1", "job"), encode(job), qos=1, retain=True)
@@ -464,9 +490,18 @@ async def test_fleet_rollout_command_line(
         # --wait: the id on stdout at once, progress on stderr, exit 0 only for succeeded.
         for final, expected_code in (("succeeded", 0), ("rolled_back", 1)):
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "cli.main", "rollout", "create", str(spec_file), "--wait",
-                "--timeout", "60", *where,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                sys.executable,
+                "-m",
+                "cli.main",
+                "rollout",
+                "create",
+                str(spec_file),
+                "--wait",
+                "--timeout",
+                "60",
+                *where,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
             )
             try:
                 assert proc.stdout is not None
@@ -520,26 +555,39 @@ async def test_rollout_wait_times_out_with_exit_1(
     spec_file.write_text(json.dumps(SPEC))
     async with FakeAgent(broker, topics, "n1"):
         await until(lambda: managed_hub.registry.is_online("n1"), "n1 online")
-        code, out, err = await fleet("rollout", *target(broker, topics), "create", str(spec_file),
-                                     "--wait", "--timeout", "1")
+        code, out, err = await fleet(
+            "rollout", *target(broker, topics), "create", str(spec_file), "--wait", "--timeout", "1"
+        )
     assert code == 1
     assert out.strip() in fake(managed_hub).rollouts
     assert "gave up after 1 s" in err
     assert "running" in err
 
 
-
 # ---------------------------------------------------------------------- fleet hub
 
 
-async def test_fleet_hub_process_serves_until_sigterm(broker: RunningBroker, topics: Topics,
-                                                      tmp_path: Path) -> None:
+async def test_fleet_hub_process_serves_until_sigterm(
+    broker: RunningBroker, topics: Topics, tmp_path: Path
+) -> None:
     key, _pub = generate_keypair(tmp_path / "keys")
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cli.main", "hub", *target(broker, topics), "--db", str(tmp_path / "hub.json"),
-        "--signing-key", str(key), "--http", f"127.0.0.1:{port}", "--client-id", f"hub-{new_id()[:8]}",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "cli.main",
+        "hub",
+        *target(broker, topics),
+        "--db",
+        str(tmp_path / "hub.json"),
+        "--signing-key",
+        str(key),
+        "--http",
+        f"127.0.0.1:{port}",
+        "--client-id",
+        f"hub-{new_id()[:8]}",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
         assert proc.stdout is not None
@@ -550,6 +598,7 @@ async def test_fleet_hub_process_serves_until_sigterm(broker: RunningBroker, top
         assert code == 0, err
         assert json.loads(out) == []
         async with httpx.AsyncClient() as http:
+
             async def healthy() -> bool:
                 try:
                     response = await http.get(f"http://127.0.0.1:{port}/api/health")
@@ -575,8 +624,9 @@ async def test_fleet_hub_process_serves_until_sigterm(broker: RunningBroker, top
     assert state.reason == "shutdown"
 
 
-async def test_fleet_hub_usage_errors_exit_2_in_one_line(broker: RunningBroker, topics: Topics,
-                                                         tmp_path: Path) -> None:
+async def test_fleet_hub_usage_errors_exit_2_in_one_line(
+    broker: RunningBroker, topics: Topics, tmp_path: Path
+) -> None:
     db = ["--db", str(tmp_path / "hub.json")]
     code, _out, err = await fleet("hub", *target(broker, topics), *db, "--http", "0.0.0.0:8080")
     assert code == 2

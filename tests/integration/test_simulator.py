@@ -92,11 +92,7 @@ class Recorder:
             self.seen.append(message)
 
     def statuses(self) -> list[StepStatus]:
-        return [
-            decode(StepStatus, m.payload)
-            for m in self.seen
-            if m.topic.endswith("/status") and m.payload
-        ]
+        return [decode(StepStatus, m.payload) for m in self.seen if m.topic.endswith("/status") and m.payload]
 
     def snapshots(self, node: str) -> list[JobSnapshot]:
         topic = self.topics.node(node, "job")
@@ -186,7 +182,14 @@ def test_parse_fail_takes_node_and_optional_step() -> None:
 
 def test_every_protocol_step_type_is_simulated() -> None:
     assert set(STEP_TYPES) == {
-        "download", "service", "package", "container", "file", "script", "module", "health"
+        "download",
+        "service",
+        "package",
+        "container",
+        "file",
+        "script",
+        "module",
+        "health",
     }
 
 
@@ -286,9 +289,7 @@ async def test_simulated_fleet_runs_a_rollout_reporting_every_step(
     if ram_dir() is not None:
         assert root.parent == ram_dir()
     await until(
-        lambda: all(
-            (states := recorder.states(n)) and states[-1].reason == "shutdown" for n in nodes
-        ),
+        lambda: all((states := recorder.states(n)) and states[-1].reason == "shutdown" for n in nodes),
         "every node's shutdown state",
     )
 
@@ -371,8 +372,13 @@ async def test_simulated_nodes_refuse_forged_and_misaddressed_commands(
 
         def command(node: str) -> Command:
             return Command(
-                id=new_id(), node=node, rollout="r-1", action="apply",
-                issued_at=now, expires_at=now + 600, plan=PLAN,
+                id=new_id(),
+                node=node,
+                rollout="r-1",
+                action="apply",
+                issued_at=now,
+                expires_at=now + 600,
+                plan=PLAN,
             )
 
         async with MqttClient(broker.url, client_id=f"pub-{uuid.uuid4().hex[:8]}") as pub:
@@ -406,8 +412,13 @@ async def test_a_memory_journal_writes_no_file_and_still_ignores_replays(
         node = sim.node_ids[0]
         now = time.time()
         command = Command(
-            id=new_id(), node=node, rollout="r-1", action="apply",
-            issued_at=now, expires_at=now + 600, plan=PLAN,
+            id=new_id(),
+            node=node,
+            rollout="r-1",
+            action="apply",
+            issued_at=now,
+            expires_at=now + 600,
+            plan=PLAN,
         )
         payload = encode(sign_command(command, hub_key))
         topic = topics.node(node, "cmd")
@@ -436,7 +447,10 @@ async def test_hundreds_of_nodes_share_one_process_and_one_loop(
 
 async def test_start_fails_cleanly_when_no_broker_answers(topics: Topics, tmp_path: Path) -> None:
     config = SimulationConfig(
-        broker="mqtt://127.0.0.1:9", nodes=3, prefix=topics.prefix, start_timeout_s=1.0,
+        broker="mqtt://127.0.0.1:9",
+        nodes=3,
+        prefix=topics.prefix,
+        start_timeout_s=1.0,
         state_root=tmp_path / "state",
     )
     sim = Simulator(config)
@@ -453,11 +467,27 @@ async def test_fleet_simulate_runs_until_sigterm_then_leaves_cleanly(
 ) -> None:
     prefix = f"c{uuid.uuid4().hex[:6]}-"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cli.main", "simulate", "--broker", broker.url, "--nodes", "3",
-        "--node-prefix", prefix, "--trust", str(keys[1]), "--step-ms", "5", "--heartbeat-s", "1",
-        "--fail", f"{prefix}0001:1",
+        sys.executable,
+        "-m",
+        "cli.main",
+        "simulate",
+        "--broker",
+        broker.url,
+        "--nodes",
+        "3",
+        "--node-prefix",
+        prefix,
+        "--trust",
+        str(keys[1]),
+        "--step-ms",
+        "5",
+        "--heartbeat-s",
+        "1",
+        "--fail",
+        f"{prefix}0001:1",
         env={**os.environ, "FLEET_PREFIX": topics.prefix},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
         assert proc.stdout is not None
@@ -493,8 +523,15 @@ async def test_fleet_simulate_runs_until_sigterm_then_leaves_cleanly(
 )
 async def test_fleet_simulate_refuses_bad_usage_in_one_line(args: list[str], message: str) -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cli.main", "simulate", "--broker", "mqtt://127.0.0.1:9", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "cli.main",
+        "simulate",
+        "--broker",
+        "mqtt://127.0.0.1:9",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), DEADLINE)
     assert proc.returncode == 2, (out, err)

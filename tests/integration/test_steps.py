@@ -85,7 +85,14 @@ def make_ctx(
 
 def test_every_handler_is_registered() -> None:
     assert set(HANDLERS) == {
-        "download", "file", "script", "health", "service", "package", "container", "module"
+        "download",
+        "file",
+        "script",
+        "health",
+        "service",
+        "package",
+        "container",
+        "module",
     }
 
 

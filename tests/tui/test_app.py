@@ -74,8 +74,16 @@ async def test_live_updates_change_cells_in_place_and_keep_the_cursor() -> None:
         await until(pilot, lambda: table.row_count == 12, "12 rows")
         await pilot.press("down", "down", "down")
         assert table.selected_node == "edge-004"
-        feed.push(Heartbeat(node="edge-010", session="s-10", seq=9, ts=DEMO_NOW, load1=7.5,
-                            job=JobRef(rollout=ROLLOUT_ID, step=0)))
+        feed.push(
+            Heartbeat(
+                node="edge-010",
+                session="s-10",
+                seq=9,
+                ts=DEMO_NOW,
+                load1=7.5,
+                job=JobRef(rollout=ROLLOUT_ID, step=0),
+            )
+        )
         await until(pilot, lambda: cell(table, "edge-010", "load") == "7.50", "new load")
         assert cell(table, "edge-010", "job") == "collector-1.5 step 1"
         assert table.selected_node == "edge-004"
@@ -171,8 +179,9 @@ async def test_node_screen_shows_inventory_load_sparkline_jobs_and_live_log() ->
         head = str(screen.query_one("#node-head", Static).render())
         assert "edge-004  online" in head
         assert "labels role=sensor site=b" in head
-        feed.push(LogLine(node="edge-004", command="c-4", rollout=ROLLOUT_ID, index=3, line="started",
-                          ts=DEMO_NOW))
+        feed.push(
+            LogLine(node="edge-004", command="c-4", rollout=ROLLOUT_ID, index=3, line="started", ts=DEMO_NOW)
+        )
         await until(pilot, lambda: len(log.shown) == 6, "the new log line")
         assert log.shown[-1] == "12:00:00 #4 started"
         await pilot.press("escape")
@@ -219,7 +228,10 @@ async def test_rollout_detail_grid_log_and_audit_from_show() -> None:
         assert ops(feed)[0] == ("show", {"rollout": ROLLOUT_ID})
         audit = screen.query_one(AuditTable)
         assert [str(audit.get_row_at(i)[1]) for i in range(audit.row_count)] == [
-            "created by fleet-tui", "wave 1 started", "wave 2 started"]
+            "created by fleet-tui",
+            "wave 1 started",
+            "wave 2 started",
+        ]
         assert any(isinstance(m, RequestDone) and m.op == "show" and m.ok for m in seen)
         # The log follows the highlighted node.
         log = screen.query_one(LogTail)
@@ -228,8 +240,17 @@ async def test_rollout_detail_grid_log_and_audit_from_show() -> None:
         await until(pilot, lambda: log.node == "edge-004", "the log of edge-004")
         assert len(log.shown) == 5
         # Live: a step finishes, the grid cell changes in place.
-        feed.push(StepStatus(node="edge-004", command="c-4", rollout=ROLLOUT_ID, index=2, type="package",
-                             state="succeeded", ts=DEMO_NOW))
+        feed.push(
+            StepStatus(
+                node="edge-004",
+                command="c-4",
+                rollout=ROLLOUT_ID,
+                index=2,
+                type="package",
+                state="succeeded",
+                ts=DEMO_NOW,
+            )
+        )
         await until(pilot, lambda: grid.cell_word("edge-004", 2) == "ok", "the step to turn ok")
         await pilot.press("t")
         assert screen.query_one("#rollout-tabs").active == "audit"  # type: ignore[attr-defined]
@@ -301,8 +322,12 @@ async def test_a_silent_hub_is_reported() -> None:
 
 
 def _write_spec(path: Path, **fields: object) -> Path:
-    spec = {"name": "collector-1.6", "targets": ["edge-001", "edge-007"],
-            "plan": [{"type": "service", "action": "restart", "name": "collector"}], **fields}
+    spec = {
+        "name": "collector-1.6",
+        "targets": ["edge-001", "edge-007"],
+        "plan": [{"type": "service", "action": "restart", "name": "collector"}],
+        **fields,
+    }
     path.write_text(json.dumps(spec))
     return path
 
@@ -340,9 +365,15 @@ async def test_new_rollout_from_a_file_previews_then_creates(tmp_path: Path) -> 
 async def test_new_rollout_asks_the_hub_for_its_plan(tmp_path: Path) -> None:
     spec_file = _write_spec(tmp_path / "spec.json")
     plan = {
-        "kind": "plan", "dry_run": True, "name": "collector-1.6", "ok": False,
-        "targets": ["edge-001", "edge-007"], "offline": ["edge-007"], "waves": [["edge-001", "edge-007"]],
-        "problems": ["edge-007 is offline"], "warnings": [],
+        "kind": "plan",
+        "dry_run": True,
+        "name": "collector-1.6",
+        "ok": False,
+        "targets": ["edge-001", "edge-007"],
+        "offline": ["edge-007"],
+        "waves": [["edge-001", "edge-007"]],
+        "problems": ["edge-007 is offline"],
+        "warnings": [],
         "preflight": {"asked": 1, "passed": 1, "failed": 0, "unanswered": 0, "nodes": {}},
     }
 
@@ -401,8 +432,9 @@ async def test_new_rollout_from_examples_and_pasted_json_and_hub_refusal(tmp_pat
         await until(pilot, lambda: notifications(seen), "a notification")
         assert notifications(seen)[-1][0] == "error"
         assert not isinstance(screen_of(app), ConfirmScreen)
-        editor.text = json.dumps({"name": "all", "targets": "all",
-                                  "plan": [{"type": "module", "name": "wifi_rt"}]})
+        editor.text = json.dumps(
+            {"name": "all", "targets": "all", "plan": [{"type": "module", "name": "wifi_rt"}]}
+        )
         await until(pilot, lambda: screen.preview is not None, "a preview")
         await pilot.press("ctrl+s")
         await until(pilot, lambda: isinstance(screen_of(app), ConfirmScreen), "the confirmation")
@@ -465,8 +497,14 @@ async def test_no_color_keeps_every_state_in_words(monkeypatch: pytest.MonkeyPat
 
 async def test_bad_bus_input_never_breaks_the_screen() -> None:
     updates = demo_updates(3)
-    hostile = NodeState(node="edge-001", state="online", session="s-1", reason="birth",
-                        labels={"x": "[/bold] [link=x]"}, inventory=Inventory(services={"[red]": "[/]"}))
+    hostile = NodeState(
+        node="edge-001",
+        state="online",
+        session="s-1",
+        reason="birth",
+        labels={"x": "[/bold] [link=x]"},
+        inventory=Inventory(services={"[red]": "[/]"}),
+    )
     app, _feed = demo_app([*updates, hostile])
     async with app.run_test(size=SIZE) as pilot:
         table = app.screen.query_one(NodeTable)

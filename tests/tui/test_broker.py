@@ -38,10 +38,15 @@ NOW = 1714564800.0
 
 def _summary() -> RolloutSummary:
     return RolloutSummary(
-        id="r-broker", name="agent-0.2", state="running", created_at=NOW, updated_at=NOW,
+        id="r-broker",
+        name="agent-0.2",
+        state="running",
+        created_at=NOW,
+        updated_at=NOW,
         counts=RolloutCounts(running=1, pending=1),
         nodes={"n-1": NodeSummary(phase="applying", step=0), "n-2": NodeSummary(phase="pending")},
-        wave=1, waves=2,
+        wave=1,
+        waves=2,
     )
 
 
@@ -54,8 +59,10 @@ async def _fake_hub(client: MqttClient, topics: Topics, requests: list[Request])
         requests.append(request)
         body: object = {}
         if request.op == "show":
-            body = {**_summary().model_dump(mode="json"),
-                    "audit": [{"ts": NOW, "message": "created", "evidence": {"by": "test"}}]}
+            body = {
+                **_summary().model_dump(mode="json"),
+                "audit": [{"ts": NOW, "message": "created", "evidence": {"by": "test"}}],
+            }
         reply = Reply(request=request.id, ok=True, body=body)
         await client.publish(topics.parse_reply_to(request.reply_to), encode(reply), qos=1)
 
@@ -70,8 +77,14 @@ async def test_retained_state_appears_and_requests_reach_the_hub(
     async with agents_client as agents, hub_client as hub:
         await hub.subscribe(topics.hub_request, qos=1)
         for i in (1, 2, 3):
-            birth = NodeState(node=f"n-{i}", state="online", session=f"s{i}", reason="birth",
-                              labels={"site": "lab"}, heartbeat_s=5.0)
+            birth = NodeState(
+                node=f"n-{i}",
+                state="online",
+                session=f"s{i}",
+                reason="birth",
+                labels={"site": "lab"},
+                heartbeat_s=5.0,
+            )
             await agents.publish(topics.node(f"n-{i}", "state"), encode(birth), qos=1, retain=True, wait=True)
         await agents.publish(topics.rollout("r-broker"), encode(_summary()), qos=1, retain=True, wait=True)
         hub_task = asyncio.create_task(_fake_hub(hub, topics, requests))
@@ -86,8 +99,9 @@ async def test_retained_state_appears_and_requests_reach_the_hub(
                 # Live, not retained: a heartbeat published now reaches the table.
                 beat = Heartbeat(node="n-2", session="s2", seq=1, ts=NOW, load1=3.25)
                 await agents.publish(topics.node("n-2", "heartbeat"), encode(beat), qos=0)
-                await until(pilot, lambda: str(table.get_cell("n-2", "load")) == "3.25", "the heartbeat",
-                            timeout=20)
+                await until(
+                    pilot, lambda: str(table.get_cell("n-2", "load")) == "3.25", "the heartbeat", timeout=20
+                )
                 # A request goes out on hub/request and the reply comes back.
                 await pilot.press("o", "enter")
                 await until(pilot, lambda: isinstance(app.screen, RolloutScreen), "the rollout screen")
@@ -95,18 +109,28 @@ async def test_retained_state_appears_and_requests_reach_the_hub(
                 await until(pilot, lambda: audit.entries is not None, "the audit trail", timeout=20)
                 assert [e.message for e in audit.entries or []] == ["created"]
                 await pilot.press("p")
-                await until(pilot, lambda: any(isinstance(m, RequestDone) and m.op == "pause" for m in seen),
-                            "the pause reply", timeout=20)
+                await until(
+                    pilot,
+                    lambda: any(isinstance(m, RequestDone) and m.op == "pause" for m in seen),
+                    "the pause reply",
+                    timeout=20,
+                )
                 assert [(r.op, r.body) for r in requests] == [
-                    ("show", {"rollout": "r-broker"}), ("pause", {"rollout": "r-broker"})]
+                    ("show", {"rollout": "r-broker"}),
+                    ("pause", {"rollout": "r-broker"}),
+                ]
                 assert requests[0].reply_to == app.feed._hub.reply_topic  # type: ignore[attr-defined]
                 assert ("information", "agent-0.2: paused") in notifications(seen)
                 # A will clears the node's online state.
                 will = NodeState(node="n-3", state="offline", session="s3", reason="lost")
                 await agents.publish(topics.node("n-3", "state"), encode(will), qos=1, retain=True)
                 await pilot.press("f")
-                await until(pilot, lambda: str(table.get_cell("n-3", "state")).startswith("offline"),
-                            "n-3 offline", timeout=20)
+                await until(
+                    pilot,
+                    lambda: str(table.get_cell("n-3", "state")).startswith("offline"),
+                    "n-3 offline",
+                    timeout=20,
+                )
         finally:
             hub_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

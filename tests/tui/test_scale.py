@@ -37,18 +37,30 @@ PLAN = ("download", "service", "package")
 
 def _births() -> list[NodeState]:
     return [
-        NodeState(node=f"node-{i:04d}", state="online", session=f"s{i}", reason="birth", heartbeat_s=5.0,
-                  labels={"site": f"site-{i % 10}", "role": "gw" if i % 5 == 0 else "sensor"},
-                  inventory=Inventory(services={"collector": "1.4.2"}, packages={"nginx": "1.22.1"}))
+        NodeState(
+            node=f"node-{i:04d}",
+            state="online",
+            session=f"s{i}",
+            reason="birth",
+            heartbeat_s=5.0,
+            labels={"site": f"site-{i % 10}", "role": "gw" if i % 5 == 0 else "sensor"},
+            inventory=Inventory(services={"collector": "1.4.2"}, packages={"nginx": "1.22.1"}),
+        )
         for i in range(NODES)
     ]
 
 
 def _round(seq: int) -> list[Heartbeat]:
     return [
-        Heartbeat(node=f"node-{i:04d}", session=f"s{i}", seq=seq, ts=DEMO_NOW + seq,
-                  load1=((i * 7 + seq * 13) % 400) / 100, mem_used_pct=float((i + seq) % 100),
-                  disk_free_pct=50.0)
+        Heartbeat(
+            node=f"node-{i:04d}",
+            session=f"s{i}",
+            seq=seq,
+            ts=DEMO_NOW + seq,
+            load1=((i * 7 + seq * 13) % 400) / 100,
+            mem_used_pct=float((i + seq) % 100),
+            disk_free_pct=50.0,
+        )
         for i in range(NODES)
     ]
 
@@ -80,8 +92,12 @@ async def test_a_thousand_nodes_update_in_place_and_stay_responsive(
             await pilot.press("down", "up")  # keys are served while a round is applied
             key_seconds.append(time.perf_counter() - started)
             expected = _round(seq)[-1].load1
-            await until(pilot, lambda: app.model.nodes["node-0999"].loads[-1] == expected,  # noqa: B023
-                        f"round {seq}", timeout=60)
+            await until(
+                pilot,
+                lambda: app.model.nodes["node-0999"].loads[-1] == expected,  # noqa: B023
+                f"round {seq}",
+                timeout=60,
+            )
         last = f"{_round(ROUNDS)[-1].load1:.2f}"
         await until(pilot, lambda: str(table.get_cell("node-0999", "load")) == last, "last round", timeout=30)
         assert table.row_count == NODES
@@ -119,24 +135,48 @@ async def test_a_thousand_node_rollout_grid_updates_in_place(
 ) -> None:
     nodes = [f"node-{i:04d}" for i in range(NODES)]
     summary = RolloutSummary(
-        id="r-big", name="big", state="running", created_at=DEMO_NOW, updated_at=DEMO_NOW,
-        counts=RolloutCounts(running=NODES), nodes={n: NodeSummary(phase="applying", step=0) for n in nodes},
+        id="r-big",
+        name="big",
+        state="running",
+        created_at=DEMO_NOW,
+        updated_at=DEMO_NOW,
+        counts=RolloutCounts(running=NODES),
+        nodes={n: NodeSummary(phase="applying", step=0) for n in nodes},
     )
     snapshots = [
-        JobSnapshot(node=n, id=f"c-{n}", rollout="r-big", action="apply", phase="applying",
-                    steps=[StepState(index=i, type=t) for i, t in enumerate(PLAN)])
+        JobSnapshot(
+            node=n,
+            id=f"c-{n}",
+            rollout="r-big",
+            action="apply",
+            phase="applying",
+            steps=[StepState(index=i, type=t) for i, t in enumerate(PLAN)],
+        )
         for n in nodes
     ]
     app, feed = demo_app([*_births(), summary, *snapshots], batch_s=0.05)
     async with app.run_test(size=(120, 40)) as pilot:
-        await until(pilot, lambda: len(app.model.nodes) == NODES and "r-big" in app.model.rollouts, "data",
-                    timeout=60)
+        await until(
+            pilot, lambda: len(app.model.nodes) == NODES and "r-big" in app.model.rollouts, "data", timeout=60
+        )
         await app.push_screen(RolloutScreen(app.ctx, "r-big"))
         grid = app.screen.query_one(StepGrid)
         await until(pilot, lambda: grid.row_count == NODES, "1000 grid rows", timeout=60)
         app.batch_seconds.clear()
-        feed.push(*(StepStatus(node=n, command=f"c-{n}", rollout="r-big", index=1, type="service",
-                               state="running", ts=DEMO_NOW) for n in nodes))
+        feed.push(
+            *(
+                StepStatus(
+                    node=n,
+                    command=f"c-{n}",
+                    rollout="r-big",
+                    index=1,
+                    type="service",
+                    state="running",
+                    ts=DEMO_NOW,
+                )
+                for n in nodes
+            )
+        )
         await until(pilot, lambda: grid.cell_word("node-0999", 1) == "run", "the running steps", timeout=60)
         assert grid.cell_word("node-0000", 1) == "run"
         assert grid.cell_word("node-0000", 2) == "wait"

@@ -18,8 +18,16 @@ def test_serve_answers_a_browser_on_loopback() -> None:
     pytest.importorskip("textual_serve")
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "tui", "--broker", "mqtt://127.0.0.1:1",
-         "--serve", f"127.0.0.1:{port}"],
+        [
+            sys.executable,
+            "-m",
+            "cli.main",
+            "tui",
+            "--broker",
+            "mqtt://127.0.0.1:1",
+            "--serve",
+            f"127.0.0.1:{port}",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )

@@ -95,14 +95,32 @@ def test_headless_chromium_shows_the_fleet_table(amqtt_broker: RunningBroker, tm
     serve_port, debug_port = free_port(), free_port()
     env = {**os.environ, "FLEET_NO_CONFIG_DISCOVERY": "1"}
     serve = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "tui", "--broker", amqtt_broker.url, "--prefix", topics.prefix,
-         "--serve", f"127.0.0.1:{serve_port}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+        [
+            sys.executable,
+            "-m",
+            "cli.main",
+            "tui",
+            "--broker",
+            amqtt_broker.url,
+            "--prefix",
+            topics.prefix,
+            "--serve",
+            f"127.0.0.1:{serve_port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
     )
     browser = subprocess.Popen(
-        [CHROMIUM, *BROWSER_FLAGS, f"--remote-debugging-port={debug_port}",
-         f"--user-data-dir={tmp_path / 'chromium'}", "about:blank"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            CHROMIUM,
+            *BROWSER_FLAGS,
+            f"--remote-debugging-port={debug_port}",
+            f"--user-data-dir={tmp_path / 'chromium'}",
+            "about:blank",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         wait_port(serve_port, 30)

@@ -108,16 +108,27 @@ def test_broker_config_writes_every_file_with_private_secrets(tmp_path: Path) ->
         assert verify_password(match["password"], hashes[client])
         assert parse_broker_url(path.read_text()).username == client
     conf = (out / "mosquitto.conf").read_text()
-    for line in ("allow_anonymous false", f"password_file {out}/passwords", f"acl_file {out}/acl",
-                 "listener 1999 127.0.0.1", "set_tcp_nodelay true", "persistence true",
-                 f"persistence_location {out}/data/", "max_queued_messages 100000",
-                 "max_inflight_messages 1000"):
+    for line in (
+        "allow_anonymous false",
+        f"password_file {out}/passwords",
+        f"acl_file {out}/acl",
+        "listener 1999 127.0.0.1",
+        "set_tcp_nodelay true",
+        "persistence true",
+        f"persistence_location {out}/data/",
+        "max_queued_messages 100000",
+        "max_inflight_messages 1000",
+    ):
         assert line in conf.splitlines(), line
     assert "cafile" not in conf
     amqtt = load_config(out / "amqtt.yaml", "127.0.0.1", 2000)
     assert amqtt["listeners"]["default"]["bind"] == "127.0.0.1:2000"
-    assert amqtt["plugins"] == {"broker_config.amqtt_acl.FleetAclPlugin": {
-        "password_file": f"{out}/passwords", "acl_file": f"{out}/acl"}}
+    assert amqtt["plugins"] == {
+        "broker_config.amqtt_acl.FleetAclPlugin": {
+            "password_file": f"{out}/passwords",
+            "acl_file": f"{out}/acl",
+        }
+    }
 
 
 def test_tls_writes_a_ca_and_a_server_certificate_and_mqtts_urls(tmp_path: Path) -> None:
@@ -214,8 +225,9 @@ def test_an_existing_config_is_never_overwritten_by_accident(
 
 def test_broker_dir_is_where_the_broker_sees_the_files(tmp_path: Path) -> None:
     out = tmp_path / "broker"
-    result = write_broker_config(out, ["node-1"], host="mosquitto", bind="0.0.0.0",
-                                 broker_dir="/fleet/broker", tls=True)
+    result = write_broker_config(
+        out, ["node-1"], host="mosquitto", bind="0.0.0.0", broker_dir="/fleet/broker", tls=True
+    )
     conf = (out / "mosquitto.conf").read_text().splitlines()
     assert "listener 8883 0.0.0.0" in conf
     assert "password_file /fleet/broker/passwords" in conf
@@ -330,8 +342,10 @@ def test_acl_parser_refuses_what_it_does_not_understand(text: str) -> None:
 
 def test_server_certificate_names_the_host_and_loopback() -> None:
     ca = make_ca()
-    for host, expected in (("10.0.0.5", {"10.0.0.5", "127.0.0.1", "localhost"}),
-                           ("localhost", {"127.0.0.1", "localhost"})):
+    for host, expected in (
+        ("10.0.0.5", {"10.0.0.5", "127.0.0.1", "localhost"}),
+        ("localhost", {"127.0.0.1", "localhost"}),
+    ):
         server = make_server_cert(ca, host)
         assert server_names(server.cert_pem) == expected
         cert = x509.load_pem_x509_certificate(server.cert_pem)
@@ -429,10 +443,21 @@ def test_entrypoint_reads_secret_files_and_seeds_the_demo_agent(tmp_path: Path) 
     secret = tmp_path / "n1.url"
     secret.write_text("mqtt://node-1:pw@mosquitto:1883\n")
     state = tmp_path / "state"
-    env = {**_fake_fleet(tmp_path), "FLEET_RUN_AS": "root", "FLEET_BROKER_FILE": str(secret),
-           "FLEET_STATE_DIR": str(state), "DEMO_HW": "rev-a"}
-    done = subprocess.run(["sh", str(REPO / "deploy" / "docker-entrypoint.sh"), "demo-agent", "-v"],
-                          env=env, capture_output=True, text=True, check=True, timeout=30)
+    env = {
+        **_fake_fleet(tmp_path),
+        "FLEET_RUN_AS": "root",
+        "FLEET_BROKER_FILE": str(secret),
+        "FLEET_STATE_DIR": str(state),
+        "DEMO_HW": "rev-a",
+    }
+    done = subprocess.run(
+        ["sh", str(REPO / "deploy" / "docker-entrypoint.sh"), "demo-agent", "-v"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
     assert f"ARGS agent --config {state}/agent.toml -v" in done.stdout
     assert "BROKER mqtt://node-1:pw@mosquitto:1883" in done.stdout
     config = load_agent_config({}, {"FLEET_NODE_ID": "node-1"}, (state / "agent.toml").read_text())
@@ -451,11 +476,20 @@ def test_systemd_units(tmp_path: Path) -> None:
         lines = unit.splitlines()
         assert "Restart=on-failure" in lines
         assert "WantedBy=multi-user.target" in lines
-    for line in ("NoNewPrivileges=yes", "ProtectSystem=strict", "DynamicUser=yes", "StateDirectory=fleet-hub",
-                 "LoadCredential=hub.key:/etc/fleet/hub.key", "EnvironmentFile=/etc/fleet/hub.env"):
+    for line in (
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "DynamicUser=yes",
+        "StateDirectory=fleet-hub",
+        "LoadCredential=hub.key:/etc/fleet/hub.key",
+        "EnvironmentFile=/etc/fleet/hub.env",
+    ):
         assert line in hub.splitlines(), line
-    for line in ("StateDirectory=fleet-agent", "EnvironmentFile=/etc/fleet/agent.env",
-                 "ExecStart=/opt/fleetbus/bin/fleet agent --config /etc/fleet/agent.toml"):
+    for line in (
+        "StateDirectory=fleet-agent",
+        "EnvironmentFile=/etc/fleet/agent.env",
+        "ExecStart=/opt/fleetbus/bin/fleet agent --config /etc/fleet/agent.toml",
+    ):
         assert line in agent.splitlines(), line
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
@@ -463,8 +497,12 @@ def test_systemd_units(tmp_path: Path) -> None:
     for name, text in (("fleet-hub.service", hub), ("fleet-agent.service", agent)):
         true = shutil.which("true") or "/bin/true"
         (tmp_path / name).write_text(text.replace("/opt/fleetbus/bin/fleet", true))
-    done = subprocess.run([analyze, "verify", str(tmp_path / "fleet-hub.service"),
-                           str(tmp_path / "fleet-agent.service")], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [analyze, "verify", str(tmp_path / "fleet-hub.service"), str(tmp_path / "fleet-agent.service")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
 
 
@@ -484,12 +522,29 @@ def test_setup_sh_installs_an_agent_into_a_root(tmp_path: Path) -> None:
     assert main(["keys", "generate", "--out", str(keys)]) == 0
     root = tmp_path / "root"
     done = subprocess.run(
-        ["bash", str(REPO / "deploy" / "setup.sh"), "--root", str(root), "--node-id", "web-7",
-         "--credentials", str(tmp_path / "broker" / "credentials" / "web-7.url"),
-         "--ca", str(tmp_path / "broker" / "tls" / "ca.pem"), "--trust", str(keys / "hub.pub"),
-         "--label", "role=web", "--label", "site=lab 2",
-         "--policy", str(REPO / "broker_config" / "policy.example.toml")],
-        capture_output=True, text=True, timeout=60,
+        [
+            "bash",
+            str(REPO / "deploy" / "setup.sh"),
+            "--root",
+            str(root),
+            "--node-id",
+            "web-7",
+            "--credentials",
+            str(tmp_path / "broker" / "credentials" / "web-7.url"),
+            "--ca",
+            str(tmp_path / "broker" / "tls" / "ca.pem"),
+            "--trust",
+            str(keys / "hub.pub"),
+            "--label",
+            "role=web",
+            "--label",
+            "site=lab 2",
+            "--policy",
+            str(REPO / "broker_config" / "policy.example.toml"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 0, done.stderr
     etc = root / "etc" / "fleet"
@@ -515,9 +570,19 @@ def test_setup_sh_installs_an_agent_into_a_root(tmp_path: Path) -> None:
 def test_setup_sh_refuses_credentials_of_another_node(tmp_path: Path) -> None:
     assert run_cli("--out", str(tmp_path / "broker"), "--nodes", "n1") == 0
     done = subprocess.run(
-        ["bash", str(REPO / "deploy" / "setup.sh"), "--root", str(tmp_path / "root"), "--node-id", "n2",
-         "--credentials", str(tmp_path / "broker" / "credentials" / "n1.url")],
-        capture_output=True, text=True, timeout=60,
+        [
+            "bash",
+            str(REPO / "deploy" / "setup.sh"),
+            "--root",
+            str(tmp_path / "root"),
+            "--node-id",
+            "n2",
+            "--credentials",
+            str(tmp_path / "broker" / "credentials" / "n1.url"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 2
     assert "is for node 'n1', not 'n2'" in done.stderr

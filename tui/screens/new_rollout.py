@@ -88,9 +88,7 @@ class NewRolloutScreen(ModelScreen):
         try:
             text = await asyncio.to_thread(read_spec_file, path)
         except (OSError, ValueError) as exc:
-            self.notify(
-                f"cannot read {path}: {exc}", severity="error", title="New rollout", markup=False
-            )
+            self.notify(f"cannot read {path}: {exc}", severity="error", title="New rollout", markup=False)
             return False
         self.query_one("#spec-json", TextArea).text = text
         self._update_preview(text)
@@ -166,7 +164,8 @@ class NewRolloutScreen(ModelScreen):
                 self.post_message(HubRequest("create_rollout", body))
 
         self.app.push_screen(
-            ConfirmScreen(f"Create rollout {preview.spec.name} on {len(preview.targets)} node(s)?", detail,
-                          danger=False),
+            ConfirmScreen(
+                f"Create rollout {preview.spec.name} on {len(preview.targets)} node(s)?", detail, danger=False
+            ),
             answered,
         )

@@ -129,8 +129,13 @@ async def test_free_disk_against_declared_download_sizes(tmp_path: Path) -> None
     assert found["disk"].state == "succeeded"
     free = os.statvfs(cache).f_bavail * os.statvfs(cache).f_frsize
     huge = plan(
-        {"type": "download", "url": "http://127.0.0.1:9/big", "sha256": SHA, "name": "big",
-         "max_bytes": free * 4},
+        {
+            "type": "download",
+            "url": "http://127.0.0.1:9/big",
+            "sha256": SHA,
+            "name": "big",
+            "max_bytes": free * 4,
+        },
     )
     # The URL does not answer either, but the disk check is decided on its own.
     found = by_step(await run_preflight(huge, node))
@@ -194,7 +199,8 @@ async def test_lock_probe_is_a_warning_not_a_failure(tmp_path: Path) -> None:
     steps = plan({"type": "script", "name": "install.sh"})
     found = by_step(await run_preflight(steps, settings(tmp_path), lock=held))
     assert (found["lock"].state, found["lock"].detail) == (
-        "skipped", "update lock held (lock file /run/app.lock): an apply would wait"
+        "skipped",
+        "update lock held (lock file /run/app.lock): an apply would wait",
     )
     assert summarize(list(found.values()))[0] == "succeeded"
 
@@ -211,18 +217,35 @@ def test_intake_accepts_a_preflight_older_than_the_last_command(tmp_path: Path, 
     node = settings(tmp_path, trusted_keys=(public_key_of(key),))
     topics = Topics("fleet/v1")
     command = Command(
-        id="p1", node="n1", rollout="plan-1", action=action, issued_at=100.0, expires_at=200.0,
+        id="p1",
+        node="n1",
+        rollout="plan-1",
+        action=action,
+        issued_at=100.0,
+        expires_at=200.0,
         plan=plan({"type": "script", "name": "missing.sh"}),
     )
     payload = encode(sign_command(command, key))
     verdict = check_command(
-        topics.node("n1", "cmd"), payload, settings=node, topics=topics, handlers=HANDLERS,
-        now=150.0, seen=set(), last_issued_at=500.0,
+        topics.node("n1", "cmd"),
+        payload,
+        settings=node,
+        topics=topics,
+        handlers=HANDLERS,
+        now=150.0,
+        seen=set(),
+        last_issued_at=500.0,
     )
     # Not held to the issued_at floor, and its plan is not refused here: the pre-flight reports each step.
     assert type(verdict).__name__ == "Accepted"
     expired = check_command(
-        topics.node("n1", "cmd"), payload, settings=node, topics=topics, handlers=HANDLERS,
-        now=250.0, seen=set(), last_issued_at=0.0,
+        topics.node("n1", "cmd"),
+        payload,
+        settings=node,
+        topics=topics,
+        handlers=HANDLERS,
+        now=250.0,
+        seen=set(),
+        last_issued_at=0.0,
     )
     assert type(expired).__name__ == "Rejected"

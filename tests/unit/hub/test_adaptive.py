@@ -53,8 +53,12 @@ def test_waves_and_adaptive_exclude_each_other() -> None:
     with pytest.raises(ValidationError, match="either waves or adaptive"):
         Strategy.model_validate({"waves": [1], "adaptive": {}})
     spec = RolloutSpec.model_validate(
-        {"name": "x", "targets": "all", "plan": [{"type": "script", "name": "a.sh"}],
-         "strategy": {"adaptive": {}}}
+        {
+            "name": "x",
+            "targets": "all",
+            "plan": [{"type": "script", "name": "a.sh"}],
+            "strategy": {"adaptive": {}},
+        }
     )
     assert spec.strategy.adaptive == AdaptivePace()
     # A dumped spec (stored records, the HTTP bridge) carries the default waves beside adaptive.
@@ -98,7 +102,11 @@ def test_engine_grows_after_clean_waves_and_shrinks_after_a_failure() -> None:
         ("pace_changed", "wave 3: 1 of 4 failed: next wave 2 nodes (x0.5)"),
     ]
     assert pace_audits(fleet)[-1].evidence == {
-        "wave": 3, "change": "shrink", "next_size": 2, "failed": 1, "waves_left": 3
+        "wave": 3,
+        "change": "shrink",
+        "next_size": 2,
+        "failed": 1,
+        "waves_left": 3,
     }
     summary = fleet.summary()
     assert (summary.wave, summary.waves) == (4, 6)  # 5 nodes left in waves of 2

@@ -23,8 +23,14 @@ SPEC: dict[str, Any] = {
     "targets": ["n1", "n2", "n3", "n4"],
     "plan": [
         {"type": "script", "name": "install.sh", "timeout_s": 60},
-        {"type": "health", "check": "command", "target": "check.sh", "retries": 3, "interval_s": 5,
-         "timeout_s": 10},
+        {
+            "type": "health",
+            "check": "command",
+            "target": "check.sh",
+            "retries": 3,
+            "interval_s": 5,
+            "timeout_s": 10,
+        },
     ],
     "strategy": {"waves": [1, "50%"], "soak_s": 30, "max_parallel": 2},
 }
@@ -57,10 +63,21 @@ def test_estimate_is_a_worst_case_from_timeouts_rounds_and_soak() -> None:
 
 def test_plan_text_is_always_labelled_a_plan() -> None:
     body = {
-        "name": "app 2.0", "ok": False, "targets": ["n1", "n2"], "offline": ["n2"], "waves": [["n1", "n2"]],
-        "estimate": {"worst_case_s": 600}, "problems": ["offline targets: n2"], "warnings": [],
-        "preflight": {"asked": 1, "passed": 0, "failed": 1, "unanswered": 0,
-                      "nodes": {"n1": {"state": "failed", "detail": "script missing"}}},
+        "name": "app 2.0",
+        "ok": False,
+        "targets": ["n1", "n2"],
+        "offline": ["n2"],
+        "waves": [["n1", "n2"]],
+        "estimate": {"worst_case_s": 600},
+        "problems": ["offline targets: n2"],
+        "warnings": [],
+        "preflight": {
+            "asked": 1,
+            "passed": 0,
+            "failed": 1,
+            "unanswered": 0,
+            "nodes": {"n1": {"state": "failed", "detail": "script missing"}},
+        },
     }
     lines = plan_lines(body)
     assert lines[0] == "PLAN (dry run) of app 2.0: nothing was started"
@@ -96,10 +113,18 @@ class Nodes:
         await asyncio.sleep(0)
         assert self.planner is not None
         for index, kind, state, detail in self.answers.get(command.node, ()):
-            status = StepStatus.model_validate({
-                "node": command.node, "command": command.id, "rollout": command.rollout, "index": index,
-                "type": kind, "state": state, "ts": time.time(), "detail": detail,
-            })
+            status = StepStatus.model_validate(
+                {
+                    "node": command.node,
+                    "command": command.id,
+                    "rollout": command.rollout,
+                    "index": index,
+                    "type": kind,
+                    "state": state,
+                    "ts": time.time(),
+                    "detail": detail,
+                }
+            )
             assert self.planner.take(command.node, status)
 
 
@@ -121,10 +146,15 @@ def planner(nodes: Nodes, online: set[str], known: list[str], busy: Sequence[str
 
 async def test_planner_collects_each_nodes_preflight() -> None:
     key = Ed25519PrivateKey.generate()
-    passed = [(0, "script", "succeeded", "ok"), (-1, "disk", "succeeded", "9 GiB free"),
-              (-1, "preflight", "succeeded", "2 passed")]
-    failed = [(0, "script", "failed", "script install.sh not found"),
-              (-1, "preflight", "failed", "first: step 0 (script): script install.sh not found")]
+    passed = [
+        (0, "script", "succeeded", "ok"),
+        (-1, "disk", "succeeded", "9 GiB free"),
+        (-1, "preflight", "succeeded", "2 passed"),
+    ]
+    failed = [
+        (0, "script", "failed", "script install.sh not found"),
+        (-1, "preflight", "failed", "first: step 0 (script): script install.sh not found"),
+    ]
     nodes = Nodes(key, {"n1": passed, "n2": failed, "n4": [(-1, "command", "rejected", "no trusted key")]})
     result = await planner(nodes, {"n1", "n2", "n4"}, ["n1", "n2", "n3", "n4"]).plan(
         {"spec": SPEC, "preflight_timeout_s": 5}
@@ -152,8 +182,10 @@ async def test_planner_collects_each_nodes_preflight() -> None:
     assert result["offline"] == ["n3"]
     assert "offline targets: n3 (set require_online false to queue them)" in result["problems"]
     assert any(p.startswith("n2: pre-flight failed") for p in result["problems"])
-    assert any(p.startswith("n4: pre-flight rejected: rejected the pre-flight: no trusted key")
-               for p in result["problems"])
+    assert any(
+        p.startswith("n4: pre-flight rejected: rejected the pre-flight: no trusted key")
+        for p in result["problems"]
+    )
 
 
 async def test_silent_nodes_are_named_after_the_timeout_and_late_answers_are_swallowed() -> None:
@@ -164,12 +196,21 @@ async def test_silent_nodes_are_named_after_the_timeout_and_late_answers_are_swa
     result = await planning.plan({"spec": {**SPEC, "targets": ["n1", "n2"]}, "preflight_timeout_s": 0.3})
     assert time.monotonic() - started < 5
     assert result["preflight"]["nodes"]["n2"] == {
-        "state": "no_answer", "detail": "no pre-flight answer within 0.3 s", "checks": []
+        "state": "no_answer",
+        "detail": "no pre-flight answer within 0.3 s",
+        "checks": [],
     }
-    late = StepStatus.model_validate({
-        "node": "n2", "command": "x", "rollout": "plan-old", "index": -1, "type": "preflight",
-        "state": "succeeded", "ts": 1.0,
-    })
+    late = StepStatus.model_validate(
+        {
+            "node": "n2",
+            "command": "x",
+            "rollout": "plan-old",
+            "index": -1,
+            "type": "preflight",
+            "state": "succeeded",
+            "ts": 1.0,
+        }
+    )
     assert planning.take("n2", late)  # a plan's answer never reaches the engine
     normal = late.model_copy(update={"rollout": "r-1"})
     assert not planning.take("n2", normal)

@@ -130,8 +130,9 @@ def test_waves_start_only_inside_each_nodes_window() -> None:
 def test_a_wave_finishes_or_pauses_at_the_windows_end(mode: str, sent_late: bool) -> None:
     fleet = Fleet()
     fleet.now = at(BERLIN, 2024, 6, 4, 3, 0)  # inside 02:00-04:00
-    spec = make_spec(["a", "b"], strategy={"max_parallel": 1}, on_window_end=mode, window_tz="Europe/Berlin",
-                     **NIGHTLY)
+    spec = make_spec(
+        ["a", "b"], strategy={"max_parallel": 1}, on_window_end=mode, window_tz="Europe/Berlin", **NIGHTLY
+    )
     actions = fleet.do(RolloutCreated("r1", spec, ("a", "b"), frozenset({"a", "b"})))
     assert published(actions) == {"a": "apply"}  # max_parallel 1: b waits its turn
     fleet.now = at(BERLIN, 2024, 6, 4, 4, 30)  # the window closed meanwhile

@@ -61,8 +61,13 @@ class _FakeServer:
 
 
 def _serve_args(serve: str) -> argparse.Namespace:
-    return argparse.Namespace(broker="mqtt://user:secret@127.0.0.1:1883", prefix="fleet-t-x/v1",
-                              serve=serve, examples=Path("examples"), utc=False)
+    return argparse.Namespace(
+        broker="mqtt://user:secret@127.0.0.1:1883",
+        prefix="fleet-t-x/v1",
+        serve=serve,
+        examples=Path("examples"),
+        utc=False,
+    )
 
 
 def test_serve_warns_off_loopback_and_keeps_the_password_off_the_command_line(

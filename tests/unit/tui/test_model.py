@@ -34,8 +34,9 @@ def state(node: str, session: str = "s1", online: bool = True, **kw: object) -> 
 def beat(
     node: str, session: str = "s1", seq: int = 0, load: float = 0.5, job: JobRef | None = None
 ) -> Heartbeat:
-    return Heartbeat(node=node, session=session, seq=seq, ts=NOW, load1=load, mem_used_pct=40,
-                     disk_free_pct=70, job=job)
+    return Heartbeat(
+        node=node, session=session, seq=seq, ts=NOW, load1=load, mem_used_pct=40, disk_free_pct=70, job=job
+    )
 
 
 def test_birth_then_heartbeats_make_an_online_node_with_load_history() -> None:
@@ -78,9 +79,18 @@ def test_a_heartbeat_of_a_new_session_brings_an_offline_node_back() -> None:
 def test_step_reports_and_snapshots_fill_the_rollout_grid_without_going_backwards() -> None:
     model = FleetModel()
     model.apply(
-        JobSnapshot(node="n1", id="c1", rollout="r1", action="apply", phase="applying",
-                    steps=[StepState(index=0, type="download", state="succeeded"),
-                           StepState(index=1, type="service"), StepState(index=2, type="health")]),
+        JobSnapshot(
+            node="n1",
+            id="c1",
+            rollout="r1",
+            action="apply",
+            phase="applying",
+            steps=[
+                StepState(index=0, type="download", state="succeeded"),
+                StepState(index=1, type="service"),
+                StepState(index=2, type="health"),
+            ],
+        ),
         NOW,
     )
     changes = model.apply(
@@ -93,17 +103,38 @@ def test_step_reports_and_snapshots_fill_the_rollout_grid_without_going_backward
     assert [rollout.cell("n1", i).state for i in range(3)] == ["succeeded", "running", "pending"]
     # A late snapshot saying "pending" does not hide the running step.
     model.apply(
-        JobSnapshot(node="n1", id="c1", rollout="r1", action="apply", phase="applying",
-                    steps=[StepState(index=1, type="service", state="pending")]),
+        JobSnapshot(
+            node="n1",
+            id="c1",
+            rollout="r1",
+            action="apply",
+            phase="applying",
+            steps=[StepState(index=1, type="service", state="pending")],
+        ),
         NOW,
     )
     assert rollout.cell("n1", 1).state == "running"
     # A failure and the rollback that follows.
-    model.apply(StepStatus(node="n1", command="c1", rollout="r1", index=1, type="service", state="failed",
-                           ts=NOW + 1, detail="exit 1"), NOW)
+    model.apply(
+        StepStatus(
+            node="n1",
+            command="c1",
+            rollout="r1",
+            index=1,
+            type="service",
+            state="failed",
+            ts=NOW + 1,
+            detail="exit 1",
+        ),
+        NOW,
+    )
     assert model.nodes["n1"].jobs["c1"].phase == "failed"
-    model.apply(StepStatus(node="n1", command="c2", rollout="r1", index=0, type="download",
-                           state="rolled_back", ts=NOW + 2), NOW)
+    model.apply(
+        StepStatus(
+            node="n1", command="c2", rollout="r1", index=0, type="download", state="rolled_back", ts=NOW + 2
+        ),
+        NOW,
+    )
     assert rollout.cell("n1", 0).state == "rolled_back"
     assert rollout.cell("n1", 1).detail == "exit 1"
     assert list(model.nodes["n1"].jobs) == ["c1", "c2"]
@@ -112,10 +143,23 @@ def test_step_reports_and_snapshots_fill_the_rollout_grid_without_going_backward
 
 def test_summary_progress_and_list_order() -> None:
     model = FleetModel()
-    old = RolloutSummary(id="r-old", name="old", state="succeeded", created_at=1, updated_at=2,
-                         counts=RolloutCounts(succeeded=2), nodes={"a": NodeSummary(phase="succeeded")})
-    new = RolloutSummary(id="r-new", name="new", state="running", created_at=5, updated_at=6,
-                         counts=RolloutCounts(pending=2, running=1, failed=1))
+    old = RolloutSummary(
+        id="r-old",
+        name="old",
+        state="succeeded",
+        created_at=1,
+        updated_at=2,
+        counts=RolloutCounts(succeeded=2),
+        nodes={"a": NodeSummary(phase="succeeded")},
+    )
+    new = RolloutSummary(
+        id="r-new",
+        name="new",
+        state="running",
+        created_at=5,
+        updated_at=6,
+        counts=RolloutCounts(pending=2, running=1, failed=1),
+    )
     model.apply_all([old, new], NOW)
     assert [r.id for r in model.rollouts_newest_first()] == ["r-new", "r-old"]
     assert model.rollouts["r-new"].progress() == (1, 4)
@@ -128,8 +172,13 @@ def test_summary_progress_and_list_order() -> None:
 def test_show_reply_brings_audit_plan_and_summary() -> None:
     model = FleetModel()
     body = {
-        "id": "r1", "name": "one", "state": "rolled_back", "created_at": 1.0, "updated_at": 2.0,
-        "counts": {"rolled_back": 1}, "nodes": {"n1": {"phase": "rolled_back"}},
+        "id": "r1",
+        "name": "one",
+        "state": "rolled_back",
+        "created_at": 1.0,
+        "updated_at": 2.0,
+        "counts": {"rolled_back": 1},
+        "nodes": {"n1": {"phase": "rolled_back"}},
         "audit": [{"ts": 1.5, "message": "node n1 failed", "evidence": {"step": 2}}, "junk"],
         "plan": [{"type": "download"}, {"type": "health"}],
     }
@@ -157,8 +206,10 @@ def test_log_lines_are_bounded_and_counted() -> None:
 
 def test_filter_matches_words_labels_versions_and_job() -> None:
     model = FleetModel()
-    model.apply(state("gw-1", labels={"site": "a", "role": "gw"},
-                      inventory=Inventory(packages={"nginx": "1.24"})), NOW)
+    model.apply(
+        state("gw-1", labels={"site": "a", "role": "gw"}, inventory=Inventory(packages={"nginx": "1.24"})),
+        NOW,
+    )
     model.apply(state("sensor-2", labels={"site": "b"}), NOW)
     model.apply(RolloutSummary(id="r1", name="nginx-up", state="running", created_at=1, updated_at=1), NOW)
     model.apply(beat("sensor-2", job=JobRef(rollout="r1", step=1)), NOW)
@@ -212,5 +263,10 @@ def test_versions_text_and_cells() -> None:
     assert str(progress_text(0, 0, width=4)) == "---- 0/0"
     assert str(counts_text(RolloutCounts(succeeded=1, pending=2))) == "ok 1 run 0 fail 0 undone 0 wait 2"
     assert [str(step_text(s)) for s in ("pending", "running", "succeeded", "failed", "rolled_back")] == [
-        "wait", "run", "ok", "FAIL", "undone"]
+        "wait",
+        "run",
+        "ok",
+        "FAIL",
+        "undone",
+    ]
     assert clock_text(0, utc=True) == "1970-01-01 00:00:00"

@@ -17,8 +17,13 @@ def fleet() -> FleetModel:
     model = FleetModel()
     for i in range(1, 11):
         model.apply(
-            NodeState(node=f"n{i}", state="offline" if i == 3 else "online", session="s",
-                      reason="lost" if i == 3 else "birth", labels={"site": "a" if i <= 5 else "b"}),
+            NodeState(
+                node=f"n{i}",
+                state="offline" if i == 3 else "online",
+                session="s",
+                reason="lost" if i == 3 else "birth",
+                labels={"site": "a" if i <= 5 else "b"},
+            ),
             NOW,
         )
     return model

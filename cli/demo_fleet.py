@@ -237,7 +237,12 @@ class DemoFleet:
     def _write_rollouts(self) -> None:
         out = self.root / "rollouts"
         out.mkdir()
-        for version, name, waves in (("2.0", "good", ["1", "50%"]), ("2.1", "bad", ["100%"])):
+        # Each health check also says how a restore is verified (DESIGN 3.4): the version the
+        # node ran before answers again (1.0 before good.json; 2.0 before bad.json, run after it).
+        for version, old, name, waves in (
+            ("2.0", "1.0", "good", ["1", "50%"]),
+            ("2.1", "2.0", "bad", ["100%"]),
+        ):
             artifact = self.root / "artifacts" / f"demo-app-{version}.json"
             spec = {
                 "name": f"demo-app {version}",
@@ -259,6 +264,7 @@ class DemoFleet:
                         "expect": version,
                         "retries": 5,
                         "interval_s": 0.5,
+                        "verify": {"target": f"check_app.sh {old}", "expect": f"version {old}"},
                     },
                 ],
                 "strategy": {"waves": [int(w) if w.isdigit() else w for w in waves]},

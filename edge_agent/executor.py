@@ -10,7 +10,15 @@ command run (replays stay ignored after a restart, DESIGN section 2).
 
 A step's apply outcome (``state``) and its undo (``undo``) are kept apart: the
 retained snapshot shows a failed step as ``failed`` even after it was undone,
-so "failed, node restored" stays visible (phase ``rolled_back`` + a failed step).
+so "failed, node restored" stays visible.
+
+After an undo pass the runner verifies the restore (the plan's health checks in
+restore mode, ``edge_agent.steps.health``); each check's outcome is kept on its
+step (``verified``). ``final_phase`` says what the job ends as: ``rolled_back``
+(rollback or abort, restore verified), ``failed`` (a step failed and the node
+restored itself, verified) or ``rollback_failed`` (an undo failed, or the
+restore could not be verified), with the evidence in one line. Steps are
+numbered from 1 in every text (DESIGN 3.11).
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from bus.messages import Command, JobPhase, JobSnapshot, Step, StepState
+from bus.messages import Command, JobPhase, JobSnapshot, ModuleStep, ServiceStep, Step, StepState
 
 __all__ = [
     "FINAL_PHASES",
@@ -34,8 +42,10 @@ __all__ = [
     "StepEntry",
     "adopt",
     "begin",
+    "final_phase",
     "finish",
     "identity",
+    "is_deferred_undo",
     "new_apply",
     "recovery",
     "remember",
@@ -44,6 +54,7 @@ __all__ = [
     "undo_order",
     "undo_outcome",
     "update_step",
+    "verification",
 ]
 
 #: Command ids remembered for replay protection.
@@ -54,7 +65,10 @@ MAX_APPLIES = 32
 Action = Literal["apply", "rollback", "abort"]
 StepRun = Literal["pending", "running", "succeeded", "failed", "cancelled", "interrupted"]
 UndoRun = Literal["none", "running", "done", "failed"]
-FINAL_PHASES: frozenset[str] = frozenset({"succeeded", "failed", "rolled_back", "rejected"})
+VerifyRun = Literal["none", "passed", "failed", "skipped"]
+FINAL_PHASES: frozenset[str] = frozenset(
+    {"succeeded", "failed", "rolled_back", "rollback_failed", "rejected"}
+)
 _STARTED: frozenset[str] = frozenset({"running", "succeeded", "failed", "cancelled", "interrupted"})
 
 
@@ -74,6 +88,8 @@ class StepEntry(_Frozen):
     record: dict[str, Any] | None = Field(
         default=None, description="the handler's undo record (checkpointed while it runs)"
     )
+    verified: VerifyRun = Field(default="none", description="this health check's verification of a restore")
+    verify_detail: str = ""
 
 
 class ApplyEntry(_Frozen):
@@ -191,22 +207,78 @@ def set_phase(state: JournalState, rollout: str, phase: JobPhase, detail: str = 
     return _replace_entry(state, entry.model_copy(update={"phase": phase, "detail": detail}))
 
 
-def undo_order(steps: Sequence[StepEntry]) -> list[int]:
+def is_deferred_undo(step: Step) -> bool:
+    """True for a step whose undo restarts something: it must run after every other undo.
+
+    A ``service restart`` (or a module ``reload``) is undone by restarting
+    (reloading) again, which only restores the old state once the files,
+    packages or images undone after it in reverse order are back: undone in
+    place, it would restart on the new file and leave it running (issue 24).
+    """
+    return (isinstance(step, ServiceStep) and step.action == "restart") or (
+        isinstance(step, ModuleStep) and step.action == "reload"
+    )
+
+
+def undo_order(steps: Sequence[StepEntry], plan: Sequence[Step] = ()) -> list[int]:
     """Indexes to undo, last first: every step that started and is not undone yet.
 
     A failed, cancelled or interrupted step is undone too (its partial work);
     a step whose undo failed before is tried again; pending steps never ran.
+    With the ``plan``, the undo of a restart or reload goes after all the
+    others (``is_deferred_undo``), last first among themselves.
     """
-    return [s.index for s in reversed(steps) if s.state in _STARTED and s.undo != "done"]
+    order = [s.index for s in reversed(steps) if s.state in _STARTED and s.undo != "done"]
+    deferred = [i for i in order if i < len(plan) and is_deferred_undo(plan[i])]
+    return [i for i in order if i not in deferred] + deferred
+
+
+def _step_name(step: StepEntry) -> str:
+    return f"step {step.index + 1} ({step.type})"
 
 
 def undo_outcome(entry: ApplyEntry) -> tuple[JobPhase, str]:
-    """The phase after an undo pass: ``rolled_back``, or ``failed`` naming each failed undo."""
+    """After an undo pass: ``rolled_back``, or ``rollback_failed`` naming each failed undo (1-based)."""
     failed = [s for s in entry.steps if s.undo == "failed"]
     if not failed:
         return "rolled_back", ""
-    named = "; ".join(f"undo of step {s.index} ({s.type}) failed: {s.undo_detail}" for s in failed)
-    return "failed", named
+    named = "; ".join(f"undo of {_step_name(s)} failed: {s.undo_detail}" for s in failed)
+    return "rollback_failed", named
+
+
+def verification(entry: ApplyEntry) -> tuple[bool, str]:
+    """Whether the restore is verified, and the evidence in one line (checks numbered from 1)."""
+    failed = [s for s in entry.steps if s.verified == "failed"]
+    if failed:
+        return False, "; ".join(f"restore not verified: {_step_name(s)} {s.verify_detail}" for s in failed)
+    passed = [s for s in entry.steps if s.verified == "passed"]
+    if passed:
+        return True, "restore verified: " + "; ".join(f"{_step_name(s)} {s.verify_detail}" for s in passed)
+    return True, "restore not checked: the plan has no health check to verify it"
+
+
+def final_phase(entry: ApplyEntry, *, self_restore: bool) -> tuple[JobPhase, str]:
+    """What an undo pass ends as (see the module docstring) and its detail, in one line.
+
+    ``self_restore``: the node undid an apply whose step failed (not a rollback
+    or abort); verified, it ends ``failed`` naming the failed step.
+    """
+    phase, detail = undo_outcome(entry)
+    if phase != "rolled_back":
+        return phase, detail
+    ok, evidence = verification(entry)
+    if not ok:
+        return "rollback_failed", evidence
+    if self_restore:
+        failed = next((s for s in entry.steps if s.state == "failed"), None)
+        if failed is not None:
+            why = (
+                f"{_step_name(failed)} failed: {failed.detail}"
+                if failed.detail
+                else f"{_step_name(failed)} failed"
+            )
+            return "failed", f"{why}; node restored, {evidence}"
+    return "rolled_back", evidence
 
 
 def recovery(state: JournalState) -> Recovery | None:
@@ -226,11 +298,25 @@ def recovery(state: JournalState) -> Recovery | None:
         job=job,
         entry=entry,
         interrupted=running[0] if running else None,
-        undo=[] if entry.phase in FINAL_PHASES else undo_order(entry.steps),
+        undo=[] if entry.phase in FINAL_PHASES else undo_order(entry.steps, entry.plan),
     )
 
 
 def _shown(step: StepEntry, final: bool) -> StepState:
+    if step.verified == "failed":
+        return StepState(
+            index=step.index,
+            type=step.type,
+            state="failed",
+            detail=f"restore not verified: {step.verify_detail}",
+        )
+    shown = _shown_undo(step, final)
+    if step.verified == "passed":
+        return shown.model_copy(update={"detail": f"restore verified: {step.verify_detail}"})
+    return shown
+
+
+def _shown_undo(step: StepEntry, final: bool) -> StepState:
     if step.undo == "failed":
         return StepState(index=step.index, type=step.type, state="failed", detail=step.undo_detail)
     if step.undo == "done":

@@ -190,10 +190,10 @@ def check_plan(
     """
     for index, step in enumerate(command.plan):
         if step.type not in handlers:
-            return f"step {index}: step type {step.type} is not supported by this agent"
+            return f"step {index + 1}: step type {step.type} is not supported by this agent"
         reason = check_step(step, settings, handlers)
-        if reason is not None:
-            return f"step {index} ({step.type}): {reason}"
+        if reason is not None:  # numbered from 1, as people count (DESIGN 3.11)
+            return f"step {index + 1} ({step.type}): {reason}"
     return None
 
 

@@ -54,6 +54,8 @@ from pydantic import BaseModel
 from bus.errors import FleetError
 from bus.messages import (
     Command,
+    HealthStep,
+    Inventory,
     JobPhase,
     JobRef,
     JobSnapshot,
@@ -64,7 +66,7 @@ from bus.messages import (
     encode,
 )
 from bus.topics import Topics
-from edge_agent import blocking, deferral, executor
+from edge_agent import blocking, deferral, executor, system
 from edge_agent.executor import ActiveJob, JournalState, Recovery
 from edge_agent.intake import Accepted, Ignored, Rejected, ReplayFloor, check_command
 from edge_agent.journal import Journal
@@ -109,6 +111,7 @@ class _Job:
     preempted: bool = False
     undoing: bool = False
     final: bool = False
+    step_failed: bool = False  # an apply step failed: the undo is the node's own restore
 
 
 @dataclass(eq=False)
@@ -129,6 +132,9 @@ class CommandRunner:
         journal: where the job state is kept (default: ``Journal(settings.journal_path)``).
         snapshot_every_s: how long a snapshot of a job in progress may wait to be
             merged with the next (0: every change is published at once).
+        versions: re-reads the node's versions (and re-announces them when they
+            changed): called after every job, and by the verification of a restore.
+            The agent sets it with ``watch_versions``.
     """
 
     def __init__(
@@ -141,8 +147,10 @@ class CommandRunner:
         handlers: Mapping[str, StepHandler] | None = None,
         journal: Journal | None = None,
         snapshot_every_s: float = 0.25,
+        versions: Callable[[], Awaitable[Inventory]] | None = None,
     ) -> None:
         self._settings = settings
+        self._versions = versions
         self._topics = topics
         self._publish = publish
         self._clock = clock
@@ -218,6 +226,10 @@ class CommandRunner:
             raise
         except Exception:
             _LOGGER.exception("handling a command failed")
+
+    def watch_versions(self, versions: Callable[[], Awaitable[Inventory]]) -> None:
+        """Re-read (and re-announce) the node's versions with ``versions`` after every job."""
+        self._versions = versions
 
     def current_job(self) -> JobRef | None:
         """The job in progress (rollout, command, step index) for heartbeats, or None."""
@@ -595,6 +607,8 @@ class CommandRunner:
                 self._job = None
                 if isinstance(item, _Recover):
                     item.done.set()
+            # What the job changed is announced at once, not at the next heartbeat (issue 14).
+            await self._read_versions()
             await self._prune_backups()
 
     async def _prune_backups(self) -> None:
@@ -648,15 +662,53 @@ class CommandRunner:
         return step.timeout_s or self._settings.default_step_timeout_s
 
     async def _guarded(
-        self, work: Awaitable[Any], timeout: float, job: _Job, *, cancellable: bool
+        self,
+        work: Awaitable[Any],
+        timeout: float,
+        job: _Job,
+        *,
+        cancellable: bool,
+        index: int,
+        what: str,
     ) -> _Outcome:
-        """Run one apply or undo with its timeout; an abort may cancel it when ``cancellable``."""
-        task: asyncio.Task[Any] = asyncio.create_task(asyncio.wait_for(work, timeout))
+        """Run one apply, undo or check with its timeout; an abort may cancel it when ``cancellable``.
+
+        Every process it starts is in one ``system.StepScope``. Unless it succeeded
+        (then what it started runs on purpose, e.g. a service), they are all killed,
+        the ones that left the session included, and gone before this returns: the
+        undo that follows never races a daemon the step launched (issue of a start
+        script whose daemon writes its pidfile late).
+        """
+        scope = system.open_scope(f"{job.ident.command[:8]}-{index + 1}-{what}")
+        task: asyncio.Task[Any] = asyncio.create_task(asyncio.wait_for(system.in_scope(scope, work), timeout))
+        outcome: _Outcome | None = None
         try:
-            return await self._outcome(task, timeout, job, cancellable)
+            outcome = await self._outcome(task, timeout, job, cancellable)
         finally:
             if inspect.iscoroutine(work) and inspect.getcoroutinestate(work) == inspect.CORO_CREATED:
                 work.close()  # cancelled before it ever ran: nothing to clean up, no warning
+            if outcome is not None and not outcome.cancelled and outcome.error is None:
+                scope.release()
+            else:  # cancelled, failed, timed out, or the agent is closing: nothing may outlive it
+                await asyncio.shield(self._end_scope(scope, job, index, what, outcome))
+        return outcome
+
+    async def _end_scope(
+        self, scope: system.StepScope, job: _Job, index: int, what: str, outcome: _Outcome | None
+    ) -> None:
+        try:
+            killed = await scope.kill()
+        except FleetError as exc:
+            _LOGGER.error("step %d (%s): %s", index + 1, what, exc.reason)  # noqa: TRY400
+            await self._log(job.ident, index, f"{what}: {exc.reason}")
+            if outcome is not None and outcome.error is None:
+                outcome.error = exc.reason
+            return
+        if killed:
+            pids = " ".join(map(str, killed))
+            line = f"{what}: killed {len(killed)} process(es) of the step still running (pids {pids})"
+            _LOGGER.info("step %d: %s", index + 1, line)
+            await self._log(job.ident, index, line)
 
     async def _outcome(
         self, task: asyncio.Task[Any], timeout: float, job: _Job, cancellable: bool
@@ -752,7 +804,7 @@ class CommandRunner:
                     await self._update(rollout, index, state="running", detail="")
             except OSError as exc:  # no step starts unless the journal knows (DESIGN 3.3)
                 error = self._unjournalled(exc)
-                _LOGGER.error("step %d (%s) of %s not started: %s", index, step.type, command.id, error)  # noqa: TRY400
+                _LOGGER.error("step %d (%s) of %s not started: %s", index + 1, step.type, command.id, error)  # noqa: TRY400
                 await self._status(job.ident, index, step.type, "failed", error)
                 failed = True
                 break
@@ -763,7 +815,9 @@ class CommandRunner:
                 outcome = _Outcome(error=f"step type {step.type} is not supported by this agent")
             else:
                 ctx = self._context(job, command.id, rollout, index, "apply", timeout)
-                outcome = await self._guarded(handler.apply(step, ctx), timeout, job, cancellable=True)
+                outcome = await self._guarded(
+                    handler.apply(step, ctx), timeout, job, cancellable=True, index=index, what="apply"
+                )
             if outcome.cancelled:
                 detail = f"cancelled by {job.ident.action} {job.ident.command}"
                 await self._update(rollout, index, durable=False, state="cancelled", detail=detail)
@@ -784,10 +838,11 @@ class CommandRunner:
                     await self._snapshot(job.ident, "applying")
                 continue
             error = outcome.error
-            _LOGGER.warning("step %d (%s) of %s failed: %s", index, step.type, command.id, error)
+            _LOGGER.warning("step %d (%s) of %s failed: %s", index + 1, step.type, command.id, error)
             await self._update(rollout, index, durable=False, state="failed", detail=error)
             await self._status(job.ident, index, step.type, "failed", error)
             failed = True  # the undo's snapshot follows at once
+            job.step_failed = True
             break
         job.index = None
         if not failed and not job.preempted:
@@ -814,7 +869,7 @@ class CommandRunner:
         await self._snapshot(job.ident, "rolling_back")
         entry = self._entry(rollout)
         assert entry is not None  # noqa: S101 - callers checked
-        for index in executor.undo_order(entry.steps):
+        for index in executor.undo_order(entry.steps, entry.plan):
             job.index = index
             step = entry.plan[index]
             record = entry.steps[index].record
@@ -829,7 +884,7 @@ class CommandRunner:
             else:
                 ctx = self._context(job, entry.command, rollout, index, "rollback", timeout)
                 outcome = await self._guarded(
-                    handler.undo(step, ctx, record), timeout, job, cancellable=False
+                    handler.undo(step, ctx, record), timeout, job, cancellable=False, index=index, what="undo"
                 )
             error = "cancelled" if outcome.cancelled else outcome.error
             if error is None:
@@ -837,25 +892,99 @@ class CommandRunner:
                 await self._status(job.ident, index, step.type, "rolled_back")
             else:
                 _LOGGER.error(
-                    "undo of step %d (%s) of rollout %s failed: %s", index, step.type, rollout, error
+                    "undo of step %d (%s) of rollout %s failed: %s", index + 1, step.type, rollout, error
                 )
                 await self._update(rollout, index, durable=False, undo="failed", undo_detail=error)
                 await self._status(job.ident, index, step.type, "failed", f"undo failed: {error}")
             await self._snapshot(job.ident, "rolling_back")
         job.index = None
-        job.final = True
+        await self._end_undo(job, rollout)
+
+    async def _end_undo(self, job: _Job, rollout: str) -> None:
+        """Verify the restore (unless an undo failed), then end the job with its true phase."""
         done = self._entry(rollout)
         assert done is not None  # noqa: S101
-        phase, detail = executor.undo_outcome(done)
+        if executor.undo_outcome(done)[0] == "rolled_back":
+            await self._verify(job, done)
+            done = self._entry(rollout)
+            assert done is not None  # noqa: S101
+        job.index = None
+        job.final = True
+        phase, detail = executor.final_phase(done, self_restore=job.step_failed)
         await self._change(
             lambda s: executor.finish(executor.set_phase(s, rollout, phase, detail)), durable=False
         )
-        await self._snapshot(job.ident, phase, detail)
-        _LOGGER.info("rollout %s on this node: %s %s", rollout, phase, detail)
+        await self._log(job.ident, -1, f"{phase}: {detail}" if detail else phase)
+        await self._snapshot(job.ident, phase, detail)  # the job's last word
+        log = _LOGGER.warning if phase == "rollback_failed" else _LOGGER.info
+        log("rollout %s on this node: %s %s", rollout, phase, detail)
+
+    async def _verify(self, job: _Job, entry: executor.ApplyEntry) -> None:
+        """Show the restored state answering: versions re-read, each health check in restore mode.
+
+        Each check's outcome goes on its step (journal and snapshot), in the log and
+        as a ``StepStatus`` (``rolled_back`` "restore verified: ..." or ``failed``
+        "restore not verified: ...").
+        """
+        from edge_agent.steps import health  # the health handler's restore mode
+
+        rollout = entry.rollout
+        await self._log(job.ident, -1, "verifying the restore")
+        inventory = await self._read_versions()
+        if inventory is not None:
+            found = {**inventory.services, **inventory.packages, **inventory.drivers}
+            shown = ", ".join(f"{k} {v}" for k, v in sorted(found.items())) or "none reported"
+            await self._log(job.ident, -1, f"versions after the restore: {shown}")
+        for index, step in enumerate(entry.plan):
+            if not isinstance(step, HealthStep):
+                continue
+            job.index = index
+            restore = health.restore_check(step)
+            if restore is None:
+                await self._update(rollout, index, durable=False, verified="skipped", verify_detail="")
+                await self._log(job.ident, index, "verify: skipped (verify = skip)")
+                continue
+            timeout = self._timeout(step)
+            ctx = self._context(job, entry.command, rollout, index, "verify", timeout)
+            await self._log(job.ident, index, f"verify: {health.describe(restore)}")
+            outcome = await self._guarded(
+                health.verify(step, ctx), timeout, job, cancellable=False, index=index, what="verify"
+            )
+            error = "cancelled" if outcome.cancelled else outcome.error
+            if error is None:
+                what = health.describe(restore)
+                await self._update(rollout, index, durable=False, verified="passed", verify_detail=what)
+                await self._status(job.ident, index, step.type, "rolled_back", f"restore verified: {what}")
+            else:
+                line = _one_line(error)
+                _LOGGER.warning("restore of rollout %s not verified by step %d: %s", rollout, index + 1, line)
+                await self._update(rollout, index, durable=False, verified="failed", verify_detail=line)
+                await self._status(job.ident, index, step.type, "failed", f"restore not verified: {line}")
+        job.index = None
+
+    async def _read_versions(self) -> Inventory | None:
+        """The node's versions, read again now (and re-announced by the agent if they changed)."""
+        if self._versions is None:
+            return None
+        try:
+            return await self._versions()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            _LOGGER.warning("reading the node's versions failed", exc_info=True)
+            return None
 
     async def _run_undo_command(self, job: _Job, command: Command) -> None:
         await self._note(lambda s: executor.begin(s, command))  # written with the undo's first record
         entry = self._entry(command.rollout)
+        if entry is not None and entry.phase == "rollback_failed" and not executor.undo_order(entry.steps):
+            # Undone before, but not shown restored: a new rollback or abort checks again.
+            await self._change(
+                lambda s: executor.set_phase(s, command.rollout, "rolling_back"), durable=False
+            )
+            await self._snapshot(job.ident, "rolling_back")
+            await self._end_undo(job, command.rollout)
+            return
         if entry is None or not executor.undo_order(entry.steps):
             detail = "nothing to undo" if command.action == "abort" else "nothing to roll back"
             job.final = True
@@ -882,6 +1011,12 @@ class CommandRunner:
             await self._snapshot(job.ident, entry.phase, entry.detail)
             return
         await self._undo(job)
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    """A multi-line reason as one line (the last meaningful lines), for details people read."""
+    lines = [line.strip() for line in text.replace(" | ", "\n").splitlines() if line.strip()]
+    return " | ".join(lines[-3:])[-limit:] if lines else text[:limit]
 
 
 async def _finish(task: asyncio.Task[Any], job: _Job, *, cancellable: bool) -> None:

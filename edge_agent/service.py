@@ -99,6 +99,8 @@ class Agent:
         self._client: MqttClient | None = None
         self._refresh_task: asyncio.Task[None] | None = None
         self._runner: CommandHandler | None = None
+        self._refresh_lock = asyncio.Lock()
+        self._runner_reports_jobs = False
         self.ready = asyncio.Event()
         """Set once connected, recovered and taking commands (the simulator and tests wait on it)."""
 
@@ -123,6 +125,10 @@ class Agent:
         await client.subscribe(self.presence.cmd_topic, qos=1)
         runner = self._runner_factory(settings, self.topics, client.publish)
         self._runner = runner
+        watch = getattr(runner, "watch_versions", None)
+        self._runner_reports_jobs = callable(watch)
+        if callable(watch):  # the runner re-reads versions as each job ends (no heartbeat lag)
+            watch(self.refresh_inventory)
         tasks: list[asyncio.Task[None]] = []
         try:
             await client.start(wait=False)
@@ -173,17 +179,29 @@ class Agent:
             _LOGGER.exception("inventory failed")
             return Inventory()
 
+    async def refresh_inventory(self) -> Inventory:
+        """Re-read what the node runs; re-announce it (retained birth) at once if it changed.
+
+        The runner calls it as every job ends and when it verifies a restore.
+        Serialized: a read that started before a job's last change never
+        overwrites one that started after it.
+        """
+        async with self._refresh_lock:
+            inventory = await self._collect_inventory()
+            if inventory == self._inventory:
+                return inventory  # the retained birth still tells the truth
+            changed = _changed_versions(self._inventory, inventory)
+            self._inventory = inventory
+            _LOGGER.info("versions changed (%s): birth re-published", changed)
+            try:
+                await self._publish_birth()
+            except Exception as exc:  # the next (re)connect publishes it anyway
+                _LOGGER.warning("could not re-publish the birth: %s", exc)
+            memory.release_soon()  # what the job and the scan freed
+            return inventory
+
     async def _refresh_inventory(self) -> None:
-        """After a job ends, versions may have changed: re-collect, and re-announce if they did."""
-        inventory = await self._collect_inventory()
-        if inventory == self._inventory:
-            return  # the retained birth still tells the truth
-        self._inventory = inventory
-        try:
-            await self._publish_birth()
-        except Exception as exc:  # the next (re)connect publishes it anyway
-            _LOGGER.warning("could not re-publish the birth: %s", exc)
-        memory.release_soon()  # what the job and the scan freed
+        await self.refresh_inventory()
 
     async def _heartbeats(self, client: MqttClient, runner: CommandHandler) -> None:
         period = self.config.heartbeat_s
@@ -191,7 +209,13 @@ class Agent:
         last_job: JobRef | None = None
         while True:
             job = _current_job(runner)
-            if last_job is not None and (job is None or job.command != last_job.command):
+            if (
+                not self._runner_reports_jobs
+                and last_job is not None
+                and (job is None or job.command != last_job.command)
+            ):
+                # A runner that does not report its jobs' ends: only a job seen by a
+                # heartbeat is noticed (a job shorter than heartbeat_s is missed).
                 self._start_refresh()
             last_job = job
             if client.is_connected:
@@ -255,6 +279,17 @@ class Agent:
             _LOGGER.exception("command runner did not close cleanly")
         await client.close()
         _LOGGER.info("agent %s stopped", self.config.node_id)
+
+
+def _changed_versions(old: Inventory, new: Inventory) -> str:
+    """``demo-app 1.0 -> 2.0, ...``: what changed between two inventories, for the log."""
+    parts = []
+    for kind in ("services", "packages", "drivers"):
+        before, after = getattr(old, kind), getattr(new, kind)
+        for name in sorted(set(before) | set(after)):
+            if before.get(name) != after.get(name):
+                parts.append(f"{name} {before.get(name, '-')} -> {after.get(name, '-')}")
+    return ", ".join(parts) or "os"
 
 
 def _current_job(runner: CommandHandler) -> JobRef | None:

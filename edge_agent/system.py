@@ -10,12 +10,17 @@
   service manager. A service runs detached (its own session, reparented away
   from the agent, a pidfile holding its pid and start time), so it survives an
   agent restart and the agent never leaves a zombie behind.
+- ``StepScope``, ``open_scope``, ``in_scope``: every process one step starts,
+  wherever it goes (a daemon that double-forks and leaves the session
+  included), so an abort, a timeout or a failure can kill all of it and wait
+  until it is gone before the undo runs (see ``StepScope``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import hashlib
 import http.client
 import json
@@ -31,7 +36,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from bus.errors import StepError
@@ -42,9 +47,12 @@ __all__ = [
     "HttpResponse",
     "LineSink",
     "RunResult",
+    "StepScope",
     "fetch",
     "http_get",
+    "in_scope",
     "kill_process_group",
+    "open_scope",
     "process_start_time",
     "redact_url",
     "run",
@@ -103,18 +111,42 @@ async def run(
         StepError: the program cannot be started, or it ran past ``timeout``
             (then its whole process group has been killed).
     """
-    try:
-        proc = await asyncio.create_subprocess_exec(
+    scope = _SCOPE.get()
+    environ = dict(env) if env is not None else None
+    join: Callable[[], None] | None = None
+    joined = -1
+    if scope is not None:  # the step's process, and all it spawns, stay findable (StepScope)
+        environ = scope.environ(environ)
+        join, joined = scope.joiner()
+    creation = asyncio.ensure_future(
+        asyncio.create_subprocess_exec(
             *argv,
             cwd=str(cwd) if cwd else None,
-            env=dict(env) if env is not None else None,
+            env=environ,
             stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
+            preexec_fn=join,
         )
+    )
+    try:
+        # Shielded: a cancel in the middle of the creation would make asyncio kill the
+        # child alone and wait for its pipes, which a daemon it forked may hold for good.
+        proc = await asyncio.shield(creation)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            started = await creation
+            _kill_group(started.pid)
+            if scope is not None:
+                await scope.kill()
+            await asyncio.wait_for(started.wait(), 5)
+        raise
     except OSError as exc:
         raise StepError(f"cannot run {argv[0]}: {exc.strerror or exc}") from exc
+    finally:
+        if joined >= 0:  # the child has its own copy (or has exec'd and closed it)
+            os.close(joined)
     if on_start is not None:
         try:
             await on_start(proc.pid)
@@ -161,6 +193,9 @@ async def run(
         raise StepError(f"{Path(argv[0]).name} timed out after {timeout:g} s") from exc
     except asyncio.CancelledError:
         _kill_group(proc.pid)
+        if scope is not None:  # an abort: a daemon the command launched may hold its pipes
+            with contextlib.suppress(StepError):
+                await scope.kill()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(proc.wait(), 5)
         raise
@@ -170,6 +205,223 @@ async def run(
 def _kill_group(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
+
+
+# ------------------------------------------------------------------ step scopes
+
+#: The environment variable that marks every process of one step (inherited by all it spawns).
+SCOPE_ENV = "FLEET_STEP_SCOPE"
+_SCOPE: contextvars.ContextVar[StepScope | None] = contextvars.ContextVar("fleet_step_scope", default=None)
+_CGROUP_PREFIX = "fleet-step-"
+_T = TypeVar("_T")
+
+
+def _cgroup2_home() -> Path | None:
+    """The cgroup v2 directory of this process, if the unified hierarchy is mounted; else None."""
+    try:
+        own = next(
+            line[3:].strip()
+            for line in Path("/proc/self/cgroup").read_text().splitlines()
+            if line.startswith("0::")
+        )
+        mounts = Path("/proc/self/mountinfo").read_text().splitlines()
+    except (OSError, StopIteration):
+        return None
+    for line in mounts:
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        if not right.startswith("cgroup2 ") or len(fields) < 5:
+            continue
+        root, mount = fields[3], Path(fields[4])
+        if root != "/" and not own.startswith(root):
+            continue
+        relative = own[len(root) :] if root != "/" else own
+        home = mount / relative.lstrip("/")
+        return home if (home / "cgroup.procs").exists() else None
+    return None
+
+
+class _Cgroups:
+    """Where step cgroups go (a child of the agent's own cgroup v2), found and tried once."""
+
+    def __init__(self) -> None:
+        self.checked = False
+        self.home: Path | None = None
+        self.kept: list[Path] = []
+
+    def sweep_kept(self) -> None:
+        """Remove the cgroups of services that ran on once they are empty (cheap: a few rmdirs)."""
+        kept, self.kept = self.kept, []
+        for path in kept:
+            try:
+                path.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                self.kept.append(path)
+
+    def create(self, name: str) -> Path | None:
+        if not self.checked:
+            self.checked = True
+            self.home = _cgroup2_home()
+            if self.home is not None:
+                self._sweep(self.home)
+        if self.home is None:
+            return None
+        path = self.home / name
+        try:
+            path.mkdir()
+        except OSError as exc:  # not ours to create (no root, no delegation): track by marker only
+            _LOGGER.info(
+                "no cgroup for steps under %s (%s): processes tracked by their environment", self.home, exc
+            )
+            self.home = None
+            return None
+        return path
+
+    @staticmethod
+    def _sweep(home: Path) -> None:
+        """Remove the empty step cgroups of agents that are gone (a crash leaves them)."""
+        with contextlib.suppress(OSError):
+            for child in home.glob(f"{_CGROUP_PREFIX}*"):
+                owner = child.name[len(_CGROUP_PREFIX) :].split("-", 1)[0]
+                if owner.isdigit() and int(owner) != os.getpid() and not Path(f"/proc/{owner}").exists():
+                    with contextlib.suppress(OSError):
+                        child.rmdir()
+
+
+_CGROUPS = _Cgroups()
+
+
+class StepScope:
+    """Every process one step (an apply or an undo) starts, wherever it goes.
+
+    A step's command runs in its own session and process group, but a daemon it
+    launches may double-fork and ``setsid`` away from both, and write its
+    pidfile only later. A scope finds all of them two ways: each process of the
+    step starts in a cgroup of its own (cgroup v2, a child of the agent's
+    cgroup, where this node lets the agent create one), and carries
+    ``FLEET_STEP_SCOPE=<token>`` in its environment, which every descendant
+    inherits (the fallback where there is no cgroup to create; /proc is walked
+    for it). ``kill`` kills them all (``cgroup.kill`` and SIGKILL) and returns
+    once none is left; ``release`` keeps what a successful step started on
+    purpose running (a service) and only removes its cgroup if it is empty.
+    """
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+        self.cgroup: Path | None = None
+        self.spawned = False
+        """True once a process was started in the scope (only then is there anything to kill)."""
+        self.killed: set[int] = set()
+        """Every pid this scope killed, over all ``kill`` calls."""
+        self._marker = f"{SCOPE_ENV}={token}".encode()
+
+    def environ(self, env: Mapping[str, str] | None) -> dict[str, str]:
+        """``env`` (None: the agent's own) with this scope's marker."""
+        return {**(os.environ if env is None else env), SCOPE_ENV: self.token}
+
+    def joiner(self) -> tuple[Callable[[], None] | None, int]:
+        """What the child runs between fork and exec to join the cgroup, and the fd to close after.
+
+        Only ``os.write`` on a descriptor opened here, in the parent (close-on-exec):
+        no Python locks are taken in the child. If the write fails the child
+        still runs, tracked by its marker. ``(None, -1)`` without a cgroup.
+        """
+        if not self.spawned:  # created with the scope's first process: most steps start none
+            self.spawned = True
+            self.cgroup = _CGROUPS.create(_CGROUP_PREFIX + self.token)
+        if self.cgroup is None:
+            return None, -1
+        try:
+            fd = os.open(self.cgroup / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+        except OSError:
+            return None, -1
+
+        def join() -> None:
+            with contextlib.suppress(OSError):
+                os.write(fd, b"0")
+
+        return join, fd
+
+    def members(self) -> set[int]:
+        """Live processes of the scope (zombies excluded). Blocking: reads /proc and cgroupfs."""
+        pids: set[int] = set()
+        if self.cgroup is not None:
+            with contextlib.suppress(OSError, ValueError):
+                pids.update(int(p) for p in (self.cgroup / "cgroup.procs").read_text().split())
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                env = (entry / "environ").read_bytes()
+                if self._marker in env.split(b"\0"):
+                    pids.add(int(entry.name))
+        pids.discard(os.getpid())
+        return {pid for pid in pids if process_start_time(pid) is not None}
+
+    def _signal_all(self, pids: set[int]) -> None:
+        if self.cgroup is not None:
+            with contextlib.suppress(OSError):
+                (self.cgroup / "cgroup.kill").write_text("1")
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+    async def kill(self, *, timeout: float = 10.0) -> list[int]:
+        """SIGKILL every process of the scope, again until none is left; return all it ever killed.
+
+        A zombie counts as gone (it runs nothing; its parent or init reaps it).
+
+        Raises:
+            StepError: some survive ``timeout`` seconds (named by pid).
+        """
+        if not self.spawned:
+            return sorted(self.killed)
+        deadline = time.monotonic() + timeout
+        while True:
+            pids = await asyncio.to_thread(self.members)
+            if not pids:
+                break
+            self.killed |= pids
+            self._signal_all(pids)
+            if time.monotonic() > deadline:
+                raise StepError(f"processes {sorted(pids)} of the step survive SIGKILL")
+            await asyncio.sleep(0.02)
+        self._remove()
+        return sorted(self.killed)
+
+    def release(self) -> None:
+        """The step is over and what it left runs on purpose: its cgroup goes once it is empty."""
+        self._remove()
+
+    def _remove(self) -> None:
+        if self.cgroup is not None:
+            try:
+                self.cgroup.rmdir()
+            except OSError:  # busy: a service the step started lives in it; removed once it ends
+                _CGROUPS.kept.append(self.cgroup)
+
+
+_SCOPES_OPENED = 0
+
+
+def open_scope(label: str) -> StepScope:
+    """A new scope for one step run; ``label`` (e.g. command and step) makes it readable in cgroupfs."""
+    global _SCOPES_OPENED
+    _SCOPES_OPENED += 1
+    _CGROUPS.sweep_kept()
+    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in label)[:40]
+    return StepScope(f"{os.getpid()}-{_SCOPES_OPENED}-{safe}")
+
+
+async def in_scope(scope: StepScope, work: Awaitable[_T]) -> _T:
+    """Await ``work`` with ``scope`` as the scope of every process it starts (``run``)."""
+    marker = _SCOPE.set(scope)
+    try:
+        return await work
+    finally:
+        _SCOPE.reset(marker)
 
 
 # ---------------------------------------------------------------------------- HTTP
@@ -478,15 +730,23 @@ def service_pid(state_dir: Path, name: str) -> int | None:
     return entry[0]
 
 
-def _log_tail(path: Path, lines: int = 3) -> str:
+def _log_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _log_tail(path: Path, since: int = 0, lines: int = 1) -> str:
+    """The last lines the service wrote since offset ``since``: its own last words, not earlier runs'."""
     try:
         with path.open("rb") as handle:
             handle.seek(0, os.SEEK_END)
-            handle.seek(max(0, handle.tell() - 4096))
+            handle.seek(max(since, handle.tell() - 4096))
             text = handle.read().decode("utf-8", "replace")
     except OSError:
         return ""
-    return " | ".join(text.strip().splitlines()[-lines:])
+    return " | ".join([line.strip() for line in text.splitlines() if line.strip()][-lines:])
 
 
 async def start_service(
@@ -513,6 +773,7 @@ async def start_service(
     directory = state_dir / SERVICES_DIR
     directory.mkdir(parents=True, exist_ok=True)
     log = service_log(state_dir, name)
+    since = _log_size(log)  # what this start writes comes after
     spec = {
         "argv": list(argv),
         "cwd": str(cwd),
@@ -543,7 +804,8 @@ async def start_service(
         if service_pid(state_dir, name) != pid:
             with contextlib.suppress(OSError):
                 _pidfile(state_dir, name).unlink()
-            raise StepError(f"service {name} exited within {settle_s:g} s: {_log_tail(log)}".rstrip(": "))
+            said = _log_tail(log, since)
+            raise StepError(f"service {name} exited within {settle_s:g} s: {said}".rstrip(": "))
         if time.monotonic() >= deadline:
             return pid
         await asyncio.sleep(0.05)

@@ -109,6 +109,17 @@ async def apply(step: ServiceStep, ctx: StepContext) -> dict[str, Any]:
     return record
 
 
+async def _reset_failed(manager: ServiceBackend, name: str, ctx: StepContext) -> None:
+    """Before an undo starts a systemd unit: clear its start-limit counter (and say so)."""
+    if not isinstance(manager, SystemdManager):
+        return
+    refused = await manager.reset_failed(name, timeout=ctx.timeout, on_line=ctx.output)
+    if refused is None:
+        await ctx.log(f"systemd: reset-failed {name} (a fast update and undo may reach its start limit)")
+    else:
+        await ctx.log(f"systemd: reset-failed {name} refused: {refused}")
+
+
 async def undo(step: ServiceStep, ctx: StepContext, record: dict[str, Any] | None) -> None:
     """Bring the service back to the active/inactive state it had before the step."""
     if record is None:
@@ -118,8 +129,10 @@ async def undo(step: ServiceStep, ctx: StepContext, record: dict[str, Any] | Non
     active = await manager.is_active(step.name, timeout=ctx.timeout)
     if bool(record.get("was_active")):
         if step.action == "restart":
+            await _reset_failed(manager, step.name, ctx)
             await _act(manager, "restart", step.name, ctx)
         elif not active:
+            await _reset_failed(manager, step.name, ctx)
             await _act(manager, "start", step.name, ctx)
         else:
             await ctx.log(f"service {step.name} is active, as before")

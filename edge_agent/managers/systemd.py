@@ -1,6 +1,12 @@
-"""The ``systemd`` service manager: ``systemctl start|stop|restart|is-active UNIT``.
+"""The ``systemd`` service manager: ``systemctl start|stop|restart|is-active|reset-failed UNIT``.
 
 Also the ``systemd`` health check (DESIGN section 2): the unit must be active.
+
+systemd refuses a unit started too often (by default 5 starts in 10 s:
+"start of the service was attempted too often", or "start request repeated
+too quickly" in the journal), which a fast rollout and rollback reach. A start
+refused so is reported as a start-limit hit, and an undo clears the counter
+first (``reset_failed``, issue 24).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from edge_agent.tools import SystemTools, call, tool_message, tools_of
 if TYPE_CHECKING:
     from edge_agent.steps.base import StepContext
 
-__all__ = ["SystemdManager", "check_systemd", "check_unit_name"]
+__all__ = ["SystemdManager", "check_systemd", "check_unit_name", "is_start_limit"]
 
 #: systemd's unit name characters (``systemd.unit(5)``), never an option-like leading dash.
 _UNIT = re.compile(r"^[A-Za-z0-9:_.\\@][A-Za-z0-9:_.\\@-]{0,254}$")
@@ -23,6 +29,14 @@ _UNIT = re.compile(r"^[A-Za-z0-9:_.\\@][A-Za-z0-9:_.\\@-]{0,254}$")
 _STARTED = ("active", "activating", "reloading")
 #: Longest a single health probe may take (the step's own timeout bounds them all).
 _PROBE_TIMEOUT = 30.0
+#: What systemctl and the journal say when a unit hit its start limit.
+_START_LIMIT = ("attempted too often", "start request repeated too quickly", "start-limit-hit")
+
+
+def is_start_limit(message: str) -> bool:
+    """True when ``message`` (systemctl's or the journal's) says the unit hit its start limit."""
+    lowered = message.lower()
+    return any(words in lowered for words in _START_LIMIT)
 
 
 def check_unit_name(unit: str) -> str | None:
@@ -44,13 +58,40 @@ class SystemdManager:
         reason = check_unit_name(unit)
         if reason is not None:
             raise StepError(reason)
-        await call(
+        result = await call(
             [self._tools.systemctl, verb, unit],
             tools=self._tools,
             timeout=timeout,
             on_line=on_line,
-            what=f"systemctl {verb} {unit}",
+            check=False,
         )
+        if result.ok:
+            return
+        said = f"{result.stderr}\n{result.stdout}"
+        if verb in ("start", "restart") and is_start_limit(said):
+            raise StepError(
+                f"systemctl {verb} {unit}: {unit} hit systemd's start limit (start attempted too often); "
+                f"'systemctl reset-failed {unit}' clears it"
+            )
+        raise StepError(f"systemctl {verb} {unit} failed (exit {result.returncode}): {tool_message(result)}")
+
+    async def reset_failed(self, unit: str, *, timeout: float, on_line: LineSink | None = None) -> str | None:
+        """``systemctl reset-failed UNIT``: clear its failed state and start-limit counter.
+
+        Returns:
+            None, or systemctl's words when it could not (e.g. the unit is not loaded).
+        """
+        reason = check_unit_name(unit)
+        if reason is not None:
+            raise StepError(reason)
+        result = await call(
+            [self._tools.systemctl, "reset-failed", unit],
+            tools=self._tools,
+            timeout=timeout,
+            on_line=on_line,
+            check=False,
+        )
+        return None if result.ok else tool_message(result)
 
     async def start(self, unit: str, *, timeout: float, on_line: LineSink | None = None) -> None:
         """Start ``unit``; fail if it is not active (or activating) right after.

@@ -38,7 +38,8 @@ __all__ = [
     "resolve_script",
 ]
 
-Phase = Literal["apply", "rollback"]
+Phase = Literal["apply", "rollback", "verify"]
+"""``verify``: a health check run after an undo, to show the restored state answering."""
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class StepContext:
         command: id of the apply command that owns the step (it names the step's
             artifacts, e.g. ``state_dir/backup/<command>/<index>``, also on undo).
         index: the step's index in the plan.
-        phase: ``apply`` or ``rollback`` (undo).
+        phase: ``apply``, ``rollback`` (undo) or ``verify`` (a health check verifying a restore).
         settings: the node's executor settings.
         timeout: seconds this apply or undo may take.
         log: coroutine that reports one agent line to the ``log`` topic.

@@ -1,4 +1,13 @@
-"""``health`` step: a command, HTTP, TCP or systemd-unit check, retried; nothing to undo."""
+"""``health`` step: a command, HTTP, TCP or systemd-unit check, retried; nothing to undo.
+
+After an undo the runner runs every health step of the plan again in *restore
+mode* (``verify``) to show the old state answering: ``HealthStep.verify`` set
+to a ``RestoreCheck`` replaces the target and/or the expected text (e.g. the
+old version); ``"skip"`` leaves the check out; unset, the same check runs with
+``expect`` dropped. A ``command`` check in restore mode runs with
+``FLEET_PHASE=verify`` in its environment, so one script can tell the cases
+apart.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +17,24 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bus.errors import StepError
-from bus.messages import HealthStep
+from bus.messages import HealthStep, RestoreCheck
 from edge_agent import system
 from edge_agent.managers import check_systemd, check_unit_name
 from edge_agent.settings import ExecutorSettings
 from edge_agent.steps.base import StepContext, StepHandler, check_script
 from edge_agent.steps.script import run_script
 
-__all__ = ["HANDLER", "SUPPORTED_CHECKS", "apply", "check", "parse_host_port", "undo"]
+__all__ = [
+    "HANDLER",
+    "SUPPORTED_CHECKS",
+    "apply",
+    "check",
+    "describe",
+    "parse_host_port",
+    "restore_check",
+    "undo",
+    "verify",
+]
 
 SUPPORTED_CHECKS = ("command", "http", "tcp", "systemd")
 #: Longest a single attempt may take (the step's own timeout bounds them all).
@@ -45,8 +64,34 @@ def _command(target: str) -> list[str]:
     return words
 
 
+def restore_check(step: HealthStep) -> HealthStep | None:
+    """The check that verifies a restore (``verify``), or None when it is skipped."""
+    if step.verify == "skip":
+        return None
+    if isinstance(step.verify, RestoreCheck):
+        target = step.verify.target or step.target
+        return step.model_copy(update={"target": target, "expect": step.verify.expect, "verify": None})
+    return step.model_copy(update={"expect": None, "verify": None})
+
+
+def describe(step: HealthStep) -> str:
+    """``http http://host/ expecting '1.0'``: what a check looks at, in one line."""
+    shown = system.redact_url(step.target) if step.check == "http" else step.target
+    return f"{step.check} {shown}" + (f" expecting {step.expect!r}" if step.expect is not None else "")
+
+
 def check(step: HealthStep, settings: ExecutorSettings) -> str | None:
-    """Refuse checks this agent cannot run and targets that are not well-formed."""
+    """Refuse checks this agent cannot run and targets that are not well-formed (restore check too)."""
+    reason = _check_one(step, settings)
+    restore = restore_check(step)
+    if reason is None and restore is not None and restore.target != step.target:
+        reason = _check_one(restore, settings)
+        if reason is not None:
+            reason = f"verify: {reason}"
+    return reason
+
+
+def _check_one(step: HealthStep, settings: ExecutorSettings) -> str | None:
     if step.check not in SUPPORTED_CHECKS:
         return f"health check {step.check} is not supported by this agent"
     if step.check == "systemd":
@@ -66,15 +111,19 @@ def check(step: HealthStep, settings: ExecutorSettings) -> str | None:
 async def _once(step: HealthStep, ctx: StepContext, timeout: float) -> None:
     if step.check == "command":
         words = _command(step.target)
-        result = await run_script(words[0], words[1:], ctx, "apply")
+        result = await run_script(words[0], words[1:], ctx, "verify" if ctx.phase == "verify" else "apply")
         if step.expect is not None and step.expect not in result.stdout:
-            raise StepError(f"{words[0]} output lacks {step.expect!r}")
+            said = result.tail(200) or "nothing"
+            raise StepError(f"{words[0]} output lacks {step.expect!r} (it said: {said})")
     elif step.check == "http":
         response = await system.http_get(step.target, timeout=timeout)
         if not 200 <= response.status < 300:
             raise StepError(f"HTTP {response.status} from {system.redact_url(step.target)}")
         if step.expect is not None and step.expect not in response.body:
-            raise StepError(f"{step.expect!r} not in the response of {system.redact_url(step.target)}")
+            said = " ".join(response.body.split())[:120] or "an empty body"
+            raise StepError(
+                f"{step.expect!r} not in the response of {system.redact_url(step.target)} (it said: {said})"
+            )
     elif step.check == "tcp":
         host, port = parse_host_port(step.target)
         await system.tcp_connect(host, port, timeout=timeout)
@@ -86,8 +135,8 @@ async def _once(step: HealthStep, ctx: StepContext, timeout: float) -> None:
         raise StepError(f"health check {step.check} is not supported by this agent")
 
 
-async def apply(step: HealthStep, ctx: StepContext) -> dict[str, Any]:
-    """Check up to ``retries`` times, ``interval_s`` apart; fail with the last reason."""
+async def _attempts(step: HealthStep, ctx: StepContext) -> str | None:
+    """Check up to ``retries`` times, ``interval_s`` apart; None once one passes, else the last reason."""
     timeout = min(ctx.timeout, _ATTEMPT_TIMEOUT)
     reason = ""
     for attempt in range(1, step.retries + 1):
@@ -97,11 +146,34 @@ async def apply(step: HealthStep, ctx: StepContext) -> dict[str, Any]:
             reason = exc.reason
             await ctx.log(f"health {step.check} attempt {attempt}/{step.retries}: {reason}")
         else:
-            await ctx.log(f"health {step.check} {step.target}: ok (attempt {attempt})")
-            return {}
+            await ctx.log(f"health {describe(step)}: ok (attempt {attempt})")
+            return None
         if attempt < step.retries:
             await asyncio.sleep(step.interval_s)
-    raise StepError(f"health check failed after {step.retries} attempts: {reason}")
+    return reason
+
+
+async def apply(step: HealthStep, ctx: StepContext) -> dict[str, Any]:
+    """Check up to ``retries`` times, ``interval_s`` apart; fail with the last reason."""
+    reason = await _attempts(step, ctx)
+    if reason is not None:
+        raise StepError(f"health check {describe(step)} failed after {step.retries} attempts: {reason}")
+    return {}
+
+
+async def verify(step: HealthStep, ctx: StepContext) -> str:
+    """Run ``step`` in restore mode (``restore_check``), retried like the step; return what passed.
+
+    Raises:
+        StepError: the restored state does not answer as expected (the last attempt's reason).
+    """
+    restore = restore_check(step)
+    if restore is None:
+        return "skipped"
+    reason = await _attempts(restore, ctx)
+    if reason is not None:
+        raise StepError(f"{restore.check} {restore.target}: {reason} ({restore.retries} attempts)")
+    return describe(restore)
 
 
 async def undo(step: HealthStep, ctx: StepContext, record: dict[str, Any] | None) -> None:

@@ -196,7 +196,9 @@ async def test_step_that_fills_the_disk_is_undone(
         journal = json.loads(inside(agent, state / "journal.json").read_text())
         assert journal["active"] is None
         (entry,) = journal["applies"].values()
-        assert entry["phase"] == "rolled_back", entry
+        # The node's own word: its step failed, and it restored itself (DESIGN 3.4).
+        assert entry["phase"] == "failed", entry
+        assert "node restored" in entry["detail"], entry
 
 
 @needs_namespaces

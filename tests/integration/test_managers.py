@@ -261,6 +261,36 @@ async def test_failed_start_fails_the_step_with_systemds_words(fake: FakeSystem,
     assert fake.calls("systemctl")[-1] == ["is-active", "broken"]  # failed is not active: nothing to stop
 
 
+async def test_undo_clears_systemds_start_limit_first(fake: FakeSystem, tmp_path: Path) -> None:
+    # systemd's default: 5 starts within 10 s, then "attempted too often" (issue 24).
+    units = fake.read("systemd.json")
+    units["units"]["web.service"] = {"state": "active", "start_limit_burst": 2, "start_limit_interval_s": 60}
+    fake.write("systemd.json", units)
+    settings = fake.settings(tmp_path, manager="systemd")
+    ctx, _ = make_ctx(settings)
+    restart = ServiceStep(action="restart", name="web")
+    await managers.apply(restart, ctx)
+    record = await managers.apply(restart, ctx)  # two starts: the limit is reached
+    with pytest.raises(StepError) as limited:
+        await managers.apply(restart, ctx)
+    assert limited.value.reason == (
+        "systemctl restart web: web hit systemd's start limit (start attempted too often); "
+        "'systemctl reset-failed web' clears it"
+    )
+    assert _units(fake)["web.service"] == "failed"
+
+    undo_ctx, undo_calls = make_ctx(settings, phase="rollback")
+    await managers.undo(restart, undo_ctx, record)
+    assert _units(fake)["web.service"] == "active"
+    assert fake.calls("systemctl")[-4:] == [
+        ["is-active", "web"],
+        ["reset-failed", "web"],
+        ["restart", "web"],
+        ["is-active", "web"],  # it runs after the restart
+    ]
+    assert "systemd: reset-failed web (a fast update and undo may reach its start limit)" in undo_calls.logs
+
+
 async def test_systemd_health_check(fake: FakeSystem, tmp_path: Path) -> None:
     ctx, _ = make_ctx(fake.settings(tmp_path))
     assert await check_systemd("app.service", ctx) is None

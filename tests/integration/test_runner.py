@@ -32,6 +32,7 @@ from bus.messages import (
     HealthStep,
     JobSnapshot,
     LogLine,
+    RestoreCheck,
     ScriptStep,
     ServiceStep,
     StepStatus,
@@ -52,7 +53,7 @@ from tests.webfiles import Web
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "scripts"
 NODE = "node-1"
-FINAL = {"succeeded", "failed", "rolled_back", "rejected"}
+FINAL = {"succeeded", "failed", "rolled_back", "rollback_failed", "rejected"}
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -377,7 +378,8 @@ async def test_health_failure_restores_the_node_by_itself(
     await runner.handle_command(cmd_topic(topics), encode(cmd))
     final = await recorder.final_of(cmd.id)
 
-    assert final.phase == "rolled_back", recorder.summary()
+    # A failed step, the node restored and shown restored: phase failed, naming both.
+    assert final.phase == "failed", recorder.summary()
     assert pairs(recorder.statuses(cmd.id)) == [
         *expected_success(4),
         (4, "running"),
@@ -387,10 +389,14 @@ async def test_health_failure_restores_the_node_by_itself(
         (2, "rolled_back"),
         (1, "rolled_back"),
         (0, "rolled_back"),
+        (4, "rolled_back"),  # the restore verified by the health check, expect dropped
     ]
     failed = recorder.statuses(cmd.id)[9]
     assert "'3.0' not in the response" in failed.detail
-    # The failure stays visible in the retained snapshot: phase rolled_back + a failed step.
+    assert recorder.statuses(cmd.id)[-1].detail.startswith("restore verified: http http://127.0.0.1:")
+    assert final.detail.startswith("step 5 (health) failed: health check http"), final.detail
+    assert "node restored, restore verified: step 5 (health) http" in final.detail
+    # The failure stays visible in the retained snapshot: a failed step among the undone ones.
     assert [s.state for s in final.steps] == ["rolled_back"] * 4 + ["failed"]
     assert "rolling_back" in [s.phase for s in recorder.snapshots()]
     await wait_served(app, "1.0")  # the old file is back and the service runs it again
@@ -416,9 +422,10 @@ async def test_checksum_mismatch_leaves_nothing_in_the_cache(
     await runner.handle_command(cmd_topic(topics), encode(cmd))
     final = await recorder.final_of(cmd.id)
 
-    assert final.phase == "rolled_back"
+    assert final.phase == "failed"
     assert pairs(recorder.statuses(cmd.id)) == [(0, "running"), (0, "failed"), (0, "rolled_back")]
     assert "sha256 mismatch" in recorder.statuses(cmd.id)[1].detail
+    assert final.detail.startswith("step 1 (download) failed: sha256 mismatch"), final.detail
     assert final.steps[0].state == "failed"
     assert list(settings.cache_dir.iterdir()) == []
 
@@ -458,7 +465,7 @@ async def test_script_timeout_kills_its_process_group(
     await runner.handle_command(cmd_topic(topics), encode(cmd))
     final = await recorder.final_of(cmd.id)
 
-    assert final.phase == "rolled_back"
+    assert final.phase == "failed"
     failed = recorder.statuses(cmd.id)[1]
     assert (failed.state, failed.index) == ("failed", 0)
     assert "timed out after 1 s" in failed.detail
@@ -527,7 +534,9 @@ async def test_rollback_after_success_restores_the_old_version(
     runner = CommandRunner(settings, topics, recorder.publish)
     runners.append(runner)
     await start_app(app)
-    apply = command(key, update_plan(web, app), rollout="r7")
+    plan = update_plan(web, app)
+    plan[-1] = plan[-1].model_copy(update={"verify": RestoreCheck(expect="1.0")})
+    apply = command(key, plan, rollout="r7")
     await runner.handle_command(cmd_topic(topics), encode(apply))
     assert (await recorder.final_of(apply.id)).phase == "succeeded"
     await wait_served(app, "2.0")
@@ -537,8 +546,13 @@ async def test_rollback_after_success_restores_the_old_version(
     final = await recorder.final_of(rollback.id)
 
     assert final.phase == "rolled_back", recorder.summary()
-    assert pairs(recorder.statuses(rollback.id)) == [(i, "rolled_back") for i in (4, 3, 2, 1, 0)]
+    verified = (4, "rolled_back")  # the health check, in restore mode: 1.0 answers
+    assert pairs(recorder.statuses(rollback.id)) == [*((i, "rolled_back") for i in (4, 3, 2, 1, 0)), verified]
     assert [s.state for s in final.steps] == ["rolled_back"] * 5
+    assert (
+        final.detail == f"restore verified: step 5 (health) http http://127.0.0.1:{app.port}/ expecting '1.0'"
+    )
+    assert final.steps[4].detail == f"restore verified: http http://127.0.0.1:{app.port}/ expecting '1.0'"
     await wait_served(app, "1.0")
     assert app.version.read_text() == "1.0\n"
 
@@ -614,8 +628,8 @@ async def test_failed_undo_ends_in_phase_failed_naming_it(
     await runner.handle_command(cmd_topic(topics), encode(cmd))
     final = await recorder.final_of(cmd.id)
 
-    assert final.phase == "failed", recorder.summary()
-    assert "undo of step 0 (script) failed: fail.sh exited with status 3: disk quota exceeded" in final.detail
+    assert final.phase == "rollback_failed", recorder.summary()
+    assert "undo of step 1 (script) failed: fail.sh exited with status 3: disk quota exceeded" in final.detail
     states = pairs(recorder.statuses(cmd.id))
     assert states[-3:] == [(2, "rolled_back"), (1, "rolled_back"), (0, "failed")]
     assert [s.state for s in final.steps] == ["failed", "rolled_back", "failed"]
@@ -624,7 +638,7 @@ async def test_failed_undo_ends_in_phase_failed_naming_it(
     rollback = command(key, [], action="rollback")
     await runner.handle_command(cmd_topic(topics), encode(rollback))
     again = await recorder.final_of(rollback.id)
-    assert again.phase == "failed"
+    assert again.phase == "rollback_failed"
     assert pairs(recorder.statuses(rollback.id)) == [(0, "failed")]
 
 

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,9 @@ def main(tool: str) -> None:
 
 # --------------------------------------------------------------------- systemctl
 # systemd.json: {"units": {"app.service": {"state": "active", "fail_start": false}}}
+# A unit with "start_limit_burst": N (and "start_limit_interval_s", default 10) refuses the
+# N+1th start within the interval like systemd (StartLimitBurst/StartLimitIntervalSec) until
+# `reset-failed`.
 
 _UNIT_SUFFIXES = (
     ".service",
@@ -128,11 +132,21 @@ def systemctl(argv: list[str]) -> None:
     verb, names = words[0], words[1:]
     if verb == "daemon-reload":
         return
-    if verb not in ("start", "stop", "restart", "is-active", "status"):
+    if verb not in ("start", "stop", "restart", "is-active", "status", "reset-failed"):
         raise Exit(1, f"Unknown command verb {verb}.")
     if not names:
         raise Exit(1, "Too few arguments.")
     resolved = [_unit(n) for n in names]
+    if verb == "reset-failed":
+        for unit in resolved:
+            if unit not in units:
+                raise Exit(1, f"Failed to reset failed state of unit {unit}: Unit {unit} not loaded.")
+            spec = units[unit]
+            spec["start_times"] = []
+            if spec.get("state") == "failed":
+                spec["state"] = "inactive"
+        save("systemd.json", data)
+        return
     if verb == "is-active":
         states = [str(units.get(u, {}).get("state", "inactive")) for u in resolved]
         if not quiet:
@@ -150,6 +164,23 @@ def systemctl(argv: list[str]) -> None:
             missing = "not loaded" if verb == "stop" else "not found"
             raise Exit(5, f"Failed to {verb} {unit}: Unit {unit} {missing}.")
         spec = units[unit]
+        burst = spec.get("start_limit_burst")
+        if verb != "stop" and burst is not None:
+            now = time.time()
+            interval = float(spec.get("start_limit_interval_s", 10))
+            recent = [t for t in spec.get("start_times", []) if now - t < interval]
+            if len(recent) >= int(burst):
+                spec["state"] = "failed"
+                spec["start_times"] = recent
+                save("systemd.json", data)
+                raise Exit(
+                    1,
+                    f"Job for {unit} failed because start of the service was attempted too often.\n"
+                    f'See "systemctl status {unit}" and "journalctl -xeu {unit}" for details.\n'
+                    f'To force a start use "systemctl reset-failed {unit}"\n'
+                    f'followed by "systemctl start {unit}" again.',
+                )
+            spec["start_times"] = [*recent, now]
         if verb == "stop":
             spec["state"] = "inactive"
         elif spec.get("fail_start"):

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from bus.messages import Command, ScriptStep
+from bus.messages import (
+    Command,
+    DownloadStep,
+    FileStep,
+    HealthStep,
+    ModuleStep,
+    ScriptStep,
+    ServiceStep,
+    Step,
+)
 from edge_agent import executor
 from edge_agent.executor import JournalState, StepEntry
 
@@ -192,10 +201,10 @@ def test_undo_outcome_names_every_failed_undo() -> None:
         (2, {"state": "failed", "undo": "failed", "undo_detail": "timed out"}),
     )
     phase, detail = executor.undo_outcome(state.applies["r1"])
-    assert phase == "failed"
-    assert detail == (
-        "undo of step 0 (script) failed: rollback.sh exited with status 1; "
-        "undo of step 2 (script) failed: timed out"
+    assert phase == "rollback_failed"
+    assert detail == (  # steps numbered from 1, as people count (DESIGN 3.11)
+        "undo of step 1 (script) failed: rollback.sh exited with status 1; "
+        "undo of step 3 (script) failed: timed out"
     )
     clean = run(state, "r1", (0, {"undo": "done"}), (2, {"undo": "done"}))
     assert executor.undo_outcome(clean.applies["r1"]) == ("rolled_back", "")
@@ -205,3 +214,114 @@ def test_journal_state_round_trips_through_json() -> None:
     state = executor.remember(executor.begin(JournalState(), cmd()), "c1", 100.0)
     state = run(state, "r1", (0, {"state": "succeeded", "record": {"pid": 12, "nested": {"a": [1, "b"]}}}))
     assert JournalState.model_validate_json(state.model_dump_json()) == state
+
+
+def _plan_entry(plan: list[Step], *states: tuple[str, str]) -> list[StepEntry]:
+    return [StepEntry(index=i, type=plan[i].type, state=s, undo=u) for i, (s, u) in enumerate(states)]
+
+
+def test_a_restart_is_undone_after_the_files_it_serves() -> None:
+    # download -> file -> restart -> health, rolled back: the restart's undo (restart again)
+    # must see the restored 1.0 file, so it goes after every other undo (issue 24).
+    plan: list[Step] = [
+        DownloadStep(url="http://h/a", sha256="0" * 64, name="a"),
+        FileStep(src="a", dest="app/version.json"),
+        ServiceStep(action="restart", name="app"),
+        HealthStep(check="tcp", target="127.0.0.1:1"),
+    ]
+    done = _plan_entry(plan, *[("succeeded", "none")] * 4)
+    assert executor.undo_order(done, plan) == [3, 1, 0, 2]
+    assert executor.undo_order(done) == [3, 2, 1, 0]  # without the plan: plain reverse order
+    # stop -> file -> start keeps the reverse order (start's undo stops, stop's undo starts)
+    plain: list[Step] = [
+        ServiceStep(action="stop", name="app"),
+        FileStep(src="a", dest="x"),
+        ServiceStep(action="start", name="app"),
+    ]
+    assert executor.undo_order(_plan_entry(plain, *[("succeeded", "none")] * 3), plain) == [2, 1, 0]
+    # two deferred undos keep reverse order among themselves; a module reload is deferred too
+    both: list[Step] = [
+        ServiceStep(action="restart", name="a"),
+        FileStep(src="a", dest="x"),
+        ModuleStep(name="m", action="reload"),
+        FileStep(src="a", dest="y"),
+    ]
+    states = [("succeeded", "none"), ("succeeded", "none"), ("succeeded", "none"), ("failed", "none")]
+    assert executor.undo_order(_plan_entry(both, *states), both) == [3, 1, 2, 0]
+    assert executor.is_deferred_undo(both[0])
+    assert not executor.is_deferred_undo(plain[0])
+
+
+def test_recovery_defers_a_restart_undo_too() -> None:
+    command = Command.model_validate(
+        {
+            "id": "c1", "node": "n1", "rollout": "r1", "action": "apply", "issued_at": 1.0,
+            "expires_at": 60.0,
+            "plan": [
+                FileStep(src="a", dest="x").model_dump(),
+                ServiceStep(action="restart", name="app").model_dump(),
+                FileStep(src="b", dest="y").model_dump(),
+            ],
+        }
+    )  # fmt: skip
+    state = run(
+        executor.begin(JournalState(), command),
+        "r1",
+        (0, {"state": "succeeded"}),
+        (1, {"state": "succeeded"}),
+        (2, {"state": "running"}),
+    )
+    plan = executor.recovery(state)
+    assert plan is not None
+    assert plan.undo == [2, 0, 1]
+
+
+def test_final_phase_is_rolled_back_only_when_the_restore_is_verified() -> None:
+    state = executor.begin(JournalState(), cmd(steps=3))
+    undone = run(
+        state,
+        "r1",
+        (0, {"state": "succeeded", "undo": "done"}),
+        (1, {"state": "succeeded", "undo": "done"}),
+        (2, {"state": "succeeded", "undo": "done", "verified": "passed", "verify_detail": "tcp h:1"}),
+    )
+    assert executor.final_phase(undone.applies["r1"], self_restore=False) == (
+        "rolled_back",
+        "restore verified: step 3 (script) tcp h:1",
+    )
+    lie = run(undone, "r1", (2, {"verified": "failed", "verify_detail": "'1.0' not in the response"}))
+    phase, detail = executor.final_phase(lie.applies["r1"], self_restore=False)
+    assert phase == "rollback_failed"
+    assert detail == "restore not verified: step 3 (script) '1.0' not in the response"
+    assert lie.active is not None
+    shown = executor.snapshot(lie.active, lie.applies["r1"], node="n1", phase=phase, now=1.0, detail=detail)
+    assert shown.steps[2].state == "failed"
+    assert shown.steps[2].detail == "restore not verified: '1.0' not in the response"
+    # An undo that failed is rollback_failed whatever the checks say.
+    broken = run(undone, "r1", (1, {"undo": "failed", "undo_detail": "boom"}))
+    assert executor.final_phase(broken.applies["r1"], self_restore=True) == (
+        "rollback_failed",
+        "undo of step 2 (script) failed: boom",
+    )
+
+
+def test_a_failed_step_restored_and_verified_ends_failed_naming_the_step() -> None:
+    state = executor.begin(JournalState(), cmd(steps=3))
+    restored = run(
+        state,
+        "r1",
+        (0, {"state": "succeeded", "undo": "done"}),
+        (1, {"state": "failed", "undo": "done", "detail": "svc.sh exited with status 1"}),
+        (2, {"verified": "passed", "verify_detail": "command check.sh 1.0"}),
+    )
+    assert executor.final_phase(restored.applies["r1"], self_restore=True) == (
+        "failed",
+        "step 2 (script) failed: svc.sh exited with status 1; node restored, "
+        "restore verified: step 3 (script) command check.sh 1.0",
+    )
+    # No health check in the plan: nothing could verify it, and the detail says so.
+    bare = run(state, "r1", (0, {"state": "succeeded", "undo": "done"}))
+    assert executor.final_phase(bare.applies["r1"], self_restore=False) == (
+        "rolled_back",
+        "restore not checked: the plan has no health check to verify it",
+    )

@@ -203,7 +203,7 @@ def test_a_step_type_without_a_handler_is_refused(node: ExecutorSettings) -> Non
     plan = [{"type": "package", "manager": "apt", "name": "nginx"}]
     without_package = {kind: h for kind, h in HANDLERS.items() if kind != "package"}
     verdict = rejected(check(node, payload(sign(fields(plan=plan))), handlers=without_package))
-    assert verdict.reason == "step 0: step type package is not supported by this agent"
+    assert verdict.reason == "step 1: step type package is not supported by this agent"
 
 
 async def _nothing(*_args: Any) -> Any:
@@ -267,7 +267,7 @@ def test_each_policy_limit_refuses_a_signed_command(
     limited = make_settings(tmp_path, policy=Policy(**policy))
     plan = [{"type": "health", "check": "tcp", "target": "127.0.0.1:1"}, step]
     verdict = rejected(check(limited, payload(sign(fields(plan=plan))), handlers=ALL_TYPES))
-    assert verdict.reason.startswith(f"step 1 ({step['type']}): ")
+    assert verdict.reason.startswith(f"step 2 ({step['type']}): ")
     assert reason in verdict.reason
     assert verdict.verified is True
 

@@ -131,7 +131,6 @@ def test_nodes_by_version_agrees_with_the_node_table(demo: Demo) -> None:
     assert none.stdout.strip().splitlines()[-1] == "0 nodes: 0 online, 0 offline"
 
 
-@pytest.mark.xfail(reason="issue 14 item 2: agents re-report versions after a job (agent work)", strict=False)
 def test_nodes_by_version_shows_the_new_version_everywhere(demo: Demo) -> None:
     # After the good rollout every node runs demo-app 2.0; the hub must hear it within seconds.
     deadline = time.monotonic() + 20

@@ -910,7 +910,10 @@ class CommandRunner:
             assert done is not None  # noqa: S101
         job.index = None
         job.final = True
-        phase, detail = executor.final_phase(done, self_restore=job.step_failed)
+        # An abort or rollback that took over the node's own restore answers for itself: it
+        # ends rolled_back (verified) or rollback_failed, as the hub expects of it.
+        self_restore = job.step_failed and job.ident.action == "apply"
+        phase, detail = executor.final_phase(done, self_restore=self_restore)
         await self._change(
             lambda s: executor.finish(executor.set_phase(s, rollout, phase, detail)), durable=False
         )

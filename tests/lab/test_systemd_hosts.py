@@ -143,7 +143,7 @@ def test_module_step_says_what_it_cannot_do_where_modules_cannot_load(kit: LabFl
     # refuses the command at intake, naming what is missing, and nothing runs.
     assert shown["nodes"]["h2"]["phase"] == "rejected", shown["nodes"]
     assert shown["nodes"]["h2"]["detail"] == (
-        "rejected the command: step 0 (module): modprobe is not installed on this node"
+        "rejected the command: step 1 (module): modprobe is not installed on this node"
     )
     assert host.systemctl("is-active", "fleet-agent") == "active"
 

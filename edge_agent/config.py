@@ -229,6 +229,7 @@ class AgentConfig(BaseModel):
             max_download_bytes=self.max_download_bytes,
             default_step_timeout_s=self.step_timeout_s,
             tools=self.system_tools(),
+            labels=dict(self.labels),
         )
 
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from bus.errors import FleetError, SignatureError
+from bus.errors import FleetError, InvalidInput, SignatureError
 from bus.files import write_atomic
 from bus.messages import (
     Command,
@@ -39,6 +39,7 @@ from bus.messages import (
     Step,
     describe,
     loads_object,
+    plan_for_node,
 )
 from bus.signing import verify_fields
 from bus.topics import Topics
@@ -268,6 +269,15 @@ def _check(
         return Ignored(f"command {command.id} already taken")
     if command.expires_at <= now:
         return _rejected(f"command expired {now - command.expires_at:.0f} s ago", raw, verified=True)
+    if command.plan:
+        # Per-node parameters ({node}, {labels.NAME}) resolved before anything looks at the
+        # plan: the signature covered the plan as the hub sent it (DESIGN 3.10).
+        try:
+            command = command.model_copy(
+                update={"plan": plan_for_node(command.plan, settings.node, settings.labels)}
+            )
+        except InvalidInput as exc:
+            return _rejected(exc.reason, raw, verified=True)
     if command.action == "preflight":
         # Read-only and never journalled: it neither raises the issued_at floor nor is
         # held to it, and its plan is checked step by step by edge_agent.preflight.

@@ -7,6 +7,7 @@ executor and the steps only ever see these frozen objects.
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -83,6 +84,8 @@ class ExecutorSettings:
     service_start_settle_s: float = 0.5
     service_stop_grace_s: float = 10.0
     tools: SystemTools = field(default_factory=SystemTools)
+    #: The node's own labels: a plan's ``{labels.NAME}`` resolves against them (DESIGN 3.10).
+    labels: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def cache_dir(self) -> Path:

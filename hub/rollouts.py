@@ -34,6 +34,7 @@ from typing import Any, Literal, Protocol
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
+from bus import params
 from bus.errors import BusError, Conflict, FleetError, InvalidInput, NotFound
 from bus.messages import (
     Event,
@@ -346,6 +347,21 @@ class RolloutManager:
         await self._run(_REQUESTS[op](rollout))
         return {"rollout": rollout, "state": self._engine.state(rollout)}
 
+    def _check_labels_of(self, spec: RolloutSpec, targets: list[str]) -> None:
+        """Refuse a plan naming ``{labels.NAME}`` that a target lacks (DESIGN 3.10), naming them."""
+        needed = params.label_names([step.model_dump(mode="json") for step in spec.plan])
+        if not needed:
+            return
+        labels = labels_from(self._registry)
+        lacking: dict[str, list[str]] = {}
+        for node in targets:
+            missing = sorted(needed - set(labels(node)))
+            if missing:
+                lacking[node] = missing
+        if lacking:
+            shown = "; ".join(f"{node} has no {', '.join(names)}" for node, names in lacking.items())
+            raise InvalidInput(f"the plan names labels some targets do not have: {shown[:500]}")
+
     async def _create(self, body: dict[str, Any]) -> str:
         try:
             spec = RolloutSpec.model_validate(body)
@@ -356,6 +372,7 @@ class RolloutManager:
             raise Conflict(f"unknown targets: {_listed(unknown)}", nodes=unknown)
         if not known:
             raise Conflict("the targets match no known node")
+        self._check_labels_of(spec, known)
         online = frozenset(node for node in known if self._registry.is_online(node))
         if spec.require_online:
             offline = [node for node in known if node not in online]

@@ -406,6 +406,23 @@ def test_full_rollout_over_http(
     }
 
 
+def test_per_node_parameters_are_checked_at_create_and_filled_in_by_each_node(
+    fleet: Fleet, http: httpx.Client
+) -> None:
+    # DESIGN 3.10: {node} and {labels.NAME} resolved by each agent; unknown names refused (422).
+    response = http.post("/api/updates", json=spec("bad", args=["{hostname}"]))
+    assert response.status_code == 422
+    assert "unknown variable {hostname}" in response.json()["detail"]
+    response = http.post("/api/updates", json=spec("bad", args=["{labels.rack}"]))
+    assert response.status_code == 422
+    assert "web-1 has no rack" in response.json()["detail"]
+    assert all(r["name"] != "bad" for r in http.get("/api/rollouts").json())  # nothing started
+    rollout = create(http, spec("per-node", args=["per-node", "{node}", "group={labels.group}"]))
+    assert final(http, rollout)["state"] == "succeeded"
+    for node in LIVE:
+        assert fleet.records(node)[-1] == f"apply record.sh per-node {node} group=live"
+
+
 def test_rollback_of_a_succeeded_rollout_over_http(fleet: Fleet, http: httpx.Client) -> None:
     rollout = create(http, spec("undo-me"))
     assert final(http, rollout)["state"] == "succeeded"

@@ -107,6 +107,22 @@ def rejected(verdict: Verdict) -> Rejected:
 # ------------------------------------------------------------------------ the checks
 
 
+def test_per_node_parameters_are_resolved_after_the_signature_is_checked(tmp_path: Path) -> None:
+    # DESIGN 3.10: the hub signs the plan as written; this node fills in its id and labels.
+    node = make_settings(tmp_path, labels={"port": "8081"})
+    step = {"type": "script", "name": "ok.sh", "args": ["{node}", "--port={labels.port}"], "rollback": None}
+    verdict = check(node, payload(sign(fields(plan=[{**step, "timeout_s": None}]))))
+    assert isinstance(verdict, Accepted), verdict
+    assert verdict.command.plan[0].model_dump()["args"] == ["n1", "--port=8081"]
+
+
+def test_a_plan_naming_a_label_this_node_lacks_is_rejected_naming_it(tmp_path: Path) -> None:
+    node = make_settings(tmp_path, labels={"role": "web"})
+    step = {"type": "script", "name": "ok.sh", "args": ["{labels.port}"], "rollback": None, "timeout_s": None}
+    reason = rejected(check(node, payload(sign(fields(plan=[step]))))).reason
+    assert reason == "plan step 1 (script) args[0]: node n1 has no label 'port' (for {labels.port})"
+
+
 def test_a_valid_signed_command_is_accepted(node: ExecutorSettings) -> None:
     verdict = check(node, payload(sign(fields())))
     assert isinstance(verdict, Accepted)

@@ -174,9 +174,12 @@ SCRIPTS = {
     ),
     "gate.sh": (
         "#!/bin/sh\n"
-        "# gate.sh [SECONDS]: fails when $FLEET_STATE_DIR/broken exists (a node the update breaks).\n"
+        "# gate.sh [SECONDS]: fails when $FLEET_STATE_DIR/broken exists (a node the update breaks);\n"
+        "# the old version, checked once the node is restored (FLEET_PHASE=verify), is fine.\n"
         'sleep "${1:-0}"\n'
-        'if [ -e "$FLEET_STATE_DIR/broken" ]; then echo "broken on purpose" >&2; exit 1; fi\n'
+        'if [ "$FLEET_PHASE" != verify ] && [ -e "$FLEET_STATE_DIR/broken" ]; then\n'
+        '  echo "broken on purpose" >&2; exit 1\n'
+        "fi\n"
         "echo ok\n"
     ),
     "fill.sh": (

@@ -35,7 +35,9 @@ async def test_waves_grow_after_clean_waves_and_shrink_after_a_failure(
     async with LiveFleet(broker, topics, tmp_path) as fleet:
         fleet.add_script("check.sh", "#!/bin/sh\nexit 0\n")
         fleet.add_script("record.sh", (fleet.scripts / "record.sh").read_text(), sick)
-        fleet.add_script("check.sh", "#!/bin/sh\necho unhealthy\nexit 1\n", sick)
+        # Unhealthy on the new version only: the restored old one passes (FLEET_PHASE=verify).
+        unhealthy = '#!/bin/sh\n[ "$FLEET_PHASE" = verify ] && exit 0\necho unhealthy\nexit 1\n'
+        fleet.add_script("check.sh", unhealthy, sick)
         agents = {node: await fleet.agent(node, scripts_dir=sick if node == "n3" else None) for node in NODES}
         spec = {
             "name": "adaptive",

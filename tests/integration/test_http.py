@@ -483,15 +483,15 @@ def test_a_rejected_command_and_the_metrics_families(fleet: Fleet, http: httpx.C
     assert sample("fleet_nodes", "fleet_nodes", state="online") == len(LIVE) + 1
     assert sample("fleet_nodes", "fleet_nodes", state="offline") == 1
     states = [r["state"] for r in http.get("/api/rollouts").json()]
-    assert states.count("succeeded") == 1  # full; undo-me and stuck are rolled_back
+    assert states.count("succeeded") == 2  # full and per-node; undo-me and stuck are rolled_back
     for state in ("succeeded", "rolled_back", "running"):
         assert sample("fleet_rollouts", "fleet_rollouts", state=state) == states.count(state)
     assert sample("fleet_commands_rejected_total", "fleet_commands_rejected") >= 1
     assert sample("fleet_hub_messages_total", "fleet_hub_messages", direction="in") > 0
     assert sample("fleet_hub_messages_total", "fleet_hub_messages", direction="out") > 0
     steps = "fleet_step_duration_seconds"
-    # full and undo-me succeeded on three nodes each; stuck was cut short on all three.
-    assert sample(f"{steps}_count", steps, type="script", outcome="succeeded") == 6
+    # full, per-node and undo-me succeeded on three nodes each; stuck was cut short on all three.
+    assert sample(f"{steps}_count", steps, type="script", outcome="succeeded") == 9
     assert sample(f"{steps}_sum", steps, type="script", outcome="succeeded") > 0
     assert sample("fleet_store_commit_seconds", "fleet_store_commit_seconds") > 0
 

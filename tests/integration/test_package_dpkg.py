@@ -209,7 +209,8 @@ class Recorder:
 
     def final(self, command: str) -> JobSnapshot | None:
         snaps = [JobSnapshot.model_validate_json(p) for t, p in self.messages if t.endswith("/job")]
-        done = [s for s in snaps if s.id == command and s.phase in ("succeeded", "rolled_back", "rejected")]
+        final = ("succeeded", "failed", "rolled_back", "rollback_failed", "rejected")
+        done = [s for s in snaps if s.id == command and s.phase in final]
         return done[-1] if done else None
 
     async def wait_final(self, command: str, timeout: float = 90.0) -> JobSnapshot:
@@ -262,7 +263,10 @@ async def run_plan(settings: ToolSettings, plan: list[Any]) -> tuple[JobSnapshot
 def write_check_script(settings: ToolSettings, healthy: bool) -> None:
     script = settings.scripts_dir / "check.sh"
     script.write_text(
-        "#!/bin/sh\necho healthy\nexit 0\n" if healthy else "#!/bin/sh\necho 'app is down' >&2\nexit 1\n"
+        "#!/bin/sh\necho healthy\nexit 0\n"
+        if healthy
+        # Down on the new version only: the restored old one is healthy (FLEET_PHASE=verify).
+        else "#!/bin/sh\n[ \"$FLEET_PHASE\" = verify ] && exit 0\necho 'app is down' >&2\nexit 1\n"
     )
     script.chmod(0o755)
 
@@ -298,7 +302,8 @@ async def test_upgrade_then_failed_health_rolls_back_to_the_exact_old_version(
 
     snap, recorder = await run_plan(settings, _upgrade_plan(web, world.deb("2.0"), world.name))
 
-    assert snap.phase == "rolled_back"
+    assert snap.phase == "failed", snap  # a step failed; the node restored itself, verified
+    assert "node restored, restore verified" in snap.detail
     assert world.state() == ("1.0", "installed")
     assert world.version_file.read_text() == "1.0\n"
     assert world.postinst_ran.read_text() == "1.0\n"  # the old package's own postinst ran again
@@ -329,7 +334,8 @@ async def test_upgrade_keeps_the_file_and_the_next_rollback_uses_it(
     write_check_script(settings, healthy=False)
     (settings.cache_dir / world.deb("2.0").name).unlink()
     snap, _ = await run_plan(settings, _upgrade_plan(web, world.deb("3.0"), world.name))
-    assert snap.phase == "rolled_back"
+    assert snap.phase == "failed", snap  # a step failed; the node restored itself, verified
+    assert "node restored, restore verified" in snap.detail
     assert world.state() == ("2.0", "installed")
     assert world.version_file.read_text() == "2.0\n"
     backups = list((settings.state_dir / "backup").rglob(f"{world.name}_2.0.deb"))
@@ -346,7 +352,8 @@ async def test_checksum_mismatch_in_the_download_installs_nothing(
 
     snap, recorder = await run_plan(settings, plan)
 
-    assert snap.phase == "rolled_back"
+    assert snap.phase == "failed", snap  # a step failed; the node restored itself, verified
+    assert "node restored, restore verified" in snap.detail
     assert world.state() == ("1.0", "installed")
     assert world.version_file.read_text() == "1.0\n"
     assert [s.index for s in recorder.statuses() if s.state == "running"] == [0]  # the package step never ran

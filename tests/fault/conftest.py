@@ -384,7 +384,7 @@ class Observer:
         if topic == self.topics.hub_state:
             if payload:
                 self.hub_state = decode(HubState, payload)
-                self.hub_births += self.hub_state.state == "online"
+                self.hub_births += self.hub_state.state in ("online", "active")
             return
         parsed = self.topics.parse_node(topic)
         if parsed is None:
@@ -478,7 +478,7 @@ class Observer:
                 (
                     self.hub_births > births_before
                     and self.hub_state is not None
-                    and self.hub_state.state == "online"
+                    and self.hub_state.state in ("online", "active")
                 )
                 or None
             ),

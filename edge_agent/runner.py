@@ -66,7 +66,7 @@ from bus.messages import (
 from bus.topics import Topics
 from edge_agent import blocking, deferral, executor
 from edge_agent.executor import ActiveJob, JournalState, Recovery
-from edge_agent.intake import Accepted, Ignored, Rejected, ReplayFloor, check_command
+from edge_agent.intake import Accepted, Ignored, Rejected, ReplayFloor, TermFloor, check_command
 from edge_agent.journal import Journal
 from edge_agent.settings import ExecutorSettings
 from edge_agent.steps import HANDLERS, StepContext, StepHandler
@@ -149,6 +149,7 @@ class CommandRunner:
         self._handlers: Mapping[str, StepHandler] = HANDLERS if handlers is None else dict(handlers)
         self._journal = journal if journal is not None else Journal(settings.journal_path)
         self._floor = ReplayFloor(settings.replay_floor_path)  # survives a reset journal (issue 16)
+        self._terms = TermFloor(settings.term_floor_path)  # fences off replaced hubs (DESIGN 3.9)
         self._state: JournalState | None = None
         self._state_lock = asyncio.Lock()
         self._intake_lock = asyncio.Lock()
@@ -457,6 +458,7 @@ class CommandRunner:
         await self._schedule_recovery()  # an interrupted job is finished before anything new
         state = await self._load()
         floor = await asyncio.to_thread(self._floor.read)
+        term_floor = await asyncio.to_thread(self._terms.read)
         verdict = check_command(
             topic,
             payload,
@@ -466,6 +468,7 @@ class CommandRunner:
             now=self._clock(),
             seen=set(state.seen),
             last_issued_at=max(state.last_issued_at, floor),
+            term_floor=term_floor,
         )
         if isinstance(verdict, Ignored):
             _LOGGER.debug("command ignored: %s", verdict.reason)
@@ -486,6 +489,7 @@ class CommandRunner:
         try:
             await self._change(lambda s: executor.remember(s, command.id, command.issued_at))
             await asyncio.to_thread(self._floor.raise_to, command.issued_at)
+            await asyncio.to_thread(self._terms.raise_to, command.term)
         except OSError as exc:
             # Nothing may run before the journal knows (DESIGN 3.3): a state dir that is
             # full or read-only refuses the command, with the cause.

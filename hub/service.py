@@ -173,7 +173,7 @@ class HubService:
         #: The term this hub acts in (0 until it first becomes active).
         self.term = 0
         #: What this hub knows of the active hub (hub/state, membership records).
-        self.view = ActiveView()
+        self.view = ActiveView(me=config.client_id)
         #: Takeovers: (monotonic time the place was found vacant, time this hub acted).
         self.takeovers: list[tuple[float, float]] = []
         self._terms = TermFile(term_path(config.db))
@@ -259,17 +259,7 @@ class HubService:
         try:
             restored = self.registry.restore(self.store.all("nodes"), self._now())
             _LOGGER.info("hub database %s: %d nodes known", self.config.db, restored)
-            self._client = MqttClient(
-                self.config.broker,
-                client_id=self.config.client_id,
-                will=self._will,
-            )
-            self._client.on_connect(self._on_connected)
-            for channel in ("state", "heartbeat", "status", "job"):
-                await self._client.subscribe(self.topics.node_filter(channel), qos=1)
-            topics = self.topics
-            for topic in (topics.hub_state, topics.hub_member_filter, topics.rollout_record_filter):
-                await self._client.subscribe(topic, qos=1)
+            self._client = await self._member_client()
             self._running = True
             await self._client.start()
             # Everything retained (births, job snapshots, hub state, rollout records) is read
@@ -292,6 +282,20 @@ class HubService:
             self.role,
         )
 
+    async def _member_client(self) -> MqttClient:
+        """The connection of a standby hub: its own client id, its membership record as will."""
+        client = MqttClient(self.config.broker, client_id=self.config.client_id, will=self._will)
+        client.on_connect(self._on_connected)
+        await self._subscribe_all(client)
+        return client
+
+    async def _subscribe_all(self, client: MqttClient) -> None:
+        for channel in ("state", "heartbeat", "status", "job"):
+            await client.subscribe(self.topics.node_filter(channel), qos=1)
+        topics = self.topics
+        for topic in (topics.hub_state, topics.hub_member_filter, topics.rollout_record_filter):
+            await client.subscribe(topic, qos=1)
+
     async def _read_until_ready(self) -> None:
         assert self._client is not None  # noqa: S101 - connected just before
         deadline = time.monotonic() + _TAKEOVER_TIMEOUT_S
@@ -312,6 +316,8 @@ class HubService:
             return
         self._running = False
         tasks = [*self._tasks, *self._lock_tasks]
+        if self._lock is not None and self._client is self._lock:
+            self._client = None  # the reading loop is stopped: the active connection is closed below
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -324,7 +330,7 @@ class HubService:
                 await asyncio.wait_for(
                     lock.publish(self.topics.hub_state, encode(state), qos=1, retain=True, wait=True), 5
                 )
-        client = self._client
+        client = self._client or self._lock
         if client is not None and client.is_connected:
             member = self._hub_state("offline", reason="shutdown")
             with contextlib.suppress(BusError, asyncio.TimeoutError):
@@ -422,7 +428,7 @@ class HubService:
 
     async def _publish_member(self) -> None:
         """This hub's retained membership record: active or standby, its term."""
-        client = self._lock if self.is_active and self._lock is not None else self._client
+        client = self._client
         if client is None:
             return
         state = self._hub_state("active" if self.is_active else "standby")
@@ -501,25 +507,32 @@ class HubService:
             reconnect=False,
         )
         own = self.topics.hub_member(self.hub_id)
-        await lock.subscribe(self.topics.hub_state, qos=1)
-        await lock.subscribe(own, qos=1)
+        await self._subscribe_all(lock)
         # Requests reach the active connection only: one answer per request (DESIGN 3.9).
         await lock.subscribe(self.topics.hub_request, qos=1)
-        await lock.start()
+        # One connection at a time: where the broker names every connection of a user after
+        # the user (mosquitto's use_username_as_clientid), two would end each other.
+        member, self._client = self._client, None
+        if member is not None:
+            await member.close()
         try:
+            await lock.start()
             active = await self._claim(lock, own, term)
         except BaseException:
             await lock.close()
+            if self._running:
+                self._client = await self._member_client()
+                await self._client.start(wait=False)
             raise
         self._lock = lock
         self.role = "active"
         self.view.on_state(active, time.monotonic())
+        self._client = lock
         await self._publish_member()
         await self._activate()
-        for coro, name in ((self._lock_loop(lock), "hub-active"), (self._watch_lock(lock), "hub-watch")):
-            task: asyncio.Task[None] = asyncio.create_task(coro, name=name)
-            self._lock_tasks.add(task)
-            task.add_done_callback(self._lock_tasks.discard)
+        task: asyncio.Task[None] = asyncio.create_task(self._watch_lock(lock), name="hub-watch")
+        self._lock_tasks.add(task)
+        task.add_done_callback(self._lock_tasks.discard)
         _LOGGER.warning("hub %s is active, term %d", self.hub_id, term)
 
     async def _claim(self, lock: MqttClient, own: str, term: int) -> HubState:
@@ -544,14 +557,17 @@ class HubService:
         return active
 
     async def _read_probe(self, lock: MqttClient, session: str, ts: float) -> None:
+        own = self.topics.hub_member(self.hub_id)
         async for message in lock.messages():
-            if message.topic == self.topics.hub_state:
-                self._take_hub_state(message.payload)
+            if message.topic == own:
+                with contextlib.suppress(InvalidInput):
+                    state = decode(HubState, message.payload) if message.payload else None
+                    if state is not None and state.session == session and state.ts == ts:
+                        return
                 continue
-            with contextlib.suppress(InvalidInput):
-                state = decode(HubState, message.payload) if message.payload else None
-                if state is not None and state.session == session and state.ts == ts:
-                    return
+            if message.topic == self.topics.hub_request:
+                continue  # not active yet: the requester asks again
+            await self._dispatch(message)  # the view stays warm meanwhile
         raise BusError("the active connection closed")
 
     async def _activate(self) -> None:
@@ -610,21 +626,12 @@ class HubService:
                 _LOGGER.exception("rollout manager failed to stop cleanly")
         if lock is not None:
             await lock.close()
-        await self._publish_member()
-
-    async def _lock_loop(self, lock: MqttClient) -> None:
-        """Requests (only the active hub receives them) and the hub state, on the active connection."""
-        async for message in lock.messages():
-            try:
-                if message.topic == self.topics.hub_request:
-                    await self._request_slots.acquire()
-                    self._spawn_request(message.payload)
-                elif message.topic == self.topics.hub_state:
-                    await self._on_hub_state(message.payload)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                _LOGGER.exception("handling a message on %s failed", _shown(message.topic))
+        if self._client is lock:
+            self._client = None
+        if self._running:
+            # Back to a connection of its own, standing by (no reconnect of the active one).
+            self._client = await self._member_client()
+            await self._client.start(wait=False)
 
     def _take_hub_state(self, payload: bytes) -> HubState | None:
         try:
@@ -817,16 +824,31 @@ class HubService:
     # ------------------------------------------------------------------ messages
 
     async def _message_loop(self) -> None:
-        assert self._client is not None  # noqa: S101 - set before the loop starts
-        async for message in self._client.messages():
-            try:
-                await self._dispatch(message)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                _LOGGER.exception("handling a message on %s failed", _shown(message.topic))
+        """Read the hub's connection; it changes when the hub takes over or stands down."""
+        while True:
+            client = self._client
+            if client is None:
+                await asyncio.sleep(0.02)
+                continue
+            async for message in client.messages():
+                try:
+                    await self._dispatch(message)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    _LOGGER.exception("handling a message on %s failed", _shown(message.topic))
+                if client is not self._client:
+                    break  # replaced (the messages of the old one are old news)
+            while client is self._client:  # noqa: ASYNC110 - closed, not replaced yet: rare and short
+                await asyncio.sleep(0.02)
 
     async def _dispatch(self, message: Message) -> None:
+        if message.topic == self.topics.hub_request:
+            if self.is_active:  # only the active connection subscribes to requests
+                # Bounded concurrency: a flood of requests waits here, not in memory.
+                await self._request_slots.acquire()
+                self._spawn_request(message.payload)
+            return
         if message.topic == self.topics.hub_state:
             await self._on_hub_state(message.payload)
             return

@@ -98,6 +98,7 @@ class ActiveView:
     """
 
     dead_after_s: float = HUB_HEARTBEAT_S * MISSED_HEARTBEATS
+    me: str = ""  # the asking hub's id: a retained "active" naming it while it stands by is its own past
     state: HubState | None = None
     max_term: int = 0
     last_alive: float = 0.0
@@ -142,6 +143,8 @@ class ActiveView:
             return "no hub state on the broker"
         if self.state.state in ("offline", "standby"):
             return f"hub {self.state.hub or '(unnamed)'} is offline ({self.state.reason})"
+        if self.me and self.state.hub == self.me:
+            return "the hub state left on the broker is this hub's own, from before"
         if now - self.last_alive > self.dead_after_s:
             return f"hub {self.state.hub or '(unnamed)'} silent for {now - self.last_alive:.1f} s"
         return None

@@ -229,6 +229,10 @@ class RolloutManager:
         self._keep = keep_rollouts
         self._archive = archive
         self._term = term
+        # A record is put and published only between batches of actions: never ahead of
+        # a command or a clear that the same batch decided (a standby, or a restarted
+        # hub, would take the record's word for a clear that never reached the broker).
+        self._acting = asyncio.Lock()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -467,7 +471,8 @@ class RolloutManager:
             outcomes.append((done, None))
         failure: BaseException | None = None
         try:
-            await self._execute(actions)
+            async with self._acting:
+                await self._execute(actions)
         except asyncio.CancelledError:
             failure = FleetError("the hub is stopping: request not carried out")
             raise
@@ -551,6 +556,10 @@ class RolloutManager:
 
     async def _flush_summaries(self) -> int:
         """Put and publish every changed rollout; return the bytes published."""
+        async with self._acting:
+            return await self._flush_dirty()
+
+    async def _flush_dirty(self) -> int:
         dirty = list(self._dirty)
         self._dirty.clear()
         published = 0

@@ -1,0 +1,255 @@
+"""Two hubs, one active (DESIGN 3.9): the active one killed -9 at seeded random moments.
+
+Real ``fleet hub`` processes (two, each with its own database and id, one key)
+and three real agents on one broker (the embedded one and mosquitto). Each
+trial creates a rollout (or, with a broken node, a coordinated rollback),
+kills the active hub at a random moment and checks that the standby becomes
+active within 10 s with a higher term, that the rollout ends as it would have
+(every node wholly on one version, no step run twice, nothing left retained)
+and that no request got two replies, while a stream of requests runs
+throughout. The killed hub comes back and stands by; the next trial kills the
+other one. At the end a command of an older term, signed with the real key,
+is replayed on purpose: the node refuses it and runs nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import statistics
+import time
+import uuid
+from typing import Any
+
+import pytest
+
+from bus.errors import BusError
+from bus.messages import Command, ScriptStep, StepStatus, encode
+from bus.signing import load_private_key, sign_command
+from bus.topics import Topics
+from tests.conftest import RunningBroker
+from tests.fault.conftest import Fleet, Observer, check_outcome, observing, parts_spec, trials
+
+_LOGGER = logging.getLogger(__name__)
+
+NODES = ["n1", "n2", "n3"]
+TRIALS = trials(2)
+TAKEOVER_LIMIT_S = 10.0
+
+
+async def two_hubs(fleet: Fleet, observer: Observer) -> list[str]:
+    """Start hub A (active) then hub B (standing by); return their ids."""
+    first, second = fleet.hub_id, f"{fleet.hub_id}-b"
+    fleet.start_hub()
+    await observer.wait(lambda: active_hub(observer) == first or None, "the first hub active")
+    fleet.start_member(second)
+    await observer.wait(lambda: standing_by(observer, second) or None, "the second hub standing by")
+    return [first, second]
+
+
+def active_hub(observer: Observer) -> str | None:
+    state = observer.hub_state
+    return state.hub if state is not None and state.state == "active" else None
+
+
+def standing_by(observer: Observer, hub: str) -> bool:
+    member = observer.members.get(hub)
+    return member is not None and member.state == "standby"
+
+
+class Requests:
+    """A stream of ``list`` requests throughout a trial: how many were answered, none twice."""
+
+    def __init__(self, observer: Observer) -> None:
+        self.observer = observer
+        self.sent = 0
+        self.answered = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            self.sent += 1
+            with contextlib.suppress(BusError):
+                await self.observer.rpc.call("list", timeout=2.0)
+                self.answered += 1
+            await asyncio.sleep(0.1)
+
+    def __enter__(self) -> Requests:
+        self._task = asyncio.create_task(self._run(), name="request-stream")
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
+async def kill_active(fleet: Fleet, observer: Observer, hubs: list[str]) -> tuple[str, float]:
+    """Kill -9 the active hub; return the new active hub and the seconds until it said so."""
+    state = observer.hub_state
+    assert state is not None
+    assert state.state == "active", state
+    victim, term = state.hub, state.term
+    fleet.members[victim].kill()
+    killed = time.monotonic()
+
+    def taken() -> str | None:
+        now = observer.hub_state
+        if now is not None and now.state == "active" and now.term > term and now.hub != victim:
+            return now.hub
+        return None
+
+    successor = await observer.wait(taken, "a standby to take over", timeout=30)
+    took = time.monotonic() - killed
+    assert took < TAKEOVER_LIMIT_S, f"takeover took {took:.1f} s\n{fleet.logs()}"
+    assert successor in hubs
+    # The killed hub comes back and stands by.
+    fleet.start_member(victim)
+    await observer.wait(lambda: standing_by(observer, victim) or None, f"{victim} standing by again")
+    assert active_hub(observer) == successor
+    return successor, took
+
+
+def check_replies(observer: Observer) -> None:
+    twice = {request: count for request, count in observer.replies.items() if count != 1}
+    assert not twice, f"requests answered more than once: {twice}"
+
+
+async def replay_an_older_term(fleet: Fleet, observer: Observer, node: str) -> None:
+    """A command of an older term, freshly signed with the real key: refused, nothing runs."""
+    state = observer.hub_state
+    assert state is not None
+    assert state.term >= 2
+    now = time.time()
+    command = Command(
+        id=str(uuid.uuid4()),
+        node=node,
+        rollout=str(uuid.uuid4()),
+        action="apply",
+        issued_at=now,
+        expires_at=now + 600,
+        plan=[ScriptStep(name="part.sh", args=["a", "stale"], rollback="part.sh")],
+        term=state.term - 1,
+    )
+    signed = sign_command(command, load_private_key(fleet.key))
+    seen = len(observer.statuses)
+    topic = fleet.topics.node(node, "cmd")
+    await observer.client.publish(topic, encode(signed), qos=1, retain=True)
+    try:
+
+        def refused() -> StepStatus | None:
+            for status in observer.statuses[seen:]:
+                if status.command == signed.id:
+                    return status
+            return None
+
+        status = await observer.wait(refused, "the node's answer to the replayed command")
+        assert status.state == "rejected", status
+        assert f"hub term {state.term - 1} is below term" in status.detail, status.detail
+        assert not fleet.records(node, command.rollout), "a step of the older term ran"
+        assert fleet.parts(node)["a"] != "stale"
+    finally:
+        await observer.client.publish(topic, b"", qos=1, retain=True)
+
+
+@pytest.mark.timeout(120 + 90 * TRIALS)
+@pytest.mark.parametrize("kind", ["amqtt", "mosquitto"])
+async def test_the_active_hub_killed_mid_rollout_the_standby_carries_it_on(
+    kind: str,
+    amqtt_broker: RunningBroker,
+    mosquitto_broker: RunningBroker,
+    topics: Topics,
+    make_fleet: Any,
+    rng: random.Random,
+) -> None:
+    broker = amqtt_broker if kind == "amqtt" else mosquitto_broker
+    fleet: Fleet = make_fleet(broker.url, topics)
+    takeovers: list[float] = []
+    async with observing(broker.url, topics) as observer:
+        hubs = await two_hubs(fleet, observer)
+        for node in NODES:
+            fleet.start_agent(node)
+        await observer.online(NODES)
+        version = "v0"
+        for trial in range(TRIALS):
+            new = f"v{trial + 1}"
+            with Requests(observer) as stream:
+                body = await observer.ok("create_rollout", parts_spec(f"update {new}", new, NODES))
+                rollout = body["rollout"]
+                await asyncio.sleep(rng.uniform(0.0, 3.0))  # the wave of 1, then 2 nodes: about 2-3 s
+                _, took = await kill_active(fleet, observer, hubs)
+                takeovers.append(took)
+                await check_outcome(fleet, observer, rollout, NODES, frozenset({"succeeded"}), version, new)
+            _LOGGER.info(
+                "trial %d (%s): takeover in %.2f s; requests %d sent, %d answered",
+                trial,
+                kind,
+                took,
+                stream.sent,
+                stream.answered,
+            )
+            check_replies(observer)
+            version = new
+        # A node fences off what it has seen: once it took a command of the newest term...
+        new = "v-last"
+        body = await observer.ok("create_rollout", parts_spec("after the takeovers", new, NODES))
+        await check_outcome(fleet, observer, body["rollout"], NODES, frozenset({"succeeded"}), version, new)
+        # ... a command of an older term, however fresh and well signed, is refused.
+        await replay_an_older_term(fleet, observer, NODES[0])
+        check_replies(observer)
+    _LOGGER.info(
+        "takeover (%s, %d trials): median %.2f s, max %.2f s",
+        kind,
+        len(takeovers),
+        statistics.median(takeovers),
+        max(takeovers),
+    )
+
+
+@pytest.mark.timeout(120 + 90 * TRIALS)
+@pytest.mark.parametrize("kind", ["amqtt", "mosquitto"])
+async def test_the_active_hub_killed_mid_rollback_the_standby_finishes_it(
+    kind: str,
+    amqtt_broker: RunningBroker,
+    mosquitto_broker: RunningBroker,
+    topics: Topics,
+    make_fleet: Any,
+    rng: random.Random,
+) -> None:
+    broker = amqtt_broker if kind == "amqtt" else mosquitto_broker
+    fleet: Fleet = make_fleet(broker.url, topics)
+    takeovers: list[float] = []
+    async with observing(broker.url, topics) as observer:
+        hubs = await two_hubs(fleet, observer)
+        for node in NODES:
+            fleet.start_agent(node)
+        await observer.online(NODES)
+        for trial in range(TRIALS):
+            # The broken node is in the last wave: the first wave's node is rolled back.
+            marker = fleet.state_dir(NODES[-1]) / "broken"
+            marker.write_text("")
+            new = f"bad{trial}"
+            seen = len(observer.statuses)
+            with Requests(observer):
+                body = await observer.ok("create_rollout", parts_spec(f"bad update {trial}", new, NODES))
+                rollout = body["rollout"]
+                await observer.status(rollout, "failed", after=seen)  # the broken node's gate
+                await asyncio.sleep(rng.uniform(0.0, 1.0))  # the rollback of 2 nodes: about 1 s
+                _, took = await kill_active(fleet, observer, hubs)
+                takeovers.append(took)
+                await check_outcome(fleet, observer, rollout, NODES, frozenset({"rolled_back"}), "v0", new)
+            check_replies(observer)
+            marker.unlink()
+    _LOGGER.info(
+        "takeover mid-rollback (%s, %d trials): median %.2f s, max %.2f s",
+        kind,
+        len(takeovers),
+        statistics.median(takeovers),
+        max(takeovers),
+    )
+
+
+@pytest.fixture(autouse=True)
+def _log_figures(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=__name__)

@@ -46,6 +46,10 @@ async def two_hubs(fleet: Fleet, observer: Observer) -> list[str]:
     await observer.wait(lambda: active_hub(observer) == first or None, "the first hub active")
     fleet.start_member(second)
     await observer.wait(lambda: standing_by(observer, second) or None, "the second hub standing by")
+    # What `fleet nodes` prints below its table.
+    line = observer.rpc.hubs_line()
+    assert line.startswith(f"hub: {first} active (term "), line
+    assert line.endswith(f"standing by: {second}"), line
     return [first, second]
 
 

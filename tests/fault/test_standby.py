@@ -170,6 +170,7 @@ async def test_the_active_hub_killed_mid_rollout_the_standby_carries_it_on(
     broker = amqtt_broker if kind == "amqtt" else mosquitto_broker
     fleet: Fleet = make_fleet(broker.url, topics)
     takeovers: list[float] = []
+    mid_flight = 0
     async with observing(broker.url, topics) as observer:
         hubs = await two_hubs(fleet, observer)
         for node in NODES:
@@ -182,6 +183,8 @@ async def test_the_active_hub_killed_mid_rollout_the_standby_carries_it_on(
                 body = await observer.ok("create_rollout", parts_spec(f"update {new}", new, NODES))
                 rollout = body["rollout"]
                 await asyncio.sleep(rng.uniform(0.0, 3.0))  # the wave of 1, then 2 nodes: about 2-3 s
+                summary = observer.summaries.get(rollout)
+                mid_flight += summary is None or summary.state != "succeeded"
                 _, took = await kill_active(fleet, observer, hubs)
                 takeovers.append(took)
                 await check_outcome(fleet, observer, rollout, NODES, frozenset({"succeeded"}), version, new)
@@ -203,9 +206,10 @@ async def test_the_active_hub_killed_mid_rollout_the_standby_carries_it_on(
         await replay_an_older_term(fleet, observer, NODES[0])
         check_replies(observer)
     _LOGGER.info(
-        "takeover (%s, %d trials): median %.2f s, max %.2f s",
+        "takeover (%s, %d trials, %d killed mid-rollout): median %.2f s, max %.2f s",
         kind,
         len(takeovers),
+        mid_flight,
         statistics.median(takeovers),
         max(takeovers),
     )
@@ -224,6 +228,7 @@ async def test_the_active_hub_killed_mid_rollback_the_standby_finishes_it(
     broker = amqtt_broker if kind == "amqtt" else mosquitto_broker
     fleet: Fleet = make_fleet(broker.url, topics)
     takeovers: list[float] = []
+    mid_flight = 0
     async with observing(broker.url, topics) as observer:
         hubs = await two_hubs(fleet, observer)
         for node in NODES:
@@ -240,15 +245,18 @@ async def test_the_active_hub_killed_mid_rollback_the_standby_finishes_it(
                 rollout = body["rollout"]
                 await observer.status(rollout, "failed", after=seen)  # the broken node's gate
                 await asyncio.sleep(rng.uniform(0.0, 1.0))  # the rollback of 2 nodes: about 1 s
+                summary = observer.summaries.get(rollout)
+                mid_flight += summary is None or summary.state != "rolled_back"
                 _, took = await kill_active(fleet, observer, hubs)
                 takeovers.append(took)
                 await check_outcome(fleet, observer, rollout, NODES, frozenset({"rolled_back"}), "v0", new)
             check_replies(observer)
             marker.unlink()
     _LOGGER.info(
-        "takeover mid-rollback (%s, %d trials): median %.2f s, max %.2f s",
+        "takeover mid-rollback (%s, %d trials, %d killed mid-rollback): median %.2f s, max %.2f s",
         kind,
         len(takeovers),
+        mid_flight,
         statistics.median(takeovers),
         max(takeovers),
     )

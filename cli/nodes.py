@@ -150,9 +150,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         # Node text never drives the terminal.
         print(printable(render_table(nodes, time.time())))
-        print(printable(summary_line(nodes)))
         for line in hubs:  # which hub answers (DESIGN 3.9)
             print(printable(line))
+        print(printable(summary_line(nodes)))
     return 0
 
 

@@ -270,7 +270,7 @@ async def test_fleet_nodes_json_and_table(hub: HubService, broker: RunningBroker
         assert "role=web" in lines[1]
         assert "0.25" in lines[1]
         assert lines[2].split()[:2] == ["n2", "offline"]
-        assert lines[-1] == f"hub: {hub.hub_id} active (term {hub.term})"  # DESIGN 3.9
+        assert lines[-2] == f"hub: {hub.hub_id} active (term {hub.term})"  # DESIGN 3.9
 
 
 async def test_fleet_nodes_without_a_hub_fails_in_one_line(broker: RunningBroker, topics: Topics) -> None:

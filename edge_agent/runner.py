@@ -800,10 +800,15 @@ class CommandRunner:
                 _LOGGER.error("apply %s of rollout %s not recorded: %s", command.id, rollout, error)  # noqa: TRY400
                 await self._status(job.ident, last, command.plan[last].type, "failed", error)
             else:
-                job.final = True
-                await self._snapshot(job.ident, "succeeded")
-                _LOGGER.info("apply %s of rollout %s succeeded", command.id, rollout)
-                return
+                if not _taken_over(job):  # (read again: the journal write above yielded)
+                    job.final = True
+                    await self._snapshot(job.ident, "succeeded")
+                    _LOGGER.info("apply %s of rollout %s succeeded", command.id, rollout)
+                    return
+                # An abort or rollback took the job over while its end was being written:
+                # it is undone like any other preempted apply (else the node kept the new
+                # version while the hub was told it was restored).
+                _LOGGER.info("apply %s of rollout %s taken over as it ended: undoing", command.id, rollout)
         await self._undo(job)
 
     async def _undo(self, job: _Job) -> None:
@@ -882,6 +887,11 @@ class CommandRunner:
             await self._snapshot(job.ident, entry.phase, entry.detail)
             return
         await self._undo(job)
+
+
+def _taken_over(job: _Job) -> bool:
+    """Whether an abort or rollback took the job over (it may have while the job awaited)."""
+    return job.preempted
 
 
 async def _finish(task: asyncio.Task[Any], job: _Job, *, cancellable: bool) -> None:

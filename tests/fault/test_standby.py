@@ -17,10 +17,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import statistics
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,6 +33,7 @@ from bus.signing import load_private_key, sign_command
 from bus.topics import Topics
 from tests.conftest import RunningBroker
 from tests.fault.conftest import Fleet, Observer, check_outcome, observing, parts_spec, trials
+from tests.nats_cluster import NatsCluster, nats_binary
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -39,13 +42,13 @@ TRIALS = trials(2)
 TAKEOVER_LIMIT_S = 10.0
 
 
-async def two_hubs(fleet: Fleet, observer: Observer) -> list[str]:
+async def two_hubs(fleet: Fleet, observer: Observer, timeout: float = 60.0) -> list[str]:
     """Start hub A (active) then hub B (standing by); return their ids."""
     first, second = fleet.hub_id, f"{fleet.hub_id}-b"
     fleet.start_hub()
-    await observer.wait(lambda: active_hub(observer) == first or None, "the first hub active")
+    await observer.wait(lambda: active_hub(observer) == first or None, "the first hub active", timeout)
     fleet.start_member(second)
-    await observer.wait(lambda: standing_by(observer, second) or None, "the second hub standing by")
+    await observer.wait(lambda: standing_by(observer, second) or None, "the second hub standing by", timeout)
     # What `fleet nodes` prints below its table.
     line = observer.rpc.hubs_line()
     assert line.startswith(f"hub: {first} active (term "), line
@@ -257,6 +260,57 @@ async def test_the_active_hub_killed_mid_rollback_the_standby_finishes_it(
         kind,
         len(takeovers),
         mid_flight,
+        statistics.median(takeovers),
+        max(takeovers),
+    )
+
+
+@pytest.mark.timeout(300 + 90 * TRIALS)
+async def test_three_hubs_on_the_nats_cluster(tmp_path: Path, topics: Topics, rng: random.Random) -> None:
+    """Three hubs on a 3-server NATS cluster (their MQTT gateways take a client id over
+    cluster-wide): the active hub killed mid-rollout, twice; the others carry on."""
+    if nats_binary() is None:
+        if os.environ.get("CI"):
+            pytest.fail("nats-server is not installed (.ci/run installs it)")
+        pytest.skip("nats-server not installed: apt-get install -y nats-server")
+    cluster = NatsCluster(tmp_path / "nats", NODES, prefix=topics.prefix, anonymous=True)
+    takeovers: list[float] = []
+    try:
+        await cluster.start()
+        url = cluster.url("hub")
+        fleet = Fleet(url, tmp_path / "fleet", topics)
+        try:
+            async with Observer(url, topics) as observer:
+                hubs = await two_hubs(fleet, observer, timeout=90)
+                third = f"{fleet.hub_id}-c"
+                fleet.start_member(third)
+                hubs.append(third)
+                await observer.wait(
+                    lambda: standing_by(observer, third) or None, "the third hub standing by", 90
+                )
+                for node in NODES:
+                    fleet.start_agent(node, heartbeat_s=5, keepalive_s=10)
+                await observer.online(NODES, timeout=90)
+                version = "v0"
+                for trial in range(max(2, TRIALS)):
+                    new = f"v{trial + 1}"
+                    spec = parts_spec(f"update {new}", new, NODES, pause="0.5", offline_grace_s=30)
+                    rollout = (await observer.ok("create_rollout", spec, timeout=90))["rollout"]
+                    await asyncio.sleep(rng.uniform(0.0, 3.0))
+                    _, took = await kill_active(fleet, observer, hubs)
+                    takeovers.append(took)
+                    await check_outcome(
+                        fleet, observer, rollout, NODES, frozenset({"succeeded"}), version, new, timeout=180
+                    )
+                    check_replies(observer)
+                    version = new
+        finally:
+            fleet.close()
+    finally:
+        cluster.stop()
+    _LOGGER.info(
+        "takeover (NATS, 3 hubs, %d trials): median %.2f s, max %.2f s",
+        len(takeovers),
         statistics.median(takeovers),
         max(takeovers),
     )

@@ -289,12 +289,20 @@ class HubService:
         await self._subscribe_all(client)
         return client
 
-    async def _subscribe_all(self, client: MqttClient) -> None:
-        for channel in ("state", "heartbeat", "status", "job"):
-            await client.subscribe(self.topics.node_filter(channel), qos=1)
+    async def _subscribe_all(self, client: MqttClient, *, tolerant: bool = False) -> None:
+        """Every node channel, the hub state, membership and rollout records.
+
+        ``tolerant``: a refused subscription is left to the client, which retries it
+        until granted (DESIGN 3.8), and the next one is made.
+        """
         topics = self.topics
-        for topic in (topics.hub_state, topics.hub_member_filter, topics.rollout_record_filter):
-            await client.subscribe(topic, qos=1)
+        wanted = [topics.node_filter(channel) for channel in ("state", "heartbeat", "status", "job")]
+        for topic in (*wanted, topics.hub_state, topics.hub_member_filter, topics.rollout_record_filter):
+            try:
+                await client.subscribe(topic, qos=1)
+            except BusError:
+                if not tolerant:
+                    raise
 
     async def _read_until_ready(self) -> None:
         assert self._client is not None  # noqa: S101 - connected just before
@@ -507,9 +515,10 @@ class HubService:
             reconnect=False,
         )
         own = self.topics.hub_member(self.hub_id)
-        await self._subscribe_all(lock)
-        # Requests reach the active connection only: one answer per request (DESIGN 3.9).
-        await lock.subscribe(self.topics.hub_request, qos=1)
+        # What the takeover needs is granted before it goes on; requests reach the active
+        # connection only (one answer per request, DESIGN 3.9).
+        for topic in (self.topics.hub_state, own, self.topics.hub_request):
+            await lock.subscribe(topic, qos=1)
         # One connection at a time: where the broker names every connection of a user after
         # the user (mosquitto's use_username_as_clientid), two would end each other.
         member, self._client = self._client, None
@@ -517,6 +526,7 @@ class HubService:
             await member.close()
         try:
             await lock.start()
+            await self._subscribe_all(lock, tolerant=True)
             active = await self._claim(lock, own, term)
         except BaseException:
             await lock.close()

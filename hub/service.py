@@ -1,18 +1,29 @@
-"""The hub process: one MQTT client, the fleet registry, the store and the rollout manager.
+"""The hub process: one MQTT connection at a time, the fleet registry, the store and the rollout manager.
 
 ``HubService`` subscribes to every node's ``state``, ``heartbeat``, ``status``
-and ``job`` topic and to ``hub/request`` (DESIGN section 1). Every payload is
+and ``job`` topic, to ``hub/state``, the hubs' membership records and the
+rollouts' retained records (DESIGN sections 1 and 3.9). Every payload is
 parsed with ``bus.messages.decode``; a malformed one costs a log line and
 nothing else. Presence goes through the pure ``Registry`` (a timer expires
 silent nodes); step reports and job snapshots, and presence transitions, go to
 the ``RolloutManager``. Requests are answered on the requester's reply topic
 and nowhere else (``Topics.parse_reply_to``).
 
+One active hub (DESIGN 3.9, ``hub.standby``): a standby hub reads with a
+connection of its own id and keeps its view warm (registry, job snapshots,
+rollout records); it acts only after taking the fleet's *active* connection
+(one client id per fleet: the broker ends any older holder), with a term
+stored durably first. Only that connection subscribes to ``hub/request`` and
+publishes commands, so requests are answered by the active hub only. When it
+drops, the hub stops acting at once and stands by again.
+
 Start order: open the store and restore the registry, connect and subscribe,
-start the manager (which reloads its rollouts and may publish), and only then
-read messages, so the retained births and job snapshots (queued in the
-client meanwhile) flow into a ready hub. Stop order: publish the
-hub's offline state, stop the manager, flush and close the store, disconnect.
+read what the broker holds until the hub's own membership record comes back,
+then take the active place if it is vacant (load the broker's rollout records
+into the store, start the manager, which reloads and resumes its rollouts,
+and feed it the job snapshots read meanwhile), else stand by. Stop order:
+publish the hub's offline state, stop the manager, flush and close the store,
+disconnect.
 """
 
 from __future__ import annotations

@@ -604,9 +604,9 @@ class HubService:
             if problem is not None or record.get("id") != rollout:
                 _LOGGER.warning("retained record of %s unusable: %s", rollout, problem or "id differs")
                 continue
-            local = self.store.get("rollouts", rollout)
-            if local is not None and float(local.get("updated_at", 0)) > float(record.get("updated_at", 0)):
-                continue  # this hub's own copy is newer (it was active last)
+            # The broker's record wins over this hub's own copy, even a newer one: what a hub
+            # decided after it lost the active connection never reached the broker (a clear,
+            # say), and the record is published before any command it names.
             self.store.put("rollouts", rollout, record)
             for key, doc in self.store.items("audit"):
                 if doc.get("rollout") == rollout:
@@ -670,6 +670,18 @@ class HubService:
         if state is not None and state.term > self.term:
             async with self._role_lock:
                 await self._stand_down(f"hub {state.hub} holds a newer term ({state.term})")
+            return
+        if (
+            state is not None
+            and state.state == "active"
+            and state.term == self.term
+            and state.hub > self.hub_id
+        ):
+            # Two hubs took one term at once (a cluster orders their probes loosely): one of
+            # them, by id, stands down; the broker ends the other's connection if it is not
+            # the holder, and the next takeover takes a higher term.
+            async with self._role_lock:
+                await self._stand_down(f"hub {state.hub} took term {state.term} too")
             return
         if state is None or state.state != "active" or state.hub != self.hub_id:
             # A late will of an older hub overwrote the retained state: say who is active.

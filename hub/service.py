@@ -81,6 +81,8 @@ _MAX_CONCURRENT_REQUESTS = 32
 _TAKEOVER_JITTER_S = (0.2, 0.8)
 #: How long a takeover may take to connect and read what the broker holds before it gives up.
 _TAKEOVER_TIMEOUT_S = 5.0
+#: How long the active connection may take to have every subscription granted.
+_SUBSCRIBED_TIMEOUT_S = 30.0
 #: Keepalive of the active connection: a half-open one ends (and its will fires) within 1.5 x this.
 _ACTIVE_KEEPALIVE_S = 4
 #: The agents' MQTT keepalive (DESIGN 3.7): part of the default offline grace.
@@ -300,20 +302,16 @@ class HubService:
         await self._subscribe_all(client)
         return client
 
-    async def _subscribe_all(self, client: MqttClient, *, tolerant: bool = False) -> None:
+    async def _subscribe_all(self, client: MqttClient) -> None:
         """Every node channel, the hub state, membership and rollout records.
 
-        ``tolerant``: a refused subscription is left to the client, which retries it
-        until granted (DESIGN 3.8), and the next one is made.
+        No two of them overlap: the embedded broker ended a connection as lost when a
+        message matched two of its subscriptions.
         """
         topics = self.topics
         wanted = [topics.node_filter(channel) for channel in ("state", "heartbeat", "status", "job")]
         for topic in (*wanted, topics.hub_state, topics.hub_member_filter, topics.rollout_record_filter):
-            try:
-                await client.subscribe(topic, qos=1)
-            except BusError:
-                if not tolerant:
-                    raise
+            await client.subscribe(topic, qos=1)
 
     async def _read_until_ready(self) -> None:
         assert self._client is not None  # noqa: S101 - connected just before
@@ -522,22 +520,22 @@ class HubService:
             client_id=lock_client_id(self.config.prefix),
             will=will,
             keepalive=_ACTIVE_KEEPALIVE_S,
-            connect_timeout=_TAKEOVER_TIMEOUT_S,
+            connect_timeout=_SUBSCRIBED_TIMEOUT_S,
             reconnect=False,
         )
         own = self.topics.hub_member(self.hub_id)
-        # What the takeover needs is granted before it goes on; requests reach the active
-        # connection only (one answer per request, DESIGN 3.9).
-        for topic in (self.topics.hub_state, own, self.topics.hub_request):
-            await lock.subscribe(topic, qos=1)
+        # Requests reach the active connection only (one answer per request, DESIGN 3.9).
+        await lock.subscribe(self.topics.hub_request, qos=1)
+        await self._subscribe_all(lock)  # (not connected yet: made at connect; covers its own record)
         # One connection at a time: where the broker names every connection of a user after
         # the user (mosquitto's use_username_as_clientid), two would end each other.
         member, self._client = self._client, None
         if member is not None:
             await member.close()
         try:
+            # Every subscription granted before it goes on (a refused one is asked again: a
+            # NATS failover refuses QoS 1 ones for a while, hence the longer wait).
             await lock.start()
-            await self._subscribe_all(lock, tolerant=True)
             active = await self._claim(lock, own, term)
         except BaseException:
             await lock.close()

@@ -38,6 +38,9 @@ its internals. Upstream-style notes on each defect (FINDINGS.md has the figures)
 6. No packet size limit: amqtt reads a packet of any announced length into
    memory (one 100 MB publish took the broker to ~1 GB). Guard: a packet larger
    than ``bus.messages.MAX_PACKET_BYTES`` ends the connection before its body is read.
+7. A clean-session CONNECT with a client id already connected deleted that
+   session but left its connection open and publishing (no take-over). Guard:
+   ``_read_connect`` ends the older connection first, as mosquitto does.
 
 The guards are tested in tests/integration/test_embedded_broker.py, together
 with tests that fail once upstream fixes a defect (then drop its guard).
@@ -259,6 +262,16 @@ class FleetBroker(Broker):  # type: ignore[misc]
             await writer.close()
             raise AMQTTError(f"client {session.client_id!r} refused before touching any session")
         if session.clean_session:
+            if held is not None and held[0].transitions.is_connected():
+                # Defect 7: a clean-session CONNECT dropped the older connection's session
+                # but left that connection open and publishing. One connection per client
+                # id, as mosquitto does: the older one is ended (its will is published).
+                _LOGGER.info("client id %r connected again: ending its older connection", session.client_id)
+                await held[1].handle_connection_closed()
+                for _ in range(200):  # its session loop stops it (and sends its will) on its own task
+                    if not held[0].transitions.is_connected():
+                        break
+                    await asyncio.sleep(0.01)
             if session.client_id:
                 await self._delete_session(session.client_id)
             else:

@@ -319,10 +319,15 @@ class Heartbeat(_Report):
 
 
 class HubState(_Report):
-    """Retained birth or will of the hub."""
+    """Retained birth or will of the hub (``hub/state``), and of each hub's membership record.
+
+    With standby hubs (DESIGN 3.9) ``hub/state`` says ``active`` for the hub that
+    acts, naming it (``hub``) and its ``term``; a membership record
+    (``hub/member/{id}``) says ``active``, ``standby`` or ``offline``.
+    """
 
     v: Literal[1] = 1
-    state: Literal["online", "offline"]
+    state: Literal["online", "offline", "active", "standby"]
     session: Id
     reason: Literal["birth", "shutdown", "lost"] = "birth"
     version: str = ""
@@ -332,6 +337,8 @@ class HubState(_Report):
         description="When this state began: a birth's or shutdown's publish time; for a will, when the "
         "connection it ends was made. 0: unknown.",
     )
+    hub: str = Field(default="", max_length=128, description="The id of the hub this state is of.")
+    term: int = Field(default=0, ge=0, description="The active hub's term (grows at every takeover).")
 
 
 # ------------------------------------------------------------------------ commands
@@ -356,13 +363,23 @@ class Command(_Strict):
         description="An extension (edge_agent.deferral): an apply may wait for the node's update lock "
         "until then; absent: no waiting. Left out of the JSON when absent, so older agents read it.",
     )
+    term: int = Field(
+        default=0,
+        ge=0,
+        le=2**53,
+        description="The issuing hub's term (DESIGN 3.9): an agent refuses a command whose term is below the "
+        "highest it has seen. Left out of the JSON when 0, so older agents read it.",
+    )
     sig: Annotated[str, StringConstraints(max_length=256)] = ""
 
     @model_serializer(mode="wrap")
     def _without_absent_extensions(self, handler: SerializerFunctionWrapHandler) -> Any:
         data = handler(self)
-        if isinstance(data, dict) and data.get("defer_until") is None:
-            data.pop("defer_until", None)
+        if isinstance(data, dict):
+            if data.get("defer_until") is None:
+                data.pop("defer_until", None)
+            if data.get("term") == 0:
+                data.pop("term", None)
         return data
 
     @model_validator(mode="after")

@@ -328,6 +328,9 @@ class MqttClient:
             over a cluster); else at the first.
         sub_qos: the QoS asked for every subscription (capping what ``subscribe``
             asks); None: the URL's ``subqos``/``kind``, else what is asked.
+        reconnect: False: once connected, the first loss closes the client for good
+            (``lost`` is set) instead of reconnecting: a connection that holds a
+            role (the active hub's, DESIGN 3.9) must never come back by itself.
     """
 
     def __init__(
@@ -344,7 +347,12 @@ class MqttClient:
         backoff: tuple[float, float] = (0.1, 10.0),
         spread: bool = False,
         sub_qos: int | None = None,
+        reconnect: bool = True,
     ) -> None:
+        self._reconnect = reconnect
+        #: Set when a client made with ``reconnect=False`` lost its connection (and closed).
+        self.lost = asyncio.Event()
+        self._loss_task: asyncio.Task[None] | None = None
         if isinstance(url, BrokerUrl):
             self.urls: tuple[BrokerUrl, ...] = (url,)
         elif isinstance(url, str):
@@ -967,6 +975,10 @@ class MqttClient:
 
     def _after_loss(self) -> None:
         self._drop_socket()
+        if not self._reconnect:
+            self.lost.set()
+            self._loss_task = asyncio.get_running_loop().create_task(self.close(), name="mqtt-lost")
+            return
         self._move_on()  # the server may be gone: the next of the list first
         self._restart_connect_loop()
 

@@ -39,12 +39,27 @@ class HubClient:
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
         #: The hub's latest retained state (None until it arrives).
         self.hub_state: HubState | None = None
+        #: Every hub's retained membership record, by hub id (DESIGN 3.9).
+        self.members: dict[str, HubState] = {}
         self._state_seen = asyncio.Event()  # set at each new hub state
 
     async def subscribe(self) -> None:
         """Subscribe to this client's reply topic and to the hub's retained state."""
         await self._client.subscribe(self.reply_topic, qos=1)
         await self._client.subscribe(self._topics.hub_state, qos=1)
+        await self._client.subscribe(self._topics.hub_member_filter, qos=1)
+
+    def hubs_line(self) -> str:
+        """Which hub is active (its term) and which stand by, in one line."""
+        state = self.hub_state
+        if state is None:
+            return "hub: unknown (no hub state on the broker)"
+        if state.state in ("active", "online"):
+            head = f"hub: {state.hub or 'unnamed'} active" + (f" (term {state.term})" if state.term else "")
+        else:
+            head = f"hub: none active ({state.hub or 'the hub'} {state.state})"
+        standby = sorted(h for h, m in self.members.items() if m.state == "standby")
+        return head + (f"; standing by: {', '.join(standby)}" if standby else "")
 
     def offline_reason(self) -> str | None:
         """Why no hub can answer (its retained state says offline), or None."""
@@ -64,6 +79,14 @@ class HubClient:
         """
         if topic == self._topics.hub_state:
             self._take_state(payload)
+            return False
+        member = self._topics.parse_hub_member(topic)
+        if member is not None:
+            with contextlib.suppress(InvalidInput):
+                if payload:
+                    self.members[member] = decode(HubState, payload)
+                else:
+                    self.members.pop(member, None)
             return False
         if topic != self.reply_topic:
             return False

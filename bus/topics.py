@@ -123,6 +123,25 @@ class Topics:
         """Retained hub birth/will topic."""
         return f"{self.prefix}/hub/state"
 
+    def hub_member(self, hub: str) -> str:
+        """Retained membership record of one hub (DESIGN 3.9), with a will."""
+        if not _CLIENT.fullmatch(hub):
+            raise InvalidInput(f"invalid hub id {hub[:80]!r}")
+        return f"{self.prefix}/hub/member/{hub}"
+
+    @property
+    def hub_member_filter(self) -> str:
+        """Filter for every hub's membership record."""
+        return f"{self.prefix}/hub/member/+"
+
+    def parse_hub_member(self, topic: str) -> str | None:
+        """Hub id of a membership record topic, or None."""
+        head = f"{self.prefix}/hub/member/"
+        if not topic.startswith(head):
+            return None
+        hub = topic[len(head) :]
+        return hub if _CLIENT.fullmatch(hub) else None
+
     @property
     def hub_request(self) -> str:
         """Topic that tools publish ``Request``s to."""
@@ -149,6 +168,21 @@ class Topics:
         if not _CLIENT.fullmatch(rollout):
             raise InvalidInput(f"invalid rollout id {rollout[:80]!r}")
         return f"{self.prefix}/rollout/{rollout}"
+
+    def rollout_record(self, rollout: str) -> str:
+        """Retained full record of one rollout (what a standby hub carries it on from)."""
+        return f"{self.rollout(rollout)}/record"
+
+    @property
+    def rollout_record_filter(self) -> str:
+        """Filter for every rollout's record."""
+        return f"{self.prefix}/rollout/+/record"
+
+    def parse_rollout_record(self, topic: str) -> str | None:
+        """Rollout id of a record topic, or None."""
+        if not topic.endswith("/record"):
+            return None
+        return self.parse_rollout(topic[: -len("/record")])
 
     @property
     def rollout_filter(self) -> str:

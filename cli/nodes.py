@@ -129,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
 
     wanted = [parse_version_filter(text) for text in args.version]
     config = client_config(args)
-    nodes, error = asyncio.run(fetch_nodes(config))
+    hubs: list[str] = []
+    nodes, error = asyncio.run(fetch_nodes(config, hubs))
     if error is not None:
         print(f"fleet nodes: {printable(error)}", file=sys.stderr)
         return 1
@@ -149,6 +150,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         # Node text never drives the terminal.
         print(printable(render_table(nodes, time.time())))
+        for line in hubs:  # which hub answers (DESIGN 3.9)
+            print(printable(line))
         print(printable(summary_line(nodes)))
     return 0
 
@@ -239,8 +242,13 @@ def render_versions(nodes: Sequence[Mapping[str, Any]], width: int = 60) -> str:
     return "\n".join(lines)
 
 
-async def fetch_nodes(config: ClientConfig) -> tuple[list[dict[str, Any]], str | None]:
-    """Every node the hub knows, page by page; (nodes, None) or ([], the hub's error)."""
+async def fetch_nodes(
+    config: ClientConfig, hubs: list[str] | None = None
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Every node the hub knows, page by page; (nodes, None) or ([], the hub's error).
+
+    ``hubs`` (when given) receives one line saying which hub is active and which stand by.
+    """
     nodes: list[dict[str, Any]] = []
     size = _PAGE
     async with hub_session(config) as session:
@@ -256,6 +264,8 @@ async def fetch_nodes(config: ClientConfig) -> tuple[list[dict[str, Any]], str |
             nodes.extend(item for item in batch if isinstance(item, dict))
             if len(batch) < size:
                 break
+        if hubs is not None:
+            hubs.append(session.hub.hubs_line())
     return nodes, None
 
 

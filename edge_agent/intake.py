@@ -15,6 +15,10 @@ of an apply must be one this agent supports and its local policy allows.
 beside the journal: a journal that is reset (deleted, moved aside as corrupt)
 must not let a captured, unexpired command run again (issue 16). The runner
 checks against the higher of the two.
+
+``TermFloor`` keeps the highest hub ``term`` of a command this node took, in
+``term-floor`` beside it: a command of a lower term comes from a hub that
+another has replaced since, and is refused (fencing, DESIGN 3.9).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ __all__ = [
     "Ignored",
     "Rejected",
     "ReplayFloor",
+    "TermFloor",
     "Verdict",
     "check_command",
     "check_plan",
@@ -127,6 +132,37 @@ class ReplayFloor:
             return
         write_atomic(self.path, f"{issued_at!r}\n", 0o600)
         self._value = issued_at
+
+
+class TermFloor:
+    """The highest hub term of a command this node took, in its own file (DESIGN 3.9).
+
+    Blocking I/O: call ``read`` and ``raise_to`` through asyncio.to_thread.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._value: int | None = None
+
+    def read(self) -> int:
+        """The floor (0 when the file is missing; unreadable is 0 with a warning)."""
+        if self._value is None:
+            try:
+                value = int(self.path.read_text(encoding="ascii").strip())
+            except FileNotFoundError:
+                value = 0
+            except (OSError, ValueError) as exc:
+                _LOGGER.warning("term floor %s unreadable (%s): replaced hubs not fenced", self.path, exc)
+                value = 0
+            self._value = max(value, 0)
+        return self._value
+
+    def raise_to(self, term: int) -> None:
+        """Persist ``term`` as the floor if it is higher (durably, mode 600)."""
+        if term <= self.read():
+            return
+        write_atomic(self.path, f"{term}\n", 0o600)
+        self._value = term
 
 
 def _text_id(raw: Mapping[str, Any], key: str) -> str:
@@ -208,6 +244,7 @@ def check_command(
     now: float,
     seen: Container[str],
     last_issued_at: float,
+    term_floor: int = 0,
 ) -> Verdict:
     """Decide what to do with one message from the ``cmd`` topic.
 
@@ -220,12 +257,13 @@ def check_command(
         now: the current time (epoch seconds).
         seen: ids of commands this agent already took.
         last_issued_at: ``issued_at`` of the last command it ran.
+        term_floor: the highest hub term of a command it took (``TermFloor``).
 
     Returns:
         ``Accepted``, ``Ignored`` or ``Rejected`` (never raises).
     """
     try:
-        return _check(topic, payload, settings, topics, handlers, now, seen, last_issued_at)
+        return _check(topic, payload, settings, topics, handlers, now, seen, last_issued_at, term_floor)
     except Exception as exc:  # the last line of defence: bad input never crashes the agent
         _LOGGER.exception("command check failed")
         return Rejected(f"command could not be checked: {type(exc).__name__}")
@@ -240,6 +278,7 @@ def _check(
     now: float,
     seen: Container[str],
     last_issued_at: float,
+    term_floor: int,
 ) -> Verdict:
     if not payload:
         return Ignored("empty payload (retained command cleared)")
@@ -282,6 +321,14 @@ def _check(
         # Read-only and never journalled: it neither raises the issued_at floor nor is
         # held to it, and its plan is checked step by step by edge_agent.preflight.
         return Accepted(command)
+    if command.term < term_floor:
+        # Fencing (DESIGN 3.9): a hub that was replaced, cut off and back, or a replay.
+        return _rejected(
+            f"command of hub term {command.term} is below term {term_floor}, the highest this node "
+            "has taken: it comes from a hub that has been replaced",
+            raw,
+            verified=True,
+        )
     if command.issued_at <= last_issued_at:
         return _rejected(
             f"command issued at {command.issued_at:.3f} is not later than the last command run "

@@ -68,7 +68,7 @@ from bus.messages import (
 from bus.topics import Topics
 from edge_agent import blocking, deferral, executor, system
 from edge_agent.executor import ActiveJob, JournalState, Recovery
-from edge_agent.intake import Accepted, Ignored, Rejected, ReplayFloor, check_command
+from edge_agent.intake import Accepted, Ignored, Rejected, ReplayFloor, TermFloor, check_command
 from edge_agent.journal import Journal
 from edge_agent.settings import ExecutorSettings
 from edge_agent.steps import HANDLERS, StepContext, StepHandler
@@ -157,6 +157,7 @@ class CommandRunner:
         self._handlers: Mapping[str, StepHandler] = HANDLERS if handlers is None else dict(handlers)
         self._journal = journal if journal is not None else Journal(settings.journal_path)
         self._floor = ReplayFloor(settings.replay_floor_path)  # survives a reset journal (issue 16)
+        self._terms = TermFloor(settings.term_floor_path)  # fences off replaced hubs (DESIGN 3.9)
         self._state: JournalState | None = None
         self._state_lock = asyncio.Lock()
         self._intake_lock = asyncio.Lock()
@@ -473,6 +474,7 @@ class CommandRunner:
         await self._schedule_recovery()  # an interrupted job is finished before anything new
         state = await self._load()
         floor = await asyncio.to_thread(self._floor.read)
+        term_floor = await asyncio.to_thread(self._terms.read)
         verdict = check_command(
             topic,
             payload,
@@ -482,6 +484,7 @@ class CommandRunner:
             now=self._clock(),
             seen=set(state.seen),
             last_issued_at=max(state.last_issued_at, floor),
+            term_floor=term_floor,
         )
         if isinstance(verdict, Ignored):
             _LOGGER.debug("command ignored: %s", verdict.reason)
@@ -502,6 +505,7 @@ class CommandRunner:
         try:
             await self._change(lambda s: executor.remember(s, command.id, command.issued_at))
             await asyncio.to_thread(self._floor.raise_to, command.issued_at)
+            await asyncio.to_thread(self._terms.raise_to, command.term)
         except OSError as exc:
             # Nothing may run before the journal knows (DESIGN 3.3): a state dir that is
             # full or read-only refuses the command, with the cause.
@@ -855,10 +859,15 @@ class CommandRunner:
                 _LOGGER.error("apply %s of rollout %s not recorded: %s", command.id, rollout, error)  # noqa: TRY400
                 await self._status(job.ident, last, command.plan[last].type, "failed", error)
             else:
-                job.final = True
-                await self._snapshot(job.ident, "succeeded")
-                _LOGGER.info("apply %s of rollout %s succeeded", command.id, rollout)
-                return
+                if not _taken_over(job):  # (read again: the journal write above yielded)
+                    job.final = True
+                    await self._snapshot(job.ident, "succeeded")
+                    _LOGGER.info("apply %s of rollout %s succeeded", command.id, rollout)
+                    return
+                # An abort or rollback took the job over while its end was being written:
+                # it is undone like any other preempted apply (else the node kept the new
+                # version while the hub was told it was restored).
+                _LOGGER.info("apply %s of rollout %s taken over as it ended: undoing", command.id, rollout)
         await self._undo(job)
 
     async def _undo(self, job: _Job) -> None:
@@ -1020,6 +1029,11 @@ def _one_line(text: str, limit: int = 400) -> str:
     """A multi-line reason as one line (the last meaningful lines), for details people read."""
     lines = [line.strip() for line in text.replace(" | ", "\n").splitlines() if line.strip()]
     return " | ".join(lines[-3:])[-limit:] if lines else text[:limit]
+
+
+def _taken_over(job: _Job) -> bool:
+    """Whether an abort or rollback took the job over (it may have while the job awaited)."""
+    return job.preempted
 
 
 async def _finish(task: asyncio.Task[Any], job: _Job, *, cancellable: bool) -> None:

@@ -106,3 +106,8 @@ class ExecutorSettings:
     def replay_floor_path(self) -> Path:
         """The highest ``issued_at`` taken, kept apart from the journal (``state_dir/replay-floor``)."""
         return self.state_dir / "replay-floor"
+
+    @property
+    def term_floor_path(self) -> Path:
+        """The highest hub term taken (``state_dir/term-floor``, DESIGN 3.9)."""
+        return self.state_dir / "term-floor"

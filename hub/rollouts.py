@@ -75,6 +75,7 @@ from hub.engine import (
 from hub.idempotency import IdempotencyIndex
 from hub.plan import Planner, labels_from
 from hub.retention import Archive
+from hub.standby import encode_record
 
 __all__ = ["FleetView", "RolloutManager", "RolloutStore"]
 
@@ -164,6 +165,9 @@ class RolloutManager:
             when its spec leaves ``offline_grace_s`` unset (3 heartbeats plus the keepalive).
         outage_limit_s: how long a broker event (many nodes lost at once, or the
             hub's own connection) may hold a rollout before it halts for the operator.
+        term: the active hub's term (DESIGN 3.9), signed into every command; with a
+            term, each rollout's full record is also kept retained on the broker
+            (``rollout/{id}/record``) before any command it names, for the standbys.
     """
 
     def __init__(
@@ -182,6 +186,7 @@ class RolloutManager:
         archive: Archive | None = None,
         offline_grace_s: float = 25.0,
         outage_limit_s: float = 300.0,
+        term: int = 0,
     ) -> None:
         if keep_rollouts is not None and archive is None:
             raise ValueError("keep_rollouts needs an archive")
@@ -224,6 +229,11 @@ class RolloutManager:
         self._running = False
         self._keep = keep_rollouts
         self._archive = archive
+        self._term = term
+        # A record is put and published only between batches of actions: never ahead of
+        # a command or a clear that the same batch decided (a standby, or a restarted
+        # hub, would take the record's word for a clear that never reached the broker).
+        self._acting = asyncio.Lock()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -478,7 +488,8 @@ class RolloutManager:
             outcomes.append((done, None))
         failure: BaseException | None = None
         try:
-            await self._execute(actions)
+            async with self._acting:
+                await self._execute(actions)
         except asyncio.CancelledError:
             failure = FleetError("the hub is stopping: request not carried out")
             raise
@@ -507,6 +518,11 @@ class RolloutManager:
                 await self._store.flush()
             except FleetError as exc:
                 _LOGGER.error("rollout state not on disk before publishing commands: %s", exc.reason)  # noqa: TRY400
+            # ... and on the broker, ahead of the commands on the same connection, for a
+            # standby that takes over (DESIGN 3.9).
+            commanded = {a.command.rollout for a in actions if isinstance(a, PublishCommand)}
+            for rollout in dict.fromkeys([*changed, *commanded]):
+                await self._publish_record(rollout)
         for index, action in enumerate(actions, 1):
             try:
                 await self._carry_out(action)
@@ -526,7 +542,10 @@ class RolloutManager:
 
     async def _carry_out(self, action: Action) -> None:
         if isinstance(action, PublishCommand):
-            signed = sign_command(action.command, self._key)
+            command = action.command
+            if self._term:
+                command = command.model_copy(update={"term": self._term})
+            signed = sign_command(command, self._key)
             _LOGGER.debug("%s %s -> %s (%s)", action.command.action, signed.rollout, action.node, signed.id)
             await self._publish(self._topics.node(action.node, "cmd"), encode(signed), qos=1, retain=True)
         elif isinstance(action, ClearCommand):
@@ -554,6 +573,10 @@ class RolloutManager:
 
     async def _flush_summaries(self) -> int:
         """Put and publish every changed rollout; return the bytes published."""
+        async with self._acting:
+            return await self._flush_dirty()
+
+    async def _flush_dirty(self) -> int:
         dirty = list(self._dirty)
         self._dirty.clear()
         published = 0
@@ -561,6 +584,7 @@ class RolloutManager:
             self._store.put("rollouts", rollout, self._engine.record(rollout))
             summary = self._engine.summary(rollout)
             self._published_states[rollout] = summary.state
+            await self._publish_record(rollout)
             payload = encode(summary)
             try:
                 await self._publish(self._topics.rollout(rollout), payload, qos=1, retain=True)
@@ -570,6 +594,20 @@ class RolloutManager:
         if any(self._published_states.get(rollout) in FINAL_STATES for rollout in dirty):
             await self._retire()
         return published
+
+    async def _publish_record(self, rollout: str) -> None:
+        """The rollout's full record and audit tail, retained (with a term only: standbys read it)."""
+        if not self._term or not self._engine.has(rollout):
+            return
+        audit = [e for e in self._store.all("audit") if e.get("rollout") == rollout]
+        payload = encode_record(self._engine.record(rollout), audit)
+        if payload is None:
+            _LOGGER.warning("record of %s exceeds the payload limit: a standby cannot carry it on", rollout)
+            return
+        try:
+            await self._publish(self._topics.rollout_record(rollout), payload, qos=1, retain=True)
+        except BusError as exc:
+            _LOGGER.warning("record of %s not published: %s", rollout, exc.reason)
 
     async def _retire(self) -> None:
         """Archive the oldest finished rollouts beyond ``keep_rollouts`` (``hub.retention``)."""
@@ -601,6 +639,8 @@ class RolloutManager:
             self._dirty.pop(rollout, None)
             try:  # nothing stale on the broker either: UIs list what is retained
                 await self._publish(self._topics.rollout(rollout), b"", qos=1, retain=True)
+                if self._term:
+                    await self._publish(self._topics.rollout_record(rollout), b"", qos=1, retain=True)
             except BusError as exc:
                 _LOGGER.warning("retained summary of archived %s not cleared: %s", rollout, exc.reason)
             _LOGGER.info("rollout %s archived in %s", rollout, self._archive.path)

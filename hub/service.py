@@ -1,18 +1,29 @@
-"""The hub process: one MQTT client, the fleet registry, the store and the rollout manager.
+"""The hub process: one MQTT connection at a time, the fleet registry, the store and the rollout manager.
 
 ``HubService`` subscribes to every node's ``state``, ``heartbeat``, ``status``
-and ``job`` topic and to ``hub/request`` (DESIGN section 1). Every payload is
+and ``job`` topic, to ``hub/state``, the hubs' membership records and the
+rollouts' retained records (DESIGN sections 1 and 3.9). Every payload is
 parsed with ``bus.messages.decode``; a malformed one costs a log line and
 nothing else. Presence goes through the pure ``Registry`` (a timer expires
 silent nodes); step reports and job snapshots, and presence transitions, go to
 the ``RolloutManager``. Requests are answered on the requester's reply topic
 and nowhere else (``Topics.parse_reply_to``).
 
+One active hub (DESIGN 3.9, ``hub.standby``): a standby hub reads with a
+connection of its own id and keeps its view warm (registry, job snapshots,
+rollout records); it acts only after taking the fleet's *active* connection
+(one client id per fleet: the broker ends any older holder), with a term
+stored durably first. Only that connection subscribes to ``hub/request`` and
+publishes commands, so requests are answered by the active hub only. When it
+drops, the hub stops acting at once and stands by again.
+
 Start order: open the store and restore the registry, connect and subscribe,
-start the manager (which reloads its rollouts and may publish), and only then
-read messages, so the retained births and job snapshots (queued in the
-client meanwhile) flow into a ready hub. Stop order: publish the
-hub's offline state, stop the manager, flush and close the store, disconnect.
+read what the broker holds until the hub's own membership record comes back,
+then take the active place if it is vacant (load the broker's rollout records
+into the store, start the manager, which reloads and resumes its rollouts,
+and feed it the job snapshots read meanwhile), else stand by. Stop order:
+publish the hub's offline state, stop the manager, flush and close the store,
+disconnect.
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ import asyncio
 import contextlib
 import importlib
 import logging
+import random
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -51,9 +63,11 @@ from bus.mqtt import Message, MqttClient, Will
 from bus.signing import load_private_key
 from bus.topics import Topics
 from hub.config import NO_SIGNING_KEY, HubConfig
+from hub.engine import check_record
 from hub.metrics import HubMetrics, MetricsSource
 from hub.registry import Registry, Transition
 from hub.retention import Archive, archive_path
+from hub.standby import HUB_HEARTBEAT_S, ActiveView, TermFile, decode_record, lock_client_id, term_path
 from hub.store import Store
 
 __all__ = ["HubService", "ManagerFactory", "RolloutManagerLike", "steady_wall_clock"]
@@ -63,6 +77,14 @@ _LOGGER = logging.getLogger(__name__)
 _VERSION = "0.1.0"
 _OPS: frozenset[str] = frozenset(get_args(RequestOp))
 _MAX_CONCURRENT_REQUESTS = 32
+#: How long a standby waits, at random, before it takes a vacant place (fewer contenders at once).
+_TAKEOVER_JITTER_S = (0.2, 0.8)
+#: How long a takeover may take to connect and read what the broker holds before it gives up.
+_TAKEOVER_TIMEOUT_S = 5.0
+#: How long the active connection may take to have every subscription granted.
+_SUBSCRIBED_TIMEOUT_S = 30.0
+#: Keepalive of the active connection: a half-open one ends (and its will fires) within 1.5 x this.
+_ACTIVE_KEEPALIVE_S = 4
 #: The agents' MQTT keepalive (DESIGN 3.7): part of the default offline grace.
 AGENT_KEEPALIVE_S = 10.0
 _ERROR_KINDS: tuple[tuple[type[FleetError], str], ...] = (
@@ -157,6 +179,24 @@ class HubService:
         self.manager: RolloutManagerLike | None = None
         #: Why rollout requests are refused when there is no manager.
         self.manager_error: FleetError | None = None
+        #: This hub's id among the hubs of one fleet (DESIGN 3.9): its client id.
+        self.hub_id = config.client_id
+        #: "active" while this hub holds the active connection, else "standby".
+        self.role = "standby"
+        #: The term this hub acts in (0 until it first becomes active).
+        self.term = 0
+        #: What this hub knows of the active hub (hub/state, membership records).
+        self.view = ActiveView(me=config.client_id)
+        #: Takeovers: (monotonic time the place was found vacant, time this hub acted).
+        self.takeovers: list[tuple[float, float]] = []
+        self._terms = TermFile(term_path(config.db))
+        self._key: Ed25519PrivateKey | None = None
+        self._lock: MqttClient | None = None
+        self._lock_tasks: set[asyncio.Task[None]] = set()
+        self._records: dict[str, bytes] = {}  # retained rollout records, by rollout (the warm view)
+        self._jobs: dict[str, JobSnapshot] = {}  # the latest job snapshot of every node
+        self._view_ready = asyncio.Event()
+        self._role_lock = asyncio.Lock()
         self._clock = clock
         self._now = steady_wall_clock() if clock is time.time else clock
         self._manager_factory = manager_factory or _default_manager_factory
@@ -197,6 +237,11 @@ class HubService:
         return self._client is not None and self._client.is_connected
 
     @property
+    def is_active(self) -> bool:
+        """True while this hub is the active one (it holds the active connection)."""
+        return self.role == "active"
+
+    @property
     def missing_subscriptions(self) -> tuple[str, ...]:
         """Subscriptions the broker has not granted: the hub is degraded (deaf) while any is missing."""
         return () if self._client is None else self._client.missing_subscriptions
@@ -207,17 +252,19 @@ class HubService:
         return self._client
 
     async def start(self) -> None:
-        """Open the store, connect and subscribe, start the manager, then read messages.
+        """Open the store, connect and subscribe, read what the broker holds, then act or stand by.
+
+        A hub that finds no other hub active takes the active place before this
+        returns (DESIGN 3.9); one that finds another active stands by.
 
         Raises:
             ConfigError: the database or the signing key cannot be used.
             BusError: no broker connection within the client's connect timeout.
         """
-        key: Ed25519PrivateKey | None = None
         if self.config.signing_key is not None:
             # A bad key is a usage error: fail before touching the database or the broker.
             try:
-                key = await asyncio.to_thread(load_private_key, self.config.signing_key)
+                self._key = await asyncio.to_thread(load_private_key, self.config.signing_key)
             except ConfigError as exc:
                 hint = NO_SIGNING_KEY.removeprefix("no signing key: ")
                 raise ConfigError(f"{exc.reason} ({hint})") from exc
@@ -225,53 +272,98 @@ class HubService:
         try:
             restored = self.registry.restore(self.store.all("nodes"), self._now())
             _LOGGER.info("hub database %s: %d nodes known", self.config.db, restored)
-            self._client = MqttClient(
-                self.config.broker,
-                client_id=self.config.client_id,
-                will=self._will,
-            )
-            self._client.on_connect(self._on_connected)
-            for channel in ("state", "heartbeat", "status", "job"):
-                await self._client.subscribe(self.topics.node_filter(channel), qos=1)
-            await self._client.subscribe(self.topics.hub_request, qos=1)
+            self._client = await self._member_client()
             self._running = True
             await self._client.start()
-            # Messages (retained births and job snapshots first) wait in the client's
-            # queue until the manager has reloaded its rollouts and can take them.
-            await self._start_manager(key)
+            # Everything retained (births, job snapshots, hub state, rollout records) is read
+            # before deciding: the own membership record comes back after it.
+            await self._read_until_ready()
             self._spawn(self._message_loop(), "hub-messages")
             self._spawn(self._expire_loop(), "hub-expire")
+            if self.view.vacant(time.monotonic()) is not None:
+                await self._try_take_over("no hub is active")
+            self._spawn(self._standby_loop(), "hub-standby")
+            self._spawn(self._heartbeat_loop(), "hub-heartbeat")
         except BaseException:
             await self._teardown()
             raise
-        _LOGGER.info("hub connected to %s, prefix %s", self._client.url.redacted(), self.config.prefix)
+        _LOGGER.info(
+            "hub %s connected to %s, prefix %s: %s",
+            self.hub_id,
+            self._client.url.redacted(),
+            self.config.prefix,
+            self.role,
+        )
+
+    async def _member_client(self) -> MqttClient:
+        """The connection of a standby hub: its own client id, its membership record as will."""
+        client = MqttClient(self.config.broker, client_id=self.config.client_id, will=self._will)
+        client.on_connect(self._on_connected)
+        await self._subscribe_all(client)
+        return client
+
+    async def _subscribe_all(self, client: MqttClient) -> None:
+        """Every node channel, the hub state, membership and rollout records.
+
+        No two of them overlap: the embedded broker ended a connection as lost when a
+        message matched two of its subscriptions.
+        """
+        topics = self.topics
+        wanted = [topics.node_filter(channel) for channel in ("state", "heartbeat", "status", "job")]
+        for topic in (*wanted, topics.hub_state, topics.hub_member_filter, topics.rollout_record_filter):
+            await client.subscribe(topic, qos=1)
+
+    async def _read_until_ready(self) -> None:
+        assert self._client is not None  # noqa: S101 - connected just before
+        deadline = time.monotonic() + _TAKEOVER_TIMEOUT_S
+        while not self._view_ready.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                _LOGGER.warning("own membership record not seen back in time: deciding on what is known")
+                return
+            message = self._client.get_nowait()
+            if message is None:
+                await asyncio.sleep(0.01)
+                continue
+            await self._dispatch(message)
 
     async def stop(self) -> None:
-        """Publish the offline state, stop the manager, flush the store, disconnect."""
+        """Hand over (publish the offline state), stop the manager, flush the store, disconnect."""
         if not self._running:
             return
         self._running = False
-        client = self._client
-        if client is not None and client.is_connected:
-            state = HubState(
-                state="offline",
-                session=self._session,
-                reason="shutdown",
-                version=_VERSION,
-                started_at=self._started_at,
-                ts=self._clock(),
-            )
+        tasks = [*self._tasks, *self._lock_tasks]
+        if self._lock is not None and self._client is self._lock:
+            self._client = None  # the reading loop is stopped: the active connection is closed below
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        lock = self._lock
+        if lock is not None and lock.is_connected:
+            state = self._hub_state("offline", reason="shutdown")
             with contextlib.suppress(BusError, asyncio.TimeoutError):
                 await asyncio.wait_for(
-                    client.publish(self.topics.hub_state, encode(state), qos=1, retain=True, wait=True), 5
+                    lock.publish(self.topics.hub_state, encode(state), qos=1, retain=True, wait=True), 5
+                )
+        client = self._client or self._lock
+        if client is not None and client.is_connected:
+            member = self._hub_state("offline", reason="shutdown")
+            with contextlib.suppress(BusError, asyncio.TimeoutError):
+                await asyncio.wait_for(
+                    client.publish(
+                        self.topics.hub_member(self.hub_id), encode(member), qos=1, retain=True, wait=True
+                    ),
+                    5,
                 )
         await self._teardown()
 
     async def _teardown(self) -> None:
         self._running = False
-        for task in (*self._tasks, *self._requests):
+        for task in (*self._tasks, *self._requests, *self._lock_tasks):
             task.cancel()
-        for task in (*self._tasks, *self._requests):
+        for task in (*self._tasks, *self._requests, *self._lock_tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         if self.manager is not None:
@@ -283,6 +375,8 @@ class HubService:
             await self.store.close()
         except FleetError as exc:
             _LOGGER.error("hub database not flushed: %s", exc.reason)  # noqa: TRY400
+        if self._lock is not None:
+            await self._lock.close()
         if self._client is not None:
             await self._client.close()
 
@@ -304,6 +398,7 @@ class HubService:
                 # DESIGN 3.4/3.7: offline mid-job is "lost", not failed, for 3 heartbeats
                 # plus the agents' keepalive.
                 offline_grace_s=3 * self.config.heartbeat_s + AGENT_KEEPALIVE_S,
+                term=self.term,
             )
         except ModuleNotFoundError as exc:
             if exc.name != "hub.rollouts":
@@ -318,18 +413,24 @@ class HubService:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _will(self) -> Will:
-        # A fresh session per connection; the birth of that connection reuses it.
-        self._session = new_id()
-        state = HubState(
-            state="offline",
+    def _hub_state(self, state: Any, *, reason: Any = "birth", term: int | None = None) -> HubState:
+        return HubState(
+            state=state,
             session=self._session,
-            reason="lost",
+            reason=reason,
             version=_VERSION,
             started_at=self._started_at,
-            ts=self._clock(),  # the connection's start: a will has no later
+            ts=self._clock(),
+            hub=self.hub_id,
+            term=self.term if term is None else term,
         )
-        return Will(self.topics.hub_state, encode(state), qos=1, retain=True)
+
+    def _will(self) -> Will:
+        # A fresh session per connection; the birth of that connection reuses it. The main
+        # connection's will is this hub's membership record (DESIGN 3.9).
+        self._session = new_id()
+        state = self._hub_state("offline", reason="lost")  # ts: the connection's start
+        return Will(self.topics.hub_member(self.hub_id), encode(state), qos=1, retain=True)
 
     async def _on_connected(self) -> None:
         # The hub was blind while disconnected; the nodes were not silent.
@@ -340,23 +441,251 @@ class HubService:
             await self._broker_changed(False)
             await self._broker_changed(True)
         self._was_connected = True
-        state = HubState(
-            state="online",
-            session=self._session,
-            reason="birth",
-            version=_VERSION,
-            started_at=self._started_at,
-            ts=self._clock(),
-        )
-        await self.publish(self.topics.hub_state, encode(state), qos=1, retain=True)
+        await self._publish_member()
+
+    async def _publish_member(self) -> None:
+        """This hub's retained membership record: active or standby, its term."""
+        client = self._client
+        if client is None:
+            return
+        state = self._hub_state("active" if self.is_active else "standby")
+        with contextlib.suppress(BusError):
+            await client.publish(self.topics.hub_member(self.hub_id), encode(state), qos=1, retain=True)
 
     async def publish(
         self, topic: str, payload: bytes | str, *, qos: int = 1, retain: bool = False, wait: bool = False
     ) -> None:
-        """Publish through the hub's client (what the rollout manager is given)."""
-        if self._client is None:
-            raise BusError("hub is not connected")
-        await self._client.publish(topic, payload, qos=qos, retain=retain, wait=wait)
+        """Publish through the active connection (what the rollout manager is given).
+
+        Raises:
+            BusError: this hub is not the active one (a standby never acts).
+        """
+        lock = self._lock
+        if not self.is_active or lock is None:
+            raise BusError(f"hub {self.hub_id} is standing by")
+        await lock.publish(topic, payload, qos=qos, retain=retain, wait=wait)
+
+    # ------------------------------------------------------------------ one active hub (DESIGN 3.9)
+
+    async def _standby_loop(self) -> None:
+        """Take the active place when it is vacant (the active hub's will, or its silence)."""
+        while True:
+            await asyncio.sleep(0.1)
+            if self.is_active or not self.is_connected:
+                continue
+            found = time.monotonic()
+            why = self.view.vacant(found)
+            if why is None:
+                continue
+            await asyncio.sleep(random.uniform(*_TAKEOVER_JITTER_S))  # noqa: S311 - spreading contenders
+            if self.is_active or self.view.vacant(time.monotonic()) is None:
+                continue
+            await self._try_take_over(why, found)
+
+    async def _heartbeat_loop(self) -> None:
+        """The active hub's heartbeat: its membership record, again and again."""
+        while True:
+            await asyncio.sleep(HUB_HEARTBEAT_S)
+            if self.is_active:
+                await self._publish_member()
+
+    async def _try_take_over(self, why: str, found: float | None = None) -> None:
+        found = time.monotonic() if found is None else found
+        async with self._role_lock:
+            if self.is_active or not self._running:
+                return
+            try:
+                await self._take_over(why)
+            except BusError as exc:
+                _LOGGER.warning("hub %s could not take the active place: %s", self.hub_id, exc.reason)
+                return
+            self.takeovers.append((found, time.monotonic()))
+
+    async def _take_over(self, why: str) -> None:
+        """Connect the active connection, fix the term durably, then act (DESIGN 3.9)."""
+        stored = await asyncio.to_thread(self._terms.read)
+        term = max(self.view.max_term, stored, self.term) + 1
+        _LOGGER.info("hub %s taking the active place (term %d): %s", self.hub_id, term, why)
+
+        def will() -> Will:
+            return Will(
+                self.topics.hub_state,
+                encode(self._hub_state("offline", reason="lost", term=term)),
+                qos=1,
+                retain=True,
+            )
+
+        lock = MqttClient(
+            self.config.broker,
+            client_id=lock_client_id(self.config.prefix),
+            will=will,
+            keepalive=_ACTIVE_KEEPALIVE_S,
+            connect_timeout=_SUBSCRIBED_TIMEOUT_S,
+            reconnect=False,
+        )
+        own = self.topics.hub_member(self.hub_id)
+        # Requests reach the active connection only (one answer per request, DESIGN 3.9).
+        await lock.subscribe(self.topics.hub_request, qos=1)
+        await self._subscribe_all(lock)  # (not connected yet: made at connect; covers its own record)
+        # One connection at a time: where the broker names every connection of a user after
+        # the user (mosquitto's use_username_as_clientid), two would end each other.
+        member, self._client = self._client, None
+        if member is not None:
+            await member.close()
+        try:
+            # Every subscription granted before it goes on (a refused one is asked again: a
+            # NATS failover refuses QoS 1 ones for a while, hence the longer wait).
+            await lock.start()
+            active = await self._claim(lock, own, term)
+        except BaseException:
+            await lock.close()
+            if self._running:
+                self._client = await self._member_client()
+                await self._client.start(wait=False)
+            raise
+        self._lock = lock
+        self.role = "active"
+        self.view.on_state(active, time.monotonic())
+        self._client = lock
+        await self._publish_member()
+        await self._activate()
+        task: asyncio.Task[None] = asyncio.create_task(self._watch_lock(lock), name="hub-watch")
+        self._lock_tasks.add(task)
+        task.add_done_callback(self._lock_tasks.discard)
+        _LOGGER.warning("hub %s is active, term %d", self.hub_id, term)
+
+    async def _claim(self, lock: MqttClient, own: str, term: int) -> HubState:
+        """With the active connection up: learn the latest term, store ours, say we are active."""
+        # What the broker did before this connection (an older active hub's last state)
+        # comes before the echo of this probe: then the latest term is known.
+        probe = self._hub_state("standby", term=term)
+        await lock.publish(own, encode(probe), qos=1, retain=True)
+        try:
+            await asyncio.wait_for(self._read_probe(lock, probe.session, probe.ts), _TAKEOVER_TIMEOUT_S)
+        except asyncio.TimeoutError as exc:
+            raise BusError("the broker did not echo the takeover probe in time") from exc
+        if self.view.max_term >= term:
+            raise BusError(f"another hub took term {self.view.max_term} meanwhile")
+        if lock.lost.is_set():
+            raise BusError("the active connection was taken over meanwhile")
+        # Durable before acting: no restart of this hub ever reuses a term.
+        await asyncio.to_thread(self._terms.write, term)
+        self.term = term
+        active = self._hub_state("active")
+        await lock.publish(self.topics.hub_state, encode(active), qos=1, retain=True, wait=True)
+        return active
+
+    async def _read_probe(self, lock: MqttClient, session: str, ts: float) -> None:
+        own = self.topics.hub_member(self.hub_id)
+        async for message in lock.messages():
+            if message.topic == own:
+                with contextlib.suppress(InvalidInput):
+                    state = decode(HubState, message.payload) if message.payload else None
+                    if state is not None and state.session == session and state.ts == ts:
+                        return
+                continue
+            if message.topic == self.topics.hub_request:
+                continue  # not active yet: the requester asks again
+            await self._dispatch(message)  # the view stays warm meanwhile
+        raise BusError("the active connection closed")
+
+    async def _activate(self) -> None:
+        """Carry the rollouts on: the broker's records into the store, then the restart path."""
+        loaded = 0
+        for rollout, payload in list(self._records.items()):
+            try:
+                record, audit = decode_record(payload)
+            except InvalidInput as exc:
+                _LOGGER.warning("retained record of %s unusable: %s", rollout, exc.reason)
+                continue
+            problem = check_record(record)
+            if problem is not None or record.get("id") != rollout:
+                _LOGGER.warning("retained record of %s unusable: %s", rollout, problem or "id differs")
+                continue
+            # The broker's record wins over this hub's own copy, even a newer one: what a hub
+            # decided after it lost the active connection never reached the broker (a clear,
+            # say), and the record is published before any command it names.
+            self.store.put("rollouts", rollout, record)
+            for key, doc in self.store.items("audit"):
+                if doc.get("rollout") == rollout:
+                    self.store.delete("audit", key)
+            for entry in audit:
+                self.store.append("audit", entry)
+            loaded += 1
+        _LOGGER.info("hub %s: %d rollout records taken from the broker", self.hub_id, loaded)
+        await self._start_manager(self._key)
+        if self.manager is None:
+            return
+        for node, snapshot in list(self._jobs.items()):
+            await self.manager.on_node_message(node, "job", snapshot)
+        for node in self.registry.nodes():
+            if not self.registry.is_online(node):
+                await self.manager.on_presence(node, False)
+
+    async def _watch_lock(self, lock: MqttClient) -> None:
+        await lock.lost.wait()
+        async with self._role_lock:
+            if self._lock is lock:
+                await self._stand_down("the active connection was lost or taken over")
+
+    async def _stand_down(self, why: str) -> None:
+        """Stop acting at once: no manager, no answers; keep the view warm."""
+        if not self.is_active:
+            return
+        _LOGGER.warning("hub %s stands by (term %d): %s", self.hub_id, self.term, why)
+        self.role = "standby"
+        lock, self._lock = self._lock, None
+        manager, self.manager = self.manager, None
+        for task in list(self._requests):
+            task.cancel()
+        if manager is not None:
+            try:
+                await manager.stop()
+            except Exception:
+                _LOGGER.exception("rollout manager failed to stop cleanly")
+        if lock is not None:
+            await lock.close()
+        if self._client is lock:
+            self._client = None
+        if self._running:
+            # Back to a connection of its own, standing by (no reconnect of the active one).
+            self._client = await self._member_client()
+            await self._client.start(wait=False)
+
+    def _take_hub_state(self, payload: bytes) -> HubState | None:
+        try:
+            state = decode(HubState, payload) if payload else None
+        except InvalidInput as exc:
+            _LOGGER.warning("malformed hub state ignored: %s", exc.reason)
+            return None
+        self.view.on_state(state, time.monotonic())
+        return state
+
+    async def _on_hub_state(self, payload: bytes) -> None:
+        state = self._take_hub_state(payload)
+        if not self.is_active:
+            return
+        if state is not None and state.term > self.term:
+            async with self._role_lock:
+                await self._stand_down(f"hub {state.hub} holds a newer term ({state.term})")
+            return
+        if (
+            state is not None
+            and state.state == "active"
+            and state.term == self.term
+            and state.hub > self.hub_id
+        ):
+            # Two hubs took one term at once (a cluster orders their probes loosely): one of
+            # them, by id, stands down; the broker ends the other's connection if it is not
+            # the holder, and the next takeover takes a higher term.
+            async with self._role_lock:
+                await self._stand_down(f"hub {state.hub} took term {state.term} too")
+            return
+        if state is None or state.state != "active" or state.hub != self.hub_id:
+            # A late will of an older hub overwrote the retained state: say who is active.
+            active = encode(self._hub_state("active"))
+            with contextlib.suppress(BusError):
+                await self.publish(self.topics.hub_state, active, qos=1, retain=True)
 
     # ------------------------------------------------------------------ metrics
 
@@ -410,6 +739,10 @@ class HubService:
         """
         if op not in _OPS:
             raise InvalidInput(f"unknown op {_shown(op, 40)}; one of {', '.join(sorted(_OPS))}")
+        if not self.is_active:
+            active = self.view.active_hub()
+            where = f"; hub {active} is active" if active else ""
+            raise FleetError(f"hub {self.hub_id} is standing by{where}")
         if op == "nodes":
             return self._nodes_reply(body or {})
         if self.manager is None:
@@ -522,20 +855,45 @@ class HubService:
     # ------------------------------------------------------------------ messages
 
     async def _message_loop(self) -> None:
-        assert self._client is not None  # noqa: S101 - set before the loop starts
-        async for message in self._client.messages():
-            try:
-                await self._dispatch(message)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                _LOGGER.exception("handling a message on %s failed", _shown(message.topic))
+        """Read the hub's connection; it changes when the hub takes over or stands down."""
+        while True:
+            client = self._client
+            if client is None:
+                await asyncio.sleep(0.02)
+                continue
+            async for message in client.messages():
+                try:
+                    await self._dispatch(message)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    _LOGGER.exception("handling a message on %s failed", _shown(message.topic))
+                if client is not self._client:
+                    break  # replaced (the messages of the old one are old news)
+            while client is self._client:  # noqa: ASYNC110 - closed, not replaced yet: rare and short
+                await asyncio.sleep(0.02)
 
     async def _dispatch(self, message: Message) -> None:
         if message.topic == self.topics.hub_request:
-            # Bounded concurrency: a flood of requests waits here, not in memory.
-            await self._request_slots.acquire()
-            self._spawn_request(message.payload)
+            if self.is_active:  # only the active connection subscribes to requests
+                # Bounded concurrency: a flood of requests waits here, not in memory.
+                await self._request_slots.acquire()
+                self._spawn_request(message.payload)
+            return
+        if message.topic == self.topics.hub_state:
+            await self._on_hub_state(message.payload)
+            return
+        member = self.topics.parse_hub_member(message.topic)
+        if member is not None:
+            self._on_member(member, message.payload)
+            return
+        rollout = self.topics.parse_rollout_record(message.topic)
+        if rollout is not None:
+            # The warm view: what a standby carries the rollouts on from (DESIGN 3.9).
+            if message.payload:
+                self._records[rollout] = message.payload
+            else:
+                self._records.pop(rollout, None)
             return
         parsed = self.topics.parse_node(message.topic)
         if parsed is None:
@@ -570,6 +928,8 @@ class HubService:
             elif channel in ("status", "job"):
                 model = StepStatus if channel == "status" else JobSnapshot
                 report = self._decoded(model, message.payload, node)
+                if isinstance(report, JobSnapshot):
+                    self._jobs[node] = report
                 if isinstance(report, StepStatus) and self._is_issued(report):
                     self.metrics.observe_status(report)
                 if report is not None and self.manager is not None:
@@ -577,6 +937,19 @@ class HubService:
         except InvalidInput as exc:
             self.malformed += 1
             _LOGGER.warning("malformed %s from %s ignored: %s", channel, node, exc.reason)
+
+    def _on_member(self, hub: str, payload: bytes) -> None:
+        try:
+            state = decode(HubState, payload) if payload else None
+        except InvalidInput as exc:
+            _LOGGER.warning("malformed membership record of %s ignored: %s", hub, exc.reason)
+            return
+        if hub == self.hub_id:
+            # This hub's own record coming back: everything retained before it has been read.
+            if state is not None and state.session == self._session:
+                self._view_ready.set()
+            return
+        self.view.on_member(hub, state, time.monotonic())
 
     def _decoded(self, model: type[Any], payload: bytes, node: str) -> Any:
         value = decode(model, payload)
@@ -600,7 +973,9 @@ class HubService:
             message=f"{transition.node} {word} ({transition.reason})",
             node=transition.node,
         )
-        await self.publish(self.topics.events, encode(event), qos=0)
+        if self.is_active:
+            with contextlib.suppress(BusError):
+                await self.publish(self.topics.events, encode(event), qos=0)
         if self.manager is not None:
             await self.manager.on_presence(transition.node, transition.online)
 

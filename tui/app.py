@@ -140,7 +140,11 @@ class FleetApp(App[None]):
 
     def _set_subtitle(self) -> None:
         broker = "connected" if self.feed.is_connected else "NOT CONNECTED"
-        hub = self.model.hub.state if self.model.hub else "unknown"
+        hub = "unknown"
+        if self.model.hub is not None:  # which hub is active, of several (DESIGN 3.9)
+            state = self.model.hub
+            hub = f"{state.hub} {state.state}" if state.hub else state.state
+            hub += f" (term {state.term})" if state.term else ""
         self.sub_title = f"broker {broker} | hub {hub}"
 
     # ------------------------------------------------------------------ requests

@@ -29,7 +29,7 @@ from edge_agent.steps.base import StepContext, StepHandler
 __all__ = ["HANDLER", "RESERVED", "apply", "check", "destination", "is_in_scripts_dir", "undo"]
 
 #: Names in the state dir a file step must never overwrite: the agent's own state.
-RESERVED = ("journal.json", "replay-floor", "cache", "backup", "services")
+RESERVED = ("journal.json", "replay-floor", "term-floor", "cache", "backup", "services")
 
 
 def destination(step: FileStep, settings: ExecutorSettings) -> Path:

@@ -218,6 +218,7 @@ class Fleet:
         self.hub_id = f"hub-{uuid.uuid4().hex[:8]}"
         self.procs: list[Proc] = []
         self.hub: Proc | None = None
+        self.members: dict[str, Proc] = {}  # every hub process by hub id (standby hubs)
         self.agents: dict[str, Proc] = {}
 
     # -------------------------------------------------------------- starting
@@ -231,15 +232,22 @@ class Fleet:
 
     def start_hub(self, *extra: str, broker_url: str | None = None) -> Proc:
         """Start (or restart) the hub on the same database."""
-        self.hub = self._spawn(
-            "hub",
+        self.hub = self.start_member(self.hub_id, *extra, broker_url=broker_url)
+        return self.hub
+
+    def start_member(self, hub_id: str, *extra: str, broker_url: str | None = None) -> Proc:
+        """Start (or restart) one hub of several (DESIGN 3.9): its own id and database, one key."""
+        db = self.db if hub_id == self.hub_id else self.root / f"{hub_id}.json"
+        proc = self._spawn(
+            hub_id,
             [
                 "hub", "--broker", broker_url or self.broker_url, "--prefix", self.prefix,
-                "--db", str(self.db), "--signing-key", str(self.key), "--client-id", self.hub_id,
+                "--db", str(db), "--signing-key", str(self.key), "--client-id", hub_id,
                 "--heartbeat-s", "1", *extra,
             ],
         )  # fmt: skip
-        return self.hub
+        self.members[hub_id] = proc
+        return proc
 
     def state_dir(self, node: str) -> Path:
         return self.root / "nodes" / node
@@ -351,6 +359,9 @@ class Observer:
         self.events: list[tuple[float, Event]] = []
         self.hub_state: HubState | None = None
         self.hub_births = 0
+        self.members: dict[str, HubState] = {}  # every hub's membership record (DESIGN 3.9)
+        #: Replies seen per request id on this observer's reply topic (exactly one each).
+        self.replies: dict[str, int] = {}
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -369,6 +380,10 @@ class Observer:
 
     async def _pump(self) -> None:
         async for message in self.client.messages():
+            if message.topic == self.rpc.reply_topic:
+                with contextlib.suppress(InvalidInput):
+                    request = decode(Reply, message.payload).request
+                    self.replies[request] = self.replies.get(request, 0) + 1
             if self.rpc.feed(message.topic, message.payload):
                 continue
             with contextlib.suppress(InvalidInput):
@@ -384,10 +399,15 @@ class Observer:
         if topic == self.topics.events:
             self.events.append((time.monotonic(), decode(Event, payload)))
             return
+        member = self.topics.parse_hub_member(topic)
+        if member is not None:
+            if payload:
+                self.members[member] = decode(HubState, payload)
+            return
         if topic == self.topics.hub_state:
             if payload:
                 self.hub_state = decode(HubState, payload)
-                self.hub_births += self.hub_state.state == "online"
+                self.hub_births += self.hub_state.state in ("online", "active")
             return
         parsed = self.topics.parse_node(topic)
         if parsed is None:
@@ -481,7 +501,7 @@ class Observer:
                 (
                     self.hub_births > births_before
                     and self.hub_state is not None
-                    and self.hub_state.state == "online"
+                    and self.hub_state.state in ("online", "active")
                 )
                 or None
             ),

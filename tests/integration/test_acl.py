@@ -204,6 +204,8 @@ async def test_node_publishes_only_on_its_own_channels(fleet: Fleet) -> None:
             t.rollout("r1"),
             t.hub_reply("someone"),
             t.hub_state,
+            t.hub_member("n1"),
+            t.rollout_record("r1"),
             t.events,
             t.hub_request,
         ]
@@ -254,7 +256,15 @@ async def test_node_reads_only_its_own_cmd(fleet: Fleet) -> None:
 
 async def test_only_the_hub_writes_commands_rollouts_replies_and_events(fleet: Fleet) -> None:
     t = fleet.topics
-    hub_only = [t.node("n1", "cmd"), t.rollout("r1"), t.hub_reply("tui-1"), t.events, t.hub_state]
+    hub_only = [
+        t.node("n1", "cmd"),
+        t.rollout("r1"),
+        t.rollout_record("r1"),
+        t.hub_reply("tui-1"),
+        t.events,
+        t.hub_member("hub-b"),
+        t.hub_state,
+    ]
     async with connected(fleet.url("hub")) as hub, connected(fleet.url("tui")) as tui:
         await synced(hub, f"{t.prefix}/#", t.events)
         await synced(tui, f"{t.prefix}/#", t.hub_request)

@@ -268,8 +268,10 @@ async def test_hub_publishes_its_birth_and_shutdown(
         await service.start()
         try:
             birth = decode(HubState, (await asyncio.wait_for(spy.messages().__anext__(), 10)).payload)
-            assert birth.state == "online"
+            assert birth.state == "active"  # the only hub is the active one (DESIGN 3.9)
             assert birth.reason == "birth"
+            assert birth.hub == service.hub_id
+            assert birth.term == service.term >= 1
             assert service.is_connected
         finally:
             await service.stop()

@@ -270,6 +270,7 @@ async def test_fleet_nodes_json_and_table(hub: HubService, broker: RunningBroker
         assert "role=web" in lines[1]
         assert "0.25" in lines[1]
         assert lines[2].split()[:2] == ["n2", "offline"]
+        assert lines[-2] == f"hub: {hub.hub_id} active (term {hub.term})"  # DESIGN 3.9
 
 
 async def test_fleet_nodes_without_a_hub_fails_in_one_line(broker: RunningBroker, topics: Topics) -> None:
@@ -403,7 +404,11 @@ async def test_reply_to_outside_the_reply_space_is_never_used(
         await requester.send({"v": 1, "id": new_id(), "op": "nope", "reply_to": reply_to})
     good = await requester.ask("nodes")
     assert good.ok
-    hub_published = [m for m in requester.seen if m.topic not in (topics.hub_request, topics.hub_state)]
+    hub_published = [
+        m
+        for m in requester.seen
+        if m.topic not in (topics.hub_request, topics.hub_state) and "/hub/member/" not in m.topic
+    ]
     assert [m.topic for m in hub_published] == [requester.reply_topic]
     assert not any(m.topic == cmd for m in requester.seen)
 

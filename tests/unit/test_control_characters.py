@@ -97,7 +97,7 @@ def test_fleet_nodes_and_rollout_show_print_bus_text_escaped(
     evil = "\x1b]0;owned\x07\x1b[2J"
     node = {"node": "n1", "online": True, "last_seen": 1.0, "labels": {"role": evil}, "job": None}
 
-    async def fake_nodes(_config: Any) -> tuple[list[dict[str, Any]], str | None]:
+    async def fake_nodes(_config: Any, *_hubs: Any) -> tuple[list[dict[str, Any]], str | None]:
         return [node], None
 
     monkeypatch.setattr(cli_nodes, "fetch_nodes", fake_nodes)

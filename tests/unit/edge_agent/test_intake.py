@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from bus.messages import MAX_PAYLOAD_BYTES, JobSnapshot, StepStatus
 from bus.signing import canonical_json, public_key_of
 from bus.topics import Topics
-from edge_agent.intake import Accepted, Ignored, Rejected, Verdict, check_command
+from edge_agent.intake import Accepted, Ignored, Rejected, TermFloor, Verdict, check_command
 from edge_agent.runner import CommandRunner
 from edge_agent.settings import ExecutorSettings, Policy, ProcessService
 from edge_agent.steps import HANDLERS, StepHandler
@@ -86,6 +86,7 @@ def check(
     seen: tuple[str, ...] = (),
     last: float = 0.0,
     handlers: Mapping[str, StepHandler] = HANDLERS,
+    term_floor: int = 0,
 ) -> Verdict:
     return check_command(
         topic,
@@ -96,6 +97,7 @@ def check(
         now=NOW,
         seen=seen,
         last_issued_at=last,
+        term_floor=term_floor,
     )
 
 
@@ -213,6 +215,62 @@ def test_a_command_issued_no_later_than_the_last_one_run_is_refused(node: Execut
     verdict = rejected(check(node, payload(sign(fields())), last=NOW - 10))
     assert "is not later than the last command run" in verdict.reason
     assert isinstance(check(node, payload(sign(fields())), last=NOW - 10.5), Accepted)
+
+
+def test_a_command_of_a_lower_hub_term_is_refused(node: ExecutorSettings) -> None:
+    # Fencing (DESIGN 3.9): a replaced hub's command, however fresh, is refused.
+    verdict = rejected(check(node, payload(sign(fields(term=2))), term_floor=3))
+    assert verdict.reason.startswith("command of hub term 2 is below term 3")
+    assert verdict.verified is True
+    assert isinstance(check(node, payload(sign(fields(term=3))), term_floor=3), Accepted)
+    assert isinstance(check(node, payload(sign(fields(term=4))), term_floor=3), Accepted)
+    # A command without a term (an older hub's) is term 0.
+    assert "hub term 0 is below term 1" in rejected(check(node, payload(sign(fields())), term_floor=1)).reason
+    assert isinstance(check(node, payload(sign(fields())), term_floor=0), Accepted)
+
+
+def test_the_term_is_signed(node: ExecutorSettings) -> None:
+    raised = {**sign(fields(term=1)), "term": 9}
+    assert "signature does not verify" in rejected(check(node, payload(raised))).reason
+
+
+def test_the_term_floor_persists_and_only_rises(tmp_path: Path) -> None:
+    path = tmp_path / "term-floor"
+    floor = TermFloor(path)
+    assert floor.read() == 0
+    floor.raise_to(3)
+    floor.raise_to(2)
+    assert TermFloor(path).read() == 3
+    assert path.stat().st_mode & 0o777 == 0o600
+    path.write_text("garbage")
+    assert TermFloor(path).read() == 0  # unreadable: a warning, and no fencing (the journal still guards)
+
+
+async def test_the_runner_fences_off_a_replaced_hub(node: ExecutorSettings) -> None:
+    published = Published()
+    runner = CommandRunner(node, TOPICS, published, clock=lambda: NOW)
+    try:
+        await runner.handle_command(
+            CMD_TOPIC, payload(sign(fields(id="cmd-new", term=5, action="abort", plan=[])))
+        )
+        assert node.term_floor_path.read_text().strip() == "5"
+        old = fields(id="cmd-old", term=4, issued_at=NOW - 1)  # issued later, by the older hub
+        await runner.handle_command(CMD_TOPIC, payload(sign(old)))
+        statuses = [StepStatus.model_validate_json(p) for p in published.on("status")]
+        refused = [s for s in statuses if s.command == "cmd-old"]
+        assert [s.state for s in refused] == ["rejected"]
+        assert "hub term 4 is below term 5" in refused[0].detail
+        assert not any(s.command == "cmd-old" and s.state == "running" for s in statuses)
+    finally:
+        await runner.close()
+    # A restarted agent reads the same floor: the older hub stays fenced off.
+    restarted = CommandRunner(node, TOPICS, published, clock=lambda: NOW)
+    try:
+        await restarted.handle_command(CMD_TOPIC, payload(sign(fields(id="cmd-old2", term=4, issued_at=NOW))))
+        detail = [StepStatus.model_validate_json(p) for p in published.on("status")][-1].detail
+        assert "hub term 4 is below term 5" in detail
+    finally:
+        await restarted.close()
 
 
 def test_a_step_type_without_a_handler_is_refused(node: ExecutorSettings) -> None:

@@ -1,0 +1,174 @@
+"""One active hub among several (DESIGN 3.9): the term, the view of who is active, rollout records.
+
+Mutual exclusion comes from the broker: every hub of a fleet connects its
+*active* connection with one client id (``lock_client_id``), and a broker keeps
+one connection per client id, ending the older one when a newer one connects.
+A standby connects it only once the active hub is gone (its will said
+``offline`` on ``hub/state``, or its membership heartbeats stopped), and a
+hub whose active connection drops stops acting at once and never reconnects
+it by itself. Whatever the older hub still sends is fenced by the ``term``:
+the new active hub takes ``max(every term seen, its own term file) + 1``,
+writes it durably before acting, and signs it into every command; agents
+refuse commands of a lower term than the highest they have seen.
+
+``ActiveView`` is the pure part (fed hub states and membership records,
+asked whether the active hub is alive); ``TermFile`` the durable term;
+``encode_record``/``decode_record`` the retained rollout records a standby
+keeps warm.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bus.errors import InvalidInput
+from bus.files import write_atomic
+from bus.messages import MAX_PAYLOAD_BYTES, HubState, loads_object
+
+__all__ = [
+    "HUB_HEARTBEAT_S",
+    "ActiveView",
+    "TermFile",
+    "decode_record",
+    "encode_record",
+    "lock_client_id",
+    "term_path",
+]
+
+_LOGGER = logging.getLogger(__name__)
+
+#: How often the active hub republishes its membership record (its heartbeat).
+HUB_HEARTBEAT_S = 1.0
+#: Heartbeats missed before a standby takes the active hub for dead (when no will came).
+MISSED_HEARTBEATS = 4
+#: Audit entries carried in a rollout's retained record.
+RECORD_AUDIT = 50
+
+
+def lock_client_id(prefix: str) -> str:
+    """The client id of the active connection: one per fleet (prefix), shared by all its hubs."""
+    digest = hashlib.sha256(prefix.encode("utf-8")).hexdigest()[:12]
+    return f"active-{digest}"
+
+
+def term_path(db: Path) -> Path:
+    """Where a hub keeps the highest term it has seen or held: beside its database."""
+    return db.with_name(db.name + ".term")
+
+
+class TermFile:
+    """The highest term this hub has seen or taken, durable. Blocking: call through asyncio.to_thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def read(self) -> int:
+        """The stored term (0 when missing; unreadable is 0 with a warning)."""
+        try:
+            text = self.path.read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            return 0
+        except OSError as exc:
+            _LOGGER.warning("term file %s unreadable: %s", self.path, exc)
+            return 0
+        try:
+            value = int(text)
+        except ValueError:
+            _LOGGER.warning("term file %s holds %r, not a term", self.path, text[:40])
+            return 0
+        return max(value, 0)
+
+    def write(self, term: int) -> None:
+        """Store ``term`` atomically (temp file, fsync, rename)."""
+        write_atomic(self.path, f"{term}\n", 0o600)
+
+
+@dataclass
+class ActiveView:
+    """What a hub knows of the active hub, from ``hub/state`` and the membership records.
+
+    Times are monotonic seconds; ``dead_after_s`` is how long without a sign of
+    life from the active hub counts as its death when no will came (a broker that
+    restarted, a half-open connection the broker has not noticed yet).
+    """
+
+    dead_after_s: float = HUB_HEARTBEAT_S * MISSED_HEARTBEATS
+    me: str = ""  # the asking hub's id: a retained "active" naming it while it stands by is its own past
+    state: HubState | None = None
+    max_term: int = 0
+    last_alive: float = 0.0
+    members: dict[str, HubState] = field(default_factory=dict)
+
+    def on_state(self, state: HubState | None, now: float) -> None:
+        """The retained ``hub/state`` changed (None: cleared)."""
+        if state is None:
+            self.state = None
+            return
+        if state.state == "offline" and state.term and state.term < self.max_term:
+            return  # the will of a hub older than the one known active: stale
+        self.max_term = max(self.max_term, state.term)
+        self.state = state
+        if state.state in ("active", "online"):
+            self.last_alive = now
+
+    def on_member(self, hub: str, state: HubState | None, now: float) -> None:
+        """A hub's membership record (None: cleared)."""
+        if state is None:
+            self.members.pop(hub, None)
+            return
+        self.members[hub] = state
+        self.max_term = max(self.max_term, state.term)
+        if (
+            state.state == "active"
+            and self.state is not None
+            and self.state.hub == hub
+            and state.term >= self.state.term
+        ):
+            self.last_alive = now
+
+    def active_hub(self) -> str | None:
+        """The id of the hub ``hub/state`` names active, or None."""
+        if self.state is None or self.state.state not in ("active", "online"):
+            return None
+        return self.state.hub or "(unnamed)"
+
+    def vacant(self, now: float) -> str | None:
+        """Why no hub is acting (so a standby may take over), or None while one is."""
+        if self.state is None:
+            return "no hub state on the broker"
+        if self.state.state in ("offline", "standby"):
+            return f"hub {self.state.hub or '(unnamed)'} is offline ({self.state.reason})"
+        if self.me and self.state.hub == self.me:
+            return "the hub state left on the broker is this hub's own, from before"
+        if now - self.last_alive > self.dead_after_s:
+            return f"hub {self.state.hub or '(unnamed)'} silent for {now - self.last_alive:.1f} s"
+        return None
+
+
+def encode_record(record: dict[str, Any], audit: list[dict[str, Any]]) -> bytes | None:
+    """A rollout's retained record (its engine record and audit tail), within the payload limit.
+
+    The audit tail shrinks until it fits; None when the record alone does not fit.
+    """
+    tail = audit[-RECORD_AUDIT:]
+    while True:
+        data = json.dumps({"v": 1, "record": record, "audit": tail}, separators=(",", ":")).encode("utf-8")
+        if len(data) <= MAX_PAYLOAD_BYTES:
+            return data
+        if not tail:
+            return None
+        tail = tail[len(tail) // 2 + 1 :]
+
+
+def decode_record(payload: bytes) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(record, audit tail) of a retained rollout record; InvalidInput when malformed."""
+    data = loads_object(payload)
+    record, audit = data.get("record"), data.get("audit", [])
+    if not isinstance(record, dict) or not isinstance(audit, list):
+        raise InvalidInput("rollout record: 'record' must be an object and 'audit' a list")
+    return record, [entry for entry in audit if isinstance(entry, dict)]

@@ -1,0 +1,325 @@
+"""Two hubs, one active (DESIGN 3.9): the active one killed -9 at seeded random moments.
+
+Real ``fleet hub`` processes (two, each with its own database and id, one key)
+and three real agents on one broker (the embedded one and mosquitto). Each
+trial creates a rollout (or, with a broken node, a coordinated rollback),
+kills the active hub at a random moment and checks that the standby becomes
+active within 10 s with a higher term, that the rollout ends as it would have
+(every node wholly on one version, no step run twice, nothing left retained)
+and that no request got two replies, while a stream of requests runs
+throughout. The killed hub comes back and stands by; the next trial kills the
+other one. At the end a command of an older term, signed with the real key,
+is replayed on purpose: the node refuses it and runs nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import statistics
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bus.errors import BusError
+from bus.messages import Command, ScriptStep, StepStatus, encode
+from bus.signing import load_private_key, sign_command
+from bus.topics import Topics
+from tests.conftest import RunningBroker
+from tests.fault.conftest import Fleet, Observer, check_outcome, observing, parts_spec, trials
+from tests.nats_cluster import NatsCluster, nats_binary
+
+_LOGGER = logging.getLogger(__name__)
+
+NODES = ["n1", "n2", "n3"]
+TRIALS = trials(2)
+TAKEOVER_LIMIT_S = 10.0
+
+
+async def two_hubs(fleet: Fleet, observer: Observer, timeout: float = 60.0) -> list[str]:
+    """Start hub A (active) then hub B (standing by); return their ids."""
+    first, second = fleet.hub_id, f"{fleet.hub_id}-b"
+    fleet.start_hub()
+    await observer.wait(lambda: active_hub(observer) == first or None, "the first hub active", timeout)
+    fleet.start_member(second)
+    await observer.wait(lambda: standing_by(observer, second) or None, "the second hub standing by", timeout)
+    # What `fleet nodes` prints below its table.
+    line = observer.rpc.hubs_line()
+    assert line.startswith(f"hub: {first} active (term "), line
+    assert line.endswith(f"standing by: {second}"), line
+    return [first, second]
+
+
+def active_hub(observer: Observer) -> str | None:
+    state = observer.hub_state
+    return state.hub if state is not None and state.state == "active" else None
+
+
+def standing_by(observer: Observer, hub: str) -> bool:
+    member = observer.members.get(hub)
+    return member is not None and member.state == "standby"
+
+
+class Requests:
+    """A stream of ``list`` requests throughout a trial: how many were answered, none twice."""
+
+    def __init__(self, observer: Observer) -> None:
+        self.observer = observer
+        self.sent = 0
+        self.answered = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            self.sent += 1
+            with contextlib.suppress(BusError):
+                await self.observer.rpc.call("list", timeout=2.0)
+                self.answered += 1
+            await asyncio.sleep(0.1)
+
+    def __enter__(self) -> Requests:
+        self._task = asyncio.create_task(self._run(), name="request-stream")
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
+async def kill_active(fleet: Fleet, observer: Observer, hubs: list[str]) -> tuple[str, float]:
+    """Kill -9 the active hub; return the new active hub and the seconds until it said so."""
+    state = observer.hub_state
+    assert state is not None
+    assert state.state == "active", state
+    victim, term = state.hub, state.term
+    fleet.members[victim].kill()
+    killed = time.monotonic()
+
+    def taken() -> str | None:
+        now = observer.hub_state
+        if now is not None and now.state == "active" and now.term > term and now.hub != victim:
+            return now.hub
+        return None
+
+    successor = await observer.wait(taken, "a standby to take over", timeout=30)
+    took = time.monotonic() - killed
+    assert took < TAKEOVER_LIMIT_S, f"takeover took {took:.1f} s\n{fleet.logs()}"
+    assert successor in hubs
+    # The killed hub comes back and stands by.
+    fleet.start_member(victim)
+    await observer.wait(lambda: standing_by(observer, victim) or None, f"{victim} standing by again")
+    # With three hubs two standbys may race: the higher term wins (the other stands down).
+    now = observer.hub_state
+    assert now is not None
+    assert now.state == "active", now
+    assert now.hub != victim or now.term > term + 1, now
+    return successor, took
+
+
+def check_replies(observer: Observer) -> None:
+    twice = {request: count for request, count in observer.replies.items() if count != 1}
+    assert not twice, f"requests answered more than once: {twice}"
+
+
+async def replay_an_older_term(fleet: Fleet, observer: Observer, node: str) -> None:
+    """A command of an older term, freshly signed with the real key: refused, nothing runs."""
+    state = observer.hub_state
+    assert state is not None
+    assert state.term >= 2
+    now = time.time()
+    command = Command(
+        id=str(uuid.uuid4()),
+        node=node,
+        rollout=str(uuid.uuid4()),
+        action="apply",
+        issued_at=now,
+        expires_at=now + 600,
+        plan=[ScriptStep(name="part.sh", args=["a", "stale"], rollback="part.sh")],
+        term=state.term - 1,
+    )
+    signed = sign_command(command, load_private_key(fleet.key))
+    seen = len(observer.statuses)
+    topic = fleet.topics.node(node, "cmd")
+    await observer.client.publish(topic, encode(signed), qos=1, retain=True)
+    try:
+
+        def refused() -> StepStatus | None:
+            for status in observer.statuses[seen:]:
+                if status.command == signed.id:
+                    return status
+            return None
+
+        status = await observer.wait(refused, "the node's answer to the replayed command")
+        assert status.state == "rejected", status
+        assert f"hub term {state.term - 1} is below term" in status.detail, status.detail
+        assert not fleet.records(node, command.rollout), "a step of the older term ran"
+        assert fleet.parts(node)["a"] != "stale"
+    finally:
+        await observer.client.publish(topic, b"", qos=1, retain=True)
+
+
+@pytest.mark.timeout(120 + 90 * TRIALS)
+@pytest.mark.parametrize("kind", ["amqtt", "mosquitto"])
+async def test_the_active_hub_killed_mid_rollout_the_standby_carries_it_on(
+    kind: str,
+    amqtt_broker: RunningBroker,
+    mosquitto_broker: RunningBroker,
+    topics: Topics,
+    make_fleet: Any,
+    rng: random.Random,
+) -> None:
+    broker = amqtt_broker if kind == "amqtt" else mosquitto_broker
+    fleet: Fleet = make_fleet(broker.url, topics)
+    takeovers: list[float] = []
+    mid_flight = 0
+    async with observing(broker.url, topics) as observer:
+        hubs = await two_hubs(fleet, observer)
+        for node in NODES:
+            fleet.start_agent(node)
+        await observer.online(NODES)
+        version = "v0"
+        for trial in range(TRIALS):
+            new = f"v{trial + 1}"
+            with Requests(observer) as stream:
+                body = await observer.ok("create_rollout", parts_spec(f"update {new}", new, NODES))
+                rollout = body["rollout"]
+                await asyncio.sleep(rng.uniform(0.0, 3.0))  # the wave of 1, then 2 nodes: about 2-3 s
+                summary = observer.summaries.get(rollout)
+                mid_flight += summary is None or summary.state != "succeeded"
+                _, took = await kill_active(fleet, observer, hubs)
+                takeovers.append(took)
+                await check_outcome(fleet, observer, rollout, NODES, frozenset({"succeeded"}), version, new)
+            _LOGGER.info(
+                "trial %d (%s): takeover in %.2f s; requests %d sent, %d answered",
+                trial,
+                kind,
+                took,
+                stream.sent,
+                stream.answered,
+            )
+            check_replies(observer)
+            version = new
+        # A node fences off what it has seen: once it took a command of the newest term...
+        new = "v-last"
+        body = await observer.ok("create_rollout", parts_spec("after the takeovers", new, NODES))
+        await check_outcome(fleet, observer, body["rollout"], NODES, frozenset({"succeeded"}), version, new)
+        # ... a command of an older term, however fresh and well signed, is refused.
+        await replay_an_older_term(fleet, observer, NODES[0])
+        check_replies(observer)
+    _LOGGER.info(
+        "takeover (%s, %d trials, %d killed mid-rollout): median %.2f s, max %.2f s",
+        kind,
+        len(takeovers),
+        mid_flight,
+        statistics.median(takeovers),
+        max(takeovers),
+    )
+
+
+@pytest.mark.timeout(120 + 90 * TRIALS)
+@pytest.mark.parametrize("kind", ["amqtt", "mosquitto"])
+async def test_the_active_hub_killed_mid_rollback_the_standby_finishes_it(
+    kind: str,
+    amqtt_broker: RunningBroker,
+    mosquitto_broker: RunningBroker,
+    topics: Topics,
+    make_fleet: Any,
+    rng: random.Random,
+) -> None:
+    broker = amqtt_broker if kind == "amqtt" else mosquitto_broker
+    fleet: Fleet = make_fleet(broker.url, topics)
+    takeovers: list[float] = []
+    mid_flight = 0
+    async with observing(broker.url, topics) as observer:
+        hubs = await two_hubs(fleet, observer)
+        for node in NODES:
+            fleet.start_agent(node)
+        await observer.online(NODES)
+        for trial in range(TRIALS):
+            # The broken node is in the last wave: the first wave's node is rolled back.
+            marker = fleet.state_dir(NODES[-1]) / "broken"
+            marker.write_text("")
+            new = f"bad{trial}"
+            seen = len(observer.statuses)
+            with Requests(observer):
+                body = await observer.ok("create_rollout", parts_spec(f"bad update {trial}", new, NODES))
+                rollout = body["rollout"]
+                await observer.status(rollout, "failed", after=seen)  # the broken node's gate
+                await asyncio.sleep(rng.uniform(0.0, 1.0))  # the rollback of 2 nodes: about 1 s
+                summary = observer.summaries.get(rollout)
+                mid_flight += summary is None or summary.state != "rolled_back"
+                _, took = await kill_active(fleet, observer, hubs)
+                takeovers.append(took)
+                await check_outcome(fleet, observer, rollout, NODES, frozenset({"rolled_back"}), "v0", new)
+            check_replies(observer)
+            marker.unlink()
+    _LOGGER.info(
+        "takeover mid-rollback (%s, %d trials, %d killed mid-rollback): median %.2f s, max %.2f s",
+        kind,
+        len(takeovers),
+        mid_flight,
+        statistics.median(takeovers),
+        max(takeovers),
+    )
+
+
+@pytest.mark.timeout(300 + 90 * TRIALS)
+async def test_three_hubs_on_the_nats_cluster(tmp_path: Path, topics: Topics, rng: random.Random) -> None:
+    """Three hubs on a 3-server NATS cluster (their MQTT gateways take a client id over
+    cluster-wide): the active hub killed mid-rollout, twice; the others carry on."""
+    if nats_binary() is None:
+        if os.environ.get("CI"):
+            pytest.fail("nats-server is not installed (.ci/run installs it)")
+        pytest.skip("nats-server not installed: apt-get install -y nats-server")
+    cluster = NatsCluster(tmp_path / "nats", NODES, prefix=topics.prefix, anonymous=True)
+    takeovers: list[float] = []
+    try:
+        await cluster.start()
+        url = cluster.url("hub")
+        fleet = Fleet(url, tmp_path / "fleet", topics)
+        try:
+            async with Observer(url, topics) as observer:
+                hubs = await two_hubs(fleet, observer, timeout=90)
+                third = f"{fleet.hub_id}-c"
+                fleet.start_member(third)
+                hubs.append(third)
+                await observer.wait(
+                    lambda: standing_by(observer, third) or None, "the third hub standing by", 90
+                )
+                for node in NODES:
+                    fleet.start_agent(node, heartbeat_s=5, keepalive_s=10)
+                await observer.online(NODES, timeout=90)
+                version = "v0"
+                for trial in range(max(2, TRIALS)):
+                    new = f"v{trial + 1}"
+                    spec = parts_spec(f"update {new}", new, NODES, pause="0.5", offline_grace_s=30)
+                    rollout = (await observer.ok("create_rollout", spec, timeout=90))["rollout"]
+                    await asyncio.sleep(rng.uniform(0.0, 3.0))
+                    _, took = await kill_active(fleet, observer, hubs)
+                    takeovers.append(took)
+                    await check_outcome(
+                        fleet, observer, rollout, NODES, frozenset({"succeeded"}), version, new, timeout=180
+                    )
+                    check_replies(observer)
+                    version = new
+        finally:
+            fleet.close()
+    finally:
+        cluster.stop()
+    _LOGGER.info(
+        "takeover (NATS, 3 hubs, %d trials): median %.2f s, max %.2f s",
+        len(takeovers),
+        statistics.median(takeovers),
+        max(takeovers),
+    )
+
+
+@pytest.fixture(autouse=True)
+def _log_figures(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=__name__)

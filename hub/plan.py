@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -43,6 +44,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
+from bus import params
 from bus.errors import BusError, InvalidInput
 from bus.messages import PLAN_PREFIX, Command, RolloutSpec, StepStatus, describe, encode, new_id
 from bus.signing import sign_command
@@ -72,6 +74,8 @@ _CHECKS_PER_NODE = 70
 #: Beyond this many asked nodes, nodes that passed every check are counted, not listed.
 _PASSED_LISTED = 200
 _LISTED = 50
+#: How many targets the plan shows per-node parameters for (every target is checked).
+_SHOWN_PARAMETER_NODES = 20
 NOTICE = "PLAN ONLY (dry run): nothing was started, nothing on any node was changed"
 
 
@@ -199,6 +203,12 @@ def plan_lines(body: Mapping[str, Any], limit: int = 12) -> list[str]:
         lines.append(f"wave {number:<4} {len(wave)}: {shown}{more}")
     if len(waves) > limit:
         lines.append(f"... {len(waves) - limit} more wave(s)")
+    parameters = body.get("parameters") or {}
+    if isinstance(parameters, Mapping):
+        for node, values in list(parameters.items())[:limit]:
+            if isinstance(values, Mapping):
+                for field_name, value in values.items():
+                    lines.append(f"params    {node}: {field_name} = {value}")
     pre = body.get("preflight") or {}
     if isinstance(pre, Mapping) and pre:
         lines.append(
@@ -324,6 +334,7 @@ class Planner:
         draft = build_draft(spec, known, unknown, self._is_online, self._busy(known))
         result = self._skeleton(draft)
         self._timing(draft, result)
+        self._parameters(draft, result)
         if ask and draft.asked:
             result["preflight"] = await self._preflight(draft, timeout)
         else:
@@ -357,6 +368,39 @@ class Planner:
             "estimate": estimate(spec, [len(w) for w in draft.waves]),
             "spec": spec.model_dump(mode="json"),
         }
+
+    def _parameters(self, draft: Draft, result: dict[str, Any]) -> None:
+        """Per-node parameters (DESIGN 3.10) as each target will run them, and who lacks a label.
+
+        ``parameters``: {node: {"step N (type) FIELD": resolved value}} for the first
+        ``_SHOWN_PARAMETER_NODES`` targets; a target lacking a named label is a problem.
+        """
+        templated = [
+            (number, step.type, step.model_dump(mode="json"))
+            for number, step in enumerate(draft.spec.plan, 1)
+        ]
+        templated = [
+            (n, kind, data) for n, kind, data in templated if any(True for _ in params.variables(data))
+        ]
+        if not templated:
+            return
+        shown: dict[str, dict[str, str]] = {}
+        for node in draft.targets:
+            values: dict[str, str] = {}
+            for number, kind, data in templated:
+                try:
+                    resolved = params.resolve(data, node, self._labels(node))
+                except InvalidInput as exc:
+                    result["problems"].append(f"{node}: plan step {number} ({kind}) {exc.reason}")
+                    continue
+                for key, value in data.items():
+                    if any(True for _ in params.variables(value)):
+                        values[f"step {number} ({kind}) {key}"] = (
+                            resolved[key] if isinstance(resolved[key], str) else json.dumps(resolved[key])
+                        )
+            if len(shown) < _SHOWN_PARAMETER_NODES:
+                shown[node] = values
+        result["parameters"] = shown
 
     def _timing(self, draft: Draft, result: dict[str, Any]) -> None:
         """Maintenance windows per zone, deferral and start deadline: when the nodes may start."""

@@ -417,6 +417,16 @@ def test_per_node_parameters_are_checked_at_create_and_filled_in_by_each_node(
     assert response.status_code == 422
     assert "web-1 has no rack" in response.json()["detail"]
     assert all(r["name"] != "bad" for r in http.get("/api/rollouts").json())  # nothing started
+    # The dry run shows each node's values and starts nothing.
+    plan = http.post(
+        "/api/updates?dry_run=true",
+        json=spec("per-node", args=["per-node", "{node}", "group={labels.group}"]),
+    ).json()
+    assert plan["dry_run"] is True
+    for node in LIVE:
+        assert plan["parameters"][node] == {
+            "step 1 (script) args": json.dumps(["per-node", node, "group=live"])
+        }
     rollout = create(http, spec("per-node", args=["per-node", "{node}", "group={labels.group}"]))
     assert final(http, rollout)["state"] == "succeeded"
     for node in LIVE:

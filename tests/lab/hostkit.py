@@ -54,7 +54,8 @@ images = ["*"]
 #: Scripts a plan may run (installed by setup.sh --scripts).
 SCRIPTS = {
     "slow.sh": "#!/bin/sh\necho slow step started\nsleep 300\n",
-    "pause.sh": "#!/bin/sh\nsleep 4\n",
+    # Outlasts a link drop and its detection (keepalive 4 s), even on a loaded machine.
+    "pause.sh": "#!/bin/sh\nsleep 20\n",
     "lab-demo-version.sh": "#!/bin/sh\ndpkg-query -W -f '${Version}' lab-demo\n",
 }
 

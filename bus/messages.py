@@ -276,6 +276,18 @@ class Inventory(_Report):
     packages: dict[str, str] = Field(default_factory=dict)
     drivers: dict[str, str] = Field(default_factory=dict)
     os: dict[str, str] = Field(default_factory=dict)
+    health_saw: dict[str, str] = Field(
+        default_factory=dict,
+        description="Service or package -> the version its last passed health check saw answering, "
+        "where the version reported here does not bear it out (left out when there is none).",
+    )
+
+    @model_serializer(mode="wrap")
+    def _without_empty_health_saw(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        if isinstance(data, dict) and not data.get("health_saw"):
+            data.pop("health_saw", None)
+        return data
 
 
 class NodeState(_Report):

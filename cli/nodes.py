@@ -209,6 +209,11 @@ def summary_line(nodes: Sequence[Mapping[str, Any]]) -> str:
     text = f"{len(nodes)} nodes: {online} online, {len(nodes) - online} offline"
     groups = version_groups(nodes)
     drift = drifting_names(groups)
+    contradicted = sum(
+        1 for n in nodes if isinstance(n.get("inventory"), dict) and n["inventory"].get("health_saw")
+    )
+    if contradicted:
+        text += f" | {contradicted} reporting a version their health check contradicts"
     if not drift:
         return text + (" | no version drift" if nodes else "")
     parts = [
@@ -238,6 +243,7 @@ def render_versions(nodes: Sequence[Mapping[str, Any]], width: int = 60) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     if not groups:
         lines.append("(no versions reported)")
+    lines.extend(f"MISMATCH {line}" for line in health_disagreements(nodes))
     lines.append(summary_line(nodes))
     return "\n".join(lines)
 
@@ -290,11 +296,42 @@ def _cut(text: str, width: int = 40) -> str:
 def _versions(node: Mapping[str, Any]) -> str:
     parts = [f"agent {node['agent_version']}"] if node.get("agent_version") else []
     inventory = node.get("inventory") or {}
+    saw = _health_saw(node)
     for kind in ("services", "packages", "drivers"):
         versions = inventory.get(kind) or {}
         if isinstance(versions, dict):
-            parts.extend(f"{name} {version}" for name, version in sorted(versions.items()))
+            parts.extend(
+                f"{name} {version}" + (f" (health saw {saw[name]})" if name in saw else "")
+                for name, version in sorted(versions.items())
+            )
     return ", ".join(parts) or "-"
+
+
+def _health_saw(node: Mapping[str, Any]) -> dict[str, Any]:
+    inventory = node.get("inventory")
+    saw = inventory.get("health_saw") if isinstance(inventory, dict) else None
+    return saw if isinstance(saw, dict) else {}
+
+
+def health_disagreements(nodes: Sequence[Mapping[str, Any]]) -> list[str]:
+    """``node-3: demo-app reports 1.0, its health check saw 2.0``, one line per disagreement."""
+    lines = []
+    for node in nodes:
+        inventory = node.get("inventory") if isinstance(node.get("inventory"), dict) else {}
+        assert isinstance(inventory, dict)  # noqa: S101 - narrowed just above
+        saw = inventory.get("health_saw")
+        if not isinstance(saw, dict):
+            continue
+        reported = {}
+        for kind in ("drivers", "packages", "services"):
+            if isinstance(inventory.get(kind), dict):
+                reported.update(inventory[kind])
+        for name, seen in sorted(saw.items()):
+            lines.append(
+                f"{node.get('node', '?')}: {name} reports {reported.get(name, '?')}, "
+                f"its health check saw {seen} answering"
+            )
+    return lines
 
 
 def _job(job: Any) -> str:

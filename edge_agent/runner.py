@@ -45,7 +45,7 @@ import logging
 import shutil
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -67,6 +67,7 @@ from bus.messages import (
 )
 from bus.topics import Topics
 from edge_agent import blocking, deferral, executor, system
+from edge_agent.claims import Claim, claims_of
 from edge_agent.executor import ActiveJob, JournalState, Recovery
 from edge_agent.intake import Accepted, Ignored, Rejected, ReplayFloor, TermFloor, check_command
 from edge_agent.journal import Journal
@@ -112,6 +113,8 @@ class _Job:
     undoing: bool = False
     final: bool = False
     step_failed: bool = False  # an apply step failed: the undo is the node's own restore
+    plan: Sequence[Step] = ()
+    checks: dict[int, str | None] = field(default_factory=dict)  # passed health checks: index -> expect
 
 
 @dataclass(eq=False)
@@ -147,7 +150,7 @@ class CommandRunner:
         handlers: Mapping[str, StepHandler] | None = None,
         journal: Journal | None = None,
         snapshot_every_s: float = 0.25,
-        versions: Callable[[], Awaitable[Inventory]] | None = None,
+        versions: Callable[[Sequence[Claim]], Awaitable[Inventory]] | None = None,
     ) -> None:
         self._settings = settings
         self._versions = versions
@@ -228,7 +231,7 @@ class CommandRunner:
         except Exception:
             _LOGGER.exception("handling a command failed")
 
-    def watch_versions(self, versions: Callable[[], Awaitable[Inventory]]) -> None:
+    def watch_versions(self, versions: Callable[[Sequence[Claim]], Awaitable[Inventory]]) -> None:
         """Re-read (and re-announce) the node's versions with ``versions`` after every job."""
         self._versions = versions
 
@@ -611,8 +614,9 @@ class CommandRunner:
                 self._job = None
                 if isinstance(item, _Recover):
                     item.done.set()
-            # What the job changed is announced at once, not at the next heartbeat (issue 14).
-            await self._read_versions()
+            # What the job changed is announced at once, not at the next heartbeat (issue 14),
+            # with what its health checks saw answering.
+            await self._read_versions(claims_of(job.plan, job.checks))
             await self._prune_backups()
 
     async def _prune_backups(self) -> None:
@@ -787,6 +791,7 @@ class CommandRunner:
             return
         rollout = command.rollout
         last = len(command.plan) - 1
+        job.plan = command.plan
         try:
             # One write holds the job and the intent of its first step.
             await self._change(
@@ -838,6 +843,8 @@ class CommandRunner:
                     )
                 )
                 await self._status(job.ident, index, step.type, "succeeded")
+                if isinstance(step, HealthStep):
+                    job.checks[index] = step.expect
                 if index < last:  # after the last step, the job's end is the next snapshot
                     await self._snapshot(job.ident, "applying")
                 continue
@@ -874,10 +881,12 @@ class CommandRunner:
         """Undo, last first, every step of the rollout's entry that is not undone yet."""
         rollout = job.ident.rollout
         job.undoing = True
+        job.checks.clear()  # what the apply's checks saw is being undone
         await self._change(lambda s: executor.set_phase(s, rollout, "rolling_back"), durable=False)
         await self._snapshot(job.ident, "rolling_back")
         entry = self._entry(rollout)
         assert entry is not None  # noqa: S101 - callers checked
+        job.plan = entry.plan
         for index in executor.undo_order(entry.steps, entry.plan):
             job.index = index
             step = entry.plan[index]
@@ -965,6 +974,7 @@ class CommandRunner:
             error = "cancelled" if outcome.cancelled else outcome.error
             if error is None:
                 what = health.describe(restore)
+                job.checks[index] = restore.expect
                 await self._update(rollout, index, durable=False, verified="passed", verify_detail=what)
                 await self._status(job.ident, index, step.type, "rolled_back", f"restore verified: {what}")
             else:
@@ -974,12 +984,16 @@ class CommandRunner:
                 await self._status(job.ident, index, step.type, "failed", f"restore not verified: {line}")
         job.index = None
 
-    async def _read_versions(self) -> Inventory | None:
-        """The node's versions, read again now (and re-announced by the agent if they changed)."""
+    async def _read_versions(self, claims: Sequence[Claim] = ()) -> Inventory | None:
+        """The node's versions, read again now (and re-announced by the agent if they changed).
+
+        ``claims``: the versions this job's passed health checks saw answering; the
+        agent names each one the re-read versions do not bear out.
+        """
         if self._versions is None:
             return None
         try:
-            return await self._versions()
+            return await self._versions(claims)
         except asyncio.CancelledError:
             raise
         except Exception:

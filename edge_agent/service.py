@@ -15,13 +15,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from bus import memory
 from bus.messages import Inventory, JobRef, encode
 from bus.mqtt import MqttClient, Will
 from bus.topics import Topics
+from edge_agent.claims import Claim, disagreements
 from edge_agent.config import AgentConfig
 from edge_agent.inventory import collect_inventory
 from edge_agent.presence import Presence, sample_system
@@ -95,6 +96,7 @@ class Agent:
             started_at=clock(),
         )
         self._inventory = Inventory()
+        self._claims: dict[str, tuple[str, str | None]] = {}  # subject -> (seen, reported then)
         self._stopping = False
         self._client: MqttClient | None = None
         self._refresh_task: asyncio.Task[None] | None = None
@@ -179,15 +181,18 @@ class Agent:
             _LOGGER.exception("inventory failed")
             return Inventory()
 
-    async def refresh_inventory(self) -> Inventory:
+    async def refresh_inventory(self, claims: Sequence[Claim] = ()) -> Inventory:
         """Re-read what the node runs; re-announce it (retained birth) at once if it changed.
 
-        The runner calls it as every job ends and when it verifies a restore.
+        The runner calls it as every job ends (with what the job's health checks saw
+        answering: ``claims``) and when it verifies a restore. A seen version the
+        re-read versions do not bear out goes into ``Inventory.health_saw`` until
+        the subject's reported version changes or a later check says otherwise.
         Serialized: a read that started before a job's last change never
         overwrites one that started after it.
         """
         async with self._refresh_lock:
-            inventory = await self._collect_inventory()
+            inventory = self._held_against(await self._collect_inventory(), claims)
             if inventory == self._inventory:
                 return inventory  # the retained birth still tells the truth
             changed = _changed_versions(self._inventory, inventory)
@@ -199,6 +204,23 @@ class Agent:
                 _LOGGER.warning("could not re-publish the birth: %s", exc)
             memory.release_soon()  # what the job and the scan freed
             return inventory
+
+    def _held_against(self, inventory: Inventory, claims: Sequence[Claim]) -> Inventory:
+        reported = {**inventory.drivers, **inventory.packages, **inventory.services}
+        kept = {s: c for s, c in self._claims.items() if reported.get(s) == c[1]}  # still speaks
+        for claim in claims:
+            kept[claim.subject] = (claim.version, reported.get(claim.subject))
+            if claim.version and claim.subject in disagreements({claim.subject: claim.version}, reported):
+                _LOGGER.warning(
+                    "%s reports version %s, but its health check (%s) just saw %s answering",
+                    claim.subject,
+                    reported[claim.subject],
+                    claim.check,
+                    claim.version,
+                )
+        self._claims = {s: c for s, c in kept.items() if c[0]}
+        saw = disagreements({s: c[0] for s, c in kept.items()}, reported)
+        return inventory.model_copy(update={"health_saw": saw}) if saw else inventory
 
     async def _refresh_inventory(self) -> None:
         await self.refresh_inventory()

@@ -284,10 +284,17 @@ def parse_filter(text: str) -> NodeFilter:
 
 
 def versions_text(inventory: Inventory) -> str:
-    """Every reported version as ``name=version`` words: services, packages, drivers."""
+    """Every reported version as ``name=version`` words: services, packages, drivers.
+
+    A version its health check contradicts says so: ``demo-app=1.0(health-saw:2.0)``.
+    """
     parts: list[str] = []
+    saw = inventory.health_saw
     for group in (inventory.services, inventory.packages, inventory.drivers):
-        parts.extend(f"{name}={version}" for name, version in sorted(group.items()))
+        parts.extend(
+            f"{name}={version}" + (f"(health-saw:{saw[name]})" if name in saw else "")
+            for name, version in sorted(group.items())
+        )
     return " ".join(parts)
 
 

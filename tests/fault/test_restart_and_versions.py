@@ -139,3 +139,70 @@ async def test_file_then_restart_rolls_back_to_the_old_file_and_versions_follow_
         with contextlib.suppress(Exception):
             await system.stop_service("app", state_dir=state, grace_s=2)
         await asyncio.sleep(0)
+
+
+STALE_SERVER = SERVER.replace('"version"', '"served"')  # answers what it serves, not the version file
+
+
+async def test_a_version_its_health_check_contradicts_is_named_until_a_check_bears_it_out(
+    amqtt_broker: RunningBroker, topics: Topics, make_fleet: Any, slow_web: SlowWeb
+) -> None:
+    """The service serves 2.0 while its version file still says 1.0: the node says both."""
+    fleet: Fleet = make_fleet(amqtt_broker.url, topics)
+    state = fleet.prepare_node(NODE)
+    port = free_port()
+    (fleet.scripts / "server.py").write_text(STALE_SERVER)
+    (state / "version").write_text("1.0\n")  # what the node reports (never rewritten by the plan)
+    (state / "served").write_text("1.0\n")
+    argv = [sys.executable, str(fleet.scripts / "server.py"), str(state), str(port)]
+    config = fleet.root / "agent.toml"
+    config.write_text(f'[agent.services.app]\ncommand = {json.dumps(argv)}\nversion_file = "version"\n')
+    await system.start_service("app", argv=argv, cwd=state, env=dict(os.environ), state_dir=state)
+    url, sha = slow_web.add("/app-2.0", b"2.0\n")
+    plan = [
+        {"type": "download", "url": url, "sha256": sha, "name": "app-2.0"},
+        {"type": "file", "src": "app-2.0", "dest": "served", "mode": "0644"},
+        {"type": "service", "action": "restart", "name": "app"},
+        {
+            "type": "health", "check": "http", "target": f"http://127.0.0.1:{port}/", "expect": "2.0",
+            "retries": 30, "interval_s": 0.1, "verify": {"expect": "version 1.0"},
+        },
+    ]  # fmt: skip
+
+    def health_saw(wanted: dict[str, str]) -> bool:
+        node = observer.states.get(NODE)
+        return node is not None and node.state == "online" and node.inventory.health_saw == wanted
+
+    try:
+        async with observing(amqtt_broker.url, topics) as observer:
+            births = observer.hub_births
+            fleet.start_hub()
+            fleet.start_agent(NODE, "--config", str(config), heartbeat_s=5.0)
+            await observer.hub_ready(births)
+            await observer.online([NODE])
+            await _version_seen(observer, "1.0")
+            assert observer.states[NODE].inventory.health_saw == {}
+
+            rollout = (
+                await observer.ok("create_rollout", {"name": "stale", "targets": [NODE], "plan": plan})
+            )["rollout"]
+            phase, _ = await _job_end(observer, rollout, "apply")
+            assert phase == "succeeded", fleet.logs()
+            assert _answer(port) == "version 2.0"
+            await observer.wait(lambda: health_saw({"app": "2.0"}) or None, "app named as seen at 2.0", 15.0)
+            assert observer.states[NODE].inventory.services["app"] == "1.0"  # the report stays as read
+            # The hub passes it on to every operator surface (fleet nodes, GET /api/nodes, the TUI).
+            listed = await observer.ok("nodes", {})
+            rows = listed["nodes"] if isinstance(listed, dict) else listed
+            (row,) = [r for r in rows if r["node"] == NODE]
+            assert row["inventory"]["health_saw"] == {"app": "2.0"}
+
+            # Rolled back, the restore check sees 1.0, as reported: nothing left to name.
+            await observer.ok("rollback", {"rollout": rollout})
+            phase, _ = await _job_end(observer, rollout, "rollback")
+            assert phase == "rolled_back", fleet.logs()
+            await observer.wait(lambda: health_saw({}) or None, "the disagreement cleared", 15.0)
+    finally:
+        with contextlib.suppress(Exception):
+            await system.stop_service("app", state_dir=state, grace_s=2)
+        await asyncio.sleep(0)

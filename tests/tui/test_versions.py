@@ -10,6 +10,7 @@ from bus.messages import Inventory, NodeState
 from cli.nodes import matches, parse_version_filter, render_table, render_versions, summary_line
 from tests.tui.helpers import demo_app, until
 from tui.demo import DEMO_NOW
+from tui.model import versions_text
 from tui.screens.versions import VersionsScreen
 from tui.versions import VersionGroup, drifting, group_versions, software_versions
 
@@ -52,6 +53,20 @@ def test_fleet_nodes_by_version_and_its_summary() -> None:
     assert table[3].split()[:5] == ["fleet-agent", "0.1.0", "3", "-", "node-1,"]
     assert table[-1] == "3 nodes: 2 online, 1 offline | drift: demo-app 2.0 x2, 1.0 x1"
     assert summary_line(nodes[:2]) == "2 nodes: 2 online, 0 offline | no version drift"
+
+
+def test_a_version_its_health_check_contradicts_is_shown_everywhere_versions_are() -> None:
+    nodes = [_node("n1", "2.0"), _node("n2", "1.0")]
+    nodes[1]["inventory"]["health_saw"] = {"demo-app": "2.0"}
+    table = render_table(nodes, now=0.0)
+    assert "demo-app 1.0 (health saw 2.0)" in table
+    assert "demo-app 2.0 (health" not in table
+    view = render_versions(nodes)
+    assert "MISMATCH n2: demo-app reports 1.0, its health check saw 2.0 answering" in view
+    assert "1 reporting a version their health check contradicts" in summary_line(nodes)
+    assert "contradicts" not in summary_line(nodes[:1])
+    inventory = Inventory(services={"demo-app": "1.0"}, health_saw={"demo-app": "2.0"})
+    assert versions_text(inventory) == "demo-app=1.0(health-saw:2.0)"
 
 
 def test_fleet_nodes_filters_by_state_and_version() -> None:

@@ -101,6 +101,13 @@ def register(parser: argparse.ArgumentParser) -> None:
         "(credentials/<name>.url): on mosquitto, tools running at once need "
         "one each (FLEET_TOOLS)",
     )
+    parser.add_argument(
+        "--hub-port",
+        type=int,
+        default=env_default("FLEET_HUB_PORT"),
+        help="a listener of the hubs' own, for standby hubs: several `fleet hub` share "
+        "credentials/hub.url there, each with its own --client-id (FLEET_HUB_PORT)",
+    )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
         "--add",
@@ -145,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
         broker_dir=args.broker_dir,
         broker_user=args.broker_user,
         tools=[t.strip() for t in str(args.tools or "").split(",") if t.strip()],
+        hub_port=int(args.hub_port) if args.hub_port is not None else None,
         add=bool(args.add),
         force=bool(args.force),
     )
@@ -157,6 +165,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"broker config for {len(settings.nodes)} node(s) in {result.directory}")
     listener = f"{scheme}://{settings.bind or settings.host}:{settings.port}"
     print(f"  listener   {listener}, prefix {settings.prefix}")
+    if settings.hub_port is not None:
+        hubs = f"{scheme}://{settings.bind or settings.host}:{settings.hub_port}"
+        print(f"  hubs       {hubs} (credentials/hub.url; standby hubs share it)")
     print(f"  mosquitto  mosquitto -c {result.directory / 'mosquitto.conf'}")
     print(f"  embedded   fleet broker --config {result.directory / 'amqtt.yaml'}")
     kept = [c for c in settings.clients if c not in result.created]
@@ -178,8 +189,10 @@ def _run_nats(args: argparse.Namespace, nodes: tuple[str, ...]) -> int:
     from broker_config.nats import write_nats_config
     from bus.errors import InvalidInput
 
-    if args.tls or args.bind or args.broker_dir or args.broker_user:
-        raise InvalidInput("--kind nats takes no --tls, --bind, --broker-dir or --broker-user (yet)")
+    if args.tls or args.bind or args.broker_dir or args.broker_user or args.hub_port:
+        raise InvalidInput(
+            "--kind nats takes no --tls, --bind, --broker-dir, --broker-user or --hub-port (yet)"
+        )
     result = write_nats_config(
         Path(args.out),
         nodes,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import getpass
 import logging
 import os
 import random
@@ -27,12 +28,14 @@ from typing import Any
 
 import pytest
 
+from broker_config.generate import write_broker_config
 from bus.errors import BusError
 from bus.messages import Command, ScriptStep, StepStatus, encode
 from bus.signing import load_private_key, sign_command
 from bus.topics import Topics
-from tests.conftest import RunningBroker
+from tests.conftest import RunningBroker, free_port, wait_port
 from tests.fault.conftest import Fleet, Observer, check_outcome, observing, parts_spec, trials
+from tests.integration.test_acl import refused, run_broker
 from tests.nats_cluster import NatsCluster, nats_binary
 
 _LOGGER = logging.getLogger(__name__)
@@ -318,6 +321,51 @@ async def test_three_hubs_on_the_nats_cluster(tmp_path: Path, topics: Topics, rn
         statistics.median(takeovers),
         max(takeovers),
     )
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("kind", ["amqtt", "mosquitto"])
+async def test_two_hubs_share_the_generated_hub_credentials_on_the_hub_listener(
+    tmp_path: Path, topics: Topics, kind: str
+) -> None:
+    """``fleet broker-config --hub-port``: mosquitto names every other client after its user.
+
+    Two hubs sharing the user ``hub`` there would end each other's connections; on
+    the hubs' own listener their ids are kept, only the hub's password is valid,
+    and the active connections still share one id (one at a time). The embedded
+    broker keeps every id its user's (``user~id``) on both listeners.
+    """
+    port, hub_port = free_port(), free_port()
+    config = write_broker_config(
+        tmp_path / "broker", ("n1",), port=port, hub_port=hub_port, prefix=topics.prefix,
+        broker_user=getpass.getuser(),
+    )  # fmt: skip
+    with run_broker(kind, config):
+        wait_port(hub_port)
+        assert f":{hub_port}" in config.url("hub")
+        if kind == "mosquitto":  # (the embedded broker keeps ids per user on every listener)
+            node_on_hub_port = config.url("n1").replace(f":{port}", f":{hub_port}")
+            assert await refused(node_on_hub_port), (
+                "a node's password must not be valid on the hubs' listener"
+            )
+        fleet = Fleet(config.url("hub"), tmp_path / "fleet", topics)
+        try:
+            async with observing(config.url("tui"), topics) as observer:
+                first, second = await two_hubs(fleet, observer)
+                state = observer.hub_state
+                assert state is not None
+                # Requests answered one by one while both hubs stay connected: no takeover.
+                for _ in range(10):
+                    await observer.ok("list")
+                now = observer.hub_state
+                assert now is not None
+                assert (now.hub, now.term, now.state) == (first, state.term, "active"), fleet.logs()
+                assert standing_by(observer, second), fleet.logs()
+                successor, took = await kill_active(fleet, observer, [first, second])
+                assert successor == second
+                _LOGGER.info("%s hub listener: takeover %.2f s", kind, took)
+        finally:
+            fleet.close()
 
 
 @pytest.fixture(autouse=True)

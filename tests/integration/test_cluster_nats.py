@@ -184,31 +184,16 @@ async def test_rollout_survives_kill_9_of_any_one_server(
                 await observer.status(rollout, "running")
                 started = time.monotonic()
                 cluster.kill(killed)
-                # Consistent either way (each node wholly old or new, no step run twice, nothing
-                # left retained); then it must be "succeeded", with one known exception below.
+                # Every node wholly new, no step run twice, nothing left retained. A node a
+                # surviving server closes while its streams elect new leaders (NATS then sends
+                # its will) is back within the offline grace (DESIGN 3.4): no rollback.
                 state = await check_outcome(
-                    fleet,
-                    observer,
-                    rollout,
-                    NODES,
-                    frozenset({"succeeded", "rolled_back"}),
-                    "v0",
-                    "v1",
-                    timeout=180,
+                    fleet, observer, rollout, NODES, frozenset({"succeeded"}), "v0", "v1", timeout=180
                 )
                 _LOGGER.info(
                     "NATS server %d killed mid-rollout: %s %.1f s after the kill",
                     killed, state, time.monotonic() - started,
                 )  # fmt: skip
-                if state != "succeeded":
-                    hub_log = fleet.hub.log(100_000) if fleet.hub is not None else ""
-                    if "offline (lost)" in hub_log and "went offline mid-job" in hub_log:
-                        # A surviving server closed a node it could not serve for 4 s (its
-                        # JetStream streams were electing leaders) and published the node's will;
-                        # the node was back within a second. An engine without the offline grace
-                        # of DESIGN 3.4 counts that node failed at once and rolls back cleanly.
-                        pytest.xfail("NATS published a will mid-failover; needs the engine's offline grace")
-                    pytest.fail(f"rollout {state} for another reason:\n{fleet.logs()}")
         finally:
             fleet.close()
 

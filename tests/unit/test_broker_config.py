@@ -223,6 +223,29 @@ def test_an_existing_config_is_never_overwritten_by_accident(
     assert (out / "passwords").read_bytes() == before
 
 
+def test_hub_port_gives_the_hubs_a_listener_of_their_own(tmp_path: Path) -> None:
+    out = tmp_path / "broker"
+    assert run_cli("--out", str(out), "--nodes", "n1", "--port", "1883", "--hub-port", "1884") == 0
+    conf = (out / "mosquitto.conf").read_text()
+    main_part, hub_part = conf.split("listener 1884 127.0.0.1")
+    assert "per_listener_settings true" in main_part
+    assert "listener 1883 127.0.0.1" in main_part
+    assert "use_username_as_clientid true" in main_part
+    assert "use_username_as_clientid" not in hub_part  # several hubs share the user hub
+    assert f"password_file {out / 'hub-passwords'}" in hub_part
+    assert set(parse_password_file((out / "hub-passwords").read_text())) == {"hub"}
+    assert stat.S_IMODE((out / "hub-passwords").stat().st_mode) == 0o600
+    assert urlsplit((out / "credentials" / "hub.url").read_text().strip()).port == 1884
+    assert urlsplit((out / "credentials" / "n1.url").read_text().strip()).port == 1883
+    listeners = yaml.safe_load((out / "amqtt.yaml").read_text())["listeners"]
+    assert listeners["hubs"]["bind"] == "127.0.0.1:1884"
+    # Without it, no hub listener and no hub password file (a --force drops them).
+    assert run_cli("--out", str(out), "--nodes", "n1", "--force") == 0
+    assert "per_listener_settings false" in (out / "mosquitto.conf").read_text()
+    assert not (out / "hub-passwords").exists()
+    assert run_cli("--out", str(out), "--nodes", "n1", "--force", "--port", "1884", "--hub-port", "1884") == 2
+
+
 def test_broker_dir_is_where_the_broker_sees_the_files(tmp_path: Path) -> None:
     out = tmp_path / "broker"
     result = write_broker_config(

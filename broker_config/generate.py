@@ -326,6 +326,8 @@ def acl_text(prefix: str = DEFAULT_PREFIX, tools: Iterable[str] = ()) -> str:
     lines += [f"pattern write {prefix}/node/%u/{channel}" for channel in NODE_PUBLISHES]
     lines += [
         f"pattern read {prefix}/node/%u/cmd",
+        "# ... and the active hub's signed state: its term fences off a replaced hub (DESIGN 3.9).",
+        f"pattern read {prefix}/hub/state",
         "",
         "# The hub: reads everything; the only writer of commands, rollouts, replies and events.",
         f"user {HUB_USER}",

@@ -181,7 +181,7 @@ def _permissions(client: str, prefix: str) -> tuple[list[str], list[str]]:
         subscribe = everything
     else:
         publish = [_subject(f"{prefix}/node/{client}/{channel}") for channel in NODE_PUBLISHES]
-        subscribe = [_subject(f"{prefix}/node/{client}/cmd")]
+        subscribe = [_subject(f"{prefix}/node/{client}/cmd"), _subject(f"{prefix}/hub/state")]
     return publish, [*subscribe, "$MQTT.sub.>"]
 
 

@@ -351,6 +351,19 @@ class HubState(_Report):
     )
     hub: str = Field(default="", max_length=128, description="The id of the hub this state is of.")
     term: int = Field(default=0, ge=0, description="The active hub's term (grows at every takeover).")
+    sig: str = Field(
+        default="",
+        max_length=512,
+        description="An active hub/state is signed like a command (a hub with a signing key): agents "
+        "take its term as their floor, fencing off the replaced hub at once. Left out when unsigned.",
+    )
+
+    @model_serializer(mode="wrap")
+    def _without_empty_sig(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        if isinstance(data, dict) and not data.get("sig"):
+            data.pop("sig", None)
+        return data
 
 
 # ------------------------------------------------------------------------ commands

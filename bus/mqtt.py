@@ -380,6 +380,7 @@ class MqttClient:
         self._pending: dict[int, _Pending] = {}
         self._subscriptions: dict[str, int] = {}
         self._granted: set[str] = set()
+        self._optional: set[str] = set()  # wanted, retried, but nothing waits for them
         self._refusals: dict[str, int] = {}
         self._retries: dict[str, asyncio.TimerHandle] = {}
         self._connection = 0
@@ -558,8 +559,11 @@ class MqttClient:
 
     @property
     def missing_subscriptions(self) -> tuple[str, ...]:
-        """Subscriptions the broker has not granted on the current connection (all, while disconnected)."""
-        return tuple(topic for topic in self._subscriptions if topic not in self._granted)
+        """Subscriptions the broker has not granted on the current connection (all, while disconnected).
+
+        Optional ones are left out: neither ``on_connect`` hooks nor callers wait for them.
+        """
+        return tuple(t for t in self._subscriptions if t not in self._granted and t not in self._optional)
 
     async def wait_connected(self, timeout: float | None = None) -> None:
         """Wait until connected (again)."""
@@ -571,8 +575,11 @@ class MqttClient:
 
     # ------------------------------------------------------------------ pub/sub
 
-    async def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+    async def subscribe(self, topic_filter: str, qos: int = 1, *, optional: bool = False) -> None:
         """Subscribe now and after every reconnect.
+
+        ``optional``: the client is complete without it (births are not held back
+        while the broker refuses it, e.g. under an older ACL); still retried.
 
         While connected it returns once the broker acknowledged the subscription
         (if the connection drops meanwhile: once it is renewed after the
@@ -588,9 +595,14 @@ class MqttClient:
         check_topic_name(self.urls, "topic filter", topic_filter)
         self._subscriptions[topic_filter] = qos
         self._refusals.pop(topic_filter, None)
+        if optional:
+            self._optional.add(topic_filter)
+        else:
+            self._optional.discard(topic_filter)
         if topic_filter in self._granted:
             return
-        self._complete.clear()
+        if not optional:
+            self._complete.clear()
         if not self.is_connected:
             return
         future = asyncio.get_running_loop().create_future()
@@ -601,6 +613,7 @@ class MqttClient:
         """Forget a subscription; returns once the broker acknowledged it (if connected)."""
         self._subscriptions.pop(topic_filter, None)
         self._granted.discard(topic_filter)
+        self._optional.discard(topic_filter)
         self._refusals.pop(topic_filter, None)
         retry = self._retries.pop(topic_filter, None)
         if retry is not None:
@@ -1012,13 +1025,15 @@ class MqttClient:
         request.settle(BusError(self._last_refusal))
         if topic_filter not in self._subscriptions or self._closing:
             return
-        if count >= _REFUSALS_BEFORE_MOVING_ON and len(self.urls) > 1:
+        optional = topic_filter in self._optional  # (an older ACL may refuse it everywhere)
+        if count >= _REFUSALS_BEFORE_MOVING_ON and len(self.urls) > 1 and not optional:
             _LOGGER.warning("%s %d times: moving on to another server", self._last_refusal, count)
             self.abort()
             return
         low, high = _SUBSCRIBE_RETRY
         delay = min(low * 2 ** (count - 1), high) * (0.5 + random.random())  # noqa: S311 - jitter
-        _LOGGER.warning("%s (retrying in %.1f s)", self._last_refusal, delay)
+        log = _LOGGER.info if optional and count > 1 else _LOGGER.warning
+        log("%s (retrying in %.1f s)", self._last_refusal, delay)
         if self._loop is not None:
             old = self._retries.pop(topic_filter, None)
             if old is not None:

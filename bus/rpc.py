@@ -3,7 +3,9 @@
 A request sent while no hub is connected fails fast with why (issue 15): the
 client follows the hub's retained ``hub/state`` and, when it says offline,
 fails every waiting call (and every new one) with "hub offline since ..."
-instead of waiting out the timeout.
+instead of waiting out the timeout. With a standby hub standing by (its
+membership record), a call instead waits for the takeover, within its timeout,
+and a request that changes nothing is sent again to the new active hub.
 """
 
 from __future__ import annotations
@@ -20,8 +22,13 @@ from bus.topics import Topics
 
 __all__ = ["HubClient"]
 
-#: How long a call waits for an offline hub's state to turn online before it fails.
+#: How long a call waits for an offline hub's state to turn online before it fails
+#: (with a standby hub known: as long as the call's timeout, for the takeover).
 _OFFLINE_WAIT_S = 1.0
+#: Requests that change nothing: sent again (a new id) to the hub that takes over when
+#: the one they went to is lost before it answered (DESIGN 3.9). A create with an
+#: idempotency key is as safe: the new hub finds the rollout if the lost one made it.
+_READ_ONLY: frozenset[str] = frozenset({"list", "show", "nodes", "plan"})
 
 
 class HubClient:
@@ -60,6 +67,10 @@ class HubClient:
             head = f"hub: none active ({state.hub or 'the hub'} {state.state})"
         standby = sorted(h for h, m in self.members.items() if m.state == "standby")
         return head + (f"; standing by: {', '.join(standby)}" if standby else "")
+
+    def standby_known(self) -> bool:
+        """Whether a hub stands by to take over (its membership record says ``standby``)."""
+        return any(member.state == "standby" for member in self.members.values())
 
     def offline_reason(self) -> str | None:
         """Why no hub can answer (its retained state says offline), or None."""
@@ -136,31 +147,54 @@ class HubClient:
         """Send one request and wait for its reply.
 
         Raises:
-            BusError: the hub's retained state says it is offline (at once), or no
-                reply within ``timeout`` (is a hub running?).
+            BusError: the hub's retained state says it is offline (at once, or once no
+                standby took over within ``timeout``), or no reply within ``timeout``
+                (is a hub running?).
         """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        body = body or {}
+        await self._until_online(deadline)
+        while True:
+            request = Request(id=new_id(), op=op, reply_to=self.reply_topic, body=body)
+            future: asyncio.Future[Reply] = loop.create_future()
+            self._waiting[request.id] = future
+            try:
+                await self._client.publish(self._topics.hub_request, encode(request), qos=1)
+                return await asyncio.wait_for(future, max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError as exc:
+                raise BusError(
+                    f"no reply from the hub within {timeout:g} s (is `fleet hub` running?)"
+                ) from exc
+            except BusError:
+                resend = op in _READ_ONLY or (op == "create_rollout" and bool(body.get("idempotency_key")))
+                if not (resend and self.offline_reason() is not None and self.standby_known()):
+                    raise
+            finally:
+                self._waiting.pop(request.id, None)
+                with contextlib.suppress(Exception):
+                    if not future.done():
+                        future.cancel()
+            await self._until_online(deadline)  # the takeover; then the same request again
+
+    async def _until_online(self, deadline: float) -> None:
+        """Return once no retained state says the hub is offline; BusError with why otherwise.
+
+        A hub restarting says so again within moments: wait that long (``_OFFLINE_WAIT_S``),
+        or, with a standby hub known, until ``deadline`` for it to take over.
+        """
+        loop = asyncio.get_running_loop()
         reason = self.offline_reason()
-        if reason is not None:
-            # A hub restarting says "online" again within moments: wait that long, not more.
+        if reason is None:
+            return
+        limit = deadline if self.standby_known() else min(deadline, loop.time() + _OFFLINE_WAIT_S)
+        while reason is not None and loop.time() < limit:
             self._state_seen.clear()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._state_seen.wait(), min(timeout, _OFFLINE_WAIT_S))
+                await asyncio.wait_for(self._state_seen.wait(), max(0.0, limit - loop.time()))
             reason = self.offline_reason()
-            if reason is not None:
-                raise BusError(reason)
-        request = Request(id=new_id(), op=op, reply_to=self.reply_topic, body=body or {})
-        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self._waiting[request.id] = future
-        try:
-            await self._client.publish(self._topics.hub_request, encode(request), qos=1)
-            return await asyncio.wait_for(future, timeout)
-        except asyncio.TimeoutError as exc:
-            raise BusError(f"no reply from the hub within {timeout:g} s (is `fleet hub` running?)") from exc
-        finally:
-            self._waiting.pop(request.id, None)
-            with contextlib.suppress(Exception):
-                if not future.done():
-                    future.cancel()
+        if reason is not None:
+            raise BusError(reason)
 
 
 def _clock(when: float) -> str:

@@ -11,7 +11,9 @@ import base64
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pydantic import BaseModel
 
 from bus.ed25519 import PublicKey, public_key_from_pem
 from bus.errors import ConfigError, SignatureError
@@ -21,6 +23,9 @@ from bus.messages import Command
 if TYPE_CHECKING:  # the hub's side; agents only verify and never load ``cryptography``
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+#: A message with a ``sig`` field: a command, an active hub state.
+Signable = TypeVar("Signable", bound=BaseModel)
+
 __all__ = [
     "canonical_json",
     "generate_keypair",
@@ -28,6 +33,7 @@ __all__ = [
     "load_public_keys",
     "public_key_of",
     "sign_command",
+    "sign_model",
     "verify_fields",
 ]
 
@@ -45,9 +51,14 @@ def _signed_part(fields: Mapping[str, Any]) -> bytes:
 
 def sign_command(command: Command, key: Ed25519PrivateKey) -> Command:
     """Return ``command`` with ``sig`` set."""
-    fields = command.model_dump(mode="json")
+    return sign_model(command, key)
+
+
+def sign_model(message: Signable, key: Ed25519PrivateKey) -> Signable:
+    """Return ``message`` (a model with a ``sig`` field: a command, an active hub state) signed."""
+    fields = message.model_dump(mode="json")
     sig = key.sign(_signed_part(fields))
-    return command.model_copy(update={"sig": base64.b64encode(sig).decode("ascii")})
+    return message.model_copy(update={"sig": base64.b64encode(sig).decode("ascii")})
 
 
 def verify_fields(fields: Mapping[str, Any], keys: Iterable[PublicKey]) -> None:

@@ -51,7 +51,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from bus.errors import FleetError
+from bus.errors import FleetError, InvalidInput, SignatureError
 from bus.messages import (
     Command,
     HealthStep,
@@ -64,7 +64,9 @@ from bus.messages import (
     StepStateName,
     StepStatus,
     encode,
+    loads_object,
 )
+from bus.signing import verify_fields
 from bus.topics import Topics
 from edge_agent import blocking, deferral, executor, system
 from edge_agent.claims import Claim, claims_of
@@ -225,11 +227,37 @@ class CommandRunner:
             return  # an empty payload is the hub clearing its retained command: nothing to do
         try:
             async with self._intake_lock:
-                await self._take(topic, payload)
+                if topic == self._topics.hub_state:
+                    await self._take_hub_state(payload)
+                else:
+                    await self._take(topic, payload)
         except asyncio.CancelledError:
             raise
         except Exception:
             _LOGGER.exception("handling a command failed")
+
+    async def _take_hub_state(self, payload: bytes) -> None:
+        """The active hub's signed state raises the term floor at once (DESIGN 3.9).
+
+        Then a replaced hub is fenced off on this node before the new one sends it a
+        command. Anything unsigned, unverified, not ``active`` or not higher is ignored.
+        """
+        try:
+            raw = loads_object(payload)
+        except InvalidInput:
+            return
+        term = raw.get("term")
+        if raw.get("state") != "active" or isinstance(term, bool) or not isinstance(term, int) or term <= 0:
+            return
+        if term <= await asyncio.to_thread(self._terms.read):
+            return
+        try:
+            verify_fields(raw, self._settings.trusted_keys)
+        except SignatureError as exc:
+            _LOGGER.warning("hub state of term %d ignored: %s", term, exc)
+            return
+        await asyncio.to_thread(self._terms.raise_to, term)
+        _LOGGER.info("hub %s is active with term %d: older terms are refused", str(raw.get("hub"))[:64], term)
 
     def watch_versions(self, versions: Callable[[Sequence[Claim]], Awaitable[Inventory]]) -> None:
         """Re-read (and re-announce) the node's versions with ``versions`` after every job."""

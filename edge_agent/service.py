@@ -125,6 +125,8 @@ class Agent:
         self._client = client
         client.on_connect(self._publish_birth)
         await client.subscribe(self.presence.cmd_topic, qos=1)
+        # The active hub's signed term (DESIGN 3.9); an older ACL may refuse it: not waited for.
+        await client.subscribe(self.topics.hub_state, qos=1, optional=True)
         runner = self._runner_factory(settings, self.topics, client.publish)
         self._runner = runner
         watch = getattr(runner, "watch_versions", None)
@@ -260,10 +262,10 @@ class Agent:
     # ------------------------------------------------------------------ commands
 
     async def _commands(self, client: MqttClient, runner: CommandHandler) -> None:
-        cmd_topic = self.presence.cmd_topic
+        wanted = (self.presence.cmd_topic, self.topics.hub_state)
         async for message in client.messages():
-            if message.topic != cmd_topic:
-                # Only our own cmd topic is subscribed; anything else is a broker leak (FINDINGS 1).
+            if message.topic not in wanted:
+                # Only these two are subscribed; anything else is a broker leak (FINDINGS 1).
                 _LOGGER.warning("ignored a message on %s: not this node's cmd topic", message.topic)
                 continue
             try:

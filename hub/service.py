@@ -60,7 +60,7 @@ from bus.messages import (
     new_id,
 )
 from bus.mqtt import Message, MqttClient, Will
-from bus.signing import load_private_key
+from bus.signing import load_private_key, sign_model
 from bus.topics import Topics
 from hub.config import NO_SIGNING_KEY, HubConfig
 from hub.engine import check_record
@@ -425,6 +425,10 @@ class HubService:
             term=self.term if term is None else term,
         )
 
+    def _signed(self, state: HubState) -> bytes:
+        """An active state, signed when the hub has a key: agents take its term as their floor."""
+        return encode(sign_model(state, self._key) if self._key is not None else state)
+
     def _will(self) -> Will:
         # A fresh session per connection; the birth of that connection reuses it. The main
         # connection's will is this hub's membership record (DESIGN 3.9).
@@ -572,7 +576,7 @@ class HubService:
         await asyncio.to_thread(self._terms.write, term)
         self.term = term
         active = self._hub_state("active")
-        await lock.publish(self.topics.hub_state, encode(active), qos=1, retain=True, wait=True)
+        await lock.publish(self.topics.hub_state, self._signed(active), qos=1, retain=True, wait=True)
         return active
 
     async def _read_probe(self, lock: MqttClient, session: str, ts: float) -> None:
@@ -683,7 +687,7 @@ class HubService:
             return
         if state is None or state.state != "active" or state.hub != self.hub_id:
             # A late will of an older hub overwrote the retained state: say who is active.
-            active = encode(self._hub_state("active"))
+            active = self._signed(self._hub_state("active"))
             with contextlib.suppress(BusError):
                 await self.publish(self.topics.hub_state, active, qos=1, retain=True)
 

@@ -15,7 +15,6 @@ is replayed on purpose: the node refuses it and runs nothing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import getpass
 import logging
 import os
@@ -30,7 +29,7 @@ import pytest
 
 from broker_config.generate import write_broker_config
 from bus.errors import BusError
-from bus.messages import Command, ScriptStep, StepStatus, encode
+from bus.messages import Command, HubState, ScriptStep, StepStatus, encode
 from bus.signing import load_private_key, sign_command
 from bus.topics import Topics
 from tests.conftest import RunningBroker, free_port, wait_port
@@ -70,19 +69,27 @@ def standing_by(observer: Observer, hub: str) -> bool:
 
 
 class Requests:
-    """A stream of ``list`` requests throughout a trial: how many were answered, none twice."""
+    """A stream of ``list`` requests throughout a trial: every one answered, none twice.
+
+    A request whose hub is lost before it answers waits for the takeover and goes to
+    the new active hub (``bus.rpc``): none fails.
+    """
 
     def __init__(self, observer: Observer) -> None:
         self.observer = observer
         self.sent = 0
         self.answered = 0
+        self.failed: list[str] = []
         self._task: asyncio.Task[None] | None = None
 
     async def _run(self) -> None:
         while True:
             self.sent += 1
-            with contextlib.suppress(BusError):
-                await self.observer.rpc.call("list", timeout=2.0)
+            try:
+                await self.observer.rpc.call("list", timeout=TAKEOVER_LIMIT_S)
+            except BusError as exc:
+                self.failed.append(str(exc))
+            else:
                 self.answered += 1
             await asyncio.sleep(0.1)
 
@@ -198,6 +205,7 @@ async def test_the_active_hub_killed_mid_rollout_the_standby_carries_it_on(
                 _, took = await kill_active(fleet, observer, hubs)
                 takeovers.append(took)
                 await check_outcome(fleet, observer, rollout, NODES, frozenset({"succeeded"}), version, new)
+            assert not stream.failed, stream.failed
             _LOGGER.info(
                 "trial %d (%s): takeover in %.2f s; requests %d sent, %d answered",
                 trial,
@@ -250,7 +258,7 @@ async def test_the_active_hub_killed_mid_rollback_the_standby_finishes_it(
             marker.write_text("")
             new = f"bad{trial}"
             seen = len(observer.statuses)
-            with Requests(observer):
+            with Requests(observer) as stream:
                 body = await observer.ok("create_rollout", parts_spec(f"bad update {trial}", new, NODES))
                 rollout = body["rollout"]
                 await observer.status(rollout, "failed", after=seen)  # the broken node's gate
@@ -260,6 +268,7 @@ async def test_the_active_hub_killed_mid_rollback_the_standby_finishes_it(
                 _, took = await kill_active(fleet, observer, hubs)
                 takeovers.append(took)
                 await check_outcome(fleet, observer, rollout, NODES, frozenset({"rolled_back"}), "v0", new)
+            assert not stream.failed, stream.failed
             check_replies(observer)
             marker.unlink()
     _LOGGER.info(
@@ -321,6 +330,51 @@ async def test_three_hubs_on_the_nats_cluster(tmp_path: Path, topics: Topics, rn
         statistics.median(takeovers),
         max(takeovers),
     )
+
+
+@pytest.mark.timeout(240)
+async def test_a_node_the_new_hub_never_commanded_refuses_the_old_term_at_once(
+    amqtt_broker: RunningBroker, topics: Topics, tmp_path: Path
+) -> None:
+    """The active hub's signed state raises every node's term floor, commanded or not.
+
+    Without it, a node fences off only the terms of commands it took: one the new
+    hub never commanded would still obey a command of the replaced hub.
+    """
+    fleet = Fleet(amqtt_broker.url, tmp_path / "fleet", topics)
+    floor = fleet.state_dir("n1") / "term-floor"
+
+    def floor_is(term: int) -> bool | None:
+        try:
+            return int(floor.read_text().strip()) == term or None
+        except (OSError, ValueError):
+            return None
+
+    try:
+        async with observing(amqtt_broker.url, topics) as observer:
+            hubs = await two_hubs(fleet, observer)
+            fleet.start_agent("n1")
+            await observer.online(["n1"])
+            state = observer.hub_state
+            assert state is not None
+            await observer.wait(lambda: floor_is(state.term), f"n1's floor at term {state.term}")
+            await kill_active(fleet, observer, hubs)
+            new = observer.hub_state
+            assert new is not None
+            assert new.term > state.term
+            await observer.wait(lambda: floor_is(new.term), f"n1's floor at term {new.term} (no command)")
+            await replay_an_older_term(fleet, observer, "n1")
+            # An unsigned "active" state (a broker credential without the hub's key) moves nothing.
+            forged = HubState(state="active", session=str(uuid.uuid4()), hub="forged", term=new.term + 100)
+            await observer.client.publish(topics.hub_state, encode(forged), qos=1, retain=False)
+            agent = fleet.agents["n1"]
+            await observer.wait(
+                lambda: "ignored: command is not signed" in agent.log(100_000) or None,
+                "n1 ignoring the forgery",
+            )
+            assert floor_is(new.term), floor.read_text()
+    finally:
+        fleet.close()
 
 
 @pytest.mark.timeout(180)

@@ -277,7 +277,7 @@ P = "fleet/v1"
         ("n1", f"{P}/node/n2/state", False, False),
         ("n1", f"{P}/node/n2/cmd", False, False),
         ("n1", f"{P}/hub/request", False, False),
-        ("n1", f"{P}/hub/state", False, False),
+        ("n1", f"{P}/hub/state", False, True),
         ("n1", f"{P}/events", False, False),
         ("hub", f"{P}/node/n1/cmd", True, True),
         ("hub", f"{P}/node/n1/state", False, True),

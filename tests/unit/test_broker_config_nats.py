@@ -59,7 +59,7 @@ def test_permissions_equal_the_mosquitto_acl(tmp_path: Path) -> None:
         'publish: ["acme.v1.node.web-1.state", "acme.v1.node.web-1.heartbeat", "acme.v1.node.web-1.status", '
         '"acme.v1.node.web-1.job", "acme.v1.node.web-1.log"]' in node_perms
     )
-    assert 'subscribe: ["acme.v1.node.web-1.cmd", "$MQTT.sub.>"]' in node_perms
+    assert 'subscribe: ["acme.v1.node.web-1.cmd", "acme.v1.hub.state", "$MQTT.sub.>"]' in node_perms
     assert (
         'publish: ["acme.v1.node.*.cmd", "acme.v1.rollout.*", "acme.v1.rollout.*.record", '
         '"acme.v1.hub.reply.*", "acme.v1.hub.state", "acme.v1.hub.member.*", '

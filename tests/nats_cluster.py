@@ -48,7 +48,11 @@ class NatsCluster:
             raise FileNotFoundError("nats-server is not installed: apt-get install -y nats-server")
         self.binary = binary
         self.directory = directory
-        ports = [free_port() for _ in range(3 * servers)]
+        ports: list[int] = []
+        while len(ports) < 3 * servers:  # free_port may hand out one port twice (it binds and lets go)
+            port = free_port()
+            if port not in ports:
+                ports.append(port)
         self.config: NatsConfig = write_nats_config(
             directory,
             nodes,

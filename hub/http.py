@@ -1,11 +1,13 @@
 """The hub's HTTP bridge (DESIGN section 5): FastAPI on the hub's own event loop.
 
-Every endpoint goes through ``HubService.request``, the same code path as the
-MQTT ``hub/request`` topic, so HTTP and MQTT can never disagree. Errors map
-through the error tree's one table (``bus.errors``, each class's ``status``):
-InvalidInput -> 422, Conflict -> 409 (with the ``nodes``), NotFound -> 404,
-anything else the hub refuses -> 503. Every 4xx
-body is JSON with a ``detail`` that names the offending field or nodes.
+Every endpoint goes through the hub's request path, the one the MQTT
+``hub/request`` topic takes, so HTTP and MQTT can never disagree: the body of
+``POST /api/updates`` is validated here, once, into a typed request
+(``hub.requests``) for ``HubService.handle``; the other endpoints hand their op
+to ``HubService.request``. Errors map through the error tree's one table
+(``bus.errors``, each class's ``status``): InvalidInput -> 422, Conflict -> 409
+(with the ``nodes``), NotFound -> 404, anything else the hub refuses -> 503.
+Every 4xx body is JSON with a ``detail`` that names the offending field or nodes.
 
 ``POST /api/updates`` reads its body itself rather than through a FastAPI body
 parameter: the size is bounded before anything is read (413), malformed JSON is

@@ -748,7 +748,9 @@ class HubService:
     # ------------------------------------------------------------------ requests
 
     async def request(self, op: str, body: Mapping[str, Any] | None = None) -> Any:
-        """Carry out one request; the MQTT path and the HTTP bridge both call this.
+        """Carry out one request in its wire form (the MQTT path; the bridge's other endpoints).
+
+        A rollout op's body is decoded and validated here, once (``hub.requests``).
 
         Returns:
             The reply body, as plain JSON values.

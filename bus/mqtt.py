@@ -320,8 +320,10 @@ class MqttClient:
         keepalive: MQTT keepalive in seconds.
         clean_session: MQTT 3.1.1 clean-session flag.
         max_inflight: QoS >= 1 publishes outstanding at once (the window).
-        queue_limit: received messages buffered before the oldest QoS 0 ones are
-            dropped (0 = unbounded).
+        queue_limit: received messages buffered before an incoming QoS 0 message
+            is dropped (the newest, not a buffered one; counted in
+            ``stats.dropped``); QoS 1 and 2 messages are always buffered, even past
+            it (0 = unbounded).
         connect_timeout: how long ``__aenter__`` waits for the first CONNACK (and
             for every subscription made before it to be granted).
         spread: start at a random URL of the list (agents: shares a fleet out

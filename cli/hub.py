@@ -129,23 +129,18 @@ async def _serve(config: HubConfig) -> int:
     try:
         address = config.http_address
         if address is not None:
-            try:
-                from hub.http import serve_http
-            except ModuleNotFoundError as exc:
-                if exc.name != "hub.http":
-                    raise
-                print("fleet hub: HTTP bridge not available yet; serving MQTT only", file=sys.stderr)
-            else:
-                http_task = asyncio.create_task(
-                    serve_http(service, address[0], address[1], config.http_token), name="hub-http"
-                )
-                # serve_http binds before its first await: one turn of the loop tells.
-                await asyncio.sleep(0)
-                if http_task.done() and not http_task.cancelled():
-                    error = http_task.exception()
-                    if isinstance(error, FleetError):
-                        print(f"fleet hub: {error.reason}", file=sys.stderr)
-                        return 2
+            from hub.http import serve_http  # FastAPI only when the bridge is asked for
+
+            http_task = asyncio.create_task(
+                serve_http(service, address[0], address[1], config.http_token), name="hub-http"
+            )
+            # serve_http binds before its first await: one turn of the loop tells.
+            await asyncio.sleep(0)
+            if http_task.done() and not http_task.cancelled():
+                error = http_task.exception()
+                if isinstance(error, FleetError):
+                    print(f"fleet hub: {error.reason}", file=sys.stderr)
+                    return error.status.exit
         http_text = f", http {address[0]}:{address[1]}" if http_task is not None and address else ""
         print(
             f"fleet hub: connected to {redacted_urls(config.broker)}, "

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from bus.errors import BusError, FleetError
+from bus.errors import FleetError
 
 __all__ = ["COMMANDS", "FleetArgumentParser", "main"]
 
@@ -74,12 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = module.run(args)
     except KeyboardInterrupt:
         return 130
-    except BusError as exc:
-        print(f"fleet {args.command}: {_shown(exc.reason)}", file=sys.stderr)
-        return 1
     except FleetError as exc:
         print(f"fleet {args.command}: {_shown(exc.reason)}", file=sys.stderr)
-        return 2
+        return exc.status.exit
     return code
 
 

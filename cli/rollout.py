@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bus.display import printable
+from bus.errors import reply_exit_code
 from cli.nodes import add_client_arguments, ago, client_config, hub_session
 from cli.options import env_default
 
@@ -142,14 +143,14 @@ def with_key(spec: RolloutSpec, key: str) -> RolloutSpec:
 
 
 def _failed(reply: Reply) -> int:
-    """Report a refused request in one line; 2 for bad input, 1 otherwise."""
+    """Report a refused request in one line; its exit code from the error table (2 for bad input)."""
     body = reply.body if isinstance(reply.body, Mapping) else {}
     error = reply.error or "the hub refused"
     nodes = body.get("nodes")
     if isinstance(nodes, list) and nodes and not all(str(n) in error for n in nodes):
         error += f" (nodes: {', '.join(str(n) for n in nodes)})"
     print(f"fleet rollout: {printable(error)}", file=sys.stderr)
-    return 2 if body.get("kind") == "invalid_input" else 1
+    return reply_exit_code(body.get("kind"))
 
 
 async def _create(config: Any, spec: RolloutSpec, *, wait: bool, timeout: float) -> int:

@@ -52,7 +52,7 @@ from edge_agent import system, versions
 from edge_agent.intake import check_step
 from edge_agent.settings import ExecutorSettings
 from edge_agent.steps import HANDLERS, StepHandler
-from edge_agent.tools import call, tool_message, tools_of
+from edge_agent.tools import call, tool_message
 
 __all__ = ["Check", "CheckState", "run_preflight", "summarize"]
 
@@ -221,7 +221,7 @@ async def _disk(settings: ExecutorSettings, sizes: Sequence[int | None]) -> Chec
 async def _package(
     index: int, step: PackageStep, settings: ExecutorSettings, downloads: Mapping[str, int], timeout: float
 ) -> Check:
-    tools = tools_of(settings)
+    tools = settings.tools
     target: str | None = None
     if step.src is not None:
         path = settings.cache_dir / step.src
@@ -277,7 +277,7 @@ async def _rpm_way_back(
     """Why an apply would find no way back to the installed ``version`` (None: it would find one)."""
     from edge_agent.steps import package  # the step module, imported on first use
 
-    tools = tools_of(settings)
+    tools = settings.tools
     kept = package.kept_path(settings.state_dir, "rpm", step.name, version)
     if await asyncio.to_thread(kept.is_file):
         return None
@@ -322,7 +322,7 @@ def _simulated(index: int, step: PackageStep, result: system.RunResult) -> Check
 
 
 async def _unit(index: int, step: ServiceStep, settings: ExecutorSettings, timeout: float) -> Check:
-    tools = tools_of(settings)
+    tools = settings.tools
     result = await call(
         [tools.systemctl, "status", "--no-pager", step.name], tools=tools, timeout=timeout, check=False
     )

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from bus import memory
 from bus.messages import Inventory, JobRef, encode
 from bus.mqtt import MqttClient, Will
+from bus.publisher import Publish
 from bus.topics import Topics
 from edge_agent.claims import Claim, disagreements
 from edge_agent.config import AgentConfig
@@ -32,7 +33,6 @@ __all__ = ["Agent", "CommandHandler", "RunnerFactory"]
 
 _LOGGER = logging.getLogger(__name__)
 
-Publish = Callable[..., Awaitable[None]]
 _SHUTDOWN_TIMEOUT_S = 5.0
 _RUNNER_CLOSE_TIMEOUT_S = 15.0
 

@@ -16,14 +16,14 @@ import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from bus.errors import StepError
 
 if TYPE_CHECKING:
     from edge_agent.system import LineSink, RunResult
 
-__all__ = ["SystemTools", "call", "tool_message", "tools_of"]
+__all__ = ["SystemTools", "call", "tool_message"]
 
 #: Lines of a tool's output quoted in an error.
 _QUOTED_LINES = 4
@@ -137,12 +137,6 @@ class SystemTools:
     def has(self, binary: str) -> bool:
         """Tell whether ``binary`` (a name on PATH or a path) can be run here."""
         return shutil.which(binary, path=self.environ().get("PATH")) is not None
-
-
-def tools_of(settings: Any) -> SystemTools:
-    """The node's tools: ``settings.tools`` when the settings carry them, else the live system."""
-    tools = getattr(settings, "tools", None)
-    return tools if isinstance(tools, SystemTools) else SystemTools()
 
 
 def tool_message(result: RunResult) -> str:

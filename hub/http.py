@@ -1,10 +1,13 @@
 """The hub's HTTP bridge (DESIGN section 5): FastAPI on the hub's own event loop.
 
-Every endpoint goes through ``HubService.request``, the same code path as the
-MQTT ``hub/request`` topic, so HTTP and MQTT can never disagree. Errors map in
-one place (``_status_of``): InvalidInput -> 422, Conflict -> 409 (with the
-``nodes``), NotFound -> 404, anything else the hub refuses -> 503. Every 4xx
-body is JSON with a ``detail`` that names the offending field or nodes.
+Every endpoint goes through the hub's request path, the one the MQTT
+``hub/request`` topic takes, so HTTP and MQTT can never disagree: the body of
+``POST /api/updates`` is validated here, once, into a typed request
+(``hub.requests``) for ``HubService.handle``; the other endpoints hand their op
+to ``HubService.request``. Errors map through the error tree's one table
+(``bus.errors``, each class's ``status``): InvalidInput -> 422, Conflict -> 409
+(with the ``nodes``), NotFound -> 404, anything else the hub refuses -> 503.
+Every 4xx body is JSON with a ``detail`` that names the offending field or nodes.
 
 ``POST /api/updates`` reads its body itself rather than through a FastAPI body
 parameter: the size is bounded before anything is read (413), malformed JSON is
@@ -22,7 +25,7 @@ import hmac
 import json
 import logging
 import socket
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from typing import Annotated, Any, Protocol
 
 import uvicorn
@@ -33,10 +36,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from bus.errors import ConfigError, Conflict, FleetError, InvalidInput, NotFound
+from bus.errors import ConfigError, Conflict, FleetError
 from bus.messages import RolloutSpec, RolloutSummary
 from bus.validation import LISTED, explain, one_line
 from hub.config import is_loopback
+from hub.requests import CreateRollout, PlanRollout, RolloutRequest
 
 __all__ = ["MAX_BODY_BYTES", "HubApi", "make_app", "serve_http"]
 
@@ -108,8 +112,15 @@ class HubApi(Protocol):
     def is_connected(self) -> bool:
         """True while the hub's broker connection is up."""
 
+    @property
+    def missing_subscriptions(self) -> tuple[str, ...]:
+        """Subscriptions the broker has not granted (the hub is deaf to part of the fleet)."""
+
     async def request(self, op: str, body: dict[str, Any]) -> Any:
         """Carry out one request op (the MQTT request path)."""
+
+    async def handle(self, request: RolloutRequest) -> Any:
+        """Carry out one rollout request decoded here (create and plan: the spec validated once)."""
 
     async def metrics_text(self) -> bytes:
         """The Prometheus exposition of the hub's metrics (built off the event loop)."""
@@ -189,17 +200,6 @@ def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------- errors and bodies
-
-
-def _status_of(exc: FleetError) -> int:
-    """The one mapping of the error tree to HTTP status codes."""
-    if isinstance(exc, Conflict):
-        return 409
-    if isinstance(exc, NotFound):
-        return 404
-    if isinstance(exc, InvalidInput):
-        return 422
-    return 503
 
 
 async def _read_json_object(request: Request, limit: int) -> dict[str, Any]:
@@ -363,16 +363,20 @@ def make_app(
         ]
         return JSONResponse({"detail": one_line(errors), "errors": errors}, status_code=422)
 
-    async def ask(op: str, body: dict[str, Any]) -> Any:
-        """One request through the hub's common path; its refusal as an HTTP error."""
+    async def answer(call: Awaitable[Any], op: str) -> Any:
+        """The hub's answer to one request; its refusal as an HTTP error (``bus.errors``' table)."""
         try:
-            return await asyncio.wait_for(service.request(op, body), _REQUEST_TIMEOUT_S)
+            return await asyncio.wait_for(call, _REQUEST_TIMEOUT_S)
         except Conflict as exc:
-            raise _Refused(409, exc.reason, nodes=list(exc.nodes)) from exc
+            raise _Refused(exc.status.http, exc.reason, nodes=list(exc.nodes)) from exc
         except FleetError as exc:
-            raise _Refused(_status_of(exc), exc.reason) from exc
+            raise _Refused(exc.status.http, exc.reason) from exc
         except asyncio.TimeoutError:
             raise _Refused(504, f"the hub did not answer {op} within {_REQUEST_TIMEOUT_S:g} s") from None
+
+    async def ask(op: str, body: dict[str, Any]) -> Any:
+        """One request through the hub's common path (the MQTT request's)."""
+        return await answer(service.request(op, body), op)
 
     auth = [Depends(authorize)]
 
@@ -428,8 +432,8 @@ def make_app(
             errors = explain(exc, data)
             raise _Refused(422, one_line(errors), errors=errors) from None
         if dry_run:
-            return JSONResponse(await ask("plan", spec.model_dump(mode="json")), status_code=200)
-        result = await ask("create_rollout", spec.model_dump(mode="json"))
+            return JSONResponse(await answer(service.handle(PlanRollout(spec)), "plan"), status_code=200)
+        result = await answer(service.handle(CreateRollout(spec)), "create_rollout")
         return Created.model_validate(result)
 
     @app.get(
@@ -487,7 +491,7 @@ def make_app(
         """Liveness of the hub and its broker connection; reveals nothing about the fleet."""
         connected = service.is_connected
         # Connected, but a subscription not granted (a cluster refusing it): deaf to part of the fleet.
-        degraded = connected and bool(getattr(service, "missing_subscriptions", ()))
+        degraded = connected and bool(service.missing_subscriptions)
         state = "degraded" if degraded else "connected" if connected else "disconnected"
         ok = connected and not degraded
         return JSONResponse(Health(ok=ok, broker=state).model_dump(), status_code=200 if ok else 503)

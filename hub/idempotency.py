@@ -11,15 +11,18 @@ rollout that does something else (as Stripe does with reused keys).
 
 Keys live as long as their rollout records (the key is part of the stored
 spec), so they survive a hub restart. Two concurrent requests with one key are
-serialised: the second waits for the first and then finds its rollout.
+serialised: the second waits for the first and then finds its rollout. The
+rollout manager checks the index inline, under ``serialised(key)``:
+``earlier(spec)``, else create and ``add(spec, rollout)``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
 from pydantic import ValidationError
@@ -57,53 +60,40 @@ class IdempotencyIndex:
                 count += 1
         return count
 
-    def lookup(self, key: str) -> str | None:
-        """The rollout created with ``key``, or None."""
-        found = self._done.get(key)
-        return None if found is None else found[0]
-
-    async def create(
-        self, body: dict[str, Any], create: Callable[[dict[str, Any]], Awaitable[str]]
-    ) -> dict[str, Any]:
-        """``{"rollout": id}`` from ``create(body)``, or the rollout of an earlier call with the same key.
-
-        Args:
-            body: the request's RolloutSpec (unvalidated: ``create`` reports its errors).
-            create: starts a rollout and returns its id (``RolloutManager._create``).
-
-        Returns:
-            ``{"rollout": id}``, plus ``"existing": true`` when the key was seen before.
-
-        Raises:
-            Conflict: the key was used before for a different spec.
-            FleetError: whatever ``create`` raises.
-        """
-        try:
-            spec = RolloutSpec.model_validate(body)
-        except ValidationError:
-            spec = None
-        if spec is None or spec.idempotency_key is None:
-            return {"rollout": await create(body)}
-        key, fingerprint = spec.idempotency_key, spec_fingerprint(spec)
+    @contextlib.asynccontextmanager
+    async def serialised(self, key: str) -> AsyncIterator[None]:
+        """Hold ``key``: a second creation with the same key waits until the first is done."""
         lock, users = self._locks.get(key, (asyncio.Lock(), 0))
         self._locks[key] = (lock, users + 1)
         try:
             async with lock:
-                found = self._done.get(key)
-                if found is not None:
-                    rollout, seen = found
-                    if seen != fingerprint:
-                        raise Conflict(
-                            f"idempotency key {key[:80]!r} was used for rollout {rollout} with a different "
-                            "spec: use a new key for a new rollout"
-                        )
-                    return {"rollout": rollout, "existing": True}
-                rollout = await create(body)
-                self._done[key] = (rollout, fingerprint)
-                return {"rollout": rollout}
+                yield
         finally:
             lock, users = self._locks[key]
             if users <= 1:
                 del self._locks[key]
             else:
                 self._locks[key] = (lock, users - 1)
+
+    def earlier(self, spec: RolloutSpec) -> str | None:
+        """The rollout an earlier creation with the spec's key started, or None (no key, or a new one).
+
+        Raises:
+            Conflict: the key was used before for a different spec.
+        """
+        key = spec.idempotency_key
+        found = None if key is None else self._done.get(key)
+        if found is None:
+            return None
+        rollout, seen = found
+        if seen != spec_fingerprint(spec):
+            raise Conflict(
+                f"idempotency key {str(key)[:80]!r} was used for rollout {rollout} with a different "
+                "spec: use a new key for a new rollout"
+            )
+        return rollout
+
+    def add(self, spec: RolloutSpec, rollout: str) -> None:
+        """Remember that ``rollout`` was created from ``spec`` (nothing without a key)."""
+        if spec.idempotency_key is not None:
+            self._done[spec.idempotency_key] = (rollout, spec_fingerprint(spec))

@@ -37,21 +37,24 @@ import contextlib
 import json
 import logging
 import math
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from pydantic import ValidationError
 
 from bus import params
 from bus.errors import BusError, InvalidInput
-from bus.messages import PLAN_PREFIX, Command, RolloutSpec, StepStatus, describe, encode, new_id
+from bus.messages import PLAN_PREFIX, Command, RolloutSpec, StepStatus, encode, new_id
+from bus.publisher import Publish
 from bus.signing import sign_command
 from bus.topics import Topics
 from hub.adaptive import projected_waves
 from hub.waves import plan_waves
 from hub.windows import schedule_of
+
+if TYPE_CHECKING:
+    from hub.requests import PlanRollout
 
 __all__ = [
     "DEFAULT_PREFLIGHT_TIMEOUT_S",
@@ -244,9 +247,6 @@ class _Round:
     left: int = 0
 
 
-Publish = Callable[..., Awaitable[None]]
-
-
 class Planner:
     """Answers the ``plan`` op (see the module docstring).
 
@@ -316,20 +316,13 @@ class Planner:
 
     # ------------------------------------------------------------------ the op
 
-    async def plan(self, body: Mapping[str, Any]) -> dict[str, Any]:
-        """Answer one ``plan`` request.
-
-        Args:
-            body: a RolloutSpec, or ``{"spec": RolloutSpec, "preflight_timeout_s": S,
-                "preflight": false}`` (``preflight: false`` skips asking the nodes).
+    async def plan(self, request: PlanRollout) -> dict[str, Any]:
+        """Answer one ``plan`` request (decoded at the edge: ``hub.requests``).
 
         Returns:
             The plan (see the module docstring), as JSON values.
-
-        Raises:
-            InvalidInput: a bad spec or option (the message names the field).
         """
-        spec, timeout, ask = _parse(body)
+        spec, timeout, ask = request.spec, request.timeout_s, request.ask
         known, unknown = self._resolve(spec.targets)
         draft = build_draft(spec, known, unknown, self._is_online, self._busy(known))
         result = self._skeleton(draft)
@@ -553,29 +546,3 @@ class Planner:
         if skipped:
             warnings.append(f"{skipped} check(s) could not be decided before the update (see each node)")
         result["ok"] = not problems
-
-
-def _parse(body: Mapping[str, Any]) -> tuple[RolloutSpec, float, bool]:
-    """(spec, pre-flight timeout, whether to ask the nodes) of a ``plan`` body."""
-    if not isinstance(body, Mapping):
-        raise InvalidInput("a plan request takes a RolloutSpec")
-    data: Any = body
-    timeout: Any = DEFAULT_PREFLIGHT_TIMEOUT_S
-    ask: Any = True
-    if "spec" in body:
-        extra = set(body) - {"spec", "preflight_timeout_s", "preflight"}
-        if extra:
-            raise InvalidInput(f"unknown plan option(s): {', '.join(sorted(extra))[:120]}")
-        data = body["spec"]
-        timeout = body.get("preflight_timeout_s", timeout)
-        ask = body.get("preflight", True)
-    is_number = isinstance(timeout, int | float) and not isinstance(timeout, bool)
-    if not is_number or not 0 < timeout <= MAX_PREFLIGHT_TIMEOUT_S:
-        raise InvalidInput(f"preflight_timeout_s must be above 0 and at most {MAX_PREFLIGHT_TIMEOUT_S:g}")
-    if not isinstance(ask, bool):
-        raise InvalidInput("preflight must be true or false")
-    try:
-        spec = RolloutSpec.model_validate(data)
-    except ValidationError as exc:
-        raise InvalidInput(f"invalid rollout spec: {describe(exc, data)}") from exc
-    return spec, float(timeout), ask

@@ -236,8 +236,12 @@ def main() -> int:
 
     class _Offline:
         is_connected = False
+        missing_subscriptions: tuple[str, ...] = ()
 
         async def request(self, op: str, body: dict[str, Any]) -> Any:
+            raise NotImplementedError
+
+        async def handle(self, request: Any) -> Any:
             raise NotImplementedError
 
         async def metrics_text(self) -> bytes:

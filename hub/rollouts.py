@@ -1,8 +1,9 @@
 """The rollout manager: feeds ``hub.engine.RolloutEngine`` and carries out its actions.
 
-``hub.service`` hands it requests, node reports and presence transitions; it
-turns each into an engine event under one lock (so actions leave in the order
-the engine decided them), then:
+``hub.service`` hands it requests (decoded and validated at the edge:
+``hub.requests``), node reports (decoded once, by the hub) and presence
+transitions; it turns each into an engine event under one lock (so actions
+leave in the order the engine decided them), then:
 
 - ``PublishCommand``: the store is flushed first (durable before visible,
   DESIGN 3.6: a restarted hub must know every command it ever sent, so it
@@ -28,11 +29,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from pydantic import ValidationError
 
 from bus import params
 from bus.errors import BusError, Conflict, FleetError, InvalidInput, NotFound
@@ -43,11 +43,10 @@ from bus.messages import (
     RolloutSummary,
     StepStatus,
     TargetLabels,
-    decode,
-    describe,
     encode,
     new_id,
 )
+from bus.publisher import Publish
 from bus.signing import sign_command
 from bus.topics import Topics
 from hub.engine import (
@@ -74,6 +73,14 @@ from hub.engine import (
 )
 from hub.idempotency import IdempotencyIndex
 from hub.plan import Planner, labels_from
+from hub.requests import (
+    CreateRollout,
+    ListRollouts,
+    PlanRollout,
+    RolloutOperation,
+    RolloutRequest,
+    rollout_request,
+)
 from hub.retention import Archive
 from hub.standby import encode_record
 
@@ -135,9 +142,6 @@ class RolloutStore(Protocol):
 
     async def flush(self) -> None:
         """Return once everything put so far is on disk."""
-
-
-Publish = Callable[..., Awaitable[None]]
 
 
 def _listed(names: list[str]) -> str:
@@ -306,14 +310,12 @@ class RolloutManager:
 
     # ------------------------------------------------------------------ requests
 
-    async def request(self, op: str, body: dict[str, Any]) -> Any:
-        """Answer one rollout request.
+    async def request(self, op: str, body: Any) -> Any:
+        """Answer one rollout request in its wire form: ``handle(rollout_request(op, body))``."""
+        return await self.handle(rollout_request(op, body))
 
-        Args:
-            op: ``create_rollout`` or ``plan`` (body: a RolloutSpec; see ``hub.plan``),
-                ``abort``, ``rollback``, ``pause``, ``resume``, ``show`` (body:
-                ``{"rollout": id}``) or ``list``.
-            body: the request's body.
+    async def handle(self, request: RolloutRequest) -> Any:
+        """Answer one rollout request, decoded at the edge (``hub.requests``).
 
         Returns:
             ``{"rollout": id}`` for create (plus ``"existing": true`` when its
@@ -324,29 +326,29 @@ class RolloutManager:
             the plan with every node's pre-flight (nothing started); as JSON values.
 
         Raises:
-            InvalidInput: a bad spec or body (the message names the field), or a
-                rollout id prefix that several rollouts share (named).
-            Conflict: unknown, offline or busy targets (``exc.nodes``), or a
-                request the rollout's state does not allow.
+            InvalidInput: a plan naming labels a target lacks, or a rollout id prefix
+                that several rollouts share (named).
+            Conflict: unknown, offline or busy targets (``exc.nodes``), a request the
+                rollout's state does not allow, or an idempotency key used for another spec.
             NotFound: an unknown rollout id (any unique prefix of one is accepted).
         """
-        if op == "create_rollout":
-            return await self._idempotent.create(body, self._create)
-        if op == "plan":
-            return await self._planner.plan(body)
-        if op == "list":
-            return [summary.model_dump(mode="json") for summary in self.summaries()]
-        if op not in _REQUESTS and op != "show":
-            raise InvalidInput(f"unknown rollout op {op[:40]!r}")
-        rollout = body.get("rollout") if isinstance(body, dict) else None
-        if not isinstance(rollout, str) or not rollout:
-            raise InvalidInput("rollout: a rollout id is required")
-        if not self._engine.has(rollout) and self._archive is not None and await self._archive.holds(rollout):
+        match request:
+            case CreateRollout(spec=spec):
+                return await self._create(spec)
+            case PlanRollout():
+                return await self._planner.plan(request)
+            case ListRollouts():
+                return [summary.model_dump(mode="json") for summary in self.summaries()]
+            case RolloutOperation(op=op, rollout=given):
+                return await self._operate(op, given)
+
+    async def _operate(self, op: str, given: str) -> dict[str, Any]:
+        if not self._engine.has(given) and self._archive is not None and await self._archive.holds(given):
             raise NotFound(
-                f"rollout {rollout[:80]} is archived in {self._archive.path} "
+                f"rollout {given[:80]} is archived in {self._archive.path} "
                 f"(the hub keeps the newest {self._keep} finished rollouts)"
             )
-        rollout = self._engine.resolve(rollout)  # a unique prefix names its rollout (issue 20.5)
+        rollout = self._engine.resolve(given)  # a unique prefix names its rollout (issue 20.5)
         if op == "show":
             return {
                 **self.summary(rollout).model_dump(mode="json"),
@@ -372,11 +374,20 @@ class RolloutManager:
             shown = "; ".join(f"{node} has no {', '.join(names)}" for node, names in lacking.items())
             raise InvalidInput(f"the plan names labels some targets do not have: {shown[:500]}")
 
-    async def _create(self, body: dict[str, Any]) -> str:
-        try:
-            spec = RolloutSpec.model_validate(body)
-        except ValidationError as exc:
-            raise InvalidInput(f"invalid rollout spec: {describe(exc, body)}") from exc
+    async def _create(self, spec: RolloutSpec) -> dict[str, Any]:
+        """Start a rollout of ``spec`` unless its idempotency key names an earlier one (hub.idempotency)."""
+        key = spec.idempotency_key
+        if key is None:
+            return {"rollout": await self._start(spec)}
+        async with self._idempotent.serialised(key):
+            earlier = self._idempotent.earlier(spec)
+            if earlier is not None:
+                return {"rollout": earlier, "existing": True}
+            rollout = await self._start(spec)
+            self._idempotent.add(spec, rollout)
+            return {"rollout": rollout}
+
+    async def _start(self, spec: RolloutSpec) -> str:
         known, unknown = self._registry.resolve(spec.targets)
         if unknown:
             raise Conflict(f"unknown targets: {_listed(unknown)}", nodes=unknown)
@@ -402,30 +413,13 @@ class RolloutManager:
 
     # ------------------------------------------------------------------ bus input
 
-    async def on_node_message(self, node: str, channel: str, payload: Any) -> None:
-        """A node's ``StepStatus`` (channel "status") or retained ``JobSnapshot`` ("job").
+    async def on_report(self, node: str, report: StepStatus | JobSnapshot) -> None:
+        """A node's ``StepStatus`` or retained ``JobSnapshot``, decoded by the hub (``hub.service``).
 
-        ``payload`` is the raw bytes or the already decoded message. Malformed
-        payloads, and reports that name another node, cost a log line only.
+        A report that names another node than the topic's costs a log line only.
         """
-        if channel not in ("status", "job"):
-            return
-        if isinstance(payload, bytes | str) and not payload:
-            return  # a retained snapshot being cleared
-        report: StepStatus | JobSnapshot
-        try:
-            if channel == "status":
-                report = payload if isinstance(payload, StepStatus) else decode(StepStatus, payload)
-            else:
-                report = payload if isinstance(payload, JobSnapshot) else decode(JobSnapshot, payload)
-        except InvalidInput as exc:
-            _LOGGER.warning("malformed %s from %s ignored: %s", channel, node, exc.reason)
-            return
-        except TypeError:
-            _LOGGER.warning("unreadable %s from %s ignored: %r", channel, node, type(payload))
-            return
         if report.node != node:
-            _LOGGER.warning("%s on %s's topic names node %r: ignored", channel, node, report.node)
+            _LOGGER.warning("report on %s's topic names node %r: ignored", node, report.node)
             return
         if isinstance(report, StepStatus) and self._planner.take(node, report):
             return  # a pre-flight's answer (hub.plan)

@@ -30,18 +30,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 import random
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, get_args
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel
 
-from bus.errors import BusError, ConfigError, Conflict, FleetError, InvalidInput, NotFound
+from bus.errors import BusError, ConfigError, Conflict, FleetError, InvalidInput
 from bus.messages import (
     MAX_PAYLOAD_BYTES,
     PLAN_PREFIX,
@@ -53,6 +52,7 @@ from bus.messages import (
     Reply,
     Request,
     RequestOp,
+    RolloutSummary,
     StepStatus,
     decode,
     encode,
@@ -66,11 +66,13 @@ from hub.config import NO_SIGNING_KEY, HubConfig
 from hub.engine import check_record
 from hub.metrics import HubMetrics, MetricsSource
 from hub.registry import Registry, Transition
+from hub.requests import RolloutRequest, rollout_request
 from hub.retention import Archive, archive_path
+from hub.rollouts import RolloutManager
 from hub.standby import HUB_HEARTBEAT_S, ActiveView, TermFile, decode_record, lock_client_id, term_path
 from hub.store import Store
 
-__all__ = ["HubService", "ManagerFactory", "RolloutManagerLike", "steady_wall_clock"]
+__all__ = ["ActivePublisher", "HubService", "ManagerFactory", "RolloutManagerLike", "steady_wall_clock"]
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -87,13 +89,6 @@ _SUBSCRIBED_TIMEOUT_S = 30.0
 _ACTIVE_KEEPALIVE_S = 4
 #: The agents' MQTT keepalive (DESIGN 3.7): part of the default offline grace.
 AGENT_KEEPALIVE_S = 10.0
-_ERROR_KINDS: tuple[tuple[type[FleetError], str], ...] = (
-    (Conflict, "conflict"),
-    (NotFound, "not_found"),
-    (InvalidInput, "invalid_input"),
-    (ConfigError, "config"),
-    (BusError, "bus"),
-)
 
 
 class RolloutManagerLike(Protocol):
@@ -105,11 +100,17 @@ class RolloutManagerLike(Protocol):
     async def stop(self) -> None:
         """Stop timers; everything is in the store."""
 
-    async def request(self, op: str, body: dict[str, Any]) -> Any:
-        """Answer one rollout request (raises FleetError subclasses)."""
+    async def handle(self, request: RolloutRequest) -> Any:
+        """Answer one rollout request, decoded at the edge (raises FleetError subclasses)."""
 
-    async def on_node_message(self, node: str, channel: str, payload: Any) -> None:
-        """A node's ``StepStatus`` (channel "status") or ``JobSnapshot`` (channel "job")."""
+    def summaries(self) -> Sequence[RolloutSummary]:
+        """Every rollout's summary (what feeds the metrics)."""
+
+    def is_issued(self, node: str, rollout: str, command: str) -> bool:
+        """Whether a node's report names a command this hub sent it."""
+
+    async def on_report(self, node: str, report: StepStatus | JobSnapshot) -> None:
+        """A node's decoded ``StepStatus`` or ``JobSnapshot``."""
 
     async def on_presence(self, node: str, online: bool) -> None:
         """A node went online or offline."""
@@ -122,10 +123,35 @@ class RolloutManagerLike(Protocol):
 ManagerFactory = Callable[..., RolloutManagerLike]
 
 
-def _default_manager_factory(**kwargs: Any) -> RolloutManagerLike:
-    module = importlib.import_module("hub.rollouts")
-    manager: RolloutManagerLike = module.RolloutManager(**kwargs)
-    return manager
+class ActivePublisher:
+    """Publishes through the active connection until the hub stands by (then BusError).
+
+    What the rollout manager is given to publish with: it names the connection,
+    not the hub that owns the manager; the hub closes it the moment it stops
+    being active, so nothing a stopping manager flushes reaches the broker under
+    a term that is no longer this hub's (DESIGN 3.9).
+    """
+
+    def __init__(self, client: MqttClient, hub_id: str) -> None:
+        self._client: MqttClient | None = client
+        self._hub_id = hub_id
+
+    def close(self) -> None:
+        """Refuse every publish from now on."""
+        self._client = None
+
+    async def publish(
+        self, topic: str, payload: bytes | str, *, qos: int = 1, retain: bool = False, wait: bool = False
+    ) -> None:
+        """Publish on the active connection.
+
+        Raises:
+            BusError: the hub stands by (or the connection refuses it).
+        """
+        client = self._client
+        if client is None:
+            raise BusError(f"hub {self._hub_id} is standing by")
+        await client.publish(topic, payload, qos=qos, retain=retain, wait=wait)
 
 
 def _jsonable(value: Any) -> Any:
@@ -192,6 +218,7 @@ class HubService:
         self._terms = TermFile(term_path(config.db))
         self._key: Ed25519PrivateKey | None = None
         self._lock: MqttClient | None = None
+        self._active: ActivePublisher | None = None  # publishes on self._lock while active
         self._lock_tasks: set[asyncio.Task[None]] = set()
         self._records: dict[str, bytes] = {}  # retained rollout records, by rollout (the warm view)
         self._jobs: dict[str, JobSnapshot] = {}  # the latest job snapshot of every node
@@ -199,7 +226,7 @@ class HubService:
         self._role_lock = asyncio.Lock()
         self._clock = clock
         self._now = steady_wall_clock() if clock is time.time else clock
-        self._manager_factory = manager_factory or _default_manager_factory
+        self._manager_factory: ManagerFactory = manager_factory or RolloutManager
         self._expire_interval_s = expire_interval_s
         self._session = new_id()
         self._started_at = clock()
@@ -385,27 +412,21 @@ class HubService:
             self.manager_error = ConfigError(NO_SIGNING_KEY)
             _LOGGER.warning("%s; rollouts are refused", NO_SIGNING_KEY)
             return
-        try:
-            self.manager = self._manager_factory(
-                topics=self.topics,
-                publish=self.publish,
-                store=self.store,
-                registry=self.registry,
-                signing_key=key,
-                clock=self._clock,
-                keep_rollouts=self.config.keep_rollouts,
-                archive=Archive(archive_path(self.config.db)),
-                # DESIGN 3.4/3.7: offline mid-job is "lost", not failed, for 3 heartbeats
-                # plus the agents' keepalive.
-                offline_grace_s=3 * self.config.heartbeat_s + AGENT_KEEPALIVE_S,
-                term=self.term,
-            )
-        except ModuleNotFoundError as exc:
-            if exc.name != "hub.rollouts":
-                raise
-            self.manager_error = FleetError("rollouts not available")
-            _LOGGER.warning("hub.rollouts is missing: rollouts not available")
-            return
+        assert self._active is not None  # noqa: S101 - set by the takeover that calls this
+        self.manager = self._manager_factory(
+            topics=self.topics,
+            publish=self._active.publish,
+            store=self.store,
+            registry=self.registry,
+            signing_key=key,
+            clock=self._clock,
+            keep_rollouts=self.config.keep_rollouts,
+            archive=Archive(archive_path(self.config.db)),
+            # DESIGN 3.4/3.7: offline mid-job is "lost", not failed, for 3 heartbeats
+            # plus the agents' keepalive.
+            offline_grace_s=3 * self.config.heartbeat_s + AGENT_KEEPALIVE_S,
+            term=self.term,
+        )
         await self.manager.start()
 
     def _spawn(self, coro: Any, name: str) -> None:
@@ -459,15 +480,15 @@ class HubService:
     async def publish(
         self, topic: str, payload: bytes | str, *, qos: int = 1, retain: bool = False, wait: bool = False
     ) -> None:
-        """Publish through the active connection (what the rollout manager is given).
+        """Publish through the active connection (``ActivePublisher``).
 
         Raises:
             BusError: this hub is not the active one (a standby never acts).
         """
-        lock = self._lock
-        if not self.is_active or lock is None:
+        active = self._active
+        if not self.is_active or active is None:
             raise BusError(f"hub {self.hub_id} is standing by")
-        await lock.publish(topic, payload, qos=qos, retain=retain, wait=wait)
+        await active.publish(topic, payload, qos=qos, retain=retain, wait=wait)
 
     # ------------------------------------------------------------------ one active hub (DESIGN 3.9)
 
@@ -548,6 +569,7 @@ class HubService:
                 await self._client.start(wait=False)
             raise
         self._lock = lock
+        self._active = ActivePublisher(lock, self.hub_id)
         self.role = "active"
         self.view.on_state(active, time.monotonic())
         self._client = lock
@@ -621,7 +643,7 @@ class HubService:
         if self.manager is None:
             return
         for node, snapshot in list(self._jobs.items()):
-            await self.manager.on_node_message(node, "job", snapshot)
+            await self.manager.on_report(node, snapshot)
         for node in self.registry.nodes():
             if not self.registry.is_online(node):
                 await self.manager.on_presence(node, False)
@@ -639,6 +661,9 @@ class HubService:
         _LOGGER.warning("hub %s stands by (term %d): %s", self.hub_id, self.term, why)
         self.role = "standby"
         lock, self._lock = self._lock, None
+        if self._active is not None:
+            self._active.close()
+            self._active = None
         manager, self.manager = self.manager, None
         for task in list(self._requests):
             task.cancel()
@@ -701,8 +726,8 @@ class HubService:
         """True for a report of a command the hub issued: only those feed metrics (issue 16)."""
         if report.rollout.startswith(PLAN_PREFIX):
             return False
-        issued = getattr(self.manager, "is_issued", None)  # the manager of hub.rollouts
-        return bool(issued is not None and issued(report.node, report.rollout, report.command))
+        manager = self.manager
+        return manager is not None and manager.is_issued(report.node, report.rollout, report.command)
 
     def _node_counts(self) -> tuple[int, int]:
         online = len(self.registry.online())
@@ -710,17 +735,11 @@ class HubService:
 
     def _rollout_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
-        summaries = getattr(self.manager, "summaries", None)
-        if summaries is None:
+        if self.manager is None:
             return counts
         try:
-            for summary in summaries():
-                if isinstance(summary, Mapping):
-                    state = summary.get("state")
-                else:
-                    state = getattr(summary, "state", None)
-                if isinstance(state, str):
-                    counts[state] = counts.get(state, 0) + 1
+            for summary in self.manager.summaries():
+                counts[summary.state] = counts.get(summary.state, 0) + 1
         except Exception:
             _LOGGER.exception("rollout summaries for metrics failed")
         return counts
@@ -733,7 +752,9 @@ class HubService:
     # ------------------------------------------------------------------ requests
 
     async def request(self, op: str, body: Mapping[str, Any] | None = None) -> Any:
-        """Carry out one request; the MQTT path and the HTTP bridge both call this.
+        """Carry out one request in its wire form (the MQTT path; the bridge's other endpoints).
+
+        A rollout op's body is decoded and validated here, once (``hub.requests``).
 
         Returns:
             The reply body, as plain JSON values.
@@ -743,15 +764,36 @@ class HubService:
         """
         if op not in _OPS:
             raise InvalidInput(f"unknown op {_shown(op, 40)}; one of {', '.join(sorted(_OPS))}")
+        self._check_active()
+        if op == "nodes":
+            return self._nodes_reply(body or {})
+        manager = self._manager()  # a hub without a manager refuses before it reads the body
+        return _jsonable(await manager.handle(rollout_request(op, dict(body or {}))))
+
+    async def handle(self, request: RolloutRequest) -> Any:
+        """Carry out one rollout request decoded at the edge (the HTTP bridge's create and plan).
+
+        Returns:
+            The reply body, as plain JSON values.
+
+        Raises:
+            FleetError: the request is refused (Conflict, NotFound, a hub standing by...).
+        """
+        return _jsonable(await self._manager().handle(request))
+
+    def _check_active(self) -> None:
+        """FleetError naming the active hub unless this one is."""
         if not self.is_active:
             active = self.view.active_hub()
             where = f"; hub {active} is active" if active else ""
             raise FleetError(f"hub {self.hub_id} is standing by{where}")
-        if op == "nodes":
-            return self._nodes_reply(body or {})
+
+    def _manager(self) -> RolloutManagerLike:
+        """The rollout manager of the active hub; FleetError saying why there is none."""
+        self._check_active()
         if self.manager is None:
             raise self.manager_error or FleetError("rollouts not available")
-        return _jsonable(await self.manager.request(op, dict(body or {})))
+        return self.manager
 
     def _nodes_reply(self, body: Mapping[str, Any]) -> list[dict[str, Any]]:
         """The node table, optionally one page of it (``offset``, ``limit``) or some nodes."""
@@ -800,7 +842,7 @@ class HubService:
         try:
             result = await self.request(op, body)
         except FleetError as exc:
-            error_body: dict[str, Any] = {"kind": self._kind(exc)}
+            error_body: dict[str, Any] = {"kind": exc.status.kind}
             if isinstance(exc, Conflict):
                 error_body["nodes"] = list(exc.nodes)
             return Reply(request=request_id, ok=False, error=exc.reason, body=error_body)
@@ -810,13 +852,6 @@ class HubService:
             _LOGGER.exception("request %s (%s) failed", request_id, op)
             return Reply(request=request_id, ok=False, error="internal error", body={"kind": "internal"})
         return Reply(request=request_id, ok=True, body=result)
-
-    @staticmethod
-    def _kind(exc: FleetError) -> str:
-        for cls, kind in _ERROR_KINDS:
-            if isinstance(exc, cls):
-                return kind
-        return "error"
 
     async def _refuse_malformed(self, payload: bytes, reason: str) -> None:
         """Reply ok:false to a bad request when it names a usable reply topic, else log."""
@@ -835,7 +870,7 @@ class HubService:
             request=request_id[:128] if isinstance(request_id, str) else "",
             ok=False,
             error=reason,
-            body={"kind": "invalid_input"},
+            body={"kind": InvalidInput.status.kind},
         )
         _LOGGER.info("bad request refused: %s", reason)
         await self.publish(topic, encode(reply), qos=1)
@@ -931,13 +966,13 @@ class HubService:
                     await self._presence(self.registry.on_heartbeat(beat, self._now()))
             elif channel in ("status", "job"):
                 model = StepStatus if channel == "status" else JobSnapshot
-                report = self._decoded(model, message.payload, node)
+                report: StepStatus | JobSnapshot = self._decoded(model, message.payload, node)
                 if isinstance(report, JobSnapshot):
                     self._jobs[node] = report
                 if isinstance(report, StepStatus) and self._is_issued(report):
                     self.metrics.observe_status(report)
-                if report is not None and self.manager is not None:
-                    await self.manager.on_node_message(node, channel, report)
+                if self.manager is not None:
+                    await self.manager.on_report(node, report)
         except InvalidInput as exc:
             self.malformed += 1
             _LOGGER.warning("malformed %s from %s ignored: %s", channel, node, exc.reason)
@@ -989,9 +1024,7 @@ class HubService:
             return
         self._broker_up = connected
         _LOGGER.warning("broker connection %s", "back" if connected else "lost")
-        on_broker = getattr(self.manager, "on_broker", None)
-        if on_broker is not None:
-            await on_broker(connected)
+        await self.manager.on_broker(connected)
 
     async def _expire_loop(self) -> None:
         self._broker_up = self.is_connected

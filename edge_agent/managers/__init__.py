@@ -20,7 +20,7 @@ from edge_agent.managers.docker import DockerManager
 from edge_agent.managers.systemd import SystemdManager, check_systemd, check_unit_name
 from edge_agent.settings import ExecutorSettings, Policy
 from edge_agent.system import LineSink
-from edge_agent.tools import SystemTools, tools_of
+from edge_agent.tools import SystemTools
 
 if TYPE_CHECKING:
     from edge_agent.steps.base import StepContext
@@ -80,7 +80,7 @@ def check(step: ServiceStep, settings: ExecutorSettings) -> str | None:
         return f"service manager {settings.service_manager} is not supported by this agent"
     if not Policy.matches(settings.policy.services, step.name):
         return f"service {step.name} is not allowed by this node's policy"
-    tools = tools_of(settings)
+    tools = settings.tools
     binary = tools.systemctl if settings.service_manager == "systemd" else tools.docker
     if not tools.has(binary):
         return f"{binary} is not installed on this node"
@@ -101,7 +101,7 @@ async def _act(manager: ServiceBackend, action: str, name: str, ctx: StepContext
 
 async def apply(step: ServiceStep, ctx: StepContext) -> dict[str, Any]:
     """Stop, start or restart the service; the record keeps whether it was active."""
-    manager = backend(ctx.settings.service_manager, tools_of(ctx.settings))
+    manager = backend(ctx.settings.service_manager, ctx.settings.tools)
     was_active = await manager.is_active(step.name, timeout=ctx.timeout)
     record = {"manager": manager.kind, "was_active": was_active}
     await ctx.checkpoint(record)
@@ -125,7 +125,7 @@ async def undo(step: ServiceStep, ctx: StepContext, record: dict[str, Any] | Non
     if record is None:
         await ctx.log(f"service {step.name} was not touched: nothing to undo")
         return
-    manager = backend(str(record.get("manager") or ctx.settings.service_manager), tools_of(ctx.settings))
+    manager = backend(str(record.get("manager") or ctx.settings.service_manager), ctx.settings.tools)
     active = await manager.is_active(step.name, timeout=ctx.timeout)
     if bool(record.get("was_active")):
         if step.action == "restart":

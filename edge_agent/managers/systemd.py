@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from bus.errors import StepError
 from edge_agent.system import LineSink
-from edge_agent.tools import SystemTools, call, tool_message, tools_of
+from edge_agent.tools import SystemTools, call, tool_message
 
 if TYPE_CHECKING:
     from edge_agent.steps.base import StepContext
@@ -152,7 +152,7 @@ class SystemdManager:
 async def check_systemd(target: str, ctx: StepContext) -> str | None:
     """Health check ``systemd``: None when unit ``target`` is active, else why not."""
     try:
-        state = await SystemdManager(tools_of(ctx.settings)).state(
+        state = await SystemdManager(ctx.settings.tools).state(
             target, timeout=min(ctx.timeout, _PROBE_TIMEOUT)
         )
     except StepError as exc:

@@ -27,7 +27,6 @@ from bus.messages import ContainerStep
 from edge_agent.managers.docker import DockerManager
 from edge_agent.settings import ExecutorSettings, Policy
 from edge_agent.steps.base import StepContext, StepHandler
-from edge_agent.tools import tools_of
 
 __all__ = ["HANDLER", "apply", "check", "container_config", "run_args", "undo"]
 
@@ -38,7 +37,7 @@ def check(step: ContainerStep, settings: ExecutorSettings) -> str | None:
     """Intake: the image is allowed by the policy (globs) and docker is installed."""
     if not Policy.matches(settings.policy.images, step.image):
         return f"image {step.image} is not allowed by this node's policy"
-    tools = tools_of(settings)
+    tools = settings.tools
     if not tools.has(tools.docker):
         return f"{tools.docker} is not installed on this node"
     return None
@@ -150,7 +149,7 @@ async def _image(docker: DockerManager, step: ContainerStep, ctx: StepContext) -
 
 async def apply(step: ContainerStep, ctx: StepContext) -> dict[str, Any]:
     """Get the image (pull policy), then replace the container with one of it and the old configuration."""
-    docker = DockerManager(tools_of(ctx.settings))
+    docker = DockerManager(ctx.settings.tools)
     old = await _old_config(docker, step.name, ctx.timeout)
     await ctx.checkpoint({"old": old, "created": False})
     pulled = await _image(docker, step, ctx)  # changes no container: its undo finds the old one
@@ -182,7 +181,7 @@ async def undo(step: ContainerStep, ctx: StepContext, record: dict[str, Any] | N
     if record is None or record.get("unchanged"):
         await ctx.log(f"container {step.name} was not changed: nothing to undo")
         return
-    docker = DockerManager(tools_of(ctx.settings))
+    docker = DockerManager(ctx.settings.tools)
     old = record.get("old")
     current = await docker.inspect_container(step.name, timeout=ctx.timeout)
     if current is not None and isinstance(old, dict) and _is_old(current, old, record):

@@ -23,7 +23,7 @@ from bus.messages import ModuleStep
 from edge_agent import versions
 from edge_agent.settings import ExecutorSettings, Policy
 from edge_agent.steps.base import StepContext, StepHandler
-from edge_agent.tools import SystemTools, call, tool_message, tools_of
+from edge_agent.tools import SystemTools, call, tool_message
 
 __all__ = ["HANDLER", "apply", "check", "load", "reload", "undo", "unload"]
 
@@ -35,7 +35,7 @@ def check(step: ModuleStep, settings: ExecutorSettings) -> str | None:
     """Intake: the module is allowed by the policy and modprobe is installed."""
     if not Policy.matches(settings.policy.modules, step.name):
         return f"kernel module {step.name} is not allowed by this node's policy"
-    tools = tools_of(settings)
+    tools = settings.tools
     if not tools.has(tools.modprobe):
         return f"{tools.modprobe} is not installed on this node"
     return None
@@ -55,7 +55,7 @@ async def load(name: str, ctx: StepContext) -> None:
     Raises:
         StepError: modprobe's own message (no such module, bad parameters, init failed).
     """
-    tools = tools_of(ctx.settings)
+    tools = ctx.settings.tools
     await call(
         [tools.modprobe, name], tools=tools, timeout=ctx.timeout, on_line=ctx.output, what=f"modprobe {name}"
     )
@@ -68,7 +68,7 @@ async def unload(name: str, ctx: StepContext) -> None:
     Raises:
         StepError: "reboot required" when the module is in use or built in; else modprobe's message.
     """
-    tools = tools_of(ctx.settings)
+    tools = ctx.settings.tools
     result = await call(
         [tools.modprobe, "-r", name], tools=tools, timeout=ctx.timeout, on_line=ctx.output, check=False
     )
@@ -86,7 +86,7 @@ async def reload(name: str, ctx: StepContext) -> None:
     Raises:
         StepError: "reboot required" (in use, built in, version mismatch) or modprobe's message.
     """
-    tools = tools_of(ctx.settings)
+    tools = ctx.settings.tools
     if await _is_loaded(name, tools):
         await unload(name, ctx)
     await load(name, ctx)
@@ -100,7 +100,7 @@ async def reload(name: str, ctx: StepContext) -> None:
 
 async def apply(step: ModuleStep, ctx: StepContext) -> dict[str, Any]:
     """Load, unload or reload; the record keeps whether it was loaded, and its version."""
-    tools = tools_of(ctx.settings)
+    tools = ctx.settings.tools
     was_loaded = await _is_loaded(step.name, tools)
     record = {"was_loaded": was_loaded, "version": await versions.module_version(step.name, tools)}
     await ctx.checkpoint(record)
@@ -126,7 +126,7 @@ async def undo(step: ModuleStep, ctx: StepContext, record: dict[str, Any] | None
     if record is None:
         await ctx.log(f"module {step.name} was not touched: nothing to undo")
         return
-    tools = tools_of(ctx.settings)
+    tools = ctx.settings.tools
     was_loaded = bool(record.get("was_loaded"))
     loaded = await _is_loaded(step.name, tools)
     version = record.get("version")

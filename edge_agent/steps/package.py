@@ -61,7 +61,7 @@ from edge_agent.settings import ExecutorSettings, Policy
 from edge_agent.steps import module
 from edge_agent.steps.base import StepContext, StepHandler
 from edge_agent.system import RunResult
-from edge_agent.tools import SystemTools, call, tool_message, tools_of
+from edge_agent.tools import SystemTools, call, tool_message
 from edge_agent.versions import Family, PackageState
 
 __all__ = [
@@ -112,7 +112,7 @@ def check(step: PackageStep, settings: ExecutorSettings) -> str | None:
         return f"package {step.name} is not allowed by this node's policy"
     if step.manager == "dpkg" and step.src is None:
         return "a dpkg package step needs src (a downloaded .deb)"
-    tools = tools_of(settings)
+    tools = settings.tools
     for binary in _binaries(step, tools):
         if not tools.has(binary):
             return f"{binary} is not installed on this node"
@@ -653,7 +653,7 @@ async def _target(job: _Job) -> tuple[str | None, Path | None]:
 
 async def apply(step: PackageStep, ctx: StepContext) -> dict[str, Any]:
     """Keep the way back to the installed version, then install the new one (see the module docstring)."""
-    job = _Job(step, ctx, tools_of(ctx.settings))
+    job = _Job(step, ctx, ctx.settings.tools)
     version, path = await _target(job)
     old = await job.state()
     if old is not None and old.is_installed and version and _same_version(job.family, old.version, version):
@@ -682,7 +682,7 @@ async def undo(step: PackageStep, ctx: StepContext, record: dict[str, Any] | Non
         # Stopped while keeping the way back: nothing was installed yet.
         await ctx.log(f"{step.name} was not changed (stopped before installing): nothing to undo")
         return
-    job = _Job(step, ctx, tools_of(ctx.settings))
+    job = _Job(step, ctx, ctx.settings.tools)
     old_version = record.get("old_version")
     current = await job.state()
     if old_version is None:

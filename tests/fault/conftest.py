@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import hashlib
 import http.server
+import logging
 import os
 import random
 import signal
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -59,6 +61,7 @@ BASE_SEED = int(_SEED) if _SEED else random.SystemRandom().randrange(1, 2**31)
 
 DEADLINE = 60.0  # generous: 2 shared cores; figures are measured apart from assertions
 FINAL_ROLLOUT = frozenset({"succeeded", "halted", "rolled_back", "rollback_failed", "aborted"})
+FINAL_JOB = frozenset({"succeeded", "failed", "rolled_back", "rollback_failed"})
 
 T = TypeVar("T")
 
@@ -84,6 +87,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 _SEED_KEY = pytest.StashKey[int]()
+
+
+@pytest.fixture(autouse=True)
+def _log_figures(request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture) -> None:
+    """The figures a scenario logs at INFO (``_LOGGER`` of its module) are captured and shown."""
+    caplog.set_level(logging.INFO, logger=request.module.__name__)
 
 
 @pytest.fixture
@@ -509,6 +518,36 @@ class Observer:
             timeout,
         )
 
+    def active_hub(self) -> str | None:
+        """The hub the retained ``hub/state`` names active (DESIGN 3.9), or None."""
+        state = self.hub_state
+        return state.hub if state is not None and state.state == "active" else None
+
+    def is_standing_by(self, hub: str) -> bool:
+        """True when ``hub``'s membership record says it stands by."""
+        member = self.members.get(hub)
+        return member is not None and member.state == "standby"
+
+    async def job_end(
+        self, node: str, rollout: str, *, undo: bool = False, timeout: float = DEADLINE
+    ) -> tuple[JobSnapshot, float]:
+        """The node's final job snapshot of ``rollout`` and when it was seen (monotonic).
+
+        ``undo``: of its abort or rollback, else of its apply.
+        """
+
+        def ended() -> tuple[JobSnapshot, float] | None:
+            snap = self.jobs.get(node)
+            if snap is None or snap.rollout != rollout or snap.phase not in FINAL_JOB:
+                return None
+            if (snap.action != "apply") != undo:
+                return None
+            return snap, time.monotonic()
+
+        what = f"{node}'s {'undo' if undo else 'apply'} of {rollout} to end"
+        found: tuple[JobSnapshot, float] = await self.wait(ended, what, timeout)
+        return found
+
     async def online(self, nodes: list[str], timeout: float = DEADLINE) -> None:
         """The hub's registry has every one of ``nodes`` online."""
         deadline = time.monotonic() + timeout
@@ -567,14 +606,32 @@ def parts_spec(name: str, version: str, nodes: list[str], pause: str = "0.3", **
     }
 
 
-async def start_fleet(fleet: Fleet, observer: Observer, nodes: list[str], **agent: Any) -> None:
-    """Start the hub and an agent per node; return once the hub has them all online."""
+async def start_fleet(fleet: Fleet, observer: Observer, nodes: list[str], *extra: str, **agent: Any) -> None:
+    """Start the hub and an agent per node (``extra``: its flags); return once the hub has them all online."""
     births = observer.hub_births
     fleet.start_hub()
     for node in nodes:
-        fleet.start_agent(node, **agent)
+        fleet.start_agent(node, *extra, **agent)
     await observer.hub_ready(births)
     await observer.online(nodes)
+
+
+async def start_agents(
+    fleet: Fleet, observer: Observer, nodes: list[str], *, timeout: float = DEADLINE, **agent: Any
+) -> None:
+    """Start an agent per node (a hub runs already); return once the hub has them all online."""
+    for node in nodes:
+        fleet.start_agent(node, **agent)
+    await observer.online(nodes, timeout=timeout)
+
+
+def http_answer(port: int) -> str:
+    """What a node's service on ``127.0.0.1:port`` answers (stripped), or why it does not."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as response:
+            return str(response.read().decode().strip())
+    except OSError as exc:
+        return f"no answer ({exc})"
 
 
 async def check_outcome(

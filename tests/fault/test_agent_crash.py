@@ -331,11 +331,6 @@ async def _poll(check: Callable[[], bool], period: float, timeout: float) -> Non
         await asyncio.sleep(period)
 
 
-@pytest.fixture(autouse=True)
-def _log_figures(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger=__name__)
-
-
 async def test_runner_killed_mid_module_step_is_restored(
     tmp_path: Path, topics: Topics, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -77,8 +77,3 @@ async def test_broker_restarted_mid_rollout_succeeds(
         "%s restarts: %d trials (%d stopped mid-rollout, %d audited as a broker event): %s",
         broker.kind, len(outcomes), midway, events, outcomes,
     )  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def _log_figures(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger=__name__)

@@ -85,8 +85,3 @@ async def test_hub_killed_at_random_moments_of_a_coordinated_rollback(
             await check_outcome(fleet, observer, rollout, NODES, frozenset({"rolled_back"}), "v0", new)
             marker.unlink()
         _LOGGER.info("hub kills mid-rollback: %d of %d trials", mid_flight, TRIALS)
-
-
-@pytest.fixture(autouse=True)
-def _log_figures(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger=__name__)

@@ -27,8 +27,6 @@ import logging
 import time
 from typing import Any
 
-import pytest
-
 from bus.messages import RolloutSummary
 from bus.topics import Topics
 from tests.conftest import RunningBroker
@@ -155,11 +153,6 @@ async def test_a_partition_longer_than_the_grace_rolls_back_and_the_restore_wait
         assert late, audit
         assert late[0]["message"].startswith(f"{PARTED} restored after all (verified); record amended")
         assert any(entry["kind"] == "restore_wait" for entry in audit), audit
-
-
-@pytest.fixture(autouse=True)
-def _log_figures(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger=__name__)
 
 
 async def test_many_agents_lost_at_once_is_a_network_event_that_pauses_instead_of_failing(

@@ -19,13 +19,12 @@ import logging
 import os
 import sys
 import time
-import urllib.request
 from typing import Any
 
 from bus.topics import Topics
 from edge_agent import system
 from tests.conftest import RunningBroker, free_port
-from tests.fault.conftest import DEADLINE, Fleet, Observer, SlowWeb, observing
+from tests.fault.conftest import Fleet, Observer, SlowWeb, http_answer, observing, start_fleet
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -47,14 +46,6 @@ http.server.HTTPServer(("127.0.0.1", port), Handler).serve_forever()
 """
 
 
-def _answer(port: int) -> str:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as response:
-            return str(response.read().decode().strip())
-    except OSError as exc:
-        return f"no answer ({exc})"
-
-
 async def _version_seen(observer: Observer, wanted: str) -> float:
     """Wait until the node's retained state says ``app`` runs ``wanted``; return when (monotonic)."""
 
@@ -64,19 +55,6 @@ async def _version_seen(observer: Observer, wanted: str) -> float:
         return time.monotonic() if ok else None
 
     found: float = await observer.wait(seen, f"{NODE} reporting app {wanted}", 15.0)
-    return found
-
-
-async def _job_end(observer: Observer, rollout: str, action: str) -> tuple[str, float]:
-    def ended() -> tuple[str, float] | None:
-        snap = observer.jobs.get(NODE)
-        if snap is None or snap.rollout != rollout or snap.action != action:
-            return None
-        if snap.phase in ("succeeded", "rolled_back", "rollback_failed", "failed"):
-            return snap.phase, time.monotonic()
-        return None
-
-    found: tuple[str, float] = await observer.wait(ended, f"the {action} of {rollout} to end", DEADLINE)
     return found
 
 
@@ -105,27 +83,23 @@ async def test_file_then_restart_rolls_back_to_the_old_file_and_versions_follow_
     figures: list[float] = []
     try:
         async with observing(amqtt_broker.url, topics) as observer:
-            births = observer.hub_births
-            fleet.start_hub()
-            fleet.start_agent(NODE, "--config", str(config), heartbeat_s=5.0)
-            await observer.hub_ready(births)
-            await observer.online([NODE])
+            await start_fleet(fleet, observer, [NODE], "--config", str(config), heartbeat_s=5.0)
             await _version_seen(observer, "1.0")
             for cycle in range(3):
                 spec = {"name": f"restart {cycle}", "targets": [NODE], "plan": plan}
                 rollout = (await observer.ok("create_rollout", spec))["rollout"]
-                phase, ended = await _job_end(observer, rollout, "apply")
-                assert phase == "succeeded", fleet.logs()
-                assert _answer(port) == "version 2.0"
+                snap, ended = await observer.job_end(NODE, rollout)
+                assert snap.phase == "succeeded", fleet.logs()
+                assert http_answer(port) == "version 2.0"
                 figures.append(await _version_seen(observer, "2.0") - ended)
 
                 await observer.ok("rollback", {"rollout": rollout})
-                phase, ended = await _job_end(observer, rollout, "rollback")
-                snap = observer.jobs[NODE]
+                snap, ended = await observer.job_end(NODE, rollout, undo=True)
+                assert snap.action == "rollback", snap
                 # The restart was undone last, on the restored 1.0 file: 1.0 answers, verified.
-                assert _answer(port) == "version 1.0", f"{snap}\n{fleet.logs()}"
+                assert http_answer(port) == "version 1.0", f"{snap}\n{fleet.logs()}"
                 assert (state / "version").read_text() == "1.0\n"
-                assert phase == "rolled_back", f"{snap}\n{fleet.logs()}"
+                assert snap.phase == "rolled_back", f"{snap}\n{fleet.logs()}"
                 assert "restore verified: step 4 (health)" in snap.detail
                 figures.append(await _version_seen(observer, "1.0") - ended)
             _LOGGER.warning(
@@ -186,9 +160,9 @@ async def test_a_version_its_health_check_contradicts_is_named_until_a_check_bea
             rollout = (
                 await observer.ok("create_rollout", {"name": "stale", "targets": [NODE], "plan": plan})
             )["rollout"]
-            phase, _ = await _job_end(observer, rollout, "apply")
-            assert phase == "succeeded", fleet.logs()
-            assert _answer(port) == "version 2.0"
+            snap, _ = await observer.job_end(NODE, rollout)
+            assert snap.phase == "succeeded", fleet.logs()
+            assert http_answer(port) == "version 2.0"
             await observer.wait(lambda: health_saw({"app": "2.0"}) or None, "app named as seen at 2.0", 15.0)
             assert observer.states[NODE].inventory.services["app"] == "1.0"  # the report stays as read
             # The hub passes it on to every operator surface (fleet nodes, GET /api/nodes, the TUI).
@@ -199,8 +173,8 @@ async def test_a_version_its_health_check_contradicts_is_named_until_a_check_bea
 
             # Rolled back, the restore check sees 1.0, as reported: nothing left to name.
             await observer.ok("rollback", {"rollout": rollout})
-            phase, _ = await _job_end(observer, rollout, "rollback")
-            assert phase == "rolled_back", fleet.logs()
+            snap, _ = await observer.job_end(NODE, rollout, undo=True)
+            assert snap.phase == "rolled_back", fleet.logs()
             await observer.wait(lambda: health_saw({}) or None, "the disagreement cleared", 15.0)
     finally:
         with contextlib.suppress(Exception):

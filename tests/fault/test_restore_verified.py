@@ -22,19 +22,16 @@ import random
 import signal
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bus.messages import JobSnapshot
 from bus.topics import Topics
 from tests.conftest import RunningBroker, free_port
-from tests.fault.conftest import DEADLINE, Fleet, observing, start_fleet, trials
+from tests.fault.conftest import DEADLINE, Fleet, http_answer, observing, start_fleet, trials
 
 _LOGGER = logging.getLogger(__name__)
 
 NODE = "d1"
-FINAL_JOB = frozenset({"rolled_back", "rollback_failed", "failed", "succeeded"})
 
 APP = r"""
 import http.server, os, sys, time
@@ -96,14 +93,6 @@ fi
 NOOP = "#!/bin/sh\necho 'restores nothing'\n"
 
 
-def _answer(port: int) -> str:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as response:
-            return str(response.read().decode().strip())
-    except OSError as exc:
-        return f"no answer ({exc})"
-
-
 def _app_processes(state: Path) -> dict[int, str]:
     """Every live service process of the node, with the version it read (from its own pidfile line
     when it wrote one, else from the version file it was started on: unknown, '?')."""
@@ -151,8 +140,8 @@ def _start_old(fleet: Fleet, state: Path, port: int) -> None:
     env = {"PATH": os.environ.get("PATH", os.defpath), "FLEET_STATE_DIR": str(state), "FLEET_PHASE": "apply"}
     subprocess.run([str(fleet.scripts / "svc.sh"), "start"], env=env, check=True, timeout=30)
     deadline = time.monotonic() + DEADLINE
-    while _answer(port) != "version 1.0":
-        assert time.monotonic() < deadline, _answer(port)
+    while http_answer(port) != "version 1.0":
+        assert time.monotonic() < deadline, http_answer(port)
         time.sleep(0.05)
 
 
@@ -166,19 +155,6 @@ def _plan(port: int, *, install_rollback: str = "install.sh") -> list[dict[str, 
             "retries": 30, "interval_s": 0.1, "verify": {"expect": "version 1.0"},
         },
     ]  # fmt: skip
-
-
-async def _final_undo(observer: Any, rollout: str, timeout: float = DEADLINE) -> JobSnapshot:
-    """The node's final snapshot of the abort (or rollback) of ``rollout``."""
-
-    def done() -> JobSnapshot | None:
-        snap = observer.jobs.get(NODE)
-        if snap is None or snap.rollout != rollout or snap.phase not in FINAL_JOB:
-            return None
-        return snap if snap.action != "apply" else None
-
-    found: JobSnapshot = await observer.wait(done, f"the node's undo of {rollout}", timeout)
-    return found
 
 
 async def test_abort_mid_daemonizing_start_is_true_every_time(
@@ -201,8 +177,8 @@ async def test_abort_mid_daemonizing_start_is_true_every_time(
                 await observer.status(rollout, "running", index=2, after=before)
                 await asyncio.sleep(rng.uniform(0.0, delay))  # mid-start: before the pidfile
                 await observer.ok("abort", {"rollout": rollout})
-                snap = await _final_undo(observer, rollout)
-                answer = _answer(port)
+                snap, _ = await observer.job_end(NODE, rollout, undo=True)
+                answer = http_answer(port)
                 processes = await asyncio.to_thread(_app_processes, state)
                 summary = await observer.final(rollout)
                 outcomes.append((snap.phase, answer, summary.state))
@@ -232,10 +208,10 @@ async def test_abort_mid_daemonizing_start_is_true_every_time(
             rollout = (await observer.ok("create_rollout", spec))["rollout"]
             await observer.status(rollout, "running", index=2, after=before)
             await observer.ok("abort", {"rollout": rollout})
-            snap = await _final_undo(observer, rollout)
+            snap, _ = await observer.job_end(NODE, rollout, undo=True)
             context = f"{snap}\n{fleet.logs()}"
             assert snap.phase == "rollback_failed", context
-            assert _answer(port) == "version 2.0"  # what the node really runs
+            assert http_answer(port) == "version 2.0"  # what the node really runs
             assert snap.detail.startswith("restore not verified: step 4 (health) "), context
             assert "'version 1.0' not in the response" in snap.detail, context
             assert "(it said: version 2.0)" in snap.detail, context

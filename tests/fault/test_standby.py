@@ -33,7 +33,7 @@ from bus.messages import Command, HubState, ScriptStep, StepStatus, encode
 from bus.signing import load_private_key, sign_command
 from bus.topics import Topics
 from tests.conftest import RunningBroker, free_port, wait_port
-from tests.fault.conftest import Fleet, Observer, check_outcome, observing, parts_spec, trials
+from tests.fault.conftest import Fleet, Observer, check_outcome, observing, parts_spec, start_agents, trials
 from tests.integration.test_acl import refused, run_broker
 from tests.nats_cluster import NatsCluster, nats_binary
 
@@ -48,24 +48,14 @@ async def two_hubs(fleet: Fleet, observer: Observer, timeout: float = 60.0) -> l
     """Start hub A (active) then hub B (standing by); return their ids."""
     first, second = fleet.hub_id, f"{fleet.hub_id}-b"
     fleet.start_hub()
-    await observer.wait(lambda: active_hub(observer) == first or None, "the first hub active", timeout)
+    await observer.wait(lambda: observer.active_hub() == first or None, "the first hub active", timeout)
     fleet.start_member(second)
-    await observer.wait(lambda: standing_by(observer, second) or None, "the second hub standing by", timeout)
+    await observer.wait(lambda: observer.is_standing_by(second) or None, "the second hub on standby", timeout)
     # What `fleet nodes` prints below its table.
     line = observer.rpc.hubs_line()
     assert line.startswith(f"hub: {first} active (term "), line
     assert line.endswith(f"standing by: {second}"), line
     return [first, second]
-
-
-def active_hub(observer: Observer) -> str | None:
-    state = observer.hub_state
-    return state.hub if state is not None and state.state == "active" else None
-
-
-def standing_by(observer: Observer, hub: str) -> bool:
-    member = observer.members.get(hub)
-    return member is not None and member.state == "standby"
 
 
 class Requests:
@@ -123,7 +113,7 @@ async def kill_active(fleet: Fleet, observer: Observer, hubs: list[str]) -> tupl
     assert successor in hubs
     # The killed hub comes back and stands by.
     fleet.start_member(victim)
-    await observer.wait(lambda: standing_by(observer, victim) or None, f"{victim} standing by again")
+    await observer.wait(lambda: observer.is_standing_by(victim) or None, f"{victim} standing by again")
     # With three hubs two standbys may race: the higher term wins (the other stands down).
     now = observer.hub_state
     assert now is not None
@@ -190,9 +180,7 @@ async def test_the_active_hub_killed_mid_rollout_the_standby_carries_it_on(
     mid_flight = 0
     async with observing(broker.url, topics) as observer:
         hubs = await two_hubs(fleet, observer)
-        for node in NODES:
-            fleet.start_agent(node)
-        await observer.online(NODES)
+        await start_agents(fleet, observer, NODES)
         version = "v0"
         for trial in range(TRIALS):
             new = f"v{trial + 1}"
@@ -249,9 +237,7 @@ async def test_the_active_hub_killed_mid_rollback_the_standby_finishes_it(
     mid_flight = 0
     async with observing(broker.url, topics) as observer:
         hubs = await two_hubs(fleet, observer)
-        for node in NODES:
-            fleet.start_agent(node)
-        await observer.online(NODES)
+        await start_agents(fleet, observer, NODES)
         for trial in range(TRIALS):
             # The broken node is in the last wave: the first wave's node is rolled back.
             marker = fleet.state_dir(NODES[-1]) / "broken"
@@ -302,11 +288,9 @@ async def test_three_hubs_on_the_nats_cluster(tmp_path: Path, topics: Topics, rn
                 fleet.start_member(third)
                 hubs.append(third)
                 await observer.wait(
-                    lambda: standing_by(observer, third) or None, "the third hub standing by", 90
+                    lambda: observer.is_standing_by(third) or None, "the third hub standing by", 90
                 )
-                for node in NODES:
-                    fleet.start_agent(node, heartbeat_s=5, keepalive_s=10)
-                await observer.online(NODES, timeout=90)
+                await start_agents(fleet, observer, NODES, timeout=90, heartbeat_s=5, keepalive_s=10)
                 version = "v0"
                 for trial in range(max(2, TRIALS)):
                     new = f"v{trial + 1}"
@@ -414,14 +398,9 @@ async def test_two_hubs_share_the_generated_hub_credentials_on_the_hub_listener(
                 now = observer.hub_state
                 assert now is not None
                 assert (now.hub, now.term, now.state) == (first, state.term, "active"), fleet.logs()
-                assert standing_by(observer, second), fleet.logs()
+                assert observer.is_standing_by(second), fleet.logs()
                 successor, took = await kill_active(fleet, observer, [first, second])
                 assert successor == second
                 _LOGGER.info("%s hub listener: takeover %.2f s", kind, took)
         finally:
             fleet.close()
-
-
-@pytest.fixture(autouse=True)
-def _log_figures(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger=__name__)

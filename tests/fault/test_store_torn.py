@@ -108,8 +108,3 @@ async def test_hub_killed_during_bursts_of_writes_never_tears_its_file(
         "%d kills (%d mid-burst); the file held %d nodes and %d rollouts at the end",
         TRIALS, kills_mid_burst, *last,
     )  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def _log_figures(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger=__name__)

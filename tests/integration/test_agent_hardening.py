@@ -19,20 +19,18 @@ from bus.messages import DownloadStep, FileStep, ScriptStep, encode
 from bus.topics import Topics
 from edge_agent.runner import CommandRunner
 from edge_agent.settings import ExecutorSettings, Policy
-from tests.integration.test_runner import FIXTURES, NODE, Recorder, cmd_topic, command, make_settings
+from tests.integration.conftest import (
+    FIXTURES,
+    NODE,
+    Recorder,
+    cmd_topic,
+    command,
+    make_settings,
+    run_command,
+)
 from tests.webfiles import Web
 
 EVIL = b'#!/bin/sh\necho owned > "$FLEET_STATE_DIR/owned"\n'
-
-
-@pytest.fixture
-def key() -> Ed25519PrivateKey:
-    return Ed25519PrivateKey.generate()
-
-
-@pytest.fixture
-def recorder() -> Recorder:
-    return Recorder()
 
 
 def old_layout(tmp_path: Path, key: Ed25519PrivateKey, **extra: Any) -> ExecutorSettings:
@@ -42,11 +40,6 @@ def old_layout(tmp_path: Path, key: Ed25519PrivateKey, **extra: Any) -> Executor
     shutil.copy(FIXTURES / "record.sh", scripts / "record.sh")
     (scripts / "record.sh").chmod(0o755)
     return make_settings(tmp_path, scripts, key, **extra)
-
-
-async def run(runner: CommandRunner, recorder: Recorder, topics: Topics, cmd: Any) -> Any:
-    await runner.handle_command(cmd_topic(topics), encode(cmd))
-    return await recorder.final_of(cmd.id)
 
 
 @pytest.mark.parametrize(
@@ -74,7 +67,7 @@ async def test_a_file_step_never_replaces_a_script(
     url = web.add("/evil.sh", EVIL)
     runner = CommandRunner(settings, topics, recorder.publish)
     try:
-        final = await run(
+        final = await run_command(
             runner,
             recorder,
             topics,
@@ -108,7 +101,7 @@ async def test_a_download_never_lands_in_the_scripts_directory(
     url = web.add("/record.sh", EVIL)
     runner = CommandRunner(settings, topics, recorder.publish)
     try:
-        final = await run(
+        final = await run_command(
             runner,
             recorder,
             topics,
@@ -134,7 +127,7 @@ async def test_the_download_cache_is_private(
     url = web.add("/secret", secret)
     runner = CommandRunner(settings, topics, recorder.publish)
     try:
-        final = await run(
+        final = await run_command(
             runner,
             recorder,
             topics,
@@ -165,7 +158,7 @@ async def test_a_reset_journal_does_not_run_a_captured_command_again(
     cmd = command(key, [ScriptStep(name="record.sh", args=["once"])])
     runner = CommandRunner(settings, topics, recorder.publish)
     try:
-        assert (await run(runner, recorder, topics, cmd)).phase == "succeeded"
+        assert (await run_command(runner, recorder, topics, cmd)).phase == "succeeded"
     finally:
         await runner.close()
     settings.journal_path.unlink()

@@ -106,6 +106,23 @@ async def test_publish_and_subscribe_qos0_and_qos1(broker: RunningBroker, topics
     assert at_most_once.qos <= 1  # amqtt says 1 (FINDINGS defect 4), mosquitto 0
 
 
+async def test_a_full_queue_drops_the_incoming_qos0_message_not_a_buffered_one(
+    broker: RunningBroker, topics: Topics
+) -> None:
+    dropped, kept = topics.node("n1", "heartbeat"), topics.node("n1", "status")
+    async with MqttClient(broker.url, queue_limit=2) as subscriber, MqttClient(broker.url) as publisher:
+        await subscriber.subscribe(dropped, qos=0)
+        await subscriber.subscribe(kept, qos=1)
+        for payload in (b"first", b"second", b"third"):
+            await publisher.publish(dropped, payload, qos=0)
+        await wait_until(lambda: subscriber.stats.received == 3, 10, "three QoS 0 messages")
+        await publisher.publish(kept, b"at-least-once", qos=1, wait=True)
+        await wait_until(lambda: subscriber.stats.received == 4, 10, "the QoS 1 message")
+        got = [(await next_message(subscriber)).payload for _ in range(3)]
+    assert subscriber.stats.dropped == 1
+    assert got == [b"first", b"second", b"at-least-once"]  # the oldest kept, the newest QoS 0 dropped
+
+
 async def test_qos1_acknowledgements_take_the_light_path(
     broker: RunningBroker, topics: Topics, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -23,7 +23,6 @@ from bus.messages import (
     NodeSummary,
     Reply,
     RolloutCounts,
-    RolloutSpec,
     RolloutSummary,
     StepStatus,
     decode,
@@ -35,6 +34,7 @@ from bus.signing import generate_keypair
 from bus.topics import Topics
 from hub.config import NO_SIGNING_KEY
 from hub.registry import Registry
+from hub.requests import CreateRollout, ListRollouts, RolloutOperation, RolloutRequest
 from hub.service import HubService
 from tests.conftest import RunningBroker, free_port
 from tests.integration.test_registry import FakeAgent, hub_config, until
@@ -156,7 +156,7 @@ class FakeManager:
         self.registry = registry
         self.clock = clock
         self.rollouts: dict[str, RolloutSummary] = {}
-        self.node_messages: list[tuple[str, str, Any]] = []
+        self.node_messages: list[tuple[str, StepStatus | JobSnapshot]] = []
         self.presence: list[tuple[str, bool]] = []
         self.broker_changes: list[bool] = []
         self.started = self.stopped = False
@@ -172,12 +172,15 @@ class FakeManager:
         self.rollouts[rollout] = summary
         await self.publish(self.topics.rollout(rollout), encode(summary), qos=1, retain=True)
 
-    async def request(self, op: str, body: dict[str, Any]) -> Any:
-        if op == "create_rollout":
-            try:
-                spec = RolloutSpec.model_validate(body)
-            except ValueError as exc:
-                raise InvalidInput(f"invalid spec: {exc}") from exc
+    def summaries(self) -> list[RolloutSummary]:
+        return list(self.rollouts.values())
+
+    def is_issued(self, node: str, rollout: str, command: str) -> bool:
+        return False
+
+    async def handle(self, request: RolloutRequest) -> Any:
+        if isinstance(request, CreateRollout):
+            spec = request.spec
             known, unknown = self.registry.resolve(spec.targets)
             bad = unknown + [n for n in known if not self.registry.is_online(n)]
             if bad:
@@ -196,12 +199,13 @@ class FakeManager:
             )
             await self.set_state(rid, "running")
             return {"rollout": rid}
-        if op == "list":
+        if isinstance(request, ListRollouts):
             return list(self.rollouts.values())
-        rollout = body.get("rollout")
+        assert isinstance(request, RolloutOperation)
+        op, rollout = request.op, request.rollout
         if op == "show" and rollout == "explode":
             raise RuntimeError("a bug in the manager")
-        if not isinstance(rollout, str) or rollout not in self.rollouts:
+        if rollout not in self.rollouts:
             raise NotFound(f"no rollout {rollout!r}")
         if op == "show":
             audit = [{"ts": 1.0, "message": "made"}]
@@ -209,8 +213,8 @@ class FakeManager:
         await self.set_state(rollout, "aborting" if op == "abort" else self.rollouts[rollout].state)
         return {"rollout": rollout, "state": self.rollouts[rollout].state}
 
-    async def on_node_message(self, node: str, channel: str, payload: Any) -> None:
-        self.node_messages.append((node, channel, payload))
+    async def on_report(self, node: str, report: StepStatus | JobSnapshot) -> None:
+        self.node_messages.append((node, report))
 
     async def on_presence(self, node: str, online: bool) -> None:
         self.presence.append((node, online))
@@ -465,7 +469,7 @@ async def test_manager_gets_reports_presence_and_errors_map_to_replies(
         await agent.client.publish(topics.node("n1", "status"), encode(status), qos=1)
         await agent.client.publish(topics.node("n1", "job"), encode(job), qos=1, retain=True)
         await until(lambda: len(manager.node_messages) == 2, "reports forwarded")
-        assert manager.node_messages == [("n1", "status", status), ("n1", "job", job)]
+        assert manager.node_messages == [("n1", status), ("n1", job)]
         await agent.publish_state("offline", "lost")
         await until(lambda: ("n1", False) in manager.presence, "offline reported")
 

@@ -264,8 +264,14 @@ class Hub:
                 self.summaries[rollout] = decode(RolloutSummary, message.payload)
             elif message.topic == self.topics.events:
                 self.events.append(decode(Event, message.payload))
-            elif (parsed := self.topics.parse_node(message.topic)) is not None:
-                await self.manager.on_node_message(parsed.node, parsed.channel, message.payload)
+            elif (parsed := self.topics.parse_node(message.topic)) is not None and message.payload:
+                # What hub.service does: decode once, then hand the report over.
+                report: StepStatus | JobSnapshot = (
+                    decode(StepStatus, message.payload)
+                    if parsed.channel == "status"
+                    else decode(JobSnapshot, message.payload)
+                )
+                await self.manager.on_report(parsed.node, report)
 
     def state(self, rollout: str) -> str:
         return self.manager.summary(rollout).state
@@ -276,11 +282,6 @@ class Hub:
         )
         rollout: str = reply["rollout"]
         return rollout
-
-
-@pytest.fixture
-def key() -> Ed25519PrivateKey:
-    return Ed25519PrivateKey.generate()
 
 
 async def test_a_rollout_succeeds_on_three_nodes(
@@ -538,7 +539,7 @@ async def test_summaries_are_coalesced_and_commands_are_on_disk_before_they_are_
                     snapshot = JobSnapshot(
                         node=command.node, id=command.id, rollout=rid, action="apply", phase=phase
                     )
-                    await manager.on_node_message(command.node, "job", encode(snapshot))
+                    await manager.on_report(command.node, snapshot)
                     reports += 1
             await asyncio.sleep(0.01)
         assert manager.summary(rid).state == "succeeded"

@@ -10,7 +10,7 @@ from bus.errors import StepError
 from edge_agent import versions
 from edge_agent.steps.package import parse_control
 from edge_agent.system import RunResult
-from edge_agent.tools import SystemTools, tool_message, tools_of
+from edge_agent.tools import SystemTools, tool_message
 from edge_agent.versions import PackageState
 
 
@@ -98,16 +98,6 @@ def test_tool_options_for_a_throwaway_root(tmp_path: Path) -> None:
         Path("/var/lib/dpkg"),
         Path("/"),
     )
-
-
-def test_tools_of_settings_without_tools_is_the_live_system() -> None:
-    assert tools_of(object()) == SystemTools()
-    custom = SystemTools(docker="/opt/docker")
-
-    class WithTools:
-        tools = custom
-
-    assert tools_of(WithTools()) is custom
 
 
 def test_tool_message_quotes_the_last_lines() -> None:

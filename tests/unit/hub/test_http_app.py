@@ -15,6 +15,7 @@ from bus.errors import BusError, ConfigError, Conflict, FleetError, InvalidInput
 from bus.messages import RolloutSpec
 from hub import http as bridge
 from hub.http import MAX_BODY_BYTES, make_app, serve_http
+from hub.requests import CreateRollout, RolloutRequest
 
 TOKEN = "t0ken-with-some-length"  # noqa: S105
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -53,7 +54,8 @@ class FakeHub:
 
     def __init__(self) -> None:
         self.is_connected = True
-        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.missing_subscriptions: tuple[str, ...] = ()
+        self.calls: list[tuple[str, Any]] = []
         self.errors: dict[str, Exception] = {}
         self.hang = False
         self.answers: dict[str, Any] = {
@@ -72,6 +74,14 @@ class FakeHub:
         if op in self.errors:
             raise self.errors[op]
         return self.answers.get(op, {"rollout": body.get("rollout"), "state": "aborting"})
+
+    async def handle(self, request: RolloutRequest) -> Any:
+        """Create and plan: the bridge hands over the typed request it validated."""
+        op = "create_rollout" if isinstance(request, CreateRollout) else "plan"
+        self.calls.append((op, request))
+        if op in self.errors:
+            raise self.errors[op]
+        return self.answers.get(op, {"kind": "plan"})
 
     async def metrics_text(self) -> bytes:
         return b'# HELP fleet_nodes Known nodes.\n# TYPE fleet_nodes gauge\nfleet_nodes{state="online"} 1.0\n'
@@ -133,10 +143,10 @@ async def test_health_docs_and_openapi_are_open(client: httpx.AsyncClient, hub: 
 
 
 async def test_health_degraded_while_a_subscription_missing(client: httpx.AsyncClient, hub: FakeHub) -> None:
-    hub.missing_subscriptions = ("fleet/v1/node/+/status",)  # type: ignore[attr-defined]
+    hub.missing_subscriptions = ("fleet/v1/node/+/status",)
     response = await client.get("/api/health")
     assert (response.status_code, response.json()) == (503, {"ok": False, "broker": "degraded"})
-    hub.missing_subscriptions = ()  # type: ignore[attr-defined]
+    hub.missing_subscriptions = ()
     assert (await client.get("/api/health")).status_code == 200
 
 
@@ -155,10 +165,10 @@ async def test_create_sends_the_validated_spec_and_answers_202(
 ) -> None:
     response = await post_spec(client, SPEC)
     assert (response.status_code, response.json()) == (202, {"rollout": "r1"})
-    ((op, body),) = hub.calls
+    ((op, request),) = hub.calls
     assert op == "create_rollout"
-    assert body == RolloutSpec.model_validate(SPEC).model_dump(mode="json")
-    assert body["require_online"] is True  # defaults filled in, as the MQTT path would
+    assert request == CreateRollout(RolloutSpec.model_validate(SPEC))
+    assert request.spec.require_online is True  # defaults filled in, as the MQTT path would
 
 
 async def test_curl_form_encoding_is_read_as_json(client: httpx.AsyncClient, hub: FakeHub) -> None:

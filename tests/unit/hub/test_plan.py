@@ -16,6 +16,7 @@ from bus.messages import Command, RolloutSpec, StepStatus, loads_object
 from bus.signing import public_key_of, verify_fields
 from bus.topics import Topics
 from hub.plan import NOTICE, PLAN_PREFIX, Planner, build_draft, estimate, plan_lines
+from hub.requests import plan_request
 
 TOPICS = Topics("fleet/v1")
 SPEC: dict[str, Any] = {
@@ -157,7 +158,7 @@ async def test_planner_collects_each_nodes_preflight() -> None:
     ]
     nodes = Nodes(key, {"n1": passed, "n2": failed, "n4": [(-1, "command", "rejected", "no trusted key")]})
     result = await planner(nodes, {"n1", "n2", "n4"}, ["n1", "n2", "n3", "n4"]).plan(
-        {"spec": SPEC, "preflight_timeout_s": 5}
+        plan_request({"spec": SPEC, "preflight_timeout_s": 5})
     )
     assert (result["kind"], result["dry_run"], result["notice"]) == ("plan", True, NOTICE)
     # Signed, unretained, on each online node's own cmd topic, a plan- id in "rollout".
@@ -193,7 +194,9 @@ async def test_silent_nodes_are_named_after_the_timeout_and_late_answers_are_swa
     nodes = Nodes(key, {"n1": [(-1, "preflight", "succeeded", "ok")]})
     planning = planner(nodes, {"n1", "n2"}, ["n1", "n2"])
     started = time.monotonic()
-    result = await planning.plan({"spec": {**SPEC, "targets": ["n1", "n2"]}, "preflight_timeout_s": 0.3})
+    result = await planning.plan(
+        plan_request({"spec": {**SPEC, "targets": ["n1", "n2"]}, "preflight_timeout_s": 0.3})
+    )
     assert time.monotonic() - started < 5
     assert result["preflight"]["nodes"]["n2"] == {
         "state": "no_answer",
@@ -220,7 +223,7 @@ async def test_all_good_and_no_preflight_option() -> None:
     key = Ed25519PrivateKey.generate()
     nodes = Nodes(key, {})
     body = {"spec": {**SPEC, "targets": ["n1"]}, "preflight": False}
-    result = await planner(nodes, {"n1"}, ["n1"]).plan(body)
+    result = await planner(nodes, {"n1"}, ["n1"]).plan(plan_request(body))
     assert nodes.sent == []
     assert result["ok"] is True
     assert result["preflight"]["skipped"] == "not asked"
@@ -237,10 +240,10 @@ async def test_all_good_and_no_preflight_option() -> None:
         ({**SPEC, "plan": []}, "invalid rollout spec: plan"),
     ],
 )
-async def test_bad_plan_requests_name_the_problem(body: dict[str, Any], message: str) -> None:
-    nodes = Nodes(Ed25519PrivateKey.generate(), {})
+def test_bad_plan_requests_name_the_problem(body: dict[str, Any], message: str) -> None:
+    # Decoded at the edge (hub.requests): the planner never sees a bad body.
     with pytest.raises(InvalidInput, match=message.replace("(", r"\(").replace(")", r"\)")):
-        await planner(nodes, set(), []).plan(body)
+        plan_request(body)
 
 
 def test_the_tui_asks_for_the_hubs_plan_within_its_request_timeout() -> None:
@@ -261,7 +264,7 @@ async def test_a_big_fleet_counts_clean_nodes_and_lists_only_findings() -> None:
     answers["n007"] = [(0, "script", "failed", "gone"), (-1, "preflight", "failed", "gone")]
     nodes = Nodes(key, answers)
     body = {"spec": {**SPEC, "targets": names}, "preflight_timeout_s": 10}
-    result = await planner(nodes, set(names), names).plan(body)
+    result = await planner(nodes, set(names), names).plan(plan_request(body))
     pre = result["preflight"]
     assert (pre["asked"], pre["passed"], pre["failed"]) == (250, 249, 1)
     assert list(pre["nodes"]) == ["n007"]

@@ -18,8 +18,12 @@ COMMITTED = Path(__file__).resolve().parents[3] / "docs" / "fleetbus.postman_col
 
 class Offline:
     is_connected = False
+    missing_subscriptions: tuple[str, ...] = ()
 
     async def request(self, op: str, body: dict[str, Any]) -> Any:
+        raise AssertionError("rendering the schema sends no request")
+
+    async def handle(self, request: Any) -> Any:
         raise AssertionError("rendering the schema sends no request")
 
     async def metrics_text(self) -> bytes:

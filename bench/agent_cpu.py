@@ -124,6 +124,8 @@ async def run_agent_jobs(
         for k, name in enumerate(names):
             body = Artifacts.files[name]
             steps = plan(f"http://127.0.0.1:{http_port}/{name}", hashlib.sha256(body).hexdigest(), name, port)
+            if os.environ.get("AGENT_CPU_PLAN") == "tcp":  # the fixed cost of a job: one TCP check
+                steps = [{"type": "health", "check": "tcp", "target": f"127.0.0.1:{http_port}"}]
             seen = len(obs.statuses)
             marks: list[tuple[int, str, float]] = []
             before = proc_cpu(agent_pid)

@@ -35,15 +35,14 @@ import threading
 import time
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
+from bus import files
 from bus.errors import StepError
-from bus.files import fsync_dir, write_atomic
 
 __all__ = [
     "HttpResponse",
@@ -493,7 +492,6 @@ def _fetch_blocking(
     shown = redact_url(url)
     if not _is_allowed(url, allowed_hosts):
         raise StepError(f"download from {shown} is not allowed by this node's policy")
-    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
     request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})  # noqa: S310 - scheme checked
     digest = hashlib.sha256()
     size = 0
@@ -502,8 +500,9 @@ def _fetch_blocking(
             length = response.headers.get("Content-Length")
             if length is not None and length.isdigit() and int(length) > max_bytes:
                 raise StepError(f"{shown} is {int(length)} bytes, more than the limit of {max_bytes}")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            with os.fdopen(fd, "wb") as out:
+            # ".NAME.<random>.part" beside NAME (what download's undo sweeps after a crash);
+            # it replaces NAME only once every byte is in and the sha256 matches.
+            with files.replacing(dest, 0o644, suffix=".part") as out:
                 while chunk := response.read(_CHUNK):
                     if cancel.is_set():
                         raise StepError("download cancelled")
@@ -513,13 +512,10 @@ def _fetch_blocking(
                     if size > max_bytes:
                         raise StepError(f"{shown} is larger than the limit of {max_bytes} bytes")
                     digest.update(chunk)
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-        got = digest.hexdigest()
-        if got != sha256.lower():
-            raise StepError(f"sha256 mismatch for {shown}: expected {sha256.lower()}, got {got}")
-        os.replace(tmp, dest)
+                    files.write_all(out, chunk)
+                got = digest.hexdigest()
+                if got != sha256.lower():
+                    raise StepError(f"sha256 mismatch for {shown}: expected {sha256.lower()}, got {got}")
     except urllib.error.HTTPError as exc:
         exc.close()
         raise StepError(f"HTTP {exc.code} {exc.reason} from {shown}") from exc
@@ -527,10 +523,6 @@ def _fetch_blocking(
         raise StepError(f"cannot fetch {shown}: {exc.reason}") from exc
     except (OSError, http.client.HTTPException, ValueError) as exc:
         raise StepError(f"cannot fetch {shown}: {exc}") from exc
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-    fsync_dir(dest.parent)
     return size
 
 
@@ -788,7 +780,7 @@ def _cannot_exec(argv0: str, cwd: Path, env: Mapping[str, str]) -> str | None:
 def _record_service(pidfile: Path, pid: int) -> None:
     """Write the pidfile of a just-launched service: its pid and start time. Blocking."""
     started = process_start_time(pid) or "-"
-    write_atomic(pidfile, f"{pid} {started}\n", mode=0o644)
+    files.write_atomic(pidfile, f"{pid} {started}\n", mode=0o644)
 
 
 async def _launch_sh(

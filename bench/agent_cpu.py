@@ -209,6 +209,8 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--profile", type=Path, help="run the agent under cProfile, write DIR/agent.prof")
     args = parser.parse_args()
+    if not 1 <= args.jobs <= 1000:
+        parser.error("--jobs must be between 1 and 1000")
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Artifacts)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     http_port = server.server_address[1]
@@ -262,6 +264,8 @@ def main() -> None:
         {
             "bench": "agent_cpu",
             "broker": "mosquitto",
+            "nodes": 1,
+            "seconds": figures["agent_wall_s"],
             "jobs": args.jobs,
             **figures,
             **bare,

@@ -801,7 +801,7 @@ async def _launch_sh(
     os.close(os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640))
     assignments = [f"{key}={value}" for key, value in env.items()]
     result = await run(
-        [sh, "-c", _SH_LAUNCHER, "fleet-launch", str(log), setsid, env_tool, "-i", *assignments, *argv],
+        [sh, "-c", _SH_LAUNCHER, "fleet-launch", str(log), setsid, env_tool, "-i", "--", *assignments, *argv],
         timeout=timeout,
         cwd=cwd,
     )

@@ -218,6 +218,14 @@ class CommandRunner:
             return None
         return JobRef(rollout=job.ident.rollout, command=job.ident.command, step=job.index)
 
+    async def republish_snapshot(self) -> None:
+        """Publish the latest job snapshot again (called after every reconnect).
+
+        A broker restarted without persistence has lost it, and the hub learns
+        from it where this node is (DESIGN 3.6).
+        """
+        await self._report.republish_snapshot()
+
     async def close(self) -> None:
         """Stop the work in progress (its step's processes are killed); the journal stays.
 
@@ -236,14 +244,6 @@ class CommandRunner:
         self._queue.clear()
 
     # ------------------------------------------------------------------ refusals
-
-    async def republish_snapshot(self) -> None:
-        """Publish the latest job snapshot again (called after every reconnect).
-
-        A broker restarted without persistence has lost it, and the hub learns
-        from it where this node is (DESIGN 3.6).
-        """
-        await self._report.republish_snapshot()
 
     async def _reject_signed(self, command: Command, reason: str) -> None:
         """Reject a command whose signature verified (so its snapshot may say so)."""

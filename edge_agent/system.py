@@ -778,9 +778,14 @@ def _cannot_exec(argv0: str, cwd: Path, env: Mapping[str, str]) -> str | None:
 
 
 def _record_service(pidfile: Path, pid: int) -> None:
-    """Write the pidfile of a just-launched service: its pid and start time. Blocking."""
-    started = process_start_time(pid) or "-"
-    files.write_atomic(pidfile, f"{pid} {started}\n", mode=0o644)
+    """Write the pidfile of a just-launched service: its pid and start time. Blocking.
+
+    Nothing is written for a service already gone (the settle check then reports
+    its last words); ``-`` stands for a start time procfs cannot tell.
+    """
+    started = process_start_time(pid)
+    if started is not None:
+        files.write_atomic(pidfile, f"{pid} {started}\n", mode=0o644)
 
 
 async def _launch_sh(

@@ -13,9 +13,15 @@ who can write to the directory can redirect the write:
    fsynced, renamed over the target with ``os.replace``, and the directory is
    fsynced so the rename itself survives a power cut.
 
-Used by the hub's database (hub.store), the agent's journal, key generation
-(bus.signing) and ``fleet broker-config``. Blocking: call through
-asyncio.to_thread from async code.
+``replacing`` yields the temp file's descriptor for content written piece by
+piece (a download) and replaces the target when the block ends.
+``copy_atomic`` does the same with the content of another file, copied by the
+kernel (``copy_file_range``/``sendfile``: no pass through Python buffers), and
+may give the copy an owner.
+
+Used by the hub's database (hub.store), the agent's journal, pidfiles and file
+steps, key generation (bus.signing) and ``fleet broker-config``. Blocking: call
+through asyncio.to_thread from async code.
 """
 
 from __future__ import annotations
@@ -24,9 +30,10 @@ import contextlib
 import errno
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["fsync_dir", "write_all", "write_atomic"]
+__all__ = ["copy_atomic", "fsync_dir", "replacing", "write_all", "write_atomic"]
 
 #: Directories that cannot be fsynced (some network and FUSE file systems) say so with these.
 _NO_DIR_FSYNC = (errno.EINVAL, errno.ENOTSUP, errno.EBADF)
@@ -51,8 +58,11 @@ def fsync_dir(directory: str | Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: str | Path, data: bytes | str, mode: int = 0o600) -> None:
+def write_atomic(path: str | Path, data: bytes | str, mode: int = 0o600, *, tag: str = "") -> None:
     """Replace ``path`` with ``data`` (str is UTF-8), with permissions ``mode``. Blocking.
+
+    ``tag`` goes into the temp file's name (``.NAME.TAG<random>.tmp``), so a
+    caller can find what a crash in the middle left behind.
 
     Raises:
         OSError: the directory is not writable, the disk is full, or (FileExistsError)
@@ -60,13 +70,74 @@ def write_atomic(path: str | Path, data: bytes | str, mode: int = 0o600) -> None
             and ``path`` is unchanged.
     """
     raw = data.encode("utf-8") if isinstance(data, str) else data
+    with replacing(path, mode, tag=tag) as fd:
+        write_all(fd, raw)
+
+
+def copy_atomic(
+    src: str | Path, dest: str | Path, mode: int, *, owner: tuple[int, int] | None = None, tag: str = ""
+) -> None:
+    """Replace ``dest`` with a copy of ``src``, as ``write_atomic`` does. Blocking.
+
+    ``owner`` (uid, gid) is given to the copy when this process runs as root.
+
+    Raises:
+        OSError: ``src`` cannot be read, or as ``write_atomic``; ``dest`` is unchanged then.
+    """
+    source = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chown = owner if owner is not None and os.geteuid() == 0 else None
+        with replacing(dest, mode, tag=tag, owner=chown) as fd:
+            _copy_fd(source, fd)
+    finally:
+        os.close(source)
+
+
+def _copy_fd(source: int, target: int) -> None:
+    """Copy all of ``source`` (from its start) to ``target`` in the kernel where it can."""
+    size = os.fstat(source).st_size
+    offset = 0
+    try:
+        while True:  # copy_file_range, then sendfile: no pass through Python buffers
+            sent = os.copy_file_range(source, target, max(size - offset, 1 << 20), offset)
+            if sent == 0:
+                return
+            offset += sent
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP) or offset:
+            raise
+    except AttributeError:  # pragma: no cover - no copy_file_range in this os module
+        pass
+    while sent := os.sendfile(target, source, offset, 1 << 20):
+        offset += sent
+
+
+@contextlib.contextmanager
+def replacing(
+    path: str | Path,
+    mode: int = 0o600,
+    *,
+    tag: str = "",
+    suffix: str = ".tmp",
+    owner: tuple[int, int] | None = None,
+) -> Iterator[int]:
+    """Write a new ``path`` through the descriptor this yields; it replaces ``path`` when the block ends.
+
+    The same guarantees as ``write_atomic`` (temp ``.NAME.TAG<random>SUFFIX``
+    beside ``path``, exclusive and no-follow, mode set first, file and directory
+    fsynced). An exception in the block removes the temp file and leaves
+    ``path`` unchanged. ``owner`` (uid, gid) is given to the file (root only).
+    """
     directory, name = os.path.split(os.fspath(path))
-    tmp = os.path.join(directory, f".{name}.{secrets.token_hex(8)}.tmp")
+    tmp = os.path.join(directory, f".{name}.{tag}{secrets.token_hex(8)}{suffix}")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(tmp, flags, mode)
     try:
         os.fchmod(fd, mode)
-        write_all(fd, raw)
+        if owner is not None:
+            os.fchown(fd, *owner)
+            os.fchmod(fd, mode)  # chown clears set-id bits
+        yield fd
         os.fsync(fd)
     except BaseException:
         os.close(fd)

@@ -10,7 +10,6 @@ module only stores it.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -24,21 +23,11 @@ from bus.messages import describe
 from edge_agent import blocking
 from edge_agent.executor import ApplyEntry, JournalState
 
-__all__ = ["JOURNAL_NAME", "Journal", "fsync_dir", "write_atomic"]
+__all__ = ["JOURNAL_NAME", "Journal", "write_atomic"]
 
 _LOGGER = logging.getLogger(__name__)
 
 JOURNAL_NAME = "journal.json"
-
-
-def fsync_dir(directory: str | Path) -> None:
-    """Make a rename or unlink inside ``directory`` durable. Call through asyncio.to_thread."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 #: The journal is written the one durable way (bus.files: random no-follow temp file, fsyncs).

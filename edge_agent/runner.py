@@ -27,13 +27,13 @@ Protocol (DESIGN sections 2, 3.3, 3.6):
   rollback of the running rollout preempt it; of another rollout they wait.
 - ``recover()`` at start finishes a command the journal shows interrupted.
 
-Every ``StepStatus`` is published as it happens. The retained ``JobSnapshot``
-is the node's latest view, so snapshots of a job in progress are coalesced:
-one is published at most ``snapshot_every_s`` after the change it shows (a
-later change replaces it while it waits), and the final snapshot of a job goes
-out at once, replacing any still waiting. A step that takes longer than that
-is shown running in time; a plan of quick steps costs the broker and the hub
-one or two snapshots instead of one per step (``bench/rollout_latency.py``).
+The parts around the job lifecycle (which stays here, in one place):
+
+- ``edge_agent.reporter.Reporter``: step reports, the retained job snapshot
+  (coalesced while a job is in progress, the final one at once) and log lines;
+- ``edge_agent.journal_cell.JournalCell``: the journal state, changed one pure
+  transition at a time, written (durable or not) or only noted in memory;
+- ``edge_agent.preflights.Preflights``: pre-flight checks of a plan, beside the job.
 """
 
 from __future__ import annotations
@@ -49,30 +49,18 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel
-
 from bus.errors import FleetError, InvalidInput, SignatureError
-from bus.messages import (
-    Command,
-    HealthStep,
-    Inventory,
-    JobPhase,
-    JobRef,
-    JobSnapshot,
-    LogLine,
-    Step,
-    StepStateName,
-    StepStatus,
-    encode,
-    loads_object,
-)
+from bus.messages import Command, HealthStep, Inventory, JobRef, JobSnapshot, Step, loads_object
 from bus.signing import verify_fields
 from bus.topics import Topics
 from edge_agent import blocking, deferral, executor, system
 from edge_agent.claims import Claim, claims_of
-from edge_agent.executor import ActiveJob, JournalState, Recovery
+from edge_agent.executor import ActiveJob, Recovery
 from edge_agent.intake import Accepted, Ignored, Rejected, ReplayFloor, TermFloor, check_command
 from edge_agent.journal import Journal
+from edge_agent.journal_cell import JournalCell
+from edge_agent.preflights import Preflights
+from edge_agent.reporter import MAX_DETAIL, Publish, Reporter
 from edge_agent.settings import ExecutorSettings
 from edge_agent.steps import HANDLERS, StepContext, StepHandler
 from edge_agent.steps.base import Phase
@@ -81,20 +69,9 @@ __all__ = ["CommandRunner", "Publish"]
 
 _LOGGER = logging.getLogger(__name__)
 
-Publish = Callable[..., Awaitable[None]]
-"""``publish(topic, payload, *, qos=1, retain=False)``, e.g. ``MqttClient.publish``."""
-
-_MAX_LINE = 4096
 _ACTIONS: dict[str, Literal["apply", "rollback", "abort"]] = {a: a for a in ("apply", "rollback", "abort")}
-_MAX_DETAIL = 2000
-#: Pre-flight command ids remembered (a QoS 1 duplicate is not checked twice) and run at once.
-_PREFLIGHTS_REMEMBERED = 64
-_PREFLIGHTS_AT_ONCE = 4
-_PREFLIGHT_MAX_S = 120.0
 #: How often a deferred apply looks at the update lock again.
 _DEFER_POLL_S = 0.5
-#: Phases whose snapshots may be coalesced (a later one replaces an unpublished one).
-_PROGRESS_PHASES = frozenset({"applying", "rolling_back"})
 
 
 @dataclass
@@ -157,14 +134,24 @@ class CommandRunner:
         self._settings = settings
         self._versions = versions
         self._topics = topics
-        self._publish = publish
         self._clock = clock
         self._handlers: Mapping[str, StepHandler] = HANDLERS if handlers is None else dict(handlers)
-        self._journal = journal if journal is not None else Journal(settings.journal_path)
+        self._journal = JournalCell(
+            journal if journal is not None else Journal(settings.journal_path), settings.state_dir
+        )
         self._floor = ReplayFloor(settings.replay_floor_path)  # survives a reset journal (issue 16)
         self._terms = TermFloor(settings.term_floor_path)  # fences off replaced hubs (DESIGN 3.9)
-        self._state: JournalState | None = None
-        self._state_lock = asyncio.Lock()
+        self._report = Reporter(
+            settings.node,
+            topics,
+            publish,
+            clock=clock,
+            entry=self._journal.entry,
+            snapshot_every_s=snapshot_every_s,
+        )
+        self._preflights = Preflights(
+            settings, self._handlers, self._report, clock=clock, busy_with=self._busy_with
+        )
         self._intake_lock = asyncio.Lock()
         self._queue: deque[Command | _Recover] = deque()
         self._worker: asyncio.Task[None] | None = None
@@ -173,15 +160,6 @@ class CommandRunner:
         self._recovery: _Recover | None = None
         self._recovery_checked = False
         self._recovery_lock = asyncio.Lock()
-        self._preflights: set[asyncio.Task[None]] = set()
-        self._preflight_ids: deque[str] = deque(maxlen=_PREFLIGHTS_REMEMBERED)
-        self._status_topic = topics.node(settings.node, "status")
-        self._job_topic = topics.node(settings.node, "job")
-        self._last_snapshot: bytes | None = None  # the latest retained JobSnapshot sent
-        self._log_topic = topics.node(settings.node, "log")
-        self._snapshot_every_s = snapshot_every_s
-        self._snapshot_due: tuple[ActiveJob, JobPhase, str] | None = None
-        self._snapshot_timer: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ public API
 
@@ -202,7 +180,7 @@ class CommandRunner:
         async with self._recovery_lock:
             if self._recovery_checked:
                 return self._recovery
-            state = await self._load()
+            state = await self._journal.load()
             self._recovery_checked = True
             plan = executor.recovery(state)
             if plan is None or self._closed:
@@ -270,20 +248,22 @@ class CommandRunner:
             return None
         return JobRef(rollout=job.ident.rollout, command=job.ident.command, step=job.index)
 
+    async def republish_snapshot(self) -> None:
+        """Publish the latest job snapshot again (called after every reconnect).
+
+        A broker restarted without persistence has lost it, and the hub learns
+        from it where this node is (DESIGN 3.6).
+        """
+        await self._report.republish_snapshot()
+
     async def close(self) -> None:
         """Stop the work in progress (its step's processes are killed); the journal stays.
 
         A runner started later on the same state dir recovers the interrupted job.
         """
         self._closed = True
-        timer = self._snapshot_timer
-        if timer is not None and not timer.done():
-            timer.cancel()
-            await asyncio.wait({timer})
-        for task in list(self._preflights):
-            task.cancel()
-        if self._preflights:
-            await asyncio.wait(self._preflights)
+        await self._report.close()
+        await self._preflights.close()
         worker = self._worker
         if worker is not None and not worker.done():
             worker.cancel()
@@ -293,158 +273,7 @@ class CommandRunner:
                 item.done.set()
         self._queue.clear()
 
-    # ------------------------------------------------------------------ journal
-
-    async def _load(self) -> JournalState:
-        async with self._state_lock:
-            return await self._current()
-
-    async def _current(self) -> JournalState:
-        """The journal state, read from disk the first time; call with the state lock held."""
-        if self._state is None:
-            self._state = await asyncio.to_thread(self._load_blocking)
-        return self._state
-
-    def _load_blocking(self) -> JournalState:
-        self._settings.state_dir.mkdir(parents=True, exist_ok=True)
-        return self._journal.load()
-
-    async def _change(
-        self, transition: Callable[[JournalState], JournalState], *, durable: bool = True
-    ) -> JournalState:
-        """Apply a pure transition to the journal state and write it (atomic, fsynced).
-
-        A write that fails (a full or read-only disk) raises OSError when ``durable``:
-        what must be on disk before it happens (a command taken, a step started) does
-        not happen. Otherwise (undoing, reporting an outcome) the work goes on from
-        memory and the journal catches up at the next write that succeeds; undo is
-        idempotent, so a crash meanwhile only makes the restart undo again.
-        """
-        async with self._state_lock:
-            new = transition(await self._current())
-            try:
-                await self._journal.write(new)
-            except OSError as exc:
-                if durable:
-                    raise
-                _LOGGER.warning("%s; going on from memory", self._unjournalled(exc))
-            self._state = new
-            return new
-
-    async def _note(self, transition: Callable[[JournalState], JournalState]) -> None:
-        """Apply a transition in memory only: the next journal write carries it.
-
-        For outcomes whose loss in a crash changes nothing: a step that succeeded
-        but is still marked running on disk is undone by the restart's recovery
-        like any interrupted step (the whole apply is rolled back either way).
-        """
-        async with self._state_lock:
-            self._state = transition(await self._current())
-
-    async def _update(self, rollout: str, index: int, *, durable: bool = True, **changes: Any) -> None:
-        await self._change(lambda s: executor.update_step(s, rollout, index, **changes), durable=durable)
-
-    def _unjournalled(self, exc: OSError) -> str:
-        return f"cannot write the journal {self._journal.path}: {exc.strerror or exc}"
-
-    def _entry(self, rollout: str) -> executor.ApplyEntry | None:
-        return self._state.applies.get(rollout) if self._state is not None else None
-
-    # ------------------------------------------------------------------ reports
-
-    async def republish_snapshot(self) -> None:
-        """Publish the latest job snapshot again (called after every reconnect).
-
-        A broker restarted without persistence has lost it, and the hub learns
-        from it where this node is (DESIGN 3.6).
-        """
-        if self._last_snapshot is not None:
-            await self._send_raw(self._job_topic, self._last_snapshot)
-
-    async def _send_raw(self, topic: str, payload: bytes) -> None:
-        try:
-            await self._publish(topic, payload, qos=1, retain=True)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            _LOGGER.warning("publish to %s failed", topic, exc_info=True)
-
-    async def _send(self, topic: str, message: BaseModel, *, qos: int = 1, retain: bool = False) -> None:
-        payload = encode(message)
-        if retain and topic == self._job_topic:
-            self._last_snapshot = payload
-        try:
-            await self._publish(topic, payload, qos=qos, retain=retain)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            _LOGGER.warning("publish to %s failed", topic, exc_info=True)
-
-    async def _status(
-        self, job: ActiveJob, index: int, step_type: str, state: StepStateName, detail: str = ""
-    ) -> None:
-        _LOGGER.info("%s %s step %d (%s) %s%s", job.action, job.command, index, step_type, state,
-                     f": {detail}" if detail else "")  # fmt: skip
-        await self._send(
-            self._status_topic,
-            StepStatus(
-                node=self._settings.node,
-                command=job.command,
-                rollout=job.rollout,
-                index=index,
-                type=step_type,
-                state=state,
-                ts=self._clock(),
-                detail=detail[:_MAX_DETAIL],
-            ),
-        )
-
-    async def _snapshot(self, job: ActiveJob, phase: JobPhase, detail: str = "") -> None:
-        """Publish the retained snapshot; one of a job in progress may wait to be merged."""
-        if phase in _PROGRESS_PHASES and self._snapshot_every_s > 0:
-            self._snapshot_due = (job, phase, detail)
-            if self._snapshot_timer is None or self._snapshot_timer.done():
-                self._snapshot_timer = asyncio.create_task(self._snapshot_later())
-            return
-        self._snapshot_due = None  # this one supersedes whatever waits
-        await self._publish_snapshot(job, phase, detail)
-
-    async def _snapshot_later(self) -> None:
-        await asyncio.sleep(self._snapshot_every_s)
-        due, self._snapshot_due = self._snapshot_due, None
-        if due is not None:
-            await self._publish_snapshot(*due)
-
-    async def _publish_snapshot(self, job: ActiveJob, phase: JobPhase, detail: str) -> None:
-        snapshot = executor.snapshot(
-            job,
-            self._entry(job.rollout),
-            node=self._settings.node,
-            phase=phase,
-            now=self._clock(),
-            detail=detail[:_MAX_DETAIL],
-        )
-        await self._send(self._job_topic, snapshot, retain=True)
-
-    async def _log(self, job: ActiveJob, index: int, line: str, stream: str = "agent") -> None:
-        shown: Literal["stdout", "stderr", "agent"] = (
-            "stdout" if stream == "stdout" else "stderr" if stream == "stderr" else "agent"
-        )
-        if shown == "agent":  # what a step did (its tools' output only goes to the hub)
-            _LOGGER.info("%s step %d: %s", job.command, index, line)
-        await self._send(
-            self._log_topic,
-            LogLine(
-                node=self._settings.node,
-                command=job.command,
-                rollout=job.rollout,
-                index=index,
-                stream=shown,
-                line=line[:_MAX_LINE],
-                ts=self._clock(),
-            ),
-            qos=0,
-        )
+    # ------------------------------------------------------------------ refusals
 
     async def _reject_signed(self, command: Command, reason: str) -> None:
         """Reject a command whose signature verified (so its snapshot may say so)."""
@@ -468,17 +297,16 @@ class CommandRunner:
             rollout=verdict.rollout,
             issued_at=verdict.issued_at,
         )
-        await self._status(who, -1, "command", "rejected", verdict.reason)
-        await self._log(who, -1, f"command {shown} rejected: {verdict.reason}")
+        await self._report.status(who, -1, "command", "rejected", verdict.reason)
+        await self._report.log(who, -1, f"command {shown} rejected: {verdict.reason}")
         if verdict.verified and verdict.command_id and verdict.rollout and verdict.action:
             # Only a verified command may replace the retained snapshot; remembering
             # it keeps a replay of the same retained command silent.
             try:
-                await self._change(lambda s: executor.remember(s, verdict.command_id, None))
+                await self._journal.change(lambda s: executor.remember(s, verdict.command_id, None))
             except OSError as exc:  # the refusal is still reported; only its memory is lost
                 _LOGGER.warning("journal not written: %s", exc)
-            await self._send(
-                self._job_topic,
+            await self._report.rejected(
                 JobSnapshot(
                     node=self._settings.node,
                     id=verdict.command_id,
@@ -487,9 +315,8 @@ class CommandRunner:
                     phase="rejected",
                     issued_at=verdict.issued_at,
                     updated_at=self._clock(),
-                    detail=verdict.reason[:_MAX_DETAIL],
-                ),
-                retain=True,
+                    detail=verdict.reason[:MAX_DETAIL],
+                )
             )
 
     # ------------------------------------------------------------------ intake
@@ -503,7 +330,7 @@ class CommandRunner:
 
     async def _take(self, topic: str, payload: bytes) -> None:
         await self._schedule_recovery()  # an interrupted job is finished before anything new
-        state = await self._load()
+        state = await self._journal.load()
         floor = await asyncio.to_thread(self._floor.read)
         term_floor = await asyncio.to_thread(self._terms.read)
         verdict = check_command(
@@ -526,7 +353,7 @@ class CommandRunner:
         assert isinstance(verdict, Accepted)  # noqa: S101 - the Verdict union is closed
         command = verdict.command
         if command.action == "preflight":
-            self._start_preflight(command)  # read-only, beside any job; never journalled
+            self._preflights.start(command)  # read-only, beside any job; never journalled
             return
         if command.action == "apply":
             busy = self._busy_with()
@@ -534,13 +361,13 @@ class CommandRunner:
                 await self._reject_signed(command, f"busy with rollout {busy}")
                 return
         try:
-            await self._change(lambda s: executor.remember(s, command.id, command.issued_at))
+            await self._journal.change(lambda s: executor.remember(s, command.id, command.issued_at))
             await asyncio.to_thread(self._floor.raise_to, command.issued_at)
             await asyncio.to_thread(self._terms.raise_to, command.term)
         except OSError as exc:
             # Nothing may run before the journal knows (DESIGN 3.3): a state dir that is
             # full or read-only refuses the command, with the cause.
-            await self._reject_signed(command, self._unjournalled(exc))
+            await self._reject_signed(command, self._journal.unjournalled(exc))
             return
         job = self._job
         if (
@@ -565,50 +392,11 @@ class CommandRunner:
         if task is not None and not task.done():
             task.cancel()
         _LOGGER.info("%s %s takes over rollout %s", command.action, command.id, command.rollout)
-        await self._change(lambda s: executor.adopt(s, command), durable=False)
+        await self._journal.change(lambda s: executor.adopt(s, command), durable=False)
         if task is not None:
-            await self._log(
+            await self._report.log(
                 job.ident, job.index if job.index is not None else -1, f"{command.action}: step cancelled"
             )
-
-    # ------------------------------------------------------------------ pre-flight
-
-    def _start_preflight(self, command: Command) -> None:
-        if command.id in self._preflight_ids or len(self._preflights) >= _PREFLIGHTS_AT_ONCE:
-            return  # a duplicate delivery (QoS 1), or a flood: the hub counts it as unanswered
-        self._preflight_ids.append(command.id)
-        task = asyncio.create_task(self._run_preflight(command), name=f"preflight-{command.id}")
-        self._preflights.add(task)
-        task.add_done_callback(self._preflights.discard)
-
-    async def _run_preflight(self, command: Command) -> None:
-        """Check the plan without changing anything; one status per check, then the verdict (index -1)."""
-        from edge_agent import preflight  # only agents asked for a plan pay for its checks
-
-        who = ActiveJob(
-            command=command.id, action="apply", rollout=command.rollout, issued_at=command.issued_at
-        )
-        busy = self._busy_with()
-        try:
-            checks = await preflight.run_preflight(
-                command.plan,
-                self._settings,
-                self._handlers,
-                busy_with=busy if busy != command.rollout else None,
-                lock=lambda: deferral.busy_reason(self._settings),
-                timeout=max(1.0, min(command.expires_at - self._clock(), _PREFLIGHT_MAX_S)),
-            )
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            _LOGGER.exception("pre-flight %s failed inside the agent", command.id)
-            await self._status(who, -1, "preflight", "failed", f"agent error: {type(exc).__name__}: {exc}")
-            return
-        for check in checks:
-            await self._status(who, check.index, check.type, check.state, check.detail)
-        state, summary = preflight.summarize(checks)
-        await self._status(who, -1, "preflight", state, summary)
-        _LOGGER.info("pre-flight %s for rollout plan %s: %s", command.id, command.rollout, summary)
 
     # ------------------------------------------------------------------ the worker
 
@@ -637,7 +425,7 @@ class CommandRunner:
                 raise
             except Exception as exc:
                 _LOGGER.exception("job %s failed inside the agent", job.ident.command)
-                await self._snapshot(job.ident, "failed", f"agent error: {type(exc).__name__}: {exc}")
+                await self._report.snapshot(job.ident, "failed", f"agent error: {type(exc).__name__}: {exc}")
             finally:
                 self._job = None
                 if isinstance(item, _Recover):
@@ -648,7 +436,7 @@ class CommandRunner:
             await self._prune_backups()
 
     async def _prune_backups(self) -> None:
-        state = self._state
+        state = self._journal.state
         if state is None:
             return
         keep = {e.command for e in state.applies.values()}
@@ -672,14 +460,14 @@ class CommandRunner:
         self, job: _Job, owner: str, rollout: str, index: int, phase: Phase, timeout: float
     ) -> StepContext:
         async def log(line: str) -> None:
-            await self._log(job.ident, index, line)
+            await self._report.log(job.ident, index, line)
 
         async def output(stream: str, line: str) -> None:
-            await self._log(job.ident, index, line, stream)
+            await self._report.log(job.ident, index, line, stream)
 
         async def checkpoint(record: dict[str, Any]) -> None:
             if phase == "apply":  # an undo never replaces the record it works from
-                await self._update(rollout, index, record=dict(record))
+                await self._journal.update(rollout, index, record=dict(record))
 
         return StepContext(
             node=self._settings.node,
@@ -736,7 +524,7 @@ class CommandRunner:
             killed = await scope.kill()
         except FleetError as exc:
             _LOGGER.error("step %d (%s): %s", index + 1, what, exc.reason)  # noqa: TRY400
-            await self._log(job.ident, index, f"{what}: {exc.reason}")
+            await self._report.log(job.ident, index, f"{what}: {exc.reason}")
             if outcome is not None and outcome.error is None:
                 outcome.error = exc.reason
             return
@@ -744,7 +532,7 @@ class CommandRunner:
             pids = " ".join(map(str, killed))
             line = f"{what}: killed {len(killed)} process(es) of the step still running (pids {pids})"
             _LOGGER.info("step %d: %s", index + 1, line)
-            await self._log(job.ident, index, line)
+            await self._report.log(job.ident, index, line)
 
     async def _outcome(
         self, task: asyncio.Task[Any], timeout: float, job: _Job, cancellable: bool
@@ -784,8 +572,8 @@ class CommandRunner:
             nonlocal waited
             waited = True
             _LOGGER.info("apply %s of rollout %s deferred: %s", command.id, command.rollout, reason)
-            await self._status(job.ident, -1, "command", "deferred", reason)
-            await self._snapshot(job.ident, "deferred", reason)
+            await self._report.status(job.ident, -1, "command", "deferred", reason)
+            await self._report.snapshot(job.ident, "deferred", reason)
 
         until = command.defer_until if command.defer_until is not None else self._clock()
         task = asyncio.create_task(
@@ -797,21 +585,21 @@ class CommandRunner:
         if job.preempted or task.cancelled():
             detail = "nothing to undo: the apply never started (it was deferred)"
             job.final = True
-            await self._change(executor.finish, durable=False)
-            await self._status(job.ident, -1, "command", "rolled_back", detail)
-            await self._snapshot(job.ident, "rolled_back", detail)
+            await self._journal.change(executor.finish, durable=False)
+            await self._report.status(job.ident, -1, "command", "rolled_back", detail)
+            await self._report.snapshot(job.ident, "rolled_back", detail)
             return False
         still = task.result()
         if still is None:
             if waited:
-                await self._log(job.ident, -1, "the node is free again: applying")
+                await self._report.log(job.ident, -1, "the node is free again: applying")
             return True
         allowed = max(0.0, until - command.issued_at)
         detail = f"not started: {still} (the rollout allows waiting {allowed:g} s)"
         job.final = True
         _LOGGER.warning("apply %s of rollout %s %s", command.id, command.rollout, detail)
-        await self._status(job.ident, -1, "command", "skipped", detail)
-        await self._snapshot(job.ident, "not_started", detail)
+        await self._report.status(job.ident, -1, "command", "skipped", detail)
+        await self._report.snapshot(job.ident, "not_started", detail)
         return False
 
     async def _run_apply(self, job: _Job, command: Command) -> None:
@@ -822,15 +610,15 @@ class CommandRunner:
         job.plan = command.plan
         try:
             # One write holds the job and the intent of its first step.
-            await self._change(
+            await self._journal.change(
                 lambda s: executor.update_step(
                     executor.begin(s, command), rollout, 0, state="running", detail=""
                 )
             )
         except OSError as exc:
-            await self._reject_signed(command, self._unjournalled(exc))
+            await self._reject_signed(command, self._journal.unjournalled(exc))
             return
-        await self._snapshot(job.ident, "applying")
+        await self._report.snapshot(job.ident, "applying")
         failed = False
         for index, step in enumerate(command.plan):
             if job.preempted:
@@ -838,14 +626,14 @@ class CommandRunner:
             job.index = index
             try:
                 if index:  # the intent of step 0 went with the job's own record
-                    await self._update(rollout, index, state="running", detail="")
+                    await self._journal.update(rollout, index, state="running", detail="")
             except OSError as exc:  # no step starts unless the journal knows (DESIGN 3.3)
-                error = self._unjournalled(exc)
+                error = self._journal.unjournalled(exc)
                 _LOGGER.error("step %d (%s) of %s not started: %s", index + 1, step.type, command.id, error)  # noqa: TRY400
-                await self._status(job.ident, index, step.type, "failed", error)
+                await self._report.status(job.ident, index, step.type, "failed", error)
                 failed = True
                 break
-            await self._status(job.ident, index, step.type, "running")
+            await self._report.status(job.ident, index, step.type, "running")
             handler = self._handler(step.type)
             timeout = self._timeout(step)
             if handler is None:
@@ -857,11 +645,11 @@ class CommandRunner:
                 )
             if outcome.cancelled:
                 detail = f"cancelled by {job.ident.action} {job.ident.command}"
-                await self._update(rollout, index, durable=False, state="cancelled", detail=detail)
+                await self._journal.update(rollout, index, durable=False, state="cancelled", detail=detail)
                 break
             if outcome.error is None:
                 # Written with the next step's intent, or with the job's end.
-                await self._note(
+                await self._journal.note(
                     functools.partial(
                         executor.update_step,
                         rollout=rollout,
@@ -870,33 +658,35 @@ class CommandRunner:
                         record=outcome.record,
                     )
                 )
-                await self._status(job.ident, index, step.type, "succeeded")
+                await self._report.status(job.ident, index, step.type, "succeeded")
                 if isinstance(step, HealthStep):
                     job.checks[index] = step.expect
                 if index < last:  # after the last step, the job's end is the next snapshot
-                    await self._snapshot(job.ident, "applying")
+                    await self._report.snapshot(job.ident, "applying")
                 continue
             error = outcome.error
             _LOGGER.warning("step %d (%s) of %s failed: %s", index + 1, step.type, command.id, error)
-            await self._update(rollout, index, durable=False, state="failed", detail=error)
-            await self._status(job.ident, index, step.type, "failed", error)
+            await self._journal.update(rollout, index, durable=False, state="failed", detail=error)
+            await self._report.status(job.ident, index, step.type, "failed", error)
             failed = True  # the undo's snapshot follows at once
             job.step_failed = True
             break
         job.index = None
         if not failed and not job.preempted:
             try:
-                await self._change(lambda s: executor.finish(executor.set_phase(s, rollout, "succeeded")))
+                await self._journal.change(
+                    lambda s: executor.finish(executor.set_phase(s, rollout, "succeeded"))
+                )
             except OSError as exc:
                 # A success the journal does not hold would be undone by the next restart's
                 # recovery behind the hub's back: undo it now, and say why.
-                error = self._unjournalled(exc)
+                error = self._journal.unjournalled(exc)
                 _LOGGER.error("apply %s of rollout %s not recorded: %s", command.id, rollout, error)  # noqa: TRY400
-                await self._status(job.ident, last, command.plan[last].type, "failed", error)
+                await self._report.status(job.ident, last, command.plan[last].type, "failed", error)
             else:
                 if not _taken_over(job):  # (read again: the journal write above yielded)
                     job.final = True
-                    await self._snapshot(job.ident, "succeeded")
+                    await self._report.snapshot(job.ident, "succeeded")
                     _LOGGER.info("apply %s of rollout %s succeeded", command.id, rollout)
                     return
                 # An abort or rollback took the job over while its end was being written:
@@ -910,9 +700,9 @@ class CommandRunner:
         rollout = job.ident.rollout
         job.undoing = True
         job.checks.clear()  # what the apply's checks saw is being undone
-        await self._change(lambda s: executor.set_phase(s, rollout, "rolling_back"), durable=False)
-        await self._snapshot(job.ident, "rolling_back")
-        entry = self._entry(rollout)
+        await self._journal.change(lambda s: executor.set_phase(s, rollout, "rolling_back"), durable=False)
+        await self._report.snapshot(job.ident, "rolling_back")
+        entry = self._journal.entry(rollout)
         assert entry is not None  # noqa: S101 - callers checked
         job.plan = entry.plan
         for index in executor.undo_order(entry.steps, entry.plan):
@@ -920,7 +710,7 @@ class CommandRunner:
             step = entry.plan[index]
             record = entry.steps[index].record
             # Not written: a restart undoes again every step whose undo is not "done".
-            await self._note(
+            await self._journal.note(
                 functools.partial(executor.update_step, rollout=rollout, index=index, undo="running")
             )
             handler = self._handler(step.type)
@@ -934,25 +724,25 @@ class CommandRunner:
                 )
             error = "cancelled" if outcome.cancelled else outcome.error
             if error is None:
-                await self._update(rollout, index, durable=False, undo="done", undo_detail="")
-                await self._status(job.ident, index, step.type, "rolled_back")
+                await self._journal.update(rollout, index, durable=False, undo="done", undo_detail="")
+                await self._report.status(job.ident, index, step.type, "rolled_back")
             else:
                 _LOGGER.error(
                     "undo of step %d (%s) of rollout %s failed: %s", index + 1, step.type, rollout, error
                 )
-                await self._update(rollout, index, durable=False, undo="failed", undo_detail=error)
-                await self._status(job.ident, index, step.type, "failed", f"undo failed: {error}")
-            await self._snapshot(job.ident, "rolling_back")
+                await self._journal.update(rollout, index, durable=False, undo="failed", undo_detail=error)
+                await self._report.status(job.ident, index, step.type, "failed", f"undo failed: {error}")
+            await self._report.snapshot(job.ident, "rolling_back")
         job.index = None
         await self._end_undo(job, rollout)
 
     async def _end_undo(self, job: _Job, rollout: str) -> None:
         """Verify the restore (unless an undo failed), then end the job with its true phase."""
-        done = self._entry(rollout)
+        done = self._journal.entry(rollout)
         assert done is not None  # noqa: S101
         if executor.undo_outcome(done)[0] == "rolled_back":
             await self._verify(job, done)
-            done = self._entry(rollout)
+            done = self._journal.entry(rollout)
             assert done is not None  # noqa: S101
         job.index = None
         job.final = True
@@ -960,11 +750,11 @@ class CommandRunner:
         # ends rolled_back (verified) or rollback_failed, as the hub expects of it.
         self_restore = job.step_failed and job.ident.action == "apply"
         phase, detail = executor.final_phase(done, self_restore=self_restore)
-        await self._change(
+        await self._journal.change(
             lambda s: executor.finish(executor.set_phase(s, rollout, phase, detail)), durable=False
         )
-        await self._log(job.ident, -1, f"{phase}: {detail}" if detail else phase)
-        await self._snapshot(job.ident, phase, detail)  # the job's last word
+        await self._report.log(job.ident, -1, f"{phase}: {detail}" if detail else phase)
+        await self._report.snapshot(job.ident, phase, detail)  # the job's last word
         log = _LOGGER.warning if phase == "rollback_failed" else _LOGGER.info
         log("rollout %s on this node: %s %s", rollout, phase, detail)
 
@@ -978,24 +768,26 @@ class CommandRunner:
         from edge_agent.steps import health  # the health handler's restore mode
 
         rollout = entry.rollout
-        await self._log(job.ident, -1, "verifying the restore")
+        await self._report.log(job.ident, -1, "verifying the restore")
         inventory = await self._read_versions()
         if inventory is not None:
             found = {**inventory.services, **inventory.packages, **inventory.drivers}
             shown = ", ".join(f"{k} {v}" for k, v in sorted(found.items())) or "none reported"
-            await self._log(job.ident, -1, f"versions after the restore: {shown}")
+            await self._report.log(job.ident, -1, f"versions after the restore: {shown}")
         for index, step in enumerate(entry.plan):
             if not isinstance(step, HealthStep):
                 continue
             job.index = index
             restore = health.restore_check(step)
             if restore is None:
-                await self._update(rollout, index, durable=False, verified="skipped", verify_detail="")
-                await self._log(job.ident, index, "verify: skipped (verify = skip)")
+                await self._journal.update(
+                    rollout, index, durable=False, verified="skipped", verify_detail=""
+                )
+                await self._report.log(job.ident, index, "verify: skipped (verify = skip)")
                 continue
             timeout = self._timeout(step)
             ctx = self._context(job, entry.command, rollout, index, "verify", timeout)
-            await self._log(job.ident, index, f"verify: {health.describe(restore)}")
+            await self._report.log(job.ident, index, f"verify: {health.describe(restore)}")
             outcome = await self._guarded(
                 health.verify(step, ctx), timeout, job, cancellable=False, index=index, what="verify"
             )
@@ -1003,13 +795,21 @@ class CommandRunner:
             if error is None:
                 what = health.describe(restore)
                 job.checks[index] = restore.expect
-                await self._update(rollout, index, durable=False, verified="passed", verify_detail=what)
-                await self._status(job.ident, index, step.type, "rolled_back", f"restore verified: {what}")
+                await self._journal.update(
+                    rollout, index, durable=False, verified="passed", verify_detail=what
+                )
+                await self._report.status(
+                    job.ident, index, step.type, "rolled_back", f"restore verified: {what}"
+                )
             else:
                 line = _one_line(error)
                 _LOGGER.warning("restore of rollout %s not verified by step %d: %s", rollout, index + 1, line)
-                await self._update(rollout, index, durable=False, verified="failed", verify_detail=line)
-                await self._status(job.ident, index, step.type, "failed", f"restore not verified: {line}")
+                await self._journal.update(
+                    rollout, index, durable=False, verified="failed", verify_detail=line
+                )
+                await self._report.status(
+                    job.ident, index, step.type, "failed", f"restore not verified: {line}"
+                )
         job.index = None
 
     async def _read_versions(self, claims: Sequence[Claim] = ()) -> Inventory | None:
@@ -1029,40 +829,40 @@ class CommandRunner:
             return None
 
     async def _run_undo_command(self, job: _Job, command: Command) -> None:
-        await self._note(lambda s: executor.begin(s, command))  # written with the undo's first record
-        entry = self._entry(command.rollout)
+        await self._journal.note(lambda s: executor.begin(s, command))  # written with the undo's first record
+        entry = self._journal.entry(command.rollout)
         if entry is not None and entry.phase == "rollback_failed" and not executor.undo_order(entry.steps):
             # Undone before, but not shown restored: a new rollback or abort checks again.
-            await self._change(
+            await self._journal.change(
                 lambda s: executor.set_phase(s, command.rollout, "rolling_back"), durable=False
             )
-            await self._snapshot(job.ident, "rolling_back")
+            await self._report.snapshot(job.ident, "rolling_back")
             await self._end_undo(job, command.rollout)
             return
         if entry is None or not executor.undo_order(entry.steps):
             detail = "nothing to undo" if command.action == "abort" else "nothing to roll back"
             job.final = True
-            await self._change(executor.finish, durable=False)
-            await self._status(job.ident, -1, "command", "rolled_back", detail)
-            await self._snapshot(job.ident, "rolled_back", detail)
+            await self._journal.change(executor.finish, durable=False)
+            await self._report.status(job.ident, -1, "command", "rolled_back", detail)
+            await self._report.snapshot(job.ident, "rolled_back", detail)
             return
         await self._undo(job)
 
     async def _run_recovery(self, job: _Job, plan: Recovery) -> None:
         entry = plan.entry
         if entry is None:
-            await self._change(executor.finish, durable=False)
+            await self._journal.change(executor.finish, durable=False)
             return
         rollout = entry.rollout
         if plan.interrupted is not None:
             index = plan.interrupted
             detail = "interrupted: the agent stopped during this step"
-            await self._update(rollout, index, durable=False, state="interrupted", detail=detail)
-            await self._status(job.ident, index, entry.steps[index].type, "failed", detail)
+            await self._journal.update(rollout, index, durable=False, state="interrupted", detail=detail)
+            await self._report.status(job.ident, index, entry.steps[index].type, "failed", detail)
         if entry.phase in executor.FINAL_PHASES:
             job.final = True
-            await self._change(executor.finish, durable=False)
-            await self._snapshot(job.ident, entry.phase, entry.detail)
+            await self._journal.change(executor.finish, durable=False)
+            await self._report.snapshot(job.ident, entry.phase, entry.detail)
             return
         await self._undo(job)
 

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from bus.files import fsync_dir
 from bus.messages import DownloadStep
 from edge_agent import system
-from edge_agent.journal import fsync_dir
 from edge_agent.settings import ExecutorSettings, Policy
 from edge_agent.steps.base import StepContext, StepHandler
 from edge_agent.steps.file import is_in_scripts_dir

@@ -14,15 +14,13 @@ import asyncio
 import contextlib
 import glob
 import os
-import shutil
 import stat
-import uuid
 from pathlib import Path
 from typing import Any
 
 from bus.errors import StepError
+from bus.files import copy_atomic, fsync_dir, write_atomic
 from bus.messages import FileStep
-from edge_agent.journal import fsync_dir, write_atomic
 from edge_agent.settings import ExecutorSettings, Policy
 from edge_agent.steps.base import StepContext, StepHandler
 
@@ -30,6 +28,8 @@ __all__ = ["HANDLER", "RESERVED", "apply", "check", "destination", "is_in_script
 
 #: Names in the state dir a file step must never overwrite: the agent's own state.
 RESERVED = ("journal.json", "replay-floor", "term-floor", "cache", "backup", "services")
+#: In the name of a copy's temp file (``.NAME.fleet-<random>.tmp``).
+_TEMP_TAG = "fleet-"
 
 
 def destination(step: FileStep, settings: ExecutorSettings) -> Path:
@@ -77,28 +77,12 @@ def _backup_paths(ctx: StepContext) -> tuple[Path, Path]:
 
 
 def _copy_into_place(src: Path, dest: Path, mode: int, owner: tuple[int, int] | None) -> None:
-    """Copy ``src`` over ``dest`` atomically (temp in dest's dir, fsync, chmod, replace, fsync dir).
+    """Copy ``src`` over ``dest`` atomically (``bus.files.copy_atomic``: temp in dest's dir, fsync, replace).
 
-    Call through asyncio.to_thread.
+    The temp file is ``.NAME.fleet-<random>.tmp``, which ``_remove_temp_copies``
+    finds after a crash. Call through asyncio.to_thread.
     """
-    tmp = dest.with_name(f".{dest.name}.fleet-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with (
-            src.open("rb") as source,
-            os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out,
-        ):
-            shutil.copyfileobj(source, out, 1024 * 1024)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, mode)
-        if owner is not None and os.geteuid() == 0:
-            os.chown(tmp, *owner)
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fsync_dir(dest.parent)
+    copy_atomic(src, dest, mode, owner=owner, tag=_TEMP_TAG)
 
 
 def _keep_old(dest: Path, backup: Path, absent: Path) -> bool:
@@ -148,7 +132,7 @@ async def apply(step: FileStep, ctx: StepContext) -> dict[str, Any]:
 
 def _remove_temp_copies(path: Path) -> None:
     """Remove what a ``_copy_into_place`` to ``path`` cut short by a crash left behind."""
-    for tmp in path.parent.glob(f".{glob.escape(path.name)}.fleet-*.tmp"):
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.{_TEMP_TAG}*.tmp"):
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
 

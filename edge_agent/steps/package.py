@@ -46,17 +46,19 @@ import asyncio
 import contextlib
 import os
 import re
+import secrets
 import shutil
+import stat
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bus import files
 from bus.errors import StepError
 from bus.messages import PackageStep
 from edge_agent import versions
-from edge_agent.journal import fsync_dir
 from edge_agent.settings import ExecutorSettings, Policy
 from edge_agent.steps import module
 from edge_agent.steps.base import StepContext, StepHandler
@@ -183,19 +185,25 @@ def kept_path(state_dir: Path, family: Family, name: str, version: str) -> Path:
 
 
 def _link_or_copy(src: Path, dest: Path) -> None:
-    """Copy ``src`` to ``dest`` atomically (a hard link if possible). Call through asyncio.to_thread."""
+    """Put ``src`` at ``dest`` atomically: a hard link if possible, else a copy. Blocking.
+
+    Both through a temp file with a random name beside ``dest`` (``bus.files``).
+    Call through asyncio.to_thread.
+    """
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
+    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(8)}.tmp")
     try:
         os.link(src, tmp)
     except OSError:
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-    os.replace(tmp, dest)
-    fsync_dir(dest.parent)
+        files.copy_atomic(src, dest, stat.S_IMODE(src.stat().st_mode))
+        return
+    try:
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    files.fsync_dir(dest.parent)
 
 
 def _clear_kept(directory: Path, name: str, keep: Path | None) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,16 +25,28 @@ def _processes_with(marker: str) -> list[int]:
     return found
 
 
+@pytest.mark.parametrize("launcher", ["sh", "python"])
 @pytest.mark.parametrize("delay_ms", [0, 5, 15, 30, 60, 120, 250, 450])
 async def test_cancel_during_start_then_stop_leaves_no_process(
-    tmp_path: Path, delay_ms: int, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, delay_ms: int, launcher: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A slow machine: the launcher takes 0.2 s between spawning the service and
+    # A slow machine: the launch takes 0.2 s between spawning the service and
     # writing its pidfile, so the cancel lands in that window for some delays.
-    pause = 'import time; time.sleep(0.2)\ntmp = spec["pidfile"]'
-    slow = system._LAUNCHER.replace('tmp = spec["pidfile"]', pause)
-    assert slow != system._LAUNCHER
-    monkeypatch.setattr(system, "_LAUNCHER", slow)
+    if launcher == "python":  # the fallback where setsid is missing
+        monkeypatch.setattr(system, "_launch_tools", lambda: None)
+        pause = 'import time; time.sleep(0.2)\ntmp = spec["pidfile"]'
+        slow = system._LAUNCHER.replace('tmp = spec["pidfile"]', pause)
+        assert slow != system._LAUNCHER
+        monkeypatch.setattr(system, "_LAUNCHER", slow)
+    else:
+        assert system._launch_tools() is not None, "sh, setsid and env are installed here"
+        record = system._record_service
+
+        def slow_record(pidfile: Path, pid: int) -> None:
+            time.sleep(0.2)
+            record(pidfile, pid)
+
+        monkeypatch.setattr(system, "_record_service", slow_record)
     marker = f"fleet-cancel-marker-{os.getpid()}-{delay_ms}"
     argv = [sys.executable, "-c", "import time, sys; time.sleep(60)", marker]
     start = asyncio.ensure_future(

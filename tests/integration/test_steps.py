@@ -440,6 +440,33 @@ async def test_process_service_runs_detached_and_stops(services: Services) -> No
     assert await system.stop_service("app", state_dir=settings.state_dir) is False  # stopping twice is fine
 
 
+def _real(path: Path) -> Path:
+    return path.resolve()
+
+
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+async def test_process_service_gets_exactly_its_environment_and_session(services: Services) -> None:
+    # Launched through sh + setsid + env -i (or the Python launcher): the service
+    # sees only PATH and its own variables (no step-scope marker), leads its own
+    # session, and its cwd and log are the configured ones.
+    settings = services.with_services(app=ProcessService(command=SLEEPER, env={"APP_MODE": "a b=c"}))
+    ctx, _ = make_ctx(settings)
+    await service.apply(ServiceStep(action="start", name="app"), ctx)
+    pid = system.service_pid(settings.state_dir, "app")
+    assert pid is not None
+    environ = _read_bytes(f"/proc/{pid}/environ").split(b"\0")
+    assert sorted(e.split(b"=", 1)[0] for e in environ if e) == [b"APP_MODE", b"PATH"]
+    assert b"APP_MODE=a b=c" in environ
+    assert os.getsid(pid) == pid
+    assert os.readlink(f"/proc/{pid}/cwd") == str(_real(settings.state_dir))
+    assert stat.S_IMODE((settings.state_dir / "services" / "app.log").stat().st_mode) == 0o640
+    await service.apply(ServiceStep(action="stop", name="app"), ctx)
+
+
 async def test_service_undo_restores_the_previous_state(services: Services) -> None:
     settings = services.with_services(app=ProcessService(command=SLEEPER))
     ctx, _ = make_ctx(settings)

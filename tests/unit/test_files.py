@@ -66,3 +66,46 @@ def test_the_old_fixed_temp_name_no_longer_matters(tmp_path: Path) -> None:
     assert victim.read_bytes() == b"precious"
     assert b"PRIVATE KEY" in key.read_bytes()
     assert key.stat().st_mode & 0o777 == 0o600
+
+
+def test_copy_atomic_copies_every_byte_with_its_mode_and_tag(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(3 * 1024 * 1024 + 17))  # more than one kernel copy call
+    dest = tmp_path / "out" / "dest"
+    dest.parent.mkdir()
+    dest.write_bytes(b"old")
+    files.copy_atomic(src, dest, 0o640, tag="fleet-")
+    assert dest.read_bytes() == src.read_bytes()
+    assert dest.stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["dest"]
+
+
+def test_copy_atomic_of_a_missing_source_changes_nothing(tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    dest.write_bytes(b"old")
+    with pytest.raises(FileNotFoundError):
+        files.copy_atomic(tmp_path / "missing", dest, 0o644)
+    assert dest.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dest"]
+
+
+def test_replacing_replaces_only_when_the_block_ends_well(tmp_path: Path) -> None:
+    dest = tmp_path / "big.bin"
+    dest.write_bytes(b"old")
+    seen: list[str] = []
+
+    def half_then_fail() -> None:
+        with files.replacing(dest, 0o644, suffix=".part") as fd:
+            files.write_all(fd, b"half")
+            seen.extend(p.name for p in tmp_path.glob(".big.bin.*.part"))  # the temp file, beside it
+            raise RuntimeError("sha256 mismatch")
+
+    with pytest.raises(RuntimeError):
+        half_then_fail()
+    assert len(seen) == 1
+    assert dest.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.bin"]
+    with files.replacing(dest, 0o644, suffix=".part") as fd:
+        files.write_all(fd, b"new")
+    assert dest.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.bin"]

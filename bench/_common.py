@@ -192,7 +192,7 @@ def start_broker(kind: str, workdir: Path) -> Broker:
     else:
         raise SystemExit(f"unknown broker {kind!r}: mosquitto, amqtt or nats")
     try:
-        wait_port(port)
+        wait_port(port, timeout=60.0)  # a loaded machine may take long to import a broker
     except TimeoutError:
         child.stop()
         raise

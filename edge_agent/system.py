@@ -416,6 +416,29 @@ def open_scope(label: str) -> StepScope:
     return StepScope(f"{os.getpid()}-{_SCOPES_OPENED}-{safe}")
 
 
+def current_scope_token() -> str | None:
+    """The token of the step scope the caller runs in (journalled before a step spawns), or None."""
+    scope = _SCOPE.get()
+    return scope.token if scope is not None else None
+
+
+async def kill_left_scope(token: str, *, timeout: float = 10.0) -> list[int]:
+    """Kill every process still marked with ``token``: a step an agent crash interrupted.
+
+    The crashed agent's scope may have spawned before it journalled the pid (or the
+    pid's children left its group): the marker in their environment, and the step's
+    cgroup where there was one, still find them all. Returns the pids killed.
+    """
+    scope = StepScope(token)
+    scope.spawned = True
+    if not _CGROUPS.checked:
+        _CGROUPS.checked = True
+        _CGROUPS.home = _cgroup2_home()
+    if _CGROUPS.home is not None and (_CGROUPS.home / (_CGROUP_PREFIX + token)).is_dir():
+        scope.cgroup = _CGROUPS.home / (_CGROUP_PREFIX + token)
+    return await scope.kill(timeout=timeout)
+
+
 async def in_scope(scope: StepScope, work: Awaitable[_T]) -> _T:
     """Await ``work`` with ``scope`` as the scope of every process it starts (``run``)."""
     marker = _SCOPE.set(scope)

@@ -51,11 +51,13 @@ async def run_script(
 
 
 async def apply(step: ScriptStep, ctx: StepContext) -> dict[str, Any]:
-    """Run the script with FLEET_PHASE=apply; its pid is journalled while it runs."""
-    await ctx.checkpoint({"started": True})
+    """Run the script with FLEET_PHASE=apply; its scope, then its pid, are journalled while it runs."""
+    scope = system.current_scope_token()
+    await ctx.checkpoint({"started": True, **({"scope": scope} if scope else {})})
 
     async def started(pid: int) -> None:
-        await ctx.checkpoint({"started": True, "pid": pid, "pid_started": system.process_start_time(pid)})
+        record = {"started": True, "pid": pid, "pid_started": system.process_start_time(pid)}
+        await ctx.checkpoint({**record, **({"scope": scope} if scope else {})})
 
     await run_script(step.name, list(step.args), ctx, "apply", on_start=started)
     return {"started": True}
@@ -72,6 +74,12 @@ async def undo(step: ScriptStep, ctx: StepContext, record: dict[str, Any] | None
     pid, started = record.get("pid"), record.get("pid_started")
     if isinstance(pid, int) and isinstance(started, str) and await system.kill_process_group(pid, started):
         await ctx.log(f"killed {step.name} (pid {pid}), still running from before the restart")
+    scope = record.get("scope")
+    if isinstance(scope, str) and scope != system.current_scope_token():
+        # Spawned before its pid was journalled, or escaped its group: the marker finds it.
+        killed = await system.kill_left_scope(scope)
+        if killed:
+            await ctx.log(f"killed what {step.name} left running before the restart (pids {killed})")
     if not step.rollback:
         await ctx.log(f"{step.name} has no rollback script: nothing to undo")
         return

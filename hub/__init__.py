@@ -1,6 +1,6 @@
 """The hub: rollout engine, fleet registry, TinyDB store, HTTP bridge.
 
-Public names are imported lazily, so ``import hub.engine`` (pure) does not pull
+Public names are imported lazily, so ``import hub.core.engine`` (pure) does not pull
 in the MQTT client, TinyDB or FastAPI.
 """
 
@@ -15,9 +15,9 @@ _WHERE = {
     "HubConfig": "hub.config",
     "load_hub_config": "hub.config",
     "HubService": "hub.service",
-    "NodeInfo": "hub.registry",
-    "Registry": "hub.registry",
-    "Transition": "hub.registry",
+    "NodeInfo": "hub.core.registry",
+    "Registry": "hub.core.registry",
+    "Transition": "hub.core.registry",
     "Store": "hub.store",
 }
 

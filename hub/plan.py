@@ -7,7 +7,7 @@ same answer (``Planner.plan``): a JSON object labelled ``"kind": "plan"``,
 
 - resolves the targets as ``create_rollout`` would (unknown ones named,
   offline ones flagged, nodes busy in another rollout named),
-- splits them into waves exactly as the engine will (``hub.waves``), with a
+- splits them into waves exactly as the engine will (``bus.waves``), with a
   worst-case timing estimate from the step timeouts, ``max_parallel`` and
   ``soak_s``,
 - asks every online target to run the plan's pre-flight
@@ -47,11 +47,11 @@ from pydantic import ValidationError
 from bus import params
 from bus.errors import BusError, InvalidInput
 from bus.messages import PLAN_PREFIX, Command, RolloutSpec, StepStatus, describe, encode, new_id
+from bus.pace import projected_waves
 from bus.signing import sign_command
 from bus.topics import Topics
-from hub.adaptive import projected_waves
-from hub.waves import plan_waves
-from hub.windows import schedule_of
+from bus.waves import plan_waves
+from hub.core.windows import schedule_of
 
 __all__ = [
     "DEFAULT_PREFLIGHT_TIMEOUT_S",
@@ -161,7 +161,7 @@ def _listed(names: Sequence[str]) -> str:
 
 
 def labels_from(registry: object) -> Callable[[str], Mapping[str, str]]:
-    """A node's labels from a registry with ``get(node)`` (``hub.registry.Registry``), else none."""
+    """A node's labels from a registry with ``get(node)`` (``hub.core.registry.Registry``), else none."""
     get = getattr(registry, "get", None)
 
     def labels(node: str) -> Mapping[str, str]:

@@ -1,4 +1,4 @@
-"""The rollout manager: feeds ``hub.engine.RolloutEngine`` and carries out its actions.
+"""The rollout manager: feeds ``hub.core.engine.RolloutEngine`` and carries out its actions.
 
 ``hub.service`` hands it requests, node reports and presence transitions; it
 turns each into an engine event under one lock (so actions leave in the order
@@ -50,7 +50,7 @@ from bus.messages import (
 )
 from bus.signing import sign_command
 from bus.topics import Topics
-from hub.engine import (
+from hub.core.engine import (
     FINAL_STATES,
     AbortRequested,
     Action,
@@ -106,7 +106,7 @@ _LISTED = 20
 
 
 class FleetView(Protocol):
-    """What the manager needs of ``hub.registry.Registry``."""
+    """What the manager needs of ``hub.core.registry.Registry``."""
 
     def is_online(self, node: str) -> bool:
         """True when ``node`` is online."""
@@ -393,7 +393,7 @@ class RolloutManager:
                 )
         rollout = self._new_id()
         zones: dict[str, str] = {}
-        if spec.windows:  # each node's windows are in its own zone: its tz label (hub.windows)
+        if spec.windows:  # each node's windows are in its own zone: its tz label (hub.core.windows)
             labels = labels_from(self._registry)
             zones = {node: tz for node in known if (tz := labels(node).get("tz"))}
         await self._run(RolloutCreated(rollout, spec, tuple(known), online, zones))

@@ -63,9 +63,9 @@ from bus.mqtt import Message, MqttClient, Will
 from bus.signing import load_private_key
 from bus.topics import Topics
 from hub.config import NO_SIGNING_KEY, HubConfig
-from hub.engine import check_record
+from hub.core.engine import check_record
+from hub.core.registry import Registry, Transition
 from hub.metrics import HubMetrics, MetricsSource
-from hub.registry import Registry, Transition
 from hub.retention import Archive, archive_path
 from hub.standby import HUB_HEARTBEAT_S, ActiveView, TermFile, decode_record, lock_client_id, term_path
 from hub.store import Store

@@ -15,9 +15,9 @@ from pydantic import ValidationError
 
 from bus.errors import InvalidInput
 from bus.messages import RolloutSpec, TargetLabels, describe, loads_object
-from hub.adaptive import projected_waves
+from bus.pace import projected_waves
+from bus.waves import plan_waves
 from hub.plan import DEFAULT_PREFLIGHT_TIMEOUT_S, plan_lines
-from hub.waves import plan_waves
 from tui.model import NodeView
 
 __all__ = [
@@ -54,7 +54,7 @@ def resolve_targets(spec: RolloutSpec, nodes: Mapping[str, NodeView]) -> tuple[l
 
 
 def compute_waves(targets: Sequence[str], waves: Sequence[int | str]) -> list[list[str]]:
-    """Split targets into waves exactly as the hub will (``hub.waves.plan_waves``)."""
+    """Split targets into waves exactly as the hub will (``bus.waves.plan_waves``)."""
     return plan_waves(targets, waves)
 
 

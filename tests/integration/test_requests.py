@@ -34,7 +34,7 @@ from bus.mqtt import Message, MqttClient
 from bus.signing import generate_keypair
 from bus.topics import Topics
 from hub.config import NO_SIGNING_KEY
-from hub.registry import Registry
+from hub.core.registry import Registry
 from hub.service import HubService
 from tests.conftest import RunningBroker, free_port
 from tests.integration.test_registry import FakeAgent, hub_config, until

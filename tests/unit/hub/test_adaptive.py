@@ -8,8 +8,8 @@ import pytest
 from pydantic import ValidationError
 
 from bus.messages import AdaptivePace, RolloutSpec, Strategy
-from hub.adaptive import first_size, initial_waves, next_pace, projected_waves
-from hub.engine import Audit, RolloutsLoaded
+from bus.pace import first_size, initial_waves, next_pace, projected_waves
+from hub.core.engine import Audit, RolloutsLoaded
 from tests.unit.hub.test_engine import Fleet, published
 
 NODES = [f"n{i:02d}" for i in range(1, 21)]

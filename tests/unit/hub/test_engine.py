@@ -10,7 +10,7 @@ import pytest
 
 from bus.errors import Conflict, InvalidInput, NotFound
 from bus.messages import Command, JobSnapshot, RolloutSpec, StepState, StepStatus
-from hub.engine import (
+from hub.core.engine import (
     AbortRequested,
     Action,
     Audit,
@@ -828,7 +828,7 @@ def test_only_a_finished_rollout_can_be_forgotten_and_the_nodes_high_water_stays
 
 
 def test_meaningful_keeps_the_head_and_the_last_error_line() -> None:
-    from hub.engine import meaningful, step_name
+    from hub.core.engine import meaningful, step_name
 
     assert step_name(2, "service") == "step 3 (service)"
     chatter = (

@@ -63,9 +63,9 @@ from bus.messages import (
     describe,
     new_id,
 )
-from hub.adaptive import initial_waves, next_pace, resplit
-from hub.waves import dispatchable
-from hub.windows import Schedule, schedule_of
+from bus.pace import initial_waves, next_pace, resplit
+from bus.waves import dispatchable
+from hub.core.windows import Schedule, schedule_of
 
 __all__ = [
     "FINAL_STATES",
@@ -1729,7 +1729,7 @@ class RolloutEngine:
         out.touch(r, now)
 
     def _repace(self, r: _Rollout, out: _Out) -> None:
-        """Adaptive pace (``hub.adaptive``): size the waves left from how this one went; audit why."""
+        """Adaptive pace (``bus.pace``): size the waves left from how this one went; audit why."""
         adaptive = r.spec.strategy.adaptive
         assert adaptive is not None  # noqa: S101 - the caller checked
         names = r.waves[r.wave]
@@ -1757,7 +1757,7 @@ class RolloutEngine:
     def _window_ready(
         self, r: _Rollout, names: Sequence[str], waiting: list[str], now: float, out: _Out
     ) -> list[str]:
-        """Maintenance windows (``hub.windows``): those of ``waiting`` that may start now, each in its zone.
+        """Maintenance windows (``hub.core.windows``): which of ``waiting`` may start now, each in its zone.
 
         A node starts only inside its own window. When the window closes before
         its turn came (``max_parallel``), ``on_window_end: finish`` still sends it

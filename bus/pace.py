@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bus.messages import AdaptivePace, Strategy
-from hub.waves import plan_waves, wave_sizes
+from bus.waves import plan_waves, wave_sizes
 
 __all__ = ["Pace", "cap", "first_size", "initial_waves", "next_pace", "projected_waves", "resplit"]
 

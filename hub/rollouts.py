@@ -72,8 +72,9 @@ from hub.core.engine import (
     Tick,
     check_record,
 )
+from hub.core.plan import LabelSource, labels_from
 from hub.idempotency import IdempotencyIndex
-from hub.plan import Planner, labels_from
+from hub.plan import Planner
 from hub.retention import Archive
 from hub.standby import encode_record
 
@@ -105,8 +106,8 @@ _SHOWN_AUDIT = 200
 _LISTED = 20
 
 
-class FleetView(Protocol):
-    """What the manager needs of ``hub.core.registry.Registry``."""
+class FleetView(LabelSource, Protocol):
+    """What the manager needs of ``hub.core.registry.Registry`` (``get``: a node's labels)."""
 
     def is_online(self, node: str) -> bool:
         """True when ``node`` is online."""
@@ -359,17 +360,10 @@ class RolloutManager:
 
     def _check_labels_of(self, spec: RolloutSpec, targets: list[str]) -> None:
         """Refuse a plan naming ``{labels.NAME}`` that a target lacks (DESIGN 3.10), naming them."""
-        needed = params.label_names([step.model_dump(mode="json") for step in spec.plan])
-        if not needed:
-            return
-        labels = labels_from(self._registry)
-        lacking: dict[str, list[str]] = {}
-        for node in targets:
-            missing = sorted(needed - set(labels(node)))
-            if missing:
-                lacking[node] = missing
+        plan = [step.model_dump(mode="json") for step in spec.plan]
+        lacking = params.lacking_labels(plan, targets, labels_from(self._registry))
         if lacking:
-            shown = "; ".join(f"{node} has no {', '.join(names)}" for node, names in lacking.items())
+            shown = params.lacking_text(lacking)
             raise InvalidInput(f"the plan names labels some targets do not have: {shown[:500]}")
 
     async def _create(self, body: dict[str, Any]) -> str:

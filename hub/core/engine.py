@@ -41,8 +41,8 @@ node is the one being cleared (a newer rollout may have published since).
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import re
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
@@ -355,7 +355,7 @@ _WAIT_PREFIX = "rolling back: waiting for "
 
 def _clock(when: float) -> str:
     """A wall-clock time as people read it in texts (UTC, to the second)."""
-    return time.strftime("%H:%M:%S UTC", time.gmtime(when))
+    return dt.datetime.fromtimestamp(when, dt.timezone.utc).strftime("%H:%M:%S UTC")
 
 
 def _restore_timeout_text(r: _Rollout, n: _Node) -> str:

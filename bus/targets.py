@@ -8,7 +8,7 @@ the known nodes sorted by name.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Literal
 
 from bus.messages import TargetLabels
@@ -19,24 +19,22 @@ Targets = list[str] | TargetLabels | Literal["all"]
 
 
 def resolve_targets(
-    targets: Targets, known: Iterable[str], labels: Callable[[str], Mapping[str, str]]
+    targets: Targets, known: Collection[str], labels: Callable[[str], Mapping[str, str]]
 ) -> tuple[list[str], list[str]]:
     """(known nodes, unknown names) of a rollout's ``targets``.
 
     Args:
         targets: a spec's ``targets``: node names, ``{"labels": {...}}`` or ``"all"``.
-        known: every node one knows of (online or not).
+        known: every node one knows of (online or not; a set or a mapping: ``in`` is fast).
         labels: a known node's labels.
     """
-    nodes = sorted(known)
     if targets == "all":
-        return nodes, []
+        return sorted(known), []
     if isinstance(targets, TargetLabels):
         wanted = targets.labels.items()
-        return [n for n in nodes if all(labels(n).get(k) == v for k, v in wanted)], []
-    present = set(nodes)
+        return sorted(n for n in known if all(labels(n).get(k) == v for k, v in wanted)), []
     found: list[str] = []
     unknown: list[str] = []
     for name in dict.fromkeys(targets):  # the first of duplicate names, in order
-        (found if name in present else unknown).append(name)
+        (found if name in known else unknown).append(name)
     return found, unknown

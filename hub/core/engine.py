@@ -792,17 +792,10 @@ class RolloutEngine:
         self._audit(r, "node_lost", f"{n.name} {n.detail}", out, node=n.name, grace_s=grace)
         out.touch(r, now)
 
-    @_moves
     def _back(self, r: Rollout, n: Node, now: float, out: _Out) -> None:
-        """A lost node is heard again (presence or a report): it carries on where it is."""
+        """A node is heard again (presence or a report): a lost one carries on where it is."""
         if n.phase == "lost":
-            n.phase = n.lost_from or "applying"
-            n.detail = ""
-            away = now - n.offline_since if n.offline_since is not None else 0.0
-            if n.deadline is not None and n.deadline_kind == "node":
-                n.deadline += away  # the time away does not count against it
-            self._audit(r, "node_back", f"{n.name} back after {_seconds(round(away, 1))}", out, node=n.name)
-            out.touch(r, now)
+            self._found(r, n, now, out)
         elif n.restore == "waiting" and n.offline_since is not None:
             if n.phase == "offline":
                 n.phase = "rolling_back"
@@ -811,6 +804,17 @@ class RolloutEngine:
             out.touch(r, now)
         n.offline_since = None
         n.lost_from = None
+
+    @_moves
+    def _found(self, r: Rollout, n: Node, now: float, out: _Out) -> None:
+        """A lost node is back: it goes on from where it was (the time away does not count)."""
+        n.phase = n.lost_from or "applying"
+        n.detail = ""
+        away = now - n.offline_since if n.offline_since is not None else 0.0
+        if n.deadline is not None and n.deadline_kind == "node":
+            n.deadline += away
+        self._audit(r, "node_back", f"{n.name} back after {_seconds(round(away, 1))}", out, node=n.name)
+        out.touch(r, now)
 
     def _grace_of(self, r: Rollout) -> float:
         grace = r.spec.offline_grace_s

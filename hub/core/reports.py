@@ -15,8 +15,7 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from bus.messages import JobSnapshot, NodePhase, StepStatus
 from hub.core.state import Node, Restore
@@ -70,8 +69,7 @@ ReportKind = Literal[
 ]
 
 
-@dataclass(frozen=True)
-class Report:
+class Report(NamedTuple):
     """A ``StepStatus`` or a ``JobSnapshot`` as the engine reads it."""
 
     kind: ReportKind
@@ -153,8 +151,7 @@ class Move(enum.Enum):
     UNRESTORED = "unrestored"  # ``reason``; ``after_detail``: kept after the node's failure reason
 
 
-@dataclass(frozen=True)
-class Verdict:
+class Verdict(NamedTuple):
     """One move of a node, with what it needs."""
 
     move: Move

@@ -518,7 +518,7 @@ Percent = Annotated[str, StringConstraints(pattern=r"^(100|[1-9][0-9]?)(\.[0-9]+
 
 
 class AdaptivePace(_Strict):
-    """Adaptive waves: grow after clean waves, shrink or hold when failures appear (``hub.adaptive``)."""
+    """Adaptive waves: grow after clean waves, shrink or hold when failures appear (``bus.pace``)."""
 
     start: Annotated[int, Field(ge=1)] | Percent = Field(
         default=1, description="Nodes (or percent of the targets) in the first wave."
@@ -571,7 +571,7 @@ class FailurePolicy(_Strict):
 
 
 class MaintenanceWindow(_Strict):
-    """A maintenance window (``hub.windows``): opens when ``cron`` matches, in each node's zone."""
+    """A maintenance window (``hub.core.windows``): opens when ``cron`` matches, in each node's zone."""
 
     cron: Annotated[str, StringConstraints(min_length=9, max_length=200)] = Field(
         description="minute hour day-of-month month day-of-week: when the window opens (node's zone)."

@@ -17,12 +17,12 @@ the message models can use it without an import circle.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from bus.errors import InvalidInput
 
-__all__ = ["KNOWN", "label_names", "resolve", "unknown_names", "variables"]
+__all__ = ["KNOWN", "label_names", "lacking_labels", "lacking_text", "resolve", "unknown_names", "variables"]
 
 _TOKEN = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_.-]*)\}")
 _LABEL = re.compile(r"^labels\.([A-Za-z0-9][A-Za-z0-9_./-]{0,62})$")
@@ -57,6 +57,35 @@ def label_names(value: Any) -> set[str]:
     """The label names a JSON value refers to (``{labels.port}`` -> ``port``)."""
     found = (_LABEL.match(name) for _, name in variables(value))
     return {match.group(1) for match in found if match is not None}
+
+
+def lacking_labels(
+    plan: Any, nodes: Iterable[str], labels: Callable[[str], Mapping[str, str]]
+) -> dict[str, list[str]]:
+    """The nodes lacking a label ``plan`` names, each with the names it lacks (sorted).
+
+    Args:
+        plan: JSON values (a plan's steps as ``model_dump(mode="json")`` gives them).
+        nodes: the nodes to check, in the order they are reported.
+        labels: a node's labels.
+
+    Returns:
+        {node: [label names it lacks]}; nodes lacking none are left out.
+    """
+    needed = label_names(plan)
+    if not needed:
+        return {}
+    lacking: dict[str, list[str]] = {}
+    for node in nodes:
+        missing = sorted(needed - set(labels(node)))
+        if missing:
+            lacking[node] = missing
+    return lacking
+
+
+def lacking_text(lacking: Mapping[str, Iterable[str]]) -> str:
+    """``lacking_labels`` as one line: ``web-1 has no rack; web-2 has no port, rack``."""
+    return "; ".join(f"{node} has no {', '.join(names)}" for node, names in lacking.items())
 
 
 def resolve(value: Any, node: str, labels: Mapping[str, str], path: str = "") -> Any:

@@ -3,9 +3,9 @@
 Every action is one ``Request`` on the ``hub/request`` topic. ``create`` prints
 only the new rollout id on stdout; with ``--wait`` it follows the retained
 ``rollout/{id}`` summary, prints progress to stderr and exits 0 only for
-``succeeded``. ``plan`` is a dry run (``hub.plan``): it prints the plan and every
-online target's pre-flight, starts nothing, and exits 0 only when the plan looks
-good. Exit codes: 0 ok, 1 refused or failed, 2 bad input.
+``succeeded``. ``plan`` is a dry run (``hub.plan``; ``bus.plan_view`` renders it):
+it prints the plan and every online target's pre-flight, starts nothing, and
+exits 0 only when the plan looks good. Exit codes: 0 ok, 1 refused or failed, 2 bad input.
 """
 
 from __future__ import annotations
@@ -179,7 +179,7 @@ async def _create(config: Any, spec: RolloutSpec, *, wait: bool, timeout: float)
 async def _plan(config: Any, spec: RolloutSpec, *, timeout: float, ask: bool, as_json: bool) -> int:
     """Print the hub's plan; exit 0 when it looks good, 1 when it would fail."""
     from bus.errors import InvalidInput
-    from hub.plan import MAX_PREFLIGHT_TIMEOUT_S, plan_lines
+    from bus.plan_view import MAX_PREFLIGHT_TIMEOUT_S, plan_lines
 
     if not 0 < timeout <= MAX_PREFLIGHT_TIMEOUT_S:
         raise InvalidInput(f"--preflight-timeout must be above 0 and at most {MAX_PREFLIGHT_TIMEOUT_S:g}")

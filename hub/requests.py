@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from bus.errors import InvalidInput
 from bus.messages import RolloutSpec, describe
-from hub.plan import DEFAULT_PREFLIGHT_TIMEOUT_S, MAX_PREFLIGHT_TIMEOUT_S
+from bus.plan_view import DEFAULT_PREFLIGHT_TIMEOUT_S, MAX_PREFLIGHT_TIMEOUT_S
 
 __all__ = [
     "CreateRollout",

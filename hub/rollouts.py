@@ -1,4 +1,4 @@
-"""The rollout manager: feeds ``hub.engine.RolloutEngine`` and carries out its actions.
+"""The rollout manager: feeds ``hub.core.engine.RolloutEngine`` and carries out its actions.
 
 ``hub.service`` hands it requests (decoded and validated at the edge:
 ``hub.requests``), node reports (decoded once, by the hub) and presence
@@ -49,7 +49,7 @@ from bus.messages import (
 from bus.publisher import Publish
 from bus.signing import sign_command
 from bus.topics import Topics
-from hub.engine import (
+from hub.core.engine import (
     FINAL_STATES,
     AbortRequested,
     Action,
@@ -71,8 +71,9 @@ from hub.engine import (
     Tick,
     check_record,
 )
+from hub.core.plan import LabelSource, labels_from
 from hub.idempotency import IdempotencyIndex
-from hub.plan import Planner, labels_from
+from hub.plan import Planner
 from hub.requests import (
     CreateRollout,
     ListRollouts,
@@ -112,8 +113,8 @@ _SHOWN_AUDIT = 200
 _LISTED = 20
 
 
-class FleetView(Protocol):
-    """What the manager needs of ``hub.registry.Registry``."""
+class FleetView(LabelSource, Protocol):
+    """What the manager needs of ``hub.core.registry.Registry`` (``get``: a node's labels)."""
 
     def is_online(self, node: str) -> bool:
         """True when ``node`` is online."""
@@ -361,17 +362,10 @@ class RolloutManager:
 
     def _check_labels_of(self, spec: RolloutSpec, targets: list[str]) -> None:
         """Refuse a plan naming ``{labels.NAME}`` that a target lacks (DESIGN 3.10), naming them."""
-        needed = params.label_names([step.model_dump(mode="json") for step in spec.plan])
-        if not needed:
-            return
-        labels = labels_from(self._registry)
-        lacking: dict[str, list[str]] = {}
-        for node in targets:
-            missing = sorted(needed - set(labels(node)))
-            if missing:
-                lacking[node] = missing
+        plan = [step.model_dump(mode="json") for step in spec.plan]
+        lacking = params.lacking_labels(plan, targets, labels_from(self._registry))
         if lacking:
-            shown = "; ".join(f"{node} has no {', '.join(names)}" for node, names in lacking.items())
+            shown = params.lacking_text(lacking)
             raise InvalidInput(f"the plan names labels some targets do not have: {shown[:500]}")
 
     async def _create(self, spec: RolloutSpec) -> dict[str, Any]:
@@ -404,7 +398,7 @@ class RolloutManager:
                 )
         rollout = self._new_id()
         zones: dict[str, str] = {}
-        if spec.windows:  # each node's windows are in its own zone: its tz label (hub.windows)
+        if spec.windows:  # each node's windows are in its own zone: its tz label (hub.core.windows)
             labels = labels_from(self._registry)
             zones = {node: tz for node in known if (tz := labels(node).get("tz"))}
         await self._run(RolloutCreated(rollout, spec, tuple(known), online, zones))

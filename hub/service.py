@@ -63,9 +63,9 @@ from bus.mqtt import Message, MqttClient, Will
 from bus.signing import load_private_key, sign_model
 from bus.topics import Topics
 from hub.config import NO_SIGNING_KEY, HubConfig
-from hub.engine import check_record
+from hub.core.engine import check_record
+from hub.core.registry import Registry, Transition
 from hub.metrics import HubMetrics, MetricsSource
-from hub.registry import Registry, Transition
 from hub.requests import RolloutRequest, rollout_request
 from hub.retention import Archive, archive_path
 from hub.rollouts import RolloutManager

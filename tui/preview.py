@@ -14,10 +14,11 @@ from typing import Any
 from pydantic import ValidationError
 
 from bus.errors import InvalidInput
-from bus.messages import RolloutSpec, TargetLabels, describe, loads_object
-from hub.adaptive import projected_waves
-from hub.plan import DEFAULT_PREFLIGHT_TIMEOUT_S, plan_lines
-from hub.waves import plan_waves
+from bus.messages import RolloutSpec, describe, loads_object
+from bus.pace import planned_waves
+from bus.plan_view import DEFAULT_PREFLIGHT_TIMEOUT_S, plan_lines
+from bus.targets import resolve_targets as resolve
+from bus.waves import plan_waves
 from tui.model import NodeView
 
 __all__ = [
@@ -41,20 +42,12 @@ def parse_spec(text: str) -> RolloutSpec:
 
 
 def resolve_targets(spec: RolloutSpec, nodes: Mapping[str, NodeView]) -> tuple[list[str], list[str]]:
-    """(targets, unknown): the nodes a spec names, and listed names no node answers to."""
-    if spec.targets == "all":
-        return sorted(nodes), []
-    if isinstance(spec.targets, TargetLabels):
-        wanted = spec.targets.labels.items()
-        found = [n for n, view in nodes.items() if all(view.labels.get(k) == v for k, v in wanted)]
-        return sorted(found), []
-    known = [n for n in spec.targets if n in nodes]
-    unknown = [n for n in spec.targets if n not in nodes]
-    return known, unknown
+    """(targets, unknown): the nodes a spec names, and listed names no node answers to (as the hub does)."""
+    return resolve(spec.targets, nodes, lambda node: nodes[node].labels)
 
 
 def compute_waves(targets: Sequence[str], waves: Sequence[int | str]) -> list[list[str]]:
-    """Split targets into waves exactly as the hub will (``hub.waves.plan_waves``)."""
+    """Split targets into waves exactly as the hub will (``bus.waves.plan_waves``)."""
     return plan_waves(targets, waves)
 
 
@@ -106,9 +99,7 @@ def make_preview(spec: RolloutSpec, nodes: Mapping[str, NodeView], now: float) -
     """Resolve ``spec`` against the known nodes as of ``now``."""
     targets, unknown = resolve_targets(spec, nodes)
     offline = [n for n in targets if nodes[n].presence(now) == "offline"]
-    adaptive = spec.strategy.adaptive
-    waves = projected_waves(targets, adaptive) if adaptive else compute_waves(targets, spec.strategy.waves)
-    return Preview(spec, targets, unknown, offline, waves)
+    return Preview(spec, targets, unknown, offline, planned_waves(targets, spec.strategy))
 
 
 def plan_request(spec_body: Mapping[str, Any], request_timeout_s: float) -> dict[str, Any]:

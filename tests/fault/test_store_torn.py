@@ -24,8 +24,8 @@ import pytest
 
 from bus.messages import NodeState, encode
 from bus.topics import Topics
-from hub.engine import check_record
-from hub.registry import Registry
+from hub.core.engine import check_record
+from hub.core.registry import Registry
 from hub.store import AtomicJSONStorage
 from tests.conftest import RunningBroker
 from tests.fault.conftest import Fleet, Observer, observing, trials

@@ -33,7 +33,7 @@ from bus.mqtt import Message, MqttClient
 from bus.signing import generate_keypair
 from bus.topics import Topics
 from hub.config import NO_SIGNING_KEY
-from hub.registry import Registry
+from hub.core.registry import Registry
 from hub.requests import CreateRollout, ListRollouts, RolloutOperation, RolloutRequest
 from hub.service import HubService
 from tests.conftest import RunningBroker, free_port

@@ -38,7 +38,7 @@ from bus.messages import (
 from bus.mqtt import MqttClient
 from bus.signing import public_key_of, verify_fields
 from bus.topics import Topics
-from hub.registry import Registry
+from hub.core.registry import Registry
 from hub.retention import Archive, archive_path
 from hub.rollouts import RolloutManager
 from hub.store import Store

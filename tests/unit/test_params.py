@@ -88,3 +88,16 @@ def test_a_label_value_that_makes_a_field_invalid_is_refused() -> None:
     ).plan
     with pytest.raises(InvalidInput, match=r"plan step 1 \(download\) resolved for n1 is invalid: url"):
         plan_for_node(plan, "n1", {"mirror": "has space"})
+
+
+def test_lacking_labels_names_each_node_and_what_it_lacks() -> None:
+    # One check for create_rollout (refuses) and the plan (a problem per node).
+    plan = [
+        {"type": "script", "name": "a.sh", "args": ["{labels.rack}", "{node}"]},
+        {"type": "health", "target": "http://h:{labels.port}/"},
+    ]
+    fleet = {"web-1": {"rack": "r1", "port": "80"}, "web-2": {"rack": "r2"}, "web-3": {}}
+    lacking = params.lacking_labels(plan, fleet, fleet.__getitem__)
+    assert lacking == {"web-2": ["port"], "web-3": ["port", "rack"]}
+    assert params.lacking_text(lacking) == "web-2 has no port; web-3 has no port, rack"
+    assert params.lacking_labels([{"args": ["{node}"]}], fleet, fleet.__getitem__) == {}

@@ -8,8 +8,8 @@ import pytest
 from pydantic import ValidationError
 
 from bus.messages import AdaptivePace, RolloutSpec, Strategy
-from hub.adaptive import first_size, initial_waves, next_pace, projected_waves
-from hub.engine import Audit, RolloutsLoaded
+from bus.pace import first_size, initial_waves, next_pace, planned_waves, projected_waves
+from hub.core.engine import Audit, RolloutsLoaded
 from tests.unit.hub.test_engine import Fleet, published
 
 NODES = [f"n{i:02d}" for i in range(1, 21)]
@@ -47,6 +47,10 @@ def test_first_wave_and_projection() -> None:
     assert [len(w) for w in projected_waves(NODES, pace(start=2, max=6, grow_factor=3))] == [2, 6, 6, 6]
     assert [len(w) for w in initial_waves(NODES, Strategy(adaptive=pace(start=3)))] == [3] * 6 + [2]
     assert [len(w) for w in initial_waves(NODES[:5], Strategy(waves=[1, "100%"]))] == [1, 4]
+    # What plans and previews show: fixed waves, or adaptive ones at their fastest.
+    assert [len(w) for w in planned_waves(NODES, Strategy(adaptive=pace()))] == [1, 2, 4, 8, 5]
+    assert [len(w) for w in planned_waves(NODES[:5], Strategy(waves=[1, "100%"]))] == [1, 4]
+    assert planned_waves([], Strategy(adaptive=pace())) == []
 
 
 def test_waves_and_adaptive_exclude_each_other() -> None:

@@ -8,7 +8,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bus.messages import Command, encode
 from bus.signing import public_key_of, sign_command, verify_fields
-from hub.engine import DEFER_GRACE_S, AbortRequested, Tick
+from hub.core.engine import DEFER_GRACE_S, AbortRequested, Tick
 from tests.unit.hub.test_engine import T0, Fleet, cleared, published
 
 

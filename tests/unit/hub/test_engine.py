@@ -10,7 +10,7 @@ import pytest
 
 from bus.errors import Conflict, InvalidInput, NotFound
 from bus.messages import Command, JobSnapshot, RolloutSpec, StepState, StepStatus
-from hub.engine import (
+from hub.core.engine import (
     AbortRequested,
     Action,
     Audit,
@@ -47,7 +47,7 @@ class Fleet:
 
     def __init__(self, grace: float = 5.0) -> None:
         counter = itertools.count(1)
-        self.engine = RolloutEngine(new_id=lambda: f"c{next(counter)}", resume_grace_s=grace)
+        self.engine = RolloutEngine(new_id=lambda: f"c{next(counter)}", resume_grace_s=grace, strict=True)
         self.sent: dict[str, list[Command]] = {}
         self.history: list[Action] = []
         self.now = T0
@@ -828,7 +828,7 @@ def test_only_a_finished_rollout_can_be_forgotten_and_the_nodes_high_water_stays
 
 
 def test_meaningful_keeps_the_head_and_the_last_error_line() -> None:
-    from hub.engine import meaningful, step_name
+    from hub.core.reports import meaningful, step_name
 
     assert step_name(2, "service") == "step 3 (service)"
     chatter = (
@@ -1051,7 +1051,7 @@ def test_the_hubs_own_disconnect_is_a_broker_event_and_retained_wills_do_not_fai
 
 def test_a_broker_event_past_its_limit_halts_for_the_operator_instead_of_rolling_back() -> None:
     counter = itertools.count(1)
-    engine = RolloutEngine(new_id=lambda: f"c{next(counter)}", outage_limit_s=120)
+    engine = RolloutEngine(new_id=lambda: f"c{next(counter)}", outage_limit_s=120, strict=True)
     spec = make_spec(["n1", "n2", "n3"], strategy={"waves": [2]})
     engine.handle(RolloutCreated("r1", spec, ("n1", "n2", "n3"), frozenset({"n1", "n2", "n3"})), T0)
     engine.handle(BrokerChanged(False), T0 + 1)
@@ -1114,7 +1114,7 @@ def test_a_lost_node_in_a_coordinated_rollback_gets_its_abort_and_is_awaited() -
 
 def test_a_rollout_halted_by_a_long_outage_leaves_its_lost_nodes_be_and_wakes_nobody() -> None:
     counter = itertools.count(1)
-    engine = RolloutEngine(new_id=lambda: f"c{next(counter)}", outage_limit_s=60)
+    engine = RolloutEngine(new_id=lambda: f"c{next(counter)}", outage_limit_s=60, strict=True)
     spec = make_spec(["n1", "n2", "n3"], offline_grace_s=5)
     engine.handle(RolloutCreated("r1", spec, ("n1", "n2", "n3"), frozenset({"n1", "n2", "n3"})), T0)
     for node in ("n1", "n2", "n3"):

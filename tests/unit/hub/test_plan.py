@@ -12,10 +12,13 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bus.errors import InvalidInput
-from bus.messages import Command, RolloutSpec, StepStatus, loads_object
+from bus.messages import PLAN_PREFIX, Command, NodeState, RolloutSpec, StepStatus, loads_object
+from bus.plan_view import NOTICE, plan_lines
 from bus.signing import public_key_of, verify_fields
 from bus.topics import Topics
-from hub.plan import NOTICE, PLAN_PREFIX, Planner, build_draft, estimate, plan_lines
+from hub.core.plan import add_parameters, build_draft, estimate, labels_from, skeleton
+from hub.core.registry import Registry
+from hub.plan import Planner
 from hub.requests import plan_request
 
 TOPICS = Topics("fleet/v1")
@@ -60,6 +63,22 @@ def test_estimate_is_a_worst_case_from_timeouts_rounds_and_soak() -> None:
     assert parallel_one["waves"][0]["rounds"] == 4
     capped = estimate(spec(node_timeout_s=50), [1])
     assert capped["node_worst_case_s"] == 50
+
+
+def test_parameters_per_node_and_a_lacking_label_is_a_problem_as_at_create() -> None:
+    registry = Registry()
+    for node, labels in (("n1", {"port": "81"}), ("n2", {})):
+        state = NodeState(node=node, state="online", session="s", reason="birth", labels=labels)
+        registry.on_state(state, 1000.0)
+    templated = spec(plan=[{"type": "script", "name": "a.sh", "args": ["{node}", "--port={labels.port}"]}])
+    draft = build_draft(templated, ["n1", "n2", "n3"], [], lambda _n: True, [])
+    result = skeleton(draft)
+    add_parameters(draft, result, labels_from(registry))  # n3: unknown to the registry, no labels
+    assert result["parameters"] == {"n1": {"step 1 (script) args": '["n1", "--port=81"]'}}
+    assert result["problems"] == [
+        "n2: the plan names label(s) it does not have: port",
+        "n3: the plan names label(s) it does not have: port",
+    ]
 
 
 def test_plan_text_is_always_labelled_a_plan() -> None:

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from bus.messages import Heartbeat, Inventory, JobRef, NodeState, TargetLabels
-from hub.registry import Registry, Transition
+from hub.core.registry import Registry, Transition
 
 
 def birth(node: str = "n1", session: str = "s1", **extra: Any) -> NodeState:

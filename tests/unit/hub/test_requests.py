@@ -9,7 +9,7 @@ import pytest
 from bus.errors import BusError, InvalidInput
 from bus.messages import RolloutSpec
 from bus.mqtt import MqttClient
-from hub.plan import DEFAULT_PREFLIGHT_TIMEOUT_S
+from bus.plan_view import DEFAULT_PREFLIGHT_TIMEOUT_S
 from hub.requests import (
     CreateRollout,
     ListRollouts,

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bus.errors import InvalidInput
-from hub.waves import dispatchable, plan_waves, wave_sizes
+from bus.waves import dispatchable, plan_waves, wave_sizes
 
 
 def test_default_is_one_wave_of_everything() -> None:

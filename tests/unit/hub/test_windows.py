@@ -9,8 +9,8 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from bus.errors import InvalidInput
-from hub.engine import Audit, ClearCommand, PresenceChanged, RolloutCreated, Tick
-from hub.windows import Schedule, next_start, parse_cron
+from hub.core.engine import Audit, ClearCommand, PresenceChanged, RolloutCreated, Tick
+from hub.core.windows import Schedule, next_start, parse_cron
 from tests.unit.hub.test_engine import Fleet, make_spec, published
 
 BERLIN = ZoneInfo("Europe/Berlin")

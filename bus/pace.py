@@ -22,9 +22,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bus.messages import AdaptivePace, Strategy
-from hub.waves import plan_waves, wave_sizes
+from bus.waves import plan_waves, wave_sizes
 
-__all__ = ["Pace", "cap", "first_size", "initial_waves", "next_pace", "projected_waves", "resplit"]
+__all__ = [
+    "Pace",
+    "cap",
+    "first_size",
+    "initial_waves",
+    "next_pace",
+    "planned_waves",
+    "projected_waves",
+    "resplit",
+]
 
 
 def _resolve(entry: int | str, total: int) -> int:
@@ -106,3 +115,12 @@ def initial_waves(targets: Sequence[str], strategy: Strategy) -> list[list[str]]
     if strategy.adaptive is None:
         return plan_waves(targets, strategy.waves)
     return resplit(targets, first_size(strategy.adaptive, len(targets)))
+
+
+def planned_waves(targets: Sequence[str], strategy: Strategy) -> list[list[str]]:
+    """The waves a plan or a preview shows: fixed ``waves``, or adaptive ones at their fastest."""
+    if not targets:
+        return []
+    if strategy.adaptive is None:
+        return plan_waves(targets, strategy.waves)
+    return projected_waves(targets, strategy.adaptive)  # the fastest it can go: every wave clean

@@ -11,17 +11,20 @@ paused``; ``running -> rolling_back -> rolled_back | rollback_failed``;
 ``running -> halted``; any non-final state ``-> aborting -> rolled_back |
 aborted``; ``succeeded``/``halted`` ``-> rolling_back`` on request.
 
-A node's part of a rollout (``_Node``) is tracked separately from the
-rollout's state: a halted rollout still follows the nodes that were running
-when it halted, and a node that failed restores itself (the agent does that,
-DESIGN 3.4) while the rollout goes on. A node is *open* while it has an apply
+A node's part of a rollout (``hub.core.state.Node``) is tracked separately
+from the rollout's state; its stage (``NodeStage``) moves only as
+``TRANSITIONS`` allows, checked on every move (``_moves``), and what a step
+report or a job snapshot means for it is decided in one place
+(``hub.core.reports.decide``). A halted rollout still follows the nodes that
+were running when it halted, and a node that failed restores itself (the agent
+does that, DESIGN 3.4) while the rollout goes on. A node is *open* while it has an apply
 in flight or a restore the hub waits for; a node open in any rollout, or a
 target of any non-final rollout, is busy and cannot be targeted again.
 
 Transient faults (DESIGN 3.4, 3.7): a node offline mid-job is ``lost`` for
 ``offline_grace_s``, then a failure; back in time it carries on from what it
 reports. Many running nodes lost within ``MASS_WINDOW_S``, or the hub's own
-connection lost (``BrokerChanged``), is a broker event (``_Rollout.outage_since``):
+connection lost (``BrokerChanged``), is a broker event (``Rollout.outage_since``):
 no new commands and no timeouts until the nodes are back; past ``outage_limit_s``
 a running rollout halts for the operator. A restore awaited from an offline
 node is bounded by ``restore_timeout_s`` and shown in the rollout's detail; a
@@ -30,7 +33,7 @@ restore verified after the rollout ended amends it (``_amend``).
 Truth in what people read (DESIGN 3.11): steps are numbered from 1 in every
 text (``step_name``), a failure reason is its meaningful line (``meaningful``),
 counts keep a failed node failed once restored (``_counted_as``), and each
-node's per-step grid (``_mark``) is kept in the record.
+node's per-step grid (``_mark``) is kept in the record (``hub.core.state.encode_record``).
 
 Commands: ``issued_at`` strictly increases per node across every rollout
 (agents refuse a command not later than the last they ran); the retained
@@ -40,14 +43,10 @@ node is the one being cleared (a newer rollout may have published since).
 
 from __future__ import annotations
 
-import dataclasses
-import re
-import time
+import datetime as dt
+import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal, Union
-
-from pydantic import ValidationError
+from typing import Any, Concatenate, Literal, ParamSpec
 
 from bus.errors import Conflict, InvalidInput, NotFound
 from bus.messages import (
@@ -58,14 +57,57 @@ from bus.messages import (
     RolloutCounts,
     RolloutSpec,
     RolloutSummary,
-    Step,
     StepStatus,
-    describe,
     new_id,
 )
-from hub.adaptive import initial_waves, next_pace, resplit
-from hub.waves import dispatchable
-from hub.windows import Schedule, schedule_of
+from bus.pace import initial_waves, next_pace, resplit
+from bus.waves import dispatchable
+from hub.core.events import (
+    AbortRequested,
+    Action,
+    Audit,
+    BrokerChanged,
+    ClearCommand,
+    EngineEvent,
+    PauseRequested,
+    PresenceChanged,
+    PublishCommand,
+    ResumeRequested,
+    RollbackRequested,
+    RolloutChanged,
+    RolloutCreated,
+    RolloutsLoaded,
+    SnapshotReported,
+    StepReported,
+    Tick,
+)
+from hub.core.reports import (
+    Move,
+    Report,
+    Verdict,
+    decide,
+    meaningful,
+    report_of_snapshot,
+    report_of_status,
+)
+from hub.core.state import (
+    FINAL_STATES,
+    CommandAction,
+    Node,
+    NodeStage,
+    Restore,
+    Rollout,
+    all_nodes,
+    check_record,
+    decode_record,
+    encode_record,
+    filled_plan,
+    is_allowed,
+    not_waiting,
+    stage_of,
+    wave_done,
+)
+from hub.core.windows import schedule_of
 
 __all__ = [
     "FINAL_STATES",
@@ -85,280 +127,31 @@ __all__ = [
     "RolloutEngine",
     "RolloutsLoaded",
     "SnapshotReported",
+    "StageError",
     "StepReported",
     "Tick",
     "check_record",
 ]
 
-#: States in which a rollout takes no decision of its own any more.
-FINAL_STATES = frozenset({"succeeded", "halted", "rolled_back", "rollback_failed", "aborted"})
-_STATES = FINAL_STATES | {"pending", "running", "paused", "rolling_back", "aborting"}
 #: Smallest step between two ``issued_at`` of one node (floats of epoch seconds keep 1 ms exactly).
 ISSUE_STEP_S = 0.001
 #: A deferring node that has not started this long after its ``defer_until`` is not_started.
 DEFER_GRACE_S = 15.0
-RECORD_VERSION = 1
-
-Restore = Literal["waiting", "restored", "unrestored"]
-DeadlineKind = Literal["node", "expiry", "restore", "defer", "start"]
 #: Nodes lost within this many seconds of each other count as lost at once (a broker event).
 MASS_WINDOW_S = 2.0
 #: ... when they are at least this many and more than this share of the running nodes.
 MASS_MIN_NODES = 2
 MASS_SHARE = 0.5
-CommandAction = Literal["apply", "rollback", "abort"]
-
-# ---------------------------------------------------------------------------- events
-
-
-@dataclass(frozen=True)
-class RolloutCreated:
-    """A validated rollout: ``nodes`` are the resolved targets, ``online`` those online now."""
-
-    rollout: str
-    spec: RolloutSpec
-    nodes: tuple[str, ...]
-    online: frozenset[str] = frozenset()
-    zones: Mapping[str, str] = field(default_factory=dict)  # node -> its tz label (maintenance windows)
-
-
-@dataclass(frozen=True)
-class RolloutsLoaded:
-    """Records read back from the store after a restart (every rollout, final ones too)."""
-
-    records: tuple[Mapping[str, Any], ...]
-
-
-@dataclass(frozen=True)
-class AbortRequested:
-    """An operator asked for a coordinated rollback of a non-final rollout."""
-
-    rollout: str
-
-
-@dataclass(frozen=True)
-class RollbackRequested:
-    """An operator asked to roll back a finished rollout."""
-
-    rollout: str
-
-
-@dataclass(frozen=True)
-class PauseRequested:
-    """No new commands until resumed; running nodes continue."""
-
-    rollout: str
-
-
-@dataclass(frozen=True)
-class ResumeRequested:
-    """Continue a paused rollout."""
-
-    rollout: str
-
-
-@dataclass(frozen=True)
-class StepReported:
-    """A ``StepStatus`` received on ``node``'s status topic."""
-
-    node: str
-    status: StepStatus
-
-
-@dataclass(frozen=True)
-class SnapshotReported:
-    """A (retained) ``JobSnapshot`` received on ``node``'s job topic."""
-
-    node: str
-    snapshot: JobSnapshot
-
-
-@dataclass(frozen=True)
-class PresenceChanged:
-    """The registry saw ``node`` come online or go offline (will, shutdown, missed heartbeats)."""
-
-    node: str
-    online: bool
-
-
-@dataclass(frozen=True)
-class BrokerChanged:
-    """The hub's own broker connection went down or came back (DESIGN 3.4: a broker event)."""
-
-    connected: bool
-
-
-@dataclass(frozen=True)
-class Tick:
-    """Time passed: check deadlines (node timeouts, expiry, soak)."""
-
-
-EngineEvent = Union[  # noqa: UP007 - a runtime alias; `X | Y` of classes needs 3.10's types.UnionType
-    RolloutCreated,
-    RolloutsLoaded,
-    AbortRequested,
-    RollbackRequested,
-    PauseRequested,
-    ResumeRequested,
-    StepReported,
-    SnapshotReported,
-    PresenceChanged,
-    BrokerChanged,
-    Tick,
-]
-
-# --------------------------------------------------------------------------- actions
-
-
-@dataclass(frozen=True)
-class PublishCommand:
-    """Sign ``command`` and publish it retained (QoS 1) on its node's ``cmd`` topic."""
-
-    node: str
-    command: Command
-
-
-@dataclass(frozen=True)
-class ClearCommand:
-    """Publish an empty retained payload on ``node``'s ``cmd`` topic (it held ``command``)."""
-
-    node: str
-    command: str
-
-
-@dataclass(frozen=True)
-class RolloutChanged:
-    """Persist ``record(rollout)`` and publish its summary (the runner coalesces both)."""
-
-    rollout: str
-
-
-@dataclass(frozen=True)
-class Audit:
-    """An automatic decision or an operator request, with its evidence (audit table + event feed)."""
-
-    rollout: str
-    kind: str
-    message: str
-    evidence: Mapping[str, Any] = field(default_factory=dict)
-    node: str | None = None
-
-
-Action = Union[PublishCommand, ClearCommand, RolloutChanged, Audit]  # noqa: UP007 - see EngineEvent
-
-# ----------------------------------------------------------------------------- state
-
-
-@dataclass(slots=True)  # a thousand per rollout, every rollout kept: no __dict__ each
-class _Node:
-    """One target's part of a rollout (persisted field by field)."""
-
-    name: str
-    wave: int
-    phase: NodePhase = "pending"
-    step: int | None = None
-    detail: str = ""
-    touched: bool = False  # it may have changed something: it started, or got its apply while online
-    applied: bool = False  # its apply succeeded
-    failed: bool = False  # counts against failure.max_failed
-    restore: Restore | None = None
-    queued: bool = False  # its apply waits on the broker for an offline node
-    withdrawn: bool = False  # its queued apply was cleared before it started
-    cleared: bool = False  # the retained command is gone (or was replaced by another rollout)
-    apply_id: str | None = None
-    command_id: str | None = None
-    action: CommandAction | None = None
-    issued_at: float | None = None
-    expires_at: float | None = None
-    deadline: float | None = None
-    deadline_kind: DeadlineKind | None = None
-    done_at: float | None = None
-    tz: str | None = None  # its time zone for maintenance windows (the tz label when created)
-    window_seen: bool = False  # its window was open while its wave waited to send it (finish mode)
-    grid: list[list[str]] = field(default_factory=list)  # per plan step: [state, detail] ([] = all pending)
-    offline_since: float | None = None  # went offline while the hub waited for it (lost, or a restore)
-    lost_from: NodePhase | None = None  # its phase before it was lost (applying, or succeeded in soak)
-
-    @property
-    def is_open(self) -> bool:
-        """An apply in flight or a restore the hub waits for."""
-        return self.queued or self.phase in ("applying", "deferred", "lost") or self.restore == "waiting"
-
-
-_NODE_FIELDS = tuple(f.name for f in dataclasses.fields(_Node))
-
-
-@dataclass
-class _Rollout:
-    id: str
-    spec: RolloutSpec
-    plan: list[Step]
-    state: str
-    created_at: float
-    updated_at: float
-    waves: list[list[str]]
-    nodes: dict[str, _Node]
-    wave: int = 0
-    wave_done_at: float | None = None
-    detail: str = ""
-    failures: list[str] = field(default_factory=list)
-    hold_until: float = 0.0  # after a restart: no time-driven decision before this
-    reason: str = ""  # why its rollback started (the detail while it waits for nobody)
-    outage_since: float | None = None  # a broker or network event: no new commands (not persisted)
-    outage_note: str = ""
-    # Not persisted; they only spare the hot path from rescanning every node per event.
-    names: list[str] = field(init=False, repr=False)  # the nodes, in order
-    dispatched: int = -1  # every node of this wave has its command (or failed): nothing to send
-    cursors: dict[str, int] = field(default_factory=dict, repr=False)  # see _all_nodes
-    schedule: Schedule | None = field(default=None, repr=False)  # compiled spec.windows
-    window_at: float | None = None  # when a window opens for a node that waits for one
-    window_note: str = ""  # the last window audit (said once)
-
-    def __post_init__(self) -> None:
-        self.names = list(self.nodes)
-
-    @property
-    def is_final(self) -> bool:
-        return self.state in FINAL_STATES
-
-
-def _all_nodes(r: _Rollout, key: str, names: Sequence[str], holds: Callable[[_Node], bool]) -> bool:
-    """Whether ``holds`` is true of every node in ``names``, in amortised O(1) per call.
-
-    A cursor per ``key`` remembers how far ``holds`` was true, so while the
-    nodes of a rollout turn done one report at a time each call only looks
-    at the nodes not yet seen done. The answer "all" is only given after a
-    full check, so a node that stops holding (a retried restore) is never
-    missed; the cursor then starts over.
-    """
-    nodes = r.nodes
-    index = r.cursors.get(key, 0)
-    while index < len(names) and holds(nodes[names[index]]):
-        index += 1
-    if index < len(names):
-        r.cursors[key] = index
-        return False
-    if all(holds(nodes[name]) for name in names):
-        r.cursors[key] = index
-        return True
-    r.cursors[key] = 0
-    return False
-
-
-def _wave_done(n: _Node) -> bool:
-    done = n.applied or n.failed or n.phase == "not_started"
-    return done and not n.queued and n.phase not in ("applying", "lost")
-
 
 _WAIT_PREFIX = "rolling back: waiting for "
 
 
 def _clock(when: float) -> str:
     """A wall-clock time as people read it in texts (UTC, to the second)."""
-    return time.strftime("%H:%M:%S UTC", time.gmtime(when))
+    return dt.datetime.fromtimestamp(when, dt.timezone.utc).strftime("%H:%M:%S UTC")
 
 
-def _restore_timeout_text(r: _Rollout, n: _Node) -> str:
+def _restore_timeout_text(r: Rollout, n: Node) -> str:
     """Why a restore the hub waited for did not come: offline past restore_timeout_s, or silent."""
     if n.offline_since is not None and (n.deadline or 0.0) >= n.offline_since + r.spec.restore_timeout_s:
         return (
@@ -366,10 +159,6 @@ def _restore_timeout_text(r: _Rollout, n: _Node) -> str:
             f"restore_timeout_s ({_seconds(r.spec.restore_timeout_s)})"
         )
     return f"not restored: no report within {_seconds(r.spec.node_timeout_s)} of the {n.action}"
-
-
-def _not_waiting(n: _Node) -> bool:
-    return n.restore != "waiting"
 
 
 class _Out:
@@ -382,20 +171,12 @@ class _Out:
     def add(self, action: Action) -> None:
         self.actions.append(action)
 
-    def touch(self, rollout: _Rollout, now: float) -> None:
+    def touch(self, rollout: Rollout, now: float) -> None:
         rollout.updated_at = max(rollout.updated_at, now)
         self.changed[rollout.id] = None
 
     def finish(self) -> list[Action]:
         return [*self.actions, *(RolloutChanged(rid) for rid in self.changed)]
-
-
-def _filled_plan(spec: RolloutSpec) -> list[Step]:
-    """The plan with every missing step timeout set to the rollout's ``step_timeout_s``."""
-    return [
-        step if step.timeout_s is not None else step.model_copy(update={"timeout_s": spec.step_timeout_s})
-        for step in spec.plan
-    ]
 
 
 def _defer_window(spec: RolloutSpec) -> float:
@@ -409,44 +190,37 @@ def _seconds(value: float) -> str:
     return f"{value:g} s"
 
 
-#: Words that mark the line of a command's output that says what went wrong.
-_ERROR_WORDS = re.compile(
-    r"error|fail|fatal|refus|denied|unsupported|cannot|can't|not found|exception|panic", re.IGNORECASE
-)
-#: Longest failure reason kept per node (the summary is size-bounded).
-_REASON_LIMIT = 300
+class StageError(AssertionError):
+    """A node made a move the stage table does not allow: a bug in the engine (strict engines raise it)."""
 
 
-def meaningful(detail: str) -> str:
-    """The line of an agent's failure detail that says what went wrong (DESIGN 3.11).
+_P = ParamSpec("_P")
+_NodeMethod = Callable[Concatenate["RolloutEngine", Rollout, Node, _P], None]
 
-    An agent's detail is ``"<what failed>: <output lines joined by ' | '>"``
-    (``edge_agent.system.RunResult.tail``); a service that printed its start-up
-    chatter before its error shows all of it. Keep the head and the last line
-    that reads as an error (else the last line).
+
+def _moves(method: _NodeMethod[_P]) -> _NodeMethod[_P]:
+    """Mark a method that moves a node: its move is checked against ``TRANSITIONS``.
+
+    Only the outermost of nested moves is checked (``_late_start`` sends an
+    abort: the node goes from withdrawn to restoring, whatever happens inside).
     """
-    text = detail.strip()
-    parts = [p.strip() for p in re.split(r"\n| \| ", text) if p.strip()]
-    if len(parts) <= 1:
-        return text[:_REASON_LIMIT]
-    head, sep, first = parts[0].partition(": ")
-    lines = [first, *parts[1:]] if sep else parts
-    chosen = next((line for line in reversed(lines) if _ERROR_WORDS.search(line)), lines[-1])
-    return (f"{head}: {chosen}" if sep else chosen)[:_REASON_LIMIT]
 
+    @functools.wraps(method)
+    def checked(self: RolloutEngine, r: Rollout, n: Node, /, *args: _P.args, **kwargs: _P.kwargs) -> None:
+        if self._moving:
+            method(self, r, n, *args, **kwargs)
+            return
+        before = stage_of(n)
+        self._moving = True
+        try:
+            method(self, r, n, *args, **kwargs)
+        finally:
+            self._moving = False
+        after = stage_of(n)
+        if not is_allowed(before, after):
+            self._bad_moves.append((r.id, n.name, before, after, method.__name__.lstrip("_")))
 
-def step_name(index: int, type_: str) -> str:
-    """A step as people count (DESIGN 3.11): the wire's 0-based index 2 is ``step 3 (service)``."""
-    return f"step {index + 1} ({type_})"
-
-
-def check_record(record: Mapping[str, Any]) -> str | None:
-    """Why a stored rollout record cannot be loaded, or None when it can."""
-    try:
-        RolloutEngine._parse_record(record)
-    except InvalidInput as exc:
-        return exc.reason
-    return None
+    return checked
 
 
 class RolloutEngine:
@@ -463,6 +237,9 @@ class RolloutEngine:
         outage_limit_s: how long a broker or network event (the hub's own
             connection lost, or many nodes lost at once) may hold a rollout
             before it halts for the operator.
+        strict: raise ``StageError`` when a node makes a move ``TRANSITIONS``
+            does not list (tests); otherwise the move is audited as
+            ``stage_unexpected`` and the rollout goes on.
     """
 
     def __init__(
@@ -472,6 +249,7 @@ class RolloutEngine:
         resume_grace_s: float = 5.0,
         offline_grace_s: float = 25.0,
         outage_limit_s: float = 300.0,
+        strict: bool = False,
     ) -> None:
         self._new_id = new_id
         self._grace = resume_grace_s
@@ -481,12 +259,15 @@ class RolloutEngine:
         self._settle_until = 0.0  # after the hub reconnects: retained wills may still arrive
         self._drops: list[tuple[float, str]] = []  # recent (time, node) losses of running nodes
         self._offline_at: dict[str, float] = {}  # per node: when it went offline
-        self._rollouts: dict[str, _Rollout] = {}
+        self._rollouts: dict[str, Rollout] = {}
         self._by_node: dict[str, set[str]] = {}
         self._issued: dict[str, float] = {}  # per node: the latest issued_at sent
         self._last: dict[str, str] = {}  # per node: id of the latest command sent
         self._online: dict[str, bool] = {}
         self._active: set[str] = set()
+        self._strict = strict
+        self._moving = False  # inside a node move (see _moves)
+        self._bad_moves: list[tuple[str, str, NodeStage, NodeStage, str]] = []
 
     # ------------------------------------------------------------------ queries
 
@@ -594,29 +375,7 @@ class RolloutEngine:
 
     def record(self, rollout: str) -> dict[str, Any]:
         """The JSON-able record of ``rollout`` that the store keeps (``RolloutsLoaded`` reads it)."""
-        r = self._get(rollout)
-        return {
-            "v": RECORD_VERSION,
-            "id": r.id,
-            "spec": r.spec.model_dump(mode="json"),
-            "state": r.state,
-            "created_at": r.created_at,
-            "updated_at": r.updated_at,
-            "waves": [list(w) for w in r.waves],
-            "wave": r.wave,
-            "wave_done_at": r.wave_done_at,
-            "detail": r.detail,
-            "failures": list(r.failures),
-            "reason": r.reason,
-            # (The grid is copied: the store may encode the record while the engine goes on.)
-            "nodes": {
-                name: {
-                    f: ([list(c) for c in node.grid] if f == "grid" else getattr(node, f))
-                    for f in _NODE_FIELDS
-                }
-                for name, node in r.nodes.items()
-            },
-        }
+        return encode_record(self._get(rollout))
 
     def finished(self) -> list[str]:
         """Rollouts that are over for good (final, no node still at work), oldest first."""
@@ -700,6 +459,7 @@ class RolloutEngine:
             self._on_broker(event.connected, now, out)
         else:
             self._tick(now, out)
+        self._report_bad_moves(out)
         for rid in out.changed:
             r = self._rollouts[rid]
             if r.is_final:
@@ -709,7 +469,16 @@ class RolloutEngine:
 
     # ------------------------------------------------------------------ helpers
 
-    def _get(self, rollout: str) -> _Rollout:
+    def _report_bad_moves(self, out: _Out) -> None:
+        """Moves the stage table does not allow: raised in a strict engine, else audited."""
+        bad, self._bad_moves = self._bad_moves, []
+        for rid, node, before, after, how in bad:
+            message = f"{node} moved from {before.value} to {after.value} ({how}): not in the stage table"
+            if self._strict:
+                raise StageError(f"rollout {rid}: {message}")
+            out.add(Audit(rid, "stage_unexpected", message, {"from": before.value, "to": after.value}, node))
+
+    def _get(self, rollout: str) -> Rollout:
         r = self._rollouts.get(rollout)
         if r is None:
             raise NotFound(f"unknown rollout {rollout[:80]!r}")
@@ -722,7 +491,7 @@ class RolloutEngine:
                 return True
         return False
 
-    def _refresh_active(self, r: _Rollout) -> None:
+    def _refresh_active(self, r: Rollout) -> None:
         if not r.is_final or any(n.is_open for n in r.nodes.values()):
             self._active.add(r.id)
         else:
@@ -730,7 +499,7 @@ class RolloutEngine:
 
     def _audit(
         self,
-        r: _Rollout,
+        r: Rollout,
         kind: str,
         message: str,
         out: _Out,
@@ -757,15 +526,15 @@ class RolloutEngine:
             )
         waves = initial_waves(nodes, event.spec.strategy)
         wave_of = {node: i for i, wave in enumerate(waves) for node in wave}
-        r = _Rollout(
+        r = Rollout(
             id=event.rollout,
             spec=event.spec,
-            plan=_filled_plan(event.spec),
+            plan=filled_plan(event.spec),
             state="pending",
             created_at=now,
             updated_at=now,
             waves=waves,
-            nodes={node: _Node(name=node, wave=wave_of[node], tz=event.zones.get(node)) for node in nodes},
+            nodes={node: Node(name=node, wave=wave_of[node], tz=event.zones.get(node)) for node in nodes},
             schedule=schedule_of(event.spec),
         )
         self._rollouts[r.id] = r
@@ -796,7 +565,7 @@ class RolloutEngine:
         self._progress(r, now, out)
 
     def _load(self, records: Sequence[Mapping[str, Any]], now: float, out: _Out) -> None:
-        loaded = [self._parse_record(record) for record in records]
+        loaded = [decode_record(record) for record in records]
         for r in loaded:
             if r.id in self._rollouts:
                 raise Conflict(f"rollout {r.id} is loaded already")
@@ -827,7 +596,7 @@ class RolloutEngine:
             # time-driven decisions wait for hold_until.
             self._progress(r, now, out)
 
-    def _is_resendable(self, n: _Node, now: float) -> bool:
+    def _is_resendable(self, n: Node, now: float) -> bool:
         """Its latest command is still awaited, retained and unexpired: publishing it again is safe."""
         if n.action == "apply":
             in_flight = n.queued or n.phase in ("applying", "deferred")
@@ -842,60 +611,16 @@ class RolloutEngine:
             and n.expires_at > now
         )
 
-    @staticmethod
-    def _parse_record(record: Mapping[str, Any]) -> _Rollout:
-        rid = str(record.get("id", "?"))[:80]
-        try:
-            if record.get("v") != RECORD_VERSION:
-                raise InvalidInput(f"rollout record {rid}: unsupported version {record.get('v')!r}")
-            spec = RolloutSpec.model_validate(record["spec"])
-            nodes = {
-                str(name): _Node(**{k: v for k, v in doc.items() if k in _NODE_FIELDS})
-                for name, doc in dict(record["nodes"]).items()
-            }
-            for n in nodes.values():
-                if not isinstance(n.grid, list) or not all(
-                    isinstance(c, list) and len(c) == 2 and all(isinstance(x, str) for x in c) for c in n.grid
-                ):
-                    raise InvalidInput(f"rollout record {rid}: node {n.name[:64]}'s steps are unreadable")
-            waves = [[str(n) for n in wave] for wave in record["waves"]]
-            state = str(record["state"])
-            if state not in _STATES:
-                raise InvalidInput(f"rollout record {rid}: unknown state {state[:40]!r}")
-            if sorted(n for wave in waves for n in wave) != sorted(nodes) or not 0 <= int(
-                record["wave"]
-            ) < len(waves):
-                raise InvalidInput(f"rollout record {rid}: its waves do not match its nodes")
-            return _Rollout(
-                id=str(record["id"]),
-                spec=spec,
-                plan=_filled_plan(spec),
-                state=state,
-                created_at=float(record["created_at"]),
-                updated_at=float(record["updated_at"]),
-                waves=waves,
-                nodes=nodes,
-                wave=int(record["wave"]),
-                wave_done_at=record.get("wave_done_at"),
-                detail=str(record.get("detail", "")),
-                failures=[str(n) for n in record.get("failures", [])],
-                reason=str(record.get("reason", "")),
-            )
-        except ValidationError as exc:
-            raise InvalidInput(f"rollout record {rid}: {describe(exc)}") from exc
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise InvalidInput(f"rollout record {rid} is unreadable: {exc!r}") from exc
-
     # ------------------------------------------------------------------ requests
 
-    def _abort(self, r: _Rollout, now: float, out: _Out) -> None:
+    def _abort(self, r: Rollout, now: float, out: _Out) -> None:
         if r.is_final:
             raise Conflict(f"rollout {r.id} is {r.state} already; nothing to abort (rollback undoes it)")
         if r.state in ("aborting", "rolling_back"):
             return  # already on its way back: an abort is a no-op
         self._start_restore(r, "aborting", "abort requested", now, out, retry=False)
 
-    def _rollback(self, r: _Rollout, now: float, out: _Out) -> None:
+    def _rollback(self, r: Rollout, now: float, out: _Out) -> None:
         if r.state in ("aborting", "rolling_back"):
             return
         if r.state in ("succeeded", "halted"):
@@ -912,7 +637,7 @@ class RolloutEngine:
             raise Conflict(f"rollout {r.id} is rolled back already")
         raise Conflict(f"rollout {r.id} is {r.state}: abort it to roll it back")
 
-    def _pause(self, r: _Rollout, now: float, out: _Out) -> None:
+    def _pause(self, r: Rollout, now: float, out: _Out) -> None:
         if r.state == "paused":
             return
         if r.state != "running":
@@ -921,7 +646,7 @@ class RolloutEngine:
         self._audit(r, "paused", "paused: no new commands until resumed", out)
         out.touch(r, now)
 
-    def _resume(self, r: _Rollout, now: float, out: _Out) -> None:
+    def _resume(self, r: Rollout, now: float, out: _Out) -> None:
         if r.state == "running":
             return
         if r.state != "paused":
@@ -933,7 +658,7 @@ class RolloutEngine:
 
     # ------------------------------------------------------------------ reports
 
-    def _node(self, rollout: str, node: str) -> tuple[_Rollout, _Node] | None:
+    def _node(self, rollout: str, node: str) -> tuple[Rollout, Node] | None:
         r = self._rollouts.get(rollout)
         if r is None:
             return None
@@ -941,169 +666,74 @@ class RolloutEngine:
         return None if n is None else (r, n)
 
     def _on_status(self, node: str, status: StepStatus, now: float, out: _Out) -> None:
-        found = self._node(status.rollout, node)
-        if found is None:
-            return
-        r, n = found
-        if n.withdrawn and status.command == n.apply_id:
-            if status.state not in ("rejected", "deferred", "skipped"):
-                self._late_start(r, n, now, out)
-            return
-        if status.command != n.command_id:
-            return  # an older command of this rollout, or one this hub never sent
-        self._back(r, n, now, out)
-        before = (n.phase, n.step, n.detail)
-        if _mark(r, n, status.index, status.state, status.detail):
-            out.touch(r, now)
-        if n.action == "apply":
-            self._fold_apply_status(r, n, status, now, out)
-        elif status.state == "rejected":
-            if n.restore == "waiting":
-                self._unrestored(r, n, f"{self._prefix(n)}rejected the {n.action}: {status.detail}", now, out)
-        elif n.restore == "waiting":
-            n.step = status.index if status.index >= 0 else n.step
-        if (n.phase, n.step, n.detail) != before:
-            out.touch(r, now)
-        self._progress(r, now, out)
-
-    def _fold_apply_status(self, r: _Rollout, n: _Node, status: StepStatus, now: float, out: _Out) -> None:
-        if status.index < 0 and status.state in ("deferred", "skipped"):
-            # edge_agent.deferral: waiting for the node's update lock, or gave up waiting.
-            if status.state == "deferred":
-                self._deferred(r, n, status.detail, now, out)
-            else:
-                self._not_started(r, n, status.detail or "not started: gave up waiting", now, out)
-            return
-        index = status.index if status.index >= 0 else None
-        if status.state == "rejected":
-            if n.phase in ("pending", "applying") and n.step is None and not n.failed:
-                self._fail(
-                    r, n, "rejected", f"rejected the command: {status.detail}", now, out, restore="restored"
-                )
-                self._clear(n, out)
-            return
-        if n.failed:
-            if status.state == "rolled_back" and n.phase == "failed" and n.restore == "waiting":
-                n.phase = "rolling_back"
-            return
-        if n.applied:
-            return
-        if status.state == "failed":
-            reason = f"failed {step_name(status.index, status.type)}" + (
-                f": {meaningful(status.detail)}" if status.detail else ""
-            )
-            n.step = index
-            self._fail(r, n, "failed", reason, now, out, restore="waiting", step=status.index)
-            return
-        self._started(r, n, now)
-        if index is not None:
-            n.step = index
+        marks = [(status.index, status.state, status.detail)]
+        self._on_report(node, status.rollout, status.command, report_of_status(status), marks, now, out)
 
     def _on_snapshot(self, node: str, snap: JobSnapshot, now: float, out: _Out) -> None:
-        found = self._node(snap.rollout, node)
+        marks = [(s.index, s.state, s.detail) for s in snap.steps]
+        self._on_report(node, snap.rollout, snap.id, report_of_snapshot(snap), marks, now, out)
+
+    def _on_report(
+        self,
+        node: str,
+        rollout: str,
+        command: str,
+        report: Report,
+        marks: Sequence[tuple[int, str, str]],
+        now: float,
+        out: _Out,
+    ) -> None:
+        """A step report or a job snapshot of ``command``: the latest command decides (DESIGN 3.6)."""
+        found = self._node(rollout, node)
         if found is None:
             return
         r, n = found
-        if n.withdrawn and snap.id == n.apply_id:
-            if snap.phase not in ("rejected", "deferred", "not_started"):
+        if n.withdrawn and command == n.apply_id:
+            if report.started:
                 self._late_start(r, n, now, out)
             return
-        if snap.id != n.command_id:
-            return  # older or unknown command: the latest one decides (DESIGN 3.6)
+        if command != n.command_id:
+            return  # an older command of this rollout, or one this hub never sent
         self._back(r, n, now, out)
         before = (n.phase, n.step, n.detail, n.restore)
-        if any([_mark(r, n, s.index, s.state, s.detail) for s in snap.steps]):
+        if any([_mark(r, n, index, state, detail) for index, state, detail in marks]):
             out.touch(r, now)
-        if n.action == "apply":
-            self._fold_apply_snapshot(r, n, snap, now, out)
-        else:
-            self._fold_restore_snapshot(r, n, snap, now, out)
+        self._fold(r, n, report, now, out)
         if (n.phase, n.step, n.detail, n.restore) != before:
             out.touch(r, now)
         self._progress(r, now, out)
 
-    def _fold_apply_snapshot(self, r: _Rollout, n: _Node, snap: JobSnapshot, now: float, out: _Out) -> None:
-        failed_step = next((s for s in snap.steps if s.state == "failed"), None)
-        reached = [s.index for s in snap.steps if s.state != "pending"]
-        step = max(reached) if reached else None
-        reason = (
-            f"failed {step_name(failed_step.index, failed_step.type)}"
-            + (f": {meaningful(failed_step.detail)}" if failed_step.detail else "")
-            if failed_step is not None
-            else (snap.detail or f"job {snap.phase}")
-        )
-        if snap.phase == "deferred":
-            self._deferred(r, n, snap.detail, now, out)
-        elif snap.phase == "not_started":
-            self._not_started(r, n, snap.detail or "not started: gave up waiting", now, out)
-        elif snap.phase == "applying":
-            if not n.failed and not n.applied:
-                self._started(r, n, now)
-                n.step = step
-        elif snap.phase == "succeeded":
-            if not n.failed and not n.applied:
-                self._succeeded(r, n, now, out)
-        elif snap.phase == "rejected":
-            if n.phase in ("pending", "applying") and n.step is None and not n.failed:
-                self._fail(
-                    r, n, "rejected", f"rejected the command: {snap.detail}", now, out, restore="restored"
-                )
-                self._clear(n, out)
-        elif snap.phase == "rolling_back":
-            if not n.failed and not n.applied:
-                n.step = step
-                self._fail(r, n, "rolling_back", reason, now, out, restore="waiting", step=step)
-            elif n.restore == "waiting":
-                n.phase = "rolling_back"
-        elif snap.phase == "rolled_back":
-            if not n.failed and not n.applied:
-                n.step = step
-                self._fail(r, n, "rolled_back", reason, now, out, restore="restored", step=step)
-                self._clear(n, out)
-            elif n.restore in ("waiting", "unrestored"):
-                self._restored(r, n, now, out)
-        elif snap.phase in ("failed", "rollback_failed"):
-            # A failed step and the node's own restore: "failed" once the restore is verified,
-            # "rollback_failed" with the evidence when it is not. (An agent from before restore
-            # verification says "failed" with "undo of step ..." when an undo failed.)
-            if not n.failed and not n.applied:
-                n.step = step
-                self._fail(r, n, "failed", reason, now, out, restore="waiting", step=step)
-            unverified = snap.phase == "rollback_failed" or snap.detail.startswith("undo of step")
-            if n.restore == "waiting" and unverified:
-                why = meaningful(snap.detail) or "its restore could not be verified"
-                self._unrestored(r, n, f"{n.detail}; not restored: {why}", now, out)
-            elif n.restore in ("waiting", "unrestored") and not unverified:
-                self._restored(r, n, now, out)
+    @_moves
+    def _fold(self, r: Rollout, n: Node, report: Report, now: float, out: _Out) -> None:
+        """Carry out the moves a report decides (``hub.core.reports.decide``), in order."""
+        for verdict in decide(n, report):
+            self._carry_out(r, n, verdict, now, out)
 
-    def _fold_restore_snapshot(self, r: _Rollout, n: _Node, snap: JobSnapshot, now: float, out: _Out) -> None:
-        if n.restore == "unrestored" and snap.phase == "rolled_back":
-            # It came back after its restore deadline and ran the retained command (audited).
+    def _carry_out(self, r: Rollout, n: Node, v: Verdict, now: float, out: _Out) -> None:
+        move = v.move
+        if move is Move.DEFER:
+            self._deferred(r, n, v.reason, now, out)
+        elif move is Move.NOT_START:
+            self._not_started(r, n, v.reason, now, out)
+        elif move is Move.START:
+            self._started(r, n, now)
+            n.step = v.step
+        elif move is Move.SUCCEED:
+            self._succeeded(r, n, now, out)
+        elif move is Move.FAIL:
+            n.step = v.step
+            self._fail(r, n, v.phase or "failed", v.reason, now, out, restore=v.restore, step=v.audit_step)
+            if v.clear:
+                self._clear(n, out)
+        elif move is Move.SHOW_ROLLING_BACK:
+            n.phase = "rolling_back"
+        elif move in (Move.AT_STEP, Move.UNDER_WAY):
+            n.touched = n.touched or move is Move.UNDER_WAY
+            n.step = n.step if v.step is None else v.step
+        elif move is Move.RESTORED:
             self._restored(r, n, now, out)
-            return
-        if n.restore != "waiting":
-            return
-        if snap.phase in ("rolled_back", "succeeded"):
-            self._restored(r, n, now, out)
-        elif snap.phase == "rollback_failed":
-            why = meaningful(snap.detail) or "its restore could not be verified"
-            self._unrestored(r, n, f"{self._prefix(n)}{n.action} not verified: {why}", now, out)
-        elif snap.phase == "failed":
-            failed_step = next((s for s in snap.steps if s.state == "failed"), None)
-            why = meaningful(snap.detail) or (
-                f"undo of {step_name(failed_step.index, failed_step.type)} failed: "
-                f"{meaningful(failed_step.detail)}"
-                if failed_step is not None
-                else "the agent could not restore it"
-            )
-            self._unrestored(r, n, f"{self._prefix(n)}{n.action} failed: {why}", now, out)
-        elif snap.phase == "rejected":
-            self._unrestored(r, n, f"{self._prefix(n)}rejected the {n.action}: {snap.detail}", now, out)
         else:
-            n.touched = True
-            reached = [s.index for s in snap.steps if s.state != "pending"]
-            if reached:
-                n.step = max(reached)
+            self._unrestored(r, n, f"{n.detail}; {v.reason}" if v.after_detail else v.reason, now, out)
 
     def _on_presence(self, node: str, online: bool, now: float, out: _Out) -> None:
         self._online[node] = online
@@ -1118,13 +748,7 @@ class RolloutEngine:
             if online:
                 self._back(r, n, now, out)
                 if n.queued:
-                    # Its retained apply reaches it now: the node timeout starts.
-                    n.queued = False
-                    n.touched = True
-                    n.phase = "applying"
-                    n.detail = ""
-                    n.deadline, n.deadline_kind = now + r.spec.node_timeout_s, "node"
-                    out.touch(r, now)
+                    self._delivered(r, n, now, out)
                 elif self._is_resendable(n, now):
                     # A new connection of the node: a broker restarted without persistence
                     # may have lost the retained command it waits for. A replay is ignored.
@@ -1147,7 +771,18 @@ class RolloutEngine:
             self._note_drop(node, now, out)
         self._end_outages(now, out)
 
-    def _lose(self, r: _Rollout, n: _Node, now: float, out: _Out) -> None:
+    @_moves
+    def _delivered(self, r: Rollout, n: Node, now: float, out: _Out) -> None:
+        """Its retained apply reaches it now (it came online): the node timeout starts."""
+        n.queued = False
+        n.touched = True
+        n.phase = "applying"
+        n.detail = ""
+        n.deadline, n.deadline_kind = now + r.spec.node_timeout_s, "node"
+        out.touch(r, now)
+
+    @_moves
+    def _lose(self, r: Rollout, n: Node, now: float, out: _Out) -> None:
         """Offline mid-job: ``lost``, not failed, for the grace (DESIGN 3.4); its agent goes on alone."""
         n.lost_from = n.phase
         n.phase = "lost"
@@ -1157,16 +792,10 @@ class RolloutEngine:
         self._audit(r, "node_lost", f"{n.name} {n.detail}", out, node=n.name, grace_s=grace)
         out.touch(r, now)
 
-    def _back(self, r: _Rollout, n: _Node, now: float, out: _Out) -> None:
-        """A lost node is heard again (presence or a report): it carries on where it is."""
+    def _back(self, r: Rollout, n: Node, now: float, out: _Out) -> None:
+        """A node is heard again (presence or a report): a lost one carries on where it is."""
         if n.phase == "lost":
-            n.phase = n.lost_from or "applying"
-            n.detail = ""
-            away = now - n.offline_since if n.offline_since is not None else 0.0
-            if n.deadline is not None and n.deadline_kind == "node":
-                n.deadline += away  # the time away does not count against it
-            self._audit(r, "node_back", f"{n.name} back after {_seconds(round(away, 1))}", out, node=n.name)
-            out.touch(r, now)
+            self._found(r, n, now, out)
         elif n.restore == "waiting" and n.offline_since is not None:
             if n.phase == "offline":
                 n.phase = "rolling_back"
@@ -1176,11 +805,23 @@ class RolloutEngine:
         n.offline_since = None
         n.lost_from = None
 
-    def _grace_of(self, r: _Rollout) -> float:
+    @_moves
+    def _found(self, r: Rollout, n: Node, now: float, out: _Out) -> None:
+        """A lost node is back: it goes on from where it was (the time away does not count)."""
+        n.phase = n.lost_from or "applying"
+        n.detail = ""
+        away = now - n.offline_since if n.offline_since is not None else 0.0
+        if n.deadline is not None and n.deadline_kind == "node":
+            n.deadline += away
+        self._audit(r, "node_back", f"{n.name} back after {_seconds(round(away, 1))}", out, node=n.name)
+        out.touch(r, now)
+
+    def _grace_of(self, r: Rollout) -> float:
         grace = r.spec.offline_grace_s
         return self._offline_grace if grace is None else grace
 
-    def _restore_offline(self, r: _Rollout, n: _Node, now: float, out: _Out) -> None:
+    @_moves
+    def _restore_offline(self, r: Rollout, n: Node, now: float, out: _Out) -> None:
         """A node whose restore the hub waits for is offline: wait up to ``restore_timeout_s``, visibly."""
         if n.offline_since is None:
             n.offline_since = self._offline_at.get(n.name, now)
@@ -1213,7 +854,7 @@ class RolloutEngine:
         self._drops = [(t, n) for t, n in self._drops if now - t <= MASS_WINDOW_S and n != node]
         self._drops.append((now, node))
         dropped = {n for _, n in self._drops}
-        hit: list[_Rollout] = []
+        hit: list[Rollout] = []
         running = 0
         for rid in sorted(self._active):
             r = self._rollouts[rid]
@@ -1234,7 +875,7 @@ class RolloutEngine:
             else:
                 r.outage_note = f"{r.outage_note.split(':')[0]}: {len(dropped)} nodes lost at once"
 
-    def _start_outage(self, r: _Rollout, why: str, now: float, out: _Out) -> None:
+    def _start_outage(self, r: Rollout, why: str, now: float, out: _Out) -> None:
         if r.outage_since is not None:
             return
         r.outage_since = now
@@ -1280,10 +921,7 @@ class RolloutEngine:
                 if not n.is_open or n.deadline is None or n.deadline > now:
                     continue
                 if n.deadline_kind == "expiry":
-                    n.queued = False
-                    self._fail(r, n, "timed_out", "did not start before its command expired", now, out)
-                    n.deadline = n.deadline_kind = None
-                    self._clear(n, out)
+                    self._expired(r, n, now, out)
                 elif n.deadline_kind == "start":
                     within = f"within start_deadline_s ({_seconds(r.spec.start_deadline_s or 0)})"
                     self._not_started(r, n, f"not started {within}: {n.detail or 'node offline'}", now, out)
@@ -1294,18 +932,26 @@ class RolloutEngine:
                     why = _restore_timeout_text(r, n)
                     self._unrestored(r, n, f"{self._prefix(n)}{why}", now, out, keep_command=True)
                 else:
-                    self._fail(
-                        r,
-                        n,
-                        "timed_out",
-                        f"timed out: no final report within {_seconds(r.spec.node_timeout_s)}",
-                        now,
-                        out,
-                    )
-                    self._send_restore(r, n, "abort", now, out, phase="timed_out")
+                    self._timed_out(r, n, now, out)
             self._progress(r, now, out)
 
-    def _lost_tick(self, r: _Rollout, n: _Node, now: float, out: _Out) -> None:
+    @_moves
+    def _expired(self, r: Rollout, n: Node, now: float, out: _Out) -> None:
+        """A queued apply expired before the node came back to start it: a failure, nothing to restore."""
+        n.queued = False
+        self._fail(r, n, "timed_out", "did not start before its command expired", now, out)
+        n.deadline = n.deadline_kind = None
+        self._clear(n, out)
+
+    @_moves
+    def _timed_out(self, r: Rollout, n: Node, now: float, out: _Out) -> None:
+        """No final report within node_timeout_s: a failure, and an abort to undo what it did."""
+        why = f"timed out: no final report within {_seconds(r.spec.node_timeout_s)}"
+        self._fail(r, n, "timed_out", why, now, out)
+        self._send_restore(r, n, "abort", now, out, phase="timed_out")
+
+    @_moves
+    def _lost_tick(self, r: Rollout, n: Node, now: float, out: _Out) -> None:
         """A lost node past its grace is a node failure (a halted rollout leaves it to the operator)."""
         grace = self._grace_of(r)
         if n.offline_since is None or now < n.offline_since + grace or r.state == "halted":
@@ -1321,7 +967,7 @@ class RolloutEngine:
         if was_applying:
             self._send_restore(r, n, "abort", now, out, phase="offline")
 
-    def _outage_tick(self, r: _Rollout, now: float, out: _Out) -> None:
+    def _outage_tick(self, r: Rollout, now: float, out: _Out) -> None:
         """Past ``outage_limit_s`` of a broker event the rollout halts for the operator: no blind rollback."""
         assert r.outage_since is not None  # noqa: S101 - the caller checked
         if now < r.outage_since + self._outage_limit:
@@ -1346,7 +992,8 @@ class RolloutEngine:
 
     # ------------------------------------------------------------------ node transitions
 
-    def _started(self, r: _Rollout, n: _Node, now: float) -> None:
+    @_moves
+    def _started(self, r: Rollout, n: Node, now: float) -> None:
         if n.queued or n.phase == "deferred":
             n.queued = False
             n.deadline, n.deadline_kind = now + r.spec.node_timeout_s, "node"
@@ -1354,7 +1001,8 @@ class RolloutEngine:
         n.phase = "applying"
         n.detail = ""
 
-    def _succeeded(self, r: _Rollout, n: _Node, now: float, out: _Out) -> None:
+    @_moves
+    def _succeeded(self, r: Rollout, n: Node, now: float, out: _Out) -> None:
         n.queued = False
         n.touched = n.applied = True
         n.phase, n.detail = "succeeded", ""
@@ -1363,10 +1011,11 @@ class RolloutEngine:
         self._clear(n, out)
         out.touch(r, now)
 
+    @_moves
     def _fail(
         self,
-        r: _Rollout,
-        n: _Node,
+        r: Rollout,
+        n: Node,
         phase: NodePhase,
         reason: str,
         now: float,
@@ -1402,7 +1051,8 @@ class RolloutEngine:
         )
         out.touch(r, now)
 
-    def _restored(self, r: _Rollout, n: _Node, now: float, out: _Out) -> None:
+    @_moves
+    def _restored(self, r: Rollout, n: Node, now: float, out: _Out) -> None:
         late = n.restore == "unrestored" and r.is_final
         was_unrestored = n.phase == "rollback_failed"
         n.restore = "restored"
@@ -1419,14 +1069,15 @@ class RolloutEngine:
             self._amend(r, n, now, out)
 
     @staticmethod
-    def _prefix(n: _Node) -> str:
+    def _prefix(n: Node) -> str:
         """A failed node's reason, kept in front of what went wrong with its restore."""
         return f"{n.detail}; " if n.failed and n.detail else ""
 
+    @_moves
     def _unrestored(
         self,
-        r: _Rollout,
-        n: _Node,
+        r: Rollout,
+        n: Node,
         reason: str,
         now: float,
         out: _Out,
@@ -1441,7 +1092,8 @@ class RolloutEngine:
         self._audit(r, "node_not_restored", f"{n.name} {reason}", out, node=n.name, command=n.command_id)
         out.touch(r, now)
 
-    def _deferred(self, r: _Rollout, n: _Node, reason: str, now: float, out: _Out) -> None:
+    @_moves
+    def _deferred(self, r: Rollout, n: Node, reason: str, now: float, out: _Out) -> None:
         """The node's update lock holds its apply back (``edge_agent.deferral``): waiting, not failing."""
         if n.failed or n.applied or n.phase in ("not_started", "deferred"):
             if n.phase == "deferred" and reason:
@@ -1454,7 +1106,8 @@ class RolloutEngine:
         self._audit(r, "node_deferred", f"{n.name} {n.detail}", out, node=n.name, until=until)
         out.touch(r, now)
 
-    def _not_started(self, r: _Rollout, n: _Node, reason: str, now: float, out: _Out) -> None:
+    @_moves
+    def _not_started(self, r: Rollout, n: Node, reason: str, now: float, out: _Out) -> None:
         """The node never started its apply (gave up deferring): final, not a failure; its command goes."""
         if n.failed or n.applied or n.phase == "not_started":
             return
@@ -1468,7 +1121,8 @@ class RolloutEngine:
         self._audit(r, "node_not_started", f"{n.name} {reason}", out, node=n.name, command=n.command_id)
         out.touch(r, now)
 
-    def _late_start(self, r: _Rollout, n: _Node, now: float, out: _Out) -> None:
+    @_moves
+    def _late_start(self, r: Rollout, n: Node, now: float, out: _Out) -> None:
         """A node started an apply that was withdrawn (cleared) before it could: undo it."""
         n.withdrawn = False
         n.touched = True
@@ -1491,7 +1145,7 @@ class RolloutEngine:
         self._issued[node] = issued
         return issued
 
-    def _command(self, r: _Rollout, n: _Node, action: CommandAction, now: float) -> Command:
+    def _command(self, r: Rollout, n: Node, action: CommandAction, now: float) -> Command:
         issued = self._next_issued(n.name, now)
         command = Command(
             id=self._new_id(),
@@ -1509,7 +1163,7 @@ class RolloutEngine:
         self._last[n.name] = command.id
         return command
 
-    def _rebuild_command(self, r: _Rollout, n: _Node) -> Command:
+    def _rebuild_command(self, r: Rollout, n: Node) -> Command:
         if n.command_id is None or n.action is None or n.issued_at is None or n.expires_at is None:
             raise InvalidInput(f"rollout {r.id}: node {n.name} has no complete command to publish again")
         return Command(
@@ -1525,7 +1179,8 @@ class RolloutEngine:
             ),
         )
 
-    def _send_apply(self, r: _Rollout, n: _Node, now: float, out: _Out) -> None:
+    @_moves
+    def _send_apply(self, r: Rollout, n: Node, now: float, out: _Out) -> None:
         command = self._command(r, n, "apply", now)
         n.apply_id = command.id
         if self._online.get(n.name, True):
@@ -1541,10 +1196,11 @@ class RolloutEngine:
         out.add(PublishCommand(n.name, command))
         out.touch(r, now)
 
+    @_moves
     def _send_restore(
         self,
-        r: _Rollout,
-        n: _Node,
+        r: Rollout,
+        n: Node,
         action: CommandAction,
         now: float,
         out: _Out,
@@ -1562,7 +1218,7 @@ class RolloutEngine:
         out.add(PublishCommand(n.name, command))
         out.touch(r, now)
 
-    def _clear(self, n: _Node, out: _Out) -> None:
+    def _clear(self, n: Node, out: _Out) -> None:
         if n.cleared or n.command_id is None:
             return
         n.cleared = True
@@ -1571,7 +1227,8 @@ class RolloutEngine:
         if self._last.get(n.name) == n.command_id:
             out.add(ClearCommand(n.name, n.command_id))
 
-    def _withdraw(self, r: _Rollout, n: _Node, now: float, out: _Out) -> None:
+    @_moves
+    def _withdraw(self, r: Rollout, n: Node, now: float, out: _Out) -> None:
         """Clear the retained apply of a node that never started it."""
         self._clear(n, out)
         n.queued = False
@@ -1582,7 +1239,7 @@ class RolloutEngine:
 
     # ------------------------------------------------------------------ rollout decisions
 
-    def _progress(self, r: _Rollout, now: float, out: _Out) -> None:
+    def _progress(self, r: Rollout, now: float, out: _Out) -> None:
         """Take every decision the rollout's current facts allow."""
         if r.state in ("pending", "running", "paused"):
             self._check_failures(r, now, out)
@@ -1591,12 +1248,12 @@ class RolloutEngine:
         if r.state in ("rolling_back", "aborting"):
             self._finish_restore(r, now, out)
 
-    def _failure_text(self, r: _Rollout) -> str:
+    def _failure_text(self, r: Rollout) -> str:
         parts = [f"{name} {r.nodes[name].detail}" for name in r.failures[:5]]
         more = len(r.failures) - 5
         return "; ".join(parts) + (f"; +{more} more" if more > 0 else "")
 
-    def _check_failures(self, r: _Rollout, now: float, out: _Out) -> None:
+    def _check_failures(self, r: Rollout, now: float, out: _Out) -> None:
         policy = r.spec.failure
         if len(r.failures) <= policy.max_failed:
             return
@@ -1623,7 +1280,7 @@ class RolloutEngine:
 
     def _start_restore(
         self,
-        r: _Rollout,
+        r: Rollout,
         state: Literal["rolling_back", "aborting"],
         reason: str,
         now: float,
@@ -1670,8 +1327,8 @@ class RolloutEngine:
         out.touch(r, now)
         self._finish_restore(r, now, out)
 
-    def _finish_restore(self, r: _Rollout, now: float, out: _Out) -> None:
-        if not _all_nodes(r, "restore", r.names, _not_waiting):
+    def _finish_restore(self, r: Rollout, now: float, out: _Out) -> None:
+        if not all_nodes(r, "restore", r.names, not_waiting):
             self._show_restore_wait(r, now, out)
             return
         touched = [n for n in r.nodes.values() if n.touched]
@@ -1691,7 +1348,7 @@ class RolloutEngine:
             self._audit(r, r.state, r.detail, out, not_restored={n.name: n.detail for n in unrestored[:100]})
         out.touch(r, now)
 
-    def _show_restore_wait(self, r: _Rollout, now: float, out: _Out) -> None:
+    def _show_restore_wait(self, r: Rollout, now: float, out: _Out) -> None:
         """Say which offline nodes the rollback waits for, and until when (DESIGN 3.4)."""
         if r.outage_since is not None:
             return  # the outage note says why
@@ -1712,7 +1369,7 @@ class RolloutEngine:
             self._audit(r, "restore_wait", note, out, nodes=[n.name for n in away[:50]], until=until)
             out.touch(r, now)
 
-    def _amend(self, r: _Rollout, n: _Node, now: float, out: _Out) -> None:
+    def _amend(self, r: Rollout, n: Node, now: float, out: _Out) -> None:
         """A node restored after its rollout ended without it: the record says so (audit, state)."""
         unrestored = [m for m in r.nodes.values() if m.touched and m.restore == "unrestored"]
         message = f"{n.name} restored after all (verified); record amended"
@@ -1728,8 +1385,8 @@ class RolloutEngine:
         self._audit(r, "late_restore", message, out, node=n.name, command=n.command_id, state=r.state)
         out.touch(r, now)
 
-    def _repace(self, r: _Rollout, out: _Out) -> None:
-        """Adaptive pace (``hub.adaptive``): size the waves left from how this one went; audit why."""
+    def _repace(self, r: Rollout, out: _Out) -> None:
+        """Adaptive pace (``bus.pace``): size the waves left from how this one went; audit why."""
         adaptive = r.spec.strategy.adaptive
         assert adaptive is not None  # noqa: S101 - the caller checked
         names = r.waves[r.wave]
@@ -1755,9 +1412,9 @@ class RolloutEngine:
         )
 
     def _window_ready(
-        self, r: _Rollout, names: Sequence[str], waiting: list[str], now: float, out: _Out
+        self, r: Rollout, names: Sequence[str], waiting: list[str], now: float, out: _Out
     ) -> list[str]:
-        """Maintenance windows (``hub.windows``): those of ``waiting`` that may start now, each in its zone.
+        """Maintenance windows (``hub.core.windows``): which of ``waiting`` may start now, each in its zone.
 
         A node starts only inside its own window. When the window closes before
         its turn came (``max_parallel``), ``on_window_end: finish`` still sends it
@@ -1804,7 +1461,7 @@ class RolloutEngine:
             out.touch(r, now)
         return ready
 
-    def _advance(self, r: _Rollout, now: float, out: _Out) -> None:
+    def _advance(self, r: Rollout, now: float, out: _Out) -> None:
         """Dispatch within the current wave, and move on once it is done and soaked."""
         soak = r.spec.strategy.soak_s
         for _ in range(len(r.waves) + 1):
@@ -1823,7 +1480,7 @@ class RolloutEngine:
                 if sent == len(waiting):
                     r.dispatched = r.wave
                     r.window_at = None
-            if not _all_nodes(r, f"wave{r.wave}", names, _wave_done):
+            if not all_nodes(r, f"wave{r.wave}", names, wave_done):
                 return
             if r.wave_done_at is None:
                 r.wave_done_at = now
@@ -1875,7 +1532,7 @@ _STEP_RANK = {"pending": 0, "deferred": 0, "running": 1, "succeeded": 2, "skippe
 _STEP_DETAIL_LIMIT = 200
 
 
-def _mark(r: _Rollout, n: _Node, index: int, state: str, detail: str) -> bool:
+def _mark(r: Rollout, n: Node, index: int, state: str, detail: str) -> bool:
     """Fold one step's reported state into the node's grid; True when it changed."""
     if not 0 <= index < len(r.plan) or state not in _STEP_RANK:
         return False
@@ -1895,7 +1552,7 @@ def _copied(value: Any) -> Any:
     return [list(cell) for cell in value] if isinstance(value, list) else value
 
 
-def _shown_phase(n: _Node, final: bool) -> NodePhase:
+def _shown_phase(n: Node, final: bool) -> NodePhase:
     """The node's phase as people read it: a finished rollout has no ``pending`` node (DESIGN 3.11)."""
     return "not_started" if final and n.phase == "pending" else n.phase
 
@@ -1913,7 +1570,7 @@ _COUNTED_AS: dict[str, str] = {
 }
 
 
-def _counted_as(n: _Node, phase: NodePhase) -> tuple[str, ...]:
+def _counted_as(n: Node, phase: NodePhase) -> tuple[str, ...]:
     """The counts a node is in (DESIGN 3.11): a failed node stays failed once restored.
 
     ``failed`` counts every node that failed (rejected, timed out, offline past

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
 from bus.messages import Heartbeat, Inventory, NodeState, TargetLabels
+from bus.targets import resolve_targets
 from bus.topics import is_node_id
 
 __all__ = ["NodeInfo", "Registry", "Transition"]
@@ -254,20 +255,7 @@ class Registry:
         A list keeps its order (duplicates dropped); labels and ``"all"`` give
         known nodes sorted by name. Offline nodes count as known.
         """
-        if targets == "all":
-            return self.nodes(), []
-        if isinstance(targets, TargetLabels):
-            wanted = targets.labels.items()
-            return [n for n in self.nodes() if all(self._nodes[n].labels.get(k) == v for k, v in wanted)], []
-        known: list[str] = []
-        unknown: list[str] = []
-        seen: set[str] = set()
-        for name in targets:
-            if name in seen:
-                continue
-            seen.add(name)
-            (known if name in self._nodes else unknown).append(name)
-        return known, unknown
+        return resolve_targets(targets, self._nodes, lambda node: self._nodes[node].labels)
 
     def to_api(self, node: str) -> dict[str, Any]:
         """The node as ``GET /api/nodes`` and ``fleet nodes --json`` show it.

@@ -293,6 +293,7 @@ class RolloutManager:
         #: per rollout: every node's row as last published on ``rollout/{id}/nodes``, and that seq
         self._published_rows: dict[str, dict[str, Row]] = {}
         self._changes_seq: dict[str, int] = {}
+        self._oversized: set[str] = set()
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._running = False
@@ -651,10 +652,11 @@ class RolloutManager:
         self._dirty.clear()
         published = 0
         for rollout in dirty:
-            self._store.put("rollouts", rollout, self._engine.record(rollout))
+            record = self._engine.record(rollout)
+            self._store.put("rollouts", rollout, record)
             head, rows = self._engine.summary_rows(rollout)
             self._published_states[rollout] = head.state
-            await self._publish_record(rollout)
+            await self._publish_record(rollout, record)
             # Per-node changes first, then the summary that counts them (one connection, in order).
             published += await self._publish_changes(rollout, rows)
             payload = encode(bounded_summary(head, rows, self._summary_nodes))
@@ -685,14 +687,18 @@ class RolloutManager:
                 _LOGGER.warning("node changes of %s not published: %s", rollout, exc.reason)
         return sum(len(p) for p in payloads)
 
-    async def _publish_record(self, rollout: str) -> None:
+    async def _publish_record(self, rollout: str, record: dict[str, Any] | None = None) -> None:
         """The rollout's full record and audit tail, retained (with a term only: standbys read it)."""
         if not self._term or not self._engine.has(rollout):
             return
         audit = [e for e in self._store.all("audit") if e.get("rollout") == rollout]
-        payload = encode_record(self._engine.record(rollout), audit)
+        payload = encode_record(self._engine.record(rollout) if record is None else record, audit)
         if payload is None:
-            _LOGGER.warning("record of %s exceeds the payload limit: a standby cannot carry it on", rollout)
+            if rollout not in self._oversized:  # once per rollout, not once per summary round
+                self._oversized.add(rollout)
+                _LOGGER.warning(
+                    "record of %s exceeds the payload limit: a standby cannot carry it on", rollout
+                )
             return
         try:
             await self._publish(self._topics.rollout_record(rollout), payload, qos=1, retain=True)

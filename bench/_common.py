@@ -350,6 +350,8 @@ class Bench:
             node_prefix,
             "--journal",
             self.journal,
+            "--start-timeout-s",
+            str(timeout),
         ]
         for item in fail:
             args += ["--fail", item]

@@ -37,6 +37,25 @@ import dead_node
 from _common import PLAN, Bench, Observer, arguments, child_env, cpu_window, emit, rounded
 
 
+def _http_nodes(bench: Bench, query: str = "") -> tuple[list[dict[str, Any]], int]:
+    """GET /api/nodes[?query]: (rows, X-Total-Count)."""
+    url = f"http://127.0.0.1:{bench.http_port}/api/nodes{query}"
+    with urllib.request.urlopen(url, timeout=120) as response:
+        return json.loads(response.read()), int(response.headers["X-Total-Count"])
+
+
+async def _wait_online(bench: Bench, nodes: int, timeout: float) -> None:
+    """Until the hub counts ``nodes`` online (one small page asked, its total read)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        _, online = await asyncio.to_thread(_http_nodes, bench, "?state=online&limit=1")
+        if online >= nodes:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"hub sees {online} of {nodes} nodes online after {timeout:g} s")
+        await asyncio.sleep(1)
+
+
 async def _ingest(
     bench: Bench, obs: Observer, nodes: int, seconds: float, heartbeat_s: float
 ) -> dict[str, Any]:
@@ -47,7 +66,7 @@ async def _ingest(
         await asyncio.sleep(seconds)
     after = bench.metrics()
     queried = time.time()
-    rows = await obs.nodes()
+    rows, _ = await asyncio.to_thread(_http_nodes, bench)
     key = 'fleet_hub_messages_total{direction="in"}'
     received = after.get(key, 0) - before.get(key, 0)
     wall = cpu["wall"]
@@ -158,8 +177,11 @@ async def measure(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {}
     async with Observer(bench.url, bench.topics, statuses=False) as obs:
         started = time.perf_counter()
-        targets = await obs.wait_online(args.nodes, 600, prefix="sim-")
+        await _wait_online(bench, args.nodes, 600)
         result["online_after_s"] = rounded(time.perf_counter() - started)
+        targets = sorted(
+            row["node"] for row in (await asyncio.to_thread(_http_nodes, bench, "?node=sim-*"))[0]
+        )
         result["ingest"] = await _ingest(bench, obs, args.nodes, args.seconds, args.heartbeat_s)
         result["hub_rss_mib_idle"] = bench.child("hub").rss_mib()
         if not args.no_rollout:

@@ -36,6 +36,10 @@ _SCROLLBAR = 2
 _KEYS = tuple(key for key, _, _ in COLUMNS)
 #: Beyond this many rows to drop, clearing the table and adding the rest back is cheaper.
 _MAX_REMOVALS = 50
+#: A tick refreshes the age of every row of a table this small; of a bigger one, the rows on
+#: screen and this many others in turn (10,000 cell updates a second would starve the app).
+_TICK_ALL_ROWS = 2000
+_TICK_CHUNK = 1000
 
 
 def fit_widths(total: int) -> dict[str, int]:
@@ -77,6 +81,7 @@ class NodeTable(DataTable[Any]):
         self.sort_column: SortColumn = "node"
         self.reverse = False
         self._order_dirty = False
+        self._tick_next = 0
 
     def on_mount(self) -> None:
         """Create the columns."""
@@ -211,13 +216,33 @@ class NodeTable(DataTable[Any]):
         if moved:
             self.resort(keep=selected)
 
+    def _ticked_rows(self) -> list[str]:
+        """The rows whose state cell a tick refreshes.
+
+        All of a small table; of a big one, the rows on screen and the next
+        ``_TICK_CHUNK`` of the others in turn (each one within a few ticks).
+        """
+        if len(self._cells) <= _TICK_ALL_ROWS:
+            return list(self._cells)
+        first = max(0, int(self.scroll_offset.y))
+        keys = (
+            self._row_locations.get_key(i)
+            for i in range(first, min(self.row_count, first + self.size.height))
+        )
+        on_screen = [str(key.value) for key in keys if key is not None]
+        every = list(self._cells)
+        start = self._tick_next % len(every)
+        self._tick_next = start + _TICK_CHUNK
+        return on_screen + every[start : start + _TICK_CHUNK]
+
     def tick(self, now: float) -> None:
         """Refresh what time alone changes (the state cell: ages, stale nodes), re-sort if needed."""
         self._now = now
         nodes = self._model.nodes
-        for node, cells in self._cells.items():
+        for node in self._ticked_rows():
+            cells = self._cells.get(node)
             view = nodes.get(node)
-            if view is None:
+            if cells is None or view is None:
                 continue
             state = presence_text(view.presence(now), view.age(now))
             if state != cells[1]:

@@ -116,12 +116,14 @@ async def _rollout(
     changes = obs.node_changes.get(rollout, [])
     hub_cpu = cpu["hub"]
     heartbeat_share = idle_hub_pct / 100 * cpu["wall"]
-    summary = await obs.call("show", {"rollout": rollout})
+    last = next((summary for _, _, summary in reversed(obs.summaries.get(rollout, [])) if summary), None)
     largest = max((size for _, size, _ in summaries), default=0)
     return {
         "rollout": rollout,
         "state": state,
-        "counts": summary.get("counts"),
+        "counts": last.counts.model_dump() if last is not None else None,
+        "summary_nodes": len(last.nodes) if last is not None else None,
+        "summary_nodes_total": last.nodes_total if last is not None else None,
         "seconds": rounded(seconds),
         "hub_messages": int(messages),
         "hub_cpu_s": rounded(hub_cpu),

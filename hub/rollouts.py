@@ -92,6 +92,8 @@ _TICK_FLOOR_S = 0.01
 #: After events woke the timer, look for the next deadline only this much later: a
 #: rollout's reports come in bursts (a thousand nodes), and each look scans its nodes.
 _RECHECK_S = 0.02
+#: ... or later, so that looking takes at most this share of the hub's time.
+_SCAN_SHARE = 0.02
 #: A summary round may take at most this share of the time: big rollouts publish
 #: their summary less often (its bytes grow with the nodes; fixed-rate publishing
 #: would make the bytes of one rollout grow with the square of its size).
@@ -583,8 +585,9 @@ class RolloutManager:
         if any(isinstance(a, PublishCommand) for a in actions):
             # Durable before visible: the record naming a command is on disk before
             # the command is on the broker.
-            for rollout in changed:
-                self._store.put("rollouts", rollout, self._engine.record(rollout))
+            records = {rollout: self._engine.record(rollout) for rollout in changed}
+            for rollout, record in records.items():
+                self._store.put("rollouts", rollout, record)
             try:
                 await self._store.flush()
             except FleetError as exc:
@@ -593,7 +596,7 @@ class RolloutManager:
             # standby that takes over (DESIGN 3.9).
             commanded = {a.command.rollout for a in actions if isinstance(a, PublishCommand)}
             for rollout in dict.fromkeys([*changed, *commanded]):
-                await self._publish_record(rollout)
+                await self._publish_record(rollout, records.get(rollout))
         for index, action in enumerate(actions, 1):
             try:
                 await self._carry_out(action)
@@ -689,8 +692,8 @@ class RolloutManager:
 
     async def _publish_record(self, rollout: str, record: dict[str, Any] | None = None) -> None:
         """The rollout's full record and audit tail, retained (with a term only: standbys read it)."""
-        if not self._term or not self._engine.has(rollout):
-            return
+        if not self._term or not self._engine.has(rollout) or rollout in self._oversized:
+            return  # (an oversized record stays so: its nodes do not change, and it was said)
         audit = [e for e in self._store.all("audit") if e.get("rollout") == rollout]
         payload = encode_record(self._engine.record(rollout) if record is None else record, audit)
         if payload is None:
@@ -767,12 +770,17 @@ class RolloutManager:
 
     async def _timer_loop(self) -> None:
         """Feed the engine a Tick at each deadline it reports."""
+        recheck = _RECHECK_S
         while self._running:
             self._wake.clear()
+            started = time.monotonic()
             deadline = self._engine.next_deadline()
+            # A look scans every open node: at 10,000 nodes, look less often, so that
+            # looking takes at most _SCAN_SHARE of the time (deadlines are seconds apart).
+            recheck = max(_RECHECK_S, (time.monotonic() - started) / _SCAN_SHARE)
             if deadline is None:
                 await self._wake.wait()
-                await asyncio.sleep(_RECHECK_S)
+                await asyncio.sleep(recheck)
                 continue
             delay = deadline - self._clock()
             if delay > 0:
@@ -780,7 +788,7 @@ class RolloutManager:
                     await asyncio.wait_for(self._wake.wait(), min(delay, _MAX_SLEEP_S))
                 except asyncio.TimeoutError:
                     continue  # the nap is over: look again
-                await asyncio.sleep(min(delay, _RECHECK_S))  # woken by events: look again soon
+                await asyncio.sleep(min(delay, recheck))  # woken by events: look again soon
                 continue
             try:
                 await self._run(Tick())

@@ -940,7 +940,9 @@ class HubService:
             elif channel == "heartbeat":
                 beat = self._decoded(Heartbeat, message.payload, node)
                 if beat is not None:
-                    await self._presence(self.registry.on_heartbeat(beat, self._now()))
+                    transition = self.registry.on_heartbeat(beat, self._now())
+                    if transition is not None:  # (the common case, 2,000 a second at 10,000 nodes, is None)
+                        await self._presence(transition)
             elif channel in ("status", "job"):
                 model = StepStatus if channel == "status" else JobSnapshot
                 report = self._decoded(model, message.payload, node)

@@ -236,6 +236,7 @@ def main() -> None:
             "heartbeat_s": args.heartbeat_s,
             "waves": args.waves,
             "journal": args.journal,
+            "seconds": figures.get("rollout", {}).get("seconds"),
             **figures,
         },
         args.out,

@@ -350,6 +350,8 @@ class Bench:
             node_prefix,
             "--journal",
             self.journal,
+            "--start-timeout-s",
+            str(timeout),
         ]
         for item in fail:
             args += ["--fail", item]
@@ -411,6 +413,8 @@ class Observer:
         self.events: list[tuple[float, Event]] = []
         self.summaries: dict[str, list[tuple[float, int, RolloutSummary | None]]] = {}
         self.statuses: list[tuple[float, StepStatus]] = []
+        #: bytes of each per-node change message (``rollout/{id}/nodes``) per rollout
+        self.node_changes: dict[str, list[int]] = {}
         self._watch_statuses = statuses
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
@@ -420,6 +424,7 @@ class Observer:
         await self.hub.subscribe()
         await self.client.subscribe(self.topics.events, qos=0)
         await self.client.subscribe(self.topics.rollout_filter, qos=1)
+        await self.client.subscribe(self.topics.rollout_nodes_filter, qos=1)
         if self._watch_statuses:
             await self.client.subscribe(self.topics.node_filter("status"), qos=1)
         self._task = asyncio.create_task(self._pump())
@@ -439,6 +444,8 @@ class Observer:
                 continue
             if message.topic == self.topics.events:
                 self.events.append((now, decode(Event, message.payload)))
+            elif (rollout := self.topics.parse_rollout_nodes(message.topic)) is not None:
+                self.node_changes.setdefault(rollout, []).append(len(message.payload))
             elif (rollout := self.topics.parse_rollout(message.topic)) is not None:
                 summary = decode(RolloutSummary, message.payload) if message.payload else None
                 self.summaries.setdefault(rollout, []).append((now, len(message.payload), summary))

@@ -86,6 +86,8 @@ async def measure(bench: Bench, nodes: int, repeat: int, heartbeat_s: float) -> 
                     "messages_per_s": round(messages / seconds) if seconds else None,
                     "summary_publishes": len(summaries),
                     "summary_bytes": sum(size for _, size, _ in summaries),
+                    "change_messages": len(obs.node_changes.get(rollout, [])),
+                    "change_bytes": sum(obs.node_changes.get(rollout, [])),
                     "store_rewrites": int(rewrites),
                     "cpu_s": _cpu_by_role(cpu),
                 }

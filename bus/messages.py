@@ -60,6 +60,7 @@ __all__ = [
     "Request",
     "RestoreCheck",
     "RolloutCounts",
+    "RolloutNodes",
     "RolloutSpec",
     "RolloutSummary",
     "ScriptStep",
@@ -718,6 +719,26 @@ class RolloutSummary(_Report):
     wave: int = 0
     waves: int = 0
     detail: str = ""
+    #: How many nodes the rollout targets. When it is above ``len(nodes)``, the retained
+    #: summary carries a bounded part of the nodes (those that need attention first) and
+    #: every node's changes go out on ``rollout/{id}/nodes`` (``RolloutNodes``); ``show``
+    #: and ``GET /api/rollouts/{id}`` answer with every node. None: ``nodes`` is complete.
+    nodes_total: int | None = None
+
+
+class RolloutNodes(_Report):
+    """Per-node changes of one rollout (``rollout/{id}/nodes``, not retained, QoS 1).
+
+    Each message names only the nodes whose ``phase``, ``step`` or ``detail``
+    changed since the hub's previous message for this rollout; ``seq`` grows by
+    one per message, so a reader sees a gap (then asks ``show`` for the whole table).
+    """
+
+    v: Literal[1] = 1
+    rollout: str
+    seq: int = Field(ge=1)
+    ts: float
+    nodes: dict[str, NodeSummary]
 
 
 class Event(_Report):

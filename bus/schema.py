@@ -22,6 +22,7 @@ WIRE_MODELS: tuple[type[BaseModel], ...] = (
     messages.Reply,
     messages.RolloutSpec,
     messages.RolloutSummary,
+    messages.RolloutNodes,
     messages.Event,
 )
 

@@ -184,6 +184,21 @@ class Topics:
             return None
         return self.parse_rollout(topic[: -len("/record")])
 
+    def rollout_nodes(self, rollout: str) -> str:
+        """Per-node changes of one rollout (not retained; the summary's ``nodes`` may be cut)."""
+        return f"{self.rollout(rollout)}/nodes"
+
+    @property
+    def rollout_nodes_filter(self) -> str:
+        """Filter for every rollout's per-node changes."""
+        return f"{self.prefix}/rollout/+/nodes"
+
+    def parse_rollout_nodes(self, topic: str) -> str | None:
+        """Rollout id of a per-node changes topic, or None."""
+        if not topic.endswith("/nodes"):
+            return None
+        return self.parse_rollout(topic[: -len("/nodes")])
+
     @property
     def rollout_filter(self) -> str:
         """Filter for every rollout summary."""

@@ -1,8 +1,12 @@
-"""``fleet nodes [--json] [--by-version] [--state S] [--version NAME[=V]]``: the fleet, from the hub.
+"""``fleet nodes [--json] [--by-version | --summary] [filters]``: the fleet, from the hub.
 
+Filters: ``--state S``, ``--version NAME[=V]``, ``--label K=V``, ``--node GLOB``.
 The table ends with counts by state and the versions that drift (more than one
-version of the same software in the fleet); ``--by-version`` shows which versions
-run where instead of one row per node.
+version of the same software in the fleet);
+``--by-version`` shows which versions run where instead of one row per node;
+``--summary`` only the counts by state and by version (one request, whatever the
+fleet's size). The filters go to the hub (it sends only the matching nodes) and
+are applied here again (a hub without them sends every node).
 
 Also home of ``hub_session``, the request/reply session ``fleet rollout`` uses too.
 """
@@ -13,6 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import fnmatch
 import json
 import os
 import sys
@@ -121,6 +126,19 @@ def register(parser: argparse.ArgumentParser) -> None:
         metavar="NAME[=VERSION]",
         help="only nodes that report NAME (at VERSION); repeatable, all must match",
     )
+    parser.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="only nodes with this label; repeatable, all must match",
+    )
+    parser.add_argument("--node", metavar="GLOB", help="only nodes whose id matches this glob, e.g. 'web-*'")
+    parser.add_argument(
+        "--summary",
+        action="store_true",
+        help="only the counts: nodes by state and by software version",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -128,16 +146,35 @@ def run(args: argparse.Namespace) -> int:
     from bus.errors import InvalidInput
 
     wanted = [parse_version_filter(text) for text in args.version]
+    if any(not name for name, _ in wanted):
+        raise InvalidInput("--version needs NAME or NAME=VERSION")
+    labels = dict(parse_label_filter(text) for text in args.label)
+    query: dict[str, Any] = {"labels": labels} if labels else {}
+    if args.state:
+        query["state"] = args.state
+    if args.node:
+        query["node"] = args.node
+    if wanted:
+        query["versions"] = dict(wanted)
     config = client_config(args)
     hubs: list[str] = []
-    nodes, error = asyncio.run(fetch_nodes(config, hubs))
+    if args.summary:
+        counts, error = asyncio.run(fetch_summary(config, query))
+        if error is None and counts is not None:
+            print(json.dumps(counts, indent=2) if args.json else printable(render_summary(counts)))
+            return 0
+        if error is not None:
+            print(f"fleet nodes: {printable(error)}", file=sys.stderr)
+            return 1
+    nodes, error = asyncio.run(fetch_nodes(config, hubs, query))
     if error is not None:
         print(f"fleet nodes: {printable(error)}", file=sys.stderr)
         return 1
-    if any(not name for name, _ in wanted):
-        raise InvalidInput("--version needs NAME or NAME=VERSION")
-    nodes = [n for n in nodes if matches(n, state=args.state, versions=wanted)]
-    if args.by_version:
+    nodes = [n for n in nodes if matches(n, state=args.state, versions=wanted, labels=labels, glob=args.node)]
+    if args.summary:  # a hub that does not count: count here
+        counts = summarise_rows(nodes)
+        print(json.dumps(counts, indent=2) if args.json else printable(render_summary(counts)))
+    elif args.by_version:
         groups = version_groups(nodes)
         if args.json:
             drift = set(drifting_names(groups))
@@ -162,6 +199,50 @@ def parse_version_filter(text: str) -> tuple[str, str | None]:
     return name.strip(), (version.strip() if sep else None)
 
 
+def parse_label_filter(text: str) -> tuple[str, str]:
+    """``NAME=VALUE`` of ``--label``."""
+    from bus.errors import InvalidInput
+
+    name, sep, value = text.partition("=")
+    if not name.strip() or not sep:
+        raise InvalidInput(f"--label needs NAME=VALUE, not {text!r}")
+    return name.strip(), value.strip()
+
+
+def summarise_rows(nodes: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The counts ``--summary`` prints (as the hub's ``nodes`` summary), from node rows."""
+    by_state = {"online": 0, "offline": 0}
+    by_version: dict[str, dict[str, int]] = {}
+    for node in nodes:
+        by_state["online" if node.get("online") else "offline"] += 1
+        for software, version in node_versions(node).items():
+            seen = by_version.setdefault(software, {})
+            seen[version] = seen.get(version, 0) + 1
+    ordered = {
+        software: dict(sorted(versions.items(), key=lambda item: (-item[1], item[0])))
+        for software, versions in sorted(by_version.items())
+    }
+    return {"total": len(nodes), "by_state": by_state, "by_version": ordered}
+
+
+def render_summary(counts: Mapping[str, Any]) -> str:
+    """``--summary`` for people: the state counts, then one line per software and its versions."""
+    states = counts.get("by_state") or {}
+    lines = [
+        f"{counts.get('total', 0)} nodes: "
+        f"{states.get('online', 0)} online, {states.get('offline', 0)} offline"
+    ]
+    versions = counts.get("by_version") or {}
+    width = max((len(str(name)) for name in versions), default=0)
+    for software, seen in versions.items():
+        drift = "  DRIFT" if isinstance(seen, dict) and len(seen) > 1 else ""
+        listed = ", ".join(f"{v} x{n}" for v, n in seen.items()) if isinstance(seen, dict) else "?"
+        lines.append(f"  {str(software).ljust(width)}  {listed}{drift}")
+    if not versions:
+        lines.append("  (no versions reported)")
+    return "\n".join(lines)
+
+
 def node_versions(node: Mapping[str, Any]) -> dict[str, str]:
     """A node's ``{software: version}`` (agent, drivers, packages, services) from the hub's record."""
     from tui.versions import software_versions
@@ -180,10 +261,21 @@ def node_versions(node: Mapping[str, Any]) -> dict[str, str]:
 
 
 def matches(
-    node: Mapping[str, Any], *, state: str | None, versions: Sequence[tuple[str, str | None]]
+    node: Mapping[str, Any],
+    *,
+    state: str | None,
+    versions: Sequence[tuple[str, str | None]],
+    labels: Mapping[str, str] | None = None,
+    glob: str | None = None,
 ) -> bool:
-    """Whether a node passes ``--state`` and every ``--version``."""
+    """Whether a node passes ``--state``, every ``--version``, every ``--label`` and ``--node``."""
     if state is not None and ("online" if node.get("online") else "offline") != state:
+        return False
+    if glob is not None and not fnmatch.fnmatchcase(str(node.get("node", "")), glob):
+        return False
+    have_labels = node.get("labels") if isinstance(node.get("labels"), dict) else {}
+    assert isinstance(have_labels, dict)  # noqa: S101 - narrowed just above
+    if any(have_labels.get(k) != v for k, v in (labels or {}).items()):
         return False
     have = node_versions(node)
     return all(name in have and (version is None or have[name] == version) for name, version in versions)
@@ -248,10 +340,27 @@ def render_versions(nodes: Sequence[Mapping[str, Any]], width: int = 60) -> str:
     return "\n".join(lines)
 
 
+async def fetch_summary(
+    config: ClientConfig, query: Mapping[str, Any]
+) -> tuple[dict[str, Any] | None, str | None]:
+    """The hub's counts of the matching nodes.
+
+    (counts, None); (None, None) from a hub that does not count (it answered with
+    rows); or (None, the hub's error).
+    """
+    async with hub_session(config) as session:
+        reply = await session.call("nodes", {**query, "summary": True, "limit": 1})
+    if not reply.ok:
+        return None, reply.error or "the hub refused"
+    return (reply.body, None) if isinstance(reply.body, dict) else (None, None)
+
+
 async def fetch_nodes(
-    config: ClientConfig, hubs: list[str] | None = None
+    config: ClientConfig, hubs: list[str] | None = None, query: Mapping[str, Any] | None = None
 ) -> tuple[list[dict[str, Any]], str | None]:
-    """Every node the hub knows, page by page; (nodes, None) or ([], the hub's error).
+    """Every node the hub knows that passes ``query``'s filters, page by page.
+
+    (nodes, None) or ([], the hub's error).
 
     ``hubs`` (when given) receives one line saying which hub is active and which stand by.
     """
@@ -259,7 +368,7 @@ async def fetch_nodes(
     size = _PAGE
     async with hub_session(config) as session:
         for _ in range(_MAX_PAGES):
-            reply = await session.call("nodes", {"offset": len(nodes), "limit": size})
+            reply = await session.call("nodes", {**(query or {}), "offset": len(nodes), "limit": size})
             kind = reply.body.get("kind") if isinstance(reply.body, dict) else None
             if not reply.ok and kind == "too_large" and size > 1:
                 size = max(1, size // 4)  # big inventories: ask for fewer nodes per reply

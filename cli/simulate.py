@@ -97,6 +97,12 @@ def register(parser: argparse.ArgumentParser) -> None:
         help="nodes connecting at once while the fleet starts [FLEET_START_BATCH; default 100]",
     )
     add(
+        "--start-timeout-s",
+        type=float,
+        default=env_default("FLEET_START_TIMEOUT_S", "120"),
+        help="how long the whole fleet may take to come online [FLEET_START_TIMEOUT_S; default 120]",
+    )
+    add(
         "--journal",
         choices=["file", "memory"],
         default=env_default("FLEET_JOURNAL", "file"),
@@ -147,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
             fail=parse_fail(args.fail or _split(os.environ.get("FLEET_FAIL"))),
             state_root=args.state_dir,
             start_batch=args.start_batch,
+            start_timeout_s=args.start_timeout_s,
             journal=args.journal,
             threaded_io=args.threaded_io,
         )

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -39,6 +41,8 @@ from bus.errors import BusError, Conflict, FleetError, InvalidInput, NotFound
 from bus.messages import (
     Event,
     JobSnapshot,
+    NodePhase,
+    NodeSummary,
     RolloutSpec,
     RolloutSummary,
     StepStatus,
@@ -96,6 +100,8 @@ _TICK_FLOOR_S = 0.01
 #: After events woke the timer, look for the next deadline only this much later: a
 #: rollout's reports come in bursts (a thousand nodes), and each look scans its nodes.
 _RECHECK_S = 0.02
+#: ... or later, so that looking takes at most this share of the hub's time.
+_SCAN_SHARE = 0.02
 #: A summary round may take at most this share of the time: big rollouts publish
 #: their summary less often (its bytes grow with the nodes; fixed-rate publishing
 #: would make the bytes of one rollout grow with the square of its size).
@@ -111,6 +117,64 @@ _YIELD_EVERY = 50
 #: Audit entries a ``show`` reply carries (the latest ones; replies are size-bounded).
 _SHOWN_AUDIT = 200
 _LISTED = 20
+#: The retained summary (and ``list``) of a rollout of more nodes than this carries this
+#: many of them, those that need attention first, and ``nodes_total``; every node's
+#: changes go out on ``rollout/{id}/nodes`` and ``show`` answers with every node.
+SUMMARY_NODES = 200
+#: Nodes per ``RolloutNodes`` message (about 60 bytes each: well within the payload limit).
+_CHANGES_PER_MESSAGE = 2000
+#: Which nodes a bounded summary keeps first: failed ones, then by phase (trouble, then work
+#: in progress), then the rest.
+_ATTENTION: dict[str, int] = {
+    "rollback_failed": 0,
+    "failed": 1,
+    "timed_out": 1,
+    "rejected": 1,
+    "lost": 2,
+    "offline": 2,
+    "rolling_back": 3,
+    "rolled_back": 4,
+    "applying": 5,
+    "deferred": 6,
+}
+
+#: (phase, step, detail, failed) of one node (``RolloutEngine.summary_rows``)
+Row = tuple[NodePhase, "int | None", str, bool]
+
+
+def bounded_summary(head: RolloutSummary, rows: dict[str, Row], limit: int = SUMMARY_NODES) -> RolloutSummary:
+    """``head`` (``RolloutEngine.summary_rows``) with its nodes: all, or ``limit`` and ``nodes_total``."""
+    kept: list[tuple[str, Row]]
+    if len(rows) <= limit:
+        kept = list(rows.items())
+        total = None
+    else:
+        kept = heapq.nsmallest(
+            limit, rows.items(), key=lambda item: (not item[1][3], _ATTENTION.get(item[1][0], 9), item[0])
+        )
+        kept.sort()
+        total = len(rows)
+    nodes = {name: NodeSummary.model_construct(phase=p, step=s, detail=d) for name, (p, s, d, _) in kept}
+    return head.model_copy(update={"nodes": nodes, "nodes_total": total})
+
+
+def changes_payloads(rollout: str, seq: int, ts: float, changed: dict[str, Row]) -> list[bytes]:
+    """``RolloutNodes`` payloads of ``changed`` (seq, seq+1, ...), defaults left out to save bytes."""
+    names = list(changed)
+    payloads = []
+    for index, start in enumerate(range(0, len(names), _CHANGES_PER_MESSAGE)):
+        nodes: dict[str, dict[str, Any]] = {}
+        for name in names[start : start + _CHANGES_PER_MESSAGE]:
+            phase, step, detail, _ = changed[name]
+            cell: dict[str, Any] = {"phase": phase}
+            if step is not None:
+                cell["step"] = step
+            if detail:
+                cell["detail"] = detail
+            nodes[name] = cell
+        body = {"v": 1, "rollout": rollout, "seq": seq + index, "ts": ts, "nodes": nodes}
+        payloads.append(json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+    return payloads
 
 
 class FleetView(LabelSource, Protocol):
@@ -163,6 +227,8 @@ class RolloutManager:
         new_id: id factory for rollouts and commands.
         resume_grace_s: after a restart, how long timeouts wait for retained snapshots.
         summary_interval_s: at most one summary publish (and record put) per rollout this often.
+        summary_nodes: a rollout of more nodes has only this many in its retained summary and
+            in ``list`` (``bounded_summary``); each node's changes go on ``rollout/{id}/nodes``.
         keep_rollouts: how many finished rollouts stay; older ones go to ``archive``
             (``hub.retention``). None: every rollout stays.
         archive: the archive of retired rollouts (needed with ``keep_rollouts``).
@@ -192,6 +258,7 @@ class RolloutManager:
         offline_grace_s: float = 25.0,
         outage_limit_s: float = 300.0,
         term: int = 0,
+        summary_nodes: int = SUMMARY_NODES,
     ) -> None:
         if keep_rollouts is not None and archive is None:
             raise ValueError("keep_rollouts needs an archive")
@@ -203,6 +270,7 @@ class RolloutManager:
         self._clock = clock
         self._new_id = new_id
         self._interval = summary_interval_s
+        self._summary_nodes = summary_nodes
         self._engine = RolloutEngine(
             new_id=new_id,
             resume_grace_s=resume_grace_s,
@@ -229,6 +297,10 @@ class RolloutManager:
         self._dirty_event = asyncio.Event()
         self._urgent = asyncio.Event()
         self._published_states: dict[str, str] = {}
+        #: per rollout: every node's row as last published on ``rollout/{id}/nodes``, and that seq
+        self._published_rows: dict[str, dict[str, Row]] = {}
+        self._changes_seq: dict[str, int] = {}
+        self._oversized: set[str] = set()
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._running = False
@@ -293,8 +365,9 @@ class RolloutManager:
     # ------------------------------------------------------------------ queries
 
     def summaries(self) -> list[RolloutSummary]:
-        """Every rollout, newest first."""
-        return [self._engine.summary(rid) for rid in reversed(self._engine.rollout_ids())]
+        """Every rollout, newest first; a big one with a bounded part of its nodes (``bounded_summary``)."""
+        rollouts = reversed(self._engine.rollout_ids())
+        return [bounded_summary(*self._engine.summary_rows(rid), self._summary_nodes) for rid in rollouts]
 
     def is_issued(self, node: str, rollout: str, command: str) -> bool:
         """Whether a node's report names a command this hub sent it (what feeds metrics)."""
@@ -500,8 +573,9 @@ class RolloutManager:
         if any(isinstance(a, PublishCommand) for a in actions):
             # Durable before visible: the record naming a command is on disk before
             # the command is on the broker.
-            for rollout in changed:
-                self._store.put("rollouts", rollout, self._engine.record(rollout))
+            records = {rollout: self._engine.record(rollout) for rollout in changed}
+            for rollout, record in records.items():
+                self._store.put("rollouts", rollout, record)
             try:
                 await self._store.flush()
             except FleetError as exc:
@@ -510,7 +584,7 @@ class RolloutManager:
             # standby that takes over (DESIGN 3.9).
             commanded = {a.command.rollout for a in actions if isinstance(a, PublishCommand)}
             for rollout in dict.fromkeys([*changed, *commanded]):
-                await self._publish_record(rollout)
+                await self._publish_record(rollout, records.get(rollout))
         for index, action in enumerate(actions, 1):
             try:
                 await self._carry_out(action)
@@ -569,11 +643,14 @@ class RolloutManager:
         self._dirty.clear()
         published = 0
         for rollout in dirty:
-            self._store.put("rollouts", rollout, self._engine.record(rollout))
-            summary = self._engine.summary(rollout)
-            self._published_states[rollout] = summary.state
-            await self._publish_record(rollout)
-            payload = encode(summary)
+            record = self._engine.record(rollout)
+            self._store.put("rollouts", rollout, record)
+            head, rows = self._engine.summary_rows(rollout)
+            self._published_states[rollout] = head.state
+            await self._publish_record(rollout, record)
+            # Per-node changes first, then the summary that counts them (one connection, in order).
+            published += await self._publish_changes(rollout, rows)
+            payload = encode(bounded_summary(head, rows, self._summary_nodes))
             try:
                 await self._publish(self._topics.rollout(rollout), payload, qos=1, retain=True)
             except BusError as exc:
@@ -583,14 +660,36 @@ class RolloutManager:
             await self._retire()
         return published
 
-    async def _publish_record(self, rollout: str) -> None:
+    async def _publish_changes(self, rollout: str, rows: dict[str, Row]) -> int:
+        """The nodes whose row changed since the last round, on ``rollout/{id}/nodes``; the bytes sent."""
+        before = self._published_rows.get(rollout, {})
+        changed = {name: row for name, row in rows.items() if before.get(name) != row}
+        self._published_rows[rollout] = rows
+        if not changed:
+            return 0
+        seq = self._changes_seq.get(rollout, 0) + 1
+        payloads = changes_payloads(rollout, seq, self._clock(), changed)
+        self._changes_seq[rollout] = seq + len(payloads) - 1
+        topic = self._topics.rollout_nodes(rollout)
+        for payload in payloads:
+            try:
+                await self._publish(topic, payload, qos=1)
+            except BusError as exc:
+                _LOGGER.warning("node changes of %s not published: %s", rollout, exc.reason)
+        return sum(len(p) for p in payloads)
+
+    async def _publish_record(self, rollout: str, record: dict[str, Any] | None = None) -> None:
         """The rollout's full record and audit tail, retained (with a term only: standbys read it)."""
-        if not self._term or not self._engine.has(rollout):
-            return
+        if not self._term or not self._engine.has(rollout) or rollout in self._oversized:
+            return  # (an oversized record stays so: its nodes do not change, and it was said)
         audit = [e for e in self._store.all("audit") if e.get("rollout") == rollout]
-        payload = encode_record(self._engine.record(rollout), audit)
+        payload = encode_record(self._engine.record(rollout) if record is None else record, audit)
         if payload is None:
-            _LOGGER.warning("record of %s exceeds the payload limit: a standby cannot carry it on", rollout)
+            if rollout not in self._oversized:  # once per rollout, not once per summary round
+                self._oversized.add(rollout)
+                _LOGGER.warning(
+                    "record of %s exceeds the payload limit: a standby cannot carry it on", rollout
+                )
             return
         try:
             await self._publish(self._topics.rollout_record(rollout), payload, qos=1, retain=True)
@@ -624,6 +723,8 @@ class RolloutManager:
             for key, _ in audit:
                 self._store.delete("audit", key)
             self._published_states.pop(rollout, None)
+            self._published_rows.pop(rollout, None)
+            self._changes_seq.pop(rollout, None)
             self._dirty.pop(rollout, None)
             try:  # nothing stale on the broker either: UIs list what is retained
                 await self._publish(self._topics.rollout(rollout), b"", qos=1, retain=True)
@@ -657,12 +758,17 @@ class RolloutManager:
 
     async def _timer_loop(self) -> None:
         """Feed the engine a Tick at each deadline it reports."""
+        recheck = _RECHECK_S
         while self._running:
             self._wake.clear()
+            started = time.monotonic()
             deadline = self._engine.next_deadline()
+            # A look scans every open node: at 10,000 nodes, look less often, so that
+            # looking takes at most _SCAN_SHARE of the time (deadlines are seconds apart).
+            recheck = max(_RECHECK_S, (time.monotonic() - started) / _SCAN_SHARE)
             if deadline is None:
                 await self._wake.wait()
-                await asyncio.sleep(_RECHECK_S)
+                await asyncio.sleep(recheck)
                 continue
             delay = deadline - self._clock()
             if delay > 0:
@@ -670,7 +776,7 @@ class RolloutManager:
                     await asyncio.wait_for(self._wake.wait(), min(delay, _MAX_SLEEP_S))
                 except asyncio.TimeoutError:
                     continue  # the nap is over: look again
-                await asyncio.sleep(min(delay, _RECHECK_S))  # woken by events: look again soon
+                await asyncio.sleep(min(delay, recheck))  # woken by events: look again soon
                 continue
             try:
                 await self._run(Tick())

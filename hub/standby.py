@@ -155,9 +155,13 @@ def encode_record(record: dict[str, Any], audit: list[dict[str, Any]]) -> bytes 
 
     The audit tail shrinks until it fits; None when the record alone does not fit.
     """
+    # The record is encoded once (at 10,000 nodes it is megabytes): only the tail shrinks.
+    head = b'{"v":1,"record":' + json.dumps(record, separators=(",", ":")).encode("utf-8") + b',"audit":'
+    if len(head) + 3 > MAX_PAYLOAD_BYTES:
+        return None
     tail = audit[-RECORD_AUDIT:]
     while True:
-        data = json.dumps({"v": 1, "record": record, "audit": tail}, separators=(",", ":")).encode("utf-8")
+        data = head + json.dumps(tail, separators=(",", ":")).encode("utf-8") + b"}"
         if len(data) <= MAX_PAYLOAD_BYTES:
             return data
         if not tail:

@@ -32,6 +32,7 @@ from bus.messages import (
     Reply,
     Request,
     RequestOp,
+    RolloutNodes,
     RolloutSummary,
     StepStatus,
     decode,
@@ -90,6 +91,10 @@ def parse_message(topics: Topics, topic: str, payload: bytes) -> BusUpdate | Non
                 _LOGGER.debug("dropped %s: names node %s", topic, update.node)
                 return None
             return update
+        rollout = topics.parse_rollout_nodes(topic)
+        if rollout is not None:
+            changes = decode(RolloutNodes, payload)
+            return changes if changes.rollout == rollout else None
         rollout = topics.parse_rollout(topic)
         if rollout is not None:
             if not payload:
@@ -252,6 +257,7 @@ class MqttFeed(Feed):
         for channel, qos in _NODE_QOS:
             await client.subscribe(topics.node_filter(channel), qos=qos)
         await client.subscribe(topics.rollout_filter, qos=1)
+        await client.subscribe(topics.rollout_nodes_filter, qos=1)
         await client.subscribe(topics.hub_state, qos=1)
         await client.subscribe(topics.events, qos=0)
         try:

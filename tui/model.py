@@ -26,6 +26,8 @@ from bus.messages import (
     JobSnapshot,
     LogLine,
     NodeState,
+    NodeSummary,
+    RolloutNodes,
     RolloutSummary,
     StepStatus,
 )
@@ -79,7 +81,16 @@ class Cleared:
 
 
 BusUpdate: TypeAlias = (
-    NodeState | Heartbeat | StepStatus | JobSnapshot | LogLine | HubState | RolloutSummary | Event | Cleared
+    NodeState
+    | Heartbeat
+    | StepStatus
+    | JobSnapshot
+    | LogLine
+    | HubState
+    | RolloutSummary
+    | RolloutNodes
+    | Event
+    | Cleared
 )
 
 
@@ -201,6 +212,8 @@ class RolloutView:
     steps: dict[str, dict[int, StepCell]] = field(default_factory=dict)
     step_types: dict[int, str] = field(default_factory=dict)
     audit: list[AuditEntry] | None = None
+    #: per-node changes (``RolloutNodes``) heard before any summary
+    early_nodes: dict[str, NodeSummary] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -379,9 +392,9 @@ class FleetModel:
         if isinstance(update, LogLine):
             return self._log_line(update)
         if isinstance(update, RolloutSummary):
-            view = self._rollout(update.id)
-            view.summary = update
-            return Changes(rollouts={update.id})
+            return self._rollout_summary(update)
+        if isinstance(update, RolloutNodes):
+            return self._rollout_nodes(update)
         if isinstance(update, HubState):
             self.hub = update
             return Changes(hub=True)
@@ -389,6 +402,25 @@ class FleetModel:
             self.events.append(update)
             return Changes(events=[update])
         return self._cleared(update)
+
+    def _rollout_summary(self, update: RolloutSummary) -> Changes:
+        """A summary; a bounded one (``nodes_total``) adds its nodes to the table known so far."""
+        view = self._rollout(update.id)
+        if update.nodes_total is not None:
+            known = view.summary.nodes if view.summary is not None else view.early_nodes
+            update = update.model_copy(update={"nodes": {**known, **update.nodes}})
+        view.summary = update
+        view.early_nodes = {}
+        return Changes(rollouts={update.id})
+
+    def _rollout_nodes(self, update: RolloutNodes) -> Changes:
+        """Per-node changes of a rollout: folded into its node table."""
+        view = self._rollout(update.rollout)
+        if view.summary is None:
+            view.early_nodes.update(update.nodes)
+            return Changes()
+        view.summary = view.summary.model_copy(update={"nodes": {**view.summary.nodes, **update.nodes}})
+        return Changes(rollouts={update.rollout})
 
     def _node(self, node: str, changes: Changes) -> NodeView:
         view = self.nodes.get(node)

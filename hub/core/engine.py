@@ -349,6 +349,39 @@ class RolloutEngine:
             }
         )
 
+    def summary_rows(
+        self, rollout: str
+    ) -> tuple[RolloutSummary, dict[str, tuple[NodePhase, int | None, str, bool]]]:
+        """The summary with an empty ``nodes``, and every node's ``(phase, step, detail, failed)``.
+
+        One pass; ``failed``: the node failed or could not be restored. What the hub
+        publishes bounded (a part of the nodes, and per-node changes); NotFound if unknown.
+        """
+        r = self._get(rollout)
+        counts = dict.fromkeys(RolloutCounts.model_fields, 0)
+        final = r.is_final
+        rows: dict[str, tuple[NodePhase, int | None, str, bool]] = {}
+        for node in r.nodes.values():
+            phase = _shown_phase(node, final)
+            keys = _counted_as(node, phase)
+            for key in keys:
+                counts[key] += 1
+            rows[node.name] = (phase, node.step, node.detail, "failed" in keys or "rollback_failed" in keys)
+        head = RolloutSummary.model_validate(
+            {
+                "id": r.id,
+                "name": r.spec.name,
+                "state": r.state,
+                "created_at": r.created_at,
+                "updated_at": r.updated_at,
+                "counts": RolloutCounts(**counts),
+                "wave": min(r.wave + 1, len(r.waves)),
+                "waves": len(r.waves),
+                "detail": r.detail,
+            }
+        )
+        return head, rows
+
     def steps(self, rollout: str, limit: int = 5000) -> dict[str, list[dict[str, Any]]]:
         """Every node's step grid (state and failure reason per plan step), as the ``show`` reply's ``steps``.
 

@@ -205,8 +205,9 @@ class Registry:
     def expire(self, now: float) -> list[Transition]:
         """Mark offline every online node silent for too long; return those transitions."""
         gone: list[Transition] = []
-        for name, info in self._nodes.items():
-            if info.online and now - info.last_seen > self.deadline_s(info):
+        misses, grace, default = self.misses, self.grace_s, self.default_heartbeat_s
+        for name, info in self._nodes.items():  # deadline_s, inlined: 10,000 nodes twice a second
+            if info.online and now - info.last_seen > misses * (info.heartbeat_s or default) + grace:
                 gone.append(Transition(name, False, "missed heartbeats"))
         for transition in gone:
             info = self._nodes[transition.node]

@@ -127,3 +127,26 @@ def test_rollback_latency_smoke() -> None:
     assert run["nodes_reporting_rolled_back"] == 5
     assert run["counts"]["rolled_back"] == 5
     assert 0 < result["seconds"] <= result["total_seconds"]
+
+
+def test_ten_thousand_smoke() -> None:
+    result = run_bench(
+        "ten_thousand.py",
+        *("--nodes", "6", "--simulators", "2", "--seconds", "2", "--heartbeat-s", "1"),
+        *("--kills", "1", "--freezes", "0"),
+        timeout=200,
+    )
+    assert result["bench"] == "ten_thousand"
+    assert result["ingest"]["online"] == 6
+    rollout = result["rollout"]
+    assert rollout["state"] == "succeeded"
+    assert rollout["counts"]["succeeded"] == 6
+    assert rollout["summary_publishes"] >= 1
+    assert rollout["change_messages"] >= 1  # per-node changes on rollout/{id}/nodes
+    assert rollout["summary_nodes_total"] is None  # six nodes: the summary names them all
+    surfaces = result["surfaces"]
+    assert surfaces["fleet_nodes_summary"]["total"] == 6
+    assert surfaces["fleet_nodes_filter_rows"] == 3  # sim-a-*: the first simulator's half
+    assert surfaces["http_nodes"]["all"]["bytes"] > 0
+    assert result["dead_node"]["kills"] == 1
+    assert result["hub_rss_mib"] > 0

@@ -307,6 +307,42 @@ def test_auth_health_docs_and_openapi(fleet: Fleet) -> None:
         assert http.get("/api/rollouts").json() == []  # nothing was started by the refused calls
 
 
+def test_nodes_pages_filters_and_total(http: httpx.Client) -> None:
+    everyone = http.get("/api/nodes")
+    assert everyone.status_code == 200
+    names = [n["node"] for n in everyone.json()]
+    assert names == sorted([*LIVE, GONE, DOUBTER])  # no parameters: every node, as before paging
+    assert everyone.headers["x-total-count"] == "5"
+    assert "link" not in everyone.headers
+    pages: list[str] = []
+    url: str | None = "/api/nodes?limit=2"
+    while url is not None:
+        page = http.get(url)
+        assert page.status_code == 200, page.text
+        assert page.headers["x-total-count"] == "5"
+        assert len(page.json()) <= 2
+        pages += [n["node"] for n in page.json()]
+        link = page.headers.get("link")
+        url = link[link.index("<") + 1 : link.index(">")] if link else None
+    assert pages == names
+    assert [n["node"] for n in http.get("/api/nodes", params={"node": "web-*"}).json()] == LIVE
+    offline = http.get("/api/nodes", params={"state": "offline"})
+    assert [n["node"] for n in offline.json()] == [GONE]
+    assert offline.headers["x-total-count"] == "1"
+    live = http.get("/api/nodes", params={"label": "group=live", "limit": 1, "offset": 1})
+    assert [n["node"] for n in live.json()] == [LIVE[1]]
+    assert live.headers["x-total-count"] == "3"
+    assert http.get("/api/nodes", params={"version": "no-such-software"}).json() == []
+    for bad in ({"limit": 0}, {"offset": -1}, {"state": "asleep"}, {"label": "novalue"}):
+        response = http.get("/api/nodes", params=bad)
+        assert response.status_code == 422, (bad, response.text)
+    schema = http.get("/openapi.json").json()["paths"]["/api/nodes"]["get"]
+    assert {"limit", "offset", "state", "node", "label", "version"} <= {
+        p["name"] for p in schema["parameters"]
+    }
+    assert "X-Total-Count" in schema["responses"]["200"]["headers"]
+
+
 def test_bad_input_status_codes(http: httpx.Client) -> None:
     response = http.post(
         "/api/updates", content=b'{"name": "x",', headers={"Content-Type": "application/json"}

@@ -277,6 +277,51 @@ async def test_fleet_nodes_json_and_table(hub: HubService, broker: RunningBroker
         assert lines[-2] == f"hub: {hub.hub_id} active (term {hub.term})"  # DESIGN 3.9
 
 
+async def test_fleet_nodes_filters_and_summary(
+    hub: HubService, broker: RunningBroker, topics: Topics
+) -> None:
+    async with (
+        FakeAgent(
+            broker, topics, "web-1", labels={"role": "web"}, inventory=Inventory(services={"app": "2.0"})
+        ),
+        FakeAgent(
+            broker, topics, "web-2", labels={"role": "web"}, inventory=Inventory(services={"app": "1.0"})
+        ),
+        FakeAgent(
+            broker, topics, "db-1", labels={"role": "db"}, inventory=Inventory(services={"app": "2.0"})
+        ) as db,
+    ):
+        await until(lambda: len(hub.registry.online()) == 3, "three nodes")
+        await db.publish_state("offline", "shutdown")
+        await until(lambda: not hub.registry.is_online("db-1"), "db-1 offline")
+        where = target(broker, topics)
+
+        async def names(*flags: str) -> list[str]:
+            code, out, err = await fleet("nodes", *where, "--json", *flags)
+            assert code == 0, err
+            return [n["node"] for n in json.loads(out)]
+
+        assert await names("--node", "web-*") == ["web-1", "web-2"]
+        assert await names("--label", "role=db") == ["db-1"]
+        assert await names("--state", "online", "--version", "app=2.0") == ["web-1"]
+        assert await names("--node", "nothing-*") == []
+        code, out, err = await fleet("nodes", *where, "--summary", "--json")
+        assert code == 0, err
+        assert json.loads(out) == {
+            "total": 3,
+            "by_state": {"online": 2, "offline": 1},
+            "by_version": {"app": {"2.0": 2, "1.0": 1}, "fleet-agent": {"test": 3}},
+        }
+        code, out, err = await fleet("nodes", *where, "--summary", "--label", "role=web")
+        assert code == 0, err
+        assert out.splitlines()[0] == "2 nodes: 2 online, 0 offline"
+        assert "app" in out.splitlines()[1]
+        assert "DRIFT" in out.splitlines()[1]
+        code, out, err = await fleet("nodes", *where, "--label", "novalue")
+        assert code == 2
+        assert "--label needs NAME=VALUE" in err
+
+
 async def test_fleet_nodes_without_a_hub_fails_in_one_line(broker: RunningBroker, topics: Topics) -> None:
     code, out, err = await fleet("nodes", *target(broker, topics), "--request-timeout", "1")
     assert code == 1

@@ -28,6 +28,7 @@ from bus.messages import (
     Event,
     JobSnapshot,
     NodeState,
+    RolloutNodes,
     RolloutSummary,
     StepState,
     StepStatus,
@@ -40,7 +41,7 @@ from bus.signing import public_key_of, verify_fields
 from bus.topics import Topics
 from hub.core.registry import Registry
 from hub.retention import Archive, archive_path
-from hub.rollouts import RolloutManager
+from hub.rollouts import SUMMARY_NODES, RolloutManager
 from hub.store import Store
 from tests.conftest import RunningBroker
 
@@ -212,6 +213,7 @@ class Hub:
         key: Ed25519PrivateKey,
         *,
         keep_rollouts: int | None = None,
+        summary_nodes: int = SUMMARY_NODES,
     ) -> None:
         self.topics = topics
         self.store = Store(db, commit_interval_s=0.02)
@@ -227,8 +229,10 @@ class Hub:
             summary_interval_s=0.05,
             keep_rollouts=keep_rollouts,
             archive=self.archive if keep_rollouts is not None else None,
+            summary_nodes=summary_nodes,
         )
         self.summaries: dict[str, RolloutSummary] = {}
+        self.changes: list[RolloutNodes] = []
         self.events: list[Event] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -243,6 +247,7 @@ class Hub:
         for channel in ("status", "job"):
             await self.client.subscribe(self.topics.node_filter(channel))
         await self.client.subscribe(self.topics.rollout_filter)
+        await self.client.subscribe(self.topics.rollout_nodes_filter)
         await self.client.subscribe(self.topics.events)
         await self.manager.start()
         self._task = asyncio.create_task(self._pump())
@@ -262,6 +267,8 @@ class Hub:
             rollout = self.topics.parse_rollout(message.topic)
             if rollout is not None and message.payload:
                 self.summaries[rollout] = decode(RolloutSummary, message.payload)
+            elif self.topics.parse_rollout_nodes(message.topic) is not None:
+                self.changes.append(decode(RolloutNodes, message.payload))
             elif message.topic == self.topics.events:
                 self.events.append(decode(Event, message.payload))
             elif (parsed := self.topics.parse_node(message.topic)) is not None and message.payload:
@@ -360,6 +367,56 @@ async def test_a_failing_node_rolls_the_others_back(
             await hub.manager.request("abort", {"rollout": rid})
         with pytest.raises(Conflict):
             await hub.manager.request("rollback", {"rollout": rid})
+
+
+async def test_a_big_rollout_has_a_bounded_summary_and_per_node_changes(
+    broker: RunningBroker, topics: Topics, tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    nodes = ["n1", "n2", "n3", "n4", "n5"]
+    async with (
+        Hub(broker, topics, tmp_path / "hub.json", key, summary_nodes=2) as hub,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        for n in nodes:
+            await stack.enter_async_context(
+                FakeAgent(broker, topics, n, key, fail_step=1 if n == "n4" else None)
+            )
+        hub.online(*nodes)
+        rid = await hub.create(nodes, strategy={"waves": [2]})
+        await until(lambda: hub.state(rid) == "rolled_back", "the rollout to roll back")
+        await until(
+            lambda: rid in hub.summaries and hub.summaries[rid].state == "rolled_back", "the final summary"
+        )
+        final = hub.summaries[rid]
+        # The retained summary: every count, two nodes, the failed one first, and how many there are.
+        assert final.nodes_total == 5
+        assert len(final.nodes) == 2
+        assert "n4" in final.nodes
+        assert final.counts.failed == 1
+        full = hub.manager.summary(rid)  # show and GET /api/rollouts/{id}: every node
+        assert sorted(full.nodes) == nodes
+        assert full.nodes_total is None
+        listed = await hub.manager.request("list", {})
+        assert listed[0]["nodes_total"] == 5
+        assert len(listed[0]["nodes"]) == 2
+        # The changes, folded in order, give every node's final row; seq has no gap.
+        await until(
+            lambda: {n for c in hub.changes if c.rollout == rid for n in c.nodes} == set(nodes), "every node"
+        )
+        changes = [c for c in hub.changes if c.rollout == rid]
+        assert [c.seq for c in changes] == list(range(1, len(changes) + 1))
+        table: dict[str, Any] = {}
+        for change in changes:
+            table.update(change.nodes)
+        assert {n: row.model_dump() for n, row in table.items()} == {
+            n: row.model_dump() for n, row in full.nodes.items()
+        }
+        # Only what changed: no message repeats a node's row unchanged.
+        seen: dict[str, Any] = {}
+        for change in changes:
+            for node, row in change.nodes.items():
+                assert seen.get(node) != row, (node, row)
+                seen[node] = row
 
 
 async def test_the_step_grid_of_a_finished_rollout_is_the_same_after_a_hub_restart(

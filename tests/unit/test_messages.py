@@ -37,6 +37,7 @@ from bus.messages import (
     Request,
     RestoreCheck,
     RolloutCounts,
+    RolloutNodes,
     RolloutSpec,
     RolloutSummary,
     ScriptStep,
@@ -181,6 +182,16 @@ EXAMPLES: list[BaseModel] = [
         waves=2,
         detail="n1 failed",
     ),
+    RolloutSummary(
+        id="r-2",
+        name="big",
+        state="running",
+        created_at=1.0,
+        updated_at=2.0,
+        nodes={"n1": NodeSummary(phase="failed", step=0, detail="exit 1")},
+        nodes_total=10_000,
+    ),
+    RolloutNodes(rollout="r-2", seq=3, ts=2.0, nodes={"n2": NodeSummary(phase="succeeded", step=1)}),
     Event(ts=1.0, kind="rollout.failed", message="n1 failed step 2", rollout="r-1", node="n1"),
 ]
 

@@ -195,7 +195,7 @@ async def test_show_list_nodes_and_operations(client: httpx.AsyncClient, hub: Fa
     assert hub.calls == [
         ("show", {"rollout": "r1"}),
         ("list", {}),
-        ("nodes", {}),
+        ("nodes", {"offset": 0, "total": True}),  # every node, and how many
         ("abort", {"rollout": "r1"}),
         ("rollback", {"rollout": "r1"}),
         ("pause", {"rollout": "r1"}),

@@ -15,10 +15,12 @@ from bus.messages import (
     NodeState,
     Reply,
     Request,
+    RolloutNodes,
     RolloutSummary,
     encode,
 )
 from bus.topics import Topics
+from hub.rollouts import changes_payloads
 from tui.feed import ListFeed, parse_message, pump
 from tui.messages import FeedBatch, FeedStatus
 from tui.model import Cleared
@@ -35,6 +37,22 @@ def test_parse_every_topic_the_tui_reads() -> None:
     assert parse_message(T, T.node("n1", "log"), encode(line)) == line
     summary = RolloutSummary(id="r1", name="x", state="running", created_at=1, updated_at=1)
     assert parse_message(T, T.rollout("r1"), encode(summary)) == summary
+    (changes,) = changes_payloads(
+        "r1", 7, 1.0, {"n1": ("failed", 1, "exit 1", True), "n2": ("pending", None, "", False)}
+    )
+    parsed = parse_message(T, T.rollout_nodes("r1"), changes)
+    assert isinstance(parsed, RolloutNodes)
+    assert parsed.model_dump() == {
+        "v": 1,
+        "rollout": "r1",
+        "seq": 7,
+        "ts": 1.0,
+        "nodes": {
+            "n1": {"phase": "failed", "step": 1, "detail": "exit 1"},
+            "n2": {"phase": "pending", "step": None, "detail": ""},
+        },
+    }
+    assert parse_message(T, T.rollout_nodes("r2"), changes) is None  # names another rollout
     hub = HubState(state="online", session="h")
     assert parse_message(T, T.hub_state, encode(hub)) == hub
     event = Event(ts=1.0, kind="k", message="m")

@@ -11,6 +11,7 @@ from bus.messages import (
     NodeState,
     NodeSummary,
     RolloutCounts,
+    RolloutNodes,
     RolloutSummary,
     StepState,
     StepStatus,
@@ -139,6 +140,46 @@ def test_step_reports_and_snapshots_fill_the_rollout_grid_without_going_backward
     assert rollout.cell("n1", 1).detail == "exit 1"
     assert list(model.nodes["n1"].jobs) == ["c1", "c2"]
     assert rollout.node_ids == ["n1"]
+
+
+def test_per_node_changes_and_bounded_summaries_make_one_node_table() -> None:
+    model = FleetModel()
+    early = RolloutNodes(
+        rollout="r1", seq=1, ts=NOW, nodes={n: NodeSummary(phase="pending") for n in ("a", "b", "c")}
+    )
+    assert model.apply(early, NOW).rollouts == set()  # nothing to show before the summary
+    bounded = RolloutSummary(
+        id="r1",
+        name="big",
+        state="running",
+        created_at=1,
+        updated_at=2,
+        counts=RolloutCounts(pending=2, running=1),
+        nodes={"b": NodeSummary(phase="applying", step=0)},
+        nodes_total=3,
+    )
+    assert model.apply(bounded, NOW).rollouts == {"r1"}
+    view = model.rollouts["r1"]
+    assert view.node_ids == ["a", "b", "c"]
+    assert view.summary is not None
+    assert view.summary.nodes["b"].phase == "applying"
+    changed = RolloutNodes(
+        rollout="r1",
+        seq=2,
+        ts=NOW,
+        nodes={
+            "a": NodeSummary(phase="succeeded", step=1),
+            "c": NodeSummary(phase="failed", detail="exit 1"),
+        },
+    )
+    assert model.apply(changed, NOW).rollouts == {"r1"}
+    assert view.progress() == (2, 3)
+    assert view.node_line("c") == "c: failed: exit 1"
+    # The next bounded summary keeps the rows it does not carry; a complete one replaces them.
+    model.apply(bounded.model_copy(update={"nodes": {}, "state": "halted"}), NOW)
+    assert view.summary.nodes["a"].phase == "succeeded"
+    model.apply(bounded.model_copy(update={"nodes_total": None}), NOW)
+    assert view.node_ids == ["b"]
 
 
 def test_summary_progress_and_list_order() -> None:

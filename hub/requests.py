@@ -59,10 +59,16 @@ class PlanRollout:
 
 @dataclass(frozen=True)
 class RolloutOperation:
-    """``op`` on the rollout named by ``rollout`` (an id or a unique prefix of one)."""
+    """``op`` on the rollout named by ``rollout`` (an id or a unique prefix of one).
+
+    ``show`` may ask for one page of the rollout's nodes (sorted by id): ``offset``
+    and ``limit`` (a big rollout's whole reply exceeds the payload limit over MQTT).
+    """
 
     op: OperationName
     rollout: str
+    offset: int = 0
+    limit: int | None = None
 
 
 @dataclass(frozen=True)
@@ -100,7 +106,14 @@ def rollout_request(op: str, body: Any) -> RolloutRequest:
     rollout = body.get("rollout") if isinstance(body, Mapping) else None
     if not isinstance(rollout, str) or not rollout:
         raise InvalidInput("rollout: a rollout id is required")
-    return RolloutOperation(name, rollout)
+    if name != "show" or not ({"offset", "limit"} & set(body)):
+        return RolloutOperation(name, rollout)
+    offset, limit = body.get("offset", 0), body.get("limit")
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        raise InvalidInput("offset must be a non-negative integer")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise InvalidInput("limit must be a positive integer")
+    return RolloutOperation(name, rollout, offset, limit)
 
 
 def plan_request(body: Any) -> PlanRollout:

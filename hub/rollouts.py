@@ -413,23 +413,52 @@ class RolloutManager:
                 return await self._planner.plan(request)
             case ListRollouts():
                 return [summary.model_dump(mode="json") for summary in self.summaries()]
+            case RolloutOperation(op="show", rollout=given, offset=offset, limit=limit):
+                return await self._show(given, offset, limit)
             case RolloutOperation(op=op, rollout=given):
                 return await self._operate(op, given)
 
-    async def _operate(self, op: str, given: str) -> dict[str, Any]:
+    async def _show(self, given: str, offset: int = 0, limit: int | None = None) -> dict[str, Any]:
+        """One rollout: its summary, plan, step grid and latest audit; or one page of its nodes.
+
+        With ``offset``/``limit`` the nodes (sorted by id) and their step grids are that
+        page's, with ``nodes_total`` and ``offset``; the audit comes with the first page.
+        """
+        rollout = await self._resolved(given)
+        summary = self.summary(rollout)
+        if offset == 0 and limit is None:
+            return {
+                **summary.model_dump(mode="json"),
+                "plan": self._engine.plan(rollout),
+                "steps": self._engine.steps(rollout),
+                "audit": self.audit(rollout)[-_SHOWN_AUDIT:],
+            }
+        names = sorted(summary.nodes)
+        page = names[offset : None if limit is None else offset + limit]
+        grids = self._engine.steps(rollout, limit=len(names) * len(self._engine.plan(rollout)) + 1)
+        head = summary.model_copy(update={"nodes": {n: summary.nodes[n] for n in page}})
+        return {
+            **head.model_dump(mode="json"),
+            "nodes_total": len(names),
+            "offset": offset,
+            "plan": self._engine.plan(rollout),
+            "steps": {n: grids[n] for n in page if n in grids},
+            "audit": self.audit(rollout)[-_SHOWN_AUDIT:] if offset == 0 else [],
+        }
+
+    async def _resolved(self, given: str) -> str:
+        """The rollout ``given`` names (an id or a unique prefix); NotFound saying where it went."""
         if not self._engine.has(given) and self._archive is not None and await self._archive.holds(given):
             raise NotFound(
                 f"rollout {given[:80]} is archived in {self._archive.path} "
                 f"(the hub keeps the newest {self._keep} finished rollouts)"
             )
-        rollout = self._engine.resolve(given)  # a unique prefix names its rollout (issue 20.5)
+        return self._engine.resolve(given)  # a unique prefix names its rollout (issue 20.5)
+
+    async def _operate(self, op: str, given: str) -> dict[str, Any]:
         if op == "show":
-            return {
-                **self.summary(rollout).model_dump(mode="json"),
-                "plan": self._engine.plan(rollout),
-                "steps": self._engine.steps(rollout),
-                "audit": self.audit(rollout)[-_SHOWN_AUDIT:],
-            }
+            return await self._show(given)
+        rollout = await self._resolved(given)
         await self._run(_REQUESTS[op](rollout))
         return {"rollout": rollout, "state": self._engine.state(rollout)}
 

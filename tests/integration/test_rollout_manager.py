@@ -419,6 +419,57 @@ async def test_a_big_rollout_has_a_bounded_summary_and_per_node_changes(
                 seen[node] = row
 
 
+async def test_show_gives_a_big_rollout_page_by_page_and_the_cli_merges_the_pages(
+    broker: RunningBroker, topics: Topics, tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    """A 10,000-node ``show`` exceeds the MQTT payload limit: pages of nodes, merged by the CLI."""
+    from bus.messages import Reply
+    from cli.rollout import fetch_show
+
+    nodes = ["n1", "n2", "n3", "n4", "n5"]
+    async with (
+        Hub(broker, topics, tmp_path / "hub.json", key) as hub,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        for n in nodes:
+            await stack.enter_async_context(
+                FakeAgent(broker, topics, n, key, fail_step=1 if n == "n4" else None)
+            )
+        hub.online(*nodes)
+        rid = await hub.create(nodes, strategy={"waves": [2]})
+        await until(lambda: hub.state(rid) == "rolled_back", "the rollout to roll back")
+        whole = await hub.manager.request("show", {"rollout": rid})
+        page = await hub.manager.request("show", {"rollout": rid[:8], "offset": 1, "limit": 2})
+        assert sorted(page["nodes"]) == ["n2", "n3"]
+        assert sorted(page["steps"]) == ["n2", "n3"]
+        assert page["steps"]["n2"] == whole["steps"]["n2"]
+        assert (page["nodes_total"], page["offset"], page["audit"]) == (5, 1, [])
+        assert page["counts"] == whole["counts"]  # the counts are the whole rollout's
+        for bad in ({"offset": -1}, {"limit": 0}, {"offset": "1"}, {"limit": True}):
+            with pytest.raises(InvalidInput):
+                await hub.manager.request("show", {"rollout": rid, **bad})
+
+        class TooBig:
+            """A session whose hub finds the whole reply too large (as at 10,000 nodes)."""
+
+            def __init__(self) -> None:
+                self.calls: list[dict[str, Any]] = []
+
+            async def call(self, op: str, body: dict[str, Any]) -> Reply:
+                self.calls.append(body)
+                if "limit" not in body:
+                    return Reply(request="r", ok=False, body={"kind": "too_large"}, error="too large")
+                if body["limit"] > 2:  # a page too big as well: asked again smaller
+                    return Reply(request="r", ok=False, body={"kind": "too_large"}, error="too large")
+                return Reply(request="r", ok=True, body=await hub.manager.request(op, body))
+
+        session = TooBig()
+        merged = await fetch_show(session, rid, page=8)
+        assert merged.ok
+        assert merged.body == whole
+        assert [c.get("limit") for c in session.calls] == [None, 8, 2, 2, 2]  # 5 nodes, pages of 2
+
+
 async def test_the_step_grid_of_a_finished_rollout_is_the_same_after_a_hub_restart(
     broker: RunningBroker, topics: Topics, tmp_path: Path, key: Ed25519PrivateKey
 ) -> None:

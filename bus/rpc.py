@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from bus.errors import BusError, InvalidInput
@@ -20,7 +21,7 @@ from bus.messages import HubState, Reply, Request, RequestOp, decode, encode, ne
 from bus.mqtt import MqttClient
 from bus.topics import Topics
 
-__all__ = ["HubClient"]
+__all__ = ["SHOW_PAGE", "HubClient", "fetch_show"]
 
 #: How long a call waits for an offline hub's state to turn online before it fails
 #: (with a standby hub known: as long as the call's timeout, for the takeover).
@@ -195,6 +196,45 @@ class HubClient:
             reason = self.offline_reason()
         if reason is not None:
             raise BusError(reason)
+
+
+#: Nodes per page of a ``show`` too big for one reply (10,000 nodes: about 2 MB in all).
+SHOW_PAGE = 1000
+
+
+async def fetch_show(call: Callable[..., Awaitable[Reply]], rollout: str, page: int = SHOW_PAGE) -> Reply:
+    """The ``show`` reply of ``rollout``; one too big for the payload limit is fetched page by page.
+
+    ``call(op, body)`` sends one request (``HubClient.call`` or a session's).
+
+    The pages (nodes sorted by id, each with its step grid) are merged into one reply
+    as an unpaged ``show`` would give it; a page the hub still finds too big is asked
+    again smaller.
+    """
+    reply: Reply = await call("show", {"rollout": rollout})
+    if reply.ok or not isinstance(reply.body, Mapping) or reply.body.get("kind") != "too_large":
+        return reply
+    merged: dict[str, Any] = {}
+    nodes: dict[str, Any] = {}
+    steps: dict[str, Any] = {}
+    offset, total = 0, None
+    while total is None or offset < total:
+        part: Reply = await call("show", {"rollout": rollout, "offset": offset, "limit": page})
+        body = part.body if isinstance(part.body, Mapping) else {}
+        if not part.ok:
+            if body.get("kind") == "too_large" and page > 1:
+                page = max(1, page // 4)
+                continue
+            return part
+        if not merged:
+            merged = dict(body)
+        total = int(body.get("nodes_total") or 0)
+        nodes.update(body.get("nodes") or {})
+        steps.update(body.get("steps") or {})
+        offset += page
+    merged.update(nodes=nodes, steps=steps, nodes_total=None)  # as an unpaged show: every node
+    merged.pop("offset", None)
+    return reply.model_copy(update={"ok": True, "body": merged, "error": None})
 
 
 def _clock(when: float) -> str:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from bus.display import printable
 from bus.errors import reply_exit_code
+from bus.rpc import fetch_show
 from cli.nodes import add_client_arguments, ago, client_config, hub_session
 from cli.options import env_default
 
@@ -268,47 +269,10 @@ async def _list(config: Any, *, as_json: bool) -> int:
     return 0
 
 
-#: Nodes per page of a ``show`` too big for one reply (10,000 nodes: about 2 MB in all).
-SHOW_PAGE = 1000
-
-
-async def fetch_show(session: Any, rollout: str, page: int = SHOW_PAGE) -> Reply:
-    """The ``show`` reply of ``rollout``; one too big for the payload limit is fetched page by page.
-
-    The pages (nodes sorted by id, each with its step grid) are merged into one reply
-    as an unpaged ``show`` would give it; a page the hub still finds too big is asked
-    again smaller.
-    """
-    reply: Reply = await session.call("show", {"rollout": rollout})
-    if reply.ok or not isinstance(reply.body, Mapping) or reply.body.get("kind") != "too_large":
-        return reply
-    merged: dict[str, Any] = {}
-    nodes: dict[str, Any] = {}
-    steps: dict[str, Any] = {}
-    offset, total = 0, None
-    while total is None or offset < total:
-        part: Reply = await session.call("show", {"rollout": rollout, "offset": offset, "limit": page})
-        body = part.body if isinstance(part.body, Mapping) else {}
-        if not part.ok:
-            if body.get("kind") == "too_large" and page > 1:
-                page = max(1, page // 4)
-                continue
-            return part
-        if not merged:
-            merged = dict(body)
-        total = int(body.get("nodes_total") or 0)
-        nodes.update(body.get("nodes") or {})
-        steps.update(body.get("steps") or {})
-        offset += page
-    merged.update(nodes=nodes, steps=steps, nodes_total=None)  # as an unpaged show: every node
-    merged.pop("offset", None)
-    return reply.model_copy(update={"ok": True, "body": merged, "error": None})
-
-
 async def _by_id(config: Any, op: str, rollout: str, *, as_json: bool) -> int:
     async with hub_session(config) as session:
         if op == "show":
-            reply = await fetch_show(session, rollout)
+            reply = await fetch_show(session.call, rollout)
         else:
             reply = await session.call(op, {"rollout": rollout})
     if not reply.ok:

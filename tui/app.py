@@ -16,6 +16,7 @@ from textual.screen import Screen
 from bus.errors import ConfigError, FleetError
 from bus.messages import Reply, RequestOp
 from bus.mqtt import redacted_urls
+from bus.rpc import fetch_show
 from tui.config import TuiConfig
 from tui.context import Clock, Context
 from tui.feed import Feed, pump
@@ -171,7 +172,13 @@ class FleetApp(App[None]):
     async def _call(self, op: RequestOp, body: dict[str, object]) -> None:
         reply: Reply | None = None
         try:
-            reply = await self.feed.call(op, body, timeout=self.config.request_timeout_s)
+            if op == "show":  # a rollout too big for one reply comes page by page
+                timeout = self.config.request_timeout_s
+                reply = await fetch_show(
+                    lambda o, b: self.feed.call(o, b, timeout=timeout), str(body.get("rollout"))
+                )
+            else:
+                reply = await self.feed.call(op, body, timeout=self.config.request_timeout_s)
         except FleetError as exc:
             self.notify(exc.reason, title=f"{op} failed", severity="error", timeout=10, markup=False)
         else:

@@ -424,7 +424,7 @@ async def test_show_gives_a_big_rollout_page_by_page_and_the_cli_merges_the_page
 ) -> None:
     """A 10,000-node ``show`` exceeds the MQTT payload limit: pages of nodes, merged by the CLI."""
     from bus.messages import Reply
-    from cli.rollout import fetch_show
+    from bus.rpc import fetch_show
 
     nodes = ["n1", "n2", "n3", "n4", "n5"]
     async with (
@@ -464,7 +464,7 @@ async def test_show_gives_a_big_rollout_page_by_page_and_the_cli_merges_the_page
                 return Reply(request="r", ok=True, body=await hub.manager.request(op, body))
 
         session = TooBig()
-        merged = await fetch_show(session, rid, page=8)
+        merged = await fetch_show(session.call, rid, page=8)
         assert merged.ok
         assert merged.body == whole
         assert [c.get("limit") for c in session.calls] == [None, 8, 2, 2, 2]  # 5 nodes, pages of 2

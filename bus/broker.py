@@ -400,6 +400,14 @@ class BrokerThread:
                 task.cancel()
             if rest:
                 await asyncio.wait(rest, timeout=5)
+            # amqtt leaves the sockets of sessions still open at shutdown (a client that
+            # never disconnected): closed here, on the loop, or they are only found by the
+            # garbage collector later, in another test's time, as "unclosed transport".
+            loop = asyncio.get_running_loop()
+            for transport in list(getattr(loop, "_transports", {}).values()):
+                if transport is not None and not transport.is_closing():
+                    transport.abort()
+            await asyncio.sleep(0)  # their connection_lost callbacks run
 
     def stop(self, timeout: float = 15.0) -> None:
         """Shut the broker down and end its thread."""

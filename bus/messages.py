@@ -116,12 +116,14 @@ def new_id() -> str:
     return str(uuid.uuid4())
 
 
+# NaN and infinities are refused in every message: JSON has no spelling for them (a
+# parsed NaN would be re-encoded as null, which no reader takes back).
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True, allow_inf_nan=False)
 
 
 class _Report(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True, defer_build=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, defer_build=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------- steps

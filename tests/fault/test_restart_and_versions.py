@@ -19,6 +19,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from bus.topics import Topics
@@ -58,28 +59,41 @@ async def _version_seen(observer: Observer, wanted: str) -> float:
     return found
 
 
-async def test_file_then_restart_rolls_back_to_the_old_file_and_versions_follow_each_job(
-    amqtt_broker: RunningBroker, topics: Topics, make_fleet: Any, slow_web: SlowWeb
-) -> None:
-    fleet: Fleet = make_fleet(amqtt_broker.url, topics)
+async def _app_node(
+    fleet: Fleet, slow_web: SlowWeb, server: str, *, dest: str
+) -> tuple[Path, int, Path, list[dict[str, Any]]]:
+    """Node ``NODE`` running ``app`` 1.0 (``server``); its config; a plan writing 2.0 into ``dest``.
+
+    The plan: download 2.0, write it to ``dest``, restart ``app``, check that 2.0
+    answers (its restore check: that 1.0 answers). Returns (state dir, port, config, plan).
+    """
     state = fleet.prepare_node(NODE)
     port = free_port()
-    (fleet.scripts / "server.py").write_text(SERVER)
-    (state / "version").write_text("1.0\n")
+    (fleet.scripts / "server.py").write_text(server)
+    for name in {"version", dest}:
+        (state / name).write_text("1.0\n")
     argv = [sys.executable, str(fleet.scripts / "server.py"), str(state), str(port)]
     config = fleet.root / "agent.toml"
     config.write_text(f'[agent.services.app]\ncommand = {json.dumps(argv)}\nversion_file = "version"\n')
     await system.start_service("app", argv=argv, cwd=state, env=dict(os.environ), state_dir=state)
     url, sha = slow_web.add("/app-2.0", b"2.0\n")
-    plan = [
+    plan: list[dict[str, Any]] = [
         {"type": "download", "url": url, "sha256": sha, "name": "app-2.0"},
-        {"type": "file", "src": "app-2.0", "dest": "version", "mode": "0644"},
+        {"type": "file", "src": "app-2.0", "dest": dest, "mode": "0644"},
         {"type": "service", "action": "restart", "name": "app"},
         {
             "type": "health", "check": "http", "target": f"http://127.0.0.1:{port}/", "expect": "2.0",
             "retries": 30, "interval_s": 0.1, "verify": {"expect": "version 1.0"},
         },
     ]  # fmt: skip
+    return state, port, config, plan
+
+
+async def test_file_then_restart_rolls_back_to_the_old_file_and_versions_follow_each_job(
+    amqtt_broker: RunningBroker, topics: Topics, make_fleet: Any, slow_web: SlowWeb
+) -> None:
+    fleet: Fleet = make_fleet(amqtt_broker.url, topics)
+    state, port, config, plan = await _app_node(fleet, slow_web, SERVER, dest="version")
     figures: list[float] = []
     try:
         async with observing(amqtt_broker.url, topics) as observer:
@@ -123,25 +137,8 @@ async def test_a_version_its_health_check_contradicts_is_named_until_a_check_bea
 ) -> None:
     """The service serves 2.0 while its version file still says 1.0: the node says both."""
     fleet: Fleet = make_fleet(amqtt_broker.url, topics)
-    state = fleet.prepare_node(NODE)
-    port = free_port()
-    (fleet.scripts / "server.py").write_text(STALE_SERVER)
-    (state / "version").write_text("1.0\n")  # what the node reports (never rewritten by the plan)
-    (state / "served").write_text("1.0\n")
-    argv = [sys.executable, str(fleet.scripts / "server.py"), str(state), str(port)]
-    config = fleet.root / "agent.toml"
-    config.write_text(f'[agent.services.app]\ncommand = {json.dumps(argv)}\nversion_file = "version"\n')
-    await system.start_service("app", argv=argv, cwd=state, env=dict(os.environ), state_dir=state)
-    url, sha = slow_web.add("/app-2.0", b"2.0\n")
-    plan = [
-        {"type": "download", "url": url, "sha256": sha, "name": "app-2.0"},
-        {"type": "file", "src": "app-2.0", "dest": "served", "mode": "0644"},
-        {"type": "service", "action": "restart", "name": "app"},
-        {
-            "type": "health", "check": "http", "target": f"http://127.0.0.1:{port}/", "expect": "2.0",
-            "retries": 30, "interval_s": 0.1, "verify": {"expect": "version 1.0"},
-        },
-    ]  # fmt: skip
+    # The version file (what the node reports) is never rewritten by this plan.
+    state, port, config, plan = await _app_node(fleet, slow_web, STALE_SERVER, dest="served")
 
     def health_saw(wanted: dict[str, str]) -> bool:
         node = observer.states.get(NODE)

@@ -369,6 +369,19 @@ async def test_a_failing_node_rolls_the_others_back(
             await hub.manager.request("rollback", {"rollout": rid})
 
 
+async def five_rolled_back(
+    hub: Hub, stack: contextlib.AsyncExitStack, broker: RunningBroker, topics: Topics, key: Ed25519PrivateKey
+) -> str:
+    """Agents n1-n5 (n4 fails its second step), a rollout in waves of 2, rolled back: its id."""
+    nodes = ["n1", "n2", "n3", "n4", "n5"]
+    for n in nodes:
+        await stack.enter_async_context(FakeAgent(broker, topics, n, key, fail_step=1 if n == "n4" else None))
+    hub.online(*nodes)
+    rid = await hub.create(nodes, strategy={"waves": [2]})
+    await until(lambda: hub.state(rid) == "rolled_back", "the rollout to roll back")
+    return rid
+
+
 async def test_a_big_rollout_has_a_bounded_summary_and_per_node_changes(
     broker: RunningBroker, topics: Topics, tmp_path: Path, key: Ed25519PrivateKey
 ) -> None:
@@ -377,13 +390,7 @@ async def test_a_big_rollout_has_a_bounded_summary_and_per_node_changes(
         Hub(broker, topics, tmp_path / "hub.json", key, summary_nodes=2) as hub,
         contextlib.AsyncExitStack() as stack,
     ):
-        for n in nodes:
-            await stack.enter_async_context(
-                FakeAgent(broker, topics, n, key, fail_step=1 if n == "n4" else None)
-            )
-        hub.online(*nodes)
-        rid = await hub.create(nodes, strategy={"waves": [2]})
-        await until(lambda: hub.state(rid) == "rolled_back", "the rollout to roll back")
+        rid = await five_rolled_back(hub, stack, broker, topics, key)
         await until(
             lambda: rid in hub.summaries and hub.summaries[rid].state == "rolled_back", "the final summary"
         )
@@ -426,18 +433,11 @@ async def test_show_gives_a_big_rollout_page_by_page_and_the_cli_merges_the_page
     from bus.messages import Reply
     from bus.rpc import fetch_show
 
-    nodes = ["n1", "n2", "n3", "n4", "n5"]
     async with (
         Hub(broker, topics, tmp_path / "hub.json", key) as hub,
         contextlib.AsyncExitStack() as stack,
     ):
-        for n in nodes:
-            await stack.enter_async_context(
-                FakeAgent(broker, topics, n, key, fail_step=1 if n == "n4" else None)
-            )
-        hub.online(*nodes)
-        rid = await hub.create(nodes, strategy={"waves": [2]})
-        await until(lambda: hub.state(rid) == "rolled_back", "the rollout to roll back")
+        rid = await five_rolled_back(hub, stack, broker, topics, key)
         whole = await hub.manager.request("show", {"rollout": rid})
         page = await hub.manager.request("show", {"rollout": rid[:8], "offset": 1, "limit": 2})
         assert sorted(page["nodes"]) == ["n2", "n3"]

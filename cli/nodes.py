@@ -426,15 +426,8 @@ def health_disagreements(nodes: Sequence[Mapping[str, Any]]) -> list[str]:
     """``node-3: demo-app reports 1.0, its health check saw 2.0``, one line per disagreement."""
     lines = []
     for node in nodes:
-        inventory = node.get("inventory") if isinstance(node.get("inventory"), dict) else {}
-        assert isinstance(inventory, dict)  # noqa: S101 - narrowed just above
-        saw = inventory.get("health_saw")
-        if not isinstance(saw, dict):
-            continue
-        reported = {}
-        for kind in ("drivers", "packages", "services"):
-            if isinstance(inventory.get(kind), dict):
-                reported.update(inventory[kind])
+        saw = _health_saw(node)
+        reported = node_versions(node) if saw else {}
         for name, seen in sorted(saw.items()):
             lines.append(
                 f"{node.get('node', '?')}: {name} reports {reported.get(name, '?')}, "

@@ -261,15 +261,24 @@ class _Cgroups:
             except OSError:
                 self.kept.append(path)
 
-    def create(self, name: str) -> Path | None:
+    def _find_home(self) -> Path | None:
         if not self.checked:
             self.checked = True
             self.home = _cgroup2_home()
             if self.home is not None:
                 self._sweep(self.home)
-        if self.home is None:
+        return self.home
+
+    def existing(self, name: str) -> Path | None:
+        """The step cgroup ``name`` if it is there (left by a crashed agent), else None."""
+        home = self._find_home()
+        return home / name if home is not None and (home / name).is_dir() else None
+
+    def create(self, name: str) -> Path | None:
+        home = self._find_home()
+        if home is None:
             return None
-        path = self.home / name
+        path = home / name
         try:
             path.mkdir()
         except OSError as exc:  # not ours to create (no root, no delegation): track by marker only
@@ -431,11 +440,7 @@ async def kill_left_scope(token: str, *, timeout: float = 10.0) -> list[int]:
     """
     scope = StepScope(token)
     scope.spawned = True
-    if not _CGROUPS.checked:
-        _CGROUPS.checked = True
-        _CGROUPS.home = _cgroup2_home()
-    if _CGROUPS.home is not None and (_CGROUPS.home / (_CGROUP_PREFIX + token)).is_dir():
-        scope.cgroup = _CGROUPS.home / (_CGROUP_PREFIX + token)
+    scope.cgroup = _CGROUPS.existing(_CGROUP_PREFIX + token)
     return await scope.kill(timeout=timeout)
 
 

@@ -53,11 +53,11 @@ async def run_script(
 async def apply(step: ScriptStep, ctx: StepContext) -> dict[str, Any]:
     """Run the script with FLEET_PHASE=apply; its scope, then its pid, are journalled while it runs."""
     scope = system.current_scope_token()
-    await ctx.checkpoint({"started": True, **({"scope": scope} if scope else {})})
+    begun: dict[str, Any] = {"started": True, **({"scope": scope} if scope else {})}
+    await ctx.checkpoint(begun)
 
     async def started(pid: int) -> None:
-        record = {"started": True, "pid": pid, "pid_started": system.process_start_time(pid)}
-        await ctx.checkpoint({**record, **({"scope": scope} if scope else {})})
+        await ctx.checkpoint({**begun, "pid": pid, "pid_started": system.process_start_time(pid)})
 
     await run_script(step.name, list(step.args), ctx, "apply", on_start=started)
     return {"started": True}

@@ -76,9 +76,15 @@ class Accepted:
 
 @dataclass(frozen=True)
 class Ignored:
-    """Do nothing and report nothing (an empty payload, a replay)."""
+    """Report nothing new (an empty payload, a replay).
+
+    ``replay_of`` names the signed command seen again: the hub sends a command again
+    when it may have missed the answer (a restart, a takeover), and the node's latest
+    snapshot of it is the answer (``edge_agent.reporter.Reporter.answer_replay``).
+    """
 
     reason: str
+    replay_of: str | None = None
 
 
 @dataclass(frozen=True)
@@ -305,7 +311,7 @@ def _check(
     except ValidationError as exc:
         return _rejected(f"invalid command: {describe(exc)}", raw, verified=True)
     if command.id in seen:
-        return Ignored(f"command {command.id} already taken")
+        return Ignored(f"command {command.id} already taken", replay_of=command.id)
     if command.expires_at <= now:
         return _rejected(f"command expired {now - command.expires_at:.0f} s ago", raw, verified=True)
     if command.plan:

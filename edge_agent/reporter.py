@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Literal
 
@@ -31,6 +32,9 @@ from edge_agent import executor
 from edge_agent.executor import ActiveJob, ApplyEntry
 
 __all__ = ["MAX_DETAIL", "Publish", "Reporter"]
+
+#: The least time between two answers to a command sent again (``Reporter.answer_replay``).
+_REPLAY_ANSWER_EVERY_S = 1.0
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -75,6 +79,8 @@ class Reporter:
         self._job_topic = topics.node(node, "job")
         self._log_topic = topics.node(node, "log")
         self._last_snapshot: bytes | None = None  # the latest retained JobSnapshot sent
+        self._last_snapshot_of: str | None = None  # the command it is of
+        self._answered_at = -_REPLAY_ANSWER_EVERY_S  # (monotonic) the snapshot last sent again
         self._snapshot_every_s = snapshot_every_s
         self._snapshot_due: tuple[ActiveJob, JobPhase, str] | None = None
         self._snapshot_timer: asyncio.Task[None] | None = None
@@ -89,7 +95,26 @@ class Reporter:
     async def republish_snapshot(self) -> None:
         """Publish the latest job snapshot again (a broker restarted without persistence lost it)."""
         if self._last_snapshot is not None:
+            self._answered_at = time.monotonic()  # (a replay of the retained command needs no answer now)
             await self._send_raw(self._job_topic, self._last_snapshot)
+
+    async def answer_replay(self, command: str) -> None:
+        """The hub sent ``command`` again: if it is the latest job's, publish its snapshot again.
+
+        The hub sends an awaited command again after a restart or a takeover, when the
+        answer may have been lost: a broker that failed over (a NATS cluster electing
+        new leaders) can lose a retained snapshot it acknowledged. Not within a second of
+        the previous answer or of a reconnect's ``republish_snapshot``: a retained command
+        comes back with every reconnect.
+        """
+        if self._last_snapshot is None or self._last_snapshot_of != command:
+            return
+        now = time.monotonic()
+        if now - self._answered_at < _REPLAY_ANSWER_EVERY_S:
+            return
+        self._answered_at = now
+        _LOGGER.info("command %s sent again: its latest snapshot published again", command)
+        await self._send_raw(self._job_topic, self._last_snapshot)
 
     async def status(
         self, job: ActiveJob, index: int, step_type: str, state: StepStateName, detail: str = ""
@@ -175,6 +200,7 @@ class Reporter:
         payload = encode(message)
         if retain and topic == self._job_topic:
             self._last_snapshot = payload
+            self._last_snapshot_of = message.id if isinstance(message, JobSnapshot) else None
         try:
             await self._publish(topic, payload, qos=qos, retain=retain)
         except asyncio.CancelledError:

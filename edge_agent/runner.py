@@ -346,6 +346,8 @@ class CommandRunner:
         )
         if isinstance(verdict, Ignored):
             _LOGGER.debug("command ignored: %s", verdict.reason)
+            if verdict.replay_of is not None:
+                await self._report.answer_replay(verdict.replay_of)
             return
         if isinstance(verdict, Rejected):
             await self._reject(verdict)

@@ -85,3 +85,31 @@ async def test_hub_killed_at_random_moments_of_a_coordinated_rollback(
             await check_outcome(fleet, observer, rollout, NODES, frozenset({"rolled_back"}), "v0", new)
             marker.unlink()
         _LOGGER.info("hub kills mid-rollback: %d of %d trials", mid_flight, TRIALS)
+
+
+@pytest.mark.timeout(120)
+async def test_an_answer_the_broker_lost_while_the_hub_was_down_is_asked_for_again(
+    amqtt_broker: RunningBroker, topics: Topics, make_fleet: Any
+) -> None:
+    """A broker can lose a retained job snapshot it acknowledged (a NATS cluster electing new
+    leaders after a server died). The hub, back, sends the awaited command again; the node
+    runs nothing twice and answers with its snapshot, and the rollout succeeds rather than
+    waiting out its node timeout and rolling back."""
+    fleet: Fleet = make_fleet(amqtt_broker.url, topics)
+    async with observing(amqtt_broker.url, topics) as observer:
+        await start_fleet(fleet, observer, ["n1"])
+        spec = parts_spec("update v1", "v1", ["n1"], pause="1", node_timeout_s=40)
+        rollout = (await observer.ok("create_rollout", spec))["rollout"]
+        await observer.status(rollout, "running", index=0)
+        assert fleet.hub is not None
+        fleet.hub.kill()
+        await observer.job_end("n1", rollout)
+        # The broker loses the answer: the job's retained snapshot is gone.
+        job = topics.node("n1", "job")
+        await observer.client.publish(job, b"", qos=1, retain=True, wait=True)
+        births = observer.hub_births
+        fleet.start_hub()
+        await observer.hub_ready(births)
+        await check_outcome(fleet, observer, rollout, ["n1"], frozenset({"succeeded"}), "v0", "v1")
+        agent = next(p for p in fleet.procs if p.name == "n1")
+        assert "sent again: its latest snapshot published again" in agent.log(), fleet.logs()

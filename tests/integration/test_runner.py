@@ -39,7 +39,7 @@ from bus.messages import (
 )
 from bus.mqtt import MqttClient
 from bus.topics import Topics
-from edge_agent import executor, system
+from edge_agent import executor, reporter, system
 from edge_agent.executor import JournalState
 from edge_agent.journal import Journal
 from edge_agent.runner import CommandRunner
@@ -572,6 +572,45 @@ async def test_replay_after_restart_is_ignored_and_older_commands_rejected(
     assert (settings.state_dir / "record.log").read_text().splitlines() == ["apply record.sh x"]
 
 
+async def test_a_command_sent_again_is_answered_with_its_latest_snapshot(
+    tmp_path: Path,
+    scripts: Path,
+    key: Ed25519PrivateKey,
+    recorder: Recorder,
+    topics: Topics,
+    runners: list[CommandRunner],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A hub that may have missed the answer (a takeover; a broker that lost the retained
+    snapshot in a failover) sends the command again: the node says where it is, runs nothing."""
+    settings = make_settings(tmp_path, scripts, key)
+    runner = CommandRunner(settings, topics, recorder.publish)
+    runners.append(runner)
+    earlier = command(key, [ScriptStep(name="record.sh", args=["a"])], rollout="r0")
+    await runner.handle_command(cmd_topic(topics), encode(earlier))
+    await recorder.final_of(earlier.id)
+    cmd = command(key, [ScriptStep(name="record.sh", args=["b"])])
+    await runner.handle_command(cmd_topic(topics), encode(cmd))
+    final = await recorder.final_of(cmd.id)
+    sent = len(recorder.messages)
+
+    await runner.handle_command(cmd_topic(topics), encode(cmd))
+    again = recorder.messages[sent:]
+    assert [(topic, retain) for topic, _, _, retain in again] == [(topics.node(NODE, "job"), True)]
+    assert JobSnapshot.model_validate_json(again[0][1]) == final
+    # Not again within a second (a retained command comes back with every reconnect), and
+    # a command that is not the latest job's is not answered: its snapshot was replaced.
+    monkeypatch.setattr(reporter, "_REPLAY_ANSWER_EVERY_S", 3600.0)
+    await runner.handle_command(cmd_topic(topics), encode(cmd))
+    monkeypatch.setattr(reporter, "_REPLAY_ANSWER_EVERY_S", 0.0)
+    await runner.handle_command(cmd_topic(topics), encode(earlier))
+    assert len(recorder.messages) == sent + 1
+    assert (settings.state_dir / "record.log").read_text().splitlines() == [
+        "apply record.sh a",
+        "apply record.sh b",
+    ]
+
+
 async def test_recover_after_a_crash_mid_step_restores_the_node(
     tmp_path: Path,
     scripts: Path,
@@ -677,10 +716,11 @@ async def _recover_and_check(
     assert (settings.state_dir / "record.log").read_text().splitlines() == ["rollback record.sh 120"]
     await _wait_gone(sleeper)  # recovery killed what the crashed agent left running
     await _wait_gone(sleeper_child)
-    # After the restart the retained command is a replay: ignored.
-    before = len(recorder.messages)
+    # After the restart the retained command is a replay: nothing runs, the node answers
+    # with the snapshot it has (the hub sends a command again when it missed the answer).
+    before, latest = len(recorder.messages), recorder.of("job")[-1][1]
     await runner.handle_command(cmd_topic(topics), encode(cmd))
-    assert len(recorder.messages) == before
+    assert [m[1] for m in recorder.messages[before:]] == [latest]
     assert json.loads(settings.journal_path.read_text())["active"] is None
 
 

@@ -208,7 +208,15 @@ def test_expired_commands_are_refused(node: ExecutorSettings) -> None:
 
 def test_a_command_already_taken_is_ignored_even_when_expired(node: ExecutorSettings) -> None:
     data = payload(sign(fields(issued_at=NOW - 700, expires_at=NOW - 100)))
-    assert isinstance(check(node, data, seen=("cmd-1",)), Ignored)
+    verdict = check(node, data, seen=("cmd-1",))
+    assert isinstance(verdict, Ignored)
+    assert verdict.replay_of == "cmd-1"  # answered with the node's latest snapshot of it
+
+
+def test_an_empty_retained_command_is_no_replay(node: ExecutorSettings) -> None:
+    verdict = check(node, b"")
+    assert isinstance(verdict, Ignored)
+    assert verdict.replay_of is None
 
 
 def test_a_command_issued_no_later_than_the_last_one_run_is_refused(node: ExecutorSettings) -> None:
@@ -393,10 +401,11 @@ async def test_a_forged_command_never_overwrites_the_retained_snapshot(node: Exe
         [snap] = [JobSnapshot.model_validate_json(p) for p in published.on("job")]
         assert (snap.id, snap.phase, snap.detail) == ("cmd-2", "rejected", "command expired 0 s ago")
         assert [m[2] for m in published.messages if m[0].endswith("/job")] == [True]
-        # The retained command comes again after a reconnect: already answered, silent.
+        # The retained command comes again (a reconnect, or a hub that missed the answer):
+        # the same snapshot again, nothing run, nothing else reported.
         before = len(published.messages)
         await runner.handle_command(CMD_TOPIC, payload(sign(fields(id="cmd-2", expires_at=NOW))))
-        assert len(published.messages) == before
+        assert published.messages[before:] == [published.messages[before - 1]]
         assert runner.current_job() is None
     finally:
         await runner.close()

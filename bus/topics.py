@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from bus.errors import InvalidInput, InvalidNodeId
@@ -54,6 +54,7 @@ def own_client_id(username: str | None, wanted: str) -> str:
 
 NodeChannel = Literal["state", "heartbeat", "cmd", "status", "job", "log"]
 NODE_CHANNELS: tuple[NodeChannel, ...] = ("state", "heartbeat", "cmd", "status", "job", "log")
+_CHANNELS = frozenset(NODE_CHANNELS)
 
 
 def is_node_id(value: str) -> bool:
@@ -94,10 +95,12 @@ class Topics:
     """Every topic of DESIGN section 1 under one prefix (``fleet/v1`` by default)."""
 
     prefix: str = DEFAULT_PREFIX
+    _node_head: str = field(init=False, repr=False, compare=False)  # parse_node's, per message
 
     def __post_init__(self) -> None:
         if not _PREFIX.fullmatch(self.prefix):
             raise InvalidInput(f"invalid topic prefix {self.prefix!r}")
+        object.__setattr__(self, "_node_head", f"{self.prefix}/node/")
 
     def node(self, node: str, channel: NodeChannel) -> str:
         """Topic of one node's channel; refuses invalid node ids."""
@@ -109,14 +112,13 @@ class Topics:
 
     def parse_node(self, topic: str) -> NodeTopic | None:
         """Parse a node topic; None when it is not one (or names an invalid node)."""
-        head = f"{self.prefix}/node/"
+        head = self._node_head
         if not topic.startswith(head):
             return None
-        parts = topic[len(head) :].split("/")
-        if len(parts) != 2 or parts[1] not in NODE_CHANNELS or not is_node_id(parts[0]):
+        node, _, channel = topic[len(head) :].partition("/")
+        if channel not in _CHANNELS or not is_node_id(node):
             return None
-        channel: NodeChannel = parts[1]
-        return NodeTopic(node=parts[0], channel=channel)
+        return NodeTopic(node=node, channel=channel)
 
     @property
     def hub_state(self) -> str:

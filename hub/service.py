@@ -61,7 +61,7 @@ from bus.messages import (
 )
 from bus.mqtt import Message, MqttClient, Will
 from bus.signing import load_private_key, sign_model
-from bus.topics import Topics
+from bus.topics import NodeChannel, Topics
 from hub.config import NO_SIGNING_KEY, HubConfig
 from hub.core.engine import check_record
 from hub.core.node_query import NodeQuery, summarise
@@ -929,6 +929,11 @@ class HubService:
                 await asyncio.sleep(0.02)
 
     async def _dispatch(self, message: Message) -> None:
+        parsed = self.topics.parse_node(message.topic)  # the many: nodes' heartbeats and reports
+        if parsed is not None:
+            if message.payload:  # (empty: a retained message being cleared)
+                await self._on_node_message(parsed.node, parsed.channel, message)
+            return
         if message.topic == self.topics.hub_request:
             if self.is_active:  # only the active connection subscribes to requests
                 # Bounded concurrency: a flood of requests waits here, not in memory.
@@ -950,13 +955,9 @@ class HubService:
             else:
                 self._records.pop(rollout, None)
             return
-        parsed = self.topics.parse_node(message.topic)
-        if parsed is None:
-            _LOGGER.debug("ignoring message on %s", _shown(message.topic))
-            return
-        if not message.payload:
-            return  # a retained message being cleared
-        node, channel = parsed.node, parsed.channel
+        _LOGGER.debug("ignoring message on %s", _shown(message.topic))
+
+    async def _on_node_message(self, node: str, channel: NodeChannel, message: Message) -> None:
         try:
             if channel == "state":
                 state = self._decoded(NodeState, message.payload, node)

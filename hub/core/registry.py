@@ -75,6 +75,25 @@ class NodeInfo:
     heartbeat: Heartbeat | None = None
 
 
+def _beaten(info: NodeInfo, now: float, heartbeat: Heartbeat) -> NodeInfo:
+    """``info`` seen again at ``now``: ``dataclasses.replace`` in half its time (the hot path)."""
+    return NodeInfo(
+        info.node,
+        info.online,
+        info.session,
+        info.session_ended,
+        info.offline_reason,
+        info.labels,
+        info.inventory,
+        info.agent_version,
+        info.started_at,
+        info.heartbeat_s,
+        now,
+        info.since,
+        heartbeat,
+    )
+
+
 class Registry:
     """Presence of every node the hub has heard of.
 
@@ -186,7 +205,7 @@ class Registry:
         if info.online:
             if heartbeat.session != info.session:
                 return None
-            self._nodes[heartbeat.node] = dataclasses.replace(info, last_seen=now, heartbeat=heartbeat)
+            self._nodes[heartbeat.node] = _beaten(info, now, heartbeat)
             return None
         if heartbeat.session == info.session and info.session_ended:
             return None  # that connection's will was seen: it is gone

@@ -144,6 +144,37 @@ async def test_qos1_acknowledgements_take_the_light_path(
     assert slow == []
 
 
+async def test_a_burst_of_every_size_arrives_whole_and_in_order_on_the_light_path(
+    broker: RunningBroker, topics: Topics, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read 64 KiB at a time, many packets per wake-up, a PUBLISH without paho's MQTTMessage
+    (bus.mqtt._Paho): packets cut at every buffer boundary come out whole, in order."""
+    import paho.mqtt.client as paho
+
+    slow: list[int] = []
+    original = paho.Client._handle_publish
+
+    def counted(self: paho.Client) -> Any:
+        slow.append(1)
+        return original(self)
+
+    monkeypatch.setattr(paho.Client, "_handle_publish", counted)
+    sizes = [0, 1, 100, 70_000, 5, 200_000, 3, 65_536, 2]
+    sent = [(index, bytes([index % 251]) * sizes[index % len(sizes)]) for index in range(120)]
+    async with MqttClient(broker.url) as subscriber, MqttClient(broker.url) as publisher:
+        await subscriber.subscribe(topics.node_filter("job"), qos=1)
+        for index, payload in sent:
+            await publisher.publish(topics.node(f"n{index}", "job"), payload, qos=1)
+        got = [await next_message(subscriber) for _ in sent]
+        await publisher.publish(topics.node("n-last", "job"), b"last", qos=0)
+        last = await next_message(subscriber)
+    assert [(m.topic, m.payload, m.qos, m.retain) for m in got] == [
+        (topics.node(f"n{index}", "job"), payload, 1, False) for index, payload in sent
+    ]
+    assert (last.topic, last.payload) == (topics.node("n-last", "job"), b"last")
+    assert slow == []
+
+
 async def test_retained_message_reaches_late_subscriber_until_cleared(
     broker: RunningBroker, topics: Topics
 ) -> None:
@@ -555,6 +586,21 @@ async def test_tls_with_the_right_ca(mosquitto_tls: tuple[int, Path, Path], topi
         await client.subscribe(topics.events, qos=1)
         await client.publish(topics.events, b"secret", qos=1)
         assert (await next_message(client)).payload == b"secret"
+
+
+async def test_a_burst_over_tls_arrives_whole_and_in_order(
+    mosquitto_tls: tuple[int, Path, Path], topics: Topics
+) -> None:
+    """TLS records cut packets elsewhere than TCP does: the buffered read still serves them whole."""
+    port, ca, _ = mosquitto_tls
+    url = f"mqtts://127.0.0.1:{port}?ca={quote(str(ca))}"
+    sent = [bytes([index % 251]) * (1 + (index * 7919) % 40_000) for index in range(60)]
+    async with MqttClient(url) as subscriber, MqttClient(url) as publisher:
+        await subscriber.subscribe(topics.events, qos=1)
+        for payload in sent:
+            await publisher.publish(topics.events, payload, qos=1)
+        got = [(await next_message(subscriber)).payload for _ in sent]
+    assert got == sent
 
 
 @pytest.mark.parametrize("which", ["other", "system"])

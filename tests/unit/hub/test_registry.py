@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import fields, replace
 from typing import Any
 
 import pytest
 
 from bus.messages import Heartbeat, Inventory, JobRef, NodeState, TargetLabels
-from hub.core.registry import Registry, Transition
+from hub.core.registry import NodeInfo, Registry, Transition, _beaten
 
 
 def birth(node: str = "n1", session: str = "s1", **extra: Any) -> NodeState:
@@ -280,3 +281,24 @@ def test_a_replayed_birth_of_an_ended_session_keeps_the_latest_versions() -> Non
     assert reg.on_state(birth(inventory=Inventory(services={"app": "2.0"})), 102.0, retained=False) is None
     assert not reg.is_online("n1")
     assert reg.to_api("n1")["inventory"]["services"] == {"app": "2.0"}
+
+
+def test_a_heartbeat_keeps_every_other_field_of_the_node() -> None:
+    """The hot path's copy (``_beaten``) names every field of NodeInfo, in order."""
+    values: dict[str, object] = {
+        "node": "n1",
+        "online": True,
+        "session": "s1",
+        "session_ended": True,
+        "offline_reason": "lost",
+        "labels": {"a": "b"},
+        "agent_version": "9.9",
+        "started_at": 3.0,
+        "heartbeat_s": 7.0,
+        "last_seen": 4.0,
+        "since": 5.0,
+    }
+    info = NodeInfo(**values)  # type: ignore[arg-type]
+    beat = Heartbeat(node="n1", session="s1", seq=1, ts=6.0)
+    assert [f.name for f in fields(NodeInfo)][-3:] == ["last_seen", "since", "heartbeat"]
+    assert _beaten(info, 6.5, beat) == replace(info, last_seen=6.5, heartbeat=beat)

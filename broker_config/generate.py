@@ -335,6 +335,8 @@ def acl_text(prefix: str = DEFAULT_PREFIX, tools: Iterable[str] = ()) -> str:
         f"topic write {prefix}/node/+/cmd",
         f"topic write {prefix}/rollout/+",
         f"topic write {prefix}/rollout/+/record",
+        f"topic write {prefix}/rollout/+/record/+",
+        f"topic write {prefix}/rollout/+/nodes",
         f"topic write {prefix}/hub/reply/+",
         f"topic write {prefix}/hub/state",
         f"topic write {prefix}/hub/member/+",

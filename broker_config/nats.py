@@ -170,6 +170,8 @@ def _permissions(client: str, prefix: str) -> tuple[list[str], list[str]]:
             _subject(f"{prefix}/node/+/cmd"),
             _subject(f"{prefix}/rollout/+"),
             _subject(f"{prefix}/rollout/+/record"),
+            _subject(f"{prefix}/rollout/+/record/+"),
+            _subject(f"{prefix}/rollout/+/nodes"),
             _subject(f"{prefix}/hub/reply/+"),
             _subject(f"{prefix}/hub/state"),
             _subject(f"{prefix}/hub/member/+"),

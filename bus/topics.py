@@ -186,6 +186,25 @@ class Topics:
             return None
         return self.parse_rollout(topic[: -len("/record")])
 
+    def rollout_record_part(self, rollout: str, part: int) -> str:
+        """Retained part ``part`` of the nodes of a record too big for one payload."""
+        if part < 0:
+            raise InvalidInput(f"invalid record part {part}")
+        return f"{self.rollout(rollout)}/record/{part}"
+
+    @property
+    def rollout_record_part_filter(self) -> str:
+        """Filter for every part of every rollout's record."""
+        return f"{self.prefix}/rollout/+/record/+"
+
+    def parse_rollout_record_part(self, topic: str) -> tuple[str, int] | None:
+        """(rollout id, part) of a record part topic, or None."""
+        head, _, part = topic.rpartition("/")
+        if not (part.isascii() and part.isdigit()) or len(part) > 6 or not head.endswith("/record"):
+            return None
+        rollout = self.parse_rollout(head[: -len("/record")])
+        return None if rollout is None else (rollout, int(part))
+
     def rollout_nodes(self, rollout: str) -> str:
         """Per-node changes of one rollout (not retained; the summary's ``nodes`` may be cut)."""
         return f"{self.rollout(rollout)}/nodes"

@@ -87,7 +87,7 @@ from hub.requests import (
     rollout_request,
 )
 from hub.retention import Archive
-from hub.standby import encode_record
+from hub.standby import RecordSplitter
 
 __all__ = ["FleetView", "RolloutManager", "RolloutStore"]
 
@@ -300,6 +300,7 @@ class RolloutManager:
         #: per rollout: every node's row as last published on ``rollout/{id}/nodes``, and that seq
         self._published_rows: dict[str, dict[str, Row]] = {}
         self._changes_seq: dict[str, int] = {}
+        self._records = RecordSplitter()  # what of each retained record went out last
         self._oversized: set[str] = set()
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -712,18 +713,23 @@ class RolloutManager:
         if not self._term or not self._engine.has(rollout) or rollout in self._oversized:
             return  # (an oversized record stays so: its nodes do not change, and it was said)
         audit = [e for e in self._store.all("audit") if e.get("rollout") == rollout]
-        payload = encode_record(self._engine.record(rollout) if record is None else record, audit)
-        if payload is None:
-            if rollout not in self._oversized:  # once per rollout, not once per summary round
-                self._oversized.add(rollout)
-                _LOGGER.warning(
-                    "record of %s exceeds the payload limit: a standby cannot carry it on", rollout
-                )
+        payloads = self._records.payloads(
+            rollout, self._engine.record(rollout) if record is None else record, audit
+        )
+        if payloads is None:
+            self._oversized.add(rollout)  # (said once: its nodes' records only grow)
+            _LOGGER.warning("record of %s exceeds the payload limit: a standby cannot carry it on", rollout)
             return
         try:
-            await self._publish(self._topics.rollout_record(rollout), payload, qos=1, retain=True)
+            # The parts first, the head that names them last (one connection, in order).
+            for index, payload in payloads.parts.items():
+                topic = self._topics.rollout_record_part(rollout, index)
+                await self._publish(topic, payload, qos=1, retain=True)
+            if payloads.head is not None:
+                await self._publish(self._topics.rollout_record(rollout), payloads.head, qos=1, retain=True)
         except BusError as exc:
             _LOGGER.warning("record of %s not published: %s", rollout, exc.reason)
+            self._records.forget(rollout)  # all of it again next time
 
     async def _retire(self) -> None:
         """Archive the oldest finished rollouts beyond ``keep_rollouts`` (``hub.retention``)."""
@@ -759,6 +765,10 @@ class RolloutManager:
                 await self._publish(self._topics.rollout(rollout), b"", qos=1, retain=True)
                 if self._term:
                     await self._publish(self._topics.rollout_record(rollout), b"", qos=1, retain=True)
+                    for index in range(self._records.used_parts(rollout)):
+                        topic = self._topics.rollout_record_part(rollout, index)
+                        await self._publish(topic, b"", qos=1, retain=True)
+                self._records.forget(rollout)
             except BusError as exc:
                 _LOGGER.warning("retained summary of archived %s not cleared: %s", rollout, exc.reason)
             _LOGGER.info("rollout %s archived in %s", rollout, self._archive.path)

@@ -222,6 +222,7 @@ class HubService:
         self._active: ActivePublisher | None = None  # publishes on self._lock while active
         self._lock_tasks: set[asyncio.Task[None]] = set()
         self._records: dict[str, bytes] = {}  # retained rollout records, by rollout (the warm view)
+        self._record_parts: dict[str, dict[int, bytes]] = {}  # ... the parts of big ones (10,000 nodes)
         self._jobs: dict[str, JobSnapshot] = {}  # the latest job snapshot of every node
         self._view_ready = asyncio.Event()
         self._role_lock = asyncio.Lock()
@@ -338,7 +339,8 @@ class HubService:
         """
         topics = self.topics
         wanted = [topics.node_filter(channel) for channel in ("state", "heartbeat", "status", "job")]
-        for topic in (*wanted, topics.hub_state, topics.hub_member_filter, topics.rollout_record_filter):
+        records = (topics.rollout_record_filter, topics.rollout_record_part_filter)
+        for topic in (*wanted, topics.hub_state, topics.hub_member_filter, *records):
             await client.subscribe(topic, qos=1)
 
     async def _read_until_ready(self) -> None:
@@ -621,7 +623,7 @@ class HubService:
         loaded = 0
         for rollout, payload in list(self._records.items()):
             try:
-                record, audit = decode_record(payload)
+                record, audit = decode_record(payload, self._record_parts.get(rollout))
             except InvalidInput as exc:
                 _LOGGER.warning("retained record of %s unusable: %s", rollout, exc.reason)
                 continue
@@ -954,6 +956,16 @@ class HubService:
                 self._records[rollout] = message.payload
             else:
                 self._records.pop(rollout, None)
+            return
+        part = self.topics.parse_rollout_record_part(message.topic)
+        if part is not None:
+            parts = self._record_parts.setdefault(part[0], {})
+            if message.payload:
+                parts[part[1]] = message.payload
+            else:
+                parts.pop(part[1], None)
+                if not parts:
+                    del self._record_parts[part[0]]
             return
         _LOGGER.debug("ignoring message on %s", _shown(message.topic))
 

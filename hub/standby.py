@@ -13,8 +13,8 @@ refuse commands of a lower term than the highest they have seen.
 
 ``ActiveView`` is the pure part (fed hub states and membership records,
 asked whether the active hub is alive); ``TermFile`` the durable term;
-``encode_record``/``decode_record`` the retained rollout records a standby
-keeps warm.
+``encode_record``/``decode_record`` and ``RecordSplitter`` the retained rollout
+records a standby keeps warm.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ from bus.messages import MAX_PAYLOAD_BYTES, HubState, loads_object
 __all__ = [
     "HUB_HEARTBEAT_S",
     "ActiveView",
+    "RecordPayloads",
+    "RecordSplitter",
     "TermFile",
     "decode_record",
     "encode_record",
@@ -150,13 +153,18 @@ class ActiveView:
         return None
 
 
-def encode_record(record: dict[str, Any], audit: list[dict[str, Any]]) -> bytes | None:
+def encode_record(
+    record: dict[str, Any], audit: list[dict[str, Any]], *, layout: tuple[int, int] | None = None
+) -> bytes | None:
     """A rollout's retained record (its engine record and audit tail), within the payload limit.
 
     The audit tail shrinks until it fits; None when the record alone does not fit.
+    ``layout``: (parts, nodes per part) of a record whose nodes are in parts (``RecordSplitter``).
     """
     # The record is encoded once (at 10,000 nodes it is megabytes): only the tail shrinks.
-    head = b'{"v":1,"record":' + json.dumps(record, separators=(",", ":")).encode("utf-8") + b',"audit":'
+    split = b"" if layout is None else b'"parts":%d,"per_part":%d,' % layout
+    head = b'{"v":1,' + split + b'"record":' + json.dumps(record, separators=(",", ":")).encode("utf-8")
+    head += b',"audit":'
     if len(head) + 3 > MAX_PAYLOAD_BYTES:
         return None
     tail = audit[-RECORD_AUDIT:]
@@ -169,10 +177,113 @@ def encode_record(record: dict[str, Any], audit: list[dict[str, Any]]) -> bytes 
         tail = tail[len(tail) // 2 + 1 :]
 
 
-def decode_record(payload: bytes) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(record, audit tail) of a retained rollout record; InvalidInput when malformed."""
+def decode_record(
+    payload: bytes, parts: Mapping[int, bytes] | None = None
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(record, audit tail) of a retained rollout record, its nodes from ``parts`` when split.
+
+    Raises:
+        InvalidInput: malformed, or a part it names is missing or of another layout.
+    """
     data = loads_object(payload)
     record, audit = data.get("record"), data.get("audit", [])
     if not isinstance(record, dict) or not isinstance(audit, list):
         raise InvalidInput("rollout record: 'record' must be an object and 'audit' a list")
+    count, per_part = data.get("parts", 0), data.get("per_part", 0)
+    if count:
+        if not isinstance(count, int) or not isinstance(per_part, int) or count < 0:
+            raise InvalidInput("rollout record: 'parts' and 'per_part' must be counts")
+        nodes: dict[str, Any] = {}
+        for index in range(count):
+            found = (parts or {}).get(index)
+            if found is None:
+                raise InvalidInput(f"rollout record: part {index} of {count} is missing")
+            part = loads_object(found)
+            if part.get("per_part") != per_part or not isinstance(part.get("nodes"), dict):
+                raise InvalidInput(f"rollout record: part {index} is of another layout")
+            nodes.update(part["nodes"])
+        record = {**record, "nodes": nodes}
     return record, [entry for entry in audit if isinstance(entry, dict)]
+
+
+#: Nodes per part of a record too big for one payload, at first (halved while a part is too big).
+PART_NODES = 500
+
+
+@dataclass(frozen=True)
+class RecordPayloads:
+    """What to publish for a rollout's record: its parts that changed, then its head.
+
+    ``parts`` maps a part's index to its payload (``b""``: a part no longer used,
+    cleared); ``head`` is None when it did not change.
+    """
+
+    parts: dict[int, bytes]
+    head: bytes | None
+
+
+class RecordSplitter:
+    """A rollout's retained record, in parts when one payload cannot carry it (10,000 nodes).
+
+    The head (``rollout/{id}/record``) keeps the record without its nodes, the audit
+    tail, and the layout (``parts``, ``per_part``); part ``k``
+    (``rollout/{id}/record/{k}``) the nodes ``k * per_part`` to ``(k + 1) * per_part - 1``
+    in id order. Only parts whose bytes changed since the last call go out again: a
+    wave touches a few. A reader needs the head and every part of its layout
+    (``decode_record``).
+    """
+
+    def __init__(self, part_nodes: int = PART_NODES) -> None:
+        self._part_nodes = part_nodes
+        self._per_part: dict[str, int] = {}
+        self._sent: dict[str, list[bytes]] = {}
+        self._head: dict[str, bytes] = {}
+
+    def payloads(
+        self, rollout: str, record: dict[str, Any], audit: list[dict[str, Any]]
+    ) -> RecordPayloads | None:
+        """The payloads of the record now, or None when even one node per part is too big."""
+        whole = None if rollout in self._per_part else encode_record(record, audit)
+        if whole is not None:
+            return self._changed(rollout, [], whole)
+        nodes = record["nodes"]
+        names = sorted(nodes)
+        per_part = self._per_part.get(rollout, self._part_nodes)
+        while True:
+            parts = [
+                _encode_part(per_part, {name: nodes[name] for name in names[start : start + per_part]})
+                for start in range(0, len(names), per_part)
+            ]
+            if all(len(part) <= MAX_PAYLOAD_BYTES for part in parts):
+                break
+            if per_part == 1:
+                return None
+            per_part = max(1, per_part // 2)
+        self._per_part[rollout] = per_part
+        head = encode_record({**record, "nodes": {}}, audit, layout=(len(parts), per_part))
+        if head is None:
+            return None
+        return self._changed(rollout, parts, head)
+
+    def used_parts(self, rollout: str) -> int:
+        """How many parts were last sent for ``rollout``."""
+        return len(self._sent.get(rollout, []))
+
+    def forget(self, rollout: str) -> None:
+        """The rollout is gone (its record cleared)."""
+        self._per_part.pop(rollout, None)
+        self._sent.pop(rollout, None)
+        self._head.pop(rollout, None)
+
+    def _changed(self, rollout: str, parts: list[bytes], head: bytes) -> RecordPayloads:
+        before = self._sent.get(rollout, [])
+        changed = {k: part for k, part in enumerate(parts) if k >= len(before) or before[k] != part}
+        changed.update({k: b"" for k in range(len(parts), len(before))})
+        self._sent[rollout] = parts
+        same_head = self._head.get(rollout) == head
+        self._head[rollout] = head
+        return RecordPayloads(changed, None if same_head else head)
+
+
+def _encode_part(per_part: int, nodes: dict[str, Any]) -> bytes:
+    return json.dumps({"v": 1, "per_part": per_part, "nodes": nodes}, separators=(",", ":")).encode("utf-8")

@@ -30,6 +30,7 @@ import pytest
 from broker_config.generate import write_broker_config
 from bus.errors import BusError
 from bus.messages import Command, HubState, ScriptStep, StepStatus, encode
+from bus.mqtt import MqttClient
 from bus.signing import load_private_key, sign_command
 from bus.topics import Topics
 from tests.conftest import RunningBroker, free_port, wait_port
@@ -404,3 +405,53 @@ async def test_two_hubs_share_the_generated_hub_credentials_on_the_hub_listener(
                 _LOGGER.info("%s hub listener: takeover %.2f s", kind, took)
         finally:
             fleet.close()
+
+
+@pytest.mark.timeout(300)
+async def test_a_standby_carries_on_a_rollout_whose_record_is_in_parts(
+    mosquitto_broker: RunningBroker, topics: Topics, make_fleet: Any
+) -> None:
+    """600 simulated nodes: the record (about 300 KB) is over one payload, so it is retained
+    in parts; the active hub killed mid-rollout, the standby reads it back whole and ends it."""
+    nodes = [f"sim-{i:04d}" for i in range(600)]
+    fleet: Fleet = make_fleet(mosquitto_broker.url, topics)
+    async with observing(mosquitto_broker.url, topics) as observer:
+        hubs = await two_hubs(fleet, observer)
+        fleet._spawn(
+            "simulate",
+            [
+                "simulate", "--broker", mosquitto_broker.url, "--prefix", topics.prefix, "--nodes", "600",
+                "--trust", str(fleet.pub), "--step-ms", "500", "--journal", "memory",
+            ],
+        )  # fmt: skip
+        for start in range(0, len(nodes), 100):  # (a page at a time: 600 rows exceed one reply)
+            await observer.online(nodes[start : start + 100], timeout=180)
+        plan = [
+            {"type": "package", "manager": "apt", "name": "app", "version": "2.0"},
+            {"type": "service", "action": "restart", "name": "app"},
+        ]
+        spec = {"name": "six hundred", "targets": nodes, "plan": plan, "strategy": {"waves": ["10%"]}}
+        rollout = (await observer.ok("create_rollout", spec))["rollout"]
+
+        def waves_done() -> int | None:
+            summary = observer.summaries.get(rollout)
+            return summary.counts.succeeded if summary and summary.counts.succeeded >= 120 else None
+
+        await observer.wait(waves_done, "two waves of the rollout done", timeout=120)
+        parts: dict[str, bytes] = {}
+        async with MqttClient(mosquitto_broker.url) as reader:
+            await reader.subscribe(topics.rollout_record_part_filter, qos=1)
+            await reader.subscribe(topics.rollout_record(rollout), qos=1)  # (after every part)
+            async for message in reader.messages():
+                if message.topic == topics.rollout_record(rollout):
+                    break
+                parts[message.topic] = message.payload
+        assert len([t for t in parts if t.startswith(topics.rollout(rollout))]) >= 2, sorted(parts)
+
+        successor, _ = await kill_active(fleet, observer, hubs)
+        summary = await observer.final(rollout, timeout=180)
+        assert summary.state == "succeeded", f"{summary}\n{fleet.logs()}"
+        assert summary.counts.succeeded == len(nodes)
+        log = fleet.members[successor].log(100_000)
+        assert "1 rollout records taken from the broker" in log, log[-3000:]
+        assert "unusable" not in log

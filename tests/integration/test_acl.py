@@ -206,6 +206,8 @@ async def test_node_publishes_only_on_its_own_channels(fleet: Fleet) -> None:
             t.hub_state,
             t.hub_member("n1"),
             t.rollout_record("r1"),
+            t.rollout_record_part("r1", 0),
+            t.rollout_nodes("r1"),
             t.events,
             t.hub_request,
         ]
@@ -260,6 +262,8 @@ async def test_only_the_hub_writes_commands_rollouts_replies_and_events(fleet: F
         t.node("n1", "cmd"),
         t.rollout("r1"),
         t.rollout_record("r1"),
+        t.rollout_record_part("r1", 0),
+        t.rollout_nodes("r1"),
         t.hub_reply("tui-1"),
         t.events,
         t.hub_member("hub-b"),

@@ -62,6 +62,7 @@ def test_permissions_equal_the_mosquitto_acl(tmp_path: Path) -> None:
     assert 'subscribe: ["acme.v1.node.web-1.cmd", "acme.v1.hub.state", "$MQTT.sub.>"]' in node_perms
     assert (
         'publish: ["acme.v1.node.*.cmd", "acme.v1.rollout.*", "acme.v1.rollout.*.record", '
+        '"acme.v1.rollout.*.record.*", "acme.v1.rollout.*.nodes", '
         '"acme.v1.hub.reply.*", "acme.v1.hub.state", "acme.v1.hub.member.*", '
         '"acme.v1.events"], subscribe: ["acme.v1", "acme.v1.>", "$MQTT.sub.>"]' in users
     )

@@ -10,7 +10,15 @@ import pytest
 from bus.errors import InvalidInput
 from bus.messages import MAX_PAYLOAD_BYTES, Command, HubState
 from bus.topics import Topics
-from hub.standby import ActiveView, TermFile, decode_record, encode_record, lock_client_id, term_path
+from hub.standby import (
+    ActiveView,
+    RecordSplitter,
+    TermFile,
+    decode_record,
+    encode_record,
+    lock_client_id,
+    term_path,
+)
 
 
 def state(kind: str, hub: str, term: int, reason: str = "birth") -> HubState:
@@ -127,3 +135,72 @@ def test_the_term_of_a_command_is_left_out_of_the_wire_when_zero() -> None:
     }
     assert "term" not in Command.model_validate(fields).model_dump(mode="json")
     assert Command.model_validate({**fields, "term": 3}).model_dump(mode="json")["term"] == 3
+
+
+def big_record(nodes: int, detail: str = "") -> dict[str, object]:
+    """A record like the engine's at scale (about 500 bytes a node)."""
+    return {
+        "id": "r1",
+        "state": "running",
+        "waves": [[f"n{i:05d}" for i in range(nodes)]],
+        "nodes": {
+            f"n{i:05d}": {"phase": "applying", "step": 1, "detail": detail or "x" * 450, "grid": [["ok", ""]]}
+            for i in range(nodes)
+        },
+    }
+
+
+def test_a_small_record_goes_whole_and_again_only_when_it_changed() -> None:
+    splitter = RecordSplitter()
+    record = big_record(3)
+    first = splitter.payloads("r1", record, [])
+    assert first is not None
+    assert first.parts == {}
+    assert first.head is not None
+    assert decode_record(first.head) == (record, [])
+    same = splitter.payloads("r1", record, [])
+    assert same is not None
+    assert (same.parts, same.head) == ({}, None)
+
+
+def test_a_record_of_ten_thousand_nodes_goes_in_parts_and_only_changed_parts_go_again() -> None:
+    splitter = RecordSplitter()
+    record = big_record(10_000)
+    audit = [{"rollout": "r1", "message": "created", "n": 0}]
+    first = splitter.payloads("r1", record, audit)
+    assert first is not None
+    assert first.head is not None
+    assert len(first.parts) > 1
+    assert all(len(part) <= MAX_PAYLOAD_BYTES for part in first.parts.values())
+    assert decode_record(first.head, first.parts) == (record, audit)
+
+    nodes = dict(record["nodes"])  # type: ignore[call-overload]
+    nodes["n07777"] = {**nodes["n07777"], "phase": "succeeded"}
+    changed = {**record, "nodes": nodes}
+    second = splitter.payloads("r1", changed, audit)
+    assert second is not None
+    assert second.head is None  # the head names no node: unchanged
+    assert len(second.parts) == 1
+    merged = {**first.parts, **second.parts}
+    assert decode_record(first.head, merged) == (changed, audit)
+    # A reader missing a part, or holding one of another layout, refuses the record.
+    missing = {k: v for k, v in merged.items() if k != 3}
+    with pytest.raises(InvalidInput, match="part 3 of"):
+        decode_record(first.head, missing)
+    other = {**merged, 2: json.dumps({"v": 1, "per_part": 7, "nodes": {}}).encode()}
+    with pytest.raises(InvalidInput, match="part 2 is of another layout"):
+        decode_record(first.head, other)
+
+
+def test_parts_shrink_while_a_part_is_too_big_and_a_node_too_big_for_any_is_said() -> None:
+    splitter = RecordSplitter(part_nodes=500)
+    record = big_record(40, detail="y" * 60_000)
+    payloads = splitter.payloads("r1", record, [])
+    assert payloads is not None
+    assert payloads.head is not None
+    assert all(len(part) <= MAX_PAYLOAD_BYTES for part in payloads.parts.values())
+    assert len(payloads.parts) >= 10  # at most four such nodes a part
+    assert decode_record(payloads.head, payloads.parts)[0] == record
+    assert splitter.payloads("r2", big_record(2, detail="z" * MAX_PAYLOAD_BYTES), []) is None
+    splitter.forget("r1")
+    assert splitter.used_parts("r1") == 0

@@ -76,6 +76,7 @@ from hub.core.engine import (
     check_record,
 )
 from hub.core.plan import LabelSource, labels_from
+from hub.core.state import EncodedRecord
 from hub.idempotency import IdempotencyIndex
 from hub.plan import Planner
 from hub.requests import (
@@ -192,6 +193,9 @@ class RolloutStore(Protocol):
 
     def put(self, table: str, key: str, doc: dict[str, Any]) -> None:
         """Insert or replace one document (in memory; on disk at the next commit)."""
+
+    def put_encoded(self, table: str, key: str, text: str) -> None:
+        """``put`` of a document already encoded as a JSON object's text."""
 
     def all(self, table: str) -> list[dict[str, Any]]:
         """Every document of ``table``."""
@@ -603,9 +607,9 @@ class RolloutManager:
         if any(isinstance(a, PublishCommand) for a in actions):
             # Durable before visible: the record naming a command is on disk before
             # the command is on the broker.
-            records = {rollout: self._engine.record(rollout) for rollout in changed}
+            records = {rollout: self._engine.encoded_record(rollout) for rollout in changed}
             for rollout, record in records.items():
-                self._store.put("rollouts", rollout, record)
+                self._store.put_encoded("rollouts", rollout, record.text())
             try:
                 await self._store.flush()
             except FleetError as exc:
@@ -673,8 +677,8 @@ class RolloutManager:
         self._dirty.clear()
         published = 0
         for rollout in dirty:
-            record = self._engine.record(rollout)
-            self._store.put("rollouts", rollout, record)
+            record = self._engine.encoded_record(rollout)
+            self._store.put_encoded("rollouts", rollout, record.text())
             head, rows = self._engine.summary_rows(rollout)
             self._published_states[rollout] = head.state
             await self._publish_record(rollout, record)
@@ -708,13 +712,13 @@ class RolloutManager:
                 _LOGGER.warning("node changes of %s not published: %s", rollout, exc.reason)
         return sum(len(p) for p in payloads)
 
-    async def _publish_record(self, rollout: str, record: dict[str, Any] | None = None) -> None:
+    async def _publish_record(self, rollout: str, record: EncodedRecord | None = None) -> None:
         """The rollout's full record and audit tail, retained (with a term only: standbys read it)."""
         if not self._term or not self._engine.has(rollout) or rollout in self._oversized:
             return  # (an oversized record stays so: its nodes do not change, and it was said)
         audit = [e for e in self._store.all("audit") if e.get("rollout") == rollout]
         payloads = self._records.payloads(
-            rollout, self._engine.record(rollout) if record is None else record, audit
+            rollout, self._engine.encoded_record(rollout) if record is None else record, audit
         )
         if payloads is None:
             self._oversized.add(rollout)  # (said once: its nodes' records only grow)

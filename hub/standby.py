@@ -30,6 +30,7 @@ from typing import Any
 from bus.errors import InvalidInput
 from bus.files import write_atomic
 from bus.messages import MAX_PAYLOAD_BYTES, HubState, loads_object
+from hub.core.state import EncodedRecord
 
 __all__ = [
     "HUB_HEARTBEAT_S",
@@ -154,16 +155,20 @@ class ActiveView:
 
 
 def encode_record(
-    record: dict[str, Any], audit: list[dict[str, Any]], *, layout: tuple[int, int] | None = None
+    record: dict[str, Any] | str, audit: list[dict[str, Any]], *, layout: tuple[int, int] | None = None
 ) -> bytes | None:
     """A rollout's retained record (its engine record and audit tail), within the payload limit.
 
-    The audit tail shrinks until it fits; None when the record alone does not fit.
-    ``layout``: (parts, nodes per part) of a record whose nodes are in parts (``RecordSplitter``).
+    ``record`` is the engine's record or its JSON text. The audit tail shrinks until it
+    fits; None when the record alone does not fit. ``layout``: (parts, nodes per part)
+    of a record whose nodes are in parts (``RecordSplitter``).
     """
     # The record is encoded once (at 10,000 nodes it is megabytes): only the tail shrinks.
     split = b"" if layout is None else b'"parts":%d,"per_part":%d,' % layout
-    head = b'{"v":1,' + split + b'"record":' + json.dumps(record, separators=(",", ":")).encode("utf-8")
+    text = (
+        record if isinstance(record, str) else json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+    )
+    head = b'{"v":1,' + split + b'"record":' + text.encode("utf-8")
     head += b',"audit":'
     if len(head) + 3 > MAX_PAYLOAD_BYTES:
         return None
@@ -240,27 +245,25 @@ class RecordSplitter:
         self._head: dict[str, bytes] = {}
 
     def payloads(
-        self, rollout: str, record: dict[str, Any], audit: list[dict[str, Any]]
+        self, rollout: str, record: EncodedRecord, audit: list[dict[str, Any]]
     ) -> RecordPayloads | None:
         """The payloads of the record now, or None when even one node per part is too big."""
-        whole = None if rollout in self._per_part else encode_record(record, audit)
+        whole = None if rollout in self._per_part else encode_record(record.text(), audit)
         if whole is not None:
             return self._changed(rollout, [], whole)
-        nodes = record["nodes"]
+        nodes = record.nodes
         names = sorted(nodes)
         per_part = self._per_part.get(rollout, self._part_nodes)
         while True:
-            parts = [
-                _encode_part(per_part, {name: nodes[name] for name in names[start : start + per_part]})
-                for start in range(0, len(names), per_part)
-            ]
+            parts = [_encode_part(per_part, [nodes[name] for name in names[start : start + per_part]])
+                     for start in range(0, len(names), per_part)]  # fmt: skip
             if all(len(part) <= MAX_PAYLOAD_BYTES for part in parts):
                 break
             if per_part == 1:
                 return None
             per_part = max(1, per_part // 2)
         self._per_part[rollout] = per_part
-        head = encode_record({**record, "nodes": {}}, audit, layout=(len(parts), per_part))
+        head = encode_record({**record.head, "nodes": {}}, audit, layout=(len(parts), per_part))
         if head is None:
             return None
         return self._changed(rollout, parts, head)
@@ -285,5 +288,6 @@ class RecordSplitter:
         return RecordPayloads(changed, None if same_head else head)
 
 
-def _encode_part(per_part: int, nodes: dict[str, Any]) -> bytes:
-    return json.dumps({"v": 1, "per_part": per_part, "nodes": nodes}, separators=(",", ":")).encode("utf-8")
+def _encode_part(per_part: int, entries: list[str]) -> bytes:
+    """A part of a record: ``entries`` are ``"name":{...}`` texts (``EncodedRecord.nodes``)."""
+    return (f'{{"v":1,"per_part":{per_part},"nodes":{{' + ",".join(entries) + "}}").encode("utf-8")

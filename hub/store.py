@@ -236,6 +236,20 @@ class Store:
         self._tables.setdefault(table, {})[key] = self._encode_doc(doc)
         self._changed()
 
+    def put_encoded(self, table: str, key: str, text: str) -> None:
+        """``put`` of a document the caller encoded as a JSON object (``hub.core.state.EncodedRecord``).
+
+        Raises:
+            InvalidInput: ``text`` is not a JSON object's text.
+        """
+        self._check_writable(table)
+        if not isinstance(key, str) or not key:
+            raise InvalidInput(f"store key must be a non-empty string, not {key!r}")
+        if not (text.startswith("{") and text.endswith("}")):
+            raise InvalidInput("an encoded document must be a JSON object's text")
+        self._tables.setdefault(table, {})[key] = text
+        self._changed()
+
     def delete(self, table: str, key: str) -> None:
         """Remove one document (nothing happens if it does not exist)."""
         self._check_writable(table)

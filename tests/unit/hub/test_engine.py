@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -1172,3 +1173,29 @@ def test_a_few_nodes_lost_among_many_in_play_are_single_losses_not_a_broker_even
     assert audits(actions, "outage") == []  # 2 of 6 in play: not more than half
     actions = fleet.do(Tick(), at=T0 + 11)
     assert fleet.state() == "rolling_back"  # each is a failure after its grace
+
+
+def test_the_encoded_record_is_the_record_at_every_moment_each_node_encoded_again_only_when_changed() -> None:
+    """``encoded_record`` (the store's document and the standby's parts, every summary round)
+    equals ``record`` after each report, a step marked in place included."""
+    fleet = Fleet()
+    nodes = ["n1", "n2", "n3"]
+    fleet.create(nodes, strategy={"waves": [1, "100%"]})
+
+    def same() -> dict[str, str]:
+        encoded = fleet.engine.encoded_record("r1")
+        assert json.loads(encoded.text()) == fleet.engine.record("r1")
+        return encoded.nodes
+
+    before = same()
+    fleet.step("n1", 0, "running")
+    after = same()
+    assert after["n1"] != before["n1"]  # its grid changed in place: seen
+    assert after["n2"] is before["n2"]  # untouched: the same text, not encoded again
+    fleet.step("n1", 0, "succeeded")
+    same()
+    fleet.snap("n1", "succeeded")
+    same()
+    for node in ("n2", "n3"):
+        fleet.snap(node, "failed", failed_step=0)
+        same()

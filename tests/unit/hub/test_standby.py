@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bus.errors import InvalidInput
 from bus.messages import MAX_PAYLOAD_BYTES, Command, HubState
 from bus.topics import Topics
+from hub.core.state import EncodedRecord
 from hub.standby import (
     ActiveView,
     RecordSplitter,
@@ -137,7 +139,7 @@ def test_the_term_of_a_command_is_left_out_of_the_wire_when_zero() -> None:
     assert Command.model_validate({**fields, "term": 3}).model_dump(mode="json")["term"] == 3
 
 
-def big_record(nodes: int, detail: str = "") -> dict[str, object]:
+def big_record(nodes: int, detail: str = "") -> dict[str, Any]:
     """A record like the engine's at scale (about 500 bytes a node)."""
     return {
         "id": "r1",
@@ -150,15 +152,21 @@ def big_record(nodes: int, detail: str = "") -> dict[str, object]:
     }
 
 
+def encoded(record: dict[str, Any]) -> EncodedRecord:
+    """``record`` as ``hub.core.state.RecordEncoder`` gives it."""
+    nodes = {name: f"{json.dumps(name)}:{json.dumps(doc)}" for name, doc in record["nodes"].items()}
+    return EncodedRecord({k: v for k, v in record.items() if k != "nodes"}, nodes)
+
+
 def test_a_small_record_goes_whole_and_again_only_when_it_changed() -> None:
     splitter = RecordSplitter()
     record = big_record(3)
-    first = splitter.payloads("r1", record, [])
+    first = splitter.payloads("r1", encoded(record), [])
     assert first is not None
     assert first.parts == {}
     assert first.head is not None
     assert decode_record(first.head) == (record, [])
-    same = splitter.payloads("r1", record, [])
+    same = splitter.payloads("r1", encoded(record), [])
     assert same is not None
     assert (same.parts, same.head) == ({}, None)
 
@@ -167,17 +175,17 @@ def test_a_record_of_ten_thousand_nodes_goes_in_parts_and_only_changed_parts_go_
     splitter = RecordSplitter()
     record = big_record(10_000)
     audit = [{"rollout": "r1", "message": "created", "n": 0}]
-    first = splitter.payloads("r1", record, audit)
+    first = splitter.payloads("r1", encoded(record), audit)
     assert first is not None
     assert first.head is not None
     assert len(first.parts) > 1
     assert all(len(part) <= MAX_PAYLOAD_BYTES for part in first.parts.values())
     assert decode_record(first.head, first.parts) == (record, audit)
 
-    nodes = dict(record["nodes"])  # type: ignore[call-overload]
+    nodes = dict(record["nodes"])
     nodes["n07777"] = {**nodes["n07777"], "phase": "succeeded"}
     changed = {**record, "nodes": nodes}
-    second = splitter.payloads("r1", changed, audit)
+    second = splitter.payloads("r1", encoded(changed), audit)
     assert second is not None
     assert second.head is None  # the head names no node: unchanged
     assert len(second.parts) == 1
@@ -195,12 +203,12 @@ def test_a_record_of_ten_thousand_nodes_goes_in_parts_and_only_changed_parts_go_
 def test_parts_shrink_while_a_part_is_too_big_and_a_node_too_big_for_any_is_said() -> None:
     splitter = RecordSplitter(part_nodes=500)
     record = big_record(40, detail="y" * 60_000)
-    payloads = splitter.payloads("r1", record, [])
+    payloads = splitter.payloads("r1", encoded(record), [])
     assert payloads is not None
     assert payloads.head is not None
     assert all(len(part) <= MAX_PAYLOAD_BYTES for part in payloads.parts.values())
     assert len(payloads.parts) >= 10  # at most four such nodes a part
     assert decode_record(payloads.head, payloads.parts)[0] == record
-    assert splitter.payloads("r2", big_record(2, detail="z" * MAX_PAYLOAD_BYTES), []) is None
+    assert splitter.payloads("r2", encoded(big_record(2, detail="z" * MAX_PAYLOAD_BYTES)), []) is None
     splitter.forget("r1")
     assert splitter.used_parts("r1") == 0

@@ -61,6 +61,14 @@ def _encode(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_.:-]*")
+
+
+def _key(key: str) -> str:
+    """A document key as JSON (node ids, rollout ids and counters need no escaping: the common case)."""
+    return f'"{key}"' if _PLAIN_KEY.fullmatch(key) else _encode(key)
+
+
 class AtomicJSONStorage(Storage):
     """A TinyDB storage that replaces the whole file atomically on every write.
 
@@ -124,6 +132,10 @@ class Store:
         self._interval = commit_interval_s
         self._storage = AtomicJSONStorage(self.path)
         self._tables: dict[str, dict[str, str]] = {}
+        #: per table: the store version of its latest change; and the JSON of each table as
+        #: last written, with that version (a commit joins again only the tables that changed)
+        self._table_versions: dict[str, int] = {}
+        self._written: dict[str, tuple[int, str]] = {}
         self._counters: dict[str, int] = {}
         self._version = 0
         self._committed = 0
@@ -234,7 +246,7 @@ class Store:
         if not isinstance(key, str) or not key:
             raise InvalidInput(f"store key must be a non-empty string, not {key!r}")
         self._tables.setdefault(table, {})[key] = self._encode_doc(doc)
-        self._changed()
+        self._changed(table)
 
     def put_encoded(self, table: str, key: str, text: str) -> None:
         """``put`` of a document the caller encoded as a JSON object (``hub.core.state.EncodedRecord``).
@@ -248,14 +260,14 @@ class Store:
         if not (text.startswith("{") and text.endswith("}")):
             raise InvalidInput("an encoded document must be a JSON object's text")
         self._tables.setdefault(table, {})[key] = text
-        self._changed()
+        self._changed(table)
 
     def delete(self, table: str, key: str) -> None:
         """Remove one document (nothing happens if it does not exist)."""
         self._check_writable(table)
         docs = self._tables.get(table)
         if docs is not None and docs.pop(key, None) is not None:
-            self._changed()
+            self._changed(table)
 
     def append(self, table: str, doc: dict[str, Any]) -> str:
         """Add a document under a new key (ascending, zero-padded); return the key."""
@@ -265,7 +277,7 @@ class Store:
         self._counters[table] = number
         key = f"{number:012d}"
         self._tables.setdefault(table, {})[key] = raw
-        self._changed()
+        self._changed(table)
         return key
 
     async def flush(self) -> None:
@@ -301,8 +313,9 @@ class Store:
         except (TypeError, ValueError, RecursionError) as exc:
             raise InvalidInput(f"document cannot be stored as JSON: {exc}") from exc
 
-    def _changed(self) -> None:
+    def _changed(self, table: str) -> None:
         self._version += 1
+        self._table_versions[table] = self._version
         self._dirty.set()
 
     @staticmethod
@@ -322,8 +335,15 @@ class Store:
             self._dirty.clear()
             self._now.clear()
             version = self._version
-            # A consistent snapshot between two puts; documents are immutable strings.
-            snapshot = {table: dict(docs) for table, docs in self._tables.items()}
+            # A consistent snapshot between two puts; documents are immutable strings. A table
+            # unchanged since the last commit is not copied: its JSON is written as it was.
+            snapshot = {
+                table: (
+                    self._table_versions.get(table, 0),
+                    None if self._is_written(table) else dict(docs),
+                )
+                for table, docs in self._tables.items()
+            }
             started = time.monotonic()
             try:
                 await asyncio.to_thread(self._write_snapshot, snapshot)
@@ -340,10 +360,19 @@ class Store:
             self._committed = version
             self._committed_event.set()
 
-    def _write_snapshot(self, snapshot: dict[str, dict[str, str]]) -> None:
+    def _is_written(self, table: str) -> bool:
+        written = self._written.get(table)
+        return written is not None and written[0] == self._table_versions.get(table, 0)
+
+    def _write_snapshot(self, snapshot: dict[str, tuple[int, dict[str, str] | None]]) -> None:
         """Join the encoded documents and replace the file. Blocking: call through asyncio.to_thread."""
         parts = []
-        for table, docs in snapshot.items():
-            body = ",".join(f"{_encode(key)}:{raw}" for key, raw in docs.items())
-            parts.append(f"{_encode(table)}:{{{body}}}")
+        for table, (version, docs) in snapshot.items():
+            if docs is None:
+                text = self._written[table][1]
+            else:
+                body = ",".join(f"{_key(key)}:{raw}" for key, raw in docs.items())
+                text = f"{_encode(table)}:{{{body}}}"
+            parts.append(text)
+            self._written[table] = (version, text)  # (a table's text, whether or not the write succeeds)
         self._storage.write_bytes(("{" + ",".join(parts) + "}").encode("utf-8"))

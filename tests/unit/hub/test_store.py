@@ -182,3 +182,34 @@ async def test_writes_before_open_are_a_programming_error(tmp_path: Path) -> Non
     store = Store(tmp_path / "hub.json")
     with pytest.raises(RuntimeError):
         store.put("rollouts", "r", {})
+
+
+async def test_every_commit_writes_every_table_whether_or_not_it_changed(tmp_path: Path) -> None:
+    """A table unchanged since the last commit is written from its last text: the file is
+    always the whole mirror (keys that need escaping included)."""
+    path = tmp_path / "hub.json"
+    store = Store(path, commit_interval_s=0.01)
+    await store.open()
+    try:
+        store.put("nodes", "web-1.example", {"online": True})
+        store.put("nodes", 'odd "key" é', {"online": False})
+        store.put("rollouts", "r1", {"state": "running"})
+        await store.flush()
+        for state in ("succeeded", "archived"):
+            store.put("rollouts", "r1", {"state": state})  # only the rollouts table changes
+            await store.flush()
+            assert json.loads(path.read_text()) == {
+                "nodes": {"web-1.example": {"online": True}, 'odd "key" é': {"online": False}},
+                "rollouts": {"r1": {"state": state}},
+            }
+        store.delete("nodes", "web-1.example")
+        store.put_encoded("rollouts", "r2", '{"state":"running"}')
+        await store.flush()
+        assert json.loads(path.read_text()) == {
+            "nodes": {'odd "key" é': {"online": False}},
+            "rollouts": {"r1": {"state": "archived"}, "r2": {"state": "running"}},
+        }
+        with pytest.raises(InvalidInput):
+            store.put_encoded("rollouts", "r3", "[1]")
+    finally:
+        await store.close()

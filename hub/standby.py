@@ -155,16 +155,19 @@ class ActiveView:
 
 
 def encode_record(
-    record: dict[str, Any] | str, audit: list[dict[str, Any]], *, layout: tuple[int, int] | None = None
+    record: dict[str, Any] | str,
+    audit: list[dict[str, Any]],
+    *,
+    layout: tuple[int, int, int] | None = None,
 ) -> bytes | None:
     """A rollout's retained record (its engine record and audit tail), within the payload limit.
 
     ``record`` is the engine's record or its JSON text. The audit tail shrinks until it
-    fits; None when the record alone does not fit. ``layout``: (parts, nodes per part)
-    of a record whose nodes are in parts (``RecordSplitter``).
+    fits; None when the record alone does not fit. ``layout``: (parts, nodes per part,
+    parts of nodes) of a record in parts (``RecordSplitter``).
     """
     # The record is encoded once (at 10,000 nodes it is megabytes): only the tail shrinks.
-    split = b"" if layout is None else b'"parts":%d,"per_part":%d,' % layout
+    split = b"" if layout is None else b'"parts":%d,"per_part":%d,"node_parts":%d,' % layout
     text = (
         record if isinstance(record, str) else json.dumps(record, ensure_ascii=False, separators=(",", ":"))
     )
@@ -196,18 +199,33 @@ def decode_record(
         raise InvalidInput("rollout record: 'record' must be an object and 'audit' a list")
     count, per_part = data.get("parts", 0), data.get("per_part", 0)
     if count:
-        if not isinstance(count, int) or not isinstance(per_part, int) or count < 0:
-            raise InvalidInput("rollout record: 'parts' and 'per_part' must be counts")
+        node_parts = data.get("node_parts", count)
+        if (
+            not all(isinstance(n, int) and n >= 0 for n in (count, per_part, node_parts))
+            or node_parts > count
+        ):
+            raise InvalidInput("rollout record: 'parts', 'node_parts' and 'per_part' must be counts")
         nodes: dict[str, Any] = {}
+        text: list[str] = []  # the rest of the record (spec, waves), as JSON text in pieces
         for index in range(count):
             found = (parts or {}).get(index)
             if found is None:
                 raise InvalidInput(f"rollout record: part {index} of {count} is missing")
             part = loads_object(found)
-            if part.get("per_part") != per_part or not isinstance(part.get("nodes"), dict):
+            piece = part.get("nodes") if index < node_parts else part.get("text")
+            if part.get("per_part") != per_part or not isinstance(piece, dict if index < node_parts else str):
                 raise InvalidInput(f"rollout record: part {index} is of another layout")
-            nodes.update(part["nodes"])
-        record = {**record, "nodes": nodes}
+            if isinstance(piece, dict):
+                nodes.update(piece)
+            else:
+                text.append(piece)
+        try:
+            rest = json.loads("".join(text)) if text else {}
+        except ValueError as exc:
+            raise InvalidInput(f"rollout record: its text pieces are not JSON: {exc}") from exc
+        if not isinstance(rest, dict):
+            raise InvalidInput("rollout record: its text pieces are not an object")
+        record = {**record, **rest, "nodes": nodes}
     return record, [entry for entry in audit if isinstance(entry, dict)]
 
 
@@ -263,10 +281,17 @@ class RecordSplitter:
                 return None
             per_part = max(1, per_part // 2)
         self._per_part[rollout] = per_part
-        head = encode_record({**record.head, "nodes": {}}, audit, layout=(len(parts), per_part))
+        # The target list and the waves name every node too: they go in text pieces after the
+        # nodes' parts (the same bytes each round unless the waves were split again).
+        big = {key: record.head[key] for key in _BIG_FIELDS if key in record.head}
+        text = json.dumps(big, ensure_ascii=False, separators=(",", ":"))
+        pieces = [_encode_text(per_part, text[i : i + _TEXT_PART]) for i in range(0, len(text), _TEXT_PART)]
+        small = {key: value for key, value in record.head.items() if key not in big}
+        layout = (len(parts) + len(pieces), per_part, len(parts))
+        head = encode_record({**small, "nodes": {}}, audit, layout=layout)
         if head is None:
             return None
-        return self._changed(rollout, parts, head)
+        return self._changed(rollout, parts + pieces, head)
 
     def used_parts(self, rollout: str) -> int:
         """How many parts were last sent for ``rollout``."""
@@ -286,6 +311,17 @@ class RecordSplitter:
         same_head = self._head.get(rollout) == head
         self._head[rollout] = head
         return RecordPayloads(changed, None if same_head else head)
+
+
+#: The fields of a record that name every node besides its nodes (carried in text pieces when in parts).
+_BIG_FIELDS = ("spec", "waves")
+#: Characters of a text piece: escaped (a quote or a backslash doubles) and UTF-8 encoded
+#: (4 bytes a character at most), 60,000 stay within the payload limit.
+_TEXT_PART = 60_000
+
+
+def _encode_text(per_part: int, text: str) -> bytes:
+    return json.dumps({"v": 1, "per_part": per_part, "text": text}, ensure_ascii=False).encode("utf-8")
 
 
 def _encode_part(per_part: int, entries: list[str]) -> bytes:

@@ -9,8 +9,10 @@ from typing import Any
 import pytest
 
 from bus.errors import InvalidInput
-from bus.messages import MAX_PAYLOAD_BYTES, Command, HubState
+from bus.messages import MAX_PAYLOAD_BYTES, Command, HubState, RolloutSpec
 from bus.topics import Topics
+from hub.core.engine import RolloutEngine
+from hub.core.events import RolloutCreated
 from hub.core.state import EncodedRecord
 from hub.standby import (
     ActiveView,
@@ -212,3 +214,24 @@ def test_parts_shrink_while_a_part_is_too_big_and_a_node_too_big_for_any_is_said
     assert splitter.payloads("r2", encoded(big_record(2, detail="z" * MAX_PAYLOAD_BYTES)), []) is None
     splitter.forget("r1")
     assert splitter.used_parts("r1") == 0
+
+
+def test_an_engine_record_of_ten_thousand_listed_targets_round_trips_in_parts() -> None:
+    """The targets and the waves name every node too: they travel in text pieces."""
+    nodes = [f"sim-a-{i:05d}" for i in range(10_000)]
+    spec = RolloutSpec.model_validate(
+        {
+            "name": "ten thousand",
+            "targets": nodes,
+            "plan": [{"type": "package", "manager": "apt", "name": "app", "version": "2.0"}],
+            "strategy": {"waves": ["10%"]},
+        }
+    )
+    engine = RolloutEngine()
+    engine.handle(RolloutCreated("r1", spec, tuple(nodes), frozenset(nodes)), 1000.0)
+    payloads = RecordSplitter().payloads("r1", engine.encoded_record("r1"), [{"message": "created"}])
+    assert payloads is not None
+    assert payloads.head is not None
+    assert len(payloads.head) < 4096
+    assert all(len(part) <= MAX_PAYLOAD_BYTES for part in payloads.parts.values())
+    assert decode_record(payloads.head, payloads.parts) == (engine.record("r1"), [{"message": "created"}])

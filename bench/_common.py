@@ -415,6 +415,9 @@ class Observer:
         self.statuses: list[tuple[float, StepStatus]] = []
         #: bytes of each per-node change message (``rollout/{id}/nodes``) per rollout
         self.node_changes: dict[str, list[int]] = {}
+        #: per rollout: the sizes of its retained record's publishes (head and parts), and the parts seen
+        self.record_bytes: dict[str, list[int]] = {}
+        self.record_parts: dict[str, set[int]] = {}
         self._watch_statuses = statuses
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
@@ -425,6 +428,8 @@ class Observer:
         await self.client.subscribe(self.topics.events, qos=0)
         await self.client.subscribe(self.topics.rollout_filter, qos=1)
         await self.client.subscribe(self.topics.rollout_nodes_filter, qos=1)
+        await self.client.subscribe(self.topics.rollout_record_filter, qos=1)
+        await self.client.subscribe(self.topics.rollout_record_part_filter, qos=1)
         if self._watch_statuses:
             await self.client.subscribe(self.topics.node_filter("status"), qos=1)
         self._task = asyncio.create_task(self._pump())
@@ -446,6 +451,11 @@ class Observer:
                 self.events.append((now, decode(Event, message.payload)))
             elif (rollout := self.topics.parse_rollout_nodes(message.topic)) is not None:
                 self.node_changes.setdefault(rollout, []).append(len(message.payload))
+            elif (rollout := self.topics.parse_rollout_record(message.topic)) is not None:
+                self.record_bytes.setdefault(rollout, []).append(len(message.payload))
+            elif (part := self.topics.parse_rollout_record_part(message.topic)) is not None:
+                self.record_bytes.setdefault(part[0], []).append(len(message.payload))
+                self.record_parts.setdefault(part[0], set()).add(part[1])
             elif (rollout := self.topics.parse_rollout(message.topic)) is not None:
                 summary = decode(RolloutSummary, message.payload) if message.payload else None
                 self.summaries.setdefault(rollout, []).append((now, len(message.payload), summary))

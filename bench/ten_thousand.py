@@ -136,6 +136,9 @@ async def _rollout(
         "summary_publishes": len(summaries),
         "summary_bytes": sum(size for _, size, _ in summaries),
         "summary_largest_bytes": largest,
+        "record_messages": len(obs.record_bytes.get(rollout, [])),
+        "record_bytes": sum(obs.record_bytes.get(rollout, [])),
+        "record_parts": len(obs.record_parts.get(rollout, ())),
         "change_messages": len(changes),
         "change_bytes": sum(changes),
     }

@@ -172,6 +172,7 @@ class Store:
             for table, docs in (data or {}).items()
         }
         self._counters = {table: self._last_number(docs) for table, docs in self._tables.items()}
+        self._table_versions, self._written = {}, {}  # (what was written before a reopen is not the file)
         self._open = True
         self._task = asyncio.create_task(self._commit_loop(), name=f"store-commit-{self.path.name}")
         _LOGGER.debug("opened %s: %s", self.path, {t: len(d) for t, d in self._tables.items()})

@@ -211,18 +211,9 @@ def parse_label_filter(text: str) -> tuple[str, str]:
 
 def summarise_rows(nodes: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The counts ``--summary`` prints (as the hub's ``nodes`` summary), from node rows."""
-    by_state = {"online": 0, "offline": 0}
-    by_version: dict[str, dict[str, int]] = {}
-    for node in nodes:
-        by_state["online" if node.get("online") else "offline"] += 1
-        for software, version in node_versions(node).items():
-            seen = by_version.setdefault(software, {})
-            seen[version] = seen.get(version, 0) + 1
-    ordered = {
-        software: dict(sorted(versions.items(), key=lambda item: (-item[1], item[0])))
-        for software, versions in sorted(by_version.items())
-    }
-    return {"total": len(nodes), "by_state": by_state, "by_version": ordered}
+    from hub.core.node_query import count_nodes
+
+    return count_nodes((bool(node.get("online")), node_versions(node)) for node in nodes)
 
 
 def render_summary(counts: Mapping[str, Any]) -> str:

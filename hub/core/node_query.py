@@ -95,13 +95,21 @@ def summarise(infos: Iterable[Any]) -> dict[str, Any]:
 
     ``by_version`` lists every software with its versions, the most common first.
     """
+    return count_nodes((info.online, node_versions(info)) for info in infos)
+
+
+def count_nodes(nodes: Iterable[tuple[bool, Mapping[str, str]]]) -> dict[str, Any]:
+    """``summarise`` of (online, ``{software: version}``) pairs.
+
+    ``fleet nodes --summary`` counts rows with it when the hub does not count.
+    """
     total = 0
     by_state = dict.fromkeys(_STATES, 0)
     by_version: dict[str, dict[str, int]] = {}
-    for info in infos:
+    for online, versions in nodes:
         total += 1
-        by_state["online" if info.online else "offline"] += 1
-        for software, version in node_versions(info).items():
+        by_state["online" if online else "offline"] += 1
+        for software, version in versions.items():
             seen = by_version.setdefault(software, {})
             seen[version] = seen.get(version, 0) + 1
     ordered = {

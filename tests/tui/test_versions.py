@@ -7,7 +7,14 @@ from typing import Any
 from textual.widgets import Static
 
 from bus.messages import Inventory, NodeState
-from cli.nodes import matches, parse_version_filter, render_table, render_versions, summary_line
+from cli.nodes import (
+    matches,
+    parse_version_filter,
+    render_table,
+    render_versions,
+    summarise_rows,
+    summary_line,
+)
 from tests.tui.helpers import demo_app, until
 from tui.demo import DEMO_NOW
 from tui.model import versions_text
@@ -118,3 +125,17 @@ async def test_fleet_screen_names_drift_and_v_shows_which_versions_run_where() -
 def test_fleet_nodes_counts_steps_from_one() -> None:
     node = {**_node("node-1", "2.0"), "job": {"rollout": "1a7e70f1-aaaa", "step": 3}}
     assert "1a7e70f1 step 4" in render_table([node], DEMO_NOW)
+
+
+def test_fleet_nodes_counts_rows_as_the_hub_counts_them() -> None:
+    """``fleet nodes --summary`` on a hub that does not count: the same counts, from rows."""
+    rows = [
+        {"online": True, "agent_version": "0.1.0", "inventory": {"services": {"nginx": "1.24.0"}}},
+        {"online": False, "agent_version": "0.1.0", "inventory": {"packages": {"nginx": "1.22.1"}}},
+        {"online": True, "agent_version": "0.1.0", "inventory": {"services": {"nginx": "1.24.0"}}},
+    ]
+    assert summarise_rows(rows) == {
+        "total": 3,
+        "by_state": {"online": 2, "offline": 1},
+        "by_version": {"fleet-agent": {"0.1.0": 3}, "nginx": {"1.24.0": 2, "1.22.1": 1}},
+    }

@@ -75,6 +75,17 @@ class NodeInfo:
     heartbeat: Heartbeat | None = None
 
 
+def _announced(state: NodeState) -> dict[str, Any]:
+    """What a node's birth or will says of it, as ``NodeInfo`` fields."""
+    return {
+        "labels": dict(state.labels),
+        "inventory": state.inventory,
+        "agent_version": state.agent_version,
+        "started_at": state.started_at,
+        "heartbeat_s": state.heartbeat_s,
+    }
+
+
 def _beaten(info: NodeInfo, now: float, heartbeat: Heartbeat) -> NodeInfo:
     """``info`` seen again at ``now``: ``dataclasses.replace`` in half its time (the hot path)."""
     return NodeInfo(
@@ -136,25 +147,14 @@ class Registry:
             # A replayed birth of a connection that is over or silent: not a sign of life,
             # but what it says is the node's latest word (an agent re-publishes its birth
             # when a job changed its versions): never keep an older inventory (issue 14.2).
-            self._nodes[state.node] = dataclasses.replace(
-                info,
-                labels=dict(state.labels),
-                inventory=state.inventory,
-                agent_version=state.agent_version,
-                started_at=state.started_at,
-                heartbeat_s=state.heartbeat_s,
-            )
+            self._nodes[state.node] = dataclasses.replace(info, **_announced(state))
             return None
         was_online = info is not None and info.online
         self._nodes[state.node] = NodeInfo(
             node=state.node,
             online=True,
             session=state.session,
-            labels=dict(state.labels),
-            inventory=state.inventory,
-            agent_version=state.agent_version,
-            started_at=state.started_at,
-            heartbeat_s=state.heartbeat_s,
+            **_announced(state),
             last_seen=now,
             since=info.since if (info is not None and was_online) else now,
             heartbeat=info.heartbeat if (info is not None and info.session == state.session) else None,
@@ -170,11 +170,7 @@ class Registry:
                 session=state.session,
                 session_ended=True,
                 offline_reason=reason,
-                labels=dict(state.labels),
-                inventory=state.inventory,
-                agent_version=state.agent_version,
-                started_at=state.started_at,
-                heartbeat_s=state.heartbeat_s,
+                **_announced(state),
                 since=now,
             )
             return None

@@ -360,6 +360,18 @@ class Bench:
         wait_log(child, "nodes online", timeout)
         return child
 
+    def start_simulators(self, nodes: int, count: int, *, lettered: bool = True, **options: Any) -> None:
+        """``nodes`` over ``count`` simulators, ``simulate``, ``simulate-2``..., of nodes ``sim-a-*``,
+        ``sim-b-*``... (one simulator without ``lettered``: ``sim-*``); ``options`` as ``start_simulator``."""
+        for index in range(count):
+            share = nodes // count + (index < nodes % count)
+            self.start_simulator(
+                share,
+                name="simulate" if index == 0 else f"simulate-{index + 1}",
+                node_prefix=f"sim-{chr(ord('a') + index)}-" if lettered or count > 1 else "sim-",
+                **options,
+            )
+
     def start_agent(self, node: str, *extra: str, optimized: bool = False) -> Child:
         """A real ``fleet agent``; ``optimized``: as deploy/fleet-agent.service runs it (PYTHONOPTIMIZE=2)."""
         child = fleet(

@@ -125,15 +125,9 @@ def main() -> None:
     with Bench(args.broker, keep=args.keep, journal=args.journal, sub_qos=args.sub_qos) as bench:
         raw = raw_fanout(bench.single_url, args.nodes, args.raw_repeat)
         bench.start_hub()
-        for index in range(args.simulators):
-            share = args.nodes // args.simulators + (index < args.nodes % args.simulators)
-            bench.start_simulator(
-                share,
-                step_ms=args.step_ms,
-                heartbeat_s=args.heartbeat_s,
-                name="simulate" if index == 0 else f"simulate-{index + 1}",
-                node_prefix=f"sim-{chr(ord('a') + index)}-" if args.simulators > 1 else "sim-",
-            )
+        bench.start_simulators(
+            args.nodes, args.simulators, lettered=False, step_ms=args.step_ms, heartbeat_s=args.heartbeat_s
+        )
         figures = asyncio.run(measure(bench, args.nodes, args.repeat, args.heartbeat_s))
     seconds = median([r["seconds"] for r in figures["runs"]])
     raw_seconds = median(raw)

@@ -220,15 +220,7 @@ def main() -> None:
     args = parser.parse_args()
     with Bench(args.broker, keep=args.keep, journal=args.journal) as bench:
         bench.start_hub()
-        for index in range(args.simulators):
-            share = args.nodes // args.simulators + (index < args.nodes % args.simulators)
-            bench.start_simulator(
-                share,
-                heartbeat_s=args.heartbeat_s,
-                name="simulate" if index == 0 else f"simulate-{index + 1}",
-                node_prefix=f"sim-{chr(ord('a') + index)}-",
-                timeout=600,
-            )
+        bench.start_simulators(args.nodes, args.simulators, heartbeat_s=args.heartbeat_s, timeout=600)
         figures = asyncio.run(measure(bench, args))
     emit(
         {

@@ -243,9 +243,7 @@ class Store:
         Raises:
             InvalidInput: the document is not a JSON object (or holds NaN, sets...).
         """
-        self._check_writable(table)
-        if not isinstance(key, str) or not key:
-            raise InvalidInput(f"store key must be a non-empty string, not {key!r}")
+        self._check_put(table, key)
         self._tables.setdefault(table, {})[key] = self._encode_doc(doc)
         self._changed(table)
 
@@ -255,9 +253,7 @@ class Store:
         Raises:
             InvalidInput: ``text`` is not a JSON object's text.
         """
-        self._check_writable(table)
-        if not isinstance(key, str) or not key:
-            raise InvalidInput(f"store key must be a non-empty string, not {key!r}")
+        self._check_put(table, key)
         if not (text.startswith("{") and text.endswith("}")):
             raise InvalidInput("an encoded document must be a JSON object's text")
         self._tables.setdefault(table, {})[key] = text
@@ -304,6 +300,11 @@ class Store:
             raise RuntimeError("store is not open")
         if not _TABLE_NAME.fullmatch(table):
             raise InvalidInput(f"invalid table name {table!r}")
+
+    def _check_put(self, table: str, key: str) -> None:
+        self._check_writable(table)
+        if not isinstance(key, str) or not key:
+            raise InvalidInput(f"store key must be a non-empty string, not {key!r}")
 
     @staticmethod
     def _encode_doc(doc: dict[str, Any]) -> str:

@@ -609,7 +609,7 @@ class RolloutManager:
             # the command is on the broker.
             records = {rollout: self._engine.encoded_record(rollout) for rollout in changed}
             for rollout, record in records.items():
-                self._store.put_encoded("rollouts", rollout, record.text())
+                self._store.put_encoded("rollouts", rollout, record.text)
             try:
                 await self._store.flush()
             except FleetError as exc:
@@ -678,7 +678,7 @@ class RolloutManager:
         published = 0
         for rollout in dirty:
             record = self._engine.encoded_record(rollout)
-            self._store.put_encoded("rollouts", rollout, record.text())
+            self._store.put_encoded("rollouts", rollout, record.text)
             head, rows = self._engine.summary_rows(rollout)
             self._published_states[rollout] = head.state
             await self._publish_record(rollout, record)

@@ -266,7 +266,7 @@ class RecordSplitter:
         self, rollout: str, record: EncodedRecord, audit: list[dict[str, Any]]
     ) -> RecordPayloads | None:
         """The payloads of the record now, or None when even one node per part is too big."""
-        whole = None if rollout in self._per_part else encode_record(record.text(), audit)
+        whole = None if rollout in self._per_part else encode_record(record.text, audit)
         if whole is not None:
             return self._changed(rollout, [], whole)
         nodes = record.nodes

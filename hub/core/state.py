@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import json
 import operator
 from collections.abc import Callable, Mapping, Sequence
@@ -291,14 +292,15 @@ class EncodedRecord:
     """A rollout's record as JSON: ``head`` without its nodes, then each node's entry.
 
     ``nodes`` maps a node to its ``"name":{...}`` text, in the rollout's order;
-    ``text()`` is the whole record, equal to ``encode_record`` as JSON.
+    ``text`` is the whole record, equal to ``encode_record`` as JSON.
     """
 
     head: dict[str, Any]
     nodes: dict[str, str]
 
+    @functools.cached_property
     def text(self) -> str:
-        """The whole record (the document the store keeps)."""
+        """The whole record (the document the store keeps; the standby's when it fits one payload)."""
         return _json(self.head)[:-1] + ',"nodes":{' + ",".join(self.nodes.values()) + "}}"
 
 

@@ -1184,7 +1184,7 @@ def test_the_encoded_record_is_the_record_at_every_moment_each_node_encoded_agai
 
     def same() -> dict[str, str]:
         encoded = fleet.engine.encoded_record("r1")
-        assert json.loads(encoded.text()) == fleet.engine.record("r1")
+        assert json.loads(encoded.text) == fleet.engine.record("r1")
         return encoded.nodes
 
     before = same()

@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # the hub's side; agents only verify and never load ``cryptog
 Signable = TypeVar("Signable", bound=BaseModel)
 
 __all__ = [
+    "CommandSigner",
     "canonical_json",
     "generate_keypair",
     "load_private_key",
@@ -52,6 +53,47 @@ def _signed_part(fields: Mapping[str, Any]) -> bytes:
 def sign_command(command: Command, key: Ed25519PrivateKey) -> Command:
     """Return ``command`` with ``sig`` set."""
     return sign_model(command, key)
+
+
+class CommandSigner:
+    """Signs commands straight into their wire payload (the hub's many commands of one plan).
+
+    ``encode(sign_command(command, key))`` costs two model copies, a dump and a
+    JSON encoding of the whole plan per command; a rollout sends the same plan
+    to every node. Here the plan's canonical JSON is made once per plan (its
+    steps by identity, the newest ``keep`` plans), the rest of the command is
+    dumped once, and the payload is the signed canonical text with ``sig``
+    added: an agent reads the same fields and verifies the same bytes.
+    """
+
+    def __init__(self, key: Ed25519PrivateKey, keep: int = 16) -> None:
+        self._key = key
+        self._keep = keep
+        # (ids of the steps) -> (the steps, kept so the ids stay theirs; their canonical JSON)
+        self._plans: dict[tuple[int, ...], tuple[list[Any], str]] = {}
+
+    def payload(self, command: Command, term: int = 0) -> bytes:
+        """The signed ``command`` (with ``term`` when not 0) as UTF-8 JSON, ready to publish."""
+        fields = command.model_dump(mode="json", exclude={"plan", "sig", "term"})
+        if term or command.term:
+            fields["term"] = term or command.term
+        fields["plan"] = None
+        text = canonical_json(fields).decode("utf-8")
+        # "plan":null is there once: inside a JSON string every quote is escaped.
+        signed = text.replace('"plan":null', '"plan":' + self._plan_text(command), 1).encode("utf-8")
+        sig = base64.b64encode(self._key.sign(signed)).decode("ascii")
+        return signed[:-1] + b',"sig":"' + sig.encode("ascii") + b'"}'
+
+    def _plan_text(self, command: Command) -> str:
+        key = tuple(map(id, command.plan))
+        kept = self._plans.get(key)
+        if kept is None:
+            plan = command.model_dump(mode="json", include={"plan"})["plan"]
+            kept = (list(command.plan), canonical_json(plan).decode("utf-8"))
+            if len(self._plans) >= self._keep:
+                del self._plans[next(iter(self._plans))]
+            self._plans[key] = kept
+        return kept[1]
 
 
 def sign_model(message: Signable, key: Ed25519PrivateKey) -> Signable:

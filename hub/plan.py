@@ -43,9 +43,9 @@ from typing import TYPE_CHECKING, Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bus.errors import BusError
-from bus.messages import PLAN_PREFIX, Command, StepStatus, encode, new_id
+from bus.messages import PLAN_PREFIX, Command, StepStatus, new_id
 from bus.publisher import Publish
-from bus.signing import sign_command
+from bus.signing import CommandSigner
 from bus.topics import Topics
 from hub.core.plan import (
     Answer,
@@ -110,7 +110,7 @@ class Planner:
         self._resolve = resolve
         self._is_online = is_online
         self._busy = busy
-        self._key = signing_key
+        self._signer = CommandSigner(signing_key)
         self._clock = clock
         self._new_id = new_id
         self._labels = labels or (lambda _node: {})
@@ -190,10 +190,10 @@ class Planner:
         self._rounds[plan_id] = found
         try:
             for node, command in commands.items():
-                signed = sign_command(command, self._key)
+                payload = self._signer.payload(command)
                 try:
                     # Not retained: the node's retained command (a running rollout's) stays.
-                    await self._publish(self._topics.node(node, "cmd"), encode(signed), qos=1, retain=False)
+                    await self._publish(self._topics.node(node, "cmd"), payload, qos=1, retain=False)
                 except BusError as exc:
                     found.answers[node].state = "unsent"
                     found.answers[node].detail = f"not sent: {exc.reason}"

@@ -51,7 +51,7 @@ from bus.messages import (
     new_id,
 )
 from bus.publisher import Publish
-from bus.signing import sign_command
+from bus.signing import CommandSigner
 from bus.topics import Topics
 from hub.core.engine import (
     FINAL_STATES,
@@ -270,7 +270,7 @@ class RolloutManager:
         self._publish = publish
         self._store = store
         self._registry = registry
-        self._key = signing_key
+        self._signer = CommandSigner(signing_key)
         self._clock = clock
         self._new_id = new_id
         self._interval = summary_interval_s
@@ -639,11 +639,9 @@ class RolloutManager:
     async def _carry_out(self, action: Action) -> None:
         if isinstance(action, PublishCommand):
             command = action.command
-            if self._term:
-                command = command.model_copy(update={"term": self._term})
-            signed = sign_command(command, self._key)
-            _LOGGER.debug("%s %s -> %s (%s)", action.command.action, signed.rollout, action.node, signed.id)
-            await self._publish(self._topics.node(action.node, "cmd"), encode(signed), qos=1, retain=True)
+            payload = self._signer.payload(command, self._term)
+            _LOGGER.debug("%s %s -> %s (%s)", command.action, command.rollout, action.node, command.id)
+            await self._publish(self._topics.node(action.node, "cmd"), payload, qos=1, retain=True)
         elif isinstance(action, ClearCommand):
             await self._publish(self._topics.node(action.node, "cmd"), b"", qos=1, retain=True)
         elif isinstance(action, Audit):

@@ -15,8 +15,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bus.errors import ConfigError, SignatureError
-from bus.messages import Command, ServiceStep, decode, encode, loads_object
+from bus.messages import Command, ScriptStep, ServiceStep, decode, encode, loads_object
 from bus.signing import (
+    CommandSigner,
     canonical_json,
     generate_keypair,
     load_private_key,
@@ -95,6 +96,48 @@ def test_sign_and_verify_round_trip_through_the_wire() -> None:
     received = loads_object(encode(signed))
     verify_fields(received, [public_key_of(Ed25519PrivateKey.generate()), public_key_of(key)])
     assert decode(Command, encode(signed)) == signed
+
+
+def test_the_signer_makes_the_golden_command(golden: dict[str, Any]) -> None:
+    payload = CommandSigner(GOLDEN_KEY).payload(Command.model_validate(unsigned(golden)))
+    assert loads_object(payload) == golden
+    # The bytes signed are the canonical text itself: the payload is it with sig added.
+    canonical = (FIXTURES / "command.canonical").read_bytes()
+    assert payload == canonical[:-1] + b',"sig":"' + golden["sig"].encode() + b'"}'
+
+
+def test_the_signer_agrees_with_sign_command_for_every_command_of_a_plan() -> None:
+    """One plan for many nodes (its text made once), terms, extensions, commands without a plan."""
+    key = Ed25519PrivateKey.generate()
+    signer = CommandSigner(key, keep=2)
+    plan = [ServiceStep(action="restart", name="app"), ServiceStep(action="stop", name="db", timeout_s=5)]
+    # A text that looks like the marker the plan's text replaces stays a text.
+    other = [ScriptStep(name="install_update.sh", args=['"plan":null', 'Grüße "quoted"'])]
+    commands = [
+        make_command(node="n1", plan=plan),
+        make_command(node="n2", id="c-2", plan=plan, defer_until=1500.0),
+        make_command(node="n3", id="c-3", plan=other),
+        make_command(node="n4", id="c-4", action="abort", plan=[]),
+        make_command(node="n5", id="c-5", plan=plan),  # its text made again: keep=2 dropped it
+    ]
+    for command in commands:
+        for term in (0, 7):
+            payload = signer.payload(command, term)
+            expected = sign_command(command.model_copy(update={"term": term}), key)
+            assert loads_object(payload) == expected.model_dump(mode="json")
+            verify_fields(loads_object(payload), [public_key_of(key)])
+            assert decode(Command, payload) == expected
+            assert (b'"term":' in payload) == bool(term)
+
+
+def test_a_plan_changed_in_place_is_not_served_from_the_kept_text() -> None:
+    """The kept text is found by the steps' identity: new steps (a new plan) get a new text."""
+    key = Ed25519PrivateKey.generate()
+    signer = CommandSigner(key)
+    first = signer.payload(make_command(plan=[ServiceStep(action="restart", name="app")]))
+    second = signer.payload(make_command(plan=[ServiceStep(action="restart", name="other")]))
+    assert loads_object(first)["plan"][0]["name"] == "app"
+    assert loads_object(second)["plan"][0]["name"] == "other"
 
 
 @pytest.mark.parametrize(

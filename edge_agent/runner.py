@@ -128,7 +128,7 @@ class CommandRunner:
         clock: Callable[[], float] = time.time,
         handlers: Mapping[str, StepHandler] | None = None,
         journal: Journal | None = None,
-        snapshot_every_s: float = 0.25,
+        snapshot_every_s: float = 1.0,
         versions: Callable[[Sequence[Claim]], Awaitable[Inventory]] | None = None,
     ) -> None:
         self._settings = settings

@@ -92,6 +92,7 @@ from hub.core.reports import (
 )
 from hub.core.state import (
     FINAL_STATES,
+    STALE_ROW,
     CommandAction,
     EncodedRecord,
     Node,
@@ -271,6 +272,7 @@ class RolloutEngine:
         self._moving = False  # inside a node move (see _moves)
         self._bad_moves: list[tuple[str, str, NodeStage, NodeStage, str]] = []
         self._encoder = RecordEncoder()
+        self._rows: dict[str, _RowTable] = {}  # per rollout: its summary rows, made again as nodes change
 
     # ------------------------------------------------------------------ queries
 
@@ -361,15 +363,10 @@ class RolloutEngine:
         publishes bounded (a part of the nodes, and per-node changes); NotFound if unknown.
         """
         r = self._get(rollout)
-        counts = dict.fromkeys(RolloutCounts.model_fields, 0)
-        final = r.is_final
-        rows: dict[str, tuple[NodePhase, int | None, str, bool]] = {}
-        for node in r.nodes.values():
-            phase = _shown_phase(node, final)
-            keys = _counted_as(node, phase)
-            for key in keys:
-                counts[key] += 1
-            rows[node.name] = (phase, node.step, node.detail, "failed" in keys or "rollback_failed" in keys)
+        table = self._rows.get(r.id)
+        if table is None or table.final != r.is_final or len(table.rows) != len(r.nodes):
+            table = self._rows[r.id] = _RowTable(r.is_final)  # (a finished rollout shows no pending node)
+        rows, counts = table.update(r)
         head = RolloutSummary.model_validate(
             {
                 "id": r.id,
@@ -433,6 +430,7 @@ class RolloutEngine:
             raise Conflict(f"rollout {rollout[:80]!r} is not finished: it cannot be archived")
         del self._rollouts[r.id]
         self._encoder.forget(r.id)
+        self._rows.pop(r.id, None)
         for name in r.nodes:
             held = self._by_node.get(name)
             if held is not None:
@@ -1585,12 +1583,45 @@ def _mark(r: Rollout, n: Node, index: int, state: str, detail: str) -> bool:
     if state == old_state and (old_detail or not detail):
         return False  # the first reason of a state is the one that says why
     text = meaningful(detail) if state in ("failed", "rejected") else detail.strip()
-    n.grid[index] = [state, text[:_STEP_DETAIL_LIMIT]]
+    grid = list(n.grid)  # assigned, not changed in place: the node is marked stale (``Node``)
+    grid[index] = [state, text[:_STEP_DETAIL_LIMIT]]
+    n.grid = grid
     return True
 
 
 def _copied(value: Any) -> Any:
     return [list(cell) for cell in value] if isinstance(value, list) else value
+
+
+#: A node's summary row: (phase shown, step, detail, failed or not restored).
+_Row = tuple[NodePhase, int | None, str, bool]
+
+
+class _RowTable:
+    """A rollout's summary rows and counts, a row made again only for a node marked stale."""
+
+    def __init__(self, final: bool) -> None:
+        self.final = final
+        self.rows: dict[str, _Row] = {}
+        self._keys: dict[str, tuple[str, ...]] = {}  # per node: the counts it is in
+        self._counts = dict.fromkeys(RolloutCounts.model_fields, 0)
+
+    def update(self, r: Rollout) -> tuple[dict[str, _Row], dict[str, int]]:
+        """Copies of the rows (in the rollout's node order) and of the counts, as of now."""
+        rows, keys_of, counts = self.rows, self._keys, self._counts
+        for name, node in r.nodes.items():
+            if not node.stale & STALE_ROW and name in rows:
+                continue
+            phase = _shown_phase(node, self.final)
+            keys = _counted_as(node, phase)
+            for key in keys_of.get(name, ()):
+                counts[key] -= 1
+            for key in keys:
+                counts[key] += 1
+            keys_of[name] = keys
+            rows[name] = (phase, node.step, node.detail, "failed" in keys or "rollback_failed" in keys)
+            node.fresh(STALE_ROW)
+        return dict(rows), dict(counts)
 
 
 def _shown_phase(n: Node, final: bool) -> NodePhase:

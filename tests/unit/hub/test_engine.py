@@ -1175,22 +1175,31 @@ def test_a_few_nodes_lost_among_many_in_play_are_single_losses_not_a_broker_even
     assert fleet.state() == "rolling_back"  # each is a failure after its grace
 
 
-def test_the_encoded_record_is_the_record_at_every_moment_each_node_encoded_again_only_when_changed() -> None:
-    """``encoded_record`` (the store's document and the standby's parts, every summary round)
-    equals ``record`` after each report, a step marked in place included."""
+def test_record_and_summary_rows_are_right_at_every_moment_each_node_made_again_only_when_changed() -> None:
+    """``encoded_record`` (the store's document and the standby's parts) and ``summary_rows``
+    (the summary and per-node changes), both made every summary round from what changed,
+    equal ``record`` and ``summary`` made whole after each report, to the rollout's end."""
     fleet = Fleet()
-    nodes = ["n1", "n2", "n3"]
-    fleet.create(nodes, strategy={"waves": [1, "100%"]})
+    nodes = ["n1", "n2", "n3", "n4"]
+    fleet.create(nodes, strategy={"waves": [1, 2, "100%"]})
 
     def same() -> dict[str, str]:
         encoded = fleet.engine.encoded_record("r1")
         assert json.loads(encoded.text) == fleet.engine.record("r1")
+        head, rows = fleet.engine.summary_rows("r1")
+        whole = fleet.summary()
+        assert head.counts == whole.counts
+        assert head.state == whole.state
+        assert {name: row[:3] for name, row in rows.items()} == {
+            name: (n.phase, n.step, n.detail) for name, n in whole.nodes.items()
+        }
+        assert list(rows) == nodes
         return encoded.nodes
 
     before = same()
     fleet.step("n1", 0, "running")
     after = same()
-    assert after["n1"] != before["n1"]  # its grid changed in place: seen
+    assert after["n1"] != before["n1"]  # its grid changed: seen
     assert after["n2"] is before["n2"]  # untouched: the same text, not encoded again
     fleet.step("n1", 0, "succeeded")
     same()
@@ -1199,3 +1208,12 @@ def test_the_encoded_record_is_the_record_at_every_moment_each_node_encoded_agai
     for node in ("n2", "n3"):
         fleet.snap(node, "failed", failed_step=0)
         same()
+    assert fleet.state() == "rolling_back"
+    for node in ("n1", "n2", "n3"):
+        fleet.snap(node, "rolled_back")  # its rollback or abort, or the failed apply undone
+        same()
+    assert fleet.state() == "rolled_back", fleet.summary()
+    head, rows = fleet.engine.summary_rows("r1")
+    assert rows["n4"][0] == "not_started"  # a finished rollout shows no pending node
+    assert head.counts.rolled_back == 3
+    assert rows["n2"][3]  # (n2 failed; n3's failure came after its abort)

@@ -30,7 +30,7 @@ import contextlib
 import errno
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 __all__ = ["copy_atomic", "fsync_dir", "replacing", "write_all", "write_atomic"]
@@ -58,8 +58,12 @@ def fsync_dir(directory: str | Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: str | Path, data: bytes | str, mode: int = 0o600, *, tag: str = "") -> None:
-    """Replace ``path`` with ``data`` (str is UTF-8), with permissions ``mode``. Blocking.
+def write_atomic(
+    path: str | Path, data: bytes | str | Sequence[bytes], mode: int = 0o600, *, tag: str = ""
+) -> None:
+    """Replace ``path`` with ``data``, with permissions ``mode``. Blocking.
+
+    A str is written as UTF-8; a sequence of chunks in order, never joined.
 
     ``tag`` goes into the temp file's name (``.NAME.TAG<random>.tmp``), so a
     caller can find what a crash in the middle left behind.
@@ -69,9 +73,10 @@ def write_atomic(path: str | Path, data: bytes | str, mode: int = 0o600, *, tag:
             something already sits at the random temp name: nothing was written then,
             and ``path`` is unchanged.
     """
-    raw = data.encode("utf-8") if isinstance(data, str) else data
+    chunks = [data.encode("utf-8")] if isinstance(data, str) else [data] if isinstance(data, bytes) else data
     with replacing(path, mode, tag=tag) as fd:
-        write_all(fd, raw)
+        for chunk in chunks:
+            write_all(fd, chunk)
 
 
 def copy_atomic(

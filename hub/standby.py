@@ -261,6 +261,7 @@ class RecordSplitter:
         self._per_part: dict[str, int] = {}
         self._sent: dict[str, list[bytes]] = {}
         self._head: dict[str, bytes] = {}
+        self._names: dict[str, list[str]] = {}  # per rollout: its nodes in id order
 
     def payloads(
         self, rollout: str, record: EncodedRecord, audit: list[dict[str, Any]]
@@ -270,7 +271,9 @@ class RecordSplitter:
         if whole is not None:
             return self._changed(rollout, [], whole)
         nodes = record.nodes
-        names = sorted(nodes)
+        names = self._names.get(rollout)
+        if names is None or len(names) != len(nodes) or not nodes.keys() >= set(names):
+            names = self._names[rollout] = sorted(nodes)  # (a rollout's nodes do not change: once)
         per_part = self._per_part.get(rollout, self._part_nodes)
         while True:
             parts = [_encode_part(per_part, [nodes[name] for name in names[start : start + per_part]])
@@ -302,6 +305,7 @@ class RecordSplitter:
         self._per_part.pop(rollout, None)
         self._sent.pop(rollout, None)
         self._head.pop(rollout, None)
+        self._names.pop(rollout, None)
 
     def _changed(self, rollout: str, parts: list[bytes], head: bytes) -> RecordPayloads:
         before = self._sent.get(rollout, [])

@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -110,8 +111,8 @@ class AtomicJSONStorage(Storage):
         """Replace the file with ``data`` (TinyDB's storage interface)."""
         self.write_bytes(_encode(data).encode("utf-8"))
 
-    def write_bytes(self, data: bytes) -> None:
-        """Replace the file with ``data``: temp file, fsync, rename, fsync the directory."""
+    def write_bytes(self, data: bytes | Sequence[bytes]) -> None:
+        """Replace the file with ``data`` (or its chunks): temp file, fsync, rename, fsync the directory."""
         write_atomic(self.path, data, 0o600)
 
 
@@ -135,7 +136,10 @@ class Store:
         #: per table: the store version of its latest change; and the JSON of each table as
         #: last written, with that version (a commit joins again only the tables that changed)
         self._table_versions: dict[str, int] = {}
-        self._written: dict[str, tuple[int, str]] = {}
+        self._written: dict[str, tuple[int, bytes]] = {}
+        #: (the committer's own) per table and key: the document it last wrote and its
+        #: ``"key":{...}`` bytes, so a table that changed encodes again only its changed documents
+        self._items: dict[str, dict[str, tuple[str, bytes]]] = {}
         self._counters: dict[str, int] = {}
         self._version = 0
         self._committed = 0
@@ -172,7 +176,8 @@ class Store:
             for table, docs in (data or {}).items()
         }
         self._counters = {table: self._last_number(docs) for table, docs in self._tables.items()}
-        self._table_versions, self._written = {}, {}  # (what was written before a reopen is not the file)
+        # (what was written before a reopen is not the file)
+        self._table_versions, self._written, self._items = {}, {}, {}
         self._open = True
         self._task = asyncio.create_task(self._commit_loop(), name=f"store-commit-{self.path.name}")
         _LOGGER.debug("opened %s: %s", self.path, {t: len(d) for t, d in self._tables.items()})
@@ -368,13 +373,25 @@ class Store:
 
     def _write_snapshot(self, snapshot: dict[str, tuple[int, dict[str, str] | None]]) -> None:
         """Join the encoded documents and replace the file. Blocking: call through asyncio.to_thread."""
-        parts = []
+        chunks = [b"{"]
         for table, (version, docs) in snapshot.items():
             if docs is None:
                 text = self._written[table][1]
             else:
-                body = ",".join(f"{_key(key)}:{raw}" for key, raw in docs.items())
-                text = f"{_encode(table)}:{{{body}}}"
-            parts.append(text)
+                before = self._items.get(table, {})
+                items: dict[str, tuple[str, bytes]] = {}
+                for key, raw in docs.items():
+                    item = before.get(key)
+                    if item is None or item[0] is not raw:  # (documents are immutable strings)
+                        item = (raw, f"{_key(key)}:{raw}".encode())
+                    items[key] = item
+                self._items[table] = items
+                text = b"".join(
+                    [_encode(table).encode(), b":{", b",".join(i[1] for i in items.values()), b"}"]
+                )
+            if len(chunks) > 1:
+                chunks.append(b",")
+            chunks.append(text)
             self._written[table] = (version, text)  # (a table's text, whether or not the write succeeds)
-        self._storage.write_bytes(("{" + ",".join(parts) + "}").encode("utf-8"))
+        chunks.append(b"}")
+        self._storage.write_bytes(chunks)

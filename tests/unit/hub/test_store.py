@@ -185,8 +185,9 @@ async def test_writes_before_open_are_a_programming_error(tmp_path: Path) -> Non
 
 
 async def test_every_commit_writes_every_table_whether_or_not_it_changed(tmp_path: Path) -> None:
-    """A table unchanged since the last commit is written from its last text: the file is
-    always the whole mirror (keys that need escaping included)."""
+    """A table unchanged since the last commit is written from its last bytes, a changed one
+    from its unchanged documents' bytes and the changed ones: the file is always the whole
+    mirror (keys that need escaping and text that is not ASCII included)."""
     path = tmp_path / "hub.json"
     store = Store(path, commit_interval_s=0.01)
     await store.open()
@@ -208,6 +209,14 @@ async def test_every_commit_writes_every_table_whether_or_not_it_changed(tmp_pat
         assert json.loads(path.read_text()) == {
             "nodes": {'odd "key" é': {"online": False}},
             "rollouts": {"r1": {"state": "archived"}, "r2": {"state": "running"}},
+        }
+        # A table that changed is made again from its documents' kept bytes and the changed ones.
+        store.put("nodes", "n2", {"detail": "Grüße 更新"})
+        store.put("rollouts", "r2", {"state": "succeeded"})
+        await store.flush()
+        assert json.loads(path.read_text(encoding="utf-8")) == {
+            "nodes": {'odd "key" é': {"online": False}, "n2": {"detail": "Grüße 更新"}},
+            "rollouts": {"r1": {"state": "archived"}, "r2": {"state": "succeeded"}},
         }
         with pytest.raises(InvalidInput):
             store.put_encoded("rollouts", "r3", "[1]")

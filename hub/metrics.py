@@ -111,6 +111,7 @@ class HubMetrics:
         self.registry.register(self._step_seconds)
         self.registry.register(self._rejected)
         self._started: dict[tuple[str, str, int], float] = {}
+        self._step_children: dict[tuple[str, str], Histogram] = {}
 
     def observe_status(self, status: StepStatus) -> None:
         """Feed one ``StepStatus``: running starts a clock, a final state stops it."""
@@ -125,7 +126,11 @@ class HubMetrics:
         started = self._started.pop(key, None)
         if started is not None and status.state in ("succeeded", "failed"):
             kind = status.type if status.type in STEP_TYPES else "other"
-            self._step_seconds.labels(kind, status.state).observe(max(0.0, status.ts - started))
+            pair = (kind, status.state)
+            child = self._step_children.get(pair)
+            if child is None:  # (labels() costs more than the observation: once per pair)
+                child = self._step_children[pair] = self._step_seconds.labels(*pair)
+            child.observe(max(0.0, status.ts - started))
 
     def render(self) -> bytes:
         """The Prometheus text exposition, all on the caller's thread (tests, tools)."""

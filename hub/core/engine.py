@@ -814,9 +814,8 @@ class RolloutEngine:
     def _delivered(self, r: Rollout, n: Node, now: float, out: _Out) -> None:
         """Its retained apply reaches it now (it came online): the node timeout starts."""
         n.queued = False
-        n.touched = True
-        n.phase = "applying"
-        n.detail = ""
+        if not n.touched or n.phase != "applying" or n.detail:  # (each report of a running step)
+            n.touched, n.phase, n.detail = True, "applying", ""
         n.deadline, n.deadline_kind = now + r.spec.node_timeout_s, "node"
         out.touch(r, now)
 
@@ -841,8 +840,8 @@ class RolloutEngine:
             if n.issued_at is not None:
                 n.deadline, n.deadline_kind = n.issued_at + r.spec.node_timeout_s, "restore"
             out.touch(r, now)
-        n.offline_since = None
-        n.lost_from = None
+        if n.offline_since is not None or n.lost_from is not None:  # (an assignment marks it changed)
+            n.offline_since = n.lost_from = None
 
     @_moves
     def _found(self, r: Rollout, n: Node, now: float, out: _Out) -> None:
@@ -1036,9 +1035,8 @@ class RolloutEngine:
         if n.queued or n.phase == "deferred":
             n.queued = False
             n.deadline, n.deadline_kind = now + r.spec.node_timeout_s, "node"
-        n.touched = True
-        n.phase = "applying"
-        n.detail = ""
+        if not n.touched or n.phase != "applying" or n.detail:  # (each report of a running step)
+            n.touched, n.phase, n.detail = True, "applying", ""
 
     @_moves
     def _succeeded(self, r: Rollout, n: Node, now: float, out: _Out) -> None:

@@ -121,6 +121,13 @@ class Registry:
         self.misses = misses
         self.grace_s = grace_s
         self._nodes: dict[str, NodeInfo] = {}
+        # The online nodes to watch for missed heartbeats: per heartbeat period, in the
+        # order they were last seen (a node seen again moves to the end), so ``expire``
+        # looks at the silent ones only, not at 10,000 nodes twice a second.
+        self._watch: dict[float, dict[str, None]] = {}
+        self._period_of: dict[str, float] = {}
+        self._latest_seen = 0.0  # the latest last_seen so far (time going back: the order is rebuilt)
+        self._ordered = True
 
     # ------------------------------------------------------------------ updates
 
@@ -150,14 +157,16 @@ class Registry:
             self._nodes[state.node] = dataclasses.replace(info, **_announced(state))
             return None
         was_online = info is not None and info.online
-        self._nodes[state.node] = NodeInfo(
-            node=state.node,
-            online=True,
-            session=state.session,
-            **_announced(state),
-            last_seen=now,
-            since=info.since if (info is not None and was_online) else now,
-            heartbeat=info.heartbeat if (info is not None and info.session == state.session) else None,
+        self._put(
+            NodeInfo(
+                node=state.node,
+                online=True,
+                session=state.session,
+                **_announced(state),
+                last_seen=now,
+                since=info.since if (info is not None and was_online) else now,
+                heartbeat=info.heartbeat if (info is not None and info.session == state.session) else None,
+            )
         )
         return None if was_online else Transition(state.node, True, "birth")
 
@@ -176,6 +185,7 @@ class Registry:
             return None
         if state.session != info.session:
             return None  # a stale will of an older connection
+        self._unwatch(state.node)
         self._nodes[state.node] = dataclasses.replace(
             info,
             online=False,
@@ -189,44 +199,54 @@ class Registry:
         """Apply a heartbeat."""
         info = self._nodes.get(heartbeat.node)
         if info is None:
-            self._nodes[heartbeat.node] = NodeInfo(
-                node=heartbeat.node,
-                online=True,
-                session=heartbeat.session,
-                last_seen=now,
-                since=now,
-                heartbeat=heartbeat,
+            self._put(
+                NodeInfo(
+                    node=heartbeat.node,
+                    online=True,
+                    session=heartbeat.session,
+                    last_seen=now,
+                    since=now,
+                    heartbeat=heartbeat,
+                )
             )
             return Transition(heartbeat.node, True, "heartbeat")
         if info.online:
             if heartbeat.session != info.session:
                 return None
-            self._nodes[heartbeat.node] = _beaten(info, now, heartbeat)
+            self._put(_beaten(info, now, heartbeat))
             return None
         if heartbeat.session == info.session and info.session_ended:
             return None  # that connection's will was seen: it is gone
-        self._nodes[heartbeat.node] = dataclasses.replace(
-            info,
-            online=True,
-            session=heartbeat.session,
-            session_ended=False,
-            offline_reason="unknown",
-            last_seen=now,
-            since=now,
-            heartbeat=heartbeat,
+        self._put(
+            dataclasses.replace(
+                info,
+                online=True,
+                session=heartbeat.session,
+                session_ended=False,
+                offline_reason="unknown",
+                last_seen=now,
+                since=now,
+                heartbeat=heartbeat,
+            )
         )
         return Transition(heartbeat.node, True, "heartbeat")
 
     def expire(self, now: float) -> list[Transition]:
         """Mark offline every online node silent for too long; return those transitions."""
+        if not self._ordered:
+            self._reorder()
         gone: list[Transition] = []
-        misses, grace, default = self.misses, self.grace_s, self.default_heartbeat_s
-        for name, info in self._nodes.items():  # deadline_s, inlined: 10,000 nodes twice a second
-            if info.online and now - info.last_seen > misses * (info.heartbeat_s or default) + grace:
+        nodes = self._nodes
+        for period, names in self._watch.items():
+            limit = self.misses * period + self.grace_s
+            for name in names:  # the longest silent first: stop at the first one heard recently enough
+                if now - nodes[name].last_seen <= limit:
+                    break
                 gone.append(Transition(name, False, "missed heartbeats"))
         for transition in gone:
-            info = self._nodes[transition.node]
-            self._nodes[transition.node] = dataclasses.replace(
+            self._unwatch(transition.node)
+            info = nodes[transition.node]
+            nodes[transition.node] = dataclasses.replace(
                 info, online=False, offline_reason="missed heartbeats", since=now
             )
         return gone
@@ -236,6 +256,8 @@ class Registry:
         for name, info in self._nodes.items():
             if info.online:
                 self._nodes[name] = dataclasses.replace(info, last_seen=max(info.last_seen, now))
+        self._latest_seen = max(self._latest_seen, now)
+        self._ordered = False  # (every one seen now: rebuilt at the next expire, in any order)
 
     def deadline_s(self, info: NodeInfo) -> float:
         """How long ``info``'s node may stay silent before it counts as offline."""
@@ -244,7 +266,37 @@ class Registry:
 
     def forget(self, node: str) -> bool:
         """Drop a node from the registry; True if it was known."""
+        self._unwatch(node)
         return self._nodes.pop(node, None) is not None
+
+    def _put(self, info: NodeInfo) -> None:
+        """Keep ``info`` of an online node just seen: at the end of its period's watch list."""
+        name = info.node
+        self._nodes[name] = info
+        period = info.heartbeat_s or self.default_heartbeat_s
+        old = self._period_of.get(name)
+        if old is not None:
+            del self._watch[old][name]
+        watch = self._watch.get(period)
+        if watch is None:
+            watch = self._watch[period] = {}
+        watch[name] = None
+        self._period_of[name] = period
+        if info.last_seen >= self._latest_seen:
+            self._latest_seen = info.last_seen
+        else:  # seen "before" another already watched (a clock gone back, a test): out of order
+            self._ordered = False
+
+    def _unwatch(self, node: str) -> None:
+        old = self._period_of.pop(node, None)
+        if old is not None:
+            del self._watch[old][node]
+
+    def _reorder(self) -> None:
+        """Sort every watch list by last seen again (after time went back, or a refresh)."""
+        for period, names in self._watch.items():
+            self._watch[period] = dict.fromkeys(sorted(names, key=lambda name: self._nodes[name].last_seen))
+        self._ordered = True
 
     # ------------------------------------------------------------------ queries
 

@@ -302,3 +302,44 @@ def test_a_heartbeat_keeps_every_other_field_of_the_node() -> None:
     beat = Heartbeat(node="n1", session="s1", seq=1, ts=6.0)
     assert [f.name for f in fields(NodeInfo)][-3:] == ["last_seen", "since", "heartbeat"]
     assert _beaten(info, 6.5, beat) == replace(info, last_seen=6.5, heartbeat=beat)
+
+
+def full_scan(reg: Registry, now: float) -> set[str]:
+    """Who ``expire`` must mark offline: every online node silent for too long (the rule itself)."""
+    return {
+        name
+        for name in reg.nodes()
+        if (info := reg.get(name)) is not None and info.online and now - info.last_seen > reg.deadline_s(info)
+    }
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_expire_finds_exactly_the_silent_nodes_whatever_happened_before(seed: int) -> None:
+    """``expire`` looks only at the longest-silent nodes of each heartbeat period; against the
+    rule applied to every node, after random births (periods 1, 2, 5 s and the default),
+    heartbeats, wills, sessions, refreshes, forgotten nodes and time that sometimes goes back."""
+    import random
+
+    rng = random.Random(seed)  # noqa: S311 - a reproducible sequence, not a secret
+    reg = Registry(5.0)
+    sessions: dict[str, str] = {}
+    now = 1000.0
+    for _ in range(3000):
+        node = f"n{rng.randrange(40)}"
+        step = rng.random()
+        if step < 0.1:
+            sessions[node] = f"s{rng.randrange(1000)}"
+            reg.on_state(birth(node, sessions[node], heartbeat_s=rng.choice([1.0, 2.0, 5.0, None])), now)
+        elif step < 0.7:
+            reg.on_heartbeat(beat(node, sessions.get(node, "s0")), now)
+        elif step < 0.75:
+            reg.on_state(will(node, sessions.get(node, "s0")), now)
+        elif step < 0.77:
+            reg.refresh(now)
+        elif step < 0.78:
+            reg.forget(node)
+        else:
+            expected = full_scan(reg, now)
+            assert {t.node for t in reg.expire(now)} == expected
+            assert full_scan(reg, now) == set()
+        now += rng.choice([0.0, 0.3, 1.0, 2.5, -0.5 if rng.random() < 0.05 else 0.7])
